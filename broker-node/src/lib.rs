@@ -3,3 +3,11 @@
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod broker;
+pub mod cluster;
+pub mod http;
+pub mod node;
+pub mod session;
+pub mod transport;

@@ -1,0 +1,1235 @@
+//! One client connection, from CONNECT to the end: the task that owns the client's
+//! session while it is connected.
+//!
+//! It reads and decodes packets, drives the protocol state of `session` (inflight
+//! window, keep alive, aliases, inbound QoS 2), submits control-plane changes through
+//! the proposer, dispatches publishes and writes everything it has to send in batches.
+//! It is generic over the byte stream, so TCP, TLS and WebSocket share it, and it never
+//! holds a lock across an `.await`.
+//!
+//! Acknowledgements to a publisher (PUBACK/PUBREC) wait until every local queue took
+//! the message and, for persistent sessions, the replicated queue append is committed
+//! (DESIGN invariant 1); they go out in the order the publishes arrived.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use futures::stream::FuturesOrdered;
+use futures::{Future, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::{unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
+use crate::cluster::command::{Command, CommandResult, Message, MessageProperties, Will};
+use crate::cluster::state::SessionRecord;
+use crate::mqtt::{
+    self, ConnAck, ConnAckProperties, Connect, Disconnect, DisconnectProperties,
+    Packet, ProtocolVersion, PubAck, PubComp, PubRec, PubRel, Publish, PublishProperties, QoS,
+    ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
+};
+use crate::session::{InboundAliases, InboundQos2, KeepAlive, OutboundState, OutboundWindow};
+
+/// Capacity of the channel through which the node hands deliveries to a connection.
+const CHANNEL_CAPACITY: usize = 1024;
+
+/// How a connection ended, deciding whether the will is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// A normal DISCONNECT (reason 0x00): the will is discarded.
+    Graceful,
+    /// DISCONNECT with 0x04, a network error, a protocol error, a keep-alive timeout.
+    Abrupt,
+    /// Another connection took the session over; it owns the session now.
+    TakenOver,
+    /// The node is shutting down; sessions stay as they are.
+    Shutdown,
+}
+
+/// An outbound QoS 1/2 message in the inflight window.
+#[derive(Debug)]
+enum Outgoing {
+    /// Delivered from the node directly (clean sessions): kept for a resend.
+    Transient(Delivery),
+    /// Delivered from the session's replicated queue at this position.
+    Queued(u64),
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = AckOutcome> + Send>>;
+
+/// What an awaited acknowledgement resolved to.
+enum AckOutcome {
+    /// Send this packet.
+    Send(Packet),
+    /// The message could not be committed: close (v3.1.1 has no way to say so).
+    Fail,
+}
+
+/// Serve one client over `stream` until it disconnects or the node shuts down.
+pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut conn = Connection {
+        stream,
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        broker: broker.clone(),
+        peer,
+    };
+    let connect_timeout = broker.config.mqtt.connect_timeout;
+    let connect = match tokio::time::timeout(connect_timeout, conn.read_connect()).await {
+        Ok(Some(connect)) => connect,
+        Ok(None) => return,
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT in time, closing");
+            metrics::counter!("flockmq_connect_timeouts_total").increment(1);
+            return;
+        }
+    };
+    Stats::add(&broker.stats.clients_connected, 1);
+    metrics::gauge!("flockmq_connections").increment(1.0);
+    conn.run_session(*connect).await;
+    broker
+        .stats
+        .clients_connected
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    metrics::gauge!("flockmq_connections").decrement(1.0);
+}
+
+struct Connection<S> {
+    stream: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    broker: Arc<Broker>,
+    peer: SocketAddr,
+}
+
+/// The state of an established session on this connection.
+struct Session {
+    client_id: Arc<str>,
+    connection_id: u64,
+    version: ProtocolVersion,
+    persistent: bool,
+    /// Session expiry as requested at CONNECT (v5), to validate a DISCONNECT update.
+    connect_expiry: u32,
+    expiry_update: Option<u32>,
+    keep_alive: KeepAlive,
+    aliases: InboundAliases,
+    inbound_qos2: InboundQos2,
+    /// QoS 1 publishes whose PUBACK is not yet sent.
+    inbound_qos1_pending: usize,
+    window: OutboundWindow<Outgoing>,
+    /// Transient QoS 1/2 deliveries waiting for room in the window.
+    pending: VecDeque<Delivery>,
+    /// Next replicated-queue position to consider sending.
+    queue_cursor: u64,
+    /// Queue positions below this were possibly sent before: resend them with DUP.
+    resend_below: u64,
+    /// The client's Maximum Packet Size (v5), 0 if unlimited.
+    client_max_packet: u32,
+    acks: FuturesOrdered<AckFuture>,
+    acks_completed: Vec<u64>,
+    acks_received: Vec<u64>,
+    rx: mpsc::Receiver<ConnMsg>,
+}
+
+impl<S> Connection<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    /// Read bytes into the read buffer; `false` at end of stream or on error.
+    async fn fill(&mut self) -> bool {
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(4096);
+        }
+        match self.stream.read_buf(&mut self.rbuf).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                Stats::add(&self.broker.stats.bytes_received, n as u64);
+                metrics::counter!("flockmq_bytes_received_total").increment(n as u64);
+                true
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> bool {
+        if self.wbuf.is_empty() {
+            return true;
+        }
+        let n = self.wbuf.len();
+        let ok = self.stream.write_all(&self.wbuf).await.is_ok();
+        self.wbuf.clear();
+        if self.wbuf.capacity() > 64 * 1024 {
+            // Do not keep a large buffer around after a burst.
+            self.wbuf = BytesMut::new();
+        }
+        Stats::add(&self.broker.stats.bytes_sent, n as u64);
+        metrics::counter!("flockmq_bytes_sent_total").increment(n as u64);
+        ok
+    }
+
+    fn queue_packet(&mut self, packet: &Packet, version: ProtocolVersion) {
+        if let Err(e) = mqtt::encode(packet, version, &mut self.wbuf) {
+            tracing::warn!(peer = %self.peer, error = %e, "cannot encode packet");
+        }
+    }
+
+    /// Wait for the CONNECT packet; answers refusals itself and returns `None` then.
+    async fn read_connect(&mut self) -> Option<Box<Connect>> {
+        let max = self.broker.config.mqtt.max_packet_size;
+        loop {
+            match mqtt::decode(&mut self.rbuf, None, max) {
+                Ok(Some(Packet::Connect(connect))) => return Some(connect),
+                Ok(Some(other)) => {
+                    tracing::debug!(peer = %self.peer, packet = ?packet_kind(&other), "first packet is not CONNECT");
+                    metrics::counter!("flockmq_decode_errors_total").increment(1);
+                    return None;
+                }
+                Ok(None) => {
+                    if !self.fill().await {
+                        return None;
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("flockmq_decode_errors_total").increment(1);
+                    tracing::info!(peer = %self.peer, error = %e, "bad CONNECT");
+                    if let Some((version, code)) = e.connack_refusal() {
+                        self.refuse(version, code).await;
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
+    async fn refuse(&mut self, version: ProtocolVersion, code: ReasonCode) {
+        metrics::counter!("flockmq_connack_total", "reason" => reason_label(code)).increment(1);
+        let connack = Packet::ConnAck(ConnAck {
+            session_present: false,
+            reason_code: code,
+            properties: ConnAckProperties::default(),
+        });
+        self.queue_packet(&connack, version);
+        self.flush().await;
+    }
+
+    async fn run_session(&mut self, connect: Connect) {
+        let broker = self.broker.clone();
+        let cfg = &broker.config.mqtt;
+        let version = connect.protocol;
+        let v5 = version == ProtocolVersion::V5;
+
+        // Client identifier rules [MQTT-3.1.3-6..9].
+        let mut assigned = None;
+        let client_id: Arc<str> = if connect.client_id.is_empty() {
+            if v5 || (version == ProtocolVersion::V3_1_1 && connect.clean_start) {
+                let id = format!("flockmq-{:016x}", rand::random::<u64>());
+                assigned = Some(id.clone());
+                Arc::from(id)
+            } else {
+                return self.refuse(version, ReasonCode::ClientIdentifierNotValid).await;
+            }
+        } else {
+            Arc::from(connect.client_id.as_str())
+        };
+
+        if connect.properties.authentication_method.is_some() {
+            return self.refuse(version, ReasonCode::BadAuthenticationMethod).await;
+        }
+        if let Err(code) = crate::auth::authenticate(&broker.config, &connect) {
+            metrics::counter!("flockmq_auth_failures_total").increment(1);
+            return self.refuse(version, code).await;
+        }
+
+        // The will, validated like any publish.
+        let will = match &connect.will {
+            None => None,
+            Some(w) => {
+                if let Err(code) = broker.check_topic_limits(&w.topic) {
+                    return self.refuse(version, code).await;
+                }
+                if u8::from(w.qos) > cfg.max_qos {
+                    return self.refuse(version, ReasonCode::QoSNotSupported).await;
+                }
+                if w.retain && !cfg.retain_available {
+                    return self.refuse(version, ReasonCode::RetainNotSupported).await;
+                }
+                Some(Will {
+                    delay_secs: w.properties.will_delay_interval.unwrap_or(0),
+                    message: Message {
+                        topic: Arc::from(w.topic.as_str()),
+                        payload: w.payload.clone(),
+                        qos: u8::from(w.qos),
+                        retain: w.retain,
+                        properties: MessageProperties {
+                            payload_format_indicator: w.properties.payload_format_indicator,
+                            message_expiry_interval: w.properties.message_expiry_interval,
+                            content_type: w.properties.content_type.clone(),
+                            response_topic: w.properties.response_topic.clone(),
+                            correlation_data: w.properties.correlation_data.clone(),
+                            user_properties: w.properties.user_properties.clone(),
+                        },
+                        received_at_ms: 0,
+                        origin_client: Some(client_id.clone()),
+                    },
+                })
+            }
+        };
+
+        // Session lifetime: v3 clean session 0 never expires; v5 says how long.
+        let requested_expiry = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let expiry_secs = match cfg.max_session_expiry {
+            Some(max) if requested_expiry != 0 => {
+                requested_expiry.min(u32::try_from(max.as_secs()).unwrap_or(u32::MAX))
+            }
+            _ => requested_expiry,
+        };
+
+        let keep_alive_secs = match cfg.server_keep_alive {
+            Some(server) if v5 => server,
+            _ => connect.keep_alive.min(cfg.max_keep_alive),
+        };
+
+        let connection_id = broker.next_connection_id();
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        if let Some(old) = broker.register(
+            client_id.clone(),
+            ConnHandle {
+                connection_id,
+                tx,
+            },
+        ) {
+            let _ = old.tx.try_send(ConnMsg::TakenOver);
+        }
+
+        let opened = broker
+            .proposer
+            .propose(Command::OpenSession {
+                client_id: client_id.clone(),
+                node: broker.node_id,
+                connection_id,
+                protocol: version.level(),
+                clean_start: connect.clean_start,
+                expiry_secs,
+                will,
+                now_ms: unix_ms(),
+            })
+            .await;
+        let session_present = match opened {
+            Ok(CommandResult::SessionOpened { session_present }) => session_present,
+            Ok(other) => {
+                tracing::error!(?other, "unexpected result of OpenSession");
+                broker.unregister(&client_id, connection_id);
+                return self.refuse(version, ReasonCode::UnspecifiedError).await;
+            }
+            Err(e) => {
+                tracing::warn!(client_id = %client_id, error = %e, "cannot open session");
+                broker.unregister(&client_id, connection_id);
+                return self.refuse(version, ReasonCode::ServerUnavailable).await;
+            }
+        };
+
+        let mut props = ConnAckProperties::default();
+        if v5 {
+            props.receive_maximum = Some(cfg.receive_maximum);
+            props.maximum_packet_size = Some(cfg.max_packet_size);
+            props.topic_alias_maximum = Some(cfg.topic_alias_maximum);
+            props.retain_available = Some(cfg.retain_available);
+            props.wildcard_subscription_available = Some(cfg.wildcard_subscription_available);
+            props.subscription_identifiers_available =
+                Some(cfg.subscription_identifier_available);
+            props.shared_subscription_available = Some(cfg.shared_subscription_available);
+            if cfg.max_qos < 2 {
+                props.maximum_qos = Some(cfg.max_qos);
+            }
+            if keep_alive_secs != connect.keep_alive {
+                props.server_keep_alive = Some(keep_alive_secs);
+            }
+            if expiry_secs != requested_expiry {
+                props.session_expiry_interval = Some(expiry_secs);
+            }
+            props.assigned_client_identifier = assigned;
+        }
+        self.queue_packet(
+            &Packet::ConnAck(ConnAck {
+                session_present,
+                reason_code: ReasonCode::Success,
+                properties: props,
+            }),
+            version,
+        );
+        metrics::counter!("flockmq_connack_total", "reason" => "success").increment(1);
+        tracing::debug!(client_id = %client_id, peer = %self.peer, ?version, session_present, "client connected");
+
+        let client_receive_max = if v5 {
+            connect.properties.receive_maximum.unwrap_or(65_535)
+        } else {
+            65_535
+        };
+        let window_size = usize::from(client_receive_max).min(cfg.max_inflight);
+        let resend_below = broker.read_state(|s| {
+            s.session(&client_id)
+                .map(|r| r.next_seq)
+                .unwrap_or_default()
+        });
+        let mut session = Session {
+            client_id: client_id.clone(),
+            connection_id,
+            version,
+            persistent: expiry_secs > 0,
+            connect_expiry: expiry_secs,
+            expiry_update: None,
+            keep_alive: KeepAlive::new(keep_alive_secs, Instant::now()),
+            aliases: InboundAliases::new(if v5 { cfg.topic_alias_maximum } else { 0 }),
+            inbound_qos2: broker.take_inbound_qos2(&client_id, session_present),
+            inbound_qos1_pending: 0,
+            window: OutboundWindow::new(window_size),
+            pending: VecDeque::new(),
+            queue_cursor: 0,
+            resend_below,
+            client_max_packet: connect.properties.maximum_packet_size.unwrap_or(0),
+            acks: FuturesOrdered::new(),
+            acks_completed: Vec::new(),
+            acks_received: Vec::new(),
+            rx,
+        };
+        if session_present {
+            self.resend_awaiting_pubcomp(&mut session);
+        }
+        self.pump_queue(&mut session);
+
+        let end = self.session_loop(&mut session).await;
+
+        // Hand the session back to the cluster.
+        broker.unregister(&client_id, connection_id);
+        self.commit_acks(&mut session);
+        if session.persistent && !session.inbound_qos2.is_empty() {
+            broker.keep_inbound_qos2(&client_id, std::mem::take(&mut session.inbound_qos2));
+        }
+        if end != End::Shutdown {
+            let close = Command::CloseSession {
+                client_id: client_id.clone(),
+                connection_id,
+                graceful: end == End::Graceful,
+                expiry_secs: session.expiry_update,
+                now_ms: unix_ms(),
+            };
+            if let Err(e) = broker.proposer.propose(close).await {
+                tracing::warn!(client_id = %client_id, error = %e, "cannot record disconnect");
+            }
+        }
+        tracing::debug!(client_id = %client_id, ?end, "client disconnected");
+    }
+
+    async fn session_loop(&mut self, s: &mut Session) -> End {
+        let shutdown = self.broker.shutdown.clone();
+        loop {
+            if !self.flush().await {
+                return End::Abrupt;
+            }
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 0 && s.acks.is_empty() {
+                // An idle connection holds no read buffer.
+                self.rbuf = BytesMut::new();
+            }
+            let deadline = s.keep_alive.deadline();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.disconnect(s.version, ReasonCode::ServerShuttingDown);
+                    self.flush().await;
+                    return End::Shutdown;
+                }
+                Some(outcome) = s.acks.next(), if !s.acks.is_empty() => {
+                    match outcome {
+                        AckOutcome::Send(packet) => {
+                            if let Packet::PubAck(_) = packet {
+                                s.inbound_qos1_pending -= 1;
+                            }
+                            self.queue_packet(&packet, s.version);
+                        }
+                        AckOutcome::Fail => {
+                            if s.version == ProtocolVersion::V5 {
+                                self.disconnect(s.version, ReasonCode::UnspecifiedError);
+                            }
+                            return End::Abrupt;
+                        }
+                    }
+                }
+                msg = s.rx.recv() => {
+                    let Some(msg) = msg else { return End::Abrupt };
+                    if let Some(end) = self.on_message(s, msg) {
+                        return end;
+                    }
+                    // Drain what else is ready so that it leaves in one write.
+                    for _ in 0..256 {
+                        match s.rx.try_recv() {
+                            Ok(msg) => {
+                                if let Some(end) = self.on_message(s, msg) {
+                                    return end;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                filled = self.fill() => {
+                    if !filled {
+                        return End::Abrupt;
+                    }
+                    s.keep_alive.seen(Instant::now());
+                    if let Some(end) = self.decode_all(s).await {
+                        return end;
+                    }
+                }
+                _ = sleep => {
+                    if s.keep_alive.expired(Instant::now()) {
+                        tracing::info!(client_id = %s.client_id, "keep alive timeout");
+                        metrics::counter!("flockmq_keepalive_timeouts_total").increment(1);
+                        self.disconnect(s.version, ReasonCode::KeepAliveTimeout);
+                        self.flush().await;
+                        return End::Abrupt;
+                    }
+                }
+            }
+            self.commit_acks(s);
+        }
+    }
+
+    fn disconnect(&mut self, version: ProtocolVersion, code: ReasonCode) {
+        if version == ProtocolVersion::V5 {
+            self.queue_packet(
+                &Packet::Disconnect(Disconnect {
+                    reason_code: code,
+                    properties: DisconnectProperties::default(),
+                }),
+                version,
+            );
+        }
+    }
+
+    /// A protocol violation: v5 clients are told why, then the connection closes.
+    fn violation(&mut self, s: &Session, code: ReasonCode, what: &str) -> Option<End> {
+        tracing::info!(client_id = %s.client_id, reason = ?code, "{what}");
+        metrics::counter!("flockmq_protocol_errors_total").increment(1);
+        self.disconnect(s.version, code);
+        Some(End::Abrupt)
+    }
+
+    fn on_message(&mut self, s: &mut Session, msg: ConnMsg) -> Option<End> {
+        match msg {
+            ConnMsg::Deliver(d) => {
+                self.deliver(s, d);
+                None
+            }
+            ConnMsg::QueueGrew => {
+                self.pump_queue(s);
+                None
+            }
+            ConnMsg::TakenOver => {
+                self.disconnect(s.version, ReasonCode::SessionTakenOver);
+                Some(End::TakenOver)
+            }
+            ConnMsg::Disconnect(code) => {
+                let code = ReasonCode::try_from(code).unwrap_or(ReasonCode::AdministrativeAction);
+                self.disconnect(s.version, code);
+                Some(End::Abrupt)
+            }
+        }
+    }
+
+    async fn decode_all(&mut self, s: &mut Session) -> Option<End> {
+        let max = self.broker.config.mqtt.max_packet_size;
+        loop {
+            match mqtt::decode(&mut self.rbuf, Some(s.version), max) {
+                Ok(Some(packet)) => {
+                    metrics::counter!("flockmq_packets_received_total").increment(1);
+                    if let Some(end) = self.on_packet(s, packet).await {
+                        return Some(end);
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    metrics::counter!("flockmq_decode_errors_total").increment(1);
+                    let code = e.reason_code();
+                    return self.violation(s, code, &format!("bad packet: {e}"));
+                }
+            }
+        }
+    }
+
+    async fn on_packet(&mut self, s: &mut Session, packet: Packet) -> Option<End> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(s, p).await,
+            Packet::PubAck(a) => {
+                if let Some(item) = s.window.puback(a.packet_id) {
+                    self.outbound_done(s, item);
+                }
+                None
+            }
+            Packet::PubRec(r) => {
+                let failed = r.reason_code.is_error();
+                match s.window.pubrec(r.packet_id) {
+                    Some(Outgoing::Queued(seq)) if !failed => s.acks_received.push(*seq),
+                    _ => {}
+                }
+                if failed {
+                    // A PUBREC with an error ends the QoS 2 flow [MQTT-4.3.3].
+                    if s.window.pubrec(r.packet_id).is_some() {
+                        if let Some(item) = s.window.pubcomp(r.packet_id) {
+                            self.outbound_done(s, item);
+                        }
+                    }
+                    return None;
+                }
+                self.queue_packet(
+                    &Packet::PubRel(PubRel::new(r.packet_id, ReasonCode::Success)),
+                    s.version,
+                );
+                None
+            }
+            Packet::PubComp(c) => {
+                if let Some(item) = s.window.pubcomp(c.packet_id) {
+                    self.outbound_done(s, item);
+                } else if let Some(seq) = self.awaiting_pubcomp_seq(s, c.packet_id) {
+                    s.acks_completed.push(seq);
+                }
+                None
+            }
+            Packet::PubRel(r) => {
+                let known = s.inbound_qos2.release(r.packet_id);
+                let code = if known || s.version != ProtocolVersion::V5 {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::PacketIdentifierNotFound
+                };
+                let comp = Packet::PubComp(PubComp::new(r.packet_id, code));
+                // PUBCOMP must not overtake the PUBREC still waiting in the queue.
+                s.acks
+                    .push_back(Box::pin(async move { AckOutcome::Send(comp) }));
+                None
+            }
+            Packet::Subscribe(sub) => self.on_subscribe(s, sub).await,
+            Packet::Unsubscribe(unsub) => self.on_unsubscribe(s, unsub).await,
+            Packet::PingReq => {
+                self.queue_packet(&Packet::PingResp, s.version);
+                None
+            }
+            Packet::Disconnect(d) => {
+                if let Some(expiry) = d.properties.session_expiry_interval {
+                    if s.connect_expiry == 0 && expiry != 0 {
+                        return self.violation(
+                            s,
+                            ReasonCode::ProtocolError,
+                            "session expiry set at DISCONNECT after 0 at CONNECT",
+                        );
+                    }
+                    s.expiry_update = Some(expiry);
+                }
+                if d.reason_code == ReasonCode::Success {
+                    Some(End::Graceful)
+                } else {
+                    Some(End::Abrupt)
+                }
+            }
+            Packet::Auth(_) => self.violation(
+                s,
+                ReasonCode::ProtocolError,
+                "AUTH without an authentication method",
+            ),
+            other => self.violation(
+                s,
+                ReasonCode::ProtocolError,
+                &format!("{:?} is not a client packet", packet_kind(&other)),
+            ),
+        }
+    }
+
+    async fn on_publish(&mut self, s: &mut Session, p: Publish) -> Option<End> {
+        let broker = self.broker.clone();
+        let cfg = &broker.config.mqtt;
+        Stats::add(&broker.stats.messages_received, 1);
+        metrics::counter!("flockmq_messages_received_total", "qos" => qos_label(p.qos))
+            .increment(1);
+        if u8::from(p.qos) > cfg.max_qos {
+            return self.violation(s, ReasonCode::QoSNotSupported, "QoS above maximum");
+        }
+        if p.retain && !cfg.retain_available {
+            return self.violation(s, ReasonCode::RetainNotSupported, "retain not available");
+        }
+        let topic = match p.properties.topic_alias {
+            Some(alias) => match s.aliases.resolve(&p.topic, alias) {
+                Ok(t) => t,
+                Err(crate::session::AliasError::OutOfRange(_)) => {
+                    return self.violation(s, ReasonCode::TopicAliasInvalid, "bad topic alias")
+                }
+                Err(crate::session::AliasError::Unknown(_)) => {
+                    return self.violation(s, ReasonCode::ProtocolError, "unknown topic alias")
+                }
+            },
+            None if p.topic.is_empty() => {
+                return self.violation(s, ReasonCode::ProtocolError, "empty topic without alias")
+            }
+            None => p.topic,
+        };
+        let packet_id = p.packet_id.unwrap_or(0);
+        let v5 = s.version == ProtocolVersion::V5;
+        if p.qos != QoS::AtMostOnce {
+            let unacked = s.inbound_qos1_pending + s.inbound_qos2.len();
+            if unacked >= usize::from(cfg.receive_maximum) {
+                return self.violation(
+                    s,
+                    ReasonCode::ReceiveMaximumExceeded,
+                    "receive maximum exceeded",
+                );
+            }
+        }
+        // A QoS 2 publish resent before PUBREL is acknowledged, not delivered again.
+        if p.qos == QoS::ExactlyOnce && !s.inbound_qos2.receive(packet_id) {
+            let rec = Packet::PubRec(PubRec::new(packet_id, ReasonCode::Success));
+            s.acks.push_back(Box::pin(async move { AckOutcome::Send(rec) }));
+            return None;
+        }
+        let refuse = |code: ReasonCode| -> Option<Packet> {
+            match p.qos {
+                QoS::AtMostOnce => None,
+                QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(packet_id, code))),
+                QoS::ExactlyOnce => Some(Packet::PubRec(PubRec::new(packet_id, code))),
+            }
+        };
+        if let Err(code) = broker.check_topic_limits(&topic) {
+            tracing::info!(client_id = %s.client_id, %topic, "publish topic over limits");
+            if p.qos == QoS::ExactlyOnce {
+                s.inbound_qos2.release(packet_id);
+            }
+            if v5 {
+                if let Some(packet) = refuse(code) {
+                    self.queue_packet(&packet, s.version);
+                }
+                return None;
+            }
+            return self.violation(s, code, "topic over limits");
+        }
+
+        let now = unix_ms();
+        let message = Arc::new(Message {
+            topic: Arc::from(topic),
+            payload: p.payload,
+            qos: u8::from(p.qos),
+            retain: p.retain,
+            properties: MessageProperties {
+                payload_format_indicator: p.properties.payload_format_indicator,
+                message_expiry_interval: p.properties.message_expiry_interval,
+                content_type: p.properties.content_type,
+                response_topic: p.properties.response_topic,
+                correlation_data: p.properties.correlation_data,
+                user_properties: p.properties.user_properties,
+            },
+            received_at_ms: now,
+            origin_client: Some(s.client_id.clone()),
+        });
+
+        let retained = if message.retain {
+            let cmd = Command::SetRetained {
+                topic: message.topic.clone(),
+                message: Some(message.clone()),
+            };
+            match broker.proposer.submit(cmd).await {
+                Ok(sub) => Some(sub),
+                Err(_) => return Some(End::Shutdown),
+            }
+        } else {
+            None
+        };
+        let outcome = broker.dispatch(&message);
+        let enqueue = if outcome.enqueue.is_empty() {
+            None
+        } else {
+            let cmd = Command::Enqueue {
+                entries: outcome.enqueue,
+                limits: broker.queue_limits(),
+            };
+            match broker.proposer.submit(cmd).await {
+                Ok(sub) => Some(sub),
+                Err(_) => return Some(End::Shutdown),
+            }
+        };
+        let matched = outcome.matched;
+        let qos = p.qos;
+        if qos == QoS::AtMostOnce {
+            // Nobody waits; failures are logged by the proposer's callers.
+            if retained.is_some() || enqueue.is_some() {
+                tokio::spawn(async move {
+                    if let Some(r) = retained {
+                        let _ = r.wait().await;
+                    }
+                    if let Some(e) = enqueue {
+                        let _ = e.wait().await;
+                    }
+                });
+            }
+            return None;
+        }
+        if qos == QoS::AtLeastOnce {
+            s.inbound_qos1_pending += 1;
+        }
+        s.acks.push_back(Box::pin(async move {
+            let mut ok = true;
+            if let Some(r) = retained {
+                ok &= r.wait().await.is_ok();
+            }
+            if let Some(e) = enqueue {
+                ok &= matches!(e.wait().await, Ok(CommandResult::Enqueued { .. }));
+            }
+            if !ok && !v5 {
+                return AckOutcome::Fail;
+            }
+            let code = if !ok {
+                ReasonCode::UnspecifiedError
+            } else if matched == 0 && v5 {
+                ReasonCode::NoMatchingSubscribers
+            } else {
+                ReasonCode::Success
+            };
+            AckOutcome::Send(match qos {
+                QoS::AtLeastOnce => Packet::PubAck(PubAck::new(packet_id, code)),
+                _ => Packet::PubRec(PubRec::new(packet_id, code)),
+            })
+        }));
+        None
+    }
+
+    async fn on_subscribe(&mut self, s: &mut Session, sub: Subscribe) -> Option<End> {
+        let broker = self.broker.clone();
+        let cfg = &broker.config.mqtt;
+        let v5 = s.version == ProtocolVersion::V5;
+        if sub.properties.subscription_identifier.is_some() && !cfg.subscription_identifier_available
+        {
+            return self.violation(
+                s,
+                ReasonCode::SubscriptionIdentifiersNotSupported,
+                "subscription identifiers not available",
+            );
+        }
+        let existing = broker.read_state(|st| {
+            st.session(&s.client_id)
+                .map(|r| r.subscriptions.len())
+                .unwrap_or(0)
+        });
+        let mut codes: Vec<Option<ReasonCode>> = Vec::with_capacity(sub.filters.len());
+        let mut entries = Vec::new();
+        for (filter, opts) in &sub.filters {
+            let shared = mqtt::topic::parse_shared(filter);
+            let code = if mqtt::topic::validate_topic_filter(filter).is_err() {
+                Some(ReasonCode::TopicFilterInvalid)
+            } else if shared.is_some() && !cfg.shared_subscription_available {
+                Some(ReasonCode::SharedSubscriptionsNotSupported)
+            } else if shared.is_some() && opts.no_local {
+                // [MQTT-3.8.3-4]: a protocol error.
+                return self.violation(s, ReasonCode::ProtocolError, "no local on shared");
+            } else if !cfg.wildcard_subscription_available
+                && (filter.contains('+') || filter.contains('#'))
+            {
+                Some(ReasonCode::WildcardSubscriptionsNotSupported)
+            } else if broker.check_filter_limits(filter).is_err() {
+                Some(ReasonCode::TopicFilterInvalid)
+            } else if cfg.max_subscriptions_per_client > 0
+                && existing + entries.len() >= cfg.max_subscriptions_per_client
+            {
+                Some(ReasonCode::QuotaExceeded)
+            } else {
+                None
+            };
+            if code.is_none() {
+                entries.push((
+                    filter.clone(),
+                    crate::cluster::command::SubscriptionOptions {
+                        qos: u8::from(opts.qos).min(cfg.max_qos),
+                        no_local: opts.no_local,
+                        retain_as_published: opts.retain_as_published,
+                        retain_handling: opts.retain_handling as u8,
+                        subscription_id: sub.properties.subscription_identifier,
+                    },
+                ));
+            }
+            codes.push(code);
+        }
+        let existed = if entries.is_empty() {
+            Vec::new()
+        } else {
+            match broker
+                .proposer
+                .propose(Command::Subscribe {
+                    client_id: s.client_id.clone(),
+                    entries: entries.clone(),
+                })
+                .await
+            {
+                Ok(CommandResult::Subscribed(existed)) => existed,
+                Ok(_) | Err(_) => {
+                    tracing::warn!(client_id = %s.client_id, "subscribe not committed");
+                    vec![]
+                }
+            }
+        };
+        let committed = existed.len() == entries.len();
+        let mut granted = entries.iter().zip(existed.iter().chain(std::iter::repeat(&false)));
+        let reason_codes: Vec<ReasonCode> = codes
+            .iter()
+            .map(|c| match c {
+                Some(code) if v5 => *code,
+                Some(_) => ReasonCode::UnspecifiedError,
+                None if !committed => ReasonCode::UnspecifiedError,
+                None => match granted.next().map(|((_, o), _)| o.qos) {
+                    Some(0) => ReasonCode::GrantedQoS0,
+                    Some(1) => ReasonCode::GrantedQoS1,
+                    _ => ReasonCode::GrantedQoS2,
+                },
+            })
+            .collect();
+        self.queue_packet(
+            &Packet::SubAck(SubAck {
+                packet_id: sub.packet_id,
+                reason_codes,
+                properties: Default::default(),
+            }),
+            s.version,
+        );
+        if !committed {
+            return None;
+        }
+        // Retained messages for the new subscriptions [MQTT-3.3.1-9], per Retain Handling.
+        let now = unix_ms();
+        for ((filter, opts), existed) in entries.iter().zip(existed) {
+            if mqtt::topic::parse_shared(filter).is_some()
+                || opts.retain_handling == 2
+                || (opts.retain_handling == 1 && existed)
+            {
+                continue;
+            }
+            let mut found = Vec::new();
+            broker.read_state(|st| {
+                st.retained().for_each_matching(filter, |_, m| {
+                    if !m.is_expired(now) {
+                        found.push(m.clone());
+                    }
+                })
+            });
+            for m in found {
+                self.deliver(
+                    s,
+                    Delivery {
+                        qos: m.qos.min(opts.qos),
+                        retain: true,
+                        subscription_ids: opts.subscription_id.into_iter().collect(),
+                        message: m,
+                    },
+                );
+            }
+        }
+        None
+    }
+
+    async fn on_unsubscribe(&mut self, s: &mut Session, unsub: Unsubscribe) -> Option<End> {
+        let broker = self.broker.clone();
+        let result = broker
+            .proposer
+            .propose(Command::Unsubscribe {
+                client_id: s.client_id.clone(),
+                filters: unsub.filters.clone(),
+            })
+            .await;
+        let reason_codes = match result {
+            Ok(CommandResult::Unsubscribed(removed)) => removed
+                .into_iter()
+                .map(|r| {
+                    if r {
+                        ReasonCode::Success
+                    } else {
+                        ReasonCode::NoSubscriptionExisted
+                    }
+                })
+                .collect(),
+            _ => vec![ReasonCode::UnspecifiedError; unsub.filters.len()],
+        };
+        self.queue_packet(
+            &Packet::UnsubAck(UnsubAck {
+                packet_id: unsub.packet_id,
+                reason_codes,
+                properties: Default::default(),
+            }),
+            s.version,
+        );
+        None
+    }
+
+    /// Send a delivery now, or keep it until the inflight window has room.
+    fn deliver(&mut self, s: &mut Session, d: Delivery) {
+        let now = unix_ms();
+        if d.message.is_expired(now) {
+            metrics::counter!("flockmq_messages_dropped_total", "reason" => "expired").increment(1);
+            return;
+        }
+        if d.qos == 0 {
+            self.send_publish(s, &d, None, false, now);
+            return;
+        }
+        if !s.pending.is_empty() || !s.window.has_room() {
+            if s.pending.len() >= self.broker.config.mqtt.max_queued_messages {
+                Stats::add(&self.broker.stats.messages_dropped, 1);
+                metrics::counter!("flockmq_messages_dropped_total", "reason" => "queue_full")
+                    .increment(1);
+                return;
+            }
+            s.pending.push_back(d);
+            return;
+        }
+        self.send_transient(s, d, now);
+    }
+
+    fn send_transient(&mut self, s: &mut Session, d: Delivery, now: u64) {
+        let Some(id) = s.window.allocate(Outgoing::Transient(d.clone())) else {
+            s.pending.push_front(d);
+            return;
+        };
+        if !self.send_publish(s, &d, Some(id), false, now) {
+            // Too large for the client: behave as if it was acknowledged.
+            s.window.puback(id);
+            s.window.pubrec(id);
+            s.window.pubcomp(id);
+        }
+    }
+
+    /// Encode a PUBLISH into the write buffer; `false` if the client's Maximum Packet
+    /// Size forbids it (the message is then dropped, as the spec requires).
+    fn send_publish(
+        &mut self,
+        s: &Session,
+        d: &Delivery,
+        packet_id: Option<u16>,
+        dup: bool,
+        now: u64,
+    ) -> bool {
+        let m = &d.message;
+        let v5 = s.version == ProtocolVersion::V5;
+        let properties = if v5 {
+            PublishProperties {
+                payload_format_indicator: m.properties.payload_format_indicator,
+                message_expiry_interval: m.remaining_expiry_secs(now),
+                topic_alias: None,
+                response_topic: m.properties.response_topic.clone(),
+                correlation_data: m.properties.correlation_data.clone(),
+                user_properties: m.properties.user_properties.clone(),
+                subscription_identifiers: d.subscription_ids.clone(),
+                content_type: m.properties.content_type.clone(),
+            }
+        } else {
+            PublishProperties::default()
+        };
+        let packet = Packet::Publish(Publish {
+            dup,
+            qos: QoS::try_from(d.qos).unwrap_or(QoS::AtMostOnce),
+            retain: d.retain,
+            topic: m.topic.to_string(),
+            packet_id,
+            properties,
+            payload: m.payload.clone(),
+        });
+        if s.client_max_packet > 0 && packet.encoded_len(s.version) > s.client_max_packet as usize
+        {
+            metrics::counter!("flockmq_messages_dropped_total", "reason" => "too_large")
+                .increment(1);
+            return false;
+        }
+        Stats::add(&self.broker.stats.messages_sent, 1);
+        metrics::counter!("flockmq_messages_sent_total", "qos" => qos_label_u8(d.qos)).increment(1);
+        self.queue_packet(&packet, s.version);
+        true
+    }
+
+    /// An outbound QoS 1/2 flow ended: trim the replicated queue or send what waits.
+    fn outbound_done(&mut self, s: &mut Session, item: Outgoing) {
+        match item {
+            Outgoing::Queued(seq) => {
+                s.acks_completed.push(seq);
+                self.pump_queue(s);
+            }
+            Outgoing::Transient(_) => {
+                let now = unix_ms();
+                while s.window.has_room() {
+                    let Some(d) = s.pending.pop_front() else { break };
+                    self.send_transient(s, d, now);
+                }
+            }
+        }
+    }
+
+    /// Send messages from the session's replicated queue while the window has room.
+    fn pump_queue(&mut self, s: &mut Session) {
+        if !s.persistent || !s.window.has_room() {
+            return;
+        }
+        let room = 65_535usize.min(s.window_room());
+        let cursor = s.queue_cursor;
+        let batch: Vec<_> = self.broker.read_state(|st| {
+            st.session(&s.client_id)
+                .map(|r| {
+                    r.queue
+                        .iter()
+                        .filter(|m| m.seq >= cursor)
+                        .take(room)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        let now = unix_ms();
+        for q in batch {
+            let id = SessionRecord::packet_id_for(q.seq);
+            if s.window.contains(id) {
+                // The id is still held by an older flow; wait for it to end.
+                break;
+            }
+            s.queue_cursor = q.seq + 1;
+            if q.message.is_expired(now) {
+                s.acks_completed.push(q.seq);
+                continue;
+            }
+            s.window
+                .insert(id, OutboundState::AwaitingAck, Outgoing::Queued(q.seq));
+            let d = Delivery {
+                message: q.message,
+                qos: q.qos,
+                retain: q.retain,
+                subscription_ids: q.subscription_ids,
+            };
+            if !self.send_publish(s, &d, Some(id), q.seq < s.resend_below, now) {
+                if let Some(item) = s.window.puback(id) {
+                    self.outbound_done(s, item);
+                }
+            }
+            if !s.window.has_room() {
+                break;
+            }
+        }
+    }
+
+    /// After a reconnect, PUBREL every QoS 2 message whose PUBREC had arrived.
+    fn resend_awaiting_pubcomp(&mut self, s: &mut Session) {
+        let seqs: Vec<u64> = self.broker.read_state(|st| {
+            st.session(&s.client_id)
+                .map(|r| r.awaiting_pubcomp.iter().copied().collect())
+                .unwrap_or_default()
+        });
+        for seq in seqs {
+            let id = SessionRecord::packet_id_for(seq);
+            if s
+                .window
+                .insert(id, OutboundState::AwaitingComp, Outgoing::Queued(seq))
+            {
+                self.queue_packet(
+                    &Packet::PubRel(PubRel::new(id, ReasonCode::Success)),
+                    s.version,
+                );
+            }
+        }
+    }
+
+    fn awaiting_pubcomp_seq(&self, s: &Session, packet_id: u16) -> Option<u64> {
+        self.broker.read_state(|st| {
+            st.session(&s.client_id).and_then(|r| {
+                r.awaiting_pubcomp
+                    .iter()
+                    .copied()
+                    .find(|seq| SessionRecord::packet_id_for(*seq) == packet_id)
+            })
+        })
+    }
+
+    /// Tell the cluster which queued messages the client acknowledged (batched).
+    fn commit_acks(&mut self, s: &mut Session) {
+        if s.acks_completed.is_empty() && s.acks_received.is_empty() {
+            return;
+        }
+        self.broker.proposer.propose_detached(Command::Ack {
+            client_id: s.client_id.clone(),
+            completed: std::mem::take(&mut s.acks_completed),
+            received: std::mem::take(&mut s.acks_received),
+        });
+    }
+}
+
+impl Session {
+    fn window_room(&self) -> usize {
+        // OutboundWindow::has_room is checked per message; this bounds the read.
+        256
+    }
+}
+
+impl Broker {
+    /// Check a topic name against the configured length and depth limits.
+    pub fn check_topic_limits(&self, topic: &str) -> Result<(), ReasonCode> {
+        let cfg = &self.config.mqtt;
+        if topic.len() > cfg.max_topic_length || topic.split('/').count() > cfg.max_topic_levels {
+            return Err(ReasonCode::TopicNameInvalid);
+        }
+        Ok(())
+    }
+
+    /// Check a topic filter against the configured length and depth limits.
+    pub fn check_filter_limits(&self, filter: &str) -> Result<(), ReasonCode> {
+        self.check_topic_limits(filter)
+            .map_err(|_| ReasonCode::TopicFilterInvalid)
+    }
+}
+
+fn packet_kind(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect(_) => "DISCONNECT",
+        Packet::Auth(_) => "AUTH",
+    }
+}
+
+fn qos_label(q: QoS) -> &'static str {
+    qos_label_u8(u8::from(q))
+}
+
+fn qos_label_u8(q: u8) -> &'static str {
+    match q {
+        0 => "0",
+        1 => "1",
+        _ => "2",
+    }
+}
+
+fn reason_label(code: ReasonCode) -> String {
+    format!("0x{:02x}", u8::from(code))
+}

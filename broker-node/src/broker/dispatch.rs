@@ -1,0 +1,217 @@
+//! Publish dispatch on the receiving node: match a message against the applied route
+//! table, pick one member per shared group, deliver to local connections and collect
+//! the appends for persistent sessions' replicated queues.
+//!
+//! Matching runs under the state's read lock in one synchronous section; deliveries
+//! happen after it is released. The payload is never copied: every delivery holds the
+//! same `Arc<Message>`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{lock, Broker, ConnMsg, Delivery, Stats};
+use crate::cluster::command::{
+    Command, CommandResult, EnqueueEntry, Message, QueueFullPolicy, QueueLimits,
+    SubscriptionOptions,
+};
+use crate::cluster::proposer::ProposeError;
+use crate::config::QueueFullPolicyConfig;
+use crate::router::SelectContext;
+
+/// One client a message goes to, with everything its matching subscriptions decided.
+#[derive(Debug)]
+struct Target {
+    qos: u8,
+    retain: bool,
+    subscription_ids: Vec<u32>,
+}
+
+/// What dispatching one message did.
+#[derive(Debug, Default)]
+pub struct DispatchOutcome {
+    /// Subscriptions that matched (a v5 PUBACK says 0x10 when there were none).
+    pub matched: usize,
+    /// Messages for persistent sessions that must be committed before the publisher is
+    /// acknowledged.
+    pub enqueue: Vec<EnqueueEntry>,
+}
+
+impl Broker {
+    /// Route `message` to every matching subscription. Local connections get it at
+    /// once; appends to replicated queues are returned for the caller to commit.
+    pub fn dispatch(&self, message: &Arc<Message>) -> DispatchOutcome {
+        let publisher = message.origin_client.as_deref();
+        let mut targets: HashMap<Arc<str>, Target> = HashMap::new();
+        let mut shared: Vec<(String, Vec<(Arc<str>, SubscriptionOptions)>)> = Vec::new();
+        let mut matched = 0usize;
+        let durable = self.config.mqtt.durable_sessions;
+        // Phase 1, under the read lock: match and decide each target's mode.
+        let plan = self.read_state(|state| {
+            state.routes().for_each_match(&message.topic, |_filter, client, options| {
+                matched += 1;
+                if options.no_local && publisher == Some(&**client) {
+                    return;
+                }
+                merge_target(&mut targets, client, options, message);
+            });
+            state
+                .routes()
+                .for_each_shared_match(&message.topic, |group, members| {
+                    matched += 1;
+                    shared.push((group.to_owned(), members.to_vec()));
+                });
+            // Shared groups: one member each, preferring members that can take it now.
+            if !shared.is_empty() {
+                let mut selector = lock(&self.selector);
+                for (group, members) in &shared {
+                    let candidates: Vec<Arc<str>> = members
+                        .iter()
+                        .filter(|(c, _)| {
+                            state.session(c).is_some_and(|s| {
+                                s.connected || (s.is_persistent() && message.qos > 0)
+                            })
+                        })
+                        .map(|(c, _)| c.clone())
+                        .collect();
+                    let ctx = SelectContext {
+                        publisher_client_id: publisher.unwrap_or(""),
+                        topic: &message.topic,
+                        random: rand::random(),
+                        is_local: &|c: &Arc<str>| {
+                            state.session(c).is_some_and(|s| s.node == self.node_id)
+                        },
+                    };
+                    if let Some(chosen) = selector.select(group, &candidates, &ctx) {
+                        if let Some((client, options)) = members.iter().find(|(c, _)| *c == chosen)
+                        {
+                            merge_target(&mut targets, client, options, message);
+                        }
+                    }
+                }
+            }
+            targets
+                .drain()
+                .filter_map(|(client, t)| {
+                    let session = state.session(&client)?;
+                    let queued = t.qos > 0
+                        && session.is_persistent()
+                        && (durable || !session.connected);
+                    let local = session.connected && session.node == self.node_id;
+                    Some((client, t, queued, local))
+                })
+                .collect::<Vec<_>>()
+        });
+        // Phase 2, lock released: hand over.
+        let mut outcome = DispatchOutcome {
+            matched,
+            enqueue: Vec::new(),
+        };
+        for (client, target, queued, local) in plan {
+            if queued {
+                outcome.enqueue.push(EnqueueEntry {
+                    client_id: client,
+                    message: message.clone(),
+                    qos: target.qos,
+                    retain: target.retain,
+                    subscription_ids: target.subscription_ids,
+                });
+            } else if local {
+                self.deliver_local(&client, message, target);
+            }
+        }
+        outcome
+    }
+
+    fn deliver_local(&self, client: &Arc<str>, message: &Arc<Message>, target: Target) {
+        let Some(handle) = self.local_client(client) else {
+            return;
+        };
+        let delivery = Delivery {
+            message: message.clone(),
+            qos: target.qos,
+            retain: target.retain,
+            subscription_ids: target.subscription_ids,
+        };
+        if handle.tx.try_send(ConnMsg::Deliver(delivery)).is_err() {
+            Stats::add(&self.stats.messages_dropped, 1);
+            metrics::counter!("flockmq_messages_dropped_total", "reason" => "queue_full")
+                .increment(1);
+            tracing::debug!(client_id = %client, topic = %message.topic, "client queue full, message dropped");
+        }
+    }
+
+    /// Commit appends to persistent sessions' queues (one batched command).
+    pub async fn commit_enqueue(&self, entries: Vec<EnqueueEntry>) -> Result<(), ProposeError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let limits = self.queue_limits();
+        match self
+            .proposer
+            .propose(Command::Enqueue { entries, limits })
+            .await?
+        {
+            CommandResult::Enqueued { dropped, .. } if dropped > 0 => {
+                Stats::add(&self.stats.messages_dropped, u64::from(dropped));
+                metrics::counter!("flockmq_messages_dropped_total", "reason" => "queue_full")
+                    .increment(u64::from(dropped));
+                tracing::info!(dropped, "persistent session queue full, messages dropped");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The queue limits of this node's configuration, as carried by Enqueue commands.
+    pub fn queue_limits(&self) -> QueueLimits {
+        let mqtt = &self.config.mqtt;
+        QueueLimits {
+            max_messages: mqtt.max_queued_messages as u64,
+            max_bytes: mqtt.max_queued_bytes,
+            policy: match mqtt.queue_full_policy {
+                QueueFullPolicyConfig::DropOldest => QueueFullPolicy::DropOldest,
+                QueueFullPolicyConfig::DropNewest => QueueFullPolicy::DropNewest,
+            },
+        }
+    }
+
+    /// Publish a message as the broker itself (wills, `$SYS`, the admin API): retained
+    /// handling, dispatch and queue commit in one.
+    pub async fn publish_internal(&self, message: Arc<Message>) -> Result<usize, ProposeError> {
+        if message.retain {
+            self.proposer
+                .propose(Command::SetRetained {
+                    topic: message.topic.clone(),
+                    message: Some(message.clone()),
+                })
+                .await?;
+        }
+        let outcome = self.dispatch(&message);
+        Stats::add(&self.stats.messages_received, 1);
+        self.commit_enqueue(outcome.enqueue).await?;
+        Ok(outcome.matched)
+    }
+}
+
+/// Fold one matching subscription into the client's single delivery: the highest
+/// granted QoS wins, every subscription identifier is carried, and Retain As
+/// Published on any matching subscription keeps the RETAIN flag.
+fn merge_target(
+    targets: &mut HashMap<Arc<str>, Target>,
+    client: &Arc<str>,
+    options: &SubscriptionOptions,
+    message: &Message,
+) {
+    let qos = message.qos.min(options.qos);
+    let retain = options.retain_as_published && message.retain;
+    let t = targets.entry(client.clone()).or_insert(Target {
+        qos,
+        retain,
+        subscription_ids: Vec::new(),
+    });
+    t.qos = t.qos.max(qos);
+    t.retain |= retain;
+    if let Some(id) = options.subscription_id {
+        t.subscription_ids.push(id);
+    }
+}

@@ -1,0 +1,182 @@
+//! Reacting to the state machine's events, and the node's periodic duties: closing
+//! taken-over connections, publishing due wills, waking connections whose replicated
+//! queue grew, proposing expiry sweeps and publishing `$SYS` topics.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::{unix_ms, Broker, ConnMsg};
+use crate::cluster::command::{Command, Message, MessageProperties};
+use crate::cluster::state::Event;
+use crate::session::InboundQos2;
+
+impl Broker {
+    /// Handle state-machine events until the channel closes.
+    pub async fn run_events(self: Arc<Self>, mut events: UnboundedReceiver<Event>) {
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::SessionTakenOver {
+                    client_id,
+                    node,
+                    connection_id,
+                } if node == self.node_id => {
+                    if let Some(h) = self.local_client(&client_id) {
+                        if h.connection_id == connection_id {
+                            let _ = h.tx.try_send(ConnMsg::TakenOver);
+                        }
+                    }
+                }
+                Event::PublishWill { publisher, message } if publisher == self.node_id => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let mut message = (*message).clone();
+                        message.received_at_ms = unix_ms();
+                        tracing::debug!(topic = %message.topic, "publishing will");
+                        if let Err(e) = this.publish_internal(Arc::new(message)).await {
+                            tracing::warn!(error = %e, "will not published");
+                        }
+                    });
+                }
+                Event::QueueGrew { client_id, node } if node == self.node_id => {
+                    if let Some(h) = self.local_client(&client_id) {
+                        // A full channel already holds work that will pump the queue.
+                        let _ = h.tx.try_send(ConnMsg::QueueGrew);
+                    }
+                }
+                Event::SessionEnded { client_id } => {
+                    super::lock(&self.inbound_qos2).remove(&client_id);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Propose an expiry sweep every `interval` (wills with a delay, session expiry,
+    /// message expiry), while this node leads.
+    pub async fn run_expiry(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if !self.state.is_leader() {
+                continue;
+            }
+            let _ = self
+                .proposer
+                .propose(Command::Expire {
+                    node: self.node_id,
+                    now_ms: unix_ms(),
+                })
+                .await;
+        }
+    }
+
+    /// Sessions this node owned before a restart have no connection any more: record
+    /// their end (publishing their wills) so that clients may resume them anywhere.
+    pub async fn close_orphaned_sessions(&self) {
+        let orphans: Vec<(Arc<str>, u64)> = self.read_state(|st| {
+            st.sessions()
+                .filter(|(_, s)| s.connected && s.node == self.node_id)
+                .map(|(c, s)| (c.clone(), s.connection_id))
+                .collect()
+        });
+        if !orphans.is_empty() {
+            tracing::info!(count = orphans.len(), "closing sessions left open by the last run");
+        }
+        for (client_id, connection_id) in orphans {
+            if self.local_client(&client_id).is_some() {
+                continue;
+            }
+            let cmd = Command::CloseSession {
+                client_id,
+                connection_id,
+                graceful: false,
+                expiry_secs: None,
+                now_ms: unix_ms(),
+            };
+            if let Err(e) = self.proposer.propose(cmd).await {
+                tracing::warn!(error = %e, "cannot close orphaned session");
+            }
+        }
+    }
+
+    /// The inbound QoS 2 identifiers a persistent session left on this node at its
+    /// last disconnect; a clean start discards them.
+    pub fn take_inbound_qos2(&self, client_id: &str, session_present: bool) -> InboundQos2 {
+        let kept = super::lock(&self.inbound_qos2).remove(client_id);
+        if session_present {
+            kept.unwrap_or_default()
+        } else {
+            InboundQos2::default()
+        }
+    }
+
+    /// Keep a disconnecting persistent session's inbound QoS 2 identifiers.
+    pub fn keep_inbound_qos2(&self, client_id: &Arc<str>, ids: InboundQos2) {
+        super::lock(&self.inbound_qos2).insert(client_id.clone(), ids);
+    }
+
+    /// Publish the `$SYS/broker/...` topics every `interval` (retained, QoS 0).
+    pub async fn run_sys(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (subscriptions, retained, sessions) = self.read_state(|st| {
+                (st.routes().len(), st.retained().len(), st.sessions().count())
+            });
+            let s = &self.stats;
+            let base = "$SYS/broker";
+            let values = [
+                ("version", format!("flockmq {}", env!("CARGO_PKG_VERSION"))),
+                ("uptime", format!("{} seconds", self.started.elapsed().as_secs())),
+                (
+                    "clients/connected",
+                    s.clients_connected.load(Ordering::Relaxed).to_string(),
+                ),
+                ("clients/total", sessions.to_string()),
+                (
+                    "messages/received",
+                    s.messages_received.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "messages/sent",
+                    s.messages_sent.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "messages/dropped",
+                    s.messages_dropped.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "bytes/received",
+                    s.bytes_received.load(Ordering::Relaxed).to_string(),
+                ),
+                ("bytes/sent", s.bytes_sent.load(Ordering::Relaxed).to_string()),
+                ("subscriptions/count", subscriptions.to_string()),
+                ("retained messages/count", retained.to_string()),
+            ];
+            for (name, value) in values {
+                let message = Arc::new(Message {
+                    topic: Arc::from(format!("{base}/{name}")),
+                    payload: value.into(),
+                    qos: 0,
+                    retain: false,
+                    properties: MessageProperties::default(),
+                    received_at_ms: unix_ms(),
+                    origin_client: None,
+                });
+                // $SYS is not retained through Raft (it is per node and frequent):
+                // current subscribers get it live.
+                self.dispatch(&message);
+            }
+        }
+    }
+}

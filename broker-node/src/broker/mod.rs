@@ -1,0 +1,198 @@
+//! The node's runtime: the shared [`Broker`] context every connection task holds, the
+//! registry of clients connected to this node, and publish dispatch.
+//!
+//! State choices: the replicated state is read through [`StateHandle`] in short
+//! synchronous sections (never across an `.await`); the local registry is a std
+//! `Mutex<HashMap>` touched once per connect, disconnect and delivery lookup; shared
+//! subscription selection state sits behind its own small `Mutex`. Counters for `$SYS`
+//! are atomics. Nothing here blocks on the network while holding a lock.
+
+pub mod connection;
+pub mod dispatch;
+pub mod events;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::command::{Message, NodeId};
+use crate::cluster::proposer::Proposer;
+use crate::cluster::state::BrokerState;
+use crate::cluster::StateHandle;
+use crate::config::Config;
+use crate::router::SharedSelector;
+
+/// A message on its way to one connected client.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The message, shared with every other subscriber.
+    pub message: Arc<Message>,
+    /// Delivery QoS (already downgraded to the granted QoS).
+    pub qos: u8,
+    /// The RETAIN flag to send.
+    pub retain: bool,
+    /// Identifiers of the subscriptions that matched.
+    pub subscription_ids: Vec<u32>,
+}
+
+/// What a connection task can be told by the rest of the node.
+#[derive(Debug)]
+pub enum ConnMsg {
+    /// Send this message.
+    Deliver(Delivery),
+    /// The replicated queue of this session has new messages.
+    QueueGrew,
+    /// Another connection took the session over (v5 0x8E).
+    TakenOver,
+    /// An operator or the node asked the client to go, with a v5 reason code.
+    Disconnect(u8),
+}
+
+/// How the node reaches one locally connected client.
+#[derive(Clone, Debug)]
+pub struct ConnHandle {
+    /// Identifies the connection (a client id may reconnect: the newest wins).
+    pub connection_id: u64,
+    /// Bounded: a full channel means a slow client, and the delivery is dropped.
+    pub tx: mpsc::Sender<ConnMsg>,
+}
+
+/// Counters published on `$SYS` and kept without locks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections currently open.
+    pub clients_connected: AtomicU64,
+    /// PUBLISH packets received from clients.
+    pub messages_received: AtomicU64,
+    /// PUBLISH packets sent to clients.
+    pub messages_sent: AtomicU64,
+    /// Bytes read from clients.
+    pub bytes_received: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_sent: AtomicU64,
+    /// Messages dropped at a limit (queue full, slow client, too large).
+    pub messages_dropped: AtomicU64,
+}
+
+impl Stats {
+    /// Add `n` to `counter`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Everything a connection task needs from the node, shared by reference.
+pub struct Broker {
+    /// The effective configuration.
+    pub config: Arc<Config>,
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Read access to the replicated state.
+    pub state: StateHandle,
+    /// Writes to the replicated state.
+    pub proposer: Proposer,
+    /// Clients connected to this node.
+    registry: Mutex<HashMap<Arc<str>, ConnHandle>>,
+    /// Shared-subscription selection state (round-robin positions, sticky choices).
+    selector: Mutex<SharedSelector<Arc<str>>>,
+    next_connection_id: AtomicU64,
+    /// Inbound QoS 2 packet ids of disconnected persistent sessions of this node, so a
+    /// resent PUBLISH after reconnect is not delivered twice.
+    inbound_qos2: Mutex<HashMap<Arc<str>, crate::session::InboundQos2>>,
+    /// `$SYS` counters.
+    pub stats: Stats,
+    /// When the node started, for `$SYS/broker/uptime`.
+    pub started: Instant,
+    /// Cancelled when the node shuts down.
+    pub shutdown: CancellationToken,
+}
+
+impl Broker {
+    /// A broker context over an opened state and proposer.
+    pub fn new(
+        config: Arc<Config>,
+        state: StateHandle,
+        proposer: Proposer,
+        shutdown: CancellationToken,
+    ) -> Arc<Broker> {
+        let strategy = config.mqtt.shared_subscription_strategy.into();
+        Arc::new(Broker {
+            node_id: config.node_id,
+            config,
+            state,
+            proposer,
+            registry: Mutex::new(HashMap::new()),
+            selector: Mutex::new(SharedSelector::new(strategy)),
+            // Unique across restarts of this node: ids of connections from before a
+            // restart must not match new ones in replicated session records.
+            next_connection_id: AtomicU64::new(unix_ms() << 16),
+            inbound_qos2: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+            started: Instant::now(),
+            shutdown,
+        })
+    }
+
+    /// A fresh connection identifier.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Read the replicated state in a short synchronous section.
+    pub fn read_state<R>(&self, f: impl FnOnce(&BrokerState) -> R) -> R {
+        self.state.read(f)
+    }
+
+    /// Register a connected client; returns the handle it replaced, if any.
+    pub fn register(&self, client_id: Arc<str>, handle: ConnHandle) -> Option<ConnHandle> {
+        lock(&self.registry).insert(client_id, handle)
+    }
+
+    /// Remove a client's registration if it still belongs to `connection_id`.
+    pub fn unregister(&self, client_id: &str, connection_id: u64) {
+        let mut map = lock(&self.registry);
+        if map
+            .get(client_id)
+            .is_some_and(|h| h.connection_id == connection_id)
+        {
+            map.remove(client_id);
+        }
+    }
+
+    /// The handle of a locally connected client.
+    pub fn local_client(&self, client_id: &str) -> Option<ConnHandle> {
+        lock(&self.registry).get(client_id).cloned()
+    }
+
+    /// Every locally connected client, for shutdown and the admin API.
+    pub fn local_clients(&self) -> Vec<(Arc<str>, ConnHandle)> {
+        lock(&self.registry)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Number of clients connected to this node.
+    pub fn local_client_count(&self) -> usize {
+        lock(&self.registry).len()
+    }
+}
+
+/// Lock a std mutex, recovering the data if a holder panicked (the data stays
+/// consistent: every critical section here is a single map operation).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Unix time in milliseconds: the only wall-clock read of the runtime, passed into
+/// commands so that apply never reads a clock.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

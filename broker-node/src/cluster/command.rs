@@ -1,0 +1,283 @@
+//! The replicated commands and the records they carry.
+//!
+//! A [`Command`] is everything the state machine needs to change the replicated state:
+//! times, chosen node and limits travel inside it so that applying it is a pure function
+//! of (state, command). Commands are batched into one Raft entry ([`Request`]) by the
+//! proposer; every command gets its own [`CommandResult`] back.
+//!
+//! This module must never read a clock, draw a random number or touch the network.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A node's identity in the cluster.
+pub type NodeId = u64;
+
+/// The v5 properties of an application message that travel end to end unchanged.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageProperties {
+    /// Payload Format Indicator (0 bytes, 1 UTF-8).
+    pub payload_format_indicator: Option<u8>,
+    /// Message Expiry Interval in seconds, as the publisher set it.
+    pub message_expiry_interval: Option<u32>,
+    /// Content Type.
+    pub content_type: Option<String>,
+    /// Response Topic for request/response.
+    pub response_topic: Option<String>,
+    /// Correlation Data for request/response.
+    pub correlation_data: Option<Bytes>,
+    /// User Properties, in the order the publisher sent them.
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// An application message as the broker keeps it: what a publisher sent, plus where and
+/// when it entered the cluster. Shared by reference between every queue it lands in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Topic name (never an alias: aliases are resolved on the way in).
+    pub topic: Arc<str>,
+    /// The payload; cloning it never copies the bytes.
+    pub payload: Bytes,
+    /// The QoS the publisher used.
+    pub qos: u8,
+    /// The RETAIN flag the publisher set.
+    pub retain: bool,
+    /// v5 properties carried end to end.
+    pub properties: MessageProperties,
+    /// Unix time in milliseconds when the broker accepted it, for expiry.
+    pub received_at_ms: u64,
+    /// The publishing client, so that no-local can be judged on any node.
+    pub origin_client: Option<Arc<str>>,
+}
+
+impl Message {
+    /// The absolute expiry time in Unix milliseconds, if the message expires.
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        self.properties
+            .message_expiry_interval
+            .map(|secs| self.received_at_ms.saturating_add(u64::from(secs) * 1000))
+    }
+
+    /// Whether the message has expired at `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms().is_some_and(|at| now_ms >= at)
+    }
+
+    /// The remaining expiry interval in whole seconds at `now_ms` (rounded up), to be
+    /// sent on to subscribers, or `None` when the message does not expire.
+    pub fn remaining_expiry_secs(&self, now_ms: u64) -> Option<u32> {
+        self.expires_at_ms().map(|at| {
+            let left_ms = at.saturating_sub(now_ms);
+            u32::try_from(left_ms.div_ceil(1000)).unwrap_or(u32::MAX)
+        })
+    }
+
+    /// Bytes this message accounts for against queue limits.
+    pub fn weight(&self) -> u64 {
+        (self.topic.len() + self.payload.len()) as u64
+    }
+}
+
+/// How one subscription wants its messages, as granted by the broker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionOptions {
+    /// The granted maximum QoS.
+    pub qos: u8,
+    /// v5 No Local: never deliver this client's own publishes to it.
+    pub no_local: bool,
+    /// v5 Retain As Published: keep the RETAIN flag on forwarded messages.
+    pub retain_as_published: bool,
+    /// v5 Retain Handling (0 send retained, 1 only if new, 2 never).
+    pub retain_handling: u8,
+    /// v5 Subscription Identifier, sent back with every matching message.
+    pub subscription_id: Option<u32>,
+}
+
+/// A will message waiting for its connection to end badly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Will {
+    /// The message to publish.
+    pub message: Message,
+    /// v5 Will Delay Interval in seconds.
+    pub delay_secs: u32,
+}
+
+/// A message waiting in a persistent session's queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedMessage {
+    /// Position in the session's queue; also yields the packet identifier it is sent with.
+    pub seq: u64,
+    /// The message, shared with every other queue that holds it.
+    pub message: Arc<Message>,
+    /// The QoS it is delivered at (the minimum of publish QoS and granted QoS).
+    pub qos: u8,
+    /// The RETAIN flag it is delivered with.
+    pub retain: bool,
+    /// The identifiers of every subscription of this session that matched.
+    pub subscription_ids: Vec<u32>,
+}
+
+/// A message to append to one session's queue (the state machine gives it its `seq`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnqueueEntry {
+    /// The session the message is for.
+    pub client_id: Arc<str>,
+    /// The message.
+    pub message: Arc<Message>,
+    /// Delivery QoS.
+    pub qos: u8,
+    /// Delivery RETAIN flag.
+    pub retain: bool,
+    /// Matching subscription identifiers.
+    pub subscription_ids: Vec<u32>,
+}
+
+/// What to do when a session's queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueFullPolicy {
+    /// Drop the oldest queued message to make room.
+    DropOldest,
+    /// Refuse the new message.
+    DropNewest,
+}
+
+/// Queue limits, carried by the command so that every node applies the same ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueLimits {
+    /// Maximum messages per session queue.
+    pub max_messages: u64,
+    /// Maximum payload+topic bytes per session queue.
+    pub max_bytes: u64,
+    /// What happens at the limit.
+    pub policy: QueueFullPolicy,
+}
+
+/// One change to the replicated state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A client connected on `node`: create its session or take the existing one over.
+    OpenSession {
+        /// The client identifier.
+        client_id: Arc<str>,
+        /// The node the client is connected to.
+        node: NodeId,
+        /// Identifies this connection, to tell its later commands from a successor's.
+        connection_id: u64,
+        /// Protocol level (3, 4, 5).
+        protocol: u8,
+        /// Clean Start / Clean Session: discard any existing session.
+        clean_start: bool,
+        /// Session expiry after disconnect, in seconds (`u32::MAX`: never).
+        expiry_secs: u32,
+        /// The will, if the client set one.
+        will: Option<Will>,
+        /// Unix ms at the proposing node.
+        now_ms: u64,
+    },
+    /// A connection ended.
+    CloseSession {
+        /// The client identifier.
+        client_id: Arc<str>,
+        /// The connection that ended; ignored if another connection owns the session now.
+        connection_id: u64,
+        /// A normal DISCONNECT: the will is discarded.
+        graceful: bool,
+        /// The session expiry as updated at DISCONNECT (v5), if it was.
+        expiry_secs: Option<u32>,
+        /// Unix ms at the proposing node.
+        now_ms: u64,
+    },
+    /// Add or replace subscriptions.
+    Subscribe {
+        /// The client identifier.
+        client_id: Arc<str>,
+        /// Filters (shared ones as `$share/group/filter`) and their options.
+        entries: Vec<(String, SubscriptionOptions)>,
+    },
+    /// Remove subscriptions.
+    Unsubscribe {
+        /// The client identifier.
+        client_id: Arc<str>,
+        /// Filters exactly as subscribed.
+        filters: Vec<String>,
+    },
+    /// Set (or with `None`, clear) the retained message of a topic.
+    SetRetained {
+        /// The topic.
+        topic: Arc<str>,
+        /// The message, or `None` to clear.
+        message: Option<Arc<Message>>,
+    },
+    /// Append messages to persistent sessions' queues.
+    Enqueue {
+        /// The messages, in order.
+        entries: Vec<EnqueueEntry>,
+        /// The limits to apply.
+        limits: QueueLimits,
+    },
+    /// A client acknowledged messages: PUBACK, or PUBCOMP for QoS 2 (`seqs` are removed),
+    /// or PUBREC (`received` move to the awaiting-PUBCOMP set).
+    Ack {
+        /// The client identifier.
+        client_id: Arc<str>,
+        /// Sequence numbers fully acknowledged (PUBACK / PUBCOMP).
+        completed: Vec<u64>,
+        /// Sequence numbers whose PUBREC arrived (QoS 2, PUBREL now due).
+        received: Vec<u64>,
+    },
+    /// Drop expired sessions and messages; due wills become events for `node`.
+    Expire {
+        /// The node that proposed the sweep, and publishes the wills it yields.
+        node: NodeId,
+        /// Unix ms at the proposing node.
+        now_ms: u64,
+    },
+}
+
+/// The result of one command, in the order of the batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// Nothing to report.
+    #[default]
+    Done,
+    /// OpenSession: whether an existing session was resumed.
+    SessionOpened {
+        /// The Session Present flag for CONNACK.
+        session_present: bool,
+    },
+    /// Subscribe: for each entry, whether the subscription already existed.
+    Subscribed(Vec<bool>),
+    /// Unsubscribe: for each filter, whether a subscription was removed.
+    Unsubscribed(Vec<bool>),
+    /// Enqueue: how many entries were accepted and dropped at a limit.
+    Enqueued {
+        /// Entries appended.
+        accepted: u32,
+        /// Entries (new or old) dropped at a queue limit.
+        dropped: u32,
+    },
+    /// The command named a session that does not exist (or another connection owns).
+    NoSession,
+}
+
+/// One Raft entry: a batch of commands applied in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// The commands.
+    pub commands: Vec<Command>,
+}
+
+/// The results of one [`Request`], one per command.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The results, index for index.
+    pub results: Vec<CommandResult>,
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request of {} commands", self.commands.len())
+    }
+}

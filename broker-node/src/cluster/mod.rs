@@ -1,0 +1,216 @@
+//! The control plane: the replicated [`Command`](command::Command)s, the state
+//! machine that applies them, Raft (openraft) with its gRPC transport, and the
+//! batching proposer in front of it.
+//!
+//! A single node is a one-voter Raft cluster on this same path. Architecture
+//! invariant: apply is deterministic (no clock, no randomness: both travel inside the
+//! commands), so every node applying the same log holds the same state.
+
+pub mod command;
+pub mod network;
+pub mod proposer;
+pub mod raft;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use openraft::{BasicNode, LogId};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use self::command::{NodeId, Request, Response};
+use self::network::{Network, RaftService};
+use self::proposer::{BatchSettings, Proposer};
+use self::raft::{Raft, TypeConfig};
+use self::state::{BrokerState, Event};
+use crate::config::Config;
+
+/// The broker's state as `storage` sees it: apply a batch, snapshot, restore.
+pub struct BrokerMachine(pub BrokerState);
+
+impl storage::Machine<TypeConfig> for BrokerMachine {
+    fn apply(&mut self, _log_id: &LogId<NodeId>, request: &Request) -> Response {
+        Response {
+            results: request
+                .commands
+                .iter()
+                .map(|c| self.0.apply_command(c))
+                .collect(),
+        }
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.0.to_snapshot()
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), String> {
+        self.0.restore(data).map_err(|e| e.to_string())
+    }
+}
+
+/// Read access to the applied replicated state and to Raft's view of the cluster.
+#[derive(Clone)]
+pub struct StateHandle {
+    machine: storage::MachineHandle<BrokerMachine>,
+    metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+    node_id: NodeId,
+}
+
+impl StateHandle {
+    /// Run `f` on the applied state in a short synchronous section.
+    pub fn read<R>(&self, f: impl FnOnce(&BrokerState) -> R) -> R {
+        self.machine.read(|m| f(&m.0))
+    }
+
+    /// Whether this node is the Raft leader now.
+    pub fn is_leader(&self) -> bool {
+        self.metrics.borrow().current_leader == Some(self.node_id)
+    }
+
+    /// Whether any leader is known.
+    pub fn has_leader(&self) -> bool {
+        self.metrics.borrow().current_leader.is_some()
+    }
+
+    /// How many committed log entries this node has not applied yet, when known.
+    pub fn apply_lag(&self) -> Option<u64> {
+        let m = self.metrics.borrow();
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        m.last_log_index.map(|last| last.saturating_sub(applied))
+    }
+}
+
+/// The control plane of a started node.
+pub struct Cluster {
+    /// The Raft handle.
+    pub raft: Raft,
+    /// Read access to the state.
+    pub state: StateHandle,
+    /// The batching writer.
+    pub proposer: Proposer,
+    /// The storage to flush at shutdown.
+    pub storage: storage::Storage,
+}
+
+impl Cluster {
+    /// Open storage, start Raft and its gRPC server, form or join the cluster, and
+    /// wait until a leader is known.
+    pub async fn start(
+        config: &Config,
+        events: UnboundedSender<Event>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Cluster> {
+        let c = &config.cluster;
+        let raft_config = openraft::Config {
+            cluster_name: "flockmq".into(),
+            heartbeat_interval: c.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: c.election_timeout_min.as_millis() as u64,
+            election_timeout_max: c.election_timeout_max.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        }
+        .validate()
+        .context("invalid raft timing settings")?;
+
+        let (storage, log_store, sm_store) = storage::open::<TypeConfig, BrokerMachine>(
+            &config.data_dir.join("raft"),
+            BrokerMachine(BrokerState::new(Some(events))),
+        )
+        .context("cannot open storage")?;
+        let machine = sm_store.machine();
+
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            Network::default(),
+            log_store,
+            sm_store,
+        )
+        .await
+        .context("cannot start raft")?;
+
+        let listener = tokio::net::TcpListener::bind(config.cluster_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (cluster)", config.cluster_addr))?;
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let service = RaftService::server(raft.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "cluster gRPC server failed");
+            }
+        });
+
+        let advertise = config.advertise_addr();
+        if !raft.is_initialized().await? {
+            let mut members = BTreeMap::new();
+            if config.initial_cluster.is_empty() {
+                members.insert(config.node_id, BasicNode::new(advertise));
+            } else {
+                for m in &config.initial_cluster {
+                    members.insert(m.id, BasicNode::new(m.addr.clone()));
+                }
+            }
+            // Only the lowest id of a fresh cluster initializes it: no node ever
+            // initializes twice, and the others learn the membership from it.
+            if members.keys().next() == Some(&config.node_id) {
+                tracing::info!(voters = ?members.keys().collect::<Vec<_>>(), "initializing a new cluster");
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::info!(error = %e, "cluster already initialized");
+                }
+            }
+        }
+
+        let mut metrics = raft.metrics();
+        let wait = async {
+            loop {
+                if metrics.borrow().current_leader.is_some() {
+                    break;
+                }
+                if metrics.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(30), wait).await.is_err() {
+            tracing::warn!("no raft leader after 30s; continuing, writes will fail until one is elected");
+        }
+
+        let proposer = Proposer::spawn(
+            raft.clone(),
+            BatchSettings {
+                max_commands: c.batch_max_commands,
+                max_delay: c.batch_max_delay,
+                write_timeout: c.write_timeout,
+                max_in_flight: 16,
+            },
+            shutdown,
+        );
+        let state = StateHandle {
+            machine,
+            metrics: raft.metrics(),
+            node_id: config.node_id,
+        };
+        Ok(Cluster {
+            raft,
+            state,
+            proposer,
+            storage,
+        })
+    }
+}
+
+/// Flush and close storage at shutdown.
+pub async fn close_storage(storage: storage::Storage) {
+    if let Err(e) = storage.flush().await {
+        tracing::warn!(error = %e, "storage flush at shutdown failed");
+    }
+}

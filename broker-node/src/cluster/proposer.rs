@@ -1,0 +1,185 @@
+//! The batching writer in front of Raft.
+//!
+//! Connection tasks submit single [`Command`]s; one proposer task gathers them for at
+//! most `max_delay` or `max_commands` and appends them as one Raft entry, so a
+//! connection storm or a burst of queue appends costs a few Raft round trips rather
+//! than thousands. Several batches may be in flight at once (openraft pipelines them);
+//! each submitter gets its own [`CommandResult`] back, or a [`ProposeError`] that says
+//! whether to retry elsewhere.
+//!
+//! State: the proposer owns its pending batch in its own task; submitters hold only a
+//! channel sender ([`Proposer`] is a cheap clone).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::command::{Command, CommandResult, Request};
+use super::raft::Raft;
+
+/// Why a command was not applied.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProposeError {
+    /// No leader could commit it in time (no majority): the client may retry elsewhere.
+    #[error("control plane unavailable: {0}")]
+    Unavailable(String),
+    /// The node is shutting down.
+    #[error("node is shutting down")]
+    ShuttingDown,
+}
+
+type Pending = (Command, oneshot::Sender<Result<CommandResult, ProposeError>>);
+
+/// A handle for submitting commands to the batching writer.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<Pending>,
+    timeout: Duration,
+}
+
+/// How the proposer batches.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchSettings {
+    /// Most commands in one entry.
+    pub max_commands: usize,
+    /// Longest a command waits for companions.
+    pub max_delay: Duration,
+    /// Longest a command waits to be committed before the submitter gets `Unavailable`.
+    pub write_timeout: Duration,
+    /// Batches in flight at once.
+    pub max_in_flight: usize,
+}
+
+/// The outcome of a submitted command, to be awaited later.
+pub struct Submitted {
+    rx: oneshot::Receiver<Result<CommandResult, ProposeError>>,
+    timeout: Duration,
+}
+
+impl Submitted {
+    /// Wait for the command to be committed and applied.
+    pub async fn wait(self) -> Result<CommandResult, ProposeError> {
+        match tokio::time::timeout(self.timeout, self.rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ProposeError::ShuttingDown),
+            Err(_) => Err(ProposeError::Unavailable(format!(
+                "not committed within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+impl Proposer {
+    /// Start the proposer task for `raft`; it stops when `shutdown` is cancelled.
+    pub fn spawn(raft: Raft, settings: BatchSettings, shutdown: CancellationToken) -> Proposer {
+        let (tx, rx) = mpsc::channel(settings.max_commands.max(1) * 8);
+        tokio::spawn(run(raft, settings, rx, shutdown));
+        Proposer {
+            tx,
+            timeout: settings.write_timeout,
+        }
+    }
+
+    /// Queue `cmd` behind every command submitted before it; the returned handle
+    /// yields its result. Commands from one submitter are applied in submission order.
+    pub async fn submit(&self, cmd: Command) -> Result<Submitted, ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((cmd, tx))
+            .await
+            .map_err(|_| ProposeError::ShuttingDown)?;
+        Ok(Submitted {
+            rx,
+            timeout: self.timeout,
+        })
+    }
+
+    /// Submit `cmd` and wait for its result.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
+        self.submit(cmd).await?.wait().await
+    }
+
+    /// Submit `cmd` without waiting for the outcome (acknowledgement trimming, sweeps).
+    pub fn propose_detached(&self, cmd: Command) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.propose(cmd).await {
+                tracing::debug!(error = %e, "detached command not applied");
+            }
+        });
+    }
+}
+
+async fn run(
+    raft: Raft,
+    settings: BatchSettings,
+    mut rx: mpsc::Receiver<Pending>,
+    shutdown: CancellationToken,
+) {
+    let in_flight = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            first = rx.recv() => match first {
+                Some(p) => p,
+                None => break,
+            },
+        };
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + settings.max_delay;
+        while batch.len() < settings.max_commands {
+            // Take what is already waiting without a timer, then wait out the delay.
+            match rx.try_recv() {
+                Ok(p) => {
+                    batch.push(p);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(p)) => batch.push(p),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        metrics::histogram!("flockmq_raft_batch_commands").record(commands.len() as f64);
+        let started = std::time::Instant::now();
+        // Appending here, in the loop, keeps batches in submission order; only the
+        // wait for commit runs concurrently.
+        let receiver = raft.client_write_ff(Request { commands }).await;
+        tokio::spawn(async move {
+            let outcome = match receiver {
+                Ok(rx) => match rx.await {
+                    Ok(Ok(response)) => Ok(response),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("raft dropped the proposal".to_owned()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            metrics::histogram!("flockmq_raft_proposal_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            drop(permit);
+            match outcome {
+                Ok(response) => {
+                    let mut results = response.data.results.into_iter();
+                    for reply in replies {
+                        let _ = reply.send(Ok(results.next().unwrap_or_default()));
+                    }
+                }
+                Err(e) => {
+                    let err = ProposeError::Unavailable(e);
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,579 @@
+//! The replicated state machine: the session registry, every session's subscriptions
+//! (and the route table derived from them), retained messages and the queues of
+//! persistent sessions.
+//!
+//! [`BrokerState::apply_command`] is a pure function of (state, command): it reads no
+//! clock and draws no random number, so every node applying the same log holds the same
+//! state (DESIGN invariant 3); [`BrokerState::digest`] lets tests compare nodes. What
+//! the local node must do about a change (close a taken-over connection, publish a will,
+//! deliver from a queue) is reported as an [`Event`] on a channel, outside apply's
+//! result, and acted upon by the node.
+//!
+//! The state is held by `storage`'s state-machine store behind a lock; the broker reads
+//! it through short synchronous sections and never across an `.await`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::command::{
+    Command, CommandResult, EnqueueEntry, Message, NodeId, QueueFullPolicy, QueueLimits,
+    QueuedMessage, SubscriptionOptions, Will,
+};
+use crate::router::{RetainedIndex, SubscriptionTrie};
+
+/// Something the local node should react to, emitted while applying.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The connection `connection_id` of `client_id` on `node` lost its session to a
+    /// newer connection and must be closed (v5 reason 0x8E).
+    SessionTakenOver {
+        /// The client identifier.
+        client_id: Arc<str>,
+        /// The node holding the old connection.
+        node: NodeId,
+        /// The old connection.
+        connection_id: u64,
+    },
+    /// A will is due: `publisher` publishes it.
+    PublishWill {
+        /// The node that publishes it (the proposer of the command that made it due).
+        publisher: NodeId,
+        /// The will message.
+        message: Arc<Message>,
+    },
+    /// A session owned by `node` has new queued messages.
+    QueueGrew {
+        /// The client identifier.
+        client_id: Arc<str>,
+        /// The owning node.
+        node: NodeId,
+    },
+    /// A session ended (expired or replaced by a clean start).
+    SessionEnded {
+        /// The client identifier.
+        client_id: Arc<str>,
+    },
+}
+
+/// One session as the cluster knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The node the client is (or was last) connected to.
+    pub node: NodeId,
+    /// The connection that owns the session now.
+    pub connection_id: u64,
+    /// Protocol level of the last connection.
+    pub protocol: u8,
+    /// Expiry after disconnect, in seconds (`u32::MAX`: never).
+    pub expiry_secs: u32,
+    /// Whether a connection currently holds the session.
+    pub connected: bool,
+    /// Unix ms of the disconnect, while disconnected.
+    pub disconnected_at_ms: Option<u64>,
+    /// The will: pending while connected, or delayed after an unclean end.
+    pub will: Option<Will>,
+    /// Unix ms at which a delayed will becomes due (set at an unclean disconnect).
+    pub will_due_at_ms: Option<u64>,
+    /// Subscriptions by filter exactly as subscribed.
+    pub subscriptions: BTreeMap<String, SubscriptionOptions>,
+    /// QoS 1/2 messages not yet acknowledged, in `seq` order.
+    pub queue: VecDeque<QueuedMessage>,
+    /// QoS 2 messages whose PUBREC arrived: PUBREL is due, then PUBCOMP ends them.
+    pub awaiting_pubcomp: BTreeSet<u64>,
+    /// The next queue position.
+    pub next_seq: u64,
+    /// Bytes held by `queue`, for the byte limit.
+    pub queued_bytes: u64,
+}
+
+impl SessionRecord {
+    /// Whether the session outlives its connection.
+    pub fn is_persistent(&self) -> bool {
+        self.expiry_secs > 0
+    }
+
+    /// The packet identifier a queued message is sent with: derived from its position
+    /// so that a resend after reconnect, on any node, uses the same identifier.
+    pub fn packet_id_for(seq: u64) -> u16 {
+        // 1..=65535; the sender keeps fewer than 65535 messages in flight.
+        (seq % 65_535) as u16 + 1
+    }
+}
+
+/// A retained message and where it stands.
+pub type RetainedMessage = Arc<Message>;
+
+/// The key of a subscriber in the route table.
+pub type ClientKey = Arc<str>;
+
+/// The whole replicated state.
+#[derive(Default)]
+pub struct BrokerState {
+    sessions: BTreeMap<Arc<str>, SessionRecord>,
+    retained: RetainedIndex<RetainedMessage>,
+    /// Derived from `sessions`: filter → subscribers, for matching publishes.
+    routes: SubscriptionTrie<ClientKey, SubscriptionOptions>,
+    events: Option<UnboundedSender<Event>>,
+}
+
+/// The serialized form of [`BrokerState`] in snapshots.
+#[derive(Serialize, Deserialize)]
+struct SnapshotForm {
+    sessions: Vec<(Arc<str>, SessionRecord)>,
+    retained: Vec<(Arc<str>, RetainedMessage)>,
+}
+
+/// Why a snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode broker state snapshot: {0}")]
+pub struct RestoreError(#[from] bincode::Error);
+
+impl BrokerState {
+    /// An empty state that reports events on `events`.
+    pub fn new(events: Option<UnboundedSender<Event>>) -> Self {
+        BrokerState {
+            events,
+            ..Default::default()
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        if let Some(tx) = &self.events {
+            // The receiver only goes away at shutdown; events then no longer matter.
+            let _ = tx.send(event);
+        }
+    }
+
+    /// The session of `client_id`, if any.
+    pub fn session(&self, client_id: &str) -> Option<&SessionRecord> {
+        self.sessions.get(client_id)
+    }
+
+    /// All sessions, in client-id order.
+    pub fn sessions(&self) -> impl Iterator<Item = (&Arc<str>, &SessionRecord)> {
+        self.sessions.iter()
+    }
+
+    /// The route table.
+    pub fn routes(&self) -> &SubscriptionTrie<ClientKey, SubscriptionOptions> {
+        &self.routes
+    }
+
+    /// The retained messages.
+    pub fn retained(&self) -> &RetainedIndex<RetainedMessage> {
+        &self.retained
+    }
+
+    /// Apply one command. Deterministic: the same state and command give the same
+    /// state, result and events on every node.
+    pub fn apply_command(&mut self, cmd: &Command) -> CommandResult {
+        match cmd {
+            Command::OpenSession {
+                client_id,
+                node,
+                connection_id,
+                protocol,
+                clean_start,
+                expiry_secs,
+                will,
+                now_ms: _,
+            } => self.open_session(
+                client_id,
+                *node,
+                *connection_id,
+                *protocol,
+                *clean_start,
+                *expiry_secs,
+                will.clone(),
+            ),
+            Command::CloseSession {
+                client_id,
+                connection_id,
+                graceful,
+                expiry_secs,
+                now_ms,
+            } => self.close_session(client_id, *connection_id, *graceful, *expiry_secs, *now_ms),
+            Command::Subscribe { client_id, entries } => self.subscribe(client_id, entries),
+            Command::Unsubscribe { client_id, filters } => self.unsubscribe(client_id, filters),
+            Command::SetRetained { topic, message } => {
+                match message {
+                    Some(m) if !m.payload.is_empty() => {
+                        self.retained.insert(topic, m.clone());
+                    }
+                    _ => {
+                        self.retained.remove(topic);
+                    }
+                }
+                CommandResult::Done
+            }
+            Command::Enqueue { entries, limits } => self.enqueue(entries, limits),
+            Command::Ack {
+                client_id,
+                completed,
+                received,
+            } => self.ack(client_id, completed, received),
+            Command::Expire { node, now_ms } => {
+                self.expire(*node, *now_ms);
+                CommandResult::Done
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open_session(
+        &mut self,
+        client_id: &Arc<str>,
+        node: NodeId,
+        connection_id: u64,
+        protocol: u8,
+        clean_start: bool,
+        expiry_secs: u32,
+        will: Option<Will>,
+    ) -> CommandResult {
+        let mut session_present = false;
+        if let Some(old) = self.sessions.get_mut(client_id) {
+            if old.connected {
+                self.events.as_ref().map(|tx| {
+                    tx.send(Event::SessionTakenOver {
+                        client_id: client_id.clone(),
+                        node: old.node,
+                        connection_id: old.connection_id,
+                    })
+                });
+            }
+            // The old connection's will: a reconnect to the same session within the
+            // will delay cancels it; a clean start ends the old session, which
+            // publishes it.
+            let old_will = old.will.take();
+            old.will_due_at_ms = None;
+            if let Some(w) = old_will {
+                let cancelled = !clean_start && (w.delay_secs > 0 || !old.connected);
+                if !cancelled {
+                    self.emit(Event::PublishWill {
+                        publisher: node,
+                        message: Arc::new(w.message),
+                    });
+                }
+            }
+            if clean_start {
+                self.remove_session(client_id);
+            } else {
+                session_present = true;
+            }
+        }
+        let record = self
+            .sessions
+            .entry(client_id.clone())
+            .or_insert_with(|| SessionRecord {
+                node,
+                connection_id,
+                protocol,
+                expiry_secs,
+                connected: true,
+                disconnected_at_ms: None,
+                will: None,
+                will_due_at_ms: None,
+                subscriptions: BTreeMap::new(),
+                queue: VecDeque::new(),
+                awaiting_pubcomp: BTreeSet::new(),
+                next_seq: 0,
+                queued_bytes: 0,
+            });
+        record.node = node;
+        record.connection_id = connection_id;
+        record.protocol = protocol;
+        record.expiry_secs = expiry_secs;
+        record.connected = true;
+        record.disconnected_at_ms = None;
+        record.will = will;
+        record.will_due_at_ms = None;
+        if session_present && !record.queue.is_empty() {
+            self.emit(Event::QueueGrew {
+                client_id: client_id.clone(),
+                node,
+            });
+        }
+        CommandResult::SessionOpened { session_present }
+    }
+
+    fn close_session(
+        &mut self,
+        client_id: &Arc<str>,
+        connection_id: u64,
+        graceful: bool,
+        expiry_secs: Option<u32>,
+        now_ms: u64,
+    ) -> CommandResult {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return CommandResult::NoSession;
+        };
+        if session.connection_id != connection_id || !session.connected {
+            return CommandResult::NoSession;
+        }
+        session.connected = false;
+        session.disconnected_at_ms = Some(now_ms);
+        if let Some(secs) = expiry_secs {
+            session.expiry_secs = secs;
+        }
+        let node = session.node;
+        if graceful {
+            session.will = None;
+        } else if let Some(will) = &session.will {
+            if will.delay_secs == 0 || session.expiry_secs == 0 {
+                let message = Arc::new(will.message.clone());
+                session.will = None;
+                self.emit(Event::PublishWill {
+                    publisher: node,
+                    message,
+                });
+            } else {
+                session.will_due_at_ms = Some(now_ms + u64::from(will.delay_secs) * 1000);
+            }
+        }
+        let session = &self.sessions[client_id];
+        if session.expiry_secs == 0 {
+            self.remove_session(client_id);
+        }
+        CommandResult::Done
+    }
+
+    fn remove_session(&mut self, client_id: &Arc<str>) {
+        if let Some(session) = self.sessions.remove(client_id) {
+            for filter in session.subscriptions.keys() {
+                self.routes.remove(filter, client_id);
+            }
+            self.emit(Event::SessionEnded {
+                client_id: client_id.clone(),
+            });
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        client_id: &Arc<str>,
+        entries: &[(String, SubscriptionOptions)],
+    ) -> CommandResult {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return CommandResult::NoSession;
+        };
+        let mut existed = Vec::with_capacity(entries.len());
+        for (filter, options) in entries {
+            existed.push(
+                session
+                    .subscriptions
+                    .insert(filter.clone(), options.clone())
+                    .is_some(),
+            );
+            self.routes
+                .insert(filter, client_id.clone(), options.clone());
+        }
+        CommandResult::Subscribed(existed)
+    }
+
+    fn unsubscribe(&mut self, client_id: &Arc<str>, filters: &[String]) -> CommandResult {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return CommandResult::NoSession;
+        };
+        let mut removed = Vec::with_capacity(filters.len());
+        for filter in filters {
+            let was = session.subscriptions.remove(filter).is_some();
+            if was {
+                self.routes.remove(filter, client_id);
+            }
+            removed.push(was);
+        }
+        CommandResult::Unsubscribed(removed)
+    }
+
+    fn enqueue(&mut self, entries: &[EnqueueEntry], limits: &QueueLimits) -> CommandResult {
+        let mut accepted = 0u32;
+        let mut dropped = 0u32;
+        let mut grew: Vec<(Arc<str>, NodeId)> = Vec::new();
+        for entry in entries {
+            let Some(session) = self.sessions.get_mut(&entry.client_id) else {
+                dropped += 1;
+                continue;
+            };
+            let weight = entry.message.weight();
+            let full = |s: &SessionRecord| {
+                s.queue.len() as u64 >= limits.max_messages
+                    || s.queued_bytes + weight > limits.max_bytes
+            };
+            if full(session) {
+                match limits.policy {
+                    QueueFullPolicy::DropNewest => {
+                        dropped += 1;
+                        continue;
+                    }
+                    QueueFullPolicy::DropOldest => {
+                        while full(session) {
+                            let Some(old) = session.queue.pop_front() else {
+                                break;
+                            };
+                            session.queued_bytes -= old.message.weight();
+                            dropped += 1;
+                        }
+                        if full(session) {
+                            // A single message larger than the byte limit.
+                            dropped += 1;
+                            continue;
+                        }
+                    }
+                }
+            }
+            let seq = session.next_seq;
+            session.next_seq += 1;
+            session.queued_bytes += weight;
+            session.queue.push_back(QueuedMessage {
+                seq,
+                message: entry.message.clone(),
+                qos: entry.qos,
+                retain: entry.retain,
+                subscription_ids: entry.subscription_ids.clone(),
+            });
+            accepted += 1;
+            if session.connected && !grew.iter().any(|(c, _)| c == &entry.client_id) {
+                grew.push((entry.client_id.clone(), session.node));
+            }
+        }
+        for (client_id, node) in grew {
+            self.emit(Event::QueueGrew { client_id, node });
+        }
+        CommandResult::Enqueued { accepted, dropped }
+    }
+
+    fn ack(&mut self, client_id: &Arc<str>, completed: &[u64], received: &[u64]) -> CommandResult {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return CommandResult::NoSession;
+        };
+        for seq in received {
+            if Self::remove_queued(session, *seq) {
+                session.awaiting_pubcomp.insert(*seq);
+            }
+        }
+        for seq in completed {
+            if !session.awaiting_pubcomp.remove(seq) {
+                Self::remove_queued(session, *seq);
+            }
+        }
+        CommandResult::Done
+    }
+
+    fn remove_queued(session: &mut SessionRecord, seq: u64) -> bool {
+        let index = if session.queue.front().is_some_and(|m| m.seq == seq) {
+            Some(0)
+        } else {
+            session.queue.binary_search_by_key(&seq, |m| m.seq).ok()
+        };
+        match index.and_then(|i| session.queue.remove(i)) {
+            Some(m) => {
+                session.queued_bytes -= m.message.weight();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn expire(&mut self, node: NodeId, now_ms: u64) {
+        let mut ended = Vec::new();
+        let mut wills = Vec::new();
+        for (client_id, session) in self.sessions.iter_mut() {
+            if session
+                .will_due_at_ms
+                .is_some_and(|due| due <= now_ms && !session.connected)
+            {
+                if let Some(w) = session.will.take() {
+                    wills.push(Arc::new(w.message));
+                }
+                session.will_due_at_ms = None;
+            }
+            if !session.connected && session.expiry_secs != u32::MAX {
+                let end = session
+                    .disconnected_at_ms
+                    .unwrap_or(0)
+                    .saturating_add(u64::from(session.expiry_secs) * 1000);
+                if end <= now_ms {
+                    // A will still delayed is published when the session ends.
+                    if let Some(w) = session.will.take() {
+                        wills.push(Arc::new(w.message));
+                    }
+                    ended.push(client_id.clone());
+                    continue;
+                }
+            }
+            let before = session.queue.len();
+            let mut freed = 0;
+            session.queue.retain(|m| {
+                let keep = !m.message.is_expired(now_ms);
+                if !keep {
+                    freed += m.message.weight();
+                }
+                keep
+            });
+            if session.queue.len() != before {
+                session.queued_bytes -= freed;
+            }
+        }
+        for client_id in ended {
+            self.remove_session(&client_id);
+        }
+        for message in wills {
+            self.emit(Event::PublishWill {
+                publisher: node,
+                message,
+            });
+        }
+        self.retained.retain(|_, m| !m.is_expired(now_ms));
+    }
+
+    /// Serialize the whole state for a snapshot, in a canonical order.
+    pub fn to_snapshot(&self) -> Vec<u8> {
+        let mut retained = Vec::with_capacity(self.retained.len());
+        self.retained
+            .for_each_matching("#", |topic, m| retained.push((Arc::from(topic), m.clone())));
+        self.retained
+            .for_each_matching("$#", |topic, m| retained.push((Arc::from(topic), m.clone())));
+        retained.sort_by(|a, b| a.0.cmp(&b.0));
+        let form = SnapshotForm {
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            retained,
+        };
+        // Serializing owned, plain data into a Vec cannot fail.
+        bincode::serialize(&form).unwrap_or_default()
+    }
+
+    /// Replace the whole state from a snapshot; the route table is rebuilt.
+    pub fn restore(&mut self, data: &[u8]) -> Result<(), RestoreError> {
+        let form: SnapshotForm = bincode::deserialize(data)?;
+        let events = self.events.take();
+        *self = BrokerState::new(events);
+        for (client_id, session) in form.sessions {
+            for (filter, options) in &session.subscriptions {
+                self.routes.insert(filter, client_id.clone(), options.clone());
+            }
+            self.sessions.insert(client_id, session);
+        }
+        for (topic, message) in form.retained {
+            self.retained.insert(&topic, message);
+        }
+        Ok(())
+    }
+
+    /// A digest of the state, equal on nodes that applied the same log.
+    pub fn digest(&self) -> u64 {
+        // FNV-1a over the canonical snapshot encoding: stable across processes.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in self.to_snapshot() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        hash
+    }
+}

@@ -1,0 +1,140 @@
+//! The node's HTTP server (default 127.0.0.1:8080). Routes:
+//!
+//! | route | answer |
+//! | --- | --- |
+//! | `GET /metrics` | Prometheus text format of every `flockmq_` metric |
+//! | `GET /healthz` | 200 `ok` while the process serves requests (liveness) |
+//! | `GET /readyz` | 200 `ready`, or 503 with the reasons: MQTT listener not bound, storage not open, no Raft leader, this node not caught up with the committed log |
+//!
+//! Readiness is computed from real facts on every request; nothing here caches it.
+//! The server never touches MQTT connections.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::StateHandle;
+
+/// Facts readiness is computed from.
+#[derive(Clone)]
+pub struct Readiness {
+    /// Set once the MQTT listener is bound.
+    pub listeners_bound: Arc<AtomicBool>,
+    /// Set once storage is open and Raft started.
+    pub storage_open: Arc<AtomicBool>,
+    /// The cluster view, once started.
+    pub state: Arc<std::sync::OnceLock<StateHandle>>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            listeners_bound: Arc::new(AtomicBool::new(false)),
+            storage_open: Arc::new(AtomicBool::new(false)),
+            state: Arc::new(std::sync::OnceLock::new()),
+        }
+    }
+}
+
+impl Readiness {
+    /// The reasons this node is not ready; empty when it is.
+    pub fn reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !self.storage_open.load(Ordering::Acquire) {
+            reasons.push("storage not open".to_owned());
+        }
+        if !self.listeners_bound.load(Ordering::Acquire) {
+            reasons.push("MQTT listener not bound".to_owned());
+        }
+        match self.state.get() {
+            None => reasons.push("cluster not started".to_owned()),
+            Some(state) => {
+                if !state.has_leader() {
+                    reasons.push("no raft leader".to_owned());
+                }
+                if let Some(lag) = state.apply_lag() {
+                    // A few entries are always in flight under load; far behind is not.
+                    if lag > CAUGHT_UP_LAG {
+                        reasons.push(format!("{lag} committed entries not applied yet"));
+                    }
+                }
+            }
+        }
+        reasons
+    }
+}
+
+/// Log entries a node may trail its own log by and still count as caught up.
+pub const CAUGHT_UP_LAG: u64 = 1000;
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics shows only ours");
+            }
+            handle
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: PrometheusHandle,
+    readiness: Readiness,
+}
+
+/// Serve the HTTP routes on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: PrometheusHandle,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(AppState { metrics, readiness });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
+}
+
+async fn render_metrics(State(app): State<AppState>) -> String {
+    app.metrics.render()
+}
+
+async fn ready(State(app): State<AppState>) -> (StatusCode, String) {
+    let reasons = app.readiness.reasons();
+    if reasons.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", reasons.join("; ")),
+        )
+    }
+}
+
+/// Bind the HTTP listener, naming the address in the error.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} (http): {e}")))
+}

@@ -1,0 +1,89 @@
+//! Starting and stopping a node: storage, Raft, the gRPC server, the broker runtime
+//! and the listeners, wired together under one shutdown tree.
+//!
+//! [`run`] takes its configuration and the shutdown signal as arguments (main only
+//! wires). Shutdown is bounded: listeners stop, v5 clients get DISCONNECT 0x8B,
+//! connection tasks finish, Raft stops and storage is flushed, all within
+//! [`SHUTDOWN_GRACE`], which logs when it runs out.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::cluster::{self, Cluster};
+use crate::config::Config;
+use crate::{http, transport};
+
+/// How long shutdown may take before the node gives up waiting.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Run a node until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+
+    let root = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let metrics = http::metrics_handle();
+    metrics::gauge!("flockmq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let readiness = http::Readiness::default();
+    let http_listener = http::bind(config.http_addr).await?;
+    tracing::info!(addr = %http_listener.local_addr()?, "HTTP listener ready");
+    tracker.spawn(http::serve(
+        http_listener,
+        metrics,
+        readiness.clone(),
+        root.child_token(),
+    ));
+
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let cluster = Cluster::start(&config, events_tx, root.child_token())
+        .await
+        .context("cannot start the cluster layer")?;
+    let Cluster {
+        raft,
+        state,
+        proposer,
+        storage,
+    } = cluster;
+    readiness.storage_open.store(true, Ordering::Release);
+    let _ = readiness.state.set(state.clone());
+
+    let broker = Broker::new(config.clone(), state, proposer, root.child_token());
+    tracker.spawn(broker.clone().run_events(events_rx));
+    tracker.spawn(broker.clone().run_expiry(Duration::from_secs(1)));
+    if !config.mqtt.sys_interval.is_zero() {
+        tracker.spawn(broker.clone().run_sys(config.mqtt.sys_interval));
+    }
+    broker.close_orphaned_sessions().await;
+
+    let mqtt = transport::bind(config.mqtt_addr).await?;
+    tracing::info!(addr = %mqtt.local_addr()?, node_id = config.node_id, "MQTT listener ready");
+    tracker.spawn(transport::serve_tcp(mqtt, broker.clone(), tracker.clone()));
+    readiness.listeners_bound.store(true, Ordering::Release);
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    root.cancel();
+    tracker.close();
+    let graceful = async {
+        tracker.wait().await;
+        if let Err(e) = raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not stop cleanly");
+        }
+        cluster::close_storage(storage).await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful).await.is_err() {
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period ran out");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what FlockMQ's test suite talks to besides Rust: Debian's Mosquitto clients
+# (mosquitto_pub / mosquitto_sub) and Python paho-mqtt 1.x (the seeds' examples use the
+# 1.x API). Idempotent: it installs only what is missing.
+set -euo pipefail
+
+need_apt=()
+command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import paho.mqtt, sys; sys.exit(0 if paho.mqtt.__version__.startswith("1.") else 1)' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=1.6,<2'
+fi
+echo "test dependencies present: $(command -v mosquitto_pub), paho-mqtt $(python3 -c 'import paho.mqtt; print(paho.mqtt.__version__)')"

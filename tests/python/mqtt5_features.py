@@ -1,0 +1,54 @@
+"""The MQTT 5 seed: request/response properties, user properties, shared subscriptions
+and retained messages cleared by an empty payload."""
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from common import HOST, PORT, Recorder, wait_for
+
+V5 = mqtt.MQTTv5
+
+# Request/response: properties travel end to end.
+responder = Recorder("device-007", ["commands/device-007/#"], protocol=V5).start()
+requester = mqtt.Client("client-001", protocol=V5)
+requester.connect(HOST, PORT, 60)
+requester.loop_start()
+props = Properties(PacketTypes.PUBLISH)
+props.ResponseTopic = "replies/client-001"
+props.CorrelationData = b"req-42"
+props.UserProperty = [("trace", "abc"), ("trace", "def")]
+props.ContentType = "application/json"
+requester.publish("commands/device-007/reboot", "", properties=props).wait_for_publish(5)
+wait_for(lambda: responder.count() == 1, "request at the responder")
+got = responder.messages[0][4].properties
+assert got.ResponseTopic == "replies/client-001", got
+assert got.CorrelationData == b"req-42", got
+assert got.UserProperty == [("trace", "abc"), ("trace", "def")], got
+assert got.ContentType == "application/json", got
+
+# Shared subscription: each message to exactly one of three workers.
+workers = [Recorder(f"worker-{i}", ["$share/workers/sensors/#"], protocol=V5).start() for i in range(3)]
+for i in range(30):
+    requester.publish(f"sensors/s{i}", str(i), qos=1).wait_for_publish(5)
+wait_for(lambda: sum(w.count() for w in workers) == 30, "30 messages over the workers")
+time.sleep(0.3)
+all_payloads = sorted(int(p) for w in workers for p in w.payloads())
+assert all_payloads == list(range(30)), all_payloads
+assert all(w.count() > 0 for w in workers), [w.count() for w in workers]
+
+# Retained: set, seen by a new subscriber, cleared by an empty payload.
+requester.publish("device/thermostat/setpoint", "21.5", qos=1, retain=True).wait_for_publish(5)
+first = Recorder("thermo-1", ["device/thermostat/setpoint"], protocol=V5).start()
+wait_for(lambda: first.payloads() == [b"21.5"], "retained setpoint")
+requester.publish("device/thermostat/setpoint", "", qos=1, retain=True).wait_for_publish(5)
+second = Recorder("thermo-2", ["device/thermostat/setpoint"], protocol=V5).start()
+time.sleep(0.5)
+assert second.payloads() == [], second.payloads()
+
+for r in [responder, first, second] + workers:
+    r.stop()
+requester.disconnect()
+requester.loop_stop()
+print("mqtt5 scenario ok")
