@@ -9,7 +9,8 @@
 //! Losing the newest committed id in a crash only means openraft re-applies a little less
 //! at start-up and learns the rest from the leader; it never breaks Raft's safety, and it
 //! keeps an fsync off every commit. Purge writes `last_purged` before deleting entries, so
-//! a crash between the two leaves stale entries below `last_purged` that readers ignore.
+//! a crash between the two leaves only stale entries at or below `last_purged`, which
+//! `get_log_state` ignores, openraft never reads, and the next purge deletes.
 //!
 //! State: no lock of its own. sled trees are internally synchronised cheap clones, and
 //! openraft calls the mutating methods from one task; `LogStore` is `Clone` so the same
@@ -73,7 +74,8 @@ where
     }
 
     /// Forces everything written so far (log, vote, committed id, snapshots: the whole
-    /// database) to disk. Call it at graceful shutdown, after `Raft::shutdown`.
+    /// database) to disk. Call it at graceful shutdown, after `Raft::shutdown`; the
+    /// database closes when this store, its clones and the state-machine store are dropped.
     pub async fn flush(&self) -> Result<(), StorageError<C::NodeId>> {
         self.logs
             .flush_async()
@@ -122,7 +124,7 @@ where
     }
 
     /// Deletes every entry whose index lies in `range` with one atomic sled batch.
-    fn remove_range(&self, range: (Bound<[u8; 8]>, Bound<[u8; 8]>)) -> Result<(), Error> {
+    fn remove_range(&self, range: KeyRange) -> Result<(), Error> {
         let mut batch = sled::Batch::default();
         for item in self.logs.range::<[u8; 8], _>(range) {
             let (key, _) = item?;
@@ -133,8 +135,11 @@ where
     }
 }
 
+/// A range of `logs` keys.
+type KeyRange = (Bound<[u8; 8]>, Bound<[u8; 8]>);
+
 /// Turns an index range into sled key bounds, or `None` when it is empty.
-fn key_range<RB: RangeBounds<u64>>(range: &RB) -> Option<(Bound<[u8; 8]>, Bound<[u8; 8]>)> {
+fn key_range<RB: RangeBounds<u64>>(range: &RB) -> Option<KeyRange> {
     let start = match range.start_bound() {
         Bound::Included(s) => *s,
         Bound::Excluded(s) => s.checked_add(1)?,
@@ -333,6 +338,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::reversed_empty_ranges)]
     fn key_range_is_none_for_empty_or_inverted_ranges() {
         assert_eq!(bounds(5..5), None);
         assert_eq!(bounds(7..3), None);

@@ -51,7 +51,8 @@ pub trait Machine<C: RaftTypeConfig>: Send + Sync + 'static {
     fn snapshot(&self) -> Result<Vec<u8>, Self::Error>;
 
     /// Replaces the whole state with the one serialized in `data` (from [`Machine::snapshot`],
-    /// possibly on another node).
+    /// possibly on another node). On error, leave the state as it was: the store then
+    /// reports a storage error and keeps its old `last_applied` (openraft stops the node).
     fn restore(&mut self, data: &[u8]) -> Result<(), Self::Error>;
 }
 
@@ -259,6 +260,7 @@ impl<C: RaftTypeConfig, M> Debug for StateMachineStore<C, M> {
 pub struct SnapshotBuilder<C: RaftTypeConfig, M> {
     /// The store's shared state.
     shared: Arc<Shared<C, M>>,
+    /// Ties the builder to its type config.
     _config: PhantomData<C>,
 }
 

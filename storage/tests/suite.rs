@@ -12,10 +12,19 @@ use tempfile::TempDir;
 /// Opens the store in a new temporary directory, removed when the guard drops.
 struct TempDirBuilder;
 
-impl StoreBuilder<KvConfig, LogStore<KvConfig>, StateMachineStore<KvConfig, KvMachine>, TempDir> for TempDirBuilder {
+impl StoreBuilder<KvConfig, LogStore<KvConfig>, StateMachineStore<KvConfig, KvMachine>, TempDir>
+    for TempDirBuilder
+{
     async fn build(
         &self,
-    ) -> Result<(TempDir, LogStore<KvConfig>, StateMachineStore<KvConfig, KvMachine>), StorageError<u64>> {
+    ) -> Result<
+        (
+            TempDir,
+            LogStore<KvConfig>,
+            StateMachineStore<KvConfig, KvMachine>,
+        ),
+        StorageError<u64>,
+    > {
         let dir = tempfile::tempdir().expect("create a temporary directory");
         let (log, sm) = storage::open(dir.path(), KvMachine::default())?;
         Ok((dir, log, sm))
@@ -23,6 +32,8 @@ impl StoreBuilder<KvConfig, LogStore<KvConfig>, StateMachineStore<KvConfig, KvMa
 }
 
 #[test]
-fn stores_pass_openraft_storage_suite() -> Result<(), StorageError<u64>> {
-    Suite::test_all(TempDirBuilder)
+fn stores_pass_openraft_storage_suite() {
+    if let Err(e) = Suite::test_all(TempDirBuilder) {
+        panic!("openraft storage suite failed: {e}");
+    }
 }

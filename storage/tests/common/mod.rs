@@ -84,5 +84,52 @@ pub fn set(term: u64, index: u64, key: &str, value: &str) -> Entry<KvConfig> {
 
 /// A membership entry with voters `voters`.
 pub fn membership(term: u64, index: u64, voters: &[u64]) -> Entry<KvConfig> {
-    openraft::testing::membership_ent::<KvConfig>(term, 0, index, vec![voters.iter().copied().collect()])
+    openraft::testing::membership_ent::<KvConfig>(
+        term,
+        0,
+        index,
+        vec![voters.iter().copied().collect()],
+    )
+}
+
+/// Environment variable telling a re-executed test binary that it is the crashing child
+/// and which directory to write into.
+pub const CRASH_CHILD_DIR: &str = "FLOCKMQ_STORAGE_CRASH_CHILD_DIR";
+
+/// File the child creates right before aborting, proving it reached the crash point.
+const REACHED_CRASH_POINT: &str = "reached-crash-point";
+
+/// In the crashing child: the directory it must write into. `None` in the parent.
+pub fn crash_child_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os(CRASH_CHILD_DIR).map(std::path::PathBuf::from)
+}
+
+/// In the crashing child: marks the crash point reached and dies like `kill -9` would
+/// leave it: no destructor, no flush, no sled shutdown.
+pub fn crash_now(dir: &std::path::Path) -> ! {
+    std::fs::write(dir.join(REACHED_CRASH_POINT), b"").expect("write the crash marker");
+    std::process::abort()
+}
+
+/// In the parent: re-runs test `test_name` of this binary as a child process writing
+/// into `data_dir` (its database lives in `data_dir/db`), waits for it to abort, and
+/// checks that it aborted at its crash point rather than failing earlier.
+pub fn run_crashing_child(test_name: &str, data_dir: &std::path::Path) {
+    let exe = std::env::current_exe().expect("locate the test binary");
+    let output = std::process::Command::new(exe)
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CRASH_CHILD_DIR, data_dir)
+        .output()
+        .expect("spawn the crashing child");
+    assert!(
+        data_dir.join(REACHED_CRASH_POINT).exists(),
+        "child did not reach its crash point: status {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        !output.status.success(),
+        "child exited cleanly instead of crashing"
+    );
 }
