@@ -7,7 +7,11 @@
 pub mod auth;
 pub mod broker;
 pub mod cluster;
+pub mod config;
 pub mod http;
+pub mod logging;
+pub mod mqtt;
 pub mod node;
+pub mod router;
 pub mod session;
 pub mod transport;

@@ -1,1 +1,97 @@
-fn main() {}
+//! The `broker-node` binary: parses the command line, loads the configuration,
+//! installs logging and hands over to [`broker_node::node::run`]. Nothing else.
+
+use std::process::ExitCode;
+
+use broker_node::config::{default_config_toml, Config, RunArgs};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "broker-node", version, about = "FlockMQ: a clustered MQTT 3.1.1 / 5.0 broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the documented default configuration (TOML).
+    PrintDefaultConfig,
+    /// Validate a configuration file and exit.
+    CheckConfig {
+        /// The TOML file.
+        file: std::path::PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::PrintDefaultConfig) => {
+            print!("{}", default_config_toml());
+            ExitCode::SUCCESS
+        }
+        Some(Cmd::CheckConfig { file }) => {
+            match Config::load(Some(&file), std::env::vars(), &RunArgs::default()) {
+                Ok(_) => {
+                    println!("configuration ok");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
+        None => {
+            let config = match Config::load(cli.run.config.as_deref(), std::env::vars(), &cli.run) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("configuration error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            broker_node::logging::init(&config.log);
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(broker_node::node::run(config, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("broker-node: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// The `broker-node` binary built for this test run.
 pub fn broker_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("FLOCKMQ_BROKER_BIN") {
+    if let Ok(path) = std::env::var("TEST_BROKER_BIN") {
         return PathBuf::from(path);
     }
     // target/<profile>/deps/<test-binary> → target/<profile>/broker-node
@@ -98,7 +98,7 @@ impl Node {
             .arg("--ws-addr")
             .arg("off")
             .args(&self.extra_args)
-            .env("RUST_LOG", std::env::var("FLOCKMQ_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("RUST_LOG", std::env::var("TEST_BROKER_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)

@@ -111,7 +111,6 @@ struct Connection<S> {
 /// The state of an established session on this connection.
 struct Session {
     client_id: Arc<str>,
-    connection_id: u64,
     version: ProtocolVersion,
     persistent: bool,
     /// Session expiry as requested at CONNECT (v5), to validate a DISCONNECT update.
@@ -384,7 +383,6 @@ where
         });
         let mut session = Session {
             client_id: client_id.clone(),
-            connection_id,
             version,
             persistent: expiry_secs > 0,
             connect_expiry: expiry_secs,
@@ -413,6 +411,33 @@ where
         // Hand the session back to the cluster.
         broker.unregister(&client_id, connection_id);
         self.commit_acks(&mut session);
+        if session.persistent {
+            // Messages held only in this connection's memory (durable_sessions off)
+            // go to the session's replicated queue, to be resent on reconnect.
+            let mut leftover: Vec<Delivery> = session
+                .window
+                .drain()
+                .into_iter()
+                .filter_map(|(_, _, item)| match item {
+                    Outgoing::Transient(d) => Some(d),
+                    Outgoing::Queued(_) => None,
+                })
+                .collect();
+            leftover.extend(session.pending.drain(..));
+            let entries: Vec<_> = leftover
+                .into_iter()
+                .map(|d| crate::cluster::command::EnqueueEntry {
+                    client_id: client_id.clone(),
+                    message: d.message,
+                    qos: d.qos,
+                    retain: d.retain,
+                    subscription_ids: d.subscription_ids,
+                })
+                .collect();
+            if let Err(e) = broker.commit_enqueue(entries).await {
+                tracing::warn!(client_id = %client_id, error = %e, "in-flight messages not queued");
+            }
+        }
         if session.persistent && !session.inbound_qos2.is_empty() {
             broker.keep_inbound_qos2(&client_id, std::mem::take(&mut session.inbound_qos2));
         }

@@ -22,7 +22,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use self::command::{NodeId, Request, Response};
-use self::network::{Network, RaftService};
+use self::network::{AdminService, Network, RaftService};
 use self::proposer::{BatchSettings, Proposer};
 use self::raft::{Raft, TypeConfig};
 use self::state::{BrokerState, Event};
@@ -32,6 +32,8 @@ use crate::config::Config;
 pub struct BrokerMachine(pub BrokerState);
 
 impl storage::Machine<TypeConfig> for BrokerMachine {
+    type Error = state::RestoreError;
+
     fn apply(&mut self, _log_id: &LogId<NodeId>, request: &Request) -> Response {
         Response {
             results: request
@@ -42,27 +44,33 @@ impl storage::Machine<TypeConfig> for BrokerMachine {
         }
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        self.0.to_snapshot()
+    fn snapshot(&self) -> Result<Vec<u8>, Self::Error> {
+        Ok(self.0.to_snapshot())
     }
 
-    fn restore(&mut self, data: &[u8]) -> Result<(), String> {
-        self.0.restore(data).map_err(|e| e.to_string())
+    fn restore(&mut self, data: &[u8]) -> Result<(), Self::Error> {
+        self.0.restore(data)
     }
 }
 
 /// Read access to the applied replicated state and to Raft's view of the cluster.
 #[derive(Clone)]
 pub struct StateHandle {
-    machine: storage::MachineHandle<BrokerMachine>,
+    machine: storage::MachineHandle<TypeConfig, BrokerMachine>,
     metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
     node_id: NodeId,
 }
 
 impl StateHandle {
     /// Run `f` on the applied state in a short synchronous section.
+    ///
+    /// A poisoned lock (an apply that panicked) is a broken node: it panics too,
+    /// rather than serve state that may be half applied.
     pub fn read<R>(&self, f: impl FnOnce(&BrokerState) -> R) -> R {
-        self.machine.read(|m| f(&m.0))
+        match self.machine.read(|m| f(&m.0)) {
+            Ok(r) => r,
+            Err(e) => panic!("replicated state unreadable: {e}"),
+        }
     }
 
     /// Whether this node is the Raft leader now.
@@ -91,8 +99,8 @@ pub struct Cluster {
     pub state: StateHandle,
     /// The batching writer.
     pub proposer: Proposer,
-    /// The storage to flush at shutdown.
-    pub storage: storage::Storage,
+    /// The log store, kept to flush storage at shutdown.
+    pub storage: storage::LogStore<TypeConfig>,
 }
 
 impl Cluster {
@@ -116,11 +124,15 @@ impl Cluster {
         .validate()
         .context("invalid raft timing settings")?;
 
-        let (storage, log_store, sm_store) = storage::open::<TypeConfig, BrokerMachine>(
-            &config.data_dir.join("raft"),
-            BrokerMachine(BrokerState::new(Some(events))),
-        )
+        let path = config.data_dir.join("raft");
+        let machine = BrokerMachine(BrokerState::new(Some(events)));
+        let (log_store, sm_store) = tokio::task::spawn_blocking(move || {
+            storage::open::<TypeConfig, BrokerMachine>(&path, machine)
+        })
+        .await
+        .context("storage open task failed")?
         .context("cannot open storage")?;
+        let storage = log_store.clone();
         let machine = sm_store.machine();
 
         let raft = Raft::new(
@@ -138,10 +150,12 @@ impl Cluster {
             .with_context(|| format!("cannot listen on {} (cluster)", config.cluster_addr))?;
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let service = RaftService::server(raft.clone());
+        let admin = AdminService::server(raft.clone());
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(admin)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await;
             if let Err(e) = served {
@@ -191,6 +205,7 @@ impl Cluster {
                 max_delay: c.batch_max_delay,
                 write_timeout: c.write_timeout,
                 max_in_flight: 16,
+                node_id: config.node_id,
             },
             shutdown,
         );
@@ -209,7 +224,7 @@ impl Cluster {
 }
 
 /// Flush and close storage at shutdown.
-pub async fn close_storage(storage: storage::Storage) {
+pub async fn close_storage(storage: storage::LogStore<TypeConfig>) {
     if let Err(e) = storage.flush().await {
         tracing::warn!(error = %e, "storage flush at shutdown failed");
     }

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use cluster_proto::v1::admin_client::AdminClient;
+use cluster_proto::v1::admin_server::{Admin as AdminRpc, AdminServer};
 use cluster_proto::v1::raft_client::RaftClient;
 use cluster_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
 use cluster_proto::v1::RaftPayload;
@@ -185,5 +187,73 @@ impl RaftRpc for RaftService {
         let req: InstallSnapshotRequest<TypeConfig> =
             decode(request.get_ref()).map_err(bad_request)?;
         reply(&self.raft.install_snapshot(req).await)
+    }
+}
+
+/// The gRPC service through which followers have the leader apply their batches.
+pub struct AdminService {
+    raft: Raft,
+}
+
+impl AdminService {
+    /// A tonic server for `raft`.
+    pub fn server(raft: Raft) -> AdminServer<AdminService> {
+        AdminServer::new(AdminService { raft }).max_decoding_message_size(64 * 1024 * 1024)
+    }
+}
+
+#[tonic::async_trait]
+impl AdminRpc for AdminService {
+    async fn client_write(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let req: super::command::Request = decode(request.get_ref()).map_err(bad_request)?;
+        match self.raft.client_write(req).await {
+            Ok(written) => reply(&written.data),
+            Err(e) => match e.forward_to_leader::<BasicNode>() {
+                Some(fwd) => Err(Status::failed_precondition(format!(
+                    "not the leader; leader is {:?}",
+                    fwd.leader_id
+                ))),
+                None => Err(Status::unavailable(e.to_string())),
+            },
+        }
+    }
+}
+
+/// Sends batches to the leader when this node is a follower. One client per leader
+/// address, reconnected lazily.
+#[derive(Default)]
+pub struct LeaderForwarder {
+    client: Option<(String, AdminClient<Channel>)>,
+}
+
+impl LeaderForwarder {
+    /// Have the node at `addr` (the leader) apply `req`.
+    pub async fn forward(
+        &mut self,
+        addr: &str,
+        req: &super::command::Request,
+        timeout: Duration,
+    ) -> Result<super::command::Response, String> {
+        if self.client.as_ref().map(|(a, _)| a.as_str()) != Some(addr) {
+            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| format!("bad leader address {addr}: {e}"))?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true);
+            self.client = Some((addr.to_owned(), AdminClient::new(endpoint.connect_lazy())));
+        }
+        let Some((_, client)) = self.client.as_mut() else {
+            return Err("no leader client".to_owned());
+        };
+        let payload = encode(req).map_err(|e| e.to_string())?;
+        let mut request = Request::new(payload);
+        request.set_timeout(timeout);
+        let reply = client
+            .client_write(request)
+            .await
+            .map_err(|s| format!("leader {addr}: {}", s.message()))?;
+        decode(reply.get_ref()).map_err(|e| e.to_string())
     }
 }

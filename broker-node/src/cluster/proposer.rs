@@ -16,7 +16,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::command::{Command, CommandResult, Request};
+use super::command::{Command, CommandResult, NodeId, Request, Response};
+use super::network::LeaderForwarder;
 use super::raft::Raft;
 
 /// Why a command was not applied.
@@ -50,6 +51,8 @@ pub struct BatchSettings {
     pub write_timeout: Duration,
     /// Batches in flight at once.
     pub max_in_flight: usize,
+    /// This node, to tell whether it leads.
+    pub node_id: NodeId,
 }
 
 /// The outcome of a submitted command, to be awaited later.
@@ -120,6 +123,8 @@ async fn run(
     shutdown: CancellationToken,
 ) {
     let in_flight = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+    let own_id = settings.node_id;
+    let mut forwarder = LeaderForwarder::default();
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -151,9 +156,23 @@ async fn run(
         let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         metrics::histogram!("flockmq_raft_batch_commands").record(commands.len() as f64);
         let started = std::time::Instant::now();
+        let request = Request { commands };
+        let leader = leader_of(&raft);
+        if let Some((_, addr)) = leader.filter(|(id, _)| *id != own_id) {
+            // A follower: the leader applies the batch. Forwarded one at a time, so
+            // batches stay in submission order.
+            let outcome = forwarder
+                .forward(&addr, &request, settings.write_timeout)
+                .await;
+            metrics::histogram!("flockmq_raft_proposal_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            drop(permit);
+            answer(replies, outcome);
+            continue;
+        }
         // Appending here, in the loop, keeps batches in submission order; only the
         // wait for commit runs concurrently.
-        let receiver = raft.client_write_ff(Request { commands }).await;
+        let receiver = raft.client_write_ff(request).await;
         tokio::spawn(async move {
             let outcome = match receiver {
                 Ok(rx) => match rx.await {
@@ -166,20 +185,36 @@ async fn run(
             metrics::histogram!("flockmq_raft_proposal_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             drop(permit);
-            match outcome {
-                Ok(response) => {
-                    let mut results = response.data.results.into_iter();
-                    for reply in replies {
-                        let _ = reply.send(Ok(results.next().unwrap_or_default()));
-                    }
-                }
-                Err(e) => {
-                    let err = ProposeError::Unavailable(e);
-                    for reply in replies {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                }
-            }
+            answer(replies, outcome.map(|r| r.data));
         });
     }
+}
+
+type Reply = oneshot::Sender<Result<CommandResult, ProposeError>>;
+
+/// Hand every submitter its own result, or the batch's error.
+fn answer(replies: Vec<Reply>, outcome: Result<Response, String>) {
+    match outcome {
+        Ok(response) => {
+            let mut results = response.results.into_iter();
+            for reply in replies {
+                let _ = reply.send(Ok(results.next().unwrap_or_default()));
+            }
+        }
+        Err(e) => {
+            let err = ProposeError::Unavailable(e);
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+/// The leader this node knows of, with its cluster address.
+fn leader_of(raft: &Raft) -> Option<(NodeId, String)> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let leader = m.current_leader?;
+    let node = m.membership_config.membership().get_node(&leader)?;
+    Some((leader, node.addr.clone()))
 }

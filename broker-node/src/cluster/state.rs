@@ -531,11 +531,11 @@ impl BrokerState {
 
     /// Serialize the whole state for a snapshot, in a canonical order.
     pub fn to_snapshot(&self) -> Vec<u8> {
-        let mut retained = Vec::with_capacity(self.retained.len());
-        self.retained
-            .for_each_matching("#", |topic, m| retained.push((Arc::from(topic), m.clone())));
-        self.retained
-            .for_each_matching("$#", |topic, m| retained.push((Arc::from(topic), m.clone())));
+        let mut retained: Vec<(Arc<str>, RetainedMessage)> = self
+            .retained
+            .iter()
+            .map(|(topic, m)| (Arc::from(topic), m.clone()))
+            .collect();
         retained.sort_by(|a, b| a.0.cmp(&b.0));
         let form = SnapshotForm {
             sessions: self

@@ -1,0 +1,604 @@
+//! `flockmq-bench`: a lean MQTT load generator built on FlockMQ's own codec, for
+//! comparing brokers on the same machine (FlockMQ, Mosquitto, rumqttd, ...).
+//!
+//! Scenarios: `fan-in` (P publishers → 1 wildcard subscriber), `fan-out` (1 publisher →
+//! S subscribers), `pairs` (N publisher/subscriber pairs on their own topics), `storm`
+//! (C idle connections held for T seconds) — each against one or several broker
+//! addresses (cluster mode spreads clients round robin over them). Every payload
+//! carries the publisher id, a sequence number and a send timestamp, so the subscribers
+//! measure loss, duplicates and latency. The run is bounded by duration and message
+//! count and prints one JSON line. The generator's own CPU share is reported, so a
+//! saturated generator is visible instead of being blamed on the broker.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use broker_node::mqtt::{
+    self, Connect, ConnectProperties, Packet, ProtocolVersion, PubAck, PubComp, PubRel, Publish,
+    PublishProperties, QoS, ReasonCode, RetainHandling, Subscribe, SubscribeProperties,
+    SubscriptionOptions,
+};
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::{Parser, ValueEnum};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Scenario {
+    FanIn,
+    FanOut,
+    Pairs,
+    Storm,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "MQTT load generator: throughput, latency, loss, memory per connection")]
+struct Args {
+    /// Scenario to run.
+    #[arg(long, value_enum)]
+    scenario: Scenario,
+    /// Broker addresses; clients are spread over them round robin (cluster mode).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:1883")]
+    brokers: Vec<SocketAddr>,
+    /// Publishers (fan-in), subscribers (fan-out), pairs, or connections (storm).
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// QoS of publishes and subscriptions.
+    #[arg(long, default_value_t = 0)]
+    qos: u8,
+    /// Payload bytes (at least 20: id, sequence, timestamp).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Offered rate in messages per second over all publishers; 0 = full speed.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// How long publishers publish (storm: how long connections are held).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Stop after this many messages in total (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    /// Unacknowledged QoS 1/2 messages per publisher.
+    #[arg(long, default_value_t = 64)]
+    inflight: usize,
+    /// MQTT protocol version (4 = 3.1.1, 5).
+    #[arg(long, default_value_t = 4)]
+    protocol: u8,
+    /// How long subscribers wait for stragglers after publishing ends.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// A label copied into the JSON output (e.g. the broker's name).
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+/// Counters shared by all tasks.
+#[derive(Default)]
+struct Totals {
+    sent: AtomicU64,
+    received: AtomicU64,
+    duplicates: AtomicU64,
+    out_of_order: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What subscribers saw of each publisher: the highest sequence and which arrived.
+#[derive(Default)]
+struct SeenFrom {
+    seen: std::collections::HashSet<u64>,
+    last: Option<u64>,
+}
+
+struct Subscriber {
+    latencies_us: Vec<u32>,
+    seen: HashMap<u32, SeenFrom>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.payload < 20 {
+        bail!("--payload must be at least 20 bytes");
+    }
+    if args.qos > 2 {
+        bail!("--qos must be 0, 1 or 2");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}
+
+fn version(p: u8) -> anyhow::Result<ProtocolVersion> {
+    Ok(match p {
+        4 => ProtocolVersion::V3_1_1,
+        5 => ProtocolVersion::V5,
+        3 => ProtocolVersion::V3_1,
+        _ => bail!("--protocol must be 3, 4 or 5"),
+    })
+}
+
+/// A connected client: the codec over one TCP stream.
+struct Conn {
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+    rbuf: BytesMut,
+    version: ProtocolVersion,
+}
+
+impl Conn {
+    async fn connect(addr: SocketAddr, id: &str, version: ProtocolVersion) -> anyhow::Result<Conn> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
+        let mut conn = Conn {
+            read,
+            write,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            version,
+        };
+        let connect = Packet::Connect(Box::new(Connect {
+            protocol: version,
+            clean_start: true,
+            keep_alive: 120,
+            client_id: id.to_owned(),
+            will: None,
+            username: None,
+            password: None,
+            properties: ConnectProperties::default(),
+        }));
+        conn.send(&connect).await?;
+        match conn.recv().await? {
+            Packet::ConnAck(ack) if ack.reason_code == ReasonCode::Success => Ok(conn),
+            other => bail!("connection refused: {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, packet: &Packet) -> anyhow::Result<()> {
+        let mut buf = BytesMut::new();
+        mqtt::encode(packet, self.version, &mut buf).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.write.write_all(&buf).await?;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<Packet> {
+        loop {
+            if let Some(p) = mqtt::decode(&mut self.rbuf, Some(self.version), 268_435_455)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+            {
+                return Ok(p);
+            }
+            if self.read.read_buf(&mut self.rbuf).await? == 0 {
+                bail!("connection closed by broker");
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str, qos: QoS) -> anyhow::Result<()> {
+        let sub = Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            filters: vec![(
+                filter.to_owned(),
+                SubscriptionOptions {
+                    qos,
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: RetainHandling::SendAtSubscribe,
+                },
+            )],
+            properties: SubscribeProperties::default(),
+        });
+        self.send(&sub).await?;
+        loop {
+            if let Packet::SubAck(ack) = self.recv().await? {
+                if ack.reason_codes.iter().any(|c| c.is_error()) {
+                    bail!("subscription refused: {:?}", ack.reason_codes);
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn now_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let version = version(args.protocol)?;
+    let qos = QoS::try_from(args.qos).map_err(|_| anyhow::anyhow!("bad qos"))?;
+    let totals = Arc::new(Totals::default());
+    let start = Instant::now();
+    let cpu_start = process_cpu_seconds();
+    let addr = |i: usize| args.brokers[i % args.brokers.len()];
+
+    if args.scenario == Scenario::Storm {
+        return storm(&args, version).await;
+    }
+
+    // Topics per scenario: (subscriber filters, publisher topics).
+    let (subs, pubs): (Vec<String>, Vec<String>) = match args.scenario {
+        Scenario::FanIn => (
+            vec!["bench/in/+".to_owned()],
+            (0..args.clients).map(|i| format!("bench/in/{i}")).collect(),
+        ),
+        Scenario::FanOut => (
+            (0..args.clients).map(|_| "bench/out".to_owned()).collect(),
+            vec!["bench/out".to_owned()],
+        ),
+        Scenario::Pairs => (
+            (0..args.clients).map(|i| format!("bench/pair/{i}")).collect(),
+            (0..args.clients).map(|i| format!("bench/pair/{i}")).collect(),
+        ),
+        Scenario::Storm => unreachable!("handled above"),
+    };
+    let expected_per_msg = match args.scenario {
+        Scenario::FanOut => subs.len() as u64,
+        _ => 1,
+    };
+
+    let publishing = Arc::new(AtomicBool::new(true));
+    let results = Arc::new(Mutex::new(Vec::<Subscriber>::new()));
+    let mut sub_tasks = Vec::new();
+    for (i, filter) in subs.iter().enumerate() {
+        let mut conn = Conn::connect(addr(i + 1), &format!("bench-sub-{i}"), version).await?;
+        conn.subscribe(filter, qos).await?;
+        let totals = totals.clone();
+        let results = results.clone();
+        let publishing = publishing.clone();
+        let drain = args.drain;
+        sub_tasks.push(tokio::spawn(async move {
+            let mut s = Subscriber {
+                latencies_us: Vec::new(),
+                seen: HashMap::new(),
+            };
+            let mut idle_since: Option<Instant> = None;
+            loop {
+                let packet = match tokio::time::timeout(Duration::from_millis(200), conn.recv()).await
+                {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => {
+                        totals.errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(_) => {
+                        if !publishing.load(Ordering::Relaxed) {
+                            let since = *idle_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= drain {
+                                break;
+                            }
+                        }
+                        continue;
+                    }
+                };
+                idle_since = None;
+                if let Packet::Publish(p) = packet {
+                    on_message(&mut s, &p.payload, start, &totals);
+                    let ack = match (p.qos, p.packet_id) {
+                        (QoS::AtLeastOnce, Some(id)) => {
+                            Some(Packet::PubAck(PubAck::new(id, ReasonCode::Success)))
+                        }
+                        (QoS::ExactlyOnce, Some(id)) => Some(Packet::PubRec(
+                            broker_node::mqtt::PubRec::new(id, ReasonCode::Success),
+                        )),
+                        _ => None,
+                    };
+                    if let Some(ack) = ack {
+                        if conn.send(&ack).await.is_err() {
+                            break;
+                        }
+                    }
+                } else if let Packet::PubRel(r) = packet {
+                    let _ = conn
+                        .send(&Packet::PubComp(PubComp::new(r.packet_id, ReasonCode::Success)))
+                        .await;
+                }
+            }
+            results.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+        }));
+    }
+
+    let per_pub_rate = if args.rate == 0 {
+        0.0
+    } else {
+        args.rate as f64 / pubs.len() as f64
+    };
+    let per_pub_count = if args.count == 0 {
+        u64::MAX
+    } else {
+        args.count.div_ceil(pubs.len() as u64)
+    };
+    let mut pub_tasks = Vec::new();
+    for (i, topic) in pubs.iter().enumerate() {
+        let conn = Conn::connect(addr(i), &format!("bench-pub-{i}"), version).await?;
+        let totals = totals.clone();
+        let topic = topic.clone();
+        let payload_len = args.payload;
+        let inflight = args.inflight.max(1);
+        let duration = args.duration;
+        pub_tasks.push(tokio::spawn(publisher(
+            conn,
+            i as u32,
+            topic,
+            qos,
+            payload_len,
+            per_pub_rate,
+            per_pub_count,
+            inflight,
+            duration,
+            start,
+            totals,
+        )));
+    }
+    let pub_started = Instant::now();
+    for t in pub_tasks {
+        let _ = t.await;
+    }
+    let publish_secs = pub_started.elapsed().as_secs_f64();
+    publishing.store(false, Ordering::Relaxed);
+    for t in sub_tasks {
+        let _ = t.await;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = process_cpu_seconds() - cpu_start;
+
+    let subs = std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut lat: Vec<u32> = subs.iter().flat_map(|s| s.latencies_us.iter().copied()).collect();
+    lat.sort_unstable();
+    let sent = totals.sent.load(Ordering::Relaxed);
+    let received = totals.received.load(Ordering::Relaxed);
+    let duplicates = totals.duplicates.load(Ordering::Relaxed);
+    let expected = sent * expected_per_msg;
+    let unique = received - duplicates;
+    let lost = expected.saturating_sub(unique);
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let idx = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        f64::from(lat[idx]) / 1000.0
+    };
+    let cpu_share = cpu / wall / std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+    let out = serde_json::json!({
+        "label": args.label,
+        "scenario": format!("{:?}", args.scenario).to_lowercase(),
+        "brokers": args.brokers.len(),
+        "clients": args.clients,
+        "qos": args.qos,
+        "payload_bytes": args.payload,
+        "offered_rate": args.rate,
+        "sent": sent,
+        "received": received,
+        "expected": expected,
+        "lost": lost,
+        "duplicates": duplicates,
+        "out_of_order": totals.out_of_order.load(Ordering::Relaxed),
+        "errors": totals.errors.load(Ordering::Relaxed),
+        "publish_seconds": publish_secs,
+        "send_rate": sent as f64 / publish_secs,
+        "receive_rate": received as f64 / publish_secs,
+        "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
+        "generator_cpu_share": cpu_share,
+        "generator_saturated": cpu_share > 0.9,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publisher(
+    mut conn: Conn,
+    id: u32,
+    topic: String,
+    qos: QoS,
+    payload_len: usize,
+    rate: f64,
+    count: u64,
+    inflight: usize,
+    duration: Duration,
+    start: Instant,
+    totals: Arc<Totals>,
+) {
+    let began = Instant::now();
+    let mut seq: u64 = 0;
+    let mut outstanding = 0usize;
+    let mut next_id: u16 = 1;
+    let mut wbuf = BytesMut::with_capacity(64 * 1024);
+    let filler = vec![b'x'; payload_len - 20];
+    while began.elapsed() < duration && seq < count {
+        // Pace to the offered rate.
+        if rate > 0.0 {
+            let due = began + Duration::from_secs_f64(seq as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                tokio::time::sleep(due - now).await;
+            }
+        }
+        // Fill a batch of publishes the window allows, then write them at once.
+        let batch = if rate > 0.0 { 1 } else { 64 };
+        let mut n = 0;
+        while n < batch && seq < count && (qos == QoS::AtMostOnce || outstanding < inflight) {
+            let mut payload = BytesMut::with_capacity(payload_len);
+            payload.put_u32(id);
+            payload.put_u64(seq);
+            payload.put_u64(now_ns(start));
+            payload.put_slice(&filler);
+            let packet_id = (qos != QoS::AtMostOnce).then(|| {
+                let pid = next_id;
+                next_id = if next_id == u16::MAX { 1 } else { next_id + 1 };
+                pid
+            });
+            let p = Packet::Publish(Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic: topic.clone(),
+                packet_id,
+                properties: PublishProperties::default(),
+                payload: payload.freeze(),
+            });
+            if mqtt::encode(&p, conn.version, &mut wbuf).is_err() {
+                totals.errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            seq += 1;
+            n += 1;
+            if qos != QoS::AtMostOnce {
+                outstanding += 1;
+            }
+        }
+        if !wbuf.is_empty() {
+            if conn.write.write_all(&wbuf).await.is_err() {
+                totals.errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            totals.sent.fetch_add(n as u64, Ordering::Relaxed);
+            wbuf.clear();
+        }
+        // Collect acknowledgements: wait when the window is full, else take what is there.
+        while qos != QoS::AtMostOnce && outstanding > 0 {
+            let must_wait = outstanding >= inflight;
+            let packet = if must_wait {
+                match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        totals.errors.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            } else {
+                match try_recv(&mut conn) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break,
+                    Err(_) => {
+                        totals.errors.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            };
+            if !ack_progress(&mut conn, packet, &mut outstanding).await {
+                totals.errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+    // Wait for the remaining acknowledgements, then leave cleanly.
+    while qos != QoS::AtMostOnce && outstanding > 0 {
+        match tokio::time::timeout(Duration::from_secs(10), conn.recv()).await {
+            Ok(Ok(p)) => {
+                if !ack_progress(&mut conn, p, &mut outstanding).await {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    let _ = conn
+        .send(&Packet::Disconnect(broker_node::mqtt::Disconnect {
+            reason_code: ReasonCode::Success,
+            properties: Default::default(),
+        }))
+        .await;
+}
+
+/// Decode a packet already buffered or readable without waiting.
+fn try_recv(conn: &mut Conn) -> anyhow::Result<Option<Packet>> {
+    loop {
+        if let Some(p) = mqtt::decode(&mut conn.rbuf, Some(conn.version), 268_435_455)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+        {
+            return Ok(Some(p));
+        }
+        conn.rbuf.reserve(4096);
+        match conn.read.try_read_buf(&mut conn.rbuf) {
+            Ok(0) => bail!("closed"),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn ack_progress(conn: &mut Conn, packet: Packet, outstanding: &mut usize) -> bool {
+    match packet {
+        Packet::PubAck(_) | Packet::PubComp(_) => {
+            *outstanding = outstanding.saturating_sub(1);
+            true
+        }
+        Packet::PubRec(r) => conn
+            .send(&Packet::PubRel(PubRel::new(r.packet_id, ReasonCode::Success)))
+            .await
+            .is_ok(),
+        Packet::Disconnect(_) => false,
+        _ => true,
+    }
+}
+
+fn on_message(s: &mut Subscriber, payload: &Bytes, start: Instant, totals: &Totals) {
+    totals.received.fetch_add(1, Ordering::Relaxed);
+    if payload.len() < 20 {
+        return;
+    }
+    let id = u32::from_be_bytes(payload[0..4].try_into().unwrap_or_default());
+    let seq = u64::from_be_bytes(payload[4..12].try_into().unwrap_or_default());
+    let sent = u64::from_be_bytes(payload[12..20].try_into().unwrap_or_default());
+    let lat_us = now_ns(start).saturating_sub(sent) / 1000;
+    s.latencies_us.push(u32::try_from(lat_us).unwrap_or(u32::MAX));
+    let from = s.seen.entry(id).or_default();
+    if !from.seen.insert(seq) {
+        totals.duplicates.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    if from.last.is_some_and(|last| seq < last) {
+        totals.out_of_order.fetch_add(1, Ordering::Relaxed);
+    }
+    from.last = Some(from.last.map_or(seq, |l| l.max(seq)));
+}
+
+/// Hold `clients` idle connections for `duration`, then report how many succeeded.
+async fn storm(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut conns = Vec::with_capacity(args.clients);
+    let mut failed = 0u64;
+    for i in 0..args.clients {
+        let addr = args.brokers[i % args.brokers.len()];
+        match Conn::connect(addr, &format!("storm-{i}"), version).await {
+            Ok(c) => conns.push(c),
+            Err(_) => failed += 1,
+        }
+    }
+    let connect_secs = start.elapsed().as_secs_f64();
+    tokio::time::sleep(args.duration).await;
+    let out = serde_json::json!({
+        "label": args.label,
+        "scenario": "storm",
+        "clients": args.clients,
+        "connected": conns.len(),
+        "failed": failed,
+        "connect_seconds": connect_secs,
+        "connects_per_second": conns.len() as f64 / connect_secs,
+        "held_seconds": args.duration.as_secs_f64(),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// CPU seconds (user + system) this process has used, from /proc.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the ")" that ends the command name: utime is the 12th, stime 13th.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Runs FlockMQ and Mosquitto (Debian package, no artificial limits) side by side on
+# this machine, alternating, several repetitions, with flockmq-bench as the load, and
+# writes docs/benchmarks.md: medians per scenario, the FlockMQ/Mosquitto ratio, peak
+# RSS of each broker, the machine and the commands.
+#
+#   scripts/bench-compare.sh            # full run (a few minutes)
+#   REPS=1 DURATION=2s scripts/bench-compare.sh --smoke   # CI smoke: proves it works
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPS=${REPS:-3}
+DURATION=${DURATION:-10s}
+OUT=${OUT:-docs/benchmarks.md}
+SMOKE=0
+[ "${1:-}" = "--smoke" ] && SMOKE=1 && OUT=${OUT_SMOKE:-target/bench-smoke.md}
+
+command -v mosquitto >/dev/null || { apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; }
+cargo build --release -q -p broker-node --bins
+BIN=target/release
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+PORT=18830
+cat > "$WORK/mosquitto.conf" <<CONF
+listener $PORT 127.0.0.1
+allow_anonymous true
+max_inflight_messages 0
+max_queued_messages 0
+persistence false
+CONF
+
+start_broker() { # name → sets BROKER_PID
+  case "$1" in
+    flockmq)
+      rm -rf "$WORK/data"
+      "$BIN/broker-node" --data-dir "$WORK/data" --mqtt-addr 127.0.0.1:$PORT \
+        --http-addr 127.0.0.1:18080 --cluster-addr 127.0.0.1:17000 --ws-addr off \
+        >"$WORK/flockmq.log" 2>&1 &
+      ;;
+    mosquitto)
+      mosquitto -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
+      ;;
+  esac
+  BROKER_PID=$!
+  for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "broker $1 did not start" >&2; return 1
+}
+
+stop_broker() { kill "$BROKER_PID" 2>/dev/null || true; wait "$BROKER_PID" 2>/dev/null || true; }
+
+peak_rss_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# name|flockmq-bench arguments
+SCENARIOS=(
+  "fan-in qos0 (4→1)|--scenario fan-in --clients 4 --qos 0"
+  "fan-out qos0 (1→50)|--scenario fan-out --clients 50 --qos 0"
+  "pairs qos1 (50)|--scenario pairs --clients 50 --qos 1"
+)
+[ $SMOKE = 1 ] && SCENARIOS=("${SCENARIOS[0]}" "pairs qos1 (5)|--scenario pairs --clients 5 --qos 1")
+
+RESULTS="$WORK/results.tsv"
+: > "$RESULTS"
+for rep in $(seq "$REPS"); do
+  for s in "${SCENARIOS[@]}"; do
+    name=${s%%|*}; args=${s#*|}
+    for broker in flockmq mosquitto; do
+      start_broker $broker
+      # shellcheck disable=SC2086
+      line=$("$BIN/flockmq-bench" $args --brokers 127.0.0.1:$PORT --duration "$DURATION" --label $broker)
+      echo "$broker $name: $line" >&2
+      rate=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["receive_rate"])' "$line")
+      p99=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["latency_ms"]["p99"])' "$line")
+      lost=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["lost"])' "$line")
+      sat=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["generator_saturated"])' "$line")
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$broker" "$rep" "$rate" "$p99" "$(peak_rss_kb $BROKER_PID)" "$lost/$sat" >> "$RESULTS"
+      stop_broker
+    done
+  done
+done
+
+# Memory per idle connection: RSS growth over N idle connections.
+IDLE=${IDLE:-2000}
+[ $SMOKE = 1 ] && IDLE=200
+for broker in flockmq mosquitto; do
+  start_broker $broker
+  sleep 0.5
+  before=$(rss_kb $BROKER_PID)
+  "$BIN/flockmq-bench" --scenario storm --clients "$IDLE" --duration 3s --brokers 127.0.0.1:$PORT >/dev/null &
+  bench=$!
+  sleep 2.5
+  after=$(rss_kb $BROKER_PID)
+  wait $bench || true
+  printf 'idle\t%s\t%s\n' "$broker" "$(( (after - before) * 1024 / IDLE ))" >> "$WORK/idle.tsv"
+  stop_broker
+done
+
+python3 - "$RESULTS" "$WORK/idle.tsv" "$OUT" "$REPS" "$DURATION" <<'PY'
+import collections, platform, statistics, subprocess, sys
+results, idle, out, reps, duration = sys.argv[1:]
+rows = collections.defaultdict(lambda: collections.defaultdict(list))
+order = []
+for line in open(results):
+    name, broker, rep, rate, p99, rss, extra = line.rstrip("\n").split("\t")
+    if name not in order:
+        order.append(name)
+    rows[name][broker].append((float(rate), float(p99), int(rss), extra))
+def med(v): return statistics.median(v) if v else 0.0
+cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+mosq = subprocess.run(["sh", "-c", "mosquitto -h 2>/dev/null | head -1"], capture_output=True, text=True).stdout.strip()
+lines = ["# Benchmarks", "",
+         f"Machine: {platform.machine()}, {cpu}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores. "
+         f"Peer: {mosq}. Medians of {reps} runs of {duration}, brokers run one at a time, alternating, "
+         "with `flockmq-bench` (this repository) on the same machine, 64-byte payloads.", "",
+         "Command: `scripts/bench-compare.sh`", "",
+         "| scenario | FlockMQ msg/s | Mosquitto msg/s | ratio | FlockMQ p99 ms | Mosquitto p99 ms | FlockMQ peak RSS KiB | Mosquitto peak RSS KiB |",
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+for name in order:
+    f, m = rows[name]["flockmq"], rows[name]["mosquitto"]
+    fr, mr = med([r[0] for r in f]), med([r[0] for r in m])
+    lines.append(f"| {name} | {fr:,.0f} | {mr:,.0f} | {fr / mr if mr else 0:.2f} | "
+                 f"{med([r[1] for r in f]):.2f} | {med([r[1] for r in m]):.2f} | "
+                 f"{max(r[2] for r in f)} | {max(r[2] for r in m)} |")
+lines += ["", "| idle connections | bytes of RSS per connection |", "| --- | ---: |"]
+for line in open(idle):
+    _, broker, per = line.split()
+    lines.append(f"| {broker} | {per} |")
+open(out, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
