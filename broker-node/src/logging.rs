@@ -8,7 +8,7 @@ use crate::config::{LogConfig, LogFormat};
 /// Install the global subscriber; later calls (tests) are ignored.
 pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(config.level.as_deref().unwrap_or("info")))
+        .or_else(|_| EnvFilter::try_new(config.level.as_deref().unwrap_or("info,openraft=warn")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = match config.format {

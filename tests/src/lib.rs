@@ -98,7 +98,7 @@ impl Node {
             .arg("--ws-addr")
             .arg("off")
             .args(&self.extra_args)
-            .env("RUST_LOG", std::env::var("TEST_BROKER_LOG").unwrap_or_else(|_| "info".into()))
+            .env("RUST_LOG", std::env::var("TEST_BROKER_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)

@@ -407,6 +407,8 @@ where
         self.pump_queue(&mut session);
 
         let end = self.session_loop(&mut session).await;
+        // Whatever the loop queued last (a DISCONNECT with its reason) goes out now.
+        self.flush().await;
 
         // Hand the session back to the cluster.
         broker.unregister(&client_id, connection_id);

@@ -57,7 +57,7 @@ fn connect_v311_with_will_user_and_password() {
     }));
     #[rustfmt::skip]
     let bytes = [
-        0x10, 27,                         // CONNECT, remaining length
+        0x10, 28,                         // CONNECT, remaining length
         0x00, 0x04, b'M', b'Q', b'T', b'T', // protocol name
         0x04,                             // level 4 (3.1.1)
         0b1110_1110,                      // user, password, will retain, will QoS 1, will, clean
@@ -122,7 +122,7 @@ fn connect_v5_with_properties_and_will_properties() {
     }));
     #[rustfmt::skip]
     let bytes = [
-        0x10, 31,
+        0x10, 33,
         0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, // name, level 5
         0b0000_0100,                              // will flag only
         0x00, 30,                                 // keep alive
@@ -227,7 +227,7 @@ fn acks_use_short_forms_in_v5() {
     let mut with_reason = PubRec::new(2, ReasonCode::UnspecifiedError);
     with_reason.properties.reason_string = Some("x".into());
     #[rustfmt::skip]
-    let bytes = [0x50, 7, 0, 2, 0x80, 4, 0x1F, 0, 1, b'x']; // id, reason, properties
+    let bytes = [0x50, 8, 0, 2, 0x80, 4, 0x1F, 0, 1, b'x']; // id, reason, properties
     exact(Packet::PubRec(with_reason), V5, &bytes);
 }
 
@@ -427,7 +427,7 @@ fn mqtt_3_1_2_11_will_qos_and_retain_need_the_will_flag() {
 
 #[test]
 fn mqtt_3_1_2_14_will_qos_3_is_malformed() {
-    let bytes = [0x10, 19, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x1E, 0, 0, 0, 1, b'a', 0, 1, b't', 0, 0];
+    let bytes = [0x10, 18, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x1E, 0, 0, 0, 1, b'a', 0, 1, b't', 0, 0];
     assert_eq!(reject(&bytes, None).reason_code(), ReasonCode::MalformedPacket);
 }
 
