@@ -8,26 +8,33 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `broker-node` binary built for this test run.
+/// The `broker-node` binary, built (or brought up to date) once per test process:
+/// cargo does not rebuild another package's binary for this crate's tests by itself.
 pub fn broker_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("TEST_BROKER_BIN") {
-        return PathBuf::from(path);
-    }
-    // target/<profile>/deps/<test-binary> → target/<profile>/broker-node
-    let exe = std::env::current_exe().expect("current test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join("broker-node");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "broker-node", "--bin", "broker-node"])
-            .status()
-            .expect("run cargo build");
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(path) = std::env::var("TEST_BROKER_BIN") {
+            return PathBuf::from(path);
+        }
+        // target/<profile>/deps/<test-binary> → target/<profile>/broker-node
+        let exe = std::env::current_exe().expect("current test executable");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "broker-node", "--bin", "broker-node"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        if let Some(target_dir) = profile_dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target_dir);
+        }
+        let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building broker-node failed");
-    }
-    bin
+        profile_dir.join("broker-node")
+    })
+    .clone()
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -51,12 +58,23 @@ pub struct Node {
     pub data_dir: PathBuf,
     extra_args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
+    _config_dir: Option<tempfile::TempDir>,
 }
 
 impl Node {
     /// Start a single-node broker with a fresh data directory.
     pub fn start() -> Node {
         Self::start_with(&[])
+    }
+
+    /// Start a single-node broker with a configuration file holding `toml`.
+    pub fn start_with_config(toml: &str) -> Node {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("flockmq.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let mut node = Self::start_with(&["--config", path.to_str().expect("utf-8 path")]);
+        node._config_dir = Some(dir);
+        node
     }
 
     /// Start a single-node broker with extra command-line flags.
@@ -70,6 +88,7 @@ impl Node {
             data_dir: tmp.path().join("data"),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             _tmp: Some(tmp),
+            _config_dir: None,
         };
         node.spawn();
         node
@@ -265,4 +284,111 @@ pub fn repo_root() -> PathBuf {
         .parent()
         .expect("tests/ lives in the repository root")
         .to_path_buf()
+}
+
+/// A bare MQTT client over a blocking socket, speaking through FlockMQ's codec: for
+/// tests that must see exactly which packets the broker sends, and when.
+pub struct RawClient {
+    stream: TcpStream,
+    buf: bytes::BytesMut,
+    /// The protocol version of this connection.
+    pub version: broker_node::mqtt::ProtocolVersion,
+}
+
+impl RawClient {
+    /// Open a TCP connection (no CONNECT sent yet).
+    pub fn open(addr: SocketAddr, version: broker_node::mqtt::ProtocolVersion) -> RawClient {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawClient {
+            stream,
+            buf: bytes::BytesMut::new(),
+            version,
+        }
+    }
+
+    /// Open a connection and CONNECT with `client_id`; returns the client and CONNACK.
+    pub fn connect(
+        addr: SocketAddr,
+        version: broker_node::mqtt::ProtocolVersion,
+        client_id: &str,
+        clean_start: bool,
+        keep_alive: u16,
+    ) -> (RawClient, broker_node::mqtt::ConnAck) {
+        use broker_node::mqtt::{Connect, Packet};
+        let mut c = RawClient::open(addr, version);
+        c.send(&Packet::Connect(Box::new(Connect {
+            protocol: version,
+            clean_start,
+            keep_alive,
+            client_id: client_id.to_owned(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        })));
+        match c.recv(Duration::from_secs(10)) {
+            Some(Packet::ConnAck(ack)) => (c, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Send a packet.
+    pub fn send(&mut self, packet: &broker_node::mqtt::Packet) {
+        use std::io::Write;
+        let mut out = bytes::BytesMut::new();
+        broker_node::mqtt::encode(packet, self.version, &mut out).expect("encode");
+        self.stream.write_all(&out).expect("write");
+    }
+
+    /// Send raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// The next packet within `timeout`; `None` on timeout or when the broker closed
+    /// the connection (see [`RawClient::is_closed`]).
+    pub fn recv(&mut self, timeout: Duration) -> Option<broker_node::mqtt::Packet> {
+        use std::io::Read;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(p) = broker_node::mqtt::decode(&mut self.buf, Some(self.version), 268_435_455)
+                .expect("broker sent a malformed packet")
+            {
+                return Some(p);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream.set_read_timeout(Some(left)).expect("timeout");
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Whether the broker has closed the connection (waiting up to `timeout`).
+    pub fn is_closed(&mut self, timeout: Duration) -> bool {
+        use std::io::Read;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.stream.set_read_timeout(Some(left)).expect("timeout");
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use flockmq_tests::Node;
 use rumqttc::v5::mqttbytes::v5::{
-    DisconnectReasonCode, Packet as P5, PublishProperties, SubscribeProperties,
+    Packet as P5, PublishProperties, SubscribeProperties,
 };
 use rumqttc::v5::{
     AsyncClient as Client5, Event as Event5, EventLoop as EventLoop5, MqttOptions as Options5,
@@ -186,33 +186,4 @@ async fn mqtt_3_3_4_subscription_identifier_and_user_properties_reach_the_subscr
     assert_eq!(props.content_type.as_deref(), Some("text/plain"));
     let left = props.message_expiry_interval.expect("expiry sent on");
     assert!((299..=300).contains(&left), "remaining expiry {left}");
-}
-
-#[tokio::test]
-async fn mqtt_3_1_4_3_second_connection_takes_the_session_over_with_0x8e() {
-    let node = Node::start();
-    let (_first, mut first_ev) = Client5::new(v5(&node, "robot-r7"), 10);
-    timeout(T, async {
-        loop {
-            if let Event5::Incoming(P5::ConnAck(_)) = first_ev.poll().await.unwrap() {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("first CONNACK");
-    let (_second, mut second_ev) = Client5::new(v5(&node, "robot-r7"), 10);
-    tokio::spawn(async move { while second_ev.poll().await.is_ok() {} });
-    let reason = timeout(T, async {
-        loop {
-            match first_ev.poll().await {
-                Ok(Event5::Incoming(P5::Disconnect(d))) => return Some(d.reason_code),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-    })
-    .await
-    .expect("first connection closed in time");
-    assert_eq!(reason, Some(DisconnectReasonCode::SessionTakenOver));
 }

@@ -1,0 +1,481 @@
+//! Normative statements of MQTT 3.1.1 and 5.0, each pinned against a real
+//! `broker-node` process through a bare client that sees every packet.
+
+use std::time::{Duration, Instant};
+
+use broker_node::mqtt::{
+    Connect, ConnectProperties, Disconnect, LastWill, Packet, ProtocolVersion, PubAck, PubRel,
+    Publish, PublishProperties, QoS, ReasonCode, RetainHandling, Subscribe, SubscribeProperties,
+    SubscriptionOptions, Unsubscribe, WillProperties,
+};
+use bytes::Bytes;
+use flockmq_tests::{Node, RawClient};
+
+const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
+const V5: ProtocolVersion = ProtocolVersion::V5;
+const T: Duration = Duration::from_secs(5);
+
+fn publish(topic: &str, payload: &str, qos: QoS, retain: bool, id: u16) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain,
+        topic: topic.into(),
+        packet_id: (qos != QoS::AtMostOnce).then_some(id),
+        properties: PublishProperties::default(),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+    })
+}
+
+fn subscribe_with(c: &mut RawClient, filter: &str, options: SubscriptionOptions, id: u16) -> Vec<ReasonCode> {
+    c.send(&Packet::Subscribe(Subscribe {
+        packet_id: id,
+        filters: vec![(filter.into(), options)],
+        properties: SubscribeProperties::default(),
+    }));
+    loop {
+        match c.recv(T) {
+            Some(Packet::SubAck(a)) => {
+                assert_eq!(a.packet_id, id);
+                return a.reason_codes;
+            }
+            Some(_) => {}
+            None => panic!("no SUBACK"),
+        }
+    }
+}
+
+fn opts(qos: QoS) -> SubscriptionOptions {
+    SubscriptionOptions {
+        qos,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: RetainHandling::SendAtSubscribe,
+    }
+}
+
+fn subscribe(c: &mut RawClient, filter: &str, qos: QoS) -> Vec<ReasonCode> {
+    subscribe_with(c, filter, opts(qos), 1)
+}
+
+/// The next PUBLISH, skipping acknowledgements.
+fn next_publish(c: &mut RawClient, timeout: Duration) -> Option<Publish> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.recv(left)? {
+            Packet::Publish(p) => return Some(p),
+            _ => continue,
+        }
+    }
+}
+
+fn disconnect_reason(c: &mut RawClient, timeout: Duration) -> Option<ReasonCode> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.recv(left)? {
+            Packet::Disconnect(d) => return Some(d.reason_code),
+            _ => continue,
+        }
+    }
+}
+
+#[test]
+fn mqtt_3_1_4_3_a_second_connection_takes_the_session_over_with_0x8e() {
+    let node = Node::start();
+    let (mut first, _) = RawClient::connect(node.mqtt_addr(), V5, "robot-r7", true, 60);
+    let (_second, ack) = RawClient::connect(node.mqtt_addr(), V5, "robot-r7", false, 60);
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    assert_eq!(disconnect_reason(&mut first, T), Some(ReasonCode::SessionTakenOver));
+    assert!(first.is_closed(T), "the old connection is closed");
+}
+
+#[test]
+fn mqtt_3_1_2_24_keep_alive_closes_after_one_and_a_half_intervals() {
+    let node = Node::start();
+    let started = Instant::now();
+    let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, "sleepy", true, 1);
+    assert_eq!(disconnect_reason(&mut c, Duration::from_secs(4)), Some(ReasonCode::KeepAliveTimeout));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1400), "closed too early: {waited:?}");
+    assert!(c.is_closed(T));
+}
+
+#[test]
+fn mqtt_3_1_2_23_pingreq_keeps_the_connection_alive() {
+    let node = Node::start();
+    let (mut c, _) = RawClient::connect(node.mqtt_addr(), V3, "pinger", true, 1);
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(700));
+        c.send(&Packet::PingReq);
+        assert_eq!(c.recv(T), Some(Packet::PingResp));
+    }
+}
+
+#[test]
+fn a_socket_that_sends_no_connect_is_closed_after_the_connect_timeout() {
+    let node = Node::start_with_config("[mqtt]\nconnect_timeout = \"1s\"\n");
+    let mut c = RawClient::open(node.mqtt_addr(), V3);
+    let started = Instant::now();
+    assert!(c.is_closed(Duration::from_secs(5)));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[test]
+fn mqtt_3_1_3_8_empty_client_id_without_clean_session_is_refused_in_v311() {
+    let node = Node::start();
+    let (_c, ack) = RawClient::connect(node.mqtt_addr(), V3, "", false, 60);
+    assert_eq!(ack.reason_code, ReasonCode::ClientIdentifierNotValid, "return code 2");
+    let (_c, ack) = RawClient::connect(node.mqtt_addr(), V3, "", true, 60);
+    assert_eq!(ack.reason_code, ReasonCode::Success, "clean session gets an id");
+}
+
+#[test]
+fn mqtt_3_2_2_assigned_client_identifier_for_an_empty_v5_id() {
+    let node = Node::start();
+    let (_c, ack) = RawClient::connect(node.mqtt_addr(), V5, "", false, 60);
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    let id = ack.properties.assigned_client_identifier.clone().expect("assigned id");
+    assert!(!id.is_empty());
+    // The broker advertises what it supports.
+    let p = ack.properties;
+    assert!(p.receive_maximum.is_some() && p.maximum_packet_size.is_some() && p.topic_alias_maximum.is_some());
+    assert_eq!(p.retain_available, Some(true));
+    assert_eq!(p.shared_subscription_available, Some(true));
+}
+
+#[test]
+fn mqtt_3_1_2_2_unsupported_protocol_level_gets_return_code_1() {
+    let node = Node::start();
+    let mut c = RawClient::open(node.mqtt_addr(), V3);
+    c.send_raw(&[0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 60, 0, 1, b'a']);
+    match c.recv(T) {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.reason_code, ReasonCode::UnsupportedProtocolVersion),
+        other => panic!("expected CONNACK 1, got {other:?}"),
+    }
+    assert!(c.is_closed(T));
+}
+
+#[test]
+fn mqtt_4_13_malformed_packet_gets_disconnect_0x81_and_the_broker_survives() {
+    let node = Node::start();
+    let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, "bad", true, 60);
+    // PUBLISH with QoS 3.
+    c.send_raw(&[0x36, 5, 0, 1, b't', 0, 1]);
+    assert_eq!(disconnect_reason(&mut c, T), Some(ReasonCode::MalformedPacket));
+    assert!(c.is_closed(T));
+    // Garbage before CONNECT closes that socket only.
+    let mut g = RawClient::open(node.mqtt_addr(), V3);
+    g.send_raw(&[0xFF; 64]);
+    assert!(g.is_closed(T));
+    let (_ok, ack) = RawClient::connect(node.mqtt_addr(), V5, "good", true, 60);
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+}
+
+#[test]
+fn mqtt_3_2_2_15_packet_larger_than_the_maximum_gets_0x95() {
+    let node = Node::start_with_config("[mqtt]\nmax_packet_size = \"1KiB\"\n");
+    let (mut c, ack) = RawClient::connect(node.mqtt_addr(), V5, "big", true, 60);
+    assert_eq!(ack.properties.maximum_packet_size, Some(1024));
+    c.send(&publish("t", &"x".repeat(2000), QoS::AtMostOnce, false, 0));
+    assert_eq!(disconnect_reason(&mut c, T), Some(ReasonCode::PacketTooLarge));
+}
+
+#[test]
+fn mqtt_3_3_4_9_exceeding_the_receive_maximum_gets_0x93() {
+    let node = Node::start_with_config("[mqtt]\nreceive_maximum = 2\n");
+    let (mut c, ack) = RawClient::connect(node.mqtt_addr(), V5, "flood", true, 60);
+    assert_eq!(ack.properties.receive_maximum, Some(2));
+    // QoS 2 messages count until PUBCOMP; never send PUBREL.
+    for id in 1..=3 {
+        c.send(&publish("t", "x", QoS::ExactlyOnce, false, id));
+    }
+    assert_eq!(disconnect_reason(&mut c, T), Some(ReasonCode::ReceiveMaximumExceeded));
+}
+
+#[test]
+fn mqtt_3_8_4_invalid_filter_fails_in_suback_0x8f_and_0x80_in_v311() {
+    let node = Node::start();
+    let (mut c5, _) = RawClient::connect(node.mqtt_addr(), V5, "s5", true, 60);
+    assert_eq!(subscribe(&mut c5, "a/#/b", QoS::AtLeastOnce), vec![ReasonCode::TopicFilterInvalid]);
+    assert_eq!(subscribe(&mut c5, "a/+", QoS::ExactlyOnce), vec![ReasonCode::GrantedQoS2]);
+    let (mut c3, _) = RawClient::connect(node.mqtt_addr(), V3, "s3", true, 60);
+    assert_eq!(subscribe(&mut c3, "a+", QoS::AtLeastOnce), vec![ReasonCode::UnspecifiedError]);
+}
+
+#[test]
+fn mqtt_3_3_1_9_retained_messages_on_subscribe_follow_retain_handling() {
+    let node = Node::start();
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V5, "pub", true, 60);
+    p.send(&publish("status/r7", "online", QoS::AtLeastOnce, true, 1));
+    assert!(matches!(p.recv(T), Some(Packet::PubAck(_))));
+    let (mut s, _) = RawClient::connect(node.mqtt_addr(), V5, "sub", true, 60);
+    // Retain handling 2: never.
+    let never = SubscriptionOptions { retain_handling: RetainHandling::DoNotSend, ..opts(QoS::AtLeastOnce) };
+    subscribe_with(&mut s, "status/+", never, 1);
+    assert!(next_publish(&mut s, Duration::from_millis(500)).is_none());
+    // Retain handling 1: only for a new subscription.
+    let if_new = SubscriptionOptions { retain_handling: RetainHandling::SendIfNew, ..opts(QoS::AtLeastOnce) };
+    subscribe_with(&mut s, "status/#", if_new, 2);
+    let got = next_publish(&mut s, T).expect("retained on a new subscription");
+    assert!(got.retain, "sent with RETAIN set");
+    s.send(&Packet::PubAck(PubAck::new(got.packet_id.unwrap(), ReasonCode::Success)));
+    subscribe_with(&mut s, "status/#", if_new, 3);
+    assert!(next_publish(&mut s, Duration::from_millis(500)).is_none(), "not again for an existing one");
+    // Retain handling 0: every time.
+    subscribe_with(&mut s, "status/#", opts(QoS::AtMostOnce), 4);
+    assert_eq!(next_publish(&mut s, T).expect("retained again").payload, "online");
+}
+
+#[test]
+fn mqtt_3_3_1_10_empty_retained_payload_clears_the_retained_message() {
+    let node = Node::start();
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V3, "pub", true, 60);
+    p.send(&publish("cfg/setpoint", "21.5", QoS::AtLeastOnce, true, 1));
+    assert!(matches!(p.recv(T), Some(Packet::PubAck(_))));
+    p.send(&publish("cfg/setpoint", "", QoS::AtLeastOnce, true, 2));
+    assert!(matches!(p.recv(T), Some(Packet::PubAck(_))));
+    let (mut s, _) = RawClient::connect(node.mqtt_addr(), V3, "sub", true, 60);
+    subscribe(&mut s, "cfg/#", QoS::AtMostOnce);
+    assert!(next_publish(&mut s, Duration::from_millis(500)).is_none());
+}
+
+#[test]
+fn mqtt_3_3_1_12_live_messages_carry_retain_0_unless_retain_as_published() {
+    let node = Node::start();
+    let (mut plain, _) = RawClient::connect(node.mqtt_addr(), V5, "plain", true, 60);
+    subscribe(&mut plain, "t", QoS::AtMostOnce);
+    let (mut rap, _) = RawClient::connect(node.mqtt_addr(), V5, "rap", true, 60);
+    subscribe_with(&mut rap, "t", SubscriptionOptions { retain_as_published: true, ..opts(QoS::AtMostOnce) }, 1);
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V5, "pub", true, 60);
+    p.send(&publish("t", "x", QoS::AtMostOnce, true, 0));
+    assert!(!next_publish(&mut plain, T).unwrap().retain);
+    assert!(next_publish(&mut rap, T).unwrap().retain);
+}
+
+#[test]
+fn mqtt_3_8_3_3_no_local_suppresses_the_clients_own_messages() {
+    let node = Node::start();
+    let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, "echo", true, 60);
+    subscribe_with(&mut c, "chat", SubscriptionOptions { no_local: true, ..opts(QoS::AtMostOnce) }, 1);
+    c.send(&publish("chat", "mine", QoS::AtMostOnce, false, 0));
+    assert!(next_publish(&mut c, Duration::from_millis(500)).is_none());
+    let (mut other, _) = RawClient::connect(node.mqtt_addr(), V5, "other", true, 60);
+    other.send(&publish("chat", "theirs", QoS::AtMostOnce, false, 0));
+    assert_eq!(next_publish(&mut c, T).unwrap().payload, "theirs");
+}
+
+#[test]
+fn mqtt_3_8_4_6_delivery_is_downgraded_to_the_granted_qos() {
+    let node = Node::start();
+    let (mut s, _) = RawClient::connect(node.mqtt_addr(), V3, "sub", true, 60);
+    subscribe(&mut s, "d/#", QoS::AtLeastOnce);
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V3, "pub", true, 60);
+    p.send(&publish("d/x", "q2", QoS::ExactlyOnce, false, 9));
+    assert!(matches!(p.recv(T), Some(Packet::PubRec(_))));
+    p.send(&Packet::PubRel(PubRel::new(9, ReasonCode::Success)));
+    assert!(matches!(p.recv(T), Some(Packet::PubComp(_))));
+    let got = next_publish(&mut s, T).unwrap();
+    assert_eq!(got.qos, QoS::AtLeastOnce);
+    p.send(&publish("d/y", "q0", QoS::AtMostOnce, false, 0));
+    assert_eq!(next_publish(&mut s, T).unwrap().qos, QoS::AtMostOnce, "never upgraded");
+}
+
+#[test]
+fn mqtt_3_4_2_1_puback_says_no_matching_subscribers_in_v5() {
+    let node = Node::start();
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V5, "pub", true, 60);
+    p.send(&publish("nobody/listens", "x", QoS::AtLeastOnce, false, 3));
+    match p.recv(T) {
+        Some(Packet::PubAck(a)) => assert_eq!(a.reason_code, ReasonCode::NoMatchingSubscribers),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn mqtt_3_11_3_unsuback_reports_a_missing_subscription_with_0x11() {
+    let node = Node::start();
+    let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, "u", true, 60);
+    subscribe(&mut c, "a", QoS::AtMostOnce);
+    c.send(&Packet::Unsubscribe(Unsubscribe {
+        packet_id: 5,
+        filters: vec!["a".into(), "b".into()],
+        properties: Default::default(),
+    }));
+    match c.recv(T) {
+        Some(Packet::UnsubAck(a)) => {
+            assert_eq!(a.reason_codes, vec![ReasonCode::Success, ReasonCode::NoSubscriptionExisted])
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn mqtt_4_7_2_1_top_level_wildcards_do_not_match_sys_topics() {
+    let node = Node::start_with_config("[mqtt]\nsys_interval = \"200ms\"\n");
+    let (mut all, _) = RawClient::connect(node.mqtt_addr(), V3, "all", true, 60);
+    subscribe(&mut all, "#", QoS::AtMostOnce);
+    let (mut sys, _) = RawClient::connect(node.mqtt_addr(), V3, "sys", true, 60);
+    subscribe(&mut sys, "$SYS/broker/#", QoS::AtMostOnce);
+    let got = next_publish(&mut sys, T).expect("$SYS topics are published");
+    assert!(got.topic.starts_with("$SYS/broker/"));
+    assert!(next_publish(&mut all, Duration::from_millis(600)).is_none(), "# must not see $SYS");
+}
+
+#[test]
+fn mqtt_3_3_2_3_topic_alias_set_then_used() {
+    let node = Node::start();
+    let (mut s, _) = RawClient::connect(node.mqtt_addr(), V5, "sub", true, 60);
+    subscribe(&mut s, "fleet/#", QoS::AtMostOnce);
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V5, "pub", true, 60);
+    let with_alias = |topic: &str, payload: &str| {
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: None,
+            properties: PublishProperties { topic_alias: Some(1), ..Default::default() },
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+        })
+    };
+    p.send(&with_alias("fleet/1/robot/r7/telemetry/position", "a"));
+    p.send(&with_alias("", "b"));
+    let first = next_publish(&mut s, T).unwrap();
+    let second = next_publish(&mut s, T).unwrap();
+    assert_eq!(second.topic, "fleet/1/robot/r7/telemetry/position");
+    assert_eq!((first.payload, second.payload), (Bytes::from("a"), Bytes::from("b")));
+}
+
+#[test]
+fn mqtt_3_3_2_5_expired_messages_are_not_delivered() {
+    let node = Node::start();
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V5, "pub", true, 60);
+    p.send(&Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        topic: "ephemeral".into(),
+        packet_id: Some(1),
+        properties: PublishProperties { message_expiry_interval: Some(1), ..Default::default() },
+        payload: Bytes::from_static(b"soon gone"),
+    }));
+    assert!(matches!(p.recv(T), Some(Packet::PubAck(_))));
+    std::thread::sleep(Duration::from_millis(2100));
+    let (mut s, _) = RawClient::connect(node.mqtt_addr(), V5, "late", true, 60);
+    subscribe(&mut s, "ephemeral", QoS::AtLeastOnce);
+    assert!(next_publish(&mut s, Duration::from_millis(500)).is_none());
+}
+
+fn connect_with_will(node: &Node, id: &str, delay: Option<u32>, keep_alive: u16) -> RawClient {
+    let mut c = RawClient::open(node.mqtt_addr(), V5);
+    c.send(&Packet::Connect(Box::new(Connect {
+        protocol: V5,
+        clean_start: true,
+        keep_alive,
+        client_id: id.into(),
+        will: Some(LastWill {
+            topic: format!("status/{id}"),
+            payload: Bytes::from_static(b"offline"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: WillProperties { will_delay_interval: delay, ..Default::default() },
+        }),
+        username: None,
+        password: None,
+        properties: ConnectProperties { session_expiry_interval: Some(60), ..Default::default() },
+    })));
+    assert!(matches!(c.recv(T), Some(Packet::ConnAck(_))));
+    c
+}
+
+#[test]
+fn mqtt_3_1_2_8_will_is_published_on_keep_alive_timeout_and_not_on_disconnect() {
+    let node = Node::start();
+    let (mut watcher, _) = RawClient::connect(node.mqtt_addr(), V5, "watcher", true, 60);
+    subscribe(&mut watcher, "status/#", QoS::AtLeastOnce);
+    let mut polite = connect_with_will(&node, "polite", None, 60);
+    polite.send(&Packet::Disconnect(Disconnect { reason_code: ReasonCode::Success, properties: Default::default() }));
+    let _silent = connect_with_will(&node, "silent", None, 1);
+    let will = next_publish(&mut watcher, Duration::from_secs(5)).expect("will after keep-alive timeout");
+    assert_eq!(will.topic, "status/silent");
+    assert!(next_publish(&mut watcher, Duration::from_millis(500)).is_none(), "no will for a normal DISCONNECT");
+}
+
+#[test]
+fn mqtt_3_1_3_9_will_delay_is_cancelled_by_a_reconnect_in_time() {
+    let node = Node::start();
+    let (mut watcher, _) = RawClient::connect(node.mqtt_addr(), V5, "watcher", true, 60);
+    subscribe(&mut watcher, "status/#", QoS::AtLeastOnce);
+    let mut c = connect_with_will(&node, "flaky", Some(3), 60);
+    c.send(&Packet::Disconnect(Disconnect { reason_code: ReasonCode::DisconnectWithWillMessage, properties: Default::default() }));
+    std::thread::sleep(Duration::from_millis(500));
+    let (_back, ack) = RawClient::connect(node.mqtt_addr(), V5, "flaky", false, 60);
+    assert!(ack.session_present);
+    assert!(next_publish(&mut watcher, Duration::from_secs(4)).is_none(), "will cancelled");
+    // Without a reconnect the delayed will comes.
+    let mut d = connect_with_will(&node, "gone", Some(1), 60);
+    d.send(&Packet::Disconnect(Disconnect { reason_code: ReasonCode::DisconnectWithWillMessage, properties: Default::default() }));
+    let started = Instant::now();
+    let will = next_publish(&mut watcher, Duration::from_secs(5)).expect("delayed will");
+    assert_eq!(will.topic, "status/gone");
+    assert!(started.elapsed() >= Duration::from_millis(800), "not before the delay");
+}
+
+#[test]
+fn mqtt_3_1_2_11_session_expires_after_its_interval() {
+    let node = Node::start();
+    let mut c = RawClient::open(node.mqtt_addr(), V5);
+    c.send(&Packet::Connect(Box::new(Connect {
+        protocol: V5,
+        clean_start: true,
+        keep_alive: 60,
+        client_id: "brief".into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: ConnectProperties { session_expiry_interval: Some(1), ..Default::default() },
+    })));
+    assert!(matches!(c.recv(T), Some(Packet::ConnAck(_))));
+    c.send(&Packet::Disconnect(Disconnect { reason_code: ReasonCode::Success, properties: Default::default() }));
+    std::thread::sleep(Duration::from_millis(300));
+    let (_c, ack) = RawClient::connect(node.mqtt_addr(), V5, "brief", false, 60);
+    assert!(ack.session_present, "still there within the interval");
+    drop(_c);
+    std::thread::sleep(Duration::from_millis(3000));
+    let (_c, ack) = RawClient::connect(node.mqtt_addr(), V5, "brief", false, 60);
+    assert!(!ack.session_present, "expired");
+}
+
+#[test]
+fn graceful_shutdown_tells_v5_clients_0x8b() {
+    let mut node = Node::start();
+    let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, "stay", true, 60);
+    assert!(node.terminate(), "exits by itself on SIGTERM");
+    assert_eq!(disconnect_reason(&mut c, T), Some(ReasonCode::ServerShuttingDown));
+}
+
+#[test]
+fn mqtt_4_4_0_1_unacknowledged_messages_are_resent_with_dup_after_reconnect() {
+    let node = Node::start();
+    let (mut s, _) = RawClient::connect(node.mqtt_addr(), V3, "persist", false, 60);
+    subscribe(&mut s, "q/#", QoS::AtLeastOnce);
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V3, "pub", true, 60);
+    p.send(&publish("q/1", "one", QoS::AtLeastOnce, false, 1));
+    assert!(matches!(p.recv(T), Some(Packet::PubAck(_))));
+    let first = next_publish(&mut s, T).unwrap();
+    drop(s); // no PUBACK
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut s, ack) = RawClient::connect(node.mqtt_addr(), V3, "persist", false, 60);
+    assert!(ack.session_present);
+    let again = next_publish(&mut s, T).expect("resent");
+    assert!(again.dup, "DUP on a resend");
+    assert_eq!(again.packet_id, first.packet_id, "same packet identifier");
+    assert_eq!(again.payload, "one");
+    s.send(&Packet::PubAck(PubAck::new(again.packet_id.unwrap(), ReasonCode::Success)));
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut s, _) = RawClient::connect(node.mqtt_addr(), V3, "persist", false, 60);
+    assert!(next_publish(&mut s, Duration::from_millis(500)).is_none(), "acknowledged: gone");
+}
