@@ -254,7 +254,8 @@ pub struct ClusterConfig {
 }
 
 fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    s.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
 impl Default for Config {
@@ -467,7 +468,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let m = &self.mqtt;
         if m.max_packet_size == 0 || m.max_packet_size > 268_435_455 {
-            return Err(invalid("mqtt.max_packet_size", "must be 1 to 268435455 bytes"));
+            return Err(invalid(
+                "mqtt.max_packet_size",
+                "must be 1 to 268435455 bytes",
+            ));
         }
         if m.receive_maximum == 0 {
             return Err(invalid("mqtt.receive_maximum", "must be at least 1"));
@@ -507,7 +511,10 @@ impl Config {
             let mut ids = HashSet::new();
             for m in &self.initial_cluster {
                 if !ids.insert(m.id) {
-                    return Err(invalid("initial_cluster", format!("node id {} twice", m.id)));
+                    return Err(invalid(
+                        "initial_cluster",
+                        format!("node id {} twice", m.id),
+                    ));
                 }
             }
             if !ids.contains(&self.node_id) {
@@ -520,7 +527,10 @@ impl Config {
                 return Err(invalid("join", "cannot be combined with initial_cluster"));
             }
         }
-        for (key, value) in [("advertise_addr", &self.advertise_addr), ("join", &self.join)] {
+        for (key, value) in [
+            ("advertise_addr", &self.advertise_addr),
+            ("join", &self.join),
+        ] {
             if let Some(v) = value {
                 check_host_port(key, v)?;
             }
@@ -686,7 +696,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "gib" | "g" => 1024 * 1024 * 1024,
         other => return Err(format!("unknown size unit '{other}'")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// Write a size the way a person would.
@@ -766,7 +777,10 @@ fn size_value<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 mod opt_addr {
     use super::*;
-    pub fn serialize<S: serde::Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        a: &Option<SocketAddr>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match a {
             Some(a) => s.serialize_str(&a.to_string()),
             None => s.serialize_str("off"),
@@ -968,7 +982,10 @@ mod tests {
     fn printed_defaults_parse_back_to_the_defaults() {
         let text = default_config_toml();
         assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
-        assert!(text.contains("\n# Largest packet accepted"), "keys are documented");
+        assert!(
+            text.contains("\n# Largest packet accepted"),
+            "keys are documented"
+        );
     }
 
     #[test]
@@ -991,9 +1008,16 @@ mod tests {
     fn file_is_overridden_by_env_which_is_overridden_by_flags() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.toml");
-        std::fs::write(&path, "data_dir = \"/file\"\nnode_id = 3\n[mqtt]\nmax_qos = 1\n").unwrap();
+        std::fs::write(
+            &path,
+            "data_dir = \"/file\"\nnode_id = 3\n[mqtt]\nmax_qos = 1\n",
+        )
+        .unwrap();
         let c = Config::load(Some(&path), env(&[]), &RunArgs::default()).unwrap();
-        assert_eq!((c.data_dir.to_str(), c.node_id, c.mqtt.max_qos), (Some("/file"), 3, 1));
+        assert_eq!(
+            (c.data_dir.to_str(), c.node_id, c.mqtt.max_qos),
+            (Some("/file"), 3, 1)
+        );
         let e = env(&[("FLOCKMQ_DATA_DIR", "/env"), ("FLOCKMQ_MQTT__MAX_QOS", "0")]);
         let c = Config::load(Some(&path), e.clone(), &RunArgs::default()).unwrap();
         assert_eq!((c.data_dir.to_str(), c.mqtt.max_qos), (Some("/env"), 0));
@@ -1015,20 +1039,37 @@ mod tests {
             Config::from_toml("nodeid = 1").unwrap_err(),
             ConfigError::UnknownKey("nodeid".into())
         );
-        let e = Config::load(None, env(&[("FLOCKMQ_MQTT__NOPE", "1")]), &RunArgs::default());
+        let e = Config::load(
+            None,
+            env(&[("FLOCKMQ_MQTT__NOPE", "1")]),
+            &RunArgs::default(),
+        );
         assert_eq!(e.unwrap_err(), ConfigError::UnknownKey("mqtt.nope".into()));
     }
 
     #[test]
     fn invalid_values_name_their_key() {
         let e = Config::from_toml("[mqtt]\nmax_packet_size = \"lots\"").unwrap_err();
-        assert!(matches!(&e, ConfigError::Invalid { key, .. } if key == "mqtt.max_packet_size"), "{e}");
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, .. } if key == "mqtt.max_packet_size"),
+            "{e}"
+        );
         let e = Config::from_toml("mqtt_addr = \"nowhere\"").unwrap_err();
-        assert!(matches!(&e, ConfigError::Invalid { key, .. } if key == "mqtt_addr"), "{e}");
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, .. } if key == "mqtt_addr"),
+            "{e}"
+        );
         let e = Config::from_toml("[mqtt]\nmax_qos = 3").unwrap_err();
-        assert!(matches!(&e, ConfigError::Invalid { key, .. } if key == "mqtt.max_qos"), "{e}");
-        let e = Config::load(None, env(&[("FLOCKMQ_NODE_ID", "x")]), &RunArgs::default()).unwrap_err();
-        assert!(matches!(&e, ConfigError::Invalid { key, .. } if key == "node_id"), "{e}");
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, .. } if key == "mqtt.max_qos"),
+            "{e}"
+        );
+        let e =
+            Config::load(None, env(&[("FLOCKMQ_NODE_ID", "x")]), &RunArgs::default()).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, .. } if key == "node_id"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1040,7 +1081,13 @@ mod tests {
         };
         let c = Config::load(None, env(&[]), &flags).unwrap();
         assert_eq!(c.initial_cluster.len(), 3);
-        assert_eq!(c.initial_cluster[1], ClusterMember { id: 2, addr: "node2:7000".into() });
+        assert_eq!(
+            c.initial_cluster[1],
+            ClusterMember {
+                id: 2,
+                addr: "node2:7000".into()
+            }
+        );
         let flags = RunArgs {
             node_id: Some("4".into()),
             ..flags

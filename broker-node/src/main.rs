@@ -7,7 +7,11 @@ use broker_node::config::{default_config_toml, Config, RunArgs};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "broker-node", version, about = "FlockMQ: a clustered MQTT 3.1.1 / 5.0 broker")]
+#[command(
+    name = "broker-node",
+    version,
+    about = "FlockMQ: a clustered MQTT 3.1.1 / 5.0 broker"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -54,7 +58,10 @@ fn main() -> ExitCode {
                 }
             };
             broker_node::logging::init(&config.log);
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");

@@ -24,7 +24,10 @@ use crate::{http, transport};
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Run a node until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -81,7 +84,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         }
         cluster::close_storage(storage).await;
     };
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful)
+        .await
+        .is_err()
+    {
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "shutdown grace period ran out");
     }
     tracing::info!("stopped");

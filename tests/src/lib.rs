@@ -117,7 +117,10 @@ impl Node {
             .arg("--ws-addr")
             .arg("off")
             .args(&self.extra_args)
-            .env("RUST_LOG", std::env::var("TEST_BROKER_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_BROKER_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
@@ -353,8 +356,9 @@ impl RawClient {
         use std::io::Read;
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(p) = broker_node::mqtt::decode(&mut self.buf, Some(self.version), 268_435_455)
-                .expect("broker sent a malformed packet")
+            if let Some(p) =
+                broker_node::mqtt::decode(&mut self.buf, Some(self.version), 268_435_455)
+                    .expect("broker sent a malformed packet")
             {
                 return Some(p);
             }

@@ -17,13 +17,36 @@ fn v311_publisher_and_v5_subscriber_see_each_other() {
     let p = port(&node);
     let sub = Background::spawn(
         "mosquitto_sub",
-        &["-p", &p, "-V", "5", "-t", "fleet/+/robot/+/telemetry/#", "-C", "2", "-v", "-q", "1"],
+        &[
+            "-p",
+            &p,
+            "-V",
+            "5",
+            "-t",
+            "fleet/+/robot/+/telemetry/#",
+            "-C",
+            "2",
+            "-v",
+            "-q",
+            "1",
+        ],
     );
     sleep(Duration::from_millis(500));
     for payload in ["87", "86"] {
         let r = run(
             "mosquitto_pub",
-            &["-p", &p, "-V", "311", "-t", "fleet/1/robot/r7/telemetry/battery", "-m", payload, "-q", "1"],
+            &[
+                "-p",
+                &p,
+                "-V",
+                "311",
+                "-t",
+                "fleet/1/robot/r7/telemetry/battery",
+                "-m",
+                payload,
+                "-q",
+                "1",
+            ],
             T,
         );
         assert_eq!(r.code, Some(0), "{r:?}");
@@ -50,7 +73,18 @@ fn v5_publisher_and_v31_subscriber_see_each_other() {
     sleep(Duration::from_millis(500));
     let r = run(
         "mosquitto_pub",
-        &["-p", &p, "-V", "5", "-t", "warehouse/zone1/temp", "-m", "25.5", "-q", "2"],
+        &[
+            "-p",
+            &p,
+            "-V",
+            "5",
+            "-t",
+            "warehouse/zone1/temp",
+            "-m",
+            "25.5",
+            "-q",
+            "2",
+        ],
         T,
     );
     assert_eq!(r.code, Some(0), "{r:?}");
@@ -64,16 +98,40 @@ fn mqtt_3_3_1_5_retained_message_reaches_later_subscriber() {
     let p = port(&node);
     let r = run(
         "mosquitto_pub",
-        &["-p", &p, "-t", "device/thermostat/setpoint", "-m", "21.5", "-r", "-q", "1"],
+        &[
+            "-p",
+            &p,
+            "-t",
+            "device/thermostat/setpoint",
+            "-m",
+            "21.5",
+            "-r",
+            "-q",
+            "1",
+        ],
         T,
     );
     assert_eq!(r.code, Some(0), "{r:?}");
     let out = run(
         "mosquitto_sub",
-        &["-p", &p, "-t", "device/+/setpoint", "-C", "1", "-v", "-W", "10"],
+        &[
+            "-p",
+            &p,
+            "-t",
+            "device/+/setpoint",
+            "-C",
+            "1",
+            "-v",
+            "-W",
+            "10",
+        ],
         T,
     );
-    assert_eq!(out.stdout.trim(), "device/thermostat/setpoint 21.5", "{out:?}");
+    assert_eq!(
+        out.stdout.trim(),
+        "device/thermostat/setpoint 21.5",
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -83,14 +141,33 @@ fn persistent_session_queue_survives_kill_9_of_the_broker() {
     // A persistent subscriber (clean session 0) subscribes, then goes away.
     let sub = Background::spawn(
         "mosquitto_sub",
-        &["-p", &p, "-i", "actuator-fan", "-c", "-q", "1", "-t", "warehouse/zone1/fan/command"],
+        &[
+            "-p",
+            &p,
+            "-i",
+            "actuator-fan",
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "warehouse/zone1/fan/command",
+        ],
     );
     sleep(Duration::from_millis(700));
     sub.kill();
     sleep(Duration::from_millis(300));
     let r = run(
         "mosquitto_pub",
-        &["-p", &p, "-t", "warehouse/zone1/fan/command", "-m", "ON", "-q", "1"],
+        &[
+            "-p",
+            &p,
+            "-t",
+            "warehouse/zone1/fan/command",
+            "-m",
+            "ON",
+            "-q",
+            "1",
+        ],
         T,
     );
     assert_eq!(r.code, Some(0), "{r:?}");
@@ -99,10 +176,26 @@ fn persistent_session_queue_survives_kill_9_of_the_broker() {
     let out = run(
         "mosquitto_sub",
         &[
-            "-p", &p, "-i", "actuator-fan", "-c", "-q", "1", "-t", "warehouse/zone1/fan/command",
-            "-C", "1", "-W", "10",
+            "-p",
+            &p,
+            "-i",
+            "actuator-fan",
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "warehouse/zone1/fan/command",
+            "-C",
+            "1",
+            "-W",
+            "10",
         ],
         T,
     );
-    assert_eq!(out.stdout.trim(), "ON", "{out:?}\nbroker log:\n{}", node.log());
+    assert_eq!(
+        out.stdout.trim(),
+        "ON",
+        "{out:?}\nbroker log:\n{}",
+        node.log()
+    );
 }

@@ -3,9 +3,7 @@
 use std::time::Duration;
 
 use flockmq_tests::Node;
-use rumqttc::v5::mqttbytes::v5::{
-    Packet as P5, PublishProperties, SubscribeProperties,
-};
+use rumqttc::v5::mqttbytes::v5::{Packet as P5, PublishProperties, SubscribeProperties};
 use rumqttc::v5::{
     AsyncClient as Client5, Event as Event5, EventLoop as EventLoop5, MqttOptions as Options5,
 };
@@ -73,7 +71,9 @@ async fn mqtt_4_3_3_qos2_messages_arrive_exactly_once_and_in_order() {
             }
         }
     };
-    timeout(Duration::from_secs(30), collect).await.expect("200 messages");
+    timeout(Duration::from_secs(30), collect)
+        .await
+        .expect("200 messages");
     // Nothing more arrives: no duplicates.
     let extra = timeout(Duration::from_millis(500), async {
         loop {

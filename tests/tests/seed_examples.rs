@@ -10,7 +10,10 @@ fn scenario(script: &str) {
     let path = repo_root().join("tests/python").join(script);
     let out = run(
         "python3",
-        &[path.to_str().expect("utf-8 path"), &node.mqtt_port.to_string()],
+        &[
+            path.to_str().expect("utf-8 path"),
+            &node.mqtt_port.to_string(),
+        ],
         Duration::from_secs(60),
     );
     assert_eq!(

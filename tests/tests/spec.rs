@@ -27,7 +27,12 @@ fn publish(topic: &str, payload: &str, qos: QoS, retain: bool, id: u16) -> Packe
     })
 }
 
-fn subscribe_with(c: &mut RawClient, filter: &str, options: SubscriptionOptions, id: u16) -> Vec<ReasonCode> {
+fn subscribe_with(
+    c: &mut RawClient,
+    filter: &str,
+    options: SubscriptionOptions,
+    id: u16,
+) -> Vec<ReasonCode> {
     c.send(&Packet::Subscribe(Subscribe {
         packet_id: id,
         filters: vec![(filter.into(), options)],
@@ -87,7 +92,10 @@ fn mqtt_3_1_4_3_a_second_connection_takes_the_session_over_with_0x8e() {
     let (mut first, _) = RawClient::connect(node.mqtt_addr(), V5, "robot-r7", true, 60);
     let (_second, ack) = RawClient::connect(node.mqtt_addr(), V5, "robot-r7", false, 60);
     assert_eq!(ack.reason_code, ReasonCode::Success);
-    assert_eq!(disconnect_reason(&mut first, T), Some(ReasonCode::SessionTakenOver));
+    assert_eq!(
+        disconnect_reason(&mut first, T),
+        Some(ReasonCode::SessionTakenOver)
+    );
     assert!(first.is_closed(T), "the old connection is closed");
 }
 
@@ -96,9 +104,15 @@ fn mqtt_3_1_2_24_keep_alive_closes_after_one_and_a_half_intervals() {
     let node = Node::start();
     let started = Instant::now();
     let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, "sleepy", true, 1);
-    assert_eq!(disconnect_reason(&mut c, Duration::from_secs(4)), Some(ReasonCode::KeepAliveTimeout));
+    assert_eq!(
+        disconnect_reason(&mut c, Duration::from_secs(4)),
+        Some(ReasonCode::KeepAliveTimeout)
+    );
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(1400), "closed too early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed too early: {waited:?}"
+    );
     assert!(c.is_closed(T));
 }
 
@@ -126,9 +140,17 @@ fn a_socket_that_sends_no_connect_is_closed_after_the_connect_timeout() {
 fn mqtt_3_1_3_8_empty_client_id_without_clean_session_is_refused_in_v311() {
     let node = Node::start();
     let (_c, ack) = RawClient::connect(node.mqtt_addr(), V3, "", false, 60);
-    assert_eq!(ack.reason_code, ReasonCode::ClientIdentifierNotValid, "return code 2");
+    assert_eq!(
+        ack.reason_code,
+        ReasonCode::ClientIdentifierNotValid,
+        "return code 2"
+    );
     let (_c, ack) = RawClient::connect(node.mqtt_addr(), V3, "", true, 60);
-    assert_eq!(ack.reason_code, ReasonCode::Success, "clean session gets an id");
+    assert_eq!(
+        ack.reason_code,
+        ReasonCode::Success,
+        "clean session gets an id"
+    );
 }
 
 #[test]
@@ -136,11 +158,19 @@ fn mqtt_3_2_2_assigned_client_identifier_for_an_empty_v5_id() {
     let node = Node::start();
     let (_c, ack) = RawClient::connect(node.mqtt_addr(), V5, "", false, 60);
     assert_eq!(ack.reason_code, ReasonCode::Success);
-    let id = ack.properties.assigned_client_identifier.clone().expect("assigned id");
+    let id = ack
+        .properties
+        .assigned_client_identifier
+        .clone()
+        .expect("assigned id");
     assert!(!id.is_empty());
     // The broker advertises what it supports.
     let p = ack.properties;
-    assert!(p.receive_maximum.is_some() && p.maximum_packet_size.is_some() && p.topic_alias_maximum.is_some());
+    assert!(
+        p.receive_maximum.is_some()
+            && p.maximum_packet_size.is_some()
+            && p.topic_alias_maximum.is_some()
+    );
     assert_eq!(p.retain_available, Some(true));
     assert_eq!(p.shared_subscription_available, Some(true));
 }
@@ -149,9 +179,13 @@ fn mqtt_3_2_2_assigned_client_identifier_for_an_empty_v5_id() {
 fn mqtt_3_1_2_2_unsupported_protocol_level_gets_return_code_1() {
     let node = Node::start();
     let mut c = RawClient::open(node.mqtt_addr(), V3);
-    c.send_raw(&[0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 60, 0, 1, b'a']);
+    c.send_raw(&[
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 60, 0, 1, b'a',
+    ]);
     match c.recv(T) {
-        Some(Packet::ConnAck(a)) => assert_eq!(a.reason_code, ReasonCode::UnsupportedProtocolVersion),
+        Some(Packet::ConnAck(a)) => {
+            assert_eq!(a.reason_code, ReasonCode::UnsupportedProtocolVersion)
+        }
         other => panic!("expected CONNACK 1, got {other:?}"),
     }
     assert!(c.is_closed(T));
@@ -163,7 +197,10 @@ fn mqtt_4_13_malformed_packet_gets_disconnect_0x81_and_the_broker_survives() {
     let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, "bad", true, 60);
     // PUBLISH with QoS 3.
     c.send_raw(&[0x36, 5, 0, 1, b't', 0, 1]);
-    assert_eq!(disconnect_reason(&mut c, T), Some(ReasonCode::MalformedPacket));
+    assert_eq!(
+        disconnect_reason(&mut c, T),
+        Some(ReasonCode::MalformedPacket)
+    );
     assert!(c.is_closed(T));
     // Garbage before CONNECT closes that socket only.
     let mut g = RawClient::open(node.mqtt_addr(), V3);
@@ -179,7 +216,10 @@ fn mqtt_3_2_2_15_packet_larger_than_the_maximum_gets_0x95() {
     let (mut c, ack) = RawClient::connect(node.mqtt_addr(), V5, "big", true, 60);
     assert_eq!(ack.properties.maximum_packet_size, Some(1024));
     c.send(&publish("t", &"x".repeat(2000), QoS::AtMostOnce, false, 0));
-    assert_eq!(disconnect_reason(&mut c, T), Some(ReasonCode::PacketTooLarge));
+    assert_eq!(
+        disconnect_reason(&mut c, T),
+        Some(ReasonCode::PacketTooLarge)
+    );
 }
 
 #[test]
@@ -191,17 +231,29 @@ fn mqtt_3_3_4_9_exceeding_the_receive_maximum_gets_0x93() {
     for id in 1..=3 {
         c.send(&publish("t", "x", QoS::ExactlyOnce, false, id));
     }
-    assert_eq!(disconnect_reason(&mut c, T), Some(ReasonCode::ReceiveMaximumExceeded));
+    assert_eq!(
+        disconnect_reason(&mut c, T),
+        Some(ReasonCode::ReceiveMaximumExceeded)
+    );
 }
 
 #[test]
 fn mqtt_3_8_4_invalid_filter_fails_in_suback_0x8f_and_0x80_in_v311() {
     let node = Node::start();
     let (mut c5, _) = RawClient::connect(node.mqtt_addr(), V5, "s5", true, 60);
-    assert_eq!(subscribe(&mut c5, "a/#/b", QoS::AtLeastOnce), vec![ReasonCode::TopicFilterInvalid]);
-    assert_eq!(subscribe(&mut c5, "a/+", QoS::ExactlyOnce), vec![ReasonCode::GrantedQoS2]);
+    assert_eq!(
+        subscribe(&mut c5, "a/#/b", QoS::AtLeastOnce),
+        vec![ReasonCode::TopicFilterInvalid]
+    );
+    assert_eq!(
+        subscribe(&mut c5, "a/+", QoS::ExactlyOnce),
+        vec![ReasonCode::GrantedQoS2]
+    );
     let (mut c3, _) = RawClient::connect(node.mqtt_addr(), V3, "s3", true, 60);
-    assert_eq!(subscribe(&mut c3, "a+", QoS::AtLeastOnce), vec![ReasonCode::UnspecifiedError]);
+    assert_eq!(
+        subscribe(&mut c3, "a+", QoS::AtLeastOnce),
+        vec![ReasonCode::UnspecifiedError]
+    );
 }
 
 #[test]
@@ -212,20 +264,35 @@ fn mqtt_3_3_1_9_retained_messages_on_subscribe_follow_retain_handling() {
     assert!(matches!(p.recv(T), Some(Packet::PubAck(_))));
     let (mut s, _) = RawClient::connect(node.mqtt_addr(), V5, "sub", true, 60);
     // Retain handling 2: never.
-    let never = SubscriptionOptions { retain_handling: RetainHandling::DoNotSend, ..opts(QoS::AtLeastOnce) };
+    let never = SubscriptionOptions {
+        retain_handling: RetainHandling::DoNotSend,
+        ..opts(QoS::AtLeastOnce)
+    };
     subscribe_with(&mut s, "status/+", never, 1);
     assert!(next_publish(&mut s, Duration::from_millis(500)).is_none());
     // Retain handling 1: only for a new subscription.
-    let if_new = SubscriptionOptions { retain_handling: RetainHandling::SendIfNew, ..opts(QoS::AtLeastOnce) };
+    let if_new = SubscriptionOptions {
+        retain_handling: RetainHandling::SendIfNew,
+        ..opts(QoS::AtLeastOnce)
+    };
     subscribe_with(&mut s, "status/#", if_new, 2);
     let got = next_publish(&mut s, T).expect("retained on a new subscription");
     assert!(got.retain, "sent with RETAIN set");
-    s.send(&Packet::PubAck(PubAck::new(got.packet_id.unwrap(), ReasonCode::Success)));
+    s.send(&Packet::PubAck(PubAck::new(
+        got.packet_id.unwrap(),
+        ReasonCode::Success,
+    )));
     subscribe_with(&mut s, "status/#", if_new, 3);
-    assert!(next_publish(&mut s, Duration::from_millis(500)).is_none(), "not again for an existing one");
+    assert!(
+        next_publish(&mut s, Duration::from_millis(500)).is_none(),
+        "not again for an existing one"
+    );
     // Retain handling 0: every time.
     subscribe_with(&mut s, "status/#", opts(QoS::AtMostOnce), 4);
-    assert_eq!(next_publish(&mut s, T).expect("retained again").payload, "online");
+    assert_eq!(
+        next_publish(&mut s, T).expect("retained again").payload,
+        "online"
+    );
 }
 
 #[test]
@@ -247,7 +314,15 @@ fn mqtt_3_3_1_12_live_messages_carry_retain_0_unless_retain_as_published() {
     let (mut plain, _) = RawClient::connect(node.mqtt_addr(), V5, "plain", true, 60);
     subscribe(&mut plain, "t", QoS::AtMostOnce);
     let (mut rap, _) = RawClient::connect(node.mqtt_addr(), V5, "rap", true, 60);
-    subscribe_with(&mut rap, "t", SubscriptionOptions { retain_as_published: true, ..opts(QoS::AtMostOnce) }, 1);
+    subscribe_with(
+        &mut rap,
+        "t",
+        SubscriptionOptions {
+            retain_as_published: true,
+            ..opts(QoS::AtMostOnce)
+        },
+        1,
+    );
     let (mut p, _) = RawClient::connect(node.mqtt_addr(), V5, "pub", true, 60);
     p.send(&publish("t", "x", QoS::AtMostOnce, true, 0));
     assert!(!next_publish(&mut plain, T).unwrap().retain);
@@ -258,7 +333,15 @@ fn mqtt_3_3_1_12_live_messages_carry_retain_0_unless_retain_as_published() {
 fn mqtt_3_8_3_3_no_local_suppresses_the_clients_own_messages() {
     let node = Node::start();
     let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, "echo", true, 60);
-    subscribe_with(&mut c, "chat", SubscriptionOptions { no_local: true, ..opts(QoS::AtMostOnce) }, 1);
+    subscribe_with(
+        &mut c,
+        "chat",
+        SubscriptionOptions {
+            no_local: true,
+            ..opts(QoS::AtMostOnce)
+        },
+        1,
+    );
     c.send(&publish("chat", "mine", QoS::AtMostOnce, false, 0));
     assert!(next_publish(&mut c, Duration::from_millis(500)).is_none());
     let (mut other, _) = RawClient::connect(node.mqtt_addr(), V5, "other", true, 60);
@@ -279,7 +362,11 @@ fn mqtt_3_8_4_6_delivery_is_downgraded_to_the_granted_qos() {
     let got = next_publish(&mut s, T).unwrap();
     assert_eq!(got.qos, QoS::AtLeastOnce);
     p.send(&publish("d/y", "q0", QoS::AtMostOnce, false, 0));
-    assert_eq!(next_publish(&mut s, T).unwrap().qos, QoS::AtMostOnce, "never upgraded");
+    assert_eq!(
+        next_publish(&mut s, T).unwrap().qos,
+        QoS::AtMostOnce,
+        "never upgraded"
+    );
 }
 
 #[test]
@@ -305,7 +392,10 @@ fn mqtt_3_11_3_unsuback_reports_a_missing_subscription_with_0x11() {
     }));
     match c.recv(T) {
         Some(Packet::UnsubAck(a)) => {
-            assert_eq!(a.reason_codes, vec![ReasonCode::Success, ReasonCode::NoSubscriptionExisted])
+            assert_eq!(
+                a.reason_codes,
+                vec![ReasonCode::Success, ReasonCode::NoSubscriptionExisted]
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -320,7 +410,10 @@ fn mqtt_4_7_2_1_top_level_wildcards_do_not_match_sys_topics() {
     subscribe(&mut sys, "$SYS/broker/#", QoS::AtMostOnce);
     let got = next_publish(&mut sys, T).expect("$SYS topics are published");
     assert!(got.topic.starts_with("$SYS/broker/"));
-    assert!(next_publish(&mut all, Duration::from_millis(600)).is_none(), "# must not see $SYS");
+    assert!(
+        next_publish(&mut all, Duration::from_millis(600)).is_none(),
+        "# must not see $SYS"
+    );
 }
 
 #[test]
@@ -336,7 +429,10 @@ fn mqtt_3_3_2_3_topic_alias_set_then_used() {
             retain: false,
             topic: topic.into(),
             packet_id: None,
-            properties: PublishProperties { topic_alias: Some(1), ..Default::default() },
+            properties: PublishProperties {
+                topic_alias: Some(1),
+                ..Default::default()
+            },
             payload: Bytes::copy_from_slice(payload.as_bytes()),
         })
     };
@@ -345,7 +441,10 @@ fn mqtt_3_3_2_3_topic_alias_set_then_used() {
     let first = next_publish(&mut s, T).unwrap();
     let second = next_publish(&mut s, T).unwrap();
     assert_eq!(second.topic, "fleet/1/robot/r7/telemetry/position");
-    assert_eq!((first.payload, second.payload), (Bytes::from("a"), Bytes::from("b")));
+    assert_eq!(
+        (first.payload, second.payload),
+        (Bytes::from("a"), Bytes::from("b"))
+    );
 }
 
 #[test]
@@ -358,7 +457,10 @@ fn mqtt_3_3_2_5_expired_messages_are_not_delivered() {
         retain: true,
         topic: "ephemeral".into(),
         packet_id: Some(1),
-        properties: PublishProperties { message_expiry_interval: Some(1), ..Default::default() },
+        properties: PublishProperties {
+            message_expiry_interval: Some(1),
+            ..Default::default()
+        },
         payload: Bytes::from_static(b"soon gone"),
     }));
     assert!(matches!(p.recv(T), Some(Packet::PubAck(_))));
@@ -380,11 +482,17 @@ fn connect_with_will(node: &Node, id: &str, delay: Option<u32>, keep_alive: u16)
             payload: Bytes::from_static(b"offline"),
             qos: QoS::AtLeastOnce,
             retain: true,
-            properties: WillProperties { will_delay_interval: delay, ..Default::default() },
+            properties: WillProperties {
+                will_delay_interval: delay,
+                ..Default::default()
+            },
         }),
         username: None,
         password: None,
-        properties: ConnectProperties { session_expiry_interval: Some(60), ..Default::default() },
+        properties: ConnectProperties {
+            session_expiry_interval: Some(60),
+            ..Default::default()
+        },
     })));
     assert!(matches!(c.recv(T), Some(Packet::ConnAck(_))));
     c
@@ -396,11 +504,18 @@ fn mqtt_3_1_2_8_will_is_published_on_keep_alive_timeout_and_not_on_disconnect() 
     let (mut watcher, _) = RawClient::connect(node.mqtt_addr(), V5, "watcher", true, 60);
     subscribe(&mut watcher, "status/#", QoS::AtLeastOnce);
     let mut polite = connect_with_will(&node, "polite", None, 60);
-    polite.send(&Packet::Disconnect(Disconnect { reason_code: ReasonCode::Success, properties: Default::default() }));
+    polite.send(&Packet::Disconnect(Disconnect {
+        reason_code: ReasonCode::Success,
+        properties: Default::default(),
+    }));
     let _silent = connect_with_will(&node, "silent", None, 1);
-    let will = next_publish(&mut watcher, Duration::from_secs(5)).expect("will after keep-alive timeout");
+    let will =
+        next_publish(&mut watcher, Duration::from_secs(5)).expect("will after keep-alive timeout");
     assert_eq!(will.topic, "status/silent");
-    assert!(next_publish(&mut watcher, Duration::from_millis(500)).is_none(), "no will for a normal DISCONNECT");
+    assert!(
+        next_publish(&mut watcher, Duration::from_millis(500)).is_none(),
+        "no will for a normal DISCONNECT"
+    );
 }
 
 #[test]
@@ -409,18 +524,30 @@ fn mqtt_3_1_3_9_will_delay_is_cancelled_by_a_reconnect_in_time() {
     let (mut watcher, _) = RawClient::connect(node.mqtt_addr(), V5, "watcher", true, 60);
     subscribe(&mut watcher, "status/#", QoS::AtLeastOnce);
     let mut c = connect_with_will(&node, "flaky", Some(3), 60);
-    c.send(&Packet::Disconnect(Disconnect { reason_code: ReasonCode::DisconnectWithWillMessage, properties: Default::default() }));
+    c.send(&Packet::Disconnect(Disconnect {
+        reason_code: ReasonCode::DisconnectWithWillMessage,
+        properties: Default::default(),
+    }));
     std::thread::sleep(Duration::from_millis(500));
     let (_back, ack) = RawClient::connect(node.mqtt_addr(), V5, "flaky", false, 60);
     assert!(ack.session_present);
-    assert!(next_publish(&mut watcher, Duration::from_secs(4)).is_none(), "will cancelled");
+    assert!(
+        next_publish(&mut watcher, Duration::from_secs(4)).is_none(),
+        "will cancelled"
+    );
     // Without a reconnect the delayed will comes.
     let mut d = connect_with_will(&node, "gone", Some(1), 60);
-    d.send(&Packet::Disconnect(Disconnect { reason_code: ReasonCode::DisconnectWithWillMessage, properties: Default::default() }));
+    d.send(&Packet::Disconnect(Disconnect {
+        reason_code: ReasonCode::DisconnectWithWillMessage,
+        properties: Default::default(),
+    }));
     let started = Instant::now();
     let will = next_publish(&mut watcher, Duration::from_secs(5)).expect("delayed will");
     assert_eq!(will.topic, "status/gone");
-    assert!(started.elapsed() >= Duration::from_millis(800), "not before the delay");
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "not before the delay"
+    );
 }
 
 #[test]
@@ -435,10 +562,16 @@ fn mqtt_3_1_2_11_session_expires_after_its_interval() {
         will: None,
         username: None,
         password: None,
-        properties: ConnectProperties { session_expiry_interval: Some(1), ..Default::default() },
+        properties: ConnectProperties {
+            session_expiry_interval: Some(1),
+            ..Default::default()
+        },
     })));
     assert!(matches!(c.recv(T), Some(Packet::ConnAck(_))));
-    c.send(&Packet::Disconnect(Disconnect { reason_code: ReasonCode::Success, properties: Default::default() }));
+    c.send(&Packet::Disconnect(Disconnect {
+        reason_code: ReasonCode::Success,
+        properties: Default::default(),
+    }));
     std::thread::sleep(Duration::from_millis(300));
     let (_c, ack) = RawClient::connect(node.mqtt_addr(), V5, "brief", false, 60);
     assert!(ack.session_present, "still there within the interval");
@@ -453,7 +586,10 @@ fn graceful_shutdown_tells_v5_clients_0x8b() {
     let mut node = Node::start();
     let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, "stay", true, 60);
     assert!(node.terminate(), "exits by itself on SIGTERM");
-    assert_eq!(disconnect_reason(&mut c, T), Some(ReasonCode::ServerShuttingDown));
+    assert_eq!(
+        disconnect_reason(&mut c, T),
+        Some(ReasonCode::ServerShuttingDown)
+    );
 }
 
 #[test]
@@ -473,9 +609,15 @@ fn mqtt_4_4_0_1_unacknowledged_messages_are_resent_with_dup_after_reconnect() {
     assert!(again.dup, "DUP on a resend");
     assert_eq!(again.packet_id, first.packet_id, "same packet identifier");
     assert_eq!(again.payload, "one");
-    s.send(&Packet::PubAck(PubAck::new(again.packet_id.unwrap(), ReasonCode::Success)));
+    s.send(&Packet::PubAck(PubAck::new(
+        again.packet_id.unwrap(),
+        ReasonCode::Success,
+    )));
     drop(s);
     std::thread::sleep(Duration::from_millis(300));
     let (mut s, _) = RawClient::connect(node.mqtt_addr(), V3, "persist", false, 60);
-    assert!(next_publish(&mut s, Duration::from_millis(500)).is_none(), "acknowledged: gone");
+    assert!(
+        next_publish(&mut s, Duration::from_millis(500)).is_none(),
+        "acknowledged: gone"
+    );
 }

@@ -233,8 +233,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             vec!["bench/out".to_owned()],
         ),
         Scenario::Pairs => (
-            (0..args.clients).map(|i| format!("bench/pair/{i}")).collect(),
-            (0..args.clients).map(|i| format!("bench/pair/{i}")).collect(),
+            (0..args.clients)
+                .map(|i| format!("bench/pair/{i}"))
+                .collect(),
+            (0..args.clients)
+                .map(|i| format!("bench/pair/{i}"))
+                .collect(),
         ),
         Scenario::Storm => unreachable!("handled above"),
     };
@@ -260,23 +264,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             };
             let mut idle_since: Option<Instant> = None;
             loop {
-                let packet = match tokio::time::timeout(Duration::from_millis(200), conn.recv()).await
-                {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(_)) => {
-                        totals.errors.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                    Err(_) => {
-                        if !publishing.load(Ordering::Relaxed) {
-                            let since = *idle_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() >= drain {
-                                break;
-                            }
+                let packet =
+                    match tokio::time::timeout(Duration::from_millis(200), conn.recv()).await {
+                        Ok(Ok(p)) => p,
+                        Ok(Err(_)) => {
+                            totals.errors.fetch_add(1, Ordering::Relaxed);
+                            break;
                         }
-                        continue;
-                    }
-                };
+                        Err(_) => {
+                            if !publishing.load(Ordering::Relaxed) {
+                                let since = *idle_since.get_or_insert_with(Instant::now);
+                                if since.elapsed() >= drain {
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
+                    };
                 idle_since = None;
                 if let Packet::Publish(p) = packet {
                     on_message(&mut s, &p.payload, start, &totals);
@@ -296,7 +300,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     }
                 } else if let Packet::PubRel(r) = packet {
                     let _ = conn
-                        .send(&Packet::PubComp(PubComp::new(r.packet_id, ReasonCode::Success)))
+                        .send(&Packet::PubComp(PubComp::new(
+                            r.packet_id,
+                            ReasonCode::Success,
+                        )))
                         .await;
                 }
             }
@@ -349,7 +356,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cpu = process_cpu_seconds() - cpu_start;
 
     let subs = std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut lat: Vec<u32> = subs.iter().flat_map(|s| s.latencies_us.iter().copied()).collect();
+    let mut lat: Vec<u32> = subs
+        .iter()
+        .flat_map(|s| s.latencies_us.iter().copied())
+        .collect();
     lat.sort_unstable();
     let sent = totals.sent.load(Ordering::Relaxed);
     let received = totals.received.load(Ordering::Relaxed);
@@ -364,7 +374,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let idx = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
         f64::from(lat[idx]) / 1000.0
     };
-    let cpu_share = cpu / wall / std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+    let cpu_share =
+        cpu / wall / std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
     let out = serde_json::json!({
         "label": args.label,
         "scenario": format!("{:?}", args.scenario).to_lowercase(),
@@ -532,7 +543,10 @@ async fn ack_progress(conn: &mut Conn, packet: Packet, outstanding: &mut usize) 
             true
         }
         Packet::PubRec(r) => conn
-            .send(&Packet::PubRel(PubRel::new(r.packet_id, ReasonCode::Success)))
+            .send(&Packet::PubRel(PubRel::new(
+                r.packet_id,
+                ReasonCode::Success,
+            )))
             .await
             .is_ok(),
         Packet::Disconnect(_) => false,
@@ -549,7 +563,8 @@ fn on_message(s: &mut Subscriber, payload: &Bytes, start: Instant, totals: &Tota
     let seq = u64::from_be_bytes(payload[4..12].try_into().unwrap_or_default());
     let sent = u64::from_be_bytes(payload[12..20].try_into().unwrap_or_default());
     let lat_us = now_ns(start).saturating_sub(sent) / 1000;
-    s.latencies_us.push(u32::try_from(lat_us).unwrap_or(u32::MAX));
+    s.latencies_us
+        .push(u32::try_from(lat_us).unwrap_or(u32::MAX));
     let from = s.seen.entry(id).or_default();
     if !from.seen.insert(seq) {
         totals.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -599,6 +614,11 @@ fn process_cpu_seconds() -> f64 {
         return 0.0;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }

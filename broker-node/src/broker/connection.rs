@@ -27,9 +27,9 @@ use super::{unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
 use crate::cluster::command::{Command, CommandResult, Message, MessageProperties, Will};
 use crate::cluster::state::SessionRecord;
 use crate::mqtt::{
-    self, ConnAck, ConnAckProperties, Connect, Disconnect, DisconnectProperties,
-    Packet, ProtocolVersion, PubAck, PubComp, PubRec, PubRel, Publish, PublishProperties, QoS,
-    ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    self, ConnAck, ConnAckProperties, Connect, Disconnect, DisconnectProperties, Packet,
+    ProtocolVersion, PubAck, PubComp, PubRec, PubRel, Publish, PublishProperties, QoS, ReasonCode,
+    SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::session::{InboundAliases, InboundQos2, KeepAlive, OutboundState, OutboundWindow};
 
@@ -63,7 +63,7 @@ type AckFuture = Pin<Box<dyn Future<Output = AckOutcome> + Send>>;
 /// What an awaited acknowledgement resolved to.
 enum AckOutcome {
     /// Send this packet.
-    Send(Packet),
+    Send(Box<Packet>),
     /// The message could not be committed: close (v3.1.1 has no way to say so).
     Fail,
 }
@@ -230,14 +230,18 @@ where
                 assigned = Some(id.clone());
                 Arc::from(id)
             } else {
-                return self.refuse(version, ReasonCode::ClientIdentifierNotValid).await;
+                return self
+                    .refuse(version, ReasonCode::ClientIdentifierNotValid)
+                    .await;
             }
         } else {
             Arc::from(connect.client_id.as_str())
         };
 
         if connect.properties.authentication_method.is_some() {
-            return self.refuse(version, ReasonCode::BadAuthenticationMethod).await;
+            return self
+                .refuse(version, ReasonCode::BadAuthenticationMethod)
+                .await;
         }
         if let Err(code) = crate::auth::authenticate(&broker.config, &connect) {
             metrics::counter!("flockmq_auth_failures_total").increment(1);
@@ -301,13 +305,7 @@ where
 
         let connection_id = broker.next_connection_id();
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        if let Some(old) = broker.register(
-            client_id.clone(),
-            ConnHandle {
-                connection_id,
-                tx,
-            },
-        ) {
+        if let Some(old) = broker.register(client_id.clone(), ConnHandle { connection_id, tx }) {
             let _ = old.tx.try_send(ConnMsg::TakenOver);
         }
 
@@ -345,8 +343,7 @@ where
             props.topic_alias_maximum = Some(cfg.topic_alias_maximum);
             props.retain_available = Some(cfg.retain_available);
             props.wildcard_subscription_available = Some(cfg.wildcard_subscription_available);
-            props.subscription_identifiers_available =
-                Some(cfg.subscription_identifier_available);
+            props.subscription_identifiers_available = Some(cfg.subscription_identifier_available);
             props.shared_subscription_available = Some(cfg.shared_subscription_available);
             if cfg.max_qos < 2 {
                 props.maximum_qos = Some(cfg.max_qos);
@@ -485,7 +482,7 @@ where
                 Some(outcome) = s.acks.next(), if !s.acks.is_empty() => {
                     match outcome {
                         AckOutcome::Send(packet) => {
-                            if let Packet::PubAck(_) = packet {
+                            if let Packet::PubAck(_) = *packet {
                                 s.inbound_qos1_pending -= 1;
                             }
                             self.queue_packet(&packet, s.version);
@@ -648,7 +645,7 @@ where
                 let comp = Packet::PubComp(PubComp::new(r.packet_id, code));
                 // PUBCOMP must not overtake the PUBREC still waiting in the queue.
                 s.acks
-                    .push_back(Box::pin(async move { AckOutcome::Send(comp) }));
+                    .push_back(Box::pin(async move { AckOutcome::Send(Box::new(comp)) }));
                 None
             }
             Packet::Subscribe(sub) => self.on_subscribe(s, sub).await,
@@ -729,7 +726,8 @@ where
         // A QoS 2 publish resent before PUBREL is acknowledged, not delivered again.
         if p.qos == QoS::ExactlyOnce && !s.inbound_qos2.receive(packet_id) {
             let rec = Packet::PubRec(PubRec::new(packet_id, ReasonCode::Success));
-            s.acks.push_back(Box::pin(async move { AckOutcome::Send(rec) }));
+            s.acks
+                .push_back(Box::pin(async move { AckOutcome::Send(Box::new(rec)) }));
             return None;
         }
         let refuse = |code: ReasonCode| -> Option<Packet> {
@@ -833,10 +831,10 @@ where
             } else {
                 ReasonCode::Success
             };
-            AckOutcome::Send(match qos {
+            AckOutcome::Send(Box::new(match qos {
                 QoS::AtLeastOnce => Packet::PubAck(PubAck::new(packet_id, code)),
                 _ => Packet::PubRec(PubRec::new(packet_id, code)),
-            })
+            }))
         }));
         None
     }
@@ -845,7 +843,8 @@ where
         let broker = self.broker.clone();
         let cfg = &broker.config.mqtt;
         let v5 = s.version == ProtocolVersion::V5;
-        if sub.properties.subscription_identifier.is_some() && !cfg.subscription_identifier_available
+        if sub.properties.subscription_identifier.is_some()
+            && !cfg.subscription_identifier_available
         {
             return self.violation(
                 s,
@@ -915,7 +914,9 @@ where
             }
         };
         let committed = existed.len() == entries.len();
-        let mut granted = entries.iter().zip(existed.iter().chain(std::iter::repeat(&false)));
+        let mut granted = entries
+            .iter()
+            .zip(existed.iter().chain(std::iter::repeat(&false)));
         let reason_codes: Vec<ReasonCode> = codes
             .iter()
             .map(|c| match c {
@@ -1077,8 +1078,7 @@ where
             properties,
             payload: m.payload.clone(),
         });
-        if s.client_max_packet > 0 && packet.encoded_len(s.version) > s.client_max_packet as usize
-        {
+        if s.client_max_packet > 0 && packet.encoded_len(s.version) > s.client_max_packet as usize {
             metrics::counter!("flockmq_messages_dropped_total", "reason" => "too_large")
                 .increment(1);
             return false;
@@ -1099,7 +1099,9 @@ where
             Outgoing::Transient(_) => {
                 let now = unix_ms();
                 while s.window.has_room() {
-                    let Some(d) = s.pending.pop_front() else { break };
+                    let Some(d) = s.pending.pop_front() else {
+                        break;
+                    };
                     self.send_transient(s, d, now);
                 }
             }
@@ -1165,8 +1167,7 @@ where
         });
         for seq in seqs {
             let id = SessionRecord::packet_id_for(seq);
-            if s
-                .window
+            if s.window
                 .insert(id, OutboundState::AwaitingComp, Outgoing::Queued(seq))
             {
                 self.queue_packet(

@@ -18,6 +18,9 @@ use crate::cluster::proposer::ProposeError;
 use crate::config::QueueFullPolicyConfig;
 use crate::router::SelectContext;
 
+/// The members of one shared group with their options.
+type Members = Vec<(Arc<str>, SubscriptionOptions)>;
+
 /// One client a message goes to, with everything its matching subscriptions decided.
 #[derive(Debug)]
 struct Target {
@@ -42,18 +45,20 @@ impl Broker {
     pub fn dispatch(&self, message: &Arc<Message>) -> DispatchOutcome {
         let publisher = message.origin_client.as_deref();
         let mut targets: HashMap<Arc<str>, Target> = HashMap::new();
-        let mut shared: Vec<(String, Vec<(Arc<str>, SubscriptionOptions)>)> = Vec::new();
+        let mut shared: Vec<(String, Members)> = Vec::new();
         let mut matched = 0usize;
         let durable = self.config.mqtt.durable_sessions;
         // Phase 1, under the read lock: match and decide each target's mode.
         let plan = self.read_state(|state| {
-            state.routes().for_each_match(&message.topic, |_filter, client, options| {
-                matched += 1;
-                if options.no_local && publisher == Some(&**client) {
-                    return;
-                }
-                merge_target(&mut targets, client, options, message);
-            });
+            state
+                .routes()
+                .for_each_match(&message.topic, |_filter, client, options| {
+                    matched += 1;
+                    if options.no_local && publisher == Some(&**client) {
+                        return;
+                    }
+                    merge_target(&mut targets, client, options, message);
+                });
             state
                 .routes()
                 .for_each_shared_match(&message.topic, |group, members| {
@@ -93,9 +98,8 @@ impl Broker {
                 .drain()
                 .filter_map(|(client, t)| {
                     let session = state.session(&client)?;
-                    let queued = t.qos > 0
-                        && session.is_persistent()
-                        && (durable || !session.connected);
+                    let queued =
+                        t.qos > 0 && session.is_persistent() && (durable || !session.connected);
                     let local = session.connected && session.node == self.node_id;
                     Some((client, t, queued, local))
                 })

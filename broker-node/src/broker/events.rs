@@ -87,7 +87,10 @@ impl Broker {
                 .collect()
         });
         if !orphans.is_empty() {
-            tracing::info!(count = orphans.len(), "closing sessions left open by the last run");
+            tracing::info!(
+                count = orphans.len(),
+                "closing sessions left open by the last run"
+            );
         }
         for (client_id, connection_id) in orphans {
             if self.local_client(&client_id).is_some() {
@@ -131,13 +134,20 @@ impl Broker {
                 _ = tick.tick() => {}
             }
             let (subscriptions, retained, sessions) = self.read_state(|st| {
-                (st.routes().len(), st.retained().len(), st.sessions().count())
+                (
+                    st.routes().len(),
+                    st.retained().len(),
+                    st.sessions().count(),
+                )
             });
             let s = &self.stats;
             let base = "$SYS/broker";
             let values = [
                 ("version", format!("flockmq {}", env!("CARGO_PKG_VERSION"))),
-                ("uptime", format!("{} seconds", self.started.elapsed().as_secs())),
+                (
+                    "uptime",
+                    format!("{} seconds", self.started.elapsed().as_secs()),
+                ),
                 (
                     "clients/connected",
                     s.clients_connected.load(Ordering::Relaxed).to_string(),
@@ -159,7 +169,10 @@ impl Broker {
                     "bytes/received",
                     s.bytes_received.load(Ordering::Relaxed).to_string(),
                 ),
-                ("bytes/sent", s.bytes_sent.load(Ordering::Relaxed).to_string()),
+                (
+                    "bytes/sent",
+                    s.bytes_sent.load(Ordering::Relaxed).to_string(),
+                ),
                 ("subscriptions/count", subscriptions.to_string()),
                 ("retained messages/count", retained.to_string()),
             ];

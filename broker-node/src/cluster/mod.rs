@@ -127,7 +127,7 @@ impl Cluster {
         let path = config.data_dir.join("raft");
         let machine = BrokerMachine(BrokerState::new(Some(events)));
         let (log_store, sm_store) = tokio::task::spawn_blocking(move || {
-            storage::open::<TypeConfig, BrokerMachine>(&path, machine)
+            storage::open::<TypeConfig, BrokerMachine>(&path, machine).map_err(Box::new)
         })
         .await
         .context("storage open task failed")?
@@ -194,8 +194,13 @@ impl Cluster {
                 }
             }
         };
-        if tokio::time::timeout(Duration::from_secs(30), wait).await.is_err() {
-            tracing::warn!("no raft leader after 30s; continuing, writes will fail until one is elected");
+        if tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "no raft leader after 30s; continuing, writes will fail until one is elected"
+            );
         }
 
         let proposer = Proposer::spawn(

@@ -31,7 +31,10 @@ pub enum ProposeError {
     ShuttingDown,
 }
 
-type Pending = (Command, oneshot::Sender<Result<CommandResult, ProposeError>>);
+type Pending = (
+    Command,
+    oneshot::Sender<Result<CommandResult, ProposeError>>,
+);
 
 /// A handle for submitting commands to the batching writer.
 #[derive(Clone)]

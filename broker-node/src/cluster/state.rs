@@ -556,7 +556,8 @@ impl BrokerState {
         *self = BrokerState::new(events);
         for (client_id, session) in form.sessions {
             for (filter, options) in &session.subscriptions {
-                self.routes.insert(filter, client_id.clone(), options.clone());
+                self.routes
+                    .insert(filter, client_id.clone(), options.clone());
             }
             self.sessions.insert(client_id, session);
         }

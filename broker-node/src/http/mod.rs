@@ -83,7 +83,9 @@ pub fn metrics_handle() -> PrometheusHandle {
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("a metrics recorder was already installed; /metrics shows only ours");
+                tracing::warn!(
+                    "a metrics recorder was already installed; /metrics shows only ours"
+                );
             }
             handle
         })

@@ -45,7 +45,9 @@ pub fn read_varint(buf: &mut Bytes) -> Result<u32, DecodeError> {
             return Ok(value);
         }
     }
-    Err(DecodeError::Malformed("variable byte integer longer than 4 bytes"))
+    Err(DecodeError::Malformed(
+        "variable byte integer longer than 4 bytes",
+    ))
 }
 
 /// Peek a variable byte integer at the start of `bytes`: `Ok(None)` if more bytes are
@@ -61,7 +63,9 @@ pub fn peek_varint(bytes: &[u8]) -> Result<Option<(u32, usize)>, DecodeError> {
             return Ok(Some((value, i + 1)));
         }
     }
-    Err(DecodeError::Malformed("remaining length longer than 4 bytes"))
+    Err(DecodeError::Malformed(
+        "remaining length longer than 4 bytes",
+    ))
 }
 
 /// Read binary data (two-byte length, then the bytes), without copying.
@@ -74,7 +78,8 @@ pub fn read_binary(buf: &mut Bytes) -> Result<Bytes, DecodeError> {
 /// Read a UTF-8 string: valid UTF-8 (so no surrogates), no U+0000 [MQTT-1.5.4].
 pub fn read_string(buf: &mut Bytes) -> Result<String, DecodeError> {
     let raw = read_binary(buf)?;
-    let s = std::str::from_utf8(&raw).map_err(|_| DecodeError::Malformed("string is not valid UTF-8"))?;
+    let s = std::str::from_utf8(&raw)
+        .map_err(|_| DecodeError::Malformed("string is not valid UTF-8"))?;
     if s.contains('\0') {
         return Err(DecodeError::Malformed("string contains U+0000"));
     }
@@ -152,8 +157,14 @@ mod tests {
             write_varint(&mut out, value).unwrap();
             assert_eq!(&out[..], &bytes[..], "{value}");
             assert_eq!(varint_len(value), bytes.len());
-            assert_eq!(read_varint(&mut Bytes::from(bytes.clone())).unwrap() as usize, value);
-            assert_eq!(peek_varint(&bytes).unwrap(), Some((value as u32, bytes.len())));
+            assert_eq!(
+                read_varint(&mut Bytes::from(bytes.clone())).unwrap() as usize,
+                value
+            );
+            assert_eq!(
+                peek_varint(&bytes).unwrap(),
+                Some((value as u32, bytes.len()))
+            );
         }
         assert!(write_varint(&mut BytesMut::new(), 268_435_456).is_err());
     }
@@ -163,7 +174,11 @@ mod tests {
         let bytes = [0xFF, 0xFF, 0xFF, 0xFF, 0x7F];
         assert!(read_varint(&mut Bytes::copy_from_slice(&bytes)).is_err());
         assert!(peek_varint(&bytes).is_err());
-        assert_eq!(peek_varint(&[0xFF, 0xFF]).unwrap(), None, "more bytes needed");
+        assert_eq!(
+            peek_varint(&[0xFF, 0xFF]).unwrap(),
+            None,
+            "more bytes needed"
+        );
     }
 
     #[test]

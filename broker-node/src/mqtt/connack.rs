@@ -27,7 +27,8 @@ impl ConnAck {
         let reason_code = if v.is_v5() {
             ReasonCode::try_from(code).map_err(|_| DecodeError::Malformed("unknown reason code"))?
         } else {
-            ReasonCode::from_v3_connack(code).ok_or(DecodeError::Malformed("unknown return code"))?
+            ReasonCode::from_v3_connack(code)
+                .ok_or(DecodeError::Malformed("unknown return code"))?
         };
         let properties = if v.is_v5() {
             ConnAckProperties::decode(&mut body)?
@@ -43,7 +44,11 @@ impl ConnAck {
     }
 
     pub(crate) fn body_len(&self, v: ProtocolVersion) -> usize {
-        2 + if v.is_v5() { self.properties.block_len() } else { 0 }
+        2 + if v.is_v5() {
+            self.properties.block_len()
+        } else {
+            0
+        }
     }
 
     pub(crate) fn write(&self, out: &mut BytesMut, v: ProtocolVersion) -> Result<(), EncodeError> {

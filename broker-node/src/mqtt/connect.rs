@@ -2,7 +2,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::codec::{field_len, read_binary, read_string, read_u16, read_u8, write_binary, write_string};
+use super::codec::{
+    field_len, read_binary, read_string, read_u16, read_u8, write_binary, write_string,
+};
 use super::properties::{ConnectProperties, Properties, WillProperties};
 use super::{topic, DecodeError, EncodeError, ProtocolVersion, QoS};
 
@@ -53,7 +55,9 @@ impl Connect {
             ("MQTT", 4) => ProtocolVersion::V3_1_1,
             ("MQTT", 5) => ProtocolVersion::V5,
             ("MQIsdp", 3) => ProtocolVersion::V3_1,
-            ("MQTT" | "MQIsdp", other) => return Err(DecodeError::UnsupportedProtocolVersion(other)),
+            ("MQTT" | "MQIsdp", other) => {
+                return Err(DecodeError::UnsupportedProtocolVersion(other))
+            }
             _ => return Err(DecodeError::Protocol("unknown protocol name")),
         };
         Self::decode_rest(protocol, body).map_err(|e| DecodeError::InConnect {
@@ -74,7 +78,9 @@ impl Connect {
         let has_password = flags & 0x40 != 0;
         let has_username = flags & 0x80 != 0;
         if !will_flag && (will_qos != 0 || will_retain) {
-            return Err(DecodeError::Malformed("will QoS or retain without will flag"));
+            return Err(DecodeError::Malformed(
+                "will QoS or retain without will flag",
+            ));
         }
         let will_qos = QoS::try_from(will_qos)?;
         if has_password && !has_username && !protocol.is_v5() {
@@ -106,8 +112,16 @@ impl Connect {
         } else {
             None
         };
-        let username = if has_username { Some(read_string(&mut body)?) } else { None };
-        let password = if has_password { Some(read_binary(&mut body)?) } else { None };
+        let username = if has_username {
+            Some(read_string(&mut body)?)
+        } else {
+            None
+        };
+        let password = if has_password {
+            Some(read_binary(&mut body)?)
+        } else {
+            None
+        };
         super::expect_end(&body)?;
         Ok(Connect {
             protocol,
@@ -122,7 +136,11 @@ impl Connect {
     }
 
     pub(crate) fn body_len(&self) -> usize {
-        let name = if self.protocol == ProtocolVersion::V3_1 { 6 } else { 4 };
+        let name = if self.protocol == ProtocolVersion::V3_1 {
+            6
+        } else {
+            4
+        };
         let v5 = self.protocol.is_v5();
         let mut n = field_len(name) + 1 + 1 + 2;
         if v5 {
@@ -145,7 +163,11 @@ impl Connect {
     }
 
     pub(crate) fn write(&self, out: &mut BytesMut) -> Result<(), EncodeError> {
-        let name = if self.protocol == ProtocolVersion::V3_1 { "MQIsdp" } else { "MQTT" };
+        let name = if self.protocol == ProtocolVersion::V3_1 {
+            "MQIsdp"
+        } else {
+            "MQTT"
+        };
         write_string(out, name)?;
         out.put_u8(self.protocol.level());
         let mut flags = 0u8;

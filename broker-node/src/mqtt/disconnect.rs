@@ -40,7 +40,11 @@ impl Disconnect {
             return 0;
         }
         if self.properties.is_empty() {
-            if self.reason_code == ReasonCode::Success { 0 } else { 1 }
+            if self.reason_code == ReasonCode::Success {
+                0
+            } else {
+                1
+            }
         } else {
             1 + self.properties.block_len()
         }

@@ -55,9 +55,10 @@ impl DecodeError {
     /// CONNACK only for an unsupported protocol level (return code 1).
     pub fn connack_refusal(&self) -> Option<(ProtocolVersion, ReasonCode)> {
         match self {
-            DecodeError::UnsupportedProtocolVersion(_) => {
-                Some((ProtocolVersion::V3_1_1, ReasonCode::UnsupportedProtocolVersion))
-            }
+            DecodeError::UnsupportedProtocolVersion(_) => Some((
+                ProtocolVersion::V3_1_1,
+                ReasonCode::UnsupportedProtocolVersion,
+            )),
             DecodeError::InConnect {
                 version: ProtocolVersion::V5,
                 source,

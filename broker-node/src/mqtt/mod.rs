@@ -154,7 +154,10 @@ pub fn decode(
     let kind = first >> 4;
     let flags = first & 0x0F;
     let v = match (kind, version) {
-        (1, _) => return connect::Connect::decode(flags, body).map(|c| Some(Packet::Connect(Box::new(c)))),
+        (1, _) => {
+            return connect::Connect::decode(flags, body)
+                .map(|c| Some(Packet::Connect(Box::new(c))))
+        }
         (_, None) => return Err(DecodeError::Protocol("first packet must be CONNECT")),
         (_, Some(v)) => v,
     };
@@ -258,7 +261,11 @@ impl Packet {
 }
 
 /// Append the encoding of `packet` in `version` to `out`.
-pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) -> Result<(), EncodeError> {
+pub fn encode(
+    packet: &Packet,
+    version: ProtocolVersion,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
     if matches!(packet, Packet::Auth(_)) && !version.is_v5() {
         return Err(EncodeError::NotInVersion("AUTH"));
     }
@@ -303,7 +310,9 @@ pub(crate) fn expect_end(body: &Bytes) -> Result<(), DecodeError> {
     if body.is_empty() {
         Ok(())
     } else {
-        Err(DecodeError::Malformed("unexpected bytes after the last field"))
+        Err(DecodeError::Malformed(
+            "unexpected bytes after the last field",
+        ))
     }
 }
 

@@ -97,10 +97,13 @@ pub fn read_properties(
             | WILL_DELAY_INTERVAL
             | MAXIMUM_PACKET_SIZE => PropValue::U32(read_u32(&mut props)?),
             SUBSCRIPTION_IDENTIFIER => PropValue::VarInt(read_varint(&mut props)?),
-            CONTENT_TYPE | RESPONSE_TOPIC | ASSIGNED_CLIENT_IDENTIFIER | AUTHENTICATION_METHOD
-            | RESPONSE_INFORMATION | SERVER_REFERENCE | REASON_STRING => {
-                PropValue::Str(read_string(&mut props)?)
-            }
+            CONTENT_TYPE
+            | RESPONSE_TOPIC
+            | ASSIGNED_CLIENT_IDENTIFIER
+            | AUTHENTICATION_METHOD
+            | RESPONSE_INFORMATION
+            | SERVER_REFERENCE
+            | REASON_STRING => PropValue::Str(read_string(&mut props)?),
             CORRELATION_DATA | AUTHENTICATION_DATA => PropValue::Bin(read_binary(&mut props)?),
             USER_PROPERTY => {
                 let (k, v) = read_pair(&mut props)?;
@@ -299,7 +302,9 @@ impl Properties for ConnectProperties {
     fn take(&mut self, pid: u8, value: PropValue) -> Result<(), DecodeError> {
         use id::*;
         match (pid, value) {
-            (SESSION_EXPIRY_INTERVAL, PropValue::U32(v)) => once(&mut self.session_expiry_interval, v),
+            (SESSION_EXPIRY_INTERVAL, PropValue::U32(v)) => {
+                once(&mut self.session_expiry_interval, v)
+            }
             (RECEIVE_MAXIMUM, PropValue::U16(0)) => Err(DecodeError::Protocol("receive maximum 0")),
             (RECEIVE_MAXIMUM, PropValue::U16(v)) => once(&mut self.receive_maximum, v),
             (MAXIMUM_PACKET_SIZE, PropValue::U32(0)) => {
@@ -374,7 +379,9 @@ impl Properties for WillProperties {
                 flag(v)?;
                 once(&mut self.payload_format_indicator, v)
             }
-            (MESSAGE_EXPIRY_INTERVAL, PropValue::U32(v)) => once(&mut self.message_expiry_interval, v),
+            (MESSAGE_EXPIRY_INTERVAL, PropValue::U32(v)) => {
+                once(&mut self.message_expiry_interval, v)
+            }
             (CONTENT_TYPE, PropValue::Str(v)) => once(&mut self.content_type, v),
             (RESPONSE_TOPIC, PropValue::Str(v)) => once(&mut self.response_topic, v),
             (CORRELATION_DATA, PropValue::Bin(v)) => once(&mut self.correlation_data, v),
@@ -434,7 +441,9 @@ impl Properties for ConnAckProperties {
     fn take(&mut self, pid: u8, value: PropValue) -> Result<(), DecodeError> {
         use id::*;
         match (pid, value) {
-            (SESSION_EXPIRY_INTERVAL, PropValue::U32(v)) => once(&mut self.session_expiry_interval, v),
+            (SESSION_EXPIRY_INTERVAL, PropValue::U32(v)) => {
+                once(&mut self.session_expiry_interval, v)
+            }
             (RECEIVE_MAXIMUM, PropValue::U16(0)) => Err(DecodeError::Protocol("receive maximum 0")),
             (RECEIVE_MAXIMUM, PropValue::U16(v)) => once(&mut self.receive_maximum, v),
             (MAXIMUM_QOS, PropValue::Byte(v)) => {
@@ -547,7 +556,9 @@ impl Properties for PublishProperties {
                 flag(v)?;
                 once(&mut self.payload_format_indicator, v)
             }
-            (MESSAGE_EXPIRY_INTERVAL, PropValue::U32(v)) => once(&mut self.message_expiry_interval, v),
+            (MESSAGE_EXPIRY_INTERVAL, PropValue::U32(v)) => {
+                once(&mut self.message_expiry_interval, v)
+            }
             (TOPIC_ALIAS, PropValue::U16(0)) => Err(DecodeError::Protocol("topic alias 0")),
             (TOPIC_ALIAS, PropValue::U16(v)) => once(&mut self.topic_alias, v),
             (RESPONSE_TOPIC, PropValue::Str(v)) => {
@@ -686,7 +697,9 @@ impl Properties for DisconnectProperties {
     fn take(&mut self, pid: u8, value: PropValue) -> Result<(), DecodeError> {
         use id::*;
         match (pid, value) {
-            (SESSION_EXPIRY_INTERVAL, PropValue::U32(v)) => once(&mut self.session_expiry_interval, v),
+            (SESSION_EXPIRY_INTERVAL, PropValue::U32(v)) => {
+                once(&mut self.session_expiry_interval, v)
+            }
             (REASON_STRING, PropValue::Str(v)) => once(&mut self.reason_string, v),
             (SERVER_REFERENCE, PropValue::Str(v)) => once(&mut self.server_reference, v),
             (USER_PROPERTY, v) => user!(self, v),
@@ -771,10 +784,16 @@ mod tests {
     fn mqtt_2_2_2_property_in_the_wrong_packet_is_a_protocol_error() {
         // Session Expiry Interval is not a PUBLISH property.
         let mut b = block(&[0x11, 0, 0, 0, 10]);
-        assert!(matches!(PublishProperties::decode(&mut b), Err(DecodeError::Protocol(_))));
+        assert!(matches!(
+            PublishProperties::decode(&mut b),
+            Err(DecodeError::Protocol(_))
+        ));
         // Topic Alias is not a CONNECT property.
         let mut b = block(&[0x23, 0, 1]);
-        assert!(matches!(ConnectProperties::decode(&mut b), Err(DecodeError::Protocol(_))));
+        assert!(matches!(
+            ConnectProperties::decode(&mut b),
+            Err(DecodeError::Protocol(_))
+        ));
     }
 
     #[test]
@@ -786,7 +805,10 @@ mod tests {
             0x0B, 0x80, 0x01, // subscription identifier 128
         ]);
         let p = PublishProperties::decode(&mut b).unwrap();
-        assert_eq!(p.user_properties, vec![("a".into(), "1".into()), ("a".into(), "2".into())]);
+        assert_eq!(
+            p.user_properties,
+            vec![("a".into(), "1".into()), ("a".into(), "2".into())]
+        );
         assert_eq!(p.subscription_identifiers, vec![5, 128]);
     }
 
@@ -794,22 +816,43 @@ mod tests {
     fn out_of_range_values_are_protocol_errors() {
         for bad in [&[0x21u8, 0, 0][..], &[0x27, 0, 0, 0, 0], &[0x17, 2]] {
             let mut b = block(bad);
-            assert!(matches!(ConnectProperties::decode(&mut b), Err(DecodeError::Protocol(_))), "{bad:?}");
+            assert!(
+                matches!(
+                    ConnectProperties::decode(&mut b),
+                    Err(DecodeError::Protocol(_))
+                ),
+                "{bad:?}"
+            );
         }
         let mut b = block(&[0x01, 2]);
-        assert!(PublishProperties::decode(&mut b).is_err(), "payload format indicator 2");
+        assert!(
+            PublishProperties::decode(&mut b).is_err(),
+            "payload format indicator 2"
+        );
         let mut b = block(&[0x0B, 0]);
-        assert!(SubscribeProperties::decode(&mut b).is_err(), "subscription identifier 0");
+        assert!(
+            SubscribeProperties::decode(&mut b).is_err(),
+            "subscription identifier 0"
+        );
     }
 
     #[test]
     fn truncated_or_overlong_property_blocks_are_malformed() {
         let mut b = Bytes::from_static(&[5, 0x02, 0, 0]);
-        assert!(matches!(PublishProperties::decode(&mut b), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            PublishProperties::decode(&mut b),
+            Err(DecodeError::Malformed(_))
+        ));
         let mut b = block(&[0x02, 0, 0]);
-        assert!(matches!(PublishProperties::decode(&mut b), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            PublishProperties::decode(&mut b),
+            Err(DecodeError::Malformed(_))
+        ));
         let mut b = block(&[0x7F, 0]);
-        assert!(matches!(PublishProperties::decode(&mut b), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            PublishProperties::decode(&mut b),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]

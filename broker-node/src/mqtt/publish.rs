@@ -26,7 +26,11 @@ pub struct Publish {
 }
 
 impl Publish {
-    pub(crate) fn decode(flags: u8, mut body: Bytes, v: ProtocolVersion) -> Result<Publish, DecodeError> {
+    pub(crate) fn decode(
+        flags: u8,
+        mut body: Bytes,
+        v: ProtocolVersion,
+    ) -> Result<Publish, DecodeError> {
         let dup = flags & 0x08 != 0;
         let qos = QoS::try_from((flags >> 1) & 0x03)?;
         let retain = flags & 0x01 != 0;
@@ -49,7 +53,8 @@ impl Publish {
                 return Err(DecodeError::Protocol("empty topic without a topic alias"));
             }
         } else {
-            topic::validate_topic_name(&topic).map_err(|_| DecodeError::TopicName("PUBLISH topic"))?;
+            topic::validate_topic_name(&topic)
+                .map_err(|_| DecodeError::TopicName("PUBLISH topic"))?;
         }
         Ok(Publish {
             dup,
@@ -69,7 +74,11 @@ impl Publish {
     pub(crate) fn body_len(&self, v: ProtocolVersion) -> usize {
         field_len(self.topic.len())
             + if self.qos == QoS::AtMostOnce { 0 } else { 2 }
-            + if v.is_v5() { self.properties.block_len() } else { 0 }
+            + if v.is_v5() {
+                self.properties.block_len()
+            } else {
+                0
+            }
             + self.payload.len()
     }
 

@@ -192,7 +192,11 @@ mod tests {
             assert_eq!(u8::from(*code), *b);
             assert_eq!(ReasonCode::try_from(*b), Ok(*code));
         }
-        assert_eq!(TABLE.len(), 43, "all of MQTT 5.0's codes but the 0x00 aliases");
+        assert_eq!(
+            TABLE.len(),
+            43,
+            "all of MQTT 5.0's codes but the 0x00 aliases"
+        );
         assert_eq!(ReasonCode::try_from(0x03), Err(UnknownReasonCode(0x03)));
         assert_eq!(u8::from(ReasonCode::GrantedQoS0), 0);
     }

@@ -29,7 +29,8 @@ impl SubAck {
         while !body.is_empty() {
             let b = read_u8(&mut body)?;
             let code = if v.is_v5() {
-                ReasonCode::from_suback(b).map_err(|_| DecodeError::Malformed("unknown reason code"))?
+                ReasonCode::from_suback(b)
+                    .map_err(|_| DecodeError::Malformed("unknown reason code"))?
             } else {
                 match b {
                     0 => ReasonCode::GrantedQoS0,
@@ -49,7 +50,11 @@ impl SubAck {
     }
 
     pub(crate) fn body_len(&self, v: ProtocolVersion) -> usize {
-        2 + if v.is_v5() { self.properties.block_len() } else { 0 } + self.reason_codes.len()
+        2 + if v.is_v5() {
+            self.properties.block_len()
+        } else {
+            0
+        } + self.reason_codes.len()
     }
 
     pub(crate) fn write(&self, out: &mut BytesMut, v: ProtocolVersion) -> Result<(), EncodeError> {
@@ -58,7 +63,11 @@ impl SubAck {
             self.properties.write(out)?;
         }
         for code in &self.reason_codes {
-            out.put_u8(if v.is_v5() { u8::from(*code) } else { code.to_v3_suback() });
+            out.put_u8(if v.is_v5() {
+                u8::from(*code)
+            } else {
+                code.to_v3_suback()
+            });
         }
         Ok(())
     }

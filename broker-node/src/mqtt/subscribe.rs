@@ -36,7 +36,9 @@ impl SubscriptionOptions {
     fn decode(byte: u8, v: ProtocolVersion) -> Result<Self, DecodeError> {
         let reserved = if v.is_v5() { 0xC0 } else { 0xFC };
         if byte & reserved != 0 {
-            return Err(DecodeError::Malformed("subscription options reserved bits set"));
+            return Err(DecodeError::Malformed(
+                "subscription options reserved bits set",
+            ));
         }
         let retain_handling = match (byte >> 4) & 0x03 {
             0 => RetainHandling::SendAtSubscribe,
@@ -99,8 +101,15 @@ impl Subscribe {
     }
 
     pub(crate) fn body_len(&self, v: ProtocolVersion) -> usize {
-        2 + if v.is_v5() { self.properties.block_len() } else { 0 }
-            + self.filters.iter().map(|(f, _)| field_len(f.len()) + 1).sum::<usize>()
+        2 + if v.is_v5() {
+            self.properties.block_len()
+        } else {
+            0
+        } + self
+            .filters
+            .iter()
+            .map(|(f, _)| field_len(f.len()) + 1)
+            .sum::<usize>()
     }
 
     pub(crate) fn write(&self, out: &mut BytesMut, v: ProtocolVersion) -> Result<(), EncodeError> {

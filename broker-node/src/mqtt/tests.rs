@@ -26,7 +26,11 @@ fn exact(packet: Packet, v: ProtocolVersion, bytes: &[u8]) {
     encode(&packet, v, &mut out).unwrap();
     assert_eq!(&out[..], bytes, "encoding of {packet:?}");
     assert_eq!(packet.encoded_len(v), bytes.len());
-    let version = if matches!(packet, Packet::Connect(_)) { None } else { Some(v) };
+    let version = if matches!(packet, Packet::Connect(_)) {
+        None
+    } else {
+        Some(v)
+    };
     assert_eq!(dec(bytes, version).unwrap(), Some(packet));
 }
 
@@ -184,9 +188,17 @@ fn publish_qos0_and_qos1_both_versions() {
         payload: Bytes::from_static(b"hi"),
     };
     // 0x31: PUBLISH, retain. topic a/b, payload "hi".
-    exact(Packet::Publish(p0.clone()), V3, &[0x31, 7, 0, 3, b'a', b'/', b'b', b'h', b'i']);
+    exact(
+        Packet::Publish(p0.clone()),
+        V3,
+        &[0x31, 7, 0, 3, b'a', b'/', b'b', b'h', b'i'],
+    );
     // v5 adds an empty property block.
-    exact(Packet::Publish(p0), V5, &[0x31, 8, 0, 3, b'a', b'/', b'b', 0, b'h', b'i']);
+    exact(
+        Packet::Publish(p0),
+        V5,
+        &[0x31, 8, 0, 3, b'a', b'/', b'b', 0, b'h', b'i'],
+    );
     let p1 = Publish {
         dup: true,
         qos: QoS::AtLeastOnce,
@@ -214,16 +226,36 @@ fn publish_qos0_and_qos1_both_versions() {
 
 #[test]
 fn acks_use_short_forms_in_v5() {
-    exact(Packet::PubAck(PubAck::new(7, ReasonCode::Success)), V3, &[0x40, 2, 0, 7]);
-    exact(Packet::PubAck(PubAck::new(7, ReasonCode::Success)), V5, &[0x40, 2, 0, 7]);
+    exact(
+        Packet::PubAck(PubAck::new(7, ReasonCode::Success)),
+        V3,
+        &[0x40, 2, 0, 7],
+    );
+    exact(
+        Packet::PubAck(PubAck::new(7, ReasonCode::Success)),
+        V5,
+        &[0x40, 2, 0, 7],
+    );
     exact(
         Packet::PubAck(PubAck::new(7, ReasonCode::NoMatchingSubscribers)),
         V5,
         &[0x40, 3, 0, 7, 0x10],
     );
-    exact(Packet::PubRec(PubRec::new(1, ReasonCode::Success)), V3, &[0x50, 2, 0, 1]);
-    exact(Packet::PubRel(PubRel::new(1, ReasonCode::Success)), V3, &[0x62, 2, 0, 1]);
-    exact(Packet::PubComp(PubComp::new(1, ReasonCode::Success)), V5, &[0x70, 2, 0, 1]);
+    exact(
+        Packet::PubRec(PubRec::new(1, ReasonCode::Success)),
+        V3,
+        &[0x50, 2, 0, 1],
+    );
+    exact(
+        Packet::PubRel(PubRel::new(1, ReasonCode::Success)),
+        V3,
+        &[0x62, 2, 0, 1],
+    );
+    exact(
+        Packet::PubComp(PubComp::new(1, ReasonCode::Success)),
+        V5,
+        &[0x70, 2, 0, 1],
+    );
     let mut with_reason = PubRec::new(2, ReasonCode::UnspecifiedError);
     with_reason.properties.reason_string = Some("x".into());
     #[rustfmt::skip]
@@ -244,7 +276,11 @@ fn subscribe_and_suback_both_versions() {
         filters: vec![("a/+".into(), opts)],
         properties: SubscribeProperties::default(),
     };
-    exact(Packet::Subscribe(s.clone()), V3, &[0x82, 8, 0, 1, 0, 3, b'a', b'/', b'+', 2]);
+    exact(
+        Packet::Subscribe(s.clone()),
+        V3,
+        &[0x82, 8, 0, 1, 0, 3, b'a', b'/', b'+', 2],
+    );
     let s5 = Subscribe {
         filters: vec![(
             "a".into(),
@@ -275,7 +311,11 @@ fn subscribe_and_suback_both_versions() {
         reason_codes: vec![ReasonCode::GrantedQoS2, ReasonCode::TopicFilterInvalid],
         properties: AckProperties::default(),
     };
-    exact(Packet::SubAck(ack.clone()), V5, &[0x90, 5, 0, 1, 0, 2, 0x8F]);
+    exact(
+        Packet::SubAck(ack.clone()),
+        V5,
+        &[0x90, 5, 0, 1, 0, 2, 0x8F],
+    );
     // v3.1.1 has only 0x80 for failures.
     let mut out = BytesMut::new();
     encode(&Packet::SubAck(ack), V3, &mut out).unwrap();
@@ -289,7 +329,11 @@ fn unsubscribe_and_unsuback_both_versions() {
         filters: vec!["a".into()],
         properties: UnsubscribeProperties::default(),
     };
-    exact(Packet::Unsubscribe(u.clone()), V3, &[0xA2, 5, 0, 2, 0, 1, b'a']);
+    exact(
+        Packet::Unsubscribe(u.clone()),
+        V3,
+        &[0xA2, 5, 0, 2, 0, 1, b'a'],
+    );
     exact(Packet::Unsubscribe(u), V5, &[0xA2, 6, 0, 2, 0, 0, 1, b'a']);
     exact(
         Packet::UnsubAck(UnsubAck {
@@ -340,7 +384,15 @@ fn ping_disconnect_and_auth() {
         V5,
         &[0xF0, 6, 0x18, 4, 0x15, 0, 1, b'm'],
     );
-    assert!(encode(&Packet::Auth(Auth { reason_code: ReasonCode::Success, properties: AuthProperties::default() }), V3, &mut BytesMut::new()).is_err());
+    assert!(encode(
+        &Packet::Auth(Auth {
+            reason_code: ReasonCode::Success,
+            properties: AuthProperties::default()
+        }),
+        V3,
+        &mut BytesMut::new()
+    )
+    .is_err());
 }
 
 #[test]
@@ -363,7 +415,10 @@ fn partial_frames_need_more_bytes_and_too_large_is_refused_from_the_header() {
 fn two_packets_in_one_buffer_decode_one_at_a_time() {
     let mut buf = BytesMut::from(&[0xC0, 0, 0xE0, 0][..]);
     assert_eq!(decode(&mut buf, Some(V3), MAX), Ok(Some(Packet::PingReq)));
-    assert!(matches!(decode(&mut buf, Some(V3), MAX), Ok(Some(Packet::Disconnect(_)))));
+    assert!(matches!(
+        decode(&mut buf, Some(V3), MAX),
+        Ok(Some(Packet::Disconnect(_)))
+    ));
     assert!(buf.is_empty());
 }
 
@@ -371,46 +426,99 @@ fn two_packets_in_one_buffer_decode_one_at_a_time() {
 
 #[test]
 fn mqtt_2_1_3_1_reserved_fixed_header_flags_are_malformed() {
-    assert!(matches!(reject(&[0x60, 2, 0, 1], Some(V3)), DecodeError::Malformed(_)), "PUBREL needs 0b0010");
-    assert!(matches!(reject(&[0x80, 6, 0, 1, 0, 1, b'a', 0], Some(V3)), DecodeError::Malformed(_)), "SUBSCRIBE needs 0b0010");
-    assert!(matches!(reject(&[0xA0, 5, 0, 1, 0, 1, b'a'], Some(V3)), DecodeError::Malformed(_)), "UNSUBSCRIBE needs 0b0010");
-    assert!(matches!(reject(&[0xC1, 0], Some(V3)), DecodeError::Malformed(_)), "PINGREQ flags");
+    assert!(
+        matches!(
+            reject(&[0x60, 2, 0, 1], Some(V3)),
+            DecodeError::Malformed(_)
+        ),
+        "PUBREL needs 0b0010"
+    );
+    assert!(
+        matches!(
+            reject(&[0x80, 6, 0, 1, 0, 1, b'a', 0], Some(V3)),
+            DecodeError::Malformed(_)
+        ),
+        "SUBSCRIBE needs 0b0010"
+    );
+    assert!(
+        matches!(
+            reject(&[0xA0, 5, 0, 1, 0, 1, b'a'], Some(V3)),
+            DecodeError::Malformed(_)
+        ),
+        "UNSUBSCRIBE needs 0b0010"
+    );
+    assert!(
+        matches!(reject(&[0xC1, 0], Some(V3)), DecodeError::Malformed(_)),
+        "PINGREQ flags"
+    );
 }
 
 #[test]
 fn mqtt_3_3_1_4_publish_with_qos_3_is_malformed() {
-    assert!(matches!(reject(&[0x36, 5, 0, 1, b't', 0, 1], Some(V3)), DecodeError::Malformed(_)));
+    assert!(matches!(
+        reject(&[0x36, 5, 0, 1, b't', 0, 1], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
 }
 
 #[test]
 fn mqtt_3_3_1_2_dup_on_qos0_is_malformed() {
-    assert!(matches!(reject(&[0x38, 3, 0, 1, b't'], Some(V3)), DecodeError::Malformed(_)));
+    assert!(matches!(
+        reject(&[0x38, 3, 0, 1, b't'], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
 }
 
 #[test]
 fn mqtt_3_3_2_2_wildcards_in_a_publish_topic_are_refused() {
-    assert_eq!(reject(&[0x30, 3, 0, 1, b'#'], Some(V3)).reason_code(), ReasonCode::TopicNameInvalid);
-    assert_eq!(reject(&[0x30, 5, 0, 3, b'a', b'/', b'+'], Some(V3)).reason_code(), ReasonCode::TopicNameInvalid);
+    assert_eq!(
+        reject(&[0x30, 3, 0, 1, b'#'], Some(V3)).reason_code(),
+        ReasonCode::TopicNameInvalid
+    );
+    assert_eq!(
+        reject(&[0x30, 5, 0, 3, b'a', b'/', b'+'], Some(V3)).reason_code(),
+        ReasonCode::TopicNameInvalid
+    );
 }
 
 #[test]
 fn mqtt_3_3_2_empty_topic_needs_a_topic_alias_in_v5() {
-    assert!(matches!(reject(&[0x30, 3, 0, 0, 0], Some(V5)), DecodeError::Protocol(_)));
-    assert!(matches!(reject(&[0x30, 2, 0, 0], Some(V3)), DecodeError::Protocol(_)));
+    assert!(matches!(
+        reject(&[0x30, 3, 0, 0, 0], Some(V5)),
+        DecodeError::Protocol(_)
+    ));
+    assert!(matches!(
+        reject(&[0x30, 2, 0, 0], Some(V3)),
+        DecodeError::Protocol(_)
+    ));
     // With topic alias 1: accepted, the session resolves it.
-    assert!(matches!(dec(&[0x30, 6, 0, 0, 3, 0x23, 0, 1], Some(V5)), Ok(Some(Packet::Publish(_)))));
+    assert!(matches!(
+        dec(&[0x30, 6, 0, 0, 3, 0x23, 0, 1], Some(V5)),
+        Ok(Some(Packet::Publish(_)))
+    ));
 }
 
 #[test]
 fn mqtt_2_2_1_3_packet_identifier_zero_is_malformed() {
-    assert!(matches!(reject(&[0x32, 5, 0, 1, b't', 0, 0], Some(V3)), DecodeError::Malformed(_)));
-    assert!(matches!(reject(&[0x40, 2, 0, 0], Some(V3)), DecodeError::Malformed(_)));
-    assert!(matches!(reject(&[0x82, 6, 0, 0, 0, 1, b'a', 0], Some(V3)), DecodeError::Malformed(_)));
+    assert!(matches!(
+        reject(&[0x32, 5, 0, 1, b't', 0, 0], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
+    assert!(matches!(
+        reject(&[0x40, 2, 0, 0], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
+    assert!(matches!(
+        reject(&[0x82, 6, 0, 0, 0, 1, b'a', 0], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
 }
 
 #[test]
 fn mqtt_3_1_2_3_connect_reserved_flag_must_be_zero() {
-    let bytes = [0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x03, 0, 0, 0, 1, b'a'];
+    let bytes = [
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x03, 0, 0, 0, 1, b'a',
+    ];
     let e = reject(&bytes, None);
     assert_eq!(e.reason_code(), ReasonCode::MalformedPacket);
 }
@@ -418,37 +526,64 @@ fn mqtt_3_1_2_3_connect_reserved_flag_must_be_zero() {
 #[test]
 fn mqtt_3_1_2_11_will_qos_and_retain_need_the_will_flag() {
     // Will QoS 1 without will flag.
-    let bytes = [0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x0A, 0, 0, 0, 1, b'a'];
-    assert_eq!(reject(&bytes, None).reason_code(), ReasonCode::MalformedPacket);
+    let bytes = [
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x0A, 0, 0, 0, 1, b'a',
+    ];
+    assert_eq!(
+        reject(&bytes, None).reason_code(),
+        ReasonCode::MalformedPacket
+    );
     // Will retain without will flag.
-    let bytes = [0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x22, 0, 0, 0, 1, b'a'];
-    assert_eq!(reject(&bytes, None).reason_code(), ReasonCode::MalformedPacket);
+    let bytes = [
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x22, 0, 0, 0, 1, b'a',
+    ];
+    assert_eq!(
+        reject(&bytes, None).reason_code(),
+        ReasonCode::MalformedPacket
+    );
 }
 
 #[test]
 fn mqtt_3_1_2_14_will_qos_3_is_malformed() {
-    let bytes = [0x10, 18, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x1E, 0, 0, 0, 1, b'a', 0, 1, b't', 0, 0];
-    assert_eq!(reject(&bytes, None).reason_code(), ReasonCode::MalformedPacket);
+    let bytes = [
+        0x10, 18, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x1E, 0, 0, 0, 1, b'a', 0, 1, b't', 0, 0,
+    ];
+    assert_eq!(
+        reject(&bytes, None).reason_code(),
+        ReasonCode::MalformedPacket
+    );
 }
 
 #[test]
 fn mqtt_3_1_2_22_password_without_user_name_is_malformed_in_v311() {
-    let bytes = [0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x42, 0, 0, 0, 1, b'a', 0, 1, b'p'];
-    assert_eq!(reject(&bytes, None).reason_code(), ReasonCode::MalformedPacket);
+    let bytes = [
+        0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x42, 0, 0, 0, 1, b'a', 0, 1, b'p',
+    ];
+    assert_eq!(
+        reject(&bytes, None).reason_code(),
+        ReasonCode::MalformedPacket
+    );
 }
 
 #[test]
 fn mqtt_3_1_2_1_unknown_protocol_name_is_refused() {
-    let bytes = [0x10, 13, 0, 4, b'M', b'Q', b'X', b'X', 4, 0x02, 0, 0, 0, 1, b'a'];
+    let bytes = [
+        0x10, 13, 0, 4, b'M', b'Q', b'X', b'X', 4, 0x02, 0, 0, 0, 1, b'a',
+    ];
     assert!(matches!(reject(&bytes, None), DecodeError::Protocol(_)));
 }
 
 #[test]
 fn mqtt_3_1_2_2_unknown_protocol_level_gets_connack_0x84_or_return_code_1() {
-    let bytes = [0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 6, 0x02, 0, 0, 0, 1, b'a'];
+    let bytes = [
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 6, 0x02, 0, 0, 0, 1, b'a',
+    ];
     let e = reject(&bytes, None);
     assert_eq!(e.reason_code(), ReasonCode::UnsupportedProtocolVersion);
-    assert_eq!(e.connack_refusal(), Some((V3, ReasonCode::UnsupportedProtocolVersion)));
+    assert_eq!(
+        e.connack_refusal(),
+        Some((V3, ReasonCode::UnsupportedProtocolVersion))
+    );
 }
 
 #[test]
@@ -458,47 +593,95 @@ fn mqtt_3_1_0_1_first_packet_must_be_connect() {
 
 #[test]
 fn mqtt_3_8_3_3_subscribe_without_filters_is_a_protocol_error() {
-    assert!(matches!(reject(&[0x82, 2, 0, 1], Some(V3)), DecodeError::Protocol(_)));
-    assert!(matches!(reject(&[0xA2, 2, 0, 1], Some(V3)), DecodeError::Protocol(_)));
+    assert!(matches!(
+        reject(&[0x82, 2, 0, 1], Some(V3)),
+        DecodeError::Protocol(_)
+    ));
+    assert!(matches!(
+        reject(&[0xA2, 2, 0, 1], Some(V3)),
+        DecodeError::Protocol(_)
+    ));
 }
 
 #[test]
 fn mqtt_3_8_3_5_subscription_option_reserved_bits_and_retain_handling_3_are_malformed() {
-    assert!(matches!(reject(&[0x82, 6, 0, 1, 0, 1, b'a', 0x04], Some(V3)), DecodeError::Malformed(_)));
-    assert!(matches!(reject(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x40], Some(V5)), DecodeError::Malformed(_)));
-    assert!(matches!(reject(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x30], Some(V5)), DecodeError::Malformed(_)));
-    assert!(matches!(reject(&[0x82, 6, 0, 1, 0, 1, b'a', 0x03], Some(V3)), DecodeError::Malformed(_)));
+    assert!(matches!(
+        reject(&[0x82, 6, 0, 1, 0, 1, b'a', 0x04], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
+    assert!(matches!(
+        reject(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x40], Some(V5)),
+        DecodeError::Malformed(_)
+    ));
+    assert!(matches!(
+        reject(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x30], Some(V5)),
+        DecodeError::Malformed(_)
+    ));
+    assert!(matches!(
+        reject(&[0x82, 6, 0, 1, 0, 1, b'a', 0x03], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
 }
 
 #[test]
 fn invalid_topic_filters_are_left_to_the_suback() {
     // "a/#/b" is an invalid filter, but well-formed on the wire.
-    assert!(matches!(dec(&[0x82, 10, 0, 1, 0, 5, b'a', b'/', b'#', b'/', b'b', 0], Some(V3)), Ok(Some(Packet::Subscribe(_)))));
+    assert!(matches!(
+        dec(
+            &[0x82, 10, 0, 1, 0, 5, b'a', b'/', b'#', b'/', b'b', 0],
+            Some(V3)
+        ),
+        Ok(Some(Packet::Subscribe(_)))
+    ));
 }
 
 #[test]
 fn mqtt_1_5_4_invalid_utf8_and_nul_in_strings_are_malformed() {
-    assert!(matches!(reject(&[0x30, 4, 0, 2, 0xC3, 0x28], Some(V3)), DecodeError::Malformed(_)));
-    assert!(matches!(reject(&[0x30, 4, 0, 2, b'a', 0], Some(V3)), DecodeError::Malformed(_)));
+    assert!(matches!(
+        reject(&[0x30, 4, 0, 2, 0xC3, 0x28], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
+    assert!(matches!(
+        reject(&[0x30, 4, 0, 2, b'a', 0], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
 }
 
 #[test]
 fn trailing_bytes_in_fixed_size_packets_are_malformed() {
-    assert!(matches!(reject(&[0xC0, 1, 0], Some(V3)), DecodeError::Malformed(_)));
-    assert!(matches!(reject(&[0x40, 3, 0, 1, 0], Some(V3)), DecodeError::Malformed(_)));
-    assert!(matches!(reject(&[0xE0, 1, 0], Some(V3)), DecodeError::Malformed(_)));
+    assert!(matches!(
+        reject(&[0xC0, 1, 0], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
+    assert!(matches!(
+        reject(&[0x40, 3, 0, 1, 0], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
+    assert!(matches!(
+        reject(&[0xE0, 1, 0], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
 }
 
 #[test]
 fn truncated_properties_are_malformed() {
     // PUBLISH v5 claiming 5 bytes of properties with only 2 present.
-    assert!(matches!(reject(&[0x30, 6, 0, 1, b't', 5, 0x02, 0], Some(V5)), DecodeError::Malformed(_)));
+    assert!(matches!(
+        reject(&[0x30, 6, 0, 1, b't', 5, 0x02, 0], Some(V5)),
+        DecodeError::Malformed(_)
+    ));
 }
 
 #[test]
 fn auth_before_v5_and_packet_type_0_are_malformed() {
-    assert!(matches!(reject(&[0xF0, 0], Some(V3)), DecodeError::Malformed(_)));
-    assert!(matches!(reject(&[0x00, 0], Some(V5)), DecodeError::Malformed(_)));
+    assert!(matches!(
+        reject(&[0xF0, 0], Some(V3)),
+        DecodeError::Malformed(_)
+    ));
+    assert!(matches!(
+        reject(&[0x00, 0], Some(V5)),
+        DecodeError::Malformed(_)
+    ));
 }
 
 #[test]
@@ -508,7 +691,11 @@ fn decoding_a_publish_does_not_copy_its_payload() {
     let Some(Packet::Publish(p)) = decode(&mut buf, Some(V3), MAX).unwrap() else {
         panic!("publish");
     };
-    assert_eq!(p.payload.as_ptr() as usize, start + 5, "payload is a slice of the read buffer");
+    assert_eq!(
+        p.payload.as_ptr() as usize,
+        start + 5,
+        "payload is a slice of the read buffer"
+    );
 }
 
 // ---- property-based round trips ----
@@ -526,7 +713,11 @@ fn bin() -> impl Strategy<Value = Bytes> {
 }
 
 fn qos() -> impl Strategy<Value = QoS> {
-    prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce), Just(QoS::ExactlyOnce)]
+    prop_oneof![
+        Just(QoS::AtMostOnce),
+        Just(QoS::AtLeastOnce),
+        Just(QoS::ExactlyOnce)
+    ]
 }
 
 fn users() -> impl Strategy<Value = Vec<(String, String)>> {
@@ -548,9 +739,11 @@ fn reason() -> impl Strategy<Value = ReasonCode> {
 }
 
 fn ack_props() -> impl Strategy<Value = AckProperties> {
-    (prop::option::of(string()), users()).prop_map(|(reason_string, user_properties)| AckProperties {
-        reason_string,
-        user_properties,
+    (prop::option::of(string()), users()).prop_map(|(reason_string, user_properties)| {
+        AckProperties {
+            reason_string,
+            user_properties,
+        }
     })
 }
 
@@ -568,24 +761,26 @@ fn publish() -> impl Strategy<Value = Publish> {
         users(),
         prop::collection::vec(1u32..268_435_455, 0..3),
     )
-        .prop_map(|(qos, dup, retain, topic, id, payload, expiry, rt, cd, users, ids)| Publish {
-            dup: dup && qos != QoS::AtMostOnce,
-            qos,
-            retain,
-            topic,
-            packet_id: (qos != QoS::AtMostOnce).then_some(id),
-            properties: PublishProperties {
-                payload_format_indicator: None,
-                message_expiry_interval: expiry,
-                topic_alias: None,
-                response_topic: rt.map(|s| s.replace(['+', '#'], "")),
-                correlation_data: cd,
-                user_properties: users,
-                subscription_identifiers: ids,
-                content_type: None,
+        .prop_map(
+            |(qos, dup, retain, topic, id, payload, expiry, rt, cd, users, ids)| Publish {
+                dup: dup && qos != QoS::AtMostOnce,
+                qos,
+                retain,
+                topic,
+                packet_id: (qos != QoS::AtMostOnce).then_some(id),
+                properties: PublishProperties {
+                    payload_format_indicator: None,
+                    message_expiry_interval: expiry,
+                    topic_alias: None,
+                    response_topic: rt.map(|s| s.replace(['+', '#'], "")),
+                    correlation_data: cd,
+                    user_properties: users,
+                    subscription_identifiers: ids,
+                    content_type: None,
+                },
+                payload,
             },
-            payload,
-        })
+        )
 }
 
 /// Any valid packet (v5 fields filled only where `v` carries them).
@@ -601,7 +796,13 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
         any::<bool>(),
         any::<u16>(),
         string(),
-        prop::option::of((topic_name(), bin(), qos(), any::<bool>(), prop::option::of(any::<u32>()))),
+        prop::option::of((
+            topic_name(),
+            bin(),
+            qos(),
+            any::<bool>(),
+            prop::option::of(any::<u32>()),
+        )),
         prop::option::of((string(), prop::option::of(bin()))),
         prop::option::of(any::<u32>()),
         users(),
@@ -639,7 +840,16 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
                 },
             }))
         });
-    let connack = (any::<bool>(), prop_oneof![Just(ReasonCode::Success), Just(ReasonCode::NotAuthorized), Just(ReasonCode::ServerUnavailable)], prop::option::of(1u16..), prop::option::of(string()))
+    let connack = (
+        any::<bool>(),
+        prop_oneof![
+            Just(ReasonCode::Success),
+            Just(ReasonCode::NotAuthorized),
+            Just(ReasonCode::ServerUnavailable)
+        ],
+        prop::option::of(1u16..),
+        prop::option::of(string()),
+    )
         .prop_map(move |(sp, code, rm, assigned)| {
             Packet::ConnAck(ConnAck {
                 session_present: sp,
@@ -656,15 +866,42 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
             })
         });
     let ack = (0u8..4, 1u16.., reason(), ack_props()).prop_map(move |(kind, id, code, props)| {
-        let (code, props) = if v5 { (code, props) } else { (ReasonCode::Success, AckProperties::default()) };
+        let (code, props) = if v5 {
+            (code, props)
+        } else {
+            (ReasonCode::Success, AckProperties::default())
+        };
         match kind {
-            0 => Packet::PubAck(PubAck { packet_id: id, reason_code: code, properties: props }),
-            1 => Packet::PubRec(PubRec { packet_id: id, reason_code: code, properties: props }),
-            2 => Packet::PubRel(PubRel { packet_id: id, reason_code: code, properties: props }),
-            _ => Packet::PubComp(PubComp { packet_id: id, reason_code: code, properties: props }),
+            0 => Packet::PubAck(PubAck {
+                packet_id: id,
+                reason_code: code,
+                properties: props,
+            }),
+            1 => Packet::PubRec(PubRec {
+                packet_id: id,
+                reason_code: code,
+                properties: props,
+            }),
+            2 => Packet::PubRel(PubRel {
+                packet_id: id,
+                reason_code: code,
+                properties: props,
+            }),
+            _ => Packet::PubComp(PubComp {
+                packet_id: id,
+                reason_code: code,
+                properties: props,
+            }),
         }
     });
-    let subscribe = (1u16.., prop::collection::vec((string(), qos(), any::<bool>(), any::<bool>(), 0u8..3), 1..4), prop::option::of(1u32..1000))
+    let subscribe = (
+        1u16..,
+        prop::collection::vec(
+            (string(), qos(), any::<bool>(), any::<bool>(), 0u8..3),
+            1..4,
+        ),
+        prop::option::of(1u32..1000),
+    )
         .prop_map(move |(id, filters, sid)| {
             Packet::Subscribe(Subscribe {
                 packet_id: id,
@@ -692,26 +929,71 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
                 },
             })
         });
-    let suback = (1u16.., prop::collection::vec(prop_oneof![Just(ReasonCode::GrantedQoS0), Just(ReasonCode::GrantedQoS1), Just(ReasonCode::GrantedQoS2), Just(ReasonCode::UnspecifiedError)], 1..4))
-        .prop_map(|(id, codes)| Packet::SubAck(SubAck { packet_id: id, reason_codes: codes, properties: AckProperties::default() }));
+    let suback = (
+        1u16..,
+        prop::collection::vec(
+            prop_oneof![
+                Just(ReasonCode::GrantedQoS0),
+                Just(ReasonCode::GrantedQoS1),
+                Just(ReasonCode::GrantedQoS2),
+                Just(ReasonCode::UnspecifiedError)
+            ],
+            1..4,
+        ),
+    )
+        .prop_map(|(id, codes)| {
+            Packet::SubAck(SubAck {
+                packet_id: id,
+                reason_codes: codes,
+                properties: AckProperties::default(),
+            })
+        });
     let unsub = (1u16.., prop::collection::vec(string(), 1..4)).prop_map(|(id, filters)| {
-        Packet::Unsubscribe(Unsubscribe { packet_id: id, filters, properties: UnsubscribeProperties::default() })
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: id,
+            filters,
+            properties: UnsubscribeProperties::default(),
+        })
     });
-    let unsuback = (1u16.., prop::collection::vec(prop_oneof![Just(ReasonCode::Success), Just(ReasonCode::NoSubscriptionExisted)], 1..4))
+    let unsuback = (
+        1u16..,
+        prop::collection::vec(
+            prop_oneof![
+                Just(ReasonCode::Success),
+                Just(ReasonCode::NoSubscriptionExisted)
+            ],
+            1..4,
+        ),
+    )
         .prop_map(move |(id, codes)| {
-            Packet::UnsubAck(UnsubAck { packet_id: id, reason_codes: if v5 { codes } else { vec![] }, properties: AckProperties::default() })
+            Packet::UnsubAck(UnsubAck {
+                packet_id: id,
+                reason_codes: if v5 { codes } else { vec![] },
+                properties: AckProperties::default(),
+            })
         });
     let disconnect = (reason(), prop::option::of(any::<u32>())).prop_map(move |(code, expiry)| {
         Packet::Disconnect(if v5 {
-            Disconnect { reason_code: code, properties: DisconnectProperties { session_expiry_interval: expiry, ..Default::default() } }
+            Disconnect {
+                reason_code: code,
+                properties: DisconnectProperties {
+                    session_expiry_interval: expiry,
+                    ..Default::default()
+                },
+            }
         } else {
-            Disconnect { reason_code: ReasonCode::Success, properties: DisconnectProperties::default() }
+            Disconnect {
+                reason_code: ReasonCode::Success,
+                properties: DisconnectProperties::default(),
+            }
         })
     });
     let mut options = vec![
         connect.boxed(),
         connack.boxed(),
-        publish().prop_map(move |p| Packet::Publish(strip_pub(p))).boxed(),
+        publish()
+            .prop_map(move |p| Packet::Publish(strip_pub(p)))
+            .boxed(),
         ack.boxed(),
         subscribe.boxed(),
         suback.boxed(),
@@ -723,8 +1005,22 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
     ];
     if v5 {
         options.push(
-            (prop_oneof![Just(ReasonCode::Success), Just(ReasonCode::ContinueAuthentication)], prop::option::of(string()))
-                .prop_map(|(code, m)| Packet::Auth(Auth { reason_code: code, properties: AuthProperties { authentication_method: m, ..Default::default() } }))
+            (
+                prop_oneof![
+                    Just(ReasonCode::Success),
+                    Just(ReasonCode::ContinueAuthentication)
+                ],
+                prop::option::of(string()),
+            )
+                .prop_map(|(code, m)| {
+                    Packet::Auth(Auth {
+                        reason_code: code,
+                        properties: AuthProperties {
+                            authentication_method: m,
+                            ..Default::default()
+                        },
+                    })
+                })
                 .boxed(),
         );
     }

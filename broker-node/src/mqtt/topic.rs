@@ -106,7 +106,18 @@ mod tests {
 
     #[test]
     fn mqtt_4_7_filters_are_validated_by_wildcard_placement() {
-        for ok in ["#", "+", "a/#", "a/+/b", "+/+", "/", "a//b", "$SYS/#", "$share/g/a/#", "$share/g/#"] {
+        for ok in [
+            "#",
+            "+",
+            "a/#",
+            "a/+/b",
+            "+/+",
+            "/",
+            "a//b",
+            "$SYS/#",
+            "$share/g/a/#",
+            "$share/g/#",
+        ] {
             assert_eq!(validate_topic_filter(ok), Ok(()), "{ok}");
         }
         for (bad, why) in [
@@ -136,7 +147,11 @@ mod tests {
     fn mqtt_4_7_2_1_wildcards_at_the_first_level_skip_dollar_topics() {
         let table = [
             ("sport/tennis/player1/#", "sport/tennis/player1", true),
-            ("sport/tennis/player1/#", "sport/tennis/player1/score/wimbledon", true),
+            (
+                "sport/tennis/player1/#",
+                "sport/tennis/player1/score/wimbledon",
+                true,
+            ),
             ("sport/+", "sport/tennis/player1", false),
             ("sport/+", "sport/", true),
             ("+", "", true),
@@ -147,13 +162,20 @@ mod tests {
             ("$SYS/monitor/+", "$SYS/monitor/Clients", true),
         ];
         for (filter, topic, expected) in table {
-            assert_eq!(topic_matches(filter, topic), expected, "{filter} vs {topic}");
+            assert_eq!(
+                topic_matches(filter, topic),
+                expected,
+                "{filter} vs {topic}"
+            );
         }
     }
 
     #[test]
     fn shared_filters_split_into_group_and_filter() {
-        assert_eq!(parse_shared("$share/workers/sensors/#"), Some(("workers", "sensors/#")));
+        assert_eq!(
+            parse_shared("$share/workers/sensors/#"),
+            Some(("workers", "sensors/#"))
+        );
         assert_eq!(parse_shared("sensors/#"), None);
     }
 }

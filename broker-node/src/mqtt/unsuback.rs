@@ -30,7 +30,8 @@ impl UnsubAck {
             while !body.is_empty() {
                 let b = read_u8(&mut body)?;
                 ack.reason_codes.push(
-                    ReasonCode::try_from(b).map_err(|_| DecodeError::Malformed("unknown reason code"))?,
+                    ReasonCode::try_from(b)
+                        .map_err(|_| DecodeError::Malformed("unknown reason code"))?,
                 );
             }
         }

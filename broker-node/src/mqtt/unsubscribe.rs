@@ -40,8 +40,15 @@ impl Unsubscribe {
     }
 
     pub(crate) fn body_len(&self, v: ProtocolVersion) -> usize {
-        2 + if v.is_v5() { self.properties.block_len() } else { 0 }
-            + self.filters.iter().map(|f| field_len(f.len())).sum::<usize>()
+        2 + if v.is_v5() {
+            self.properties.block_len()
+        } else {
+            0
+        } + self
+            .filters
+            .iter()
+            .map(|f| field_len(f.len()))
+            .sum::<usize>()
     }
 
     pub(crate) fn write(&self, out: &mut BytesMut, v: ProtocolVersion) -> Result<(), EncodeError> {

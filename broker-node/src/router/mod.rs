@@ -42,8 +42,16 @@ mod tests {
     /// (filter, topic, matches) — the examples of section 4.7 and the `$` rule.
     const TABLE: &[(&str, &str, bool)] = &[
         ("sport/tennis/player1/#", "sport/tennis/player1", true),
-        ("sport/tennis/player1/#", "sport/tennis/player1/ranking", true),
-        ("sport/tennis/player1/#", "sport/tennis/player1/score/wimbledon", true),
+        (
+            "sport/tennis/player1/#",
+            "sport/tennis/player1/ranking",
+            true,
+        ),
+        (
+            "sport/tennis/player1/#",
+            "sport/tennis/player1/score/wimbledon",
+            true,
+        ),
         ("sport/#", "sport", true),
         ("#", "sport/tennis", true),
         ("#", "/", true),
@@ -62,8 +70,16 @@ mod tests {
         ("$SYS/+/Clients", "$SYS/monitor/Clients", true),
         ("a//b", "a//b", true),
         ("a/+/b", "a//b", true),
-        ("fleet/+/robot/+/telemetry/#", "fleet/1/robot/r7/telemetry/battery", true),
-        ("fleet/+/robot/+/telemetry/#", "fleet/1/robot/r7/command/velocity", false),
+        (
+            "fleet/+/robot/+/telemetry/#",
+            "fleet/1/robot/r7/telemetry/battery",
+            true,
+        ),
+        (
+            "fleet/+/robot/+/telemetry/#",
+            "fleet/1/robot/r7/command/velocity",
+            false,
+        ),
     ];
 
     fn trie_matches(filter: &str, topic: &str) -> bool {
@@ -91,9 +107,21 @@ mod tests {
     #[test]
     fn mqtt_4_7_matching_table_holds_for_oracle_trie_and_retained_index() {
         for &(filter, topic, expected) in TABLE {
-            assert_eq!(filter_matches(filter, topic), expected, "oracle {filter} {topic}");
-            assert_eq!(trie_matches(filter, topic), expected, "trie {filter} {topic}");
-            assert_eq!(retained_matches(filter, topic), expected, "retained {filter} {topic}");
+            assert_eq!(
+                filter_matches(filter, topic),
+                expected,
+                "oracle {filter} {topic}"
+            );
+            assert_eq!(
+                trie_matches(filter, topic),
+                expected,
+                "trie {filter} {topic}"
+            );
+            assert_eq!(
+                retained_matches(filter, topic),
+                expected,
+                "retained {filter} {topic}"
+            );
         }
     }
 
@@ -106,7 +134,10 @@ mod tests {
         trie.insert("sensors/#", "plain", 4);
         let mut groups = Vec::new();
         trie.for_each_shared_match("sensors/t1", |g, members| {
-            groups.push((g.to_owned(), members.iter().map(|(k, _)| *k).collect::<Vec<_>>()))
+            groups.push((
+                g.to_owned(),
+                members.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            ))
         });
         groups.sort();
         assert_eq!(
@@ -118,7 +149,11 @@ mod tests {
         );
         let mut plain = Vec::new();
         trie.for_each_match("sensors/t1", |_, k, _| plain.push(*k));
-        assert_eq!(plain, vec!["plain"], "shared members are not normal subscribers");
+        assert_eq!(
+            plain,
+            vec!["plain"],
+            "shared members are not normal subscribers"
+        );
         assert_eq!(trie.len(), 4);
         assert_eq!(trie.remove("$share/workers/sensors/#", &"w1"), Some(1));
         assert_eq!(trie.remove("$share/workers/sensors/#", &"w1"), None);
@@ -146,7 +181,9 @@ mod tests {
             random: 0,
             is_local: &|_: &&str| false,
         };
-        let picks: Vec<_> = (0..6).map(|_| sel.select("g", &members, &ctx).unwrap()).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| sel.select("g", &members, &ctx).unwrap())
+            .collect();
         assert_eq!(picks, vec!["a", "b", "c", "a", "b", "c"]);
         assert_eq!(sel.select("g", &[], &ctx), None, "no member, no choice");
     }
@@ -164,7 +201,10 @@ mod tests {
         for r in 0..10 {
             assert_eq!(sel.select("g", &["a", "b", "c"], &ctx(r)), Some(first));
         }
-        let others: Vec<&str> = ["a", "b", "c"].into_iter().filter(|m| *m != first).collect();
+        let others: Vec<&str> = ["a", "b", "c"]
+            .into_iter()
+            .filter(|m| *m != first)
+            .collect();
         let next = sel.select("g", &others, &ctx(5)).unwrap();
         assert_ne!(next, first, "a member that left is not chosen");
     }
@@ -208,7 +248,9 @@ mod tests {
             is_local: &|m: &&str| m.starts_with("local"),
         };
         for _ in 0..5 {
-            let m = sel.select("g", &["remote-1", "local-1", "remote-2"], &ctx).unwrap();
+            let m = sel
+                .select("g", &["remote-1", "local-1", "remote-2"], &ctx)
+                .unwrap();
             assert_eq!(m, "local-1");
         }
         let m = sel.select("g", &["remote-1"], &ctx).unwrap();

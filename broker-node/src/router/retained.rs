@@ -49,7 +49,10 @@ impl<M> RetainedIndex<M> {
         for level in topic.split('/') {
             node = node.children.entry(Box::from(level)).or_default();
         }
-        let old = node.message.replace((Box::from(topic), message)).map(|(_, m)| m);
+        let old = node
+            .message
+            .replace((Box::from(topic), message))
+            .map(|(_, m)| m);
         if old.is_none() {
             self.len += 1;
         }

@@ -73,7 +73,12 @@ impl<K: Clone + PartialEq> SharedSelector<K> {
     }
 
     /// Choose one of `candidates` for group `group`, or `None` when there is none.
-    pub fn select(&mut self, group: &str, candidates: &[K], ctx: &SelectContext<'_, K>) -> Option<K> {
+    pub fn select(
+        &mut self,
+        group: &str,
+        candidates: &[K],
+        ctx: &SelectContext<'_, K>,
+    ) -> Option<K> {
         if candidates.is_empty() {
             return None;
         }

@@ -15,6 +15,9 @@ fn split_shared(filter: &str) -> Option<(&str, &str)> {
     Some((group, inner))
 }
 
+/// The members of one shared group, sorted by key.
+type Members<K, V> = Vec<(K, V)>;
+
 #[derive(Debug)]
 struct Node<K, V> {
     children: HashMap<Box<str>, Node<K, V>>,
@@ -23,7 +26,7 @@ struct Node<K, V> {
     /// Normal subscribers of the filter ending here.
     subscribers: Vec<(K, V)>,
     /// Shared groups whose inner filter ends here: full `$share/g/f` key → members.
-    groups: Vec<(Arc<str>, Vec<(K, V)>)>,
+    groups: Vec<(Arc<str>, Members<K, V>)>,
 }
 
 impl<K, V> Default for Node<K, V> {
@@ -129,7 +132,10 @@ impl<K: Ord + Clone, V> SubscriptionTrie<K, V> {
                 }
                 return Some(v);
             }
-            let i = node.subscribers.binary_search_by(|(k, _)| k.cmp(key)).ok()?;
+            let i = node
+                .subscribers
+                .binary_search_by(|(k, _)| k.cmp(key))
+                .ok()?;
             let (_, v) = node.subscribers.remove(i);
             if node.subscribers.is_empty() {
                 node.filter = None;

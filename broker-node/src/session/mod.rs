@@ -69,8 +69,8 @@ impl<T> OutboundWindow<T> {
         loop {
             let id = self.next_id;
             self.next_id = if id == u16::MAX { 1 } else { id + 1 };
-            if !self.inflight.contains_key(&id) {
-                self.inflight.insert(id, (OutboundState::AwaitingAck, item));
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.inflight.entry(id) {
+                slot.insert((OutboundState::AwaitingAck, item));
                 return Some(id);
             }
         }
@@ -197,7 +197,10 @@ impl InboundAliases {
             return Err(AliasError::OutOfRange(alias));
         }
         if topic.is_empty() {
-            self.map.get(&alias).cloned().ok_or(AliasError::Unknown(alias))
+            self.map
+                .get(&alias)
+                .cloned()
+                .ok_or(AliasError::Unknown(alias))
         } else {
             self.map.insert(alias, topic.to_owned());
             Ok(topic.to_owned())
@@ -279,7 +282,10 @@ mod tests {
         assert!(ka.expired(t0 + Duration::from_millis(15_000)));
         ka.seen(t0 + Duration::from_secs(10));
         assert!(!ka.expired(t0 + Duration::from_secs(20)));
-        assert!(KeepAlive::new(0, t0).deadline().is_none(), "0 disables keep alive");
+        assert!(
+            KeepAlive::new(0, t0).deadline().is_none(),
+            "0 disables keep alive"
+        );
     }
 
     #[test]

@@ -48,8 +48,7 @@ pub async fn serve_tcp(listener: TcpListener, broker: Arc<Broker>, tracker: Task
         let open = open.clone();
         let broker = broker.clone();
         tracker.spawn(async move {
-            metrics::counter!("flockmq_connections_opened_total", "listener" => "tcp")
-                .increment(1);
+            metrics::counter!("flockmq_connections_opened_total", "listener" => "tcp").increment(1);
             connection::serve(broker, stream, peer).await;
             open.fetch_sub(1, Ordering::Relaxed);
         });
