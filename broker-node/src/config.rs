@@ -119,13 +119,16 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// MQTT over TCP.
     pub mqtt_addr: SocketAddr,
-    /// MQTT over WebSocket (path /mqtt); "off" disables it.
+    /// MQTT over WebSocket (path /mqtt), e.g. 127.0.0.1:8083; "off" disables it. Not
+    /// served yet: a node configured with it refuses to start rather than ignore it.
     #[serde(with = "opt_addr")]
     pub ws_addr: Option<SocketAddr>,
-    /// MQTT over TLS; used once a certificate is configured; "off" disables it.
+    /// MQTT over TLS, e.g. 127.0.0.1:8883; "off" disables it. Not served yet: a node
+    /// configured with it refuses to start rather than ignore it.
     #[serde(with = "opt_addr")]
     pub tls_addr: Option<SocketAddr>,
-    /// MQTT over secure WebSocket; "off" disables it.
+    /// MQTT over secure WebSocket, e.g. 127.0.0.1:8084; "off" disables it. Not served
+    /// yet: a node configured with it refuses to start rather than ignore it.
     #[serde(with = "opt_addr")]
     pub wss_addr: Option<SocketAddr>,
     /// HTTP: /metrics, /healthz, /readyz and the admin API.
@@ -264,7 +267,7 @@ impl Default for Config {
             node_id: 1,
             data_dir: PathBuf::from("./data"),
             mqtt_addr: addr("127.0.0.1:1883"),
-            ws_addr: Some(addr("127.0.0.1:8083")),
+            ws_addr: None,
             tls_addr: None,
             wss_addr: None,
             http_addr: addr("127.0.0.1:8080"),
@@ -922,9 +925,9 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("node_id", "This node's id in the cluster; unique per cluster."),
         ("data_dir", "Where the Raft log, snapshots and state live."),
         ("mqtt_addr", "MQTT over TCP."),
-        ("ws_addr", "MQTT over WebSocket (path /mqtt); \"off\" disables it."),
-        ("tls_addr", "MQTT over TLS; used once a certificate is configured; \"off\" disables it."),
-        ("wss_addr", "MQTT over secure WebSocket; \"off\" disables it."),
+        ("ws_addr", "MQTT over WebSocket (path /mqtt), e.g. 127.0.0.1:8083; \"off\" disables it. Not served yet: a node configured with it refuses to start."),
+        ("tls_addr", "MQTT over TLS, e.g. 127.0.0.1:8883; \"off\" disables it. Not served yet: a node configured with it refuses to start."),
+        ("wss_addr", "MQTT over secure WebSocket, e.g. 127.0.0.1:8084; \"off\" disables it. Not served yet: a node configured with it refuses to start."),
         ("http_addr", "HTTP: /metrics, /healthz, /readyz and the admin API."),
         ("cluster_addr", "Cluster gRPC (Raft and forwarding)."),
         ("advertise_addr", "The host:port other nodes reach this node's cluster address at; empty means cluster_addr."),

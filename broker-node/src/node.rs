@@ -28,6 +28,17 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    for (key, addr) in [
+        ("ws_addr", config.ws_addr),
+        ("tls_addr", config.tls_addr),
+        ("wss_addr", config.wss_addr),
+    ] {
+        if let Some(addr) = addr {
+            anyhow::bail!(
+                "{key} = {addr}: WebSocket and TLS listeners are not available in this release; set {key} = \"off\""
+            );
+        }
+    }
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
