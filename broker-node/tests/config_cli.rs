@@ -8,7 +8,9 @@ fn bin() -> Command {
 }
 
 fn repo_file(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel)
 }
 
 #[test]
@@ -17,7 +19,10 @@ fn print_default_config_equals_the_committed_file_and_parses_back_to_the_default
     assert!(out.status.success());
     let printed = String::from_utf8(out.stdout).unwrap();
     let committed = std::fs::read_to_string(repo_file("config/flockmq.toml")).unwrap();
-    assert_eq!(printed, committed, "regenerate config/flockmq.toml with print-default-config");
+    assert_eq!(
+        printed, committed,
+        "regenerate config/flockmq.toml with print-default-config"
+    );
     let parsed = broker_node::config::Config::from_toml(&printed).unwrap();
     assert_eq!(parsed, broker_node::config::Config::default());
 }
@@ -29,7 +34,10 @@ fn check_config_accepts_a_good_file_and_names_the_bad_key() {
     std::fs::write(&good, "node_id = 2\n[mqtt]\nmax_packet_size = \"256KiB\"\n").unwrap();
     let out = bin().arg("check-config").arg(&good).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "configuration ok");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration ok"
+    );
 
     let unknown = dir.path().join("unknown.toml");
     std::fs::write(&unknown, "[mqtt]\nmax_packet_sise = 10\n").unwrap();
@@ -46,7 +54,10 @@ fn check_config_accepts_a_good_file_and_names_the_bad_key() {
 
 #[test]
 fn a_bad_flag_value_stops_the_node_with_the_key_named() {
-    let out = bin().args(["--mqtt-addr", "not-an-address"]).output().unwrap();
+    let out = bin()
+        .args(["--mqtt-addr", "not-an-address"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("'mqtt_addr'"));
 }

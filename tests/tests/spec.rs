@@ -621,3 +621,30 @@ fn mqtt_4_4_0_1_unacknowledged_messages_are_resent_with_dup_after_reconnect() {
         "acknowledged: gone"
     );
 }
+
+#[test]
+fn mqtt_4_8_2_shared_message_unacknowledged_by_a_leaving_member_goes_to_another() {
+    let node = Node::start();
+    let (mut m1, _) = RawClient::connect(node.mqtt_addr(), V5, "m1", true, 60);
+    subscribe(&mut m1, "$share/workers/jobs/#", QoS::AtLeastOnce);
+    let (mut m2, _) = RawClient::connect(node.mqtt_addr(), V5, "m2", true, 60);
+    subscribe(&mut m2, "$share/workers/jobs/#", QoS::AtLeastOnce);
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V5, "pub", true, 60);
+    p.send(&publish("jobs/1", "job", QoS::AtLeastOnce, false, 1));
+    let mut members = [m1, m2];
+    let got: Vec<Option<Publish>> = members
+        .iter_mut()
+        .map(|m| next_publish(m, Duration::from_millis(700)))
+        .collect();
+    let chosen = match (&got[0], &got[1]) {
+        (Some(_), None) => 0,
+        (None, Some(_)) => 1,
+        other => panic!("exactly one member must get it: {other:?}"),
+    };
+    let [a, b] = members;
+    let (leaving, mut staying) = if chosen == 0 { (a, b) } else { (b, a) };
+    // The chosen member leaves without PUBACK: the other member gets the message.
+    drop(leaving);
+    let again = next_publish(&mut staying, T).expect("handed to the remaining member");
+    assert_eq!(again.payload, "job");
+}

@@ -410,6 +410,23 @@ where
         // Hand the session back to the cluster.
         broker.unregister(&client_id, connection_id);
         self.commit_acks(&mut session);
+        if !session.persistent {
+            // Shared-group messages this member never acknowledged go to another member.
+            let unacked: Vec<Delivery> = session
+                .window
+                .drain()
+                .into_iter()
+                .filter_map(|(_, _, item)| match item {
+                    Outgoing::Transient(d) => Some(d),
+                    Outgoing::Queued(_) => None,
+                })
+                .chain(session.pending.drain(..))
+                .filter(|d| d.shared_group.is_some())
+                .collect();
+            for d in unacked {
+                broker.redeliver_shared(d, &client_id);
+            }
+        }
         if session.persistent {
             // Messages held only in this connection's memory (durable_sessions off)
             // go to the session's replicated queue, to be resent on reconnect.
@@ -962,6 +979,7 @@ where
                 self.deliver(
                     s,
                     Delivery {
+                        shared_group: None,
                         qos: m.qos.min(opts.qos),
                         retain: true,
                         subscription_ids: opts.subscription_id.into_iter().collect(),
@@ -1142,6 +1160,7 @@ where
             s.window
                 .insert(id, OutboundState::AwaitingAck, Outgoing::Queued(q.seq));
             let d = Delivery {
+                shared_group: None,
                 message: q.message,
                 qos: q.qos,
                 retain: q.retain,

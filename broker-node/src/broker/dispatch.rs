@@ -24,6 +24,8 @@ type Members = Vec<(Arc<str>, SubscriptionOptions)>;
 /// One client a message goes to, with everything its matching subscriptions decided.
 #[derive(Debug)]
 struct Target {
+    /// Set when the client gets the message only as a shared-group member.
+    shared_group: Option<Arc<str>>,
     qos: u8,
     retain: bool,
     subscription_ids: Vec<u32>,
@@ -57,7 +59,7 @@ impl Broker {
                     if options.no_local && publisher == Some(&**client) {
                         return;
                     }
-                    merge_target(&mut targets, client, options, message);
+                    merge_target(&mut targets, client, options, message, None);
                 });
             state
                 .routes()
@@ -89,7 +91,13 @@ impl Broker {
                     if let Some(chosen) = selector.select(group, &candidates, &ctx) {
                         if let Some((client, options)) = members.iter().find(|(c, _)| *c == chosen)
                         {
-                            merge_target(&mut targets, client, options, message);
+                            merge_target(
+                                &mut targets,
+                                client,
+                                options,
+                                message,
+                                Some(Arc::from(group.as_str())),
+                            );
                         }
                     }
                 }
@@ -135,6 +143,7 @@ impl Broker {
             qos: target.qos,
             retain: target.retain,
             subscription_ids: target.subscription_ids,
+            shared_group: target.shared_group,
         };
         if handle.tx.try_send(ConnMsg::Deliver(delivery)).is_err() {
             Stats::add(&self.stats.messages_dropped, 1);
@@ -142,6 +151,58 @@ impl Broker {
                 .increment(1);
             tracing::debug!(client_id = %client, topic = %message.topic, "client queue full, message dropped");
         }
+    }
+
+    /// A shared-group member left without acknowledging `delivery`: give it to
+    /// another member of the group that is connected here or can queue it.
+    pub fn redeliver_shared(&self, delivery: Delivery, leaving: &str) {
+        let Some(group) = delivery.shared_group.clone() else {
+            return;
+        };
+        let message = delivery.message;
+        let members: Vec<(Arc<str>, SubscriptionOptions)> = self.read_state(|state| {
+            let mut found = Vec::new();
+            state
+                .routes()
+                .for_each_shared_match(&message.topic, |g, members| {
+                    if *g == *group {
+                        found = members
+                            .iter()
+                            .filter(|(c, _)| &**c != leaving)
+                            .filter(|(c, _)| {
+                                state
+                                    .session(c)
+                                    .is_some_and(|s| s.connected && s.node == self.node_id)
+                            })
+                            .cloned()
+                            .collect();
+                    }
+                });
+            found
+        });
+        let candidates: Vec<Arc<str>> = members.iter().map(|(c, _)| c.clone()).collect();
+        let ctx = SelectContext {
+            publisher_client_id: message.origin_client.as_deref().unwrap_or(""),
+            topic: &message.topic,
+            random: rand::random(),
+            is_local: &|_: &Arc<str>| true,
+        };
+        let chosen = lock(&self.selector).select(&group, &candidates, &ctx);
+        let Some((client, options)) =
+            chosen.and_then(|c| members.into_iter().find(|(m, _)| *m == c))
+        else {
+            tracing::info!(group = %group, topic = %message.topic, "shared message lost with its member: no other member connected");
+            metrics::counter!("flockmq_messages_dropped_total", "reason" => "no_subscribers")
+                .increment(1);
+            return;
+        };
+        let target = Target {
+            shared_group: Some(group),
+            qos: message.qos.min(options.qos),
+            retain: options.retain_as_published && message.retain,
+            subscription_ids: options.subscription_id.into_iter().collect(),
+        };
+        self.deliver_local(&client, &message, target);
     }
 
     /// Commit appends to persistent sessions' queues (one batched command).
@@ -205,14 +266,19 @@ fn merge_target(
     client: &Arc<str>,
     options: &SubscriptionOptions,
     message: &Message,
+    shared_group: Option<Arc<str>>,
 ) {
     let qos = message.qos.min(options.qos);
     let retain = options.retain_as_published && message.retain;
     let t = targets.entry(client.clone()).or_insert(Target {
+        shared_group: shared_group.clone(),
         qos,
         retain,
         subscription_ids: Vec::new(),
     });
+    if shared_group.is_none() {
+        t.shared_group = None;
+    }
     t.qos = t.qos.max(qos);
     t.retain |= retain;
     if let Some(id) = options.subscription_id {

@@ -37,6 +37,9 @@ pub struct Delivery {
     pub retain: bool,
     /// Identifiers of the subscriptions that matched.
     pub subscription_ids: Vec<u32>,
+    /// The shared group (`$share/g/f`) it was chosen for, so that if the member
+    /// leaves before acknowledging it, another member gets it.
+    pub shared_group: Option<Arc<str>>,
 }
 
 /// What a connection task can be told by the rest of the node.
