@@ -199,3 +199,46 @@ fn persistent_session_queue_survives_kill_9_of_the_broker() {
         node.log()
     );
 }
+
+#[test]
+fn retained_messages_and_subscriptions_survive_kill_9_of_the_broker() {
+    let mut node = Node::start();
+    let p = port(&node);
+    let r = run(
+        "mosquitto_pub",
+        &[
+            "-p",
+            &p,
+            "-t",
+            "devices/device-001/status",
+            "-m",
+            "online",
+            "-r",
+            "-q",
+            "1",
+        ],
+        T,
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    node.restart();
+    let out = run(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &p,
+            "-t",
+            "devices/+/status",
+            "-C",
+            "1",
+            "-v",
+            "-W",
+            "10",
+        ],
+        T,
+    );
+    assert_eq!(
+        out.stdout.trim(),
+        "devices/device-001/status online",
+        "{out:?}"
+    );
+}

@@ -648,3 +648,42 @@ fn mqtt_4_8_2_shared_message_unacknowledged_by_a_leaving_member_goes_to_another(
     let again = next_publish(&mut staying, T).expect("handed to the remaining member");
     assert_eq!(again.payload, "job");
 }
+
+#[test]
+fn mqtt_4_3_3_qos2_resend_after_a_broker_crash_is_not_delivered_twice() {
+    use broker_node::mqtt::{PubComp, PubRec};
+    let mut node = Node::start();
+    let (mut sub, _) = RawClient::connect(node.mqtt_addr(), V3, "actuator", false, 60);
+    subscribe(&mut sub, "cmd/stop", QoS::ExactlyOnce);
+    let (mut pubr, _) = RawClient::connect(node.mqtt_addr(), V3, "console", false, 60);
+    pubr.send(&publish("cmd/stop", "now", QoS::ExactlyOnce, false, 5));
+    assert!(matches!(pubr.recv(T), Some(Packet::PubRec(_))));
+    // The subscriber takes the message through the whole QoS 2 flow.
+    let got = next_publish(&mut sub, T).expect("delivered once");
+    let id = got.packet_id.unwrap();
+    sub.send(&Packet::PubRec(PubRec::new(id, ReasonCode::Success)));
+    assert!(matches!(sub.recv(T), Some(Packet::PubRel(_))));
+    sub.send(&Packet::PubComp(PubComp::new(id, ReasonCode::Success)));
+    std::thread::sleep(Duration::from_millis(300));
+    // The broker dies before the publisher's PUBREL.
+    node.restart();
+    let (mut pubr, ack) = RawClient::connect(node.mqtt_addr(), V3, "console", false, 60);
+    assert!(ack.session_present);
+    let Packet::Publish(mut again) = publish("cmd/stop", "now", QoS::ExactlyOnce, false, 5) else {
+        unreachable!()
+    };
+    again.dup = true;
+    pubr.send(&Packet::Publish(again));
+    assert!(
+        matches!(pubr.recv(T), Some(Packet::PubRec(_))),
+        "acknowledged again"
+    );
+    pubr.send(&Packet::PubRel(PubRel::new(5, ReasonCode::Success)));
+    assert!(matches!(pubr.recv(T), Some(Packet::PubComp(_))));
+    let (mut sub, ack) = RawClient::connect(node.mqtt_addr(), V3, "actuator", false, 60);
+    assert!(ack.session_present);
+    assert!(
+        next_publish(&mut sub, Duration::from_secs(1)).is_none(),
+        "exactly once across the crash"
+    );
+}

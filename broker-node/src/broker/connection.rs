@@ -386,7 +386,7 @@ where
             expiry_update: None,
             keep_alive: KeepAlive::new(keep_alive_secs, Instant::now()),
             aliases: InboundAliases::new(if v5 { cfg.topic_alias_maximum } else { 0 }),
-            inbound_qos2: broker.take_inbound_qos2(&client_id, session_present),
+            inbound_qos2: broker.inbound_qos2_of(&client_id, session_present),
             inbound_qos1_pending: 0,
             window: OutboundWindow::new(window_size),
             pending: VecDeque::new(),
@@ -453,9 +453,6 @@ where
             if let Err(e) = broker.commit_enqueue(entries).await {
                 tracing::warn!(client_id = %client_id, error = %e, "in-flight messages not queued");
             }
-        }
-        if session.persistent && !session.inbound_qos2.is_empty() {
-            broker.keep_inbound_qos2(&client_id, std::mem::take(&mut session.inbound_qos2));
         }
         if end != End::Shutdown {
             let close = Command::CloseSession {
@@ -654,6 +651,13 @@ where
             }
             Packet::PubRel(r) => {
                 let known = s.inbound_qos2.release(r.packet_id);
+                if known && s.persistent {
+                    self.broker.proposer.propose_detached(Command::InboundQos2 {
+                        client_id: s.client_id.clone(),
+                        received: vec![],
+                        released: vec![r.packet_id],
+                    });
+                }
                 let code = if known || s.version != ProtocolVersion::V5 {
                     ReasonCode::Success
                 } else {
@@ -786,6 +790,21 @@ where
             origin_client: Some(s.client_id.clone()),
         });
 
+        // A persistent session's QoS 2 state is replicated, so that a resend after a
+        // crash or a move to another node is still recognised as a duplicate.
+        let qos2_recorded = if p.qos == QoS::ExactlyOnce && s.persistent {
+            let cmd = Command::InboundQos2 {
+                client_id: s.client_id.clone(),
+                received: vec![packet_id],
+                released: vec![],
+            };
+            match broker.proposer.submit(cmd).await {
+                Ok(sub) => Some(sub),
+                Err(_) => return Some(End::Shutdown),
+            }
+        } else {
+            None
+        };
         let retained = if message.retain {
             let cmd = Command::SetRetained {
                 topic: message.topic.clone(),
@@ -832,6 +851,9 @@ where
         }
         s.acks.push_back(Box::pin(async move {
             let mut ok = true;
+            if let Some(q) = qos2_recorded {
+                ok &= q.wait().await.is_ok();
+            }
             if let Some(r) = retained {
                 ok &= r.wait().await.is_ok();
             }

@@ -46,9 +46,6 @@ impl Broker {
                         let _ = h.tx.try_send(ConnMsg::QueueGrew);
                     }
                 }
-                Event::SessionEnded { client_id } => {
-                    super::lock(&self.inbound_qos2).remove(&client_id);
-                }
                 _ => {}
             }
         }
@@ -109,20 +106,20 @@ impl Broker {
         }
     }
 
-    /// The inbound QoS 2 identifiers a persistent session left on this node at its
-    /// last disconnect; a clean start discards them.
-    pub fn take_inbound_qos2(&self, client_id: &str, session_present: bool) -> InboundQos2 {
-        let kept = super::lock(&self.inbound_qos2).remove(client_id);
+    /// The inbound QoS 2 identifiers a resumed persistent session left awaiting
+    /// PUBREL, from the replicated session (so they survive restarts and moves).
+    pub fn inbound_qos2_of(&self, client_id: &str, session_present: bool) -> InboundQos2 {
+        let mut ids = InboundQos2::default();
         if session_present {
-            kept.unwrap_or_default()
-        } else {
-            InboundQos2::default()
+            self.read_state(|st| {
+                if let Some(s) = st.session(client_id) {
+                    for id in &s.inbound_qos2 {
+                        ids.receive(*id);
+                    }
+                }
+            });
         }
-    }
-
-    /// Keep a disconnecting persistent session's inbound QoS 2 identifiers.
-    pub fn keep_inbound_qos2(&self, client_id: &Arc<str>, ids: InboundQos2) {
-        super::lock(&self.inbound_qos2).insert(client_id.clone(), ids);
+        ids
     }
 
     /// Publish the `$SYS/broker/...` topics every `interval` (retained, QoS 0).

@@ -103,9 +103,6 @@ pub struct Broker {
     /// Shared-subscription selection state (round-robin positions, sticky choices).
     selector: Mutex<SharedSelector<Arc<str>>>,
     next_connection_id: AtomicU64,
-    /// Inbound QoS 2 packet ids of disconnected persistent sessions of this node, so a
-    /// resent PUBLISH after reconnect is not delivered twice.
-    inbound_qos2: Mutex<HashMap<Arc<str>, crate::session::InboundQos2>>,
     /// `$SYS` counters.
     pub stats: Stats,
     /// When the node started, for `$SYS/broker/uptime`.
@@ -133,7 +130,6 @@ impl Broker {
             // Unique across restarts of this node: ids of connections from before a
             // restart must not match new ones in replicated session records.
             next_connection_id: AtomicU64::new(unix_ms() << 16),
-            inbound_qos2: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             started: Instant::now(),
             shutdown,

@@ -227,6 +227,16 @@ pub enum Command {
         /// Sequence numbers whose PUBREC arrived (QoS 2, PUBREL now due).
         received: Vec<u64>,
     },
+    /// Inbound QoS 2 packet identifiers of a persistent session: received (PUBREC
+    /// due, a resend must not be delivered again) or released (PUBREL arrived).
+    InboundQos2 {
+        /// The client identifier.
+        client_id: Arc<str>,
+        /// Identifiers whose PUBLISH was accepted.
+        received: Vec<u16>,
+        /// Identifiers whose PUBREL arrived.
+        released: Vec<u16>,
+    },
     /// Drop expired sessions and messages; due wills become events for `node`.
     Expire {
         /// The node that proposed the sweep, and publishes the wills it yields.

@@ -83,6 +83,9 @@ pub struct SessionRecord {
     pub queue: VecDeque<QueuedMessage>,
     /// QoS 2 messages whose PUBREC arrived: PUBREL is due, then PUBCOMP ends them.
     pub awaiting_pubcomp: BTreeSet<u64>,
+    /// Inbound QoS 2 packet identifiers awaiting the client's PUBREL.
+    #[serde(default)]
+    pub inbound_qos2: BTreeSet<u16>,
     /// The next queue position.
     pub next_seq: u64,
     /// Bytes held by `queue`, for the byte limit.
@@ -215,6 +218,20 @@ impl BrokerState {
                 completed,
                 received,
             } => self.ack(client_id, completed, received),
+            Command::InboundQos2 {
+                client_id,
+                received,
+                released,
+            } => match self.sessions.get_mut(client_id) {
+                Some(session) => {
+                    session.inbound_qos2.extend(received.iter().copied());
+                    for id in released {
+                        session.inbound_qos2.remove(id);
+                    }
+                    CommandResult::Done
+                }
+                None => CommandResult::NoSession,
+            },
             Command::Expire { node, now_ms } => {
                 self.expire(*node, *now_ms);
                 CommandResult::Done
@@ -279,6 +296,7 @@ impl BrokerState {
                 subscriptions: BTreeMap::new(),
                 queue: VecDeque::new(),
                 awaiting_pubcomp: BTreeSet::new(),
+                inbound_qos2: BTreeSet::new(),
                 next_seq: 0,
                 queued_bytes: 0,
             });
