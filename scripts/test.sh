@@ -14,8 +14,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build"
 cargo build --workspace --all-targets --locked
 echo "== cargo test"
-cargo test --workspace --locked
-if [ -x scripts/fuzz-smoke.sh ]; then
-  echo "== fuzz smoke"
-  scripts/fuzz-smoke.sh
-fi
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+echo "== fuzz smoke"
+scripts/fuzz-smoke.sh
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "cargo test: %d passed, %d failed\n", p, f }' "$log"
