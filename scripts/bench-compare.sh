@@ -16,8 +16,15 @@ SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1 && OUT=${OUT_SMOKE:-target/bench-smoke.md}
 
 command -v mosquitto >/dev/null || { apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; }
-cargo build --release -q -p broker-node --bins
-BIN=target/release
+TARGET=${CARGO_TARGET_DIR:-target}
+if [ $SMOKE = 1 ]; then
+  # The smoke run proves the harness works; the debug build the tests made will do.
+  cargo build -q -p broker-node --bins
+  BIN=$TARGET/debug
+else
+  cargo build --release -q -p broker-node --bins
+  BIN=$TARGET/release
+fi
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 

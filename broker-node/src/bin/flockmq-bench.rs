@@ -85,6 +85,8 @@ struct Totals {
     duplicates: AtomicU64,
     out_of_order: AtomicU64,
     errors: AtomicU64,
+    /// Nanoseconds since start of the last message any subscriber received.
+    last_receive_ns: AtomicU64,
 }
 
 /// What subscribers saw of each publisher: the highest sequence and which arrived.
@@ -344,6 +346,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )));
     }
     let pub_started = Instant::now();
+    let pub_started_ns = now_ns(start);
     for t in pub_tasks {
         let _ = t.await;
     }
@@ -353,6 +356,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = t.await;
     }
     let wall = start.elapsed().as_secs_f64();
+    let last_ns = totals.last_receive_ns.load(Ordering::Relaxed);
+    let receive_secs = (last_ns.saturating_sub(pub_started_ns) as f64 / 1e9).max(publish_secs);
     let cpu = process_cpu_seconds() - cpu_start;
 
     let subs = std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
@@ -393,7 +398,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "errors": totals.errors.load(Ordering::Relaxed),
         "publish_seconds": publish_secs,
         "send_rate": sent as f64 / publish_secs,
-        "receive_rate": received as f64 / publish_secs,
+        // Over the time until the last message arrived, not only while publishing:
+        // a broker that buffers does not get credit for messages it delivers later.
+        "receive_rate": received as f64 / receive_secs,
+        "receive_seconds": receive_secs,
         "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
         "generator_cpu_share": cpu_share,
         "generator_saturated": cpu_share > 0.9,
@@ -556,6 +564,9 @@ async fn ack_progress(conn: &mut Conn, packet: Packet, outstanding: &mut usize) 
 
 fn on_message(s: &mut Subscriber, payload: &Bytes, start: Instant, totals: &Totals) {
     totals.received.fetch_add(1, Ordering::Relaxed);
+    totals
+        .last_receive_ns
+        .fetch_max(now_ns(start), Ordering::Relaxed);
     if payload.len() < 20 {
         return;
     }

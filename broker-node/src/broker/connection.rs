@@ -818,6 +818,15 @@ where
             None
         };
         let outcome = broker.dispatch(&message);
+        // Slow subscribers: wait for room (backpressure on this publisher), except for
+        // this very client, whose channel only this task drains.
+        for b in outcome.blocked {
+            if b.client_id == s.client_id {
+                self.deliver(s, b.delivery);
+            } else {
+                b.wait(&broker.stats).await;
+            }
+        }
         let enqueue = if outcome.enqueue.is_empty() {
             None
         } else {

@@ -39,6 +39,41 @@ pub struct DispatchOutcome {
     /// Messages for persistent sessions that must be committed before the publisher is
     /// acknowledged.
     pub enqueue: Vec<EnqueueEntry>,
+    /// Local deliveries whose client's channel was full: the publisher waits for room
+    /// (up to [`SLOW_CLIENT_WAIT`]) instead of the message being dropped at once.
+    pub blocked: Vec<Blocked>,
+}
+
+/// A delivery waiting for room in a slow client's channel.
+#[derive(Debug)]
+pub struct Blocked {
+    /// The receiving client.
+    pub client_id: Arc<str>,
+    /// Its channel.
+    pub tx: tokio::sync::mpsc::Sender<ConnMsg>,
+    /// The delivery.
+    pub delivery: Delivery,
+}
+
+/// How long a publisher waits for room in a slow subscriber's channel before the
+/// message is dropped (and counted). Waiting is the backpressure that slows a
+/// publisher to what its subscribers take, instead of losing messages under load.
+pub const SLOW_CLIENT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Blocked {
+    /// Wait for room, or drop the delivery after [`SLOW_CLIENT_WAIT`].
+    pub async fn wait(self, stats: &Stats) {
+        let sent = self
+            .tx
+            .send_timeout(ConnMsg::Deliver(self.delivery), SLOW_CLIENT_WAIT)
+            .await;
+        if sent.is_err() {
+            Stats::add(&stats.messages_dropped, 1);
+            metrics::counter!("flockmq_messages_dropped_total", "reason" => "queue_full")
+                .increment(1);
+            tracing::debug!(client_id = %self.client_id, "slow client, message dropped");
+        }
+    }
 }
 
 impl Broker {
@@ -117,6 +152,7 @@ impl Broker {
         let mut outcome = DispatchOutcome {
             matched,
             enqueue: Vec::new(),
+            blocked: Vec::new(),
         };
         for (client, target, queued, local) in plan {
             if queued {
@@ -128,16 +164,22 @@ impl Broker {
                     subscription_ids: target.subscription_ids,
                 });
             } else if local {
-                self.deliver_local(&client, message, target);
+                if let Some(b) = self.deliver_local(&client, message, target) {
+                    outcome.blocked.push(b);
+                }
             }
         }
         outcome
     }
 
-    fn deliver_local(&self, client: &Arc<str>, message: &Arc<Message>, target: Target) {
-        let Some(handle) = self.local_client(client) else {
-            return;
-        };
+    /// Hand a delivery to a local connection; a full channel returns it as blocked.
+    fn deliver_local(
+        &self,
+        client: &Arc<str>,
+        message: &Arc<Message>,
+        target: Target,
+    ) -> Option<Blocked> {
+        let handle = self.local_client(client)?;
         let delivery = Delivery {
             message: message.clone(),
             qos: target.qos,
@@ -145,11 +187,17 @@ impl Broker {
             subscription_ids: target.subscription_ids,
             shared_group: target.shared_group,
         };
-        if handle.tx.try_send(ConnMsg::Deliver(delivery)).is_err() {
-            Stats::add(&self.stats.messages_dropped, 1);
-            metrics::counter!("flockmq_messages_dropped_total", "reason" => "queue_full")
-                .increment(1);
-            tracing::debug!(client_id = %client, topic = %message.topic, "client queue full, message dropped");
+        match handle.tx.try_send(ConnMsg::Deliver(delivery)) {
+            Ok(()) => None,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(ConnMsg::Deliver(delivery))) => {
+                Some(Blocked {
+                    client_id: client.clone(),
+                    tx: handle.tx,
+                    delivery,
+                })
+            }
+            // The connection is gone, or an impossible variant: nothing to deliver to.
+            Err(_) => None,
         }
     }
 
@@ -202,7 +250,12 @@ impl Broker {
             retain: options.retain_as_published && message.retain,
             subscription_ids: options.subscription_id.into_iter().collect(),
         };
-        self.deliver_local(&client, &message, target);
+        if self.deliver_local(&client, &message, target).is_some() {
+            // No publisher to slow down here: a full channel loses the message.
+            Stats::add(&self.stats.messages_dropped, 1);
+            metrics::counter!("flockmq_messages_dropped_total", "reason" => "queue_full")
+                .increment(1);
+        }
     }
 
     /// Commit appends to persistent sessions' queues (one batched command).
@@ -253,6 +306,9 @@ impl Broker {
         }
         let outcome = self.dispatch(&message);
         Stats::add(&self.stats.messages_received, 1);
+        for b in outcome.blocked {
+            b.wait(&self.stats).await;
+        }
         self.commit_enqueue(outcome.enqueue).await?;
         Ok(outcome.matched)
     }
