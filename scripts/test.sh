@@ -19,6 +19,8 @@ trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 echo "== fuzz smoke"
 scripts/fuzz-smoke.sh
+echo "== benchmark smoke"
+REPS=1 DURATION=1s scripts/bench-compare.sh --smoke >/dev/null
 # One closing line for the whole suite, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "cargo test: %d passed, %d failed\n", p, f }' "$log"
