@@ -37,12 +37,25 @@ pub fn broker_binary() -> PathBuf {
     .clone()
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago. Ports come from below the
+/// kernel's ephemeral range (32768 and up), so that the outgoing connections of clients
+/// in parallel tests cannot take them, and from a per-process counter, so that two
+/// tests of one run never get the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        12_000 + (std::process::id() % 1000) * 16,
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    loop {
+        let candidate = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let port = u16::try_from(12_000 + candidate % 20_000).expect("port in range");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One running `broker-node` process.
@@ -94,12 +107,54 @@ impl Node {
         node
     }
 
+    /// Start `n` nodes forming one fresh Raft cluster (`--initial-cluster`).
+    pub fn cluster(n: usize) -> Vec<Node> {
+        let mut nodes: Vec<Node> = (1..=n)
+            .map(|id| {
+                let tmp = tempfile::tempdir().expect("temp dir");
+                Node {
+                    child: None,
+                    mqtt_port: free_port(),
+                    http_port: free_port(),
+                    cluster_port: free_port(),
+                    data_dir: tmp.path().join("data"),
+                    extra_args: vec!["--node-id".into(), id.to_string()],
+                    _tmp: Some(tmp),
+                    _config_dir: None,
+                }
+            })
+            .collect();
+        let initial = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| format!("{}=127.0.0.1:{}", i + 1, node.cluster_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for node in &mut nodes {
+            node.extra_args.push("--initial-cluster".into());
+            node.extra_args.push(initial.clone());
+        }
+        // All processes first, then wait: a node's readiness needs a majority.
+        for node in &mut nodes {
+            node.spawn_process();
+        }
+        for node in &mut nodes {
+            node.wait_ready();
+        }
+        nodes
+    }
+
     /// The MQTT address as `host:port`.
     pub fn mqtt_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.mqtt_port))
     }
 
     fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_ready();
+    }
+
+    fn spawn_process(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -127,10 +182,9 @@ impl Node {
             .spawn()
             .expect("start broker-node");
         self.child = Some(child);
-        self.wait_ready();
     }
 
-    /// Wait until the MQTT port accepts connections.
+    /// Wait until the MQTT port accepts connections (it opens once a leader is known).
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {

@@ -410,37 +410,22 @@ where
         // Hand the session back to the cluster.
         broker.unregister(&client_id, connection_id);
         self.commit_acks(&mut session);
-        if !session.persistent {
-            // Shared-group messages this member never acknowledged go to another member.
-            let unacked: Vec<Delivery> = session
-                .window
-                .drain()
-                .into_iter()
-                .filter_map(|(_, _, item)| match item {
-                    Outgoing::Transient(d) => Some(d),
-                    Outgoing::Queued(_) => None,
-                })
-                .chain(session.pending.drain(..))
-                .filter(|d| d.shared_group.is_some())
-                .collect();
-            for d in unacked {
-                broker.redeliver_shared(d, &client_id);
-            }
-        }
+        // Messages that lived only in this connection's memory: unacknowledged
+        // deliveries in flight and those waiting for room.
+        let unacked: Vec<Delivery> = session
+            .window
+            .drain()
+            .into_iter()
+            .filter_map(|(_, _, item)| match item {
+                Outgoing::Transient(d) => Some(d),
+                Outgoing::Queued(_) => None,
+            })
+            .chain(session.pending.drain(..))
+            .collect();
         if session.persistent {
-            // Messages held only in this connection's memory (durable_sessions off)
-            // go to the session's replicated queue, to be resent on reconnect.
-            let mut leftover: Vec<Delivery> = session
-                .window
-                .drain()
-                .into_iter()
-                .filter_map(|(_, _, item)| match item {
-                    Outgoing::Transient(d) => Some(d),
-                    Outgoing::Queued(_) => None,
-                })
-                .collect();
-            leftover.extend(session.pending.drain(..));
-            let entries: Vec<_> = leftover
+            // A persistent session keeps them in its replicated queue, to be resent on
+            // reconnect (they are here only with durable_sessions off).
+            let entries: Vec<_> = unacked
                 .into_iter()
                 .map(|d| crate::cluster::command::EnqueueEntry {
                     client_id: client_id.clone(),
@@ -452,6 +437,11 @@ where
                 .collect();
             if let Err(e) = broker.commit_enqueue(entries).await {
                 tracing::warn!(client_id = %client_id, error = %e, "in-flight messages not queued");
+            }
+        } else {
+            // A clean session's shared-group messages go to another member of the group.
+            for d in unacked.into_iter().filter(|d| d.shared_group.is_some()) {
+                broker.redeliver_shared(d, &client_id);
             }
         }
         if end != End::Shutdown {

@@ -2,7 +2,8 @@
 //! `#`, shared-subscription groups), the selection of one member per shared group,
 //! and the retained-message index.
 //!
-//! Pure data structures: no I/O, no clock, no dependency on the rest of the broker.
+//! Pure data structures: no I/O, no clock; of the rest of the broker it uses only
+//! the codec's reference topic matcher, in its tests.
 //! Architecture invariant: `#` and `+` at the first level never match a topic that
 //! starts with `$` [MQTT-4.7.2-1].
 
@@ -14,24 +15,9 @@ pub use retained::RetainedIndex;
 pub use shared::{SelectContext, SharedSelector, SharedStrategy};
 pub use trie::SubscriptionTrie;
 
-/// The reference matcher: whether topic filter `filter` matches topic name `topic`.
-/// Straightforward and slow; the tries are tested against it.
-pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+/// The reference matcher: whether topic filter `filter` matches topic name `topic`
+/// (the codec's straightforward level-by-level one); the tries are tested against it.
+pub use crate::mqtt::topic::topic_matches as filter_matches;
 
 #[cfg(test)]
 mod tests {

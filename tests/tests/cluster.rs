@@ -1,0 +1,130 @@
+//! Three `broker-node` processes forming one Raft cluster over loopback: the
+//! control plane seen from real clients, and the loss of the leader.
+
+use std::time::Duration;
+
+use broker_node::mqtt::{
+    Packet, ProtocolVersion, Publish, PublishProperties, QoS, ReasonCode, RetainHandling,
+    Subscribe, SubscribeProperties, SubscriptionOptions,
+};
+use bytes::Bytes;
+use flockmq_tests::{run, Node, RawClient};
+
+const T: Duration = Duration::from_secs(10);
+
+fn retain(node: &Node, topic: &str, payload: &str) {
+    let r = run(
+        "mosquitto_pub",
+        &[
+            "-p",
+            &node.mqtt_port.to_string(),
+            "-t",
+            topic,
+            "-m",
+            payload,
+            "-r",
+            "-q",
+            "1",
+        ],
+        T,
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+}
+
+fn read_retained(node: &Node, filter: &str, count: usize) -> Vec<String> {
+    let out = run(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &node.mqtt_port.to_string(),
+            "-t",
+            filter,
+            "-C",
+            &count.to_string(),
+            "-v",
+            "-W",
+            "10",
+        ],
+        Duration::from_secs(15),
+    );
+    let mut lines: Vec<String> = out.stdout.lines().map(str::to_owned).collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn a_retained_message_set_through_node_2_reaches_a_subscriber_on_node_3() {
+    let nodes = Node::cluster(3);
+    retain(&nodes[1], "status/r7", "online");
+    assert_eq!(
+        read_retained(&nodes[2], "status/+", 1),
+        vec!["status/r7 online"]
+    );
+}
+
+#[test]
+fn the_same_client_id_on_node_2_closes_its_connection_on_node_1_with_0x8e() {
+    let nodes = Node::cluster(3);
+    let v5 = ProtocolVersion::V5;
+    let (mut first, _) = RawClient::connect(nodes[0].mqtt_addr(), v5, "robot-r7", false, 60);
+    let started = std::time::Instant::now();
+    let (_second, ack) = RawClient::connect(nodes[1].mqtt_addr(), v5, "robot-r7", false, 60);
+    assert!(ack.session_present, "the session moved with the client");
+    match first.recv(T) {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, ReasonCode::SessionTakenOver),
+        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "within a second"
+    );
+}
+
+#[test]
+fn subscriptions_made_on_one_node_survive_the_kill_of_the_leader() {
+    let mut nodes = Node::cluster(3);
+    // A persistent session subscribes through node 3.
+    let v3 = ProtocolVersion::V3_1_1;
+    let (mut sub, _) = RawClient::connect(nodes[2].mqtt_addr(), v3, "fan", false, 60);
+    sub.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            "warehouse/zone1/fan/command".into(),
+            SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            },
+        )],
+        properties: SubscribeProperties::default(),
+    }));
+    assert!(matches!(sub.recv(T), Some(Packet::SubAck(_))));
+    drop(sub);
+    // Node 1 initialized the cluster and leads it: kill it.
+    nodes[0].kill();
+    std::thread::sleep(Duration::from_secs(4));
+    // Writes go on through the survivors, and the subscription is still known.
+    retain(&nodes[1], "warehouse/zone1/temp", "25.5");
+    assert_eq!(
+        read_retained(&nodes[2], "warehouse/#", 1),
+        vec!["warehouse/zone1/temp 25.5"]
+    );
+    let (mut publisher, _) = RawClient::connect(nodes[2].mqtt_addr(), v3, "dashboard", true, 60);
+    publisher.send(&Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: "warehouse/zone1/fan/command".into(),
+        packet_id: Some(7),
+        properties: PublishProperties::default(),
+        payload: Bytes::from_static(b"ON"),
+    }));
+    assert!(matches!(publisher.recv(T), Some(Packet::PubAck(_))));
+    let (mut sub, ack) = RawClient::connect(nodes[2].mqtt_addr(), v3, "fan", false, 60);
+    assert!(ack.session_present);
+    match sub.recv(T) {
+        Some(Packet::Publish(p)) => assert_eq!(p.payload, "ON"),
+        other => panic!("queued message expected, got {other:?}"),
+    }
+}
