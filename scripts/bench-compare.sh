@@ -97,9 +97,12 @@ for broker in flockmq mosquitto; do
   start_broker $broker
   sleep 0.5
   before=$(rss_kb $BROKER_PID)
-  "$BIN/flockmq-bench" --scenario storm --clients "$IDLE" --duration 3s --brokers 127.0.0.1:$PORT >/dev/null &
+  rm -f "$WORK/ready"
+  "$BIN/flockmq-bench" --scenario storm --clients "$IDLE" --duration 5s --ready-file "$WORK/ready" \
+    --brokers 127.0.0.1:$PORT >/dev/null &
   bench=$!
-  sleep 2.5
+  for _ in $(seq 600); do [ -f "$WORK/ready" ] && break; sleep 0.1; done
+  sleep 1
   after=$(rss_kb $BROKER_PID)
   wait $bench || true
   printf 'idle\t%s\t%s\n' "$broker" "$(( (after - before) * 1024 / IDLE ))" >> "$WORK/idle.tsv"

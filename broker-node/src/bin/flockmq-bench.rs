@@ -75,6 +75,12 @@ struct Args {
     /// A label copied into the JSON output (e.g. the broker's name).
     #[arg(long, default_value = "")]
     label: String,
+    /// Storm: connections opened at once.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// Storm: a file created once every connection is up (for measuring the broker then).
+    #[arg(long)]
+    ready_file: Option<std::path::PathBuf>,
 }
 
 /// Counters shared by all tasks.
@@ -589,17 +595,28 @@ fn on_message(s: &mut Subscriber, payload: &Bytes, start: Instant, totals: &Tota
 
 /// Hold `clients` idle connections for `duration`, then report how many succeeded.
 async fn storm(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
+    use futures::StreamExt;
     let start = Instant::now();
+    let brokers = args.brokers.clone();
+    let attempts = futures::stream::iter(0..args.clients)
+        .map(|i| {
+            let addr = brokers[i % brokers.len()];
+            async move { Conn::connect(addr, &format!("storm-{i}"), version).await }
+        })
+        .buffer_unordered(args.concurrency.max(1));
+    let results: Vec<anyhow::Result<Conn>> = attempts.collect().await;
     let mut conns = Vec::with_capacity(args.clients);
     let mut failed = 0u64;
-    for i in 0..args.clients {
-        let addr = args.brokers[i % args.brokers.len()];
-        match Conn::connect(addr, &format!("storm-{i}"), version).await {
+    for r in results {
+        match r {
             Ok(c) => conns.push(c),
             Err(_) => failed += 1,
         }
     }
     let connect_secs = start.elapsed().as_secs_f64();
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, conns.len().to_string())?;
+    }
     tokio::time::sleep(args.duration).await;
     let out = serde_json::json!({
         "label": args.label,
