@@ -687,3 +687,119 @@ fn mqtt_4_3_3_qos2_resend_after_a_broker_crash_is_not_delivered_twice() {
         "exactly once across the crash"
     );
 }
+
+#[test]
+fn mqtt_3_3_5_1_overlapping_subscriptions_give_one_delivery_at_the_highest_qos() {
+    let node = Node::start();
+    let (mut s, _) = RawClient::connect(node.mqtt_addr(), V3, "overlap", true, 60);
+    subscribe_with(&mut s, "fleet/#", opts(QoS::AtMostOnce), 1);
+    subscribe_with(&mut s, "fleet/+/status", opts(QoS::AtLeastOnce), 2);
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V3, "pub", true, 60);
+    p.send(&publish(
+        "fleet/r7/status",
+        "up",
+        QoS::AtLeastOnce,
+        false,
+        1,
+    ));
+    let got = next_publish(&mut s, T).expect("delivered");
+    assert_eq!(got.qos, QoS::AtLeastOnce, "the highest granted QoS");
+    assert!(
+        next_publish(&mut s, Duration::from_millis(500)).is_none(),
+        "only once"
+    );
+}
+
+#[test]
+fn mqtt_3_3_4_3_every_matching_subscription_identifier_is_sent() {
+    let node = Node::start();
+    let (mut s, _) = RawClient::connect(node.mqtt_addr(), V5, "ids", true, 60);
+    for (id, filter) in [(7u32, "a/#"), (9, "a/+")] {
+        s.send(&Packet::Subscribe(Subscribe {
+            packet_id: id as u16,
+            filters: vec![(filter.into(), opts(QoS::AtMostOnce))],
+            properties: SubscribeProperties {
+                subscription_identifier: Some(id),
+                user_properties: vec![],
+            },
+        }));
+        assert!(matches!(s.recv(T), Some(Packet::SubAck(_))));
+    }
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V5, "pub", true, 60);
+    p.send(&publish("a/b", "x", QoS::AtMostOnce, false, 0));
+    let mut ids = next_publish(&mut s, T)
+        .unwrap()
+        .properties
+        .subscription_identifiers;
+    ids.sort_unstable();
+    assert_eq!(ids, vec![7, 9]);
+}
+
+#[test]
+fn mqtt_3_3_2_payload_format_and_content_type_travel_unchanged_to_a_v5_subscriber() {
+    let node = Node::start();
+    let (mut s, _) = RawClient::connect(node.mqtt_addr(), V5, "s", true, 60);
+    subscribe(&mut s, "doc", QoS::AtMostOnce);
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V5, "p", true, 60);
+    let props = PublishProperties {
+        payload_format_indicator: Some(1),
+        content_type: Some("application/json".into()),
+        response_topic: Some("replies/p".into()),
+        correlation_data: Some(Bytes::from_static(b"\x00\x01")),
+        user_properties: vec![("k".into(), "v".into())],
+        ..Default::default()
+    };
+    p.send(&Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: "doc".into(),
+        packet_id: None,
+        properties: props.clone(),
+        payload: Bytes::from_static(b"{}"),
+    }));
+    assert_eq!(next_publish(&mut s, T).unwrap().properties, props);
+}
+
+#[test]
+fn limits_from_configuration_are_answered_with_reason_codes() {
+    let node = Node::start_with_config(
+        "[mqtt]\nmax_qos = 1\nmax_subscriptions_per_client = 1\nretain_available = false\nmax_topic_levels = 3\n",
+    );
+    let (mut c, ack) = RawClient::connect(node.mqtt_addr(), V5, "limited", true, 60);
+    assert_eq!(ack.properties.maximum_qos, Some(1));
+    assert_eq!(ack.properties.retain_available, Some(false));
+    assert_eq!(
+        subscribe(&mut c, "a", QoS::ExactlyOnce),
+        vec![ReasonCode::GrantedQoS1],
+        "QoS capped"
+    );
+    assert_eq!(
+        subscribe_with(&mut c, "b", opts(QoS::AtMostOnce), 2),
+        vec![ReasonCode::QuotaExceeded]
+    );
+    assert_eq!(
+        subscribe_with(&mut c, "a/b/c/d", opts(QoS::AtMostOnce), 3),
+        vec![ReasonCode::TopicFilterInvalid]
+    );
+    c.send(&publish("x", "y", QoS::AtMostOnce, true, 0));
+    assert_eq!(
+        disconnect_reason(&mut c, T),
+        Some(ReasonCode::RetainNotSupported)
+    );
+    let (mut q, _) = RawClient::connect(node.mqtt_addr(), V5, "qos2", true, 60);
+    q.send(&publish("x", "y", QoS::ExactlyOnce, false, 1));
+    assert_eq!(
+        disconnect_reason(&mut q, T),
+        Some(ReasonCode::QoSNotSupported)
+    );
+}
+
+#[test]
+fn connections_beyond_the_maximum_are_refused() {
+    let node = Node::start_with_config("[mqtt]\nmax_connections = 2\n");
+    let (_a, _) = RawClient::connect(node.mqtt_addr(), V3, "a", true, 60);
+    let (_b, _) = RawClient::connect(node.mqtt_addr(), V3, "b", true, 60);
+    let mut third = RawClient::open(node.mqtt_addr(), V3);
+    assert!(third.is_closed(T), "the third connection is closed at once");
+}
