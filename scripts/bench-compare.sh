@@ -13,7 +13,7 @@ REPS=${REPS:-3}
 DURATION=${DURATION:-10s}
 OUT=${OUT:-docs/benchmarks.md}
 SMOKE=0
-[ "${1:-}" = "--smoke" ] && SMOKE=1 && OUT=${OUT_SMOKE:-target/bench-smoke.md}
+[ "${1:-}" = "--smoke" ] && SMOKE=1
 
 command -v mosquitto >/dev/null || { apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; }
 TARGET=${CARGO_TARGET_DIR:-target}
@@ -27,6 +27,8 @@ else
 fi
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+# The smoke run's report is thrown away with the work directory.
+[ $SMOKE = 1 ] && OUT=${OUT_SMOKE:-$WORK/bench-smoke.md}
 
 PORT=18830
 cat > "$WORK/mosquitto.conf" <<CONF

@@ -184,8 +184,14 @@ impl Broker {
                     origin_client: None,
                 });
                 // $SYS is not retained through Raft (it is per node and frequent):
-                // current subscribers get it live.
-                self.dispatch(&message);
+                // current subscribers get it live, and a full subscriber misses it.
+                let outcome = self.dispatch(&message);
+                if !outcome.blocked.is_empty() {
+                    let n = outcome.blocked.len() as u64;
+                    super::Stats::add(&self.stats.messages_dropped, n);
+                    metrics::counter!("flockmq_messages_dropped_total", "reason" => "queue_full")
+                        .increment(n);
+                }
             }
         }
     }
