@@ -278,6 +278,11 @@ pub fn run(program: &str, args: &[&str], timeout: Duration) -> Ran {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    collect(child)
+}
+
+/// Wait for an exited (or killed) child and gather what it printed.
+fn collect(child: Child) -> Ran {
     let out = child.wait_with_output().expect("collect output");
     Ran {
         code: out.status.code(),
@@ -315,23 +320,13 @@ impl Background {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
-        let out = self.child.wait_with_output().expect("collect output");
-        Ran {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        collect(self.child)
     }
 
     /// Kill it now (an abrupt disconnect) and collect its output.
     pub fn kill(mut self) -> Ran {
         let _ = self.child.kill();
-        let out = self.child.wait_with_output().expect("collect output");
-        Ran {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        collect(self.child)
     }
 }
 
