@@ -216,7 +216,7 @@ impl AdminRpc for AdminService {
                     "not the leader; leader is {:?}",
                     fwd.leader_id
                 ))),
-                None => Err(Status::unavailable(e.to_string())),
+                None => Err(Status::internal(e.to_string())),
             },
         }
     }
@@ -229,6 +229,17 @@ pub struct LeaderForwarder {
     client: Option<(String, AdminClient<Channel>)>,
 }
 
+/// Why a forwarded batch got no answer.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// The batch certainly was not applied: the leader could not be reached, or said
+    /// it no longer leads. It may be sent to the next leader.
+    NotSent(String),
+    /// The batch may or may not have been applied (a timeout after sending, a failure
+    /// inside the leader). Sending it again could apply it twice.
+    Uncertain(String),
+}
+
 impl LeaderForwarder {
     /// Have the node at `addr` (the leader) apply `req`.
     pub async fn forward(
@@ -236,24 +247,33 @@ impl LeaderForwarder {
         addr: &str,
         req: &super::command::Request,
         timeout: Duration,
-    ) -> Result<super::command::Response, String> {
+    ) -> Result<super::command::Response, ForwardError> {
         if self.client.as_ref().map(|(a, _)| a.as_str()) != Some(addr) {
             let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| format!("bad leader address {addr}: {e}"))?
+                .map_err(|e| ForwardError::NotSent(format!("bad leader address {addr}: {e}")))?
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true);
             self.client = Some((addr.to_owned(), AdminClient::new(endpoint.connect_lazy())));
         }
         let Some((_, client)) = self.client.as_mut() else {
-            return Err("no leader client".to_owned());
+            return Err(ForwardError::NotSent("no leader client".to_owned()));
         };
-        let payload = encode(req).map_err(|e| e.to_string())?;
+        let payload = encode(req).map_err(|e| ForwardError::NotSent(e.to_string()))?;
         let mut request = Request::new(payload);
         request.set_timeout(timeout);
-        let reply = client
-            .client_write(request)
-            .await
-            .map_err(|s| format!("leader {addr}: {}", s.message()))?;
-        decode(reply.get_ref()).map_err(|e| e.to_string())
+        let reply = client.client_write(request).await.map_err(|s| {
+            let msg = format!("leader {addr}: {}", s.message());
+            match s.code() {
+                // Refused before the leader's log was touched.
+                tonic::Code::FailedPrecondition => ForwardError::NotSent(msg),
+                // A transport failure (the service itself never answers Unavailable):
+                // mostly a refused connection to a dead leader. A connection lost after
+                // the batch was sent also lands here; resending it then applies it
+                // twice, which at-least-once delivery tolerates.
+                tonic::Code::Unavailable => ForwardError::NotSent(msg),
+                _ => ForwardError::Uncertain(msg),
+            }
+        })?;
+        decode(reply.get_ref()).map_err(|e| ForwardError::Uncertain(e.to_string()))
     }
 }

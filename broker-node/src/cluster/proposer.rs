@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::command::{Command, CommandResult, NodeId, Request, Response};
-use super::network::LeaderForwarder;
+use super::network::{ForwardError, LeaderForwarder};
 use super::raft::Raft;
 
 /// Why a command was not applied.
@@ -160,13 +160,16 @@ async fn run(
         metrics::histogram!("flockmq_raft_batch_commands").record(commands.len() as f64);
         let started = std::time::Instant::now();
         let request = Request { commands };
-        let leader = leader_of(&raft);
-        if let Some((_, addr)) = leader.filter(|(id, _)| *id != own_id) {
+        let deadline = tokio::time::Instant::now() + settings.write_timeout;
+        let Some(leader) = await_leader(&raft, None, deadline).await else {
+            drop(permit);
+            answer(replies, Err("no leader elected in time".to_owned()));
+            continue;
+        };
+        if leader.0 != own_id {
             // A follower: the leader applies the batch. Forwarded one at a time, so
             // batches stay in submission order.
-            let outcome = forwarder
-                .forward(&addr, &request, settings.write_timeout)
-                .await;
+            let outcome = forward(&raft, &mut forwarder, leader, &request, deadline).await;
             metrics::histogram!("flockmq_raft_proposal_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             drop(permit);
@@ -211,6 +214,74 @@ fn answer(replies: Vec<Reply>, outcome: Result<Response, String>) {
             }
         }
     }
+}
+
+/// Forward `request` to `leader`; while the leader cannot be reached or says it no
+/// longer leads (an election is under way), wait for the next leader and try it,
+/// until `deadline`. A batch whose delivery is uncertain (the call timed out after
+/// being sent) is not sent again.
+async fn forward(
+    raft: &Raft,
+    forwarder: &mut LeaderForwarder,
+    mut leader: (NodeId, String),
+    request: &Request,
+    deadline: tokio::time::Instant,
+) -> Result<Response, String> {
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match forwarder.forward(&leader.1, request, left).await {
+            Ok(response) => return Ok(response),
+            Err(ForwardError::NotSent(e)) => {
+                tracing::debug!(leader = leader.0, error = %e, "leader unreachable, waiting for the next");
+                // Give the same leader another chance after a pause if no other emerges.
+                let pause = (tokio::time::Instant::now() + RETRY_PAUSE).min(deadline);
+                let next = await_leader(raft, Some(leader.0), pause).await;
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!("no reachable leader in time: {e}"));
+                }
+                leader = match next {
+                    Some(next) => next,
+                    None => match leader_of(raft) {
+                        Some(same) => same,
+                        None => await_leader(raft, None, deadline)
+                            .await
+                            .ok_or_else(|| "no leader elected in time".to_owned())?,
+                    },
+                };
+                if leader.0 == raft_id(raft) {
+                    // This node won the election; the caller's next batch goes straight
+                    // to the log, this one must not be appended out of order behind it.
+                    return Err("leadership moved to this node during forwarding".to_owned());
+                }
+            }
+            Err(ForwardError::Uncertain(e)) => return Err(e),
+        }
+    }
+}
+
+/// How long a follower waits for a new leader before retrying an unreachable one.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// The first leader other than `not` this node learns of before `deadline`.
+async fn await_leader(
+    raft: &Raft,
+    not: Option<NodeId>,
+    deadline: tokio::time::Instant,
+) -> Option<(NodeId, String)> {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Some(leader) = leader_of(raft).filter(|(id, _)| Some(*id) != not) {
+            return Some(leader);
+        }
+        match tokio::time::timeout_at(deadline, metrics.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return None,
+        }
+    }
+}
+
+fn raft_id(raft: &Raft) -> NodeId {
+    raft.metrics().borrow().id
 }
 
 /// The leader this node knows of, with its cluster address.
