@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
+use crate::cluster::forward::{ForwardSink, Forwarder};
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::{http, transport};
@@ -67,11 +68,21 @@ pub async fn run(
         state,
         proposer,
         storage,
+        forward_sink,
     } = cluster;
     readiness.storage_open.store(true, Ordering::Release);
     let _ = readiness.state.set(state.clone());
 
-    let broker = Broker::new(config.clone(), state, proposer, root.child_token());
+    let forwarder = Forwarder::new(config.node_id, state.raft_metrics(), root.child_token());
+    let broker = Broker::new(
+        config.clone(),
+        state,
+        proposer,
+        forwarder,
+        root.child_token(),
+    );
+    let sink: Arc<dyn ForwardSink> = broker.clone();
+    let _ = forward_sink.set(sink);
     tracker.spawn(broker.clone().run_events(events_rx));
     tracker.spawn(broker.clone().run_expiry(Duration::from_secs(1)));
     if !config.mqtt.sys_interval.is_zero() {

@@ -3,6 +3,8 @@
 //!
 //! Every node gets its own free ports and data directory, so tests run in parallel.
 
+pub mod mqtt;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -244,6 +246,18 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what its nodes said (the last lines of each).
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "--- last {} log lines of the node with MQTT port {} ---\n{}",
+                tail.len(),
+                self.mqtt_port,
+                tail.join("\n")
+            );
+        }
     }
 }
 

@@ -9,82 +9,14 @@ use broker_node::mqtt::{
     SubscriptionOptions, Unsubscribe, WillProperties,
 };
 use bytes::Bytes;
+use flockmq_tests::mqtt::{
+    disconnect_reason, next_publish, opts, publish, subscribe, subscribe_with,
+};
 use flockmq_tests::{Node, RawClient};
 
 const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
 const V5: ProtocolVersion = ProtocolVersion::V5;
 const T: Duration = Duration::from_secs(5);
-
-fn publish(topic: &str, payload: &str, qos: QoS, retain: bool, id: u16) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain,
-        topic: topic.into(),
-        packet_id: (qos != QoS::AtMostOnce).then_some(id),
-        properties: PublishProperties::default(),
-        payload: Bytes::copy_from_slice(payload.as_bytes()),
-    })
-}
-
-fn subscribe_with(
-    c: &mut RawClient,
-    filter: &str,
-    options: SubscriptionOptions,
-    id: u16,
-) -> Vec<ReasonCode> {
-    c.send(&Packet::Subscribe(Subscribe {
-        packet_id: id,
-        filters: vec![(filter.into(), options)],
-        properties: SubscribeProperties::default(),
-    }));
-    loop {
-        match c.recv(T) {
-            Some(Packet::SubAck(a)) => {
-                assert_eq!(a.packet_id, id);
-                return a.reason_codes;
-            }
-            Some(_) => {}
-            None => panic!("no SUBACK"),
-        }
-    }
-}
-
-fn opts(qos: QoS) -> SubscriptionOptions {
-    SubscriptionOptions {
-        qos,
-        no_local: false,
-        retain_as_published: false,
-        retain_handling: RetainHandling::SendAtSubscribe,
-    }
-}
-
-fn subscribe(c: &mut RawClient, filter: &str, qos: QoS) -> Vec<ReasonCode> {
-    subscribe_with(c, filter, opts(qos), 1)
-}
-
-/// The next PUBLISH, skipping acknowledgements.
-fn next_publish(c: &mut RawClient, timeout: Duration) -> Option<Publish> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match c.recv(left)? {
-            Packet::Publish(p) => return Some(p),
-            _ => continue,
-        }
-    }
-}
-
-fn disconnect_reason(c: &mut RawClient, timeout: Duration) -> Option<ReasonCode> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match c.recv(left)? {
-            Packet::Disconnect(d) => return Some(d.reason_code),
-            _ => continue,
-        }
-    }
-}
 
 #[test]
 fn mqtt_3_1_4_3_a_second_connection_takes_the_session_over_with_0x8e() {

@@ -23,6 +23,7 @@ use futures::{Future, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use super::dispatch::wait_forwarded;
 use super::{unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
 use crate::cluster::command::{Command, CommandResult, Message, MessageProperties, Will};
 use crate::cluster::state::SessionRecord;
@@ -817,6 +818,9 @@ where
                 b.wait(&broker.stats).await;
             }
         }
+        let forwarded = broker
+            .forward(outcome.forward, p.qos != QoS::AtMostOnce)
+            .await;
         let enqueue = if outcome.enqueue.is_empty() {
             None
         } else {
@@ -859,6 +863,7 @@ where
             if let Some(e) = enqueue {
                 ok &= matches!(e.wait().await, Ok(CommandResult::Enqueued { .. }));
             }
+            wait_forwarded(forwarded).await;
             if !ok && !v5 {
                 return AckOutcome::Fail;
             }

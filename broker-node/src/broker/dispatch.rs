@@ -10,13 +10,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{lock, Broker, ConnMsg, Delivery, Stats};
+use crate::cluster::command::NodeId;
 use crate::cluster::command::{
     Command, CommandResult, EnqueueEntry, Message, QueueFullPolicy, QueueLimits,
     SubscriptionOptions,
 };
+use crate::cluster::forward::{ForwardSink, ForwardTarget, Forwarded};
 use crate::cluster::proposer::ProposeError;
 use crate::config::QueueFullPolicyConfig;
 use crate::router::SelectContext;
+use futures::future::BoxFuture;
 
 /// The members of one shared group with their options.
 type Members = Vec<(Arc<str>, SubscriptionOptions)>;
@@ -42,6 +45,9 @@ pub struct DispatchOutcome {
     /// Local deliveries whose client's channel was full: the publisher waits for room
     /// (up to [`SLOW_CLIENT_WAIT`]) instead of the message being dropped at once.
     pub blocked: Vec<Blocked>,
+    /// The message once per peer node with clients connected there that get it
+    /// directly (not through a replicated queue).
+    pub forward: Vec<(NodeId, Forwarded)>,
 }
 
 /// A delivery waiting for room in a slow client's channel.
@@ -143,8 +149,8 @@ impl Broker {
                     let session = state.session(&client)?;
                     let queued =
                         t.qos > 0 && session.is_persistent() && (durable || !session.connected);
-                    let local = session.connected && session.node == self.node_id;
-                    Some((client, t, queued, local))
+                    let node = session.connected.then_some(session.node);
+                    Some((client, t, queued, node))
                 })
                 .collect::<Vec<_>>()
         });
@@ -153,8 +159,9 @@ impl Broker {
             matched,
             enqueue: Vec::new(),
             blocked: Vec::new(),
+            forward: Vec::new(),
         };
-        for (client, target, queued, local) in plan {
+        for (client, target, queued, node) in plan {
             if queued {
                 outcome.enqueue.push(EnqueueEntry {
                     client_id: client,
@@ -163,13 +170,96 @@ impl Broker {
                     retain: target.retain,
                     subscription_ids: target.subscription_ids,
                 });
-            } else if local {
+            } else if node == Some(self.node_id) {
                 if let Some(b) = self.deliver_local(&client, message, target) {
                     outcome.blocked.push(b);
+                }
+            } else if let Some(node) = node {
+                let target = ForwardTarget {
+                    client_id: client,
+                    qos: target.qos,
+                    retain: target.retain,
+                    subscription_ids: target.subscription_ids,
+                    shared_group: target.shared_group,
+                };
+                match outcome.forward.iter_mut().find(|(n, _)| *n == node) {
+                    Some((_, f)) => f.targets.push(target),
+                    None => outcome.forward.push((
+                        node,
+                        Forwarded {
+                            message: message.clone(),
+                            targets: vec![target],
+                        },
+                    )),
                 }
             }
         }
         outcome
+    }
+
+    /// Queue each of `forward` for its peer; the receivers fire when the peers have
+    /// delivered (only asked for with `want_ack`). A peer that is down or too slow
+    /// loses its part, counted: its clients are clean sessions (persistent ones take
+    /// the replicated queues), which lose their state with their connection anyway.
+    pub async fn forward(
+        &self,
+        forward: Vec<(NodeId, Forwarded)>,
+        want_ack: bool,
+    ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
+        let mut acks = Vec::new();
+        for (node, item) in forward {
+            let targets = item.targets.len() as u64;
+            match self.forwarder.send(node, item, want_ack).await {
+                Ok(ack) => acks.extend(ack),
+                Err(_) => Stats::add(&self.stats.messages_dropped, targets),
+            }
+        }
+        acks
+    }
+
+    /// Deliver what a peer forwarded to the clients connected here, waiting for room
+    /// in slow clients' channels like a local publisher does.
+    async fn deliver_forwarded(&self, origin: NodeId, batch: Vec<Forwarded>) {
+        let mut blocked = Vec::new();
+        for item in batch {
+            for t in item.targets {
+                let target = Target {
+                    shared_group: t.shared_group,
+                    qos: t.qos,
+                    retain: t.retain,
+                    subscription_ids: t.subscription_ids,
+                };
+                if self.local_client(&t.client_id).is_none() {
+                    // Gone since the peer matched: a shared member's message goes to
+                    // another member here; anything else had only this connection.
+                    match target.shared_group {
+                        Some(_) => self.redeliver_shared(
+                            Delivery {
+                                message: item.message.clone(),
+                                qos: target.qos,
+                                retain: target.retain,
+                                subscription_ids: target.subscription_ids,
+                                shared_group: target.shared_group,
+                            },
+                            &t.client_id,
+                        ),
+                        None => {
+                            tracing::debug!(client_id = %t.client_id, origin, "forwarded message for a client no longer here");
+                            Stats::add(&self.stats.messages_dropped, 1);
+                            metrics::counter!("flockmq_messages_dropped_total", "reason" => "not_connected")
+                                .increment(1);
+                        }
+                    }
+                    continue;
+                }
+                if let Some(b) = self.deliver_local(&t.client_id, &item.message, target) {
+                    blocked.push(b);
+                }
+            }
+        }
+        for b in blocked {
+            b.wait(&self.stats).await;
+        }
     }
 
     /// Hand a delivery to a local connection; a full channel returns it as blocked.
@@ -309,8 +399,32 @@ impl Broker {
         for b in outcome.blocked {
             b.wait(&self.stats).await;
         }
+        let acks = self.forward(outcome.forward, message.qos > 0).await;
         self.commit_enqueue(outcome.enqueue).await?;
+        wait_forwarded(acks).await;
         Ok(outcome.matched)
+    }
+}
+
+impl ForwardSink for Broker {
+    fn deliver(&self, origin: NodeId, batch: Vec<Forwarded>) -> BoxFuture<'_, ()> {
+        Box::pin(self.deliver_forwarded(origin, batch))
+    }
+}
+
+/// How long a publisher's acknowledgement waits for peers to confirm forwarded
+/// messages; a peer that takes longer is treated as failed (its part is lost).
+pub const FORWARD_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Wait until every peer confirmed its part, each within [`FORWARD_ACK_WAIT`]
+/// overall. A peer that failed meanwhile simply drops its confirmation.
+pub async fn wait_forwarded(acks: Vec<tokio::sync::oneshot::Receiver<()>>) {
+    if acks.is_empty() {
+        return;
+    }
+    let all = futures::future::join_all(acks);
+    if tokio::time::timeout(FORWARD_ACK_WAIT, all).await.is_err() {
+        tracing::debug!("a peer did not confirm forwarded messages in time");
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::command::{Message, NodeId};
+use crate::cluster::forward::Forwarder;
 use crate::cluster::proposer::Proposer;
 use crate::cluster::state::BrokerState;
 use crate::cluster::StateHandle;
@@ -98,6 +99,8 @@ pub struct Broker {
     pub state: StateHandle,
     /// Writes to the replicated state.
     pub proposer: Proposer,
+    /// Publishes to clients connected to other nodes.
+    pub forwarder: Forwarder,
     /// Clients connected to this node.
     registry: Mutex<HashMap<Arc<str>, ConnHandle>>,
     /// Shared-subscription selection state (round-robin positions, sticky choices).
@@ -117,6 +120,7 @@ impl Broker {
         config: Arc<Config>,
         state: StateHandle,
         proposer: Proposer,
+        forwarder: Forwarder,
         shutdown: CancellationToken,
     ) -> Arc<Broker> {
         let strategy = config.mqtt.shared_subscription_strategy.into();
@@ -125,6 +129,7 @@ impl Broker {
             config,
             state,
             proposer,
+            forwarder,
             registry: Mutex::new(HashMap::new()),
             selector: Mutex::new(SharedSelector::new(strategy)),
             // Unique across restarts of this node: ids of connections from before a

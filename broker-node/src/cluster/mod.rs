@@ -7,6 +7,7 @@
 //! commands), so every node applying the same log holds the same state.
 
 pub mod command;
+pub mod forward;
 pub mod network;
 pub mod proposer;
 pub mod raft;
@@ -83,6 +84,13 @@ impl StateHandle {
         self.metrics.borrow().current_leader.is_some()
     }
 
+    /// Raft's view of the cluster, to find peers' addresses.
+    pub fn raft_metrics(
+        &self,
+    ) -> tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>> {
+        self.metrics.clone()
+    }
+
     /// How many committed log entries this node has not applied yet, when known.
     pub fn apply_lag(&self) -> Option<u64> {
         let m = self.metrics.borrow();
@@ -101,6 +109,8 @@ pub struct Cluster {
     pub proposer: Proposer,
     /// The log store, kept to flush storage at shutdown.
     pub storage: storage::LogStore<TypeConfig>,
+    /// Where forwarded publishes are delivered, once the broker runtime is set in it.
+    pub forward_sink: forward::SinkSlot,
 }
 
 impl Cluster {
@@ -151,11 +161,14 @@ impl Cluster {
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let service = RaftService::server(raft.clone());
         let admin = AdminService::server(raft.clone());
+        let forward_sink = forward::SinkSlot::default();
+        let forwarding = forward::ForwardService::server(forward_sink.clone());
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
                 .add_service(service)
                 .add_service(admin)
+                .add_service(forwarding)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await;
             if let Err(e) = served {
@@ -224,6 +237,7 @@ impl Cluster {
             state,
             proposer,
             storage,
+            forward_sink,
         })
     }
 }

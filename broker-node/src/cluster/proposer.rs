@@ -169,12 +169,17 @@ async fn run(
         if leader.0 != own_id {
             // A follower: the leader applies the batch. Forwarded one at a time, so
             // batches stay in submission order.
-            let outcome = forward(&raft, &mut forwarder, leader, &request, deadline).await;
-            metrics::histogram!("flockmq_raft_proposal_duration_seconds")
-                .record(started.elapsed().as_secs_f64());
-            drop(permit);
-            answer(replies, outcome);
-            continue;
+            match forward(&raft, &mut forwarder, leader, &request, deadline).await {
+                Forwarded::Done(outcome) => {
+                    metrics::histogram!("flockmq_raft_proposal_duration_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    drop(permit);
+                    answer(replies, outcome);
+                    continue;
+                }
+                // Nothing later was appended meanwhile: appending it here keeps order.
+                Forwarded::NowLeader => {}
+            }
         }
         // Appending here, in the loop, keeps batches in submission order; only the
         // wait for commit runs concurrently.
@@ -216,6 +221,14 @@ fn answer(replies: Vec<Reply>, outcome: Result<Response, String>) {
     }
 }
 
+/// What became of a batch sent to the leader.
+enum Forwarded {
+    /// The leader's answer, or why there is none.
+    Done(Result<Response, String>),
+    /// This node was elected while the batch waited: append it locally.
+    NowLeader,
+}
+
 /// Forward `request` to `leader`; while the leader cannot be reached or says it no
 /// longer leads (an election is under way), wait for the next leader and try it,
 /// until `deadline`. A batch whose delivery is uncertain (the call timed out after
@@ -226,35 +239,30 @@ async fn forward(
     mut leader: (NodeId, String),
     request: &Request,
     deadline: tokio::time::Instant,
-) -> Result<Response, String> {
+) -> Forwarded {
+    let own_id = raft.metrics().borrow().id;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match forwarder.forward(&leader.1, request, left).await {
-            Ok(response) => return Ok(response),
+            Ok(response) => return Forwarded::Done(Ok(response)),
+            Err(ForwardError::Uncertain(e)) => return Forwarded::Done(Err(e)),
             Err(ForwardError::NotSent(e)) => {
                 tracing::debug!(leader = leader.0, error = %e, "leader unreachable, waiting for the next");
                 // Give the same leader another chance after a pause if no other emerges.
                 let pause = (tokio::time::Instant::now() + RETRY_PAUSE).min(deadline);
-                let next = await_leader(raft, Some(leader.0), pause).await;
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(format!("no reachable leader in time: {e}"));
-                }
-                leader = match next {
-                    Some(next) => next,
-                    None => match leader_of(raft) {
-                        Some(same) => same,
-                        None => await_leader(raft, None, deadline)
-                            .await
-                            .ok_or_else(|| "no leader elected in time".to_owned())?,
-                    },
+                let next = match await_leader(raft, Some(leader.0), pause).await {
+                    Some(next) => Some(next),
+                    None => await_leader(raft, None, deadline).await,
                 };
-                if leader.0 == raft_id(raft) {
-                    // This node won the election; the caller's next batch goes straight
-                    // to the log, this one must not be appended out of order behind it.
-                    return Err("leadership moved to this node during forwarding".to_owned());
+                if tokio::time::Instant::now() >= deadline {
+                    return Forwarded::Done(Err(format!("no reachable leader in time: {e}")));
+                }
+                match next {
+                    Some(next) if next.0 == own_id => return Forwarded::NowLeader,
+                    Some(next) => leader = next,
+                    None => return Forwarded::Done(Err("no leader elected in time".to_owned())),
                 }
             }
-            Err(ForwardError::Uncertain(e)) => return Err(e),
         }
     }
 }
@@ -278,10 +286,6 @@ async fn await_leader(
             Ok(Err(_)) | Err(_) => return None,
         }
     }
-}
-
-fn raft_id(raft: &Raft) -> NodeId {
-    raft.metrics().borrow().id
 }
 
 /// The leader this node knows of, with its cluster address.

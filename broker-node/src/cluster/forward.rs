@@ -1,0 +1,439 @@
+//! The data plane between nodes: publish forwarding without consensus.
+//!
+//! The node that receives a PUBLISH matches it against its applied route table and,
+//! for clients connected to another node, sends the message once to that node over
+//! one long-lived gRPC stream per peer, addressed to the clients there. Many messages
+//! travel in one frame; the peer acknowledges frames in order once it has handed every
+//! delivery to its clients, and a publisher's PUBACK waits for those acknowledgements.
+//!
+//! Bounds: each peer has a channel of [`PEER_QUEUE`] messages and at most
+//! [`WINDOW`] unacknowledged frames. A full channel slows the publisher (up to
+//! [`SLOW_PEER_WAIT`], then the message is dropped and counted); a peer that cannot be
+//! reached is marked down and messages for it are dropped at once (counted), so a dead
+//! peer never makes anything grow. Messages for persistent sessions do not take this
+//! path: they go through the replicated queues and survive the peer.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use cluster_proto::v1::forward_client::ForwardClient;
+use cluster_proto::v1::forward_server::{Forward as ForwardRpc, ForwardServer};
+use cluster_proto::v1::{ForwardAck, ForwardFrame};
+use futures::future::BoxFuture;
+use futures::Stream;
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::command::{Message, NodeId};
+
+/// Messages waiting for one peer's stream.
+pub const PEER_QUEUE: usize = 4096;
+/// Frames sent to a peer and not yet acknowledged.
+pub const WINDOW: usize = 64;
+/// Most messages in one frame.
+const FRAME_MESSAGES: usize = 256;
+/// How long a publisher waits for room in a slow peer's channel.
+pub const SLOW_PEER_WAIT: Duration = Duration::from_secs(1);
+/// Longest pause between attempts to reach a peer that is down.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// One client on the peer a message is addressed to, with what its subscriptions
+/// decided on the receiving node (QoS already downgraded, RETAIN as it is to be sent,
+/// no-local already judged).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardTarget {
+    /// The client.
+    pub client_id: Arc<str>,
+    /// Delivery QoS.
+    pub qos: u8,
+    /// RETAIN flag to send.
+    pub retain: bool,
+    /// Identifiers of the matching subscriptions.
+    pub subscription_ids: Vec<u32>,
+    /// The shared group the client was chosen for, if that is why it gets it.
+    pub shared_group: Option<Arc<str>>,
+}
+
+/// A message on its way to one peer, with the clients there it is for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forwarded {
+    /// The message, properties and reception time unchanged.
+    pub message: Arc<Message>,
+    /// The clients on the peer.
+    pub targets: Vec<ForwardTarget>,
+}
+
+/// The local side that delivers what peers forward (the broker runtime).
+pub trait ForwardSink: Send + Sync + 'static {
+    /// Hand every target of `batch` to its connection; resolves when each one has
+    /// been accepted (or dropped and counted).
+    fn deliver(&self, origin: NodeId, batch: Vec<Forwarded>) -> BoxFuture<'_, ()>;
+}
+
+/// Where the gRPC service finds the sink, which exists only once the broker runtime
+/// has started (after Raft and the gRPC server).
+pub type SinkSlot = Arc<OnceLock<Arc<dyn ForwardSink>>>;
+
+/// The gRPC service receiving peers' forward streams.
+pub struct ForwardService {
+    sink: SinkSlot,
+}
+
+impl ForwardService {
+    /// A tonic server delivering into `sink`.
+    pub fn server(sink: SinkSlot) -> ForwardServer<ForwardService> {
+        ForwardServer::new(ForwardService { sink }).max_decoding_message_size(64 * 1024 * 1024)
+    }
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<ForwardAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ForwardRpc for ForwardService {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<ForwardFrame>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let mut inbound = request.into_inner();
+        let sink = self.sink.clone();
+        let (tx, rx) = mpsc::channel(WINDOW);
+        tokio::spawn(async move {
+            loop {
+                let frame = match inbound.message().await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "forward stream from a peer ended");
+                        break;
+                    }
+                };
+                let batch: Vec<Forwarded> = match bincode::deserialize(&frame.entries) {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        tracing::warn!(origin = frame.origin_node, error = %e, "undecodable forward frame");
+                        let _ = tx
+                            .send(Err(Status::invalid_argument(format!(
+                                "cannot decode forward frame {}: {e}",
+                                frame.seq
+                            ))))
+                            .await;
+                        break;
+                    }
+                };
+                metrics::counter!("flockmq_forward_received_total").increment(batch.len() as u64);
+                match sink.get() {
+                    Some(sink) => sink.deliver(frame.origin_node, batch).await,
+                    // The runtime is not up yet, so no client is connected here.
+                    None => metrics::counter!("flockmq_messages_dropped_total", "reason" => "no_subscribers")
+                        .increment(batch.len() as u64),
+                }
+                if tx.send(Ok(ForwardAck { seq: frame.seq })).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A message queued for a peer, with the publisher's acknowledgement to fire.
+struct Outgoing {
+    item: Forwarded,
+    ack: Option<oneshot::Sender<()>>,
+}
+
+struct Peer {
+    tx: mpsc::Sender<Outgoing>,
+    /// False while the peer cannot be reached: messages for it are dropped at once.
+    up: Arc<AtomicBool>,
+}
+
+/// Why a message was not queued for its peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotForwarded {
+    /// The peer is down.
+    PeerDown,
+    /// The peer's channel stayed full for [`SLOW_PEER_WAIT`].
+    PeerSlow,
+}
+
+/// The sending side: one stream task per peer, started on first use.
+pub struct Forwarder {
+    node_id: NodeId,
+    metrics: watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+    peers: Mutex<HashMap<NodeId, Peer>>,
+    shutdown: CancellationToken,
+}
+
+impl Forwarder {
+    /// A forwarder for node `node_id`, finding peers' addresses in Raft's membership.
+    pub fn new(
+        node_id: NodeId,
+        metrics: watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+        shutdown: CancellationToken,
+    ) -> Forwarder {
+        Forwarder {
+            node_id,
+            metrics,
+            peers: Mutex::new(HashMap::new()),
+            shutdown,
+        }
+    }
+
+    /// Queue `item` for `node`. With `want_ack`, the returned receiver fires once the
+    /// peer has delivered it (it is dropped unfired if the peer fails first).
+    pub async fn send(
+        &self,
+        node: NodeId,
+        item: Forwarded,
+        want_ack: bool,
+    ) -> Result<Option<oneshot::Receiver<()>>, NotForwarded> {
+        let (tx, up) = self.peer(node);
+        let outcome = if !up.load(Ordering::Acquire) {
+            Err(NotForwarded::PeerDown)
+        } else {
+            let (ack, rx) = if want_ack {
+                let (ack, rx) = oneshot::channel();
+                (Some(ack), Some(rx))
+            } else {
+                (None, None)
+            };
+            let targets = item.targets.len() as u64;
+            let outgoing = Outgoing { item, ack };
+            let sent = match tx.try_send(outgoing) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(outgoing)) => tx
+                    .send_timeout(outgoing, SLOW_PEER_WAIT)
+                    .await
+                    .map_err(|_| NotForwarded::PeerSlow),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(NotForwarded::PeerDown),
+            };
+            sent.map(|()| {
+                metrics::counter!("flockmq_forward_sent_total").increment(targets);
+                rx
+            })
+        };
+        if let Err(why) = &outcome {
+            let reason = match why {
+                NotForwarded::PeerDown => "peer_down",
+                NotForwarded::PeerSlow => "peer_slow",
+            };
+            metrics::counter!("flockmq_messages_dropped_total", "reason" => reason).increment(1);
+            tracing::debug!(peer = node, reason, "message not forwarded");
+        }
+        outcome
+    }
+
+    /// The channel to `node`, starting its stream task on first use.
+    fn peer(&self, node: NodeId) -> (mpsc::Sender<Outgoing>, Arc<AtomicBool>) {
+        let mut peers = super::super::broker::lock(&self.peers);
+        if let Some(p) = peers.get(&node).filter(|p| !p.tx.is_closed()) {
+            return (p.tx.clone(), p.up.clone());
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        // Optimistic: the first messages wait for the first connection attempt.
+        let up = Arc::new(AtomicBool::new(true));
+        tokio::spawn(run_peer(
+            self.node_id,
+            node,
+            self.metrics.clone(),
+            rx,
+            up.clone(),
+            self.shutdown.clone(),
+        ));
+        peers.insert(
+            node,
+            Peer {
+                tx: tx.clone(),
+                up: up.clone(),
+            },
+        );
+        (tx, up)
+    }
+}
+
+/// How a connected stream ended.
+enum Ended {
+    /// The node is stopping, or the forwarder is gone.
+    Stop,
+    /// The stream broke: reconnect.
+    Broken,
+}
+
+async fn run_peer(
+    own: NodeId,
+    node: NodeId,
+    metrics: watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    up: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let addr = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.addr.clone());
+        let opened = match addr {
+            Some(addr) => open(&addr).await,
+            None => Err(format!("node {node} is not a member")),
+        };
+        match opened {
+            Ok((frames, acks)) => {
+                tracing::info!(peer = node, "forward stream open");
+                up.store(true, Ordering::Release);
+                backoff = Duration::from_millis(100);
+                let ended = pump(own, &mut rx, frames, acks, &shutdown).await;
+                up.store(false, Ordering::Release);
+                match ended {
+                    Ended::Stop => return,
+                    Ended::Broken => tracing::info!(peer = node, "forward stream broken"),
+                }
+            }
+            Err(e) => {
+                up.store(false, Ordering::Release);
+                tracing::debug!(peer = node, error = %e, "peer unreachable");
+            }
+        }
+        // While the peer is down, what is already queued is dropped, not kept.
+        let until = tokio::time::Instant::now() + backoff;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(until) => break,
+                item = rx.recv() => match item {
+                    Some(_) => metrics::counter!("flockmq_messages_dropped_total", "reason" => "peer_down").increment(1),
+                    None => return,
+                },
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+type Opened = (mpsc::Sender<ForwardFrame>, Streaming<ForwardAck>);
+
+async fn open(addr: &str) -> Result<Opened, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("bad peer address {addr}: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let (frames, frames_rx) = mpsc::channel(WINDOW);
+    let mut client = ForwardClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let acks = client
+        .stream(ReceiverStream::new(frames_rx))
+        .await
+        .map_err(|s| format!("peer {addr} refused the forward stream: {}", s.message()))?
+        .into_inner();
+    Ok((frames, acks))
+}
+
+/// Move messages from the channel to the stream in frames and fire acknowledgements
+/// as the peer confirms frames.
+async fn pump(
+    own: NodeId,
+    rx: &mut mpsc::Receiver<Outgoing>,
+    frames: mpsc::Sender<ForwardFrame>,
+    mut acks: Streaming<ForwardAck>,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let mut pending: VecDeque<(u64, Vec<oneshot::Sender<()>>)> = VecDeque::new();
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ended::Stop,
+            ack = acks.message() => match ack {
+                Ok(Some(ack)) => {
+                    while pending.front().is_some_and(|(s, _)| *s <= ack.seq) {
+                        if let Some((_, waiters)) = pending.pop_front() {
+                            for w in waiters {
+                                let _ = w.send(());
+                            }
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => return Ended::Broken,
+            },
+            first = rx.recv(), if pending.len() < WINDOW => {
+                let Some(first) = first else { return Ended::Stop };
+                let mut items = Vec::with_capacity(16);
+                let mut waiters = Vec::new();
+                let mut next = Some(first);
+                while let Some(o) = next.take() {
+                    items.push(o.item);
+                    waiters.extend(o.ack);
+                    if items.len() < FRAME_MESSAGES {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                let entries = match bincode::serialize(&items) {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode forward frame");
+                        continue;
+                    }
+                };
+                seq += 1;
+                metrics::counter!("flockmq_forward_frames_total").increment(1);
+                let frame = ForwardFrame { seq, origin_node: own, entries };
+                if frames.send(frame).await.is_err() {
+                    return Ended::Broken;
+                }
+                pending.push_back((seq, waiters));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::command::MessageProperties;
+
+    #[test]
+    fn a_forwarded_message_round_trips_through_a_frame() {
+        let item = Forwarded {
+            message: Arc::new(Message {
+                topic: Arc::from("fleet/r7/pose"),
+                payload: bytes::Bytes::from_static(b"{\"x\":1}"),
+                qos: 1,
+                retain: true,
+                properties: MessageProperties {
+                    message_expiry_interval: Some(30),
+                    user_properties: vec![("k".into(), "v".into())],
+                    ..Default::default()
+                },
+                received_at_ms: 1_700_000_000_000,
+                origin_client: Some(Arc::from("r7")),
+            }),
+            targets: vec![ForwardTarget {
+                client_id: Arc::from("dashboard"),
+                qos: 1,
+                retain: false,
+                subscription_ids: vec![4, 9],
+                shared_group: Some(Arc::from("workers")),
+            }],
+        };
+        let bytes = bincode::serialize(&vec![item.clone()]).expect("encodes");
+        let back: Vec<Forwarded> = bincode::deserialize(&bytes).expect("decodes");
+        assert_eq!(back, vec![item]);
+    }
+}

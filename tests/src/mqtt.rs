@@ -1,0 +1,88 @@
+//! Packet-level helpers for tests that drive a [`RawClient`]: building PUBLISH and
+//! SUBSCRIBE packets and waiting for the packets that matter.
+
+use std::time::{Duration, Instant};
+
+use broker_node::mqtt::{
+    Packet, Publish, PublishProperties, QoS, ReasonCode, RetainHandling, Subscribe,
+    SubscribeProperties, SubscriptionOptions,
+};
+use bytes::Bytes;
+
+use crate::RawClient;
+
+/// A PUBLISH of `payload` to `topic` (packet id `id` unless QoS 0).
+pub fn publish(topic: &str, payload: &str, qos: QoS, retain: bool, id: u16) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain,
+        topic: topic.into(),
+        packet_id: (qos != QoS::AtMostOnce).then_some(id),
+        properties: PublishProperties::default(),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+    })
+}
+
+/// Subscribe to one filter with `options` under packet id `id`; the SUBACK reason codes.
+pub fn subscribe_with(
+    c: &mut RawClient,
+    filter: &str,
+    options: SubscriptionOptions,
+    id: u16,
+) -> Vec<ReasonCode> {
+    c.send(&Packet::Subscribe(Subscribe {
+        packet_id: id,
+        filters: vec![(filter.into(), options)],
+        properties: SubscribeProperties::default(),
+    }));
+    loop {
+        match c.recv(Duration::from_secs(10)) {
+            Some(Packet::SubAck(a)) => {
+                assert_eq!(a.packet_id, id);
+                return a.reason_codes;
+            }
+            Some(_) => {}
+            None => panic!("no SUBACK"),
+        }
+    }
+}
+
+/// Subscription options at `qos`, everything else at the defaults.
+pub fn opts(qos: QoS) -> SubscriptionOptions {
+    SubscriptionOptions {
+        qos,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: RetainHandling::SendAtSubscribe,
+    }
+}
+
+/// Subscribe to `filter` at `qos` (packet id 1); the SUBACK reason codes.
+pub fn subscribe(c: &mut RawClient, filter: &str, qos: QoS) -> Vec<ReasonCode> {
+    subscribe_with(c, filter, opts(qos), 1)
+}
+
+/// The next PUBLISH, skipping acknowledgements.
+pub fn next_publish(c: &mut RawClient, timeout: Duration) -> Option<Publish> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.recv(left)? {
+            Packet::Publish(p) => return Some(p),
+            _ => continue,
+        }
+    }
+}
+
+/// The reason code of the next DISCONNECT, skipping other packets.
+pub fn disconnect_reason(c: &mut RawClient, timeout: Duration) -> Option<ReasonCode> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.recv(left)? {
+            Packet::Disconnect(d) => return Some(d.reason_code),
+            _ => continue,
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! The data plane across three `broker-node` processes: a publish received by one
+//! node reaches clients connected to the others, with the same semantics as a local
+//! delivery, in order, and once per shared group cluster-wide.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use broker_node::mqtt::{
+    Connect, ConnectProperties, Packet, ProtocolVersion, PubAck, PubComp, PubRec, PubRel, Publish,
+    PublishProperties, QoS, ReasonCode, Subscribe, SubscribeProperties,
+};
+use bytes::Bytes;
+use flockmq_tests::mqtt::{opts, subscribe};
+use flockmq_tests::{Node, RawClient};
+
+const V5: ProtocolVersion = ProtocolVersion::V5;
+const T: Duration = Duration::from_secs(10);
+
+/// A subscriber that acknowledges as a real client does and records each message the
+/// first time its QoS flow hands it over (a QoS 2 resend awaiting PUBREL is not new).
+struct Receiver {
+    client: RawClient,
+    awaiting_release: HashSet<u16>,
+    got: Vec<Publish>,
+}
+
+impl Receiver {
+    fn new(client: RawClient) -> Receiver {
+        Receiver {
+            client,
+            awaiting_release: HashSet::new(),
+            got: Vec::new(),
+        }
+    }
+
+    /// Read until `count` messages have arrived or nothing comes for `quiet`.
+    fn collect(&mut self, count: usize, quiet: Duration) {
+        while self.got.len() < count {
+            match self.client.recv(quiet) {
+                Some(Packet::Publish(p)) => self.on_publish(p),
+                Some(Packet::PubRel(r)) => {
+                    self.awaiting_release.remove(&r.packet_id);
+                    self.client.send(&Packet::PubComp(PubComp::new(
+                        r.packet_id,
+                        ReasonCode::Success,
+                    )));
+                }
+                Some(_) => {}
+                None => return,
+            }
+        }
+    }
+
+    fn on_publish(&mut self, p: Publish) {
+        match p.qos {
+            QoS::AtMostOnce => self.got.push(p),
+            QoS::AtLeastOnce => {
+                let id = p.packet_id.expect("QoS 1 has a packet id");
+                self.got.push(p);
+                self.client
+                    .send(&Packet::PubAck(PubAck::new(id, ReasonCode::Success)));
+            }
+            QoS::ExactlyOnce => {
+                let id = p.packet_id.expect("QoS 2 has a packet id");
+                if self.awaiting_release.insert(id) {
+                    self.got.push(p);
+                }
+                self.client
+                    .send(&Packet::PubRec(PubRec::new(id, ReasonCode::Success)));
+            }
+        }
+    }
+
+    fn payloads(&self) -> Vec<String> {
+        self.got
+            .iter()
+            .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+            .collect()
+    }
+}
+
+/// A publisher that keeps at most `window` QoS 1/2 messages unacknowledged and
+/// completes every flow.
+struct Publisher {
+    client: RawClient,
+    next_id: u16,
+    in_flight: usize,
+}
+
+impl Publisher {
+    fn connect(node: &Node, client_id: &str) -> Publisher {
+        let (client, ack) = RawClient::connect(node.mqtt_addr(), V5, client_id, true, 60);
+        assert_eq!(ack.reason_code, ReasonCode::Success);
+        Publisher {
+            client,
+            next_id: 1,
+            in_flight: 0,
+        }
+    }
+
+    fn send(&mut self, topic: &str, payload: String, qos: QoS, properties: PublishProperties) {
+        let packet_id = (qos != QoS::AtMostOnce).then(|| {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            id
+        });
+        self.client.send(&Packet::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: topic.into(),
+            packet_id,
+            properties,
+            payload: Bytes::from(payload),
+        }));
+        if packet_id.is_some() {
+            self.in_flight += 1;
+            while self.in_flight >= 10 {
+                self.settle_one();
+            }
+        }
+    }
+
+    /// Wait for one flow to complete (PUBACK, or PUBREC → PUBREL → PUBCOMP).
+    fn settle_one(&mut self) {
+        match self.client.recv(T) {
+            Some(Packet::PubAck(a)) => {
+                assert!(!a.reason_code.is_error(), "{a:?}");
+                self.in_flight -= 1;
+            }
+            Some(Packet::PubRec(r)) => {
+                assert!(!r.reason_code.is_error(), "{r:?}");
+                self.client.send(&Packet::PubRel(PubRel::new(
+                    r.packet_id,
+                    ReasonCode::Success,
+                )));
+            }
+            Some(Packet::PubComp(_)) => self.in_flight -= 1,
+            other => panic!("publisher expected an acknowledgement, got {other:?}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        while self.in_flight > 0 {
+            self.settle_one();
+        }
+    }
+}
+
+fn subscriber(node: &Node, client_id: &str, filter: &str, qos: QoS) -> Receiver {
+    let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, client_id, true, 60);
+    assert!(!subscribe(&mut c, filter, qos)[0].is_error());
+    Receiver::new(c)
+}
+
+#[test]
+fn qos_0_1_and_2_published_on_node_1_reach_subscribers_on_nodes_2_and_3_unchanged() {
+    let nodes = Node::cluster(3);
+    let (mut on_2, _) = RawClient::connect(nodes[1].mqtt_addr(), V5, "dashboard", true, 60);
+    on_2.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![("fleet/+/pose".into(), opts(QoS::ExactlyOnce))],
+        properties: SubscribeProperties {
+            subscription_identifier: Some(42),
+            user_properties: vec![],
+        },
+    }));
+    assert!(matches!(on_2.recv(T), Some(Packet::SubAck(_))));
+    let mut on_2 = Receiver::new(on_2);
+    // Node 3 grants only QoS 1: the QoS 2 message is downgraded there.
+    let mut on_3 = subscriber(&nodes[2], "recorder", "fleet/#", QoS::AtLeastOnce);
+
+    let mut publisher = Publisher::connect(&nodes[0], "r7");
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .into_iter()
+        .enumerate()
+    {
+        let properties = PublishProperties {
+            message_expiry_interval: Some(600),
+            content_type: Some("application/json".into()),
+            response_topic: Some("fleet/r7/reply".into()),
+            correlation_data: Some(Bytes::from_static(b"c-1")),
+            user_properties: vec![("site".into(), "north".into())],
+            payload_format_indicator: Some(1),
+            ..Default::default()
+        };
+        publisher.send("fleet/r7/pose", format!("pose-{i}"), qos, properties);
+    }
+    publisher.finish();
+
+    on_2.collect(3, T);
+    on_3.collect(3, T);
+    assert_eq!(on_2.payloads(), vec!["pose-0", "pose-1", "pose-2"]);
+    assert_eq!(on_3.payloads(), vec!["pose-0", "pose-1", "pose-2"]);
+    let qos_of = |r: &Receiver| r.got.iter().map(|p| p.qos).collect::<Vec<_>>();
+    assert_eq!(
+        qos_of(&on_2),
+        vec![QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+    );
+    assert_eq!(
+        qos_of(&on_3),
+        vec![QoS::AtMostOnce, QoS::AtLeastOnce, QoS::AtLeastOnce]
+    );
+    for p in on_2.got.iter().chain(&on_3.got) {
+        let props = &p.properties;
+        assert_eq!(props.content_type.as_deref(), Some("application/json"));
+        assert_eq!(props.response_topic.as_deref(), Some("fleet/r7/reply"));
+        assert_eq!(props.correlation_data.as_deref(), Some(&b"c-1"[..]));
+        assert_eq!(
+            props.user_properties,
+            vec![("site".to_owned(), "north".to_owned())]
+        );
+        assert_eq!(props.payload_format_indicator, Some(1));
+        let expiry = props.message_expiry_interval.expect("expiry is carried");
+        assert!((590..=600).contains(&expiry), "expiry {expiry}");
+        assert!(!p.retain);
+    }
+    for p in &on_2.got {
+        assert_eq!(p.properties.subscription_identifiers, vec![42]);
+    }
+    for p in &on_3.got {
+        assert!(p.properties.subscription_identifiers.is_empty());
+    }
+}
+
+#[test]
+fn messages_from_one_publisher_arrive_in_order_on_another_node() {
+    let nodes = Node::cluster(3);
+    let mut sub = subscriber(
+        &nodes[2],
+        "historian",
+        "warehouse/zone1/temp",
+        QoS::AtLeastOnce,
+    );
+    let mut publisher = Publisher::connect(&nodes[0], "sensor-1");
+    let n = 500;
+    for i in 0..n {
+        let qos = if i % 3 == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        publisher.send(
+            "warehouse/zone1/temp",
+            format!("{i}"),
+            qos,
+            PublishProperties::default(),
+        );
+    }
+    publisher.finish();
+    sub.collect(n, T);
+    let expected: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    assert_eq!(sub.payloads(), expected);
+}
+
+#[test]
+fn fan_out_reaches_subscribers_spread_over_every_node() {
+    let nodes = Node::cluster(3);
+    let mut subs: Vec<Receiver> = (0..15)
+        .map(|i| {
+            subscriber(
+                &nodes[i % 3],
+                &format!("screen-{i}"),
+                "alerts/#",
+                QoS::AtLeastOnce,
+            )
+        })
+        .collect();
+    let mut publisher = Publisher::connect(&nodes[1], "alerter");
+    for i in 0..20 {
+        publisher.send(
+            &format!("alerts/zone{}", i % 4),
+            format!("alert-{i}"),
+            QoS::AtLeastOnce,
+            PublishProperties::default(),
+        );
+    }
+    publisher.finish();
+    let expected: Vec<String> = (0..20).map(|i| format!("alert-{i}")).collect();
+    for (i, sub) in subs.iter_mut().enumerate() {
+        sub.collect(20, T);
+        assert_eq!(
+            sub.payloads(),
+            expected,
+            "subscriber {i} on node {}",
+            i % 3 + 1
+        );
+    }
+}
+
+#[test]
+fn a_shared_group_with_members_on_every_node_gets_each_message_exactly_once() {
+    let nodes = Node::cluster(3);
+    let mut members: Vec<Receiver> = (0..3)
+        .map(|i| {
+            subscriber(
+                &nodes[i],
+                &format!("worker-{i}"),
+                "$share/workers/jobs/#",
+                QoS::AtLeastOnce,
+            )
+        })
+        .collect();
+    let mut publisher = Publisher::connect(&nodes[0], "dispatcher");
+    let n = 300;
+    for i in 0..n {
+        publisher.send(
+            "jobs/pick",
+            format!("job-{i}"),
+            QoS::AtLeastOnce,
+            PublishProperties::default(),
+        );
+    }
+    publisher.finish();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let deadline = Instant::now() + T;
+    while seen.values().sum::<usize>() < n && Instant::now() < deadline {
+        seen.clear();
+        for m in &mut members {
+            m.collect(n, Duration::from_millis(300));
+            for p in m.payloads() {
+                *seen.entry(p).or_default() += 1;
+            }
+        }
+    }
+    let duplicates: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(duplicates.is_empty(), "delivered twice: {duplicates:?}");
+    assert_eq!(seen.len(), n, "every job delivered once");
+    for (i, m) in members.iter().enumerate() {
+        assert!(
+            m.got.len() >= n / 10,
+            "member {i} on node {} got only {} of {n}",
+            i + 1,
+            m.got.len()
+        );
+    }
+}
+
+#[test]
+fn qos_2_stays_exactly_once_when_the_subscribers_node_is_killed_mid_stream() {
+    let mut nodes = Node::cluster(3);
+    let connect = |node: &Node, clean: bool| {
+        let mut c = RawClient::open(node.mqtt_addr(), V5);
+        c.send(&Packet::Connect(Box::new(Connect {
+            protocol: V5,
+            clean_start: clean,
+            keep_alive: 60,
+            client_id: "arm-controller".into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: ConnectProperties {
+                session_expiry_interval: Some(600),
+                ..Default::default()
+            },
+        })));
+        match c.recv(T) {
+            Some(Packet::ConnAck(ack)) => (c, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    };
+    let (mut c, _) = connect(&nodes[1], true);
+    assert!(!subscribe(&mut c, "arm/1/command", QoS::ExactlyOnce)[0].is_error());
+    let mut sub = Receiver::new(c);
+
+    let n = 120;
+    let mut publisher = Publisher::connect(&nodes[0], "planner");
+    let mut commands = |range: std::ops::Range<usize>| {
+        for i in range {
+            let props = PublishProperties::default();
+            publisher.send("arm/1/command", i.to_string(), QoS::ExactlyOnce, props);
+        }
+        publisher.finish();
+    };
+    commands(0..n / 2);
+    // The subscriber takes part of the first half, then its node dies under it.
+    sub.collect(n / 4, T);
+    nodes[1].kill();
+    commands(n / 2..n);
+
+    // It comes back on node 3 with its session (and its own QoS 2 state) intact.
+    let (c, ack) = connect(&nodes[2], false);
+    assert!(ack.session_present, "the session survived its node");
+    sub.client = c;
+    sub.collect(n, T);
+    let expected: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    let mut got = sub.payloads();
+    let in_order = got.clone();
+    got.sort_by_key(|p| p.parse::<usize>().unwrap_or(usize::MAX));
+    got.dedup();
+    assert_eq!(
+        got.len(),
+        sub.got.len(),
+        "no message delivered twice: {in_order:?}"
+    );
+    assert_eq!(got, expected, "every message delivered: {in_order:?}");
+}
