@@ -145,6 +145,10 @@ pub struct Config {
     /// The cluster address of a running node to join; empty for none.
     #[serde(with = "opt_string")]
     pub join: Option<String>,
+    /// The bearer token the admin API (/api/v1) requires; empty means the API
+    /// answers only requests from loopback addresses.
+    #[serde(with = "opt_string")]
+    pub api_token: Option<String>,
     /// MQTT protocol settings and limits.
     pub mqtt: MqttConfig,
     /// Logging.
@@ -275,6 +279,7 @@ impl Default for Config {
             advertise_addr: None,
             initial_cluster: Vec::new(),
             join: None,
+            api_token: None,
             mqtt: MqttConfig::default(),
             log: LogConfig::default(),
             cluster: ClusterConfig::default(),
@@ -325,14 +330,18 @@ impl Default for LogConfig {
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
-            heartbeat_interval: Duration::from_millis(250),
-            election_timeout_min: Duration::from_secs(1),
-            election_timeout_max: Duration::from_secs(2),
+            // Failover takes the leader lease (the longest election timeout) plus one
+            // election timeout: about 1.6 to 3.2 s with these.
+            heartbeat_interval: Duration::from_millis(200),
+            election_timeout_min: Duration::from_millis(800),
+            election_timeout_max: Duration::from_millis(1600),
             snapshot_after_logs: 10_000,
             batch_max_commands: 512,
             batch_max_delay: Duration::from_millis(1),
             forward_buffer_messages: 10_000,
-            write_timeout: Duration::from_secs(5),
+            // Longer than a failover with a split vote, so that a write made while the
+            // leader is lost waits for the next one instead of failing.
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -376,6 +385,9 @@ pub struct RunArgs {
     /// Join the cluster of the node at HOST:PORT.
     #[arg(long)]
     pub join: Option<String>,
+    /// Bearer token the admin API requires (empty: loopback only).
+    #[arg(long)]
+    pub api_token: Option<String>,
     /// Log format: human or json.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -394,6 +406,7 @@ const FLAG_KEYS: &[&str] = &[
     "advertise_addr",
     "initial_cluster",
     "join",
+    "api_token",
 ];
 
 impl Config {
@@ -440,6 +453,7 @@ impl Config {
             ("advertise_addr", &cli.advertise_addr),
             ("initial_cluster", &cli.initial_cluster),
             ("join", &cli.join),
+            ("api_token", &cli.api_token),
             ("log.format", &cli.log_format),
         ];
         for (key, value) in flags {
@@ -627,6 +641,7 @@ const KNOWN_OPTIONAL: &[&str] = &[
     "wss_addr",
     "advertise_addr",
     "join",
+    "api_token",
     "mqtt.server_keep_alive",
     "mqtt.max_session_expiry",
     "log.level",
@@ -903,7 +918,13 @@ pub fn default_config_toml() -> String {
         }
     };
     write_entries(&mut out, "", &table);
-    for key in ["tls_addr", "wss_addr", "advertise_addr", "join"] {
+    for key in [
+        "tls_addr",
+        "wss_addr",
+        "advertise_addr",
+        "join",
+        "api_token",
+    ] {
         if !table.contains_key(key) {
             if let Some(doc) = docs.iter().find(|(name, _)| *name == key) {
                 let _ = writeln!(out, "\n# {}\n{key} = \"\"", doc.1);
@@ -933,6 +954,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("advertise_addr", "The host:port other nodes reach this node's cluster address at; empty means cluster_addr."),
         ("initial_cluster", "The voters a fresh cluster starts with (ID=HOST:PORT each, comma separated); empty for a single node."),
         ("join", "The cluster address of a running node to join; empty for none."),
+        ("api_token", "The bearer token the admin API (/api/v1) requires; empty means the API answers only requests from loopback addresses."),
         ("mqtt.max_packet_size", "Largest packet accepted (and announced in CONNACK), at most 268435455 bytes."),
         ("mqtt.max_connections", "Most client connections at once on this node (0: unlimited)."),
         ("mqtt.connect_timeout", "How long a new connection may take to send CONNECT."),

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod broker;
 pub mod cluster;
 pub mod config;
+pub mod ctl;
 pub mod http;
 pub mod logging;
 pub mod mqtt;

@@ -28,11 +28,23 @@ enum Cmd {
         /// The TOML file.
         file: std::path::PathBuf,
     },
+    /// Operate a running node through its admin API.
+    Ctl(broker_node::ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Some(Cmd::Ctl(args)) => match broker_node::ctl::run(&args) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("broker-node ctl: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Cmd::PrintDefaultConfig) => {
             print!("{}", default_config_toml());
             ExitCode::SUCCESS

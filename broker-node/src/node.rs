@@ -52,10 +52,13 @@ pub async fn run(
     let readiness = http::Readiness::default();
     let http_listener = http::bind(config.http_addr).await?;
     tracing::info!(addr = %http_listener.local_addr()?, "HTTP listener ready");
+    let api = http::api::ApiSlot::default();
     tracker.spawn(http::serve(
         http_listener,
         metrics,
         readiness.clone(),
+        api.clone(),
+        config.api_token.clone(),
         root.child_token(),
     ));
 
@@ -73,7 +76,12 @@ pub async fn run(
     readiness.storage_open.store(true, Ordering::Release);
     let _ = readiness.state.set(state.clone());
 
-    let forwarder = Forwarder::new(config.node_id, state.raft_metrics(), root.child_token());
+    let forwarder = Forwarder::new(
+        config.node_id,
+        config.cluster.forward_buffer_messages,
+        state.raft_metrics(),
+        root.child_token(),
+    );
     let broker = Broker::new(
         config.clone(),
         state,
@@ -83,6 +91,10 @@ pub async fn run(
     );
     let sink: Arc<dyn ForwardSink> = broker.clone();
     let _ = forward_sink.set(sink);
+    let _ = api.set(http::api::Api {
+        broker: broker.clone(),
+        raft: raft.clone(),
+    });
     tracker.spawn(broker.clone().run_events(events_rx));
     tracker.spawn(broker.clone().run_expiry(Duration::from_secs(1)));
     if !config.mqtt.sys_interval.is_zero() {

@@ -203,6 +203,35 @@ impl Node {
         panic!("broker-node not ready in 30s; log:\n{}", self.log());
     }
 
+    /// The JSON answer of the admin API at `/api/v1{path}`, or the error.
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
+        let url = format!("http://127.0.0.1:{}/api/v1{path}", self.http_port);
+        let request = ureq::request(method, &url).timeout(Duration::from_secs(30));
+        let response = match body {
+            Some(b) => request.send_json(b),
+            None => request.call(),
+        };
+        match response {
+            Ok(r) if r.status() == 204 => Ok(serde_json::Value::Null),
+            Ok(r) => r.into_json().map_err(|e| e.to_string()),
+            Err(ureq::Error::Status(code, r)) => {
+                Err(format!("{code}: {}", r.into_string().unwrap_or_default()))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// This node's cluster status (`GET /api/v1/cluster`).
+    pub fn status(&self) -> serde_json::Value {
+        self.api("GET", "/cluster", None)
+            .unwrap_or_else(|e| panic!("cluster status of node on port {}: {e}", self.mqtt_port))
+    }
+
     /// What the node logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
@@ -259,6 +288,38 @@ impl Drop for Node {
             );
         }
     }
+}
+
+/// Wait until every running node in `nodes` reports the same state digest at the same
+/// applied index (invariant 3), and return that digest. Panics after 15 s.
+///
+/// Also the way to wait for a change made through one node (a subscription, say) to be
+/// applied on all of them before acting on it elsewhere.
+pub fn converged(nodes: &[&Node]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = Vec::new();
+    while Instant::now() < deadline {
+        last = nodes
+            .iter()
+            .map(|n| {
+                let s = n.status();
+                (
+                    s["digest_index"].as_u64(),
+                    s["digest"].as_str().map(str::to_owned),
+                )
+            })
+            .collect::<Vec<_>>();
+        if last.windows(2).all(|w| w[0] == w[1]) && last[0].0.is_some() {
+            return last[0].1.clone().unwrap_or_default();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nodes did not converge in 15 s: (applied index, digest) per node: {last:?}");
+}
+
+/// Every node of `nodes` that is running.
+pub fn running(nodes: &[Node]) -> Vec<&Node> {
+    nodes.iter().filter(|n| n.child.is_some()).collect()
 }
 
 /// The output of an external client program.

@@ -8,7 +8,7 @@ use broker_node::mqtt::{
     Subscribe, SubscribeProperties, SubscriptionOptions,
 };
 use bytes::Bytes;
-use flockmq_tests::{run, Node, RawClient};
+use flockmq_tests::{converged, run, running, Node, RawClient};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -60,6 +60,7 @@ fn a_retained_message_set_through_node_2_reaches_a_subscriber_on_node_3() {
         read_retained(&nodes[2], "status/+", 1),
         vec!["status/r7 online"]
     );
+    converged(&running(&nodes));
 }
 
 #[test]
@@ -78,6 +79,7 @@ fn the_same_client_id_on_node_2_closes_its_connection_on_node_1_with_0x8e() {
         started.elapsed() < Duration::from_secs(1),
         "within a second"
     );
+    converged(&running(&nodes));
 }
 
 #[test]
@@ -127,4 +129,8 @@ fn subscriptions_made_on_one_node_survive_the_kill_of_the_leader() {
         Some(Packet::Publish(p)) => assert_eq!(p.payload, "ON"),
         other => panic!("queued message expected, got {other:?}"),
     }
+    // The survivors agree on the state; the killed leader rejoins and catches up.
+    converged(&running(&nodes));
+    nodes[0].restart();
+    converged(&running(&nodes));
 }

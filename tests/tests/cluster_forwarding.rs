@@ -11,7 +11,7 @@ use broker_node::mqtt::{
 };
 use bytes::Bytes;
 use flockmq_tests::mqtt::{opts, subscribe};
-use flockmq_tests::{Node, RawClient};
+use flockmq_tests::{converged, running, Node, RawClient};
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
 const T: Duration = Duration::from_secs(10);
@@ -170,6 +170,7 @@ fn qos_0_1_and_2_published_on_node_1_reach_subscribers_on_nodes_2_and_3_unchange
     // Node 3 grants only QoS 1: the QoS 2 message is downgraded there.
     let mut on_3 = subscriber(&nodes[2], "recorder", "fleet/#", QoS::AtLeastOnce);
 
+    converged(&running(&nodes));
     let mut publisher = Publisher::connect(&nodes[0], "r7");
     for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
         .into_iter()
@@ -232,6 +233,7 @@ fn messages_from_one_publisher_arrive_in_order_on_another_node() {
         "warehouse/zone1/temp",
         QoS::AtLeastOnce,
     );
+    converged(&running(&nodes));
     let mut publisher = Publisher::connect(&nodes[0], "sensor-1");
     let n = 500;
     for i in 0..n {
@@ -266,6 +268,9 @@ fn fan_out_reaches_subscribers_spread_over_every_node() {
             )
         })
         .collect();
+    // Subscriptions made through one node reach the others' route tables
+    // asynchronously: wait until every node applied them.
+    converged(&running(&nodes));
     let mut publisher = Publisher::connect(&nodes[1], "alerter");
     for i in 0..20 {
         publisher.send(
@@ -301,6 +306,7 @@ fn a_shared_group_with_members_on_every_node_gets_each_message_exactly_once() {
             )
         })
         .collect();
+    converged(&running(&nodes));
     let mut publisher = Publisher::connect(&nodes[0], "dispatcher");
     let n = 300;
     for i in 0..n {
@@ -364,6 +370,7 @@ fn qos_2_stays_exactly_once_when_the_subscribers_node_is_killed_mid_stream() {
     let mut sub = Receiver::new(c);
 
     let n = 120;
+    converged(&running(&nodes));
     let mut publisher = Publisher::connect(&nodes[0], "planner");
     let mut commands = |range: std::ops::Range<usize>| {
         for i in range {

@@ -13,6 +13,9 @@ use crate::cluster::command::{Command, Message, MessageProperties};
 use crate::cluster::state::Event;
 use crate::session::InboundQos2;
 
+/// v5 reason code 0x98 Administrative action.
+const ADMINISTRATIVE_ACTION: u8 = 0x98;
+
 impl Broker {
     /// Handle state-machine events until the channel closes.
     pub async fn run_events(self: Arc<Self>, mut events: UnboundedReceiver<Event>) {
@@ -23,11 +26,16 @@ impl Broker {
                     node,
                     connection_id,
                 } if node == self.node_id => {
-                    if let Some(h) = self.local_client(&client_id) {
-                        if h.connection_id == connection_id {
-                            let _ = h.tx.try_send(ConnMsg::TakenOver);
-                        }
-                    }
+                    self.tell_connection(&client_id, connection_id, ConnMsg::TakenOver);
+                }
+                Event::Kick {
+                    client_id,
+                    node,
+                    connection_id,
+                } if node == self.node_id => {
+                    tracing::info!(client_id = %client_id, "client kicked by an operator");
+                    let msg = ConnMsg::Disconnect(ADMINISTRATIVE_ACTION);
+                    self.tell_connection(&client_id, connection_id, msg);
                 }
                 Event::PublishWill { publisher, message } if publisher == self.node_id => {
                     let this = self.clone();
@@ -47,6 +55,16 @@ impl Broker {
                     }
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// Send `msg` to the local connection `connection_id` of `client_id`, if it is
+    /// still the one connected here.
+    fn tell_connection(&self, client_id: &str, connection_id: u64, msg: ConnMsg) {
+        if let Some(h) = self.local_client(client_id) {
+            if h.connection_id == connection_id {
+                let _ = h.tx.try_send(msg);
             }
         }
     }

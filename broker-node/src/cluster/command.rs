@@ -244,6 +244,12 @@ pub enum Command {
         /// Unix ms at the proposing node.
         now_ms: u64,
     },
+    /// An operator asked for the client's connection to be closed (v5 DISCONNECT
+    /// 0x98 Administrative action), wherever it is connected. The session stays.
+    Kick {
+        /// The client identifier.
+        client_id: Arc<str>,
+    },
 }
 
 /// The result of one command, in the order of the batch.

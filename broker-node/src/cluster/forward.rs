@@ -6,7 +6,7 @@
 //! travel in one frame; the peer acknowledges frames in order once it has handed every
 //! delivery to its clients, and a publisher's PUBACK waits for those acknowledgements.
 //!
-//! Bounds: each peer has a channel of [`PEER_QUEUE`] messages and at most
+//! Bounds: each peer has a channel of `cluster.forward_buffer_messages` messages and at most
 //! [`WINDOW`] unacknowledged frames. A full channel slows the publisher (up to
 //! [`SLOW_PEER_WAIT`], then the message is dropped and counted); a peer that cannot be
 //! reached is marked down and messages for it are dropped at once (counted), so a dead
@@ -34,8 +34,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::command::{Message, NodeId};
 
-/// Messages waiting for one peer's stream.
-pub const PEER_QUEUE: usize = 4096;
 /// Frames sent to a peer and not yet acknowledged.
 pub const WINDOW: usize = 64;
 /// Most messages in one frame.
@@ -170,6 +168,8 @@ pub enum NotForwarded {
 /// The sending side: one stream task per peer, started on first use.
 pub struct Forwarder {
     node_id: NodeId,
+    /// Messages waiting for one peer's stream.
+    peer_queue: usize,
     metrics: watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
     peers: Mutex<HashMap<NodeId, Peer>>,
     shutdown: CancellationToken,
@@ -179,11 +179,13 @@ impl Forwarder {
     /// A forwarder for node `node_id`, finding peers' addresses in Raft's membership.
     pub fn new(
         node_id: NodeId,
+        peer_queue: usize,
         metrics: watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
         shutdown: CancellationToken,
     ) -> Forwarder {
         Forwarder {
             node_id,
+            peer_queue: peer_queue.max(1),
             metrics,
             peers: Mutex::new(HashMap::new()),
             shutdown,
@@ -240,7 +242,7 @@ impl Forwarder {
         if let Some(p) = peers.get(&node).filter(|p| !p.tx.is_closed()) {
             return (p.tx.clone(), p.up.clone());
         }
-        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        let (tx, rx) = mpsc::channel(self.peer_queue);
         // Optimistic: the first messages wait for the first connection attempt.
         let up = Arc::new(AtomicBool::new(true));
         tokio::spawn(run_peer(

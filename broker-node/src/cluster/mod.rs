@@ -8,6 +8,7 @@
 
 pub mod command;
 pub mod forward;
+pub mod membership;
 pub mod network;
 pub mod proposer;
 pub mod raft;
@@ -89,6 +90,17 @@ impl StateHandle {
         &self,
     ) -> tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>> {
         self.metrics.clone()
+    }
+
+    /// The state's digest and the log index it reflects, read together.
+    pub fn digest(&self) -> (u64, u64) {
+        match self
+            .machine
+            .read_at(|m, applied| (applied.map(|l| l.index).unwrap_or(0), m.0.digest()))
+        {
+            Ok(r) => r,
+            Err(e) => panic!("replicated state unreadable: {e}"),
+        }
     }
 
     /// How many committed log entries this node has not applied yet, when known.
@@ -180,15 +192,23 @@ impl Cluster {
         if !raft.is_initialized().await? {
             let mut members = BTreeMap::new();
             if config.initial_cluster.is_empty() {
-                members.insert(config.node_id, BasicNode::new(advertise));
+                members.insert(config.node_id, BasicNode::new(advertise.clone()));
             } else {
                 for m in &config.initial_cluster {
                     members.insert(m.id, BasicNode::new(m.addr.clone()));
                 }
             }
             // Only the lowest id of a fresh cluster initializes it: no node ever
-            // initializes twice, and the others learn the membership from it.
-            if members.keys().next() == Some(&config.node_id) {
+            // initializes twice, and the others learn the membership from it. A
+            // joining node is added by the cluster it asks.
+            if let Some(seed) = &config.join {
+                tokio::spawn(membership::join_through(
+                    seed.clone(),
+                    config.node_id,
+                    advertise.clone(),
+                    shutdown.clone(),
+                ));
+            } else if members.keys().next() == Some(&config.node_id) {
                 tracing::info!(voters = ?members.keys().collect::<Vec<_>>(), "initializing a new cluster");
                 if let Err(e) = raft.initialize(members).await {
                     tracing::info!(error = %e, "cluster already initialized");

@@ -25,6 +25,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::command::NodeId;
+use super::membership::{self, MembershipChange};
 use super::raft::{Raft, TypeConfig};
 
 fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, bincode::Error> {
@@ -220,6 +221,39 @@ impl AdminRpc for AdminService {
             },
         }
     }
+
+    async fn change_membership(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let change: MembershipChange = decode(request.get_ref()).map_err(bad_request)?;
+        let outcome: Result<String, String> = membership::change(&self.raft, change).await;
+        reply(&outcome)
+    }
+}
+
+/// Ask the node at `addr` to apply a membership change (it passes it to the leader).
+pub async fn change_membership(
+    addr: &str,
+    change: &MembershipChange,
+    timeout: Duration,
+) -> Result<String, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("bad address {addr}: {e}"))?
+        .connect_timeout(Duration::from_secs(2));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+    let payload = encode(change).map_err(|e| e.to_string())?;
+    let mut request = Request::new(payload);
+    request.set_timeout(timeout);
+    let reply = AdminClient::new(channel)
+        .change_membership(request)
+        .await
+        .map_err(|s| format!("{addr}: {}", s.message()))?;
+    let outcome: Result<String, String> = decode(reply.get_ref()).map_err(|e| e.to_string())?;
+    outcome
 }
 
 /// Sends batches to the leader when this node is a follower. One client per leader

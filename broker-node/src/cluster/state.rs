@@ -51,6 +51,15 @@ pub enum Event {
         /// The owning node.
         node: NodeId,
     },
+    /// An operator asked for this connection of `client_id` on `node` to be closed.
+    Kick {
+        /// The client identifier.
+        client_id: Arc<str>,
+        /// The node holding the connection.
+        node: NodeId,
+        /// The connection.
+        connection_id: u64,
+    },
     /// A session ended (expired or replaced by a clean start).
     SessionEnded {
         /// The client identifier.
@@ -174,6 +183,17 @@ impl BrokerState {
     /// state, result and events on every node.
     pub fn apply_command(&mut self, cmd: &Command) -> CommandResult {
         match cmd {
+            Command::Kick { client_id } => match self.sessions.get(client_id) {
+                Some(s) if s.connected => {
+                    self.emit(Event::Kick {
+                        client_id: client_id.clone(),
+                        node: s.node,
+                        connection_id: s.connection_id,
+                    });
+                    CommandResult::Done
+                }
+                _ => CommandResult::NoSession,
+            },
             Command::OpenSession {
                 client_id,
                 node,

@@ -9,6 +9,8 @@
 //! Readiness is computed from real facts on every request; nothing here caches it.
 //! The server never touches MQTT connections.
 
+pub mod api;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -98,21 +100,28 @@ struct AppState {
     readiness: Readiness,
 }
 
-/// Serve the HTTP routes on `listener` until `shutdown`.
+/// Serve the HTTP routes on `listener` until `shutdown`; the admin API answers once
+/// `api` is set.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: PrometheusHandle,
     readiness: Readiness,
+    api: api::ApiSlot,
+    api_token: Option<String>,
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(AppState { metrics, readiness });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+        .with_state(AppState { metrics, readiness })
+        .nest("/api/v1", api::router(api, api_token));
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await;
     if let Err(e) = served {
         tracing::error!(error = %e, "HTTP server failed");
     }

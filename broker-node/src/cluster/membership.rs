@@ -1,0 +1,154 @@
+//! Changing who is in the cluster: a node joins (added as a learner, promoted to voter
+//! once it has caught up) or is removed (it leaves, or an operator takes out a dead
+//! one). Changes run on the leader; any node accepts them and passes them on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use openraft::{BasicNode, ChangeMembers};
+use serde::{Deserialize, Serialize};
+
+use super::command::NodeId;
+use super::network;
+use super::raft::Raft;
+
+/// A membership change, as carried between nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// Add node `id`, reachable at `addr`, as a voter.
+    Join {
+        /// The new node's id.
+        id: NodeId,
+        /// Its cluster (gRPC) address.
+        addr: String,
+    },
+    /// Take node `id` out of the cluster.
+    Remove {
+        /// The node to remove.
+        id: NodeId,
+    },
+}
+
+/// How long one change may take, catching a new node up included.
+pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The members and roles as this node sees them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Members {
+    /// Voter ids.
+    pub voters: BTreeSet<NodeId>,
+    /// Every node (voters and learners) with its cluster address.
+    pub nodes: BTreeMap<NodeId, String>,
+}
+
+/// The current membership of `raft`.
+pub fn members(raft: &Raft) -> Members {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let membership = m.membership_config.membership();
+    Members {
+        voters: membership.voter_ids().collect(),
+        nodes: membership
+            .nodes()
+            .map(|(id, node)| (*id, node.addr.clone()))
+            .collect(),
+    }
+}
+
+/// Apply `change`: here if this node leads, otherwise through the leader. Returns a
+/// sentence saying what happened.
+pub async fn change(raft: &Raft, change: MembershipChange) -> Result<String, String> {
+    let (own, leader) = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let leader = m.current_leader.and_then(|id| {
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| (id, n.addr.clone()))
+        });
+        (m.id, leader)
+    };
+    match leader {
+        Some((id, _)) if id == own => apply_on_leader(raft, change).await,
+        Some((_, addr)) => network::change_membership(&addr, &change, CHANGE_TIMEOUT).await,
+        None => Err("no leader: the cluster has no majority".to_owned()),
+    }
+}
+
+/// Apply `change` on this node, which must lead.
+async fn apply_on_leader(raft: &Raft, change: MembershipChange) -> Result<String, String> {
+    let current = members(raft);
+    match change {
+        MembershipChange::Join { id, addr } => {
+            if current.voters.contains(&id) && current.nodes.get(&id) == Some(&addr) {
+                return Ok(format!("node {id} is already a voter"));
+            }
+            if current.voters.contains(&id) {
+                return Err(format!(
+                    "node id {id} is already taken by {}; remove it first",
+                    current.nodes.get(&id).map(String::as_str).unwrap_or("?")
+                ));
+            }
+            tracing::info!(node = id, %addr, "adding a node: catching it up as a learner");
+            raft.add_learner(id, BasicNode::new(addr.clone()), true)
+                .await
+                .map_err(|e| format!("cannot add node {id} as a learner: {e}"))?;
+            let mut voters = current.voters;
+            voters.insert(id);
+            raft.change_membership(voters, false)
+                .await
+                .map_err(|e| format!("cannot promote node {id}: {e}"))?;
+            tracing::info!(node = id, %addr, "node joined as a voter");
+            Ok(format!("node {id} ({addr}) joined as a voter"))
+        }
+        MembershipChange::Remove { id } => {
+            if !current.nodes.contains_key(&id) {
+                return Ok(format!("node {id} is not a member"));
+            }
+            if current.voters.len() == 1 && current.voters.contains(&id) {
+                return Err(format!("node {id} is the last voter"));
+            }
+            let change = if current.voters.contains(&id) {
+                ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+            } else {
+                ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+            };
+            // `retain = false`: a removed voter is dropped from the nodes too.
+            raft.change_membership(change, false)
+                .await
+                .map_err(|e| format!("cannot remove node {id}: {e}"))?;
+            tracing::info!(node = id, "node removed from the cluster");
+            Ok(format!("node {id} removed"))
+        }
+    }
+}
+
+/// Keep asking the node at `seed` to add this node until it has (the `--join` flag).
+/// The seed may be any member: it passes the request to the leader.
+pub async fn join_through(
+    seed: String,
+    id: NodeId,
+    addr: String,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let change = MembershipChange::Join {
+        id,
+        addr: addr.clone(),
+    };
+    let mut pause = Duration::from_millis(500);
+    loop {
+        match network::change_membership(&seed, &change, CHANGE_TIMEOUT).await {
+            Ok(outcome) => {
+                tracing::info!(%seed, "{outcome}");
+                return;
+            }
+            Err(e) => tracing::warn!(%seed, error = %e, "cannot join yet, retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,432 @@
+//! `broker-node ctl`: the admin API from the command line, one subcommand per
+//! endpoint (like `emqx ctl` or `vmq-admin`). Output is a table by default and the
+//! API's JSON with `--json`.
+//!
+//! The node is found at `--url` (default: `http://` + `FLOCKMQ_HTTP_ADDR`, else
+//! `http://127.0.0.1:8080`); the token comes from `--token` or `FLOCKMQ_API_TOKEN`,
+//! the same variable the node reads.
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+/// `broker-node ctl ...`
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The node's HTTP address.
+    #[arg(long, global = true)]
+    pub url: Option<String>,
+    /// The admin API's bearer token.
+    #[arg(long, global = true, env = "FLOCKMQ_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// What to ask the node.
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// Cluster status and membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Connected clients.
+    #[command(subcommand)]
+    Clients(ClientsCmd),
+    /// Sessions, connected or not.
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
+    /// Subscriptions.
+    #[command(subcommand)]
+    Subscriptions(SubscriptionsCmd),
+    /// Retained messages.
+    #[command(subcommand)]
+    Retained(RetainedCmd),
+    /// Publish a message as the broker.
+    Publish {
+        /// Topic name.
+        topic: String,
+        /// Payload (text).
+        payload: String,
+        /// QoS 0, 1 or 2.
+        #[arg(long, default_value_t = 0)]
+        qos: u8,
+        /// Set the RETAIN flag.
+        #[arg(long)]
+        retain: bool,
+    },
+}
+
+/// `ctl cluster ...`
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Leader, term, applied index, digest and members.
+    Status,
+    /// Add node ID at cluster address ADDR (HOST:PORT).
+    Join {
+        /// The new node's id.
+        id: u64,
+        /// Its cluster address.
+        addr: String,
+    },
+    /// Take the node answering at --url out of the cluster.
+    Leave,
+    /// Take node ID out of the cluster (e.g. a dead one).
+    Remove {
+        /// The node to remove.
+        id: u64,
+    },
+}
+
+/// `ctl clients ...`
+#[derive(Subcommand, Debug)]
+pub enum ClientsCmd {
+    /// List connected clients.
+    List {
+        /// Only clients on this node.
+        #[arg(long)]
+        node: Option<u64>,
+    },
+    /// One client with its subscriptions.
+    Show {
+        /// Client id.
+        id: String,
+    },
+    /// Close a client's connection (v5 0x98), wherever it is connected.
+    Kick {
+        /// Client id.
+        id: String,
+    },
+}
+
+/// `ctl sessions ...`
+#[derive(Subcommand, Debug)]
+pub enum SessionsCmd {
+    /// List every session.
+    List,
+    /// One session.
+    Show {
+        /// Client id.
+        id: String,
+    },
+}
+
+/// `ctl subscriptions ...`
+#[derive(Subcommand, Debug)]
+pub enum SubscriptionsCmd {
+    /// List subscriptions.
+    List {
+        /// Only this client's.
+        #[arg(long)]
+        client: Option<String>,
+    },
+}
+
+/// `ctl retained ...`
+#[derive(Subcommand, Debug)]
+pub enum RetainedCmd {
+    /// List retained messages.
+    List,
+    /// One retained message with its payload.
+    Show {
+        /// Topic.
+        topic: String,
+    },
+    /// Clear a retained message.
+    Delete {
+        /// Topic.
+        topic: String,
+    },
+}
+
+/// Everything that can go wrong, as the message to print.
+pub type CtlError = String;
+
+/// Run one ctl command; returns what to print.
+pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
+    let base = base_url(args.url.as_deref());
+    let client = Client {
+        base,
+        token: args.token.clone().filter(|t| !t.is_empty()),
+    };
+    let (value, columns): (Value, &[&str]) = match &args.command {
+        CtlCommand::Cluster(ClusterCmd::Status) => {
+            let v = client.call("GET", "/cluster", None)?;
+            if args.json {
+                return Ok(pretty(&v));
+            }
+            return Ok(cluster_table(&v));
+        }
+        CtlCommand::Cluster(ClusterCmd::Join { id, addr }) => (
+            client.call(
+                "POST",
+                "/cluster/join",
+                Some(json!({ "id": id, "addr": addr })),
+            )?,
+            &[],
+        ),
+        CtlCommand::Cluster(ClusterCmd::Leave) => {
+            (client.call("POST", "/cluster/leave", Some(json!({})))?, &[])
+        }
+        CtlCommand::Cluster(ClusterCmd::Remove { id }) => (
+            client.call("DELETE", &format!("/cluster/members/{id}"), None)?,
+            &[],
+        ),
+        CtlCommand::Clients(ClientsCmd::List { node }) => {
+            let path = match node {
+                Some(n) => format!("/clients?limit=10000&node={n}"),
+                None => "/clients?limit=10000".to_owned(),
+            };
+            (client.call("GET", &path, None)?, SESSION_COLUMNS)
+        }
+        CtlCommand::Clients(ClientsCmd::Show { id })
+        | CtlCommand::Sessions(SessionsCmd::Show { id }) => (
+            client.call("GET", &format!("/sessions/{}", encode(id)), None)?,
+            &[],
+        ),
+        CtlCommand::Clients(ClientsCmd::Kick { id }) => {
+            client.call("DELETE", &format!("/clients/{}", encode(id)), None)?;
+            (json!({ "message": format!("client {id} kicked") }), &[])
+        }
+        CtlCommand::Sessions(SessionsCmd::List) => (
+            client.call("GET", "/sessions?limit=10000", None)?,
+            SESSION_COLUMNS,
+        ),
+        CtlCommand::Subscriptions(SubscriptionsCmd::List { client: who }) => {
+            let path = match who {
+                Some(c) => format!("/subscriptions?limit=10000&clientid={}", encode(c)),
+                None => "/subscriptions?limit=10000".to_owned(),
+            };
+            (
+                client.call("GET", &path, None)?,
+                &["clientid", "topic", "qos", "nl", "rap", "rh", "subid"],
+            )
+        }
+        CtlCommand::Retained(RetainedCmd::List) => (
+            client.call("GET", "/retained?limit=10000", None)?,
+            &[
+                "topic",
+                "qos",
+                "payload_size",
+                "from_clientid",
+                "publish_at",
+            ],
+        ),
+        CtlCommand::Retained(RetainedCmd::Show { topic }) => (
+            client.call("GET", &format!("/retained/{}", encode_topic(topic)), None)?,
+            &[],
+        ),
+        CtlCommand::Retained(RetainedCmd::Delete { topic }) => {
+            client.call(
+                "DELETE",
+                &format!("/retained/{}", encode_topic(topic)),
+                None,
+            )?;
+            (
+                json!({ "message": format!("retained message on {topic} cleared") }),
+                &[],
+            )
+        }
+        CtlCommand::Publish {
+            topic,
+            payload,
+            qos,
+            retain,
+        } => (
+            client.call(
+                "POST",
+                "/publish",
+                Some(json!({ "topic": topic, "payload": payload, "qos": qos, "retain": retain })),
+            )?,
+            &[],
+        ),
+    };
+    if args.json {
+        return Ok(pretty(&value));
+    }
+    if !columns.is_empty() {
+        let rows = value["data"].as_array().cloned().unwrap_or_default();
+        return Ok(table(columns, &rows));
+    }
+    Ok(match value.get("message").and_then(Value::as_str) {
+        Some(m) => format!("{m}\n"),
+        None => pretty(&value),
+    })
+}
+
+const SESSION_COLUMNS: &[&str] = &[
+    "clientid",
+    "node",
+    "connected",
+    "proto_ver",
+    "subscriptions_cnt",
+    "mqueue_len",
+    "expiry_interval",
+];
+
+fn base_url(url: Option<&str>) -> String {
+    let raw = match url {
+        Some(u) => u.to_owned(),
+        None => std::env::var("FLOCKMQ_HTTP_ADDR")
+            .ok()
+            .map(|a| a.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]"))
+            .unwrap_or_else(|| "127.0.0.1:8080".to_owned()),
+    };
+    let with_scheme = if raw.contains("://") {
+        raw
+    } else {
+        format!("http://{raw}")
+    };
+    format!("{}/api/v1", with_scheme.trim_end_matches('/'))
+}
+
+/// Percent-encode one path segment.
+fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Percent-encode a topic, keeping its `/` separators as path separators.
+fn encode_topic(topic: &str) -> String {
+    topic.split('/').map(encode).collect::<Vec<_>>().join("/")
+}
+
+struct Client {
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, CtlError> {
+        let url = format!("{}{path}", self.base);
+        let mut request = ureq::request(method, &url).timeout(std::time::Duration::from_secs(130));
+        if let Some(t) = &self.token {
+            request = request.set("Authorization", &format!("Bearer {t}"));
+        }
+        let response = match body {
+            Some(b) => request.send_json(b),
+            None => request.call(),
+        };
+        match response {
+            Ok(r) if r.status() == 204 => Ok(Value::Null),
+            Ok(r) => r
+                .into_json::<Value>()
+                .map_err(|e| format!("{url}: unreadable answer: {e}")),
+            Err(ureq::Error::Status(code, r)) => {
+                let body: Value = r.into_json().unwrap_or(Value::Null);
+                let message = body
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no details");
+                Err(format!("{method} {url}: {code}: {message}"))
+            }
+            Err(e) => Err(format!("cannot reach {url}: {e}")),
+        }
+    }
+}
+
+fn pretty(v: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Rows as aligned columns.
+fn table(columns: &[&str], rows: &[Value]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|c| cell(&r[*c])).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(c.len())
+        })
+        .collect();
+    let line = |values: Vec<&str>| -> String {
+        let mut l = values
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l.push('\n');
+        l
+    };
+    let mut out = line(columns.to_vec());
+    for r in &cells {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn cluster_table(v: &Value) -> String {
+    let mut out = format!(
+        "node {}  state {}  leader {}  term {}  applied {}  digest {} (at index {})\n\n",
+        cell(&v["node_id"]),
+        cell(&v["state"]),
+        cell(&v["leader"]),
+        cell(&v["term"]),
+        cell(&v["last_applied_index"]),
+        cell(&v["digest"]),
+        cell(&v["digest_index"]),
+    );
+    let members = v["members"].as_array().cloned().unwrap_or_default();
+    out.push_str(&table(&["id", "addr", "role"], &members));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns_and_show_missing_values_as_dashes() {
+        let rows = vec![
+            json!({"clientid": "robot-7", "node": 1}),
+            json!({"clientid": "a", "node": null}),
+        ];
+        assert_eq!(
+            table(&["clientid", "node"], &rows),
+            "clientid  node\nrobot-7   1\na         -\n"
+        );
+    }
+
+    #[test]
+    fn urls_get_a_scheme_and_the_api_prefix() {
+        assert_eq!(
+            base_url(Some("10.0.0.5:8080")),
+            "http://10.0.0.5:8080/api/v1"
+        );
+        assert_eq!(
+            base_url(Some("https://broker.example/")),
+            "https://broker.example/api/v1"
+        );
+        assert_eq!(encode_topic("a b/c#"), "a%20b/c%23");
+    }
+}

@@ -1,0 +1,496 @@
+//! The admin REST API under `/api/v1`: cluster status and membership, clients,
+//! sessions, subscriptions, retained messages and publishing. JSON throughout; lists
+//! are paged in EMQX's `{"data": [...], "meta": {"page", "limit", "count"}}` shape.
+//!
+//! Access: with `api_token` set, every request needs `Authorization: Bearer <token>`;
+//! without it, only requests from loopback addresses are answered. Reads come from
+//! this node's applied replicated state, so every node answers for the whole cluster;
+//! writes go through Raft (a kick reaches the client on whichever node holds it).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::broker::{unix_ms, Broker};
+use crate::cluster::command::{Command, CommandResult, Message, MessageProperties, NodeId};
+use crate::cluster::membership::{self, MembershipChange};
+use crate::cluster::raft::Raft;
+use crate::cluster::state::SessionRecord;
+
+/// What the API works on, set once the node has started.
+pub struct Api {
+    /// The broker runtime.
+    pub broker: Arc<Broker>,
+    /// Raft, for status and membership changes.
+    pub raft: Raft,
+}
+
+/// Where the router finds the [`Api`]; empty while the node starts.
+pub type ApiSlot = Arc<OnceLock<Api>>;
+
+#[derive(Clone)]
+struct ApiState {
+    slot: ApiSlot,
+    token: Option<Arc<str>>,
+}
+
+/// The `/api/v1` routes.
+pub fn router(slot: ApiSlot, token: Option<String>) -> Router {
+    let state = ApiState {
+        slot,
+        token: token.filter(|t| !t.is_empty()).map(Arc::from),
+    };
+    Router::new()
+        .route("/cluster", get(cluster_status))
+        .route("/cluster/join", post(cluster_join))
+        .route("/cluster/leave", post(cluster_leave))
+        .route("/cluster/members/{id}", delete(cluster_remove))
+        .route("/clients", get(clients_list))
+        .route("/clients/{id}", get(client_show).delete(client_kick))
+        .route("/sessions", get(sessions_list))
+        .route("/sessions/{id}", get(client_show))
+        .route("/subscriptions", get(subscriptions_list))
+        .route("/retained", get(retained_list))
+        .route(
+            "/retained/{*topic}",
+            get(retained_get).delete(retained_delete),
+        )
+        .route("/publish", post(publish))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// An API error: a status and a message, as `{"code", "message"}`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = self
+            .0
+            .canonical_reason()
+            .unwrap_or("ERROR")
+            .to_uppercase()
+            .replace(' ', "_");
+        (self.0, Json(json!({ "code": code, "message": self.1 }))).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn not_found(what: String) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, what)
+}
+
+fn bad_request(what: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, what.into())
+}
+
+fn unavailable(what: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, what.to_string())
+}
+
+/// Authentication, and the started node.
+async fn guard(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match &state.token {
+        Some(token) => {
+            let given = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+                return ApiError(
+                    StatusCode::UNAUTHORIZED,
+                    "a bearer token is required".into(),
+                )
+                .into_response();
+            }
+        }
+        None if !peer.ip().is_loopback() => {
+            return ApiError(
+                StatusCode::FORBIDDEN,
+                "the admin API answers only loopback clients unless api_token is set".into(),
+            )
+            .into_response();
+        }
+        None => {}
+    }
+    if state.slot.get().is_none() {
+        return unavailable("the node is starting").into_response();
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn api(state: &ApiState) -> Result<&Api, ApiError> {
+    state
+        .slot
+        .get()
+        .ok_or_else(|| unavailable("the node is starting"))
+}
+
+/// Paging parameters and list filters.
+#[derive(Debug, Default, Deserialize)]
+struct ListQuery {
+    page: Option<usize>,
+    limit: Option<usize>,
+    /// Only sessions connected (true) or not (false).
+    connected: Option<bool>,
+    /// Only sessions on this node.
+    node: Option<NodeId>,
+    /// Only this client (subscriptions).
+    clientid: Option<String>,
+    /// Only client ids or topics containing this text.
+    like: Option<String>,
+}
+
+/// Default and largest page size.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 10_000;
+
+fn paged(items: Vec<Value>, q: &ListQuery) -> Response {
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    let page = q.page.unwrap_or(1).max(1);
+    let count = items.len();
+    let data: Vec<Value> = items
+        .into_iter()
+        .skip((page - 1).saturating_mul(limit))
+        .take(limit)
+        .collect();
+    Json(json!({
+        "data": data,
+        "meta": { "page": page, "limit": limit, "count": count, "hasnext": page * limit < count },
+    }))
+    .into_response()
+}
+
+async fn cluster_status(State(state): State<ApiState>) -> ApiResult {
+    let api = api(&state)?;
+    let (applied_index, digest) = api.broker.state.digest();
+    let metrics = api.raft.metrics().borrow().clone();
+    let members = membership::members(&api.raft);
+    let nodes: Vec<Value> = members
+        .nodes
+        .iter()
+        .map(|(id, addr)| {
+            json!({
+                "id": id,
+                "addr": addr,
+                "role": if metrics.current_leader == Some(*id) {
+                    "leader"
+                } else if members.voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                },
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "node_id": metrics.id,
+        "state": format!("{:?}", metrics.state),
+        "leader": metrics.current_leader,
+        "term": metrics.current_term,
+        "last_log_index": metrics.last_log_index,
+        "last_applied_index": metrics.last_applied.map(|l| l.index),
+        "digest_index": applied_index,
+        "digest": format!("{digest:016x}"),
+        "members": nodes,
+        "sessions": api.broker.read_state(|s| s.sessions().count()),
+        "connections_here": api.broker.local_client_count(),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct JoinBody {
+    id: NodeId,
+    addr: String,
+}
+
+async fn cluster_join(State(state): State<ApiState>, Json(body): Json<JoinBody>) -> ApiResult {
+    let api = api(&state)?;
+    let change = MembershipChange::Join {
+        id: body.id,
+        addr: body.addr,
+    };
+    membership_outcome(membership::change(&api.raft, change).await)
+}
+
+async fn cluster_leave(State(state): State<ApiState>) -> ApiResult {
+    let api = api(&state)?;
+    let id = api.broker.node_id;
+    membership_outcome(membership::change(&api.raft, MembershipChange::Remove { id }).await)
+}
+
+async fn cluster_remove(State(state): State<ApiState>, Path(id): Path<NodeId>) -> ApiResult {
+    let api = api(&state)?;
+    membership_outcome(membership::change(&api.raft, MembershipChange::Remove { id }).await)
+}
+
+fn membership_outcome(outcome: Result<String, String>) -> ApiResult {
+    match outcome {
+        Ok(message) => Ok(Json(json!({ "message": message })).into_response()),
+        Err(e) => Err(ApiError(StatusCode::CONFLICT, e)),
+    }
+}
+
+fn session_json(client_id: &str, s: &SessionRecord, detail: bool) -> Value {
+    let mut v = json!({
+        "clientid": client_id,
+        "node": s.node,
+        "connected": s.connected,
+        "proto_ver": s.protocol,
+        "expiry_interval": s.expiry_secs,
+        "disconnected_at": s.disconnected_at_ms,
+        "subscriptions_cnt": s.subscriptions.len(),
+        "mqueue_len": s.queue.len(),
+        "mqueue_bytes": s.queued_bytes,
+        "will": s.will.is_some(),
+    });
+    if detail {
+        v["subscriptions"] = s
+            .subscriptions
+            .iter()
+            .map(|(filter, o)| subscription_json(client_id, filter, o))
+            .collect();
+    }
+    v
+}
+
+fn subscription_json(
+    client_id: &str,
+    filter: &str,
+    o: &crate::cluster::command::SubscriptionOptions,
+) -> Value {
+    json!({
+        "clientid": client_id,
+        "topic": filter,
+        "qos": o.qos,
+        "nl": o.no_local,
+        "rap": o.retain_as_published,
+        "rh": o.retain_handling,
+        "subid": o.subscription_id,
+    })
+}
+
+fn sessions(state: &ApiState, q: &ListQuery, only_connected: bool) -> Result<Vec<Value>, ApiError> {
+    let api = api(state)?;
+    Ok(api.broker.read_state(|st| {
+        st.sessions()
+            .filter(|(_, s)| !only_connected || s.connected)
+            .filter(|(_, s)| q.connected.is_none_or(|c| s.connected == c))
+            .filter(|(_, s)| q.node.is_none_or(|n| s.node == n))
+            .filter(|(id, _)| q.like.as_deref().is_none_or(|l| id.contains(l)))
+            .map(|(id, s)| session_json(id, s, false))
+            .collect()
+    }))
+}
+
+async fn clients_list(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult {
+    Ok(paged(sessions(&state, &q, true)?, &q))
+}
+
+async fn sessions_list(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult {
+    Ok(paged(sessions(&state, &q, false)?, &q))
+}
+
+async fn client_show(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let api = api(&state)?;
+    api.broker
+        .read_state(|st| st.session(&id).map(|s| session_json(&id, s, true)))
+        .map(|v| Json(v).into_response())
+        .ok_or_else(|| not_found(format!("no session for client {id}")))
+}
+
+async fn client_kick(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let api = api(&state)?;
+    let result = api
+        .broker
+        .proposer
+        .propose(Command::Kick {
+            client_id: Arc::from(id.as_str()),
+        })
+        .await
+        .map_err(unavailable)?;
+    match result {
+        CommandResult::NoSession => Err(not_found(format!("client {id} is not connected"))),
+        _ => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+async fn subscriptions_list(
+    State(state): State<ApiState>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
+    let api = api(&state)?;
+    let items = api.broker.read_state(|st| {
+        st.sessions()
+            .filter(|(id, _)| q.clientid.as_deref().is_none_or(|c| &***id == c))
+            .flat_map(|(id, s)| {
+                s.subscriptions
+                    .iter()
+                    .filter(|(f, _)| q.like.as_deref().is_none_or(|l| f.contains(l)))
+                    .map(|(f, o)| subscription_json(id, f, o))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    });
+    Ok(paged(items, &q))
+}
+
+/// A payload as JSON: text when it is UTF-8, base64 otherwise.
+fn payload_json(payload: &[u8]) -> (Value, &'static str) {
+    match std::str::from_utf8(payload) {
+        Ok(text) => (Value::from(text), "plain"),
+        Err(_) => (
+            Value::from(base64::engine::general_purpose::STANDARD.encode(payload)),
+            "base64",
+        ),
+    }
+}
+
+fn message_json(topic: &str, m: &Message, with_payload: bool) -> Value {
+    let mut v = json!({
+        "topic": topic,
+        "qos": m.qos,
+        "payload_size": m.payload.len(),
+        "publish_at": m.received_at_ms,
+        "from_clientid": m.origin_client.as_deref(),
+        "message_expiry_interval": m.properties.message_expiry_interval,
+    });
+    if with_payload {
+        let (payload, encoding) = payload_json(&m.payload);
+        v["payload"] = payload;
+        v["payload_encoding"] = encoding.into();
+    }
+    v
+}
+
+async fn retained_list(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult {
+    let api = api(&state)?;
+    let mut items: Vec<(String, Value)> = api.broker.read_state(|st| {
+        st.retained()
+            .iter()
+            .filter(|(t, _)| q.like.as_deref().is_none_or(|l| t.contains(l)))
+            .map(|(t, m)| {
+                let v = message_json(&t, m, false);
+                (t, v)
+            })
+            .collect()
+    });
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(paged(items.into_iter().map(|(_, v)| v).collect(), &q))
+}
+
+async fn retained_get(State(state): State<ApiState>, Path(topic): Path<String>) -> ApiResult {
+    let api = api(&state)?;
+    api.broker
+        .read_state(|st| {
+            st.retained()
+                .get(&topic)
+                .map(|m| message_json(&topic, m, true))
+        })
+        .map(|v| Json(v).into_response())
+        .ok_or_else(|| not_found(format!("no retained message on {topic}")))
+}
+
+async fn retained_delete(State(state): State<ApiState>, Path(topic): Path<String>) -> ApiResult {
+    let api = api(&state)?;
+    if api
+        .broker
+        .read_state(|st| st.retained().get(&topic).is_none())
+    {
+        return Err(not_found(format!("no retained message on {topic}")));
+    }
+    api.broker
+        .proposer
+        .propose(Command::SetRetained {
+            topic: Arc::from(topic.as_str()),
+            message: None,
+        })
+        .await
+        .map_err(unavailable)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The body of `POST /api/v1/publish`.
+#[derive(Debug, Deserialize, Serialize)]
+struct PublishBody {
+    topic: String,
+    #[serde(default)]
+    payload: String,
+    /// "plain" (default) or "base64".
+    #[serde(default)]
+    payload_encoding: Option<String>,
+    #[serde(default)]
+    qos: u8,
+    #[serde(default)]
+    retain: bool,
+    #[serde(default)]
+    message_expiry_interval: Option<u32>,
+    #[serde(default)]
+    content_type: Option<String>,
+    #[serde(default)]
+    user_properties: Vec<(String, String)>,
+}
+
+async fn publish(State(state): State<ApiState>, Json(body): Json<PublishBody>) -> ApiResult {
+    let api = api(&state)?;
+    crate::mqtt::topic::validate_topic_name(&body.topic)
+        .map_err(|e| bad_request(format!("invalid topic {:?}: {e}", body.topic)))?;
+    if body.qos > 2 {
+        return Err(bad_request("qos must be 0, 1 or 2"));
+    }
+    let payload = match body.payload_encoding.as_deref() {
+        None | Some("plain") => bytes::Bytes::from(body.payload.into_bytes()),
+        Some("base64") => base64::engine::general_purpose::STANDARD
+            .decode(body.payload.as_bytes())
+            .map(bytes::Bytes::from)
+            .map_err(|e| bad_request(format!("payload is not base64: {e}")))?,
+        Some(other) => return Err(bad_request(format!("unknown payload_encoding {other}"))),
+    };
+    if payload.len() > api.broker.config.mqtt.max_packet_size as usize {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload larger than mqtt.max_packet_size".into(),
+        ));
+    }
+    let message = Arc::new(Message {
+        topic: Arc::from(body.topic.as_str()),
+        payload,
+        qos: body.qos,
+        retain: body.retain,
+        properties: MessageProperties {
+            message_expiry_interval: body.message_expiry_interval,
+            content_type: body.content_type,
+            user_properties: body.user_properties,
+            ..Default::default()
+        },
+        received_at_ms: unix_ms(),
+        origin_client: None,
+    });
+    let matched = api
+        .broker
+        .publish_internal(message)
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(json!({ "matched": matched })).into_response())
+}

@@ -1,0 +1,211 @@
+//! Operating a three-node cluster through the admin API and `broker-node ctl`:
+//! status, membership changes (a fourth node joins, one leaves), kicking a client
+//! connected to another node, retained messages and publishing.
+
+use std::time::Duration;
+
+use broker_node::mqtt::{ProtocolVersion, QoS, ReasonCode};
+use flockmq_tests::mqtt::{disconnect_reason, next_publish, subscribe};
+use flockmq_tests::{broker_binary, converged, run, running, Node, Ran, RawClient};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(10);
+
+fn ctl(node: &Node, args: &[&str]) -> Ran {
+    let url = format!("http://127.0.0.1:{}", node.http_port);
+    let bin = broker_binary();
+    let mut all = vec!["ctl", "--url", &url];
+    all.extend_from_slice(args);
+    run(
+        bin.to_str().expect("utf-8 path"),
+        &all,
+        Duration::from_secs(150),
+    )
+}
+
+fn ctl_json(node: &Node, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = ctl(node, &all);
+    assert_eq!(out.code, Some(0), "ctl {args:?}: {out:?}");
+    serde_json::from_str(&out.stdout).expect("ctl --json prints JSON")
+}
+
+fn member_ids(status: &Value) -> Vec<u64> {
+    status["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m["id"].as_u64().expect("id"))
+        .collect()
+}
+
+#[test]
+fn status_shows_the_leader_and_every_member_on_every_node() {
+    let nodes = Node::cluster(3);
+    converged(&running(&nodes));
+    for node in &nodes {
+        let status = ctl_json(node, &["cluster", "status"]);
+        assert_eq!(member_ids(&status), vec![1, 2, 3]);
+        let leader = status["leader"].as_u64().expect("a leader");
+        let roles: Vec<&str> = status["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .map(|m| m["role"].as_str().expect("role"))
+            .collect();
+        assert_eq!(roles.iter().filter(|r| **r == "leader").count(), 1);
+        assert_eq!(status["members"][(leader - 1) as usize]["role"], "leader");
+    }
+    let table = ctl(&nodes[1], &["cluster", "status"]);
+    assert_eq!(table.code, Some(0), "{table:?}");
+    assert!(table.stdout.contains("leader"), "{}", table.stdout);
+}
+
+#[test]
+fn a_client_on_node_3_is_kicked_through_node_1_with_0x98() {
+    let nodes = Node::cluster(3);
+    let (mut robot, _) = RawClient::connect(
+        nodes[2].mqtt_addr(),
+        ProtocolVersion::V5,
+        "robot-9",
+        true,
+        60,
+    );
+    converged(&running(&nodes));
+    let listed = ctl(&nodes[0], &["clients", "list"]);
+    assert!(listed.stdout.contains("robot-9"), "{listed:?}");
+    let kicked = ctl(&nodes[0], &["clients", "kick", "robot-9"]);
+    assert_eq!(kicked.code, Some(0), "{kicked:?}");
+    assert_eq!(
+        disconnect_reason(&mut robot, T),
+        Some(ReasonCode::AdministrativeAction)
+    );
+    let missing = ctl(&nodes[0], &["clients", "kick", "nobody"]);
+    assert_ne!(missing.code, Some(0), "kicking an unknown client fails");
+    assert!(missing.stderr.contains("404"), "{missing:?}");
+}
+
+#[test]
+fn a_fourth_node_joins_catches_up_and_a_node_leaves_cleanly() {
+    let mut nodes = Node::cluster(3);
+    // State made before the join: the new node must catch up with it.
+    let r = ctl(
+        &nodes[1],
+        &["publish", "site/name", "north", "--retain", "--qos", "1"],
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let seed = format!("127.0.0.1:{}", nodes[0].cluster_port);
+    nodes.push(Node::start_with(&["--node-id", "4", "--join", &seed]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = nodes[0].status();
+        let voter4 = status["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .any(|m| m["id"] == 4 && m["role"] != "learner");
+        if voter4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 4 not a voter after 60 s: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    converged(&running(&nodes));
+    // The joined node serves the replicated state.
+    let (mut c, _) = RawClient::connect(
+        nodes[3].mqtt_addr(),
+        ProtocolVersion::V5,
+        "viewer",
+        true,
+        60,
+    );
+    subscribe(&mut c, "site/#", QoS::AtMostOnce);
+    let p = next_publish(&mut c, T).expect("the retained message on node 4");
+    assert_eq!(p.payload, "north");
+
+    // Node 2 leaves; the remaining three go on and agree.
+    let left = ctl(&nodes[1], &["cluster", "leave"]);
+    assert_eq!(left.code, Some(0), "{left:?}");
+    nodes[1].terminate();
+    let status = nodes[0].status();
+    assert_eq!(member_ids(&status), vec![1, 3, 4]);
+    let r = ctl(
+        &nodes[3],
+        &["publish", "site/name", "south", "--retain", "--qos", "1"],
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    converged(&running(&nodes));
+    let shown = ctl_json(&nodes[2], &["retained", "show", "site/name"]);
+    assert_eq!(shown["payload"], "south");
+}
+
+#[test]
+fn a_dead_node_is_removed_and_the_rest_keep_a_majority() {
+    let mut nodes = Node::cluster(3);
+    nodes[2].kill();
+    let removed = ctl(&nodes[0], &["cluster", "remove", "3"]);
+    assert_eq!(removed.code, Some(0), "{removed:?}");
+    assert_eq!(member_ids(&nodes[1].status()), vec![1, 2]);
+    // Two voters left: both are needed, and both are up, so writes go on.
+    let r = ctl(
+        &nodes[1],
+        &["publish", "x/y", "z", "--retain", "--qos", "1"],
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    converged(&running(&nodes));
+}
+
+#[test]
+fn retained_messages_are_listed_shown_and_deleted_through_the_api() {
+    let nodes = Node::cluster(3);
+    for (topic, payload) in [
+        ("fleet/r1/status", "online"),
+        ("fleet/r2/status", "offline"),
+    ] {
+        let r = ctl(
+            &nodes[0],
+            &["publish", topic, payload, "--retain", "--qos", "1"],
+        );
+        assert_eq!(r.code, Some(0), "{r:?}");
+    }
+    converged(&running(&nodes));
+    let listed = ctl_json(&nodes[2], &["retained", "list"]);
+    assert_eq!(listed["meta"]["count"], 2);
+    assert_eq!(listed["data"][0]["topic"], "fleet/r1/status");
+    let deleted = ctl(&nodes[2], &["retained", "delete", "fleet/r1/status"]);
+    assert_eq!(deleted.code, Some(0), "{deleted:?}");
+    converged(&running(&nodes));
+    let listed = ctl_json(&nodes[1], &["retained", "list"]);
+    assert_eq!(listed["meta"]["count"], 1);
+    // The API refuses bad input with a clear error.
+    let bad = nodes[0].api(
+        "POST",
+        "/publish",
+        Some(serde_json::json!({"topic": "a/+/b", "payload": "x"})),
+    );
+    assert!(bad.as_ref().is_err_and(|e| e.starts_with("400")), "{bad:?}");
+}
+
+#[test]
+fn the_api_needs_the_token_when_one_is_set() {
+    let node = Node::start_with(&["--api-token", "s3cret"]);
+    let denied = node.api("GET", "/cluster", None);
+    assert!(
+        denied.as_ref().is_err_and(|e| e.starts_with("401")),
+        "{denied:?}"
+    );
+    let url = format!("http://127.0.0.1:{}", node.http_port);
+    let bin = broker_binary();
+    let ok = run(
+        bin.to_str().expect("utf-8 path"),
+        &[
+            "ctl", "--url", &url, "--token", "s3cret", "cluster", "status",
+        ],
+        T,
+    );
+    assert_eq!(ok.code, Some(0), "{ok:?}");
+}
