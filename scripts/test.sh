@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, every test of the workspace
-# (unit, property, integration against real broker processes and real clients), and
-# short smoke runs of the fuzz target.
+# (unit, property, integration against real broker processes and real clients), short
+# smoke runs of the fuzz target and the benchmark, and the three-node docker-compose
+# cluster end to end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,9 @@ echo "== fuzz smoke"
 scripts/fuzz-smoke.sh
 echo "== benchmark smoke"
 REPS=1 DURATION=1s scripts/bench-compare.sh --smoke >/dev/null
+echo "== docker compose end to end"
+# The image packs the debug build the tests above already made.
+PROFILE=debug tests/docker/compose-e2e.sh
 # One closing line for the whole suite, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "cargo test: %d passed, %d failed\n", p, f }' "$log"

@@ -44,6 +44,9 @@ pub enum CtlCommand {
     /// Retained messages.
     #[command(subcommand)]
     Retained(RetainedCmd),
+    /// Exit 0 when the node is ready (`GET /readyz` answers 200), else print why
+    /// and exit 1: for container health checks.
+    Health,
     /// Publish a message as the broker.
     Publish {
         /// Topic name.
@@ -229,6 +232,7 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 &[],
             )
         }
+        CtlCommand::Health => return health(client.base.trim_end_matches("/api/v1")),
         CtlCommand::Publish {
             topic,
             payload,
@@ -254,6 +258,21 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
         Some(m) => format!("{m}\n"),
         None => pretty(&value),
     })
+}
+
+/// `GET /readyz`: Ok when the node is ready.
+fn health(root: &str) -> Result<String, CtlError> {
+    let url = format!("{root}/readyz");
+    match ureq::get(&url)
+        .timeout(std::time::Duration::from_secs(3))
+        .call()
+    {
+        Ok(r) => Ok(r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(_, r)) => {
+            Err(r.into_string().unwrap_or_default().trim().to_owned())
+        }
+        Err(e) => Err(format!("cannot reach {url}: {e}")),
+    }
 }
 
 const SESSION_COLUMNS: &[&str] = &[

@@ -82,11 +82,15 @@ impl Broker {
             if !self.state.is_leader() {
                 continue;
             }
+            let now_ms = unix_ms();
+            if !self.read_state(|st| st.expiry_due(now_ms)) {
+                continue;
+            }
             let _ = self
                 .proposer
                 .propose(Command::Expire {
                     node: self.node_id,
-                    now_ms: unix_ms(),
+                    now_ms,
                 })
                 .await;
         }

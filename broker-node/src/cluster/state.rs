@@ -567,6 +567,27 @@ impl BrokerState {
         self.retained.retain(|_, m| !m.is_expired(now_ms));
     }
 
+    /// Whether an expiry sweep at `now_ms` would change anything: a will or session
+    /// due, or a queued or retained message expired. Lets the leader skip sweeps that
+    /// would only lengthen the log. A scan of the whole state, run once per sweep
+    /// interval under the read lock.
+    pub fn expiry_due(&self, now_ms: u64) -> bool {
+        let session_due = |s: &SessionRecord| {
+            if s.connected {
+                return s.queue.iter().any(|m| m.message.is_expired(now_ms));
+            }
+            s.will_due_at_ms.is_some_and(|due| due <= now_ms)
+                || (s.expiry_secs != u32::MAX
+                    && s.disconnected_at_ms
+                        .unwrap_or(0)
+                        .saturating_add(u64::from(s.expiry_secs) * 1000)
+                        <= now_ms)
+                || s.queue.iter().any(|m| m.message.is_expired(now_ms))
+        };
+        self.sessions.values().any(session_due)
+            || self.retained.iter().any(|(_, m)| m.is_expired(now_ms))
+    }
+
     /// Serialize the whole state for a snapshot, in a canonical order.
     pub fn to_snapshot(&self) -> Vec<u8> {
         let mut retained: Vec<(Arc<str>, RetainedMessage)> = self
