@@ -211,6 +211,14 @@ pub struct MqttConfig {
     pub max_session_expiry: Option<Duration>,
     /// Whether clients may connect without credentials.
     pub allow_anonymous: bool,
+    /// A Mosquitto-format password file (username:$7$... lines, as written by
+    /// `broker-node passwd` or mosquitto_passwd); empty for none. Reloaded on SIGHUP.
+    #[serde(with = "opt_string")]
+    pub password_file: Option<String>,
+    /// A Mosquitto-format ACL file (user / topic / pattern lines); empty lets every
+    /// client publish and subscribe anywhere. Reloaded on SIGHUP.
+    #[serde(with = "opt_string")]
+    pub acl_file: Option<String>,
     /// How often $SYS topics are published; 0s disables them.
     #[serde(with = "dur")]
     pub sys_interval: Duration,
@@ -312,6 +320,8 @@ impl Default for MqttConfig {
             shared_subscription_strategy: SharedStrategyConfig::RoundRobin,
             max_session_expiry: None,
             allow_anonymous: true,
+            password_file: None,
+            acl_file: None,
             sys_interval: Duration::from_secs(10),
             durable_sessions: true,
         }
@@ -977,6 +987,8 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("mqtt.shared_subscription_strategy", "round_robin, random, sticky, hash_client_id, hash_topic or local_first."),
         ("mqtt.max_session_expiry", "The longest session expiry granted; empty for no cap."),
         ("mqtt.allow_anonymous", "Whether clients may connect without credentials."),
+        ("mqtt.password_file", "A Mosquitto-format password file (username:$7$... lines, as written by `broker-node passwd` or mosquitto_passwd); empty for none. Reloaded on SIGHUP."),
+        ("mqtt.acl_file", "A Mosquitto-format ACL file (user / topic / pattern lines); empty lets every client publish and subscribe anywhere. Reloaded on SIGHUP."),
         ("mqtt.sys_interval", "How often $SYS topics are published; 0s disables them."),
         ("mqtt.durable_sessions", "Acknowledge QoS 1/2 publishes to persistent sessions only once they are committed to disk (true), or deliver to connected ones from memory (false: faster, a crash of their node loses messages in flight)."),
         ("log.format", "human or json."),

@@ -30,6 +30,18 @@ enum Cmd {
     },
     /// Operate a running node through its admin API.
     Ctl(broker_node::ctl::CtlArgs),
+    /// Add a user to a password file, or change their password (the file is created
+    /// if missing; same format as mosquitto_passwd). Reads the password from stdin
+    /// unless --password is given.
+    Passwd {
+        /// The password file.
+        file: std::path::PathBuf,
+        /// The username.
+        username: String,
+        /// The password (visible to other local users in the process list: prefer stdin).
+        #[arg(long)]
+        password: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +57,30 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Cmd::Passwd {
+            file,
+            username,
+            password,
+        }) => {
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    let mut line = String::new();
+                    if let Err(e) = std::io::stdin().read_line(&mut line) {
+                        eprintln!("cannot read the password from stdin: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                    line.trim_end_matches(['\r', '\n']).to_owned()
+                }
+            };
+            match broker_node::auth::password::set_password(&file, &username, &password) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Cmd::PrintDefaultConfig) => {
             print!("{}", default_config_toml());
             ExitCode::SUCCESS

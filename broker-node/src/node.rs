@@ -19,7 +19,7 @@ use crate::broker::Broker;
 use crate::cluster::forward::{ForwardSink, Forwarder};
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
-use crate::{http, transport};
+use crate::{auth, http, transport};
 
 /// How long shutdown may take before the node gives up waiting.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -40,6 +40,7 @@ pub async fn run(
             );
         }
     }
+    let auth_rules = auth::Rules::load(&config.mqtt).context("cannot load authentication files")?;
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -87,8 +88,10 @@ pub async fn run(
         state,
         proposer,
         forwarder,
+        auth::Auth::new(auth_rules),
         root.child_token(),
     );
+    tracker.spawn(reload_on_sighup(broker.clone()));
     let sink: Arc<dyn ForwardSink> = broker.clone();
     let _ = forward_sink.set(sink);
     let _ = api.set(http::api::Api {
@@ -126,4 +129,32 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reload the password and ACL files on SIGHUP, as Mosquitto does. A file that does
+/// not load leaves the rules in force unchanged.
+async fn reload_on_sighup(broker: Arc<Broker>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; authentication files will not reload");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = broker.shutdown.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            match auth::Rules::load(&broker.config.mqtt) {
+                Ok(rules) => {
+                    broker.auth.replace(rules);
+                    tracing::info!("SIGHUP: password and ACL files reloaded");
+                }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed, previous rules stay"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    broker.shutdown.cancelled().await;
 }

@@ -237,6 +237,11 @@ impl Node {
         std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
     }
 
+    /// The process id of the running node.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the node is running").id()
+    }
+
     /// kill -9, no chance to clean up.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

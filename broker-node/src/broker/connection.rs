@@ -112,6 +112,8 @@ struct Connection<S> {
 /// The state of an established session on this connection.
 struct Session {
     client_id: Arc<str>,
+    /// The authenticated username, for ACL checks.
+    username: Option<Arc<str>>,
     version: ProtocolVersion,
     persistent: bool,
     /// Session expiry as requested at CONNECT (v5), to validate a DISCONNECT update.
@@ -244,10 +246,11 @@ where
                 .refuse(version, ReasonCode::BadAuthenticationMethod)
                 .await;
         }
-        if let Err(code) = crate::auth::authenticate(&broker.config, &connect) {
+        if let Err(code) = broker.auth.authenticate(&connect) {
             metrics::counter!("flockmq_auth_failures_total").increment(1);
             return self.refuse(version, code).await;
         }
+        let username: Option<Arc<str>> = connect.username.as_deref().map(Arc::from);
 
         // The will, validated like any publish.
         let will = match &connect.will {
@@ -255,6 +258,13 @@ where
             Some(w) => {
                 if let Err(code) = broker.check_topic_limits(&w.topic) {
                     return self.refuse(version, code).await;
+                }
+                if !broker
+                    .auth
+                    .may_publish(username.as_deref(), &client_id, &w.topic)
+                {
+                    tracing::info!(client_id = %client_id, topic = %w.topic, "will refused by the ACL");
+                    return self.refuse(version, ReasonCode::NotAuthorized).await;
                 }
                 if u8::from(w.qos) > cfg.max_qos {
                     return self.refuse(version, ReasonCode::QoSNotSupported).await;
@@ -381,6 +391,7 @@ where
         });
         let mut session = Session {
             client_id: client_id.clone(),
+            username,
             version,
             persistent: expiry_secs > 0,
             connect_expiry: expiry_secs,
@@ -749,6 +760,29 @@ where
                 QoS::ExactlyOnce => Some(Packet::PubRec(PubRec::new(packet_id, code))),
             }
         };
+        if !broker
+            .auth
+            .may_publish(s.username.as_deref(), &s.client_id, &topic)
+        {
+            // v5 says so in the acknowledgement; v3 has no way to, and (like
+            // Mosquitto) acknowledges and drops.
+            tracing::debug!(client_id = %s.client_id, %topic, "publish denied by the ACL");
+            metrics::counter!("flockmq_messages_dropped_total", "reason" => "acl").increment(1);
+            // A v5 PUBREC with an error ends a QoS 2 flow; in v3 the PUBREL that
+            // follows completes it as usual.
+            if p.qos == QoS::ExactlyOnce && v5 {
+                s.inbound_qos2.release(packet_id);
+            }
+            let code = if v5 {
+                ReasonCode::NotAuthorized
+            } else {
+                ReasonCode::Success
+            };
+            if let Some(packet) = refuse(code) {
+                self.queue_packet(&packet, s.version);
+            }
+            return None;
+        }
         if let Err(code) = broker.check_topic_limits(&topic) {
             tracing::info!(client_id = %s.client_id, %topic, "publish topic over limits");
             if p.qos == QoS::ExactlyOnce {
@@ -917,6 +951,13 @@ where
                 Some(ReasonCode::WildcardSubscriptionsNotSupported)
             } else if broker.check_filter_limits(filter).is_err() {
                 Some(ReasonCode::TopicFilterInvalid)
+            } else if !broker.auth.may_subscribe(
+                s.username.as_deref(),
+                &s.client_id,
+                shared.map(|(_, f)| f).unwrap_or(filter),
+            ) {
+                tracing::debug!(client_id = %s.client_id, %filter, "subscription denied by the ACL");
+                Some(ReasonCode::NotAuthorized)
             } else if cfg.max_subscriptions_per_client > 0
                 && existing + entries.len() >= cfg.max_subscriptions_per_client
             {

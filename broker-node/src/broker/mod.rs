@@ -101,6 +101,8 @@ pub struct Broker {
     pub proposer: Proposer,
     /// Publishes to clients connected to other nodes.
     pub forwarder: Forwarder,
+    /// Authentication and ACLs.
+    pub auth: crate::auth::Auth,
     /// Clients connected to this node.
     registry: Mutex<HashMap<Arc<str>, ConnHandle>>,
     /// Shared-subscription selection state (round-robin positions, sticky choices).
@@ -121,6 +123,7 @@ impl Broker {
         state: StateHandle,
         proposer: Proposer,
         forwarder: Forwarder,
+        auth: crate::auth::Auth,
         shutdown: CancellationToken,
     ) -> Arc<Broker> {
         let strategy = config.mqtt.shared_subscription_strategy.into();
@@ -130,6 +133,7 @@ impl Broker {
             state,
             proposer,
             forwarder,
+            auth,
             registry: Mutex::new(HashMap::new()),
             selector: Mutex::new(SharedSelector::new(strategy)),
             // Unique across restarts of this node: ids of connections from before a
