@@ -123,10 +123,22 @@ pub struct Config {
     /// served yet: a node configured with it refuses to start rather than ignore it.
     #[serde(with = "opt_addr")]
     pub ws_addr: Option<SocketAddr>,
-    /// MQTT over TLS, e.g. 127.0.0.1:8883; "off" disables it. Not served yet: a node
-    /// configured with it refuses to start rather than ignore it.
+    /// MQTT over TLS, e.g. 127.0.0.1:8883; "off" disables it. Needs tls_cert_file and
+    /// tls_key_file.
     #[serde(with = "opt_addr")]
     pub tls_addr: Option<SocketAddr>,
+    /// The server certificate chain (PEM) of the TLS listener.
+    #[serde(with = "opt_string")]
+    pub tls_cert_file: Option<String>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of the TLS listener.
+    #[serde(with = "opt_string")]
+    pub tls_key_file: Option<String>,
+    /// CA certificates (PEM) that client certificates are verified against; empty
+    /// accepts no client certificates.
+    #[serde(with = "opt_string")]
+    pub tls_ca_file: Option<String>,
+    /// Whether a TLS client must present a certificate signed by tls_ca_file.
+    pub tls_require_client_cert: bool,
     /// MQTT over secure WebSocket, e.g. 127.0.0.1:8084; "off" disables it. Not served
     /// yet: a node configured with it refuses to start rather than ignore it.
     #[serde(with = "opt_addr")]
@@ -281,6 +293,10 @@ impl Default for Config {
             mqtt_addr: addr("127.0.0.1:1883"),
             ws_addr: None,
             tls_addr: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
+            tls_require_client_cert: false,
             wss_addr: None,
             http_addr: addr("127.0.0.1:8080"),
             cluster_addr: addr("127.0.0.1:7000"),
@@ -493,6 +509,16 @@ impl Config {
 
     /// Checks beyond the types.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls_addr.is_some() && (self.tls_cert_file.is_none() || self.tls_key_file.is_none())
+        {
+            return Err(invalid("tls_addr", "needs tls_cert_file and tls_key_file"));
+        }
+        if self.tls_require_client_cert && self.tls_ca_file.is_none() {
+            return Err(invalid(
+                "tls_require_client_cert",
+                "needs tls_ca_file to verify client certificates against",
+            ));
+        }
         let m = &self.mqtt;
         if m.max_packet_size == 0 || m.max_packet_size > 268_435_455 {
             return Err(invalid(
@@ -957,7 +983,11 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("data_dir", "Where the Raft log, snapshots and state live."),
         ("mqtt_addr", "MQTT over TCP."),
         ("ws_addr", "MQTT over WebSocket (path /mqtt), e.g. 127.0.0.1:8083; \"off\" disables it. Not served yet: a node configured with it refuses to start."),
-        ("tls_addr", "MQTT over TLS, e.g. 127.0.0.1:8883; \"off\" disables it. Not served yet: a node configured with it refuses to start."),
+        ("tls_addr", "MQTT over TLS, e.g. 127.0.0.1:8883; \"off\" disables it. Needs tls_cert_file and tls_key_file."),
+        ("tls_cert_file", "The server certificate chain (PEM) of the TLS listener."),
+        ("tls_key_file", "The private key (PEM: PKCS#8, PKCS#1 or SEC1) of the TLS listener."),
+        ("tls_ca_file", "CA certificates (PEM) that client certificates are verified against; empty accepts no client certificates."),
+        ("tls_require_client_cert", "Whether a TLS client must present a certificate signed by tls_ca_file."),
         ("wss_addr", "MQTT over secure WebSocket, e.g. 127.0.0.1:8084; \"off\" disables it. Not served yet: a node configured with it refuses to start."),
         ("http_addr", "HTTP: /metrics, /healthz, /readyz and the admin API."),
         ("cluster_addr", "Cluster gRPC (Raft and forwarding)."),

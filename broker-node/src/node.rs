@@ -29,17 +29,17 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    for (key, addr) in [
-        ("ws_addr", config.ws_addr),
-        ("tls_addr", config.tls_addr),
-        ("wss_addr", config.wss_addr),
-    ] {
+    for (key, addr) in [("ws_addr", config.ws_addr), ("wss_addr", config.wss_addr)] {
         if let Some(addr) = addr {
             anyhow::bail!(
-                "{key} = {addr}: WebSocket and TLS listeners are not available in this release; set {key} = \"off\""
+                "{key} = {addr}: WebSocket listeners are not available in this release; set {key} = \"off\""
             );
         }
     }
+    let tls = match config.tls_addr {
+        Some(_) => Some(transport::tls::server_config(&config).context("cannot set up TLS")?),
+        None => None,
+    };
     let auth_rules = auth::Rules::load(&config.mqtt).context("cannot load authentication files")?;
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
@@ -107,7 +107,25 @@ pub async fn run(
 
     let mqtt = transport::bind(config.mqtt_addr).await?;
     tracing::info!(addr = %mqtt.local_addr()?, node_id = config.node_id, "MQTT listener ready");
-    tracker.spawn(transport::serve_tcp(mqtt, broker.clone(), tracker.clone()));
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tracker.spawn(transport::serve(
+        mqtt,
+        transport::Security::Plain,
+        broker.clone(),
+        tracker.clone(),
+        open.clone(),
+    ));
+    if let (Some(addr), Some(tls)) = (config.tls_addr, tls) {
+        let listener = transport::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "MQTT/TLS listener ready");
+        tracker.spawn(transport::serve(
+            listener,
+            transport::Security::Tls(tokio_rustls::TlsAcceptor::from(tls)),
+            broker.clone(),
+            tracker.clone(),
+            open,
+        ));
+    }
     readiness.listeners_bound.store(true, Ordering::Release);
 
     shutdown.await;

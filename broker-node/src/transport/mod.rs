@@ -1,5 +1,6 @@
 //! Listeners that accept client connections and hand each byte stream to a connection
-//! task: plain TCP today; TLS and WebSocket yield streams for the same task.
+//! task: plain TCP and TLS (rustls) today; WebSocket will yield streams for the same
+//! task.
 //!
 //! A listener survives every per-connection failure (accept errors such as running out
 //! of file descriptors are logged and retried after a pause) and enforces the
@@ -11,15 +12,43 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{connection, Broker};
 
-/// Accept MQTT over TCP on `listener` until the broker shuts down; connection tasks
-/// are spawned on `tracker` so that shutdown can wait for them.
-pub async fn serve_tcp(listener: TcpListener, broker: Arc<Broker>, tracker: TaskTracker) {
-    let open = Arc::new(AtomicUsize::new(0));
+pub mod tls;
+
+/// What a listener speaks above TCP.
+#[derive(Clone)]
+pub enum Security {
+    /// Plain MQTT.
+    Plain,
+    /// MQTT inside TLS.
+    Tls(TlsAcceptor),
+}
+
+impl Security {
+    fn label(&self) -> &'static str {
+        match self {
+            Security::Plain => "tcp",
+            Security::Tls(_) => "tls",
+        }
+    }
+}
+
+/// Accept MQTT on `listener` until the broker shuts down; connection tasks are spawned
+/// on `tracker` so that shutdown can wait for them. `open` counts connections across
+/// every listener, for `mqtt.max_connections`.
+pub async fn serve(
+    listener: TcpListener,
+    security: Security,
+    broker: Arc<Broker>,
+    tracker: TaskTracker,
+    open: Arc<AtomicUsize>,
+) {
     let max = broker.config.mqtt.max_connections;
+    let label = security.label();
     let shutdown = broker.shutdown.clone();
     loop {
         let accepted = tokio::select! {
@@ -47,9 +76,28 @@ pub async fn serve_tcp(listener: TcpListener, broker: Arc<Broker>, tracker: Task
         open.fetch_add(1, Ordering::Relaxed);
         let open = open.clone();
         let broker = broker.clone();
+        let security = security.clone();
         tracker.spawn(async move {
-            metrics::counter!("flockmq_connections_opened_total", "listener" => "tcp").increment(1);
-            connection::serve(broker, stream, peer).await;
+            metrics::counter!("flockmq_connections_opened_total", "listener" => label).increment(1);
+            match security {
+                Security::Plain => connection::serve(broker, stream, peer).await,
+                Security::Tls(acceptor) => {
+                    // The handshake counts against the CONNECT timeout: a client that
+                    // never finishes it is closed like one that never sends CONNECT.
+                    let timeout = broker.config.mqtt.connect_timeout;
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => connection::serve(broker, tls, peer).await,
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "TLS handshake failed");
+                            metrics::counter!("flockmq_tls_handshake_failures_total").increment(1);
+                        }
+                        Err(_) => {
+                            tracing::info!(%peer, "TLS handshake timed out");
+                            metrics::counter!("flockmq_tls_handshake_failures_total").increment(1);
+                        }
+                    }
+                }
+            }
             open.fetch_sub(1, Ordering::Relaxed);
         });
     }

@@ -1,0 +1,71 @@
+//! The TLS side of the listeners: the rustls server configuration built from PEM
+//! files (certificate chain, private key, and optionally the CAs that client
+//! certificates must chain to).
+
+use std::io::BufReader;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::config::Config;
+
+fn certs(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {path}"))?;
+    let certs = rustls_pemfile::certs(&mut BufReader::new(file))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("cannot read certificates from {path}"))?;
+    anyhow::ensure!(!certs.is_empty(), "{path} holds no PEM certificate");
+    Ok(certs)
+}
+
+fn key(path: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {path}"))?;
+    rustls_pemfile::private_key(&mut BufReader::new(file))
+        .with_context(|| format!("cannot read the private key from {path}"))?
+        .with_context(|| format!("{path} holds no PEM private key"))
+}
+
+/// The server configuration of the MQTT/TLS listener, from `config`'s TLS files.
+pub fn server_config(config: &Config) -> anyhow::Result<Arc<ServerConfig>> {
+    let cert_file = config
+        .tls_cert_file
+        .as_deref()
+        .context("tls_cert_file is not set")?;
+    let key_file = config
+        .tls_key_file
+        .as_deref()
+        .context("tls_key_file is not set")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let builder = match config.tls_ca_file.as_deref() {
+        None => builder.with_no_client_auth(),
+        Some(ca_file) => {
+            let mut roots = RootCertStore::empty();
+            for ca in certs(ca_file)? {
+                roots
+                    .add(ca)
+                    .with_context(|| format!("bad CA certificate in {ca_file}"))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if config.tls_require_client_cert {
+                verifier.build()
+            } else {
+                verifier.allow_unauthenticated().build()
+            }
+            .context("client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut server = builder
+        .with_single_cert(certs(cert_file)?, key(key_file)?)
+        .with_context(|| {
+            format!("{cert_file} and {key_file} do not make a certificate and its key")
+        })?;
+    server.alpn_protocols = vec![b"mqtt".to_vec()];
+    Ok(Arc::new(server))
+}
