@@ -402,3 +402,47 @@ fn qos_2_stays_exactly_once_when_the_subscribers_node_is_killed_mid_stream() {
     );
     assert_eq!(got, expected, "every message delivered: {in_order:?}");
 }
+
+#[test]
+fn a_shared_group_skips_members_behind_a_dead_node() {
+    let mut nodes = Node::cluster(3);
+    let mut members: Vec<Receiver> = (0..3)
+        .map(|i| {
+            subscriber(
+                &nodes[i],
+                &format!("picker-{i}"),
+                "$share/pickers/orders/#",
+                QoS::AtLeastOnce,
+            )
+        })
+        .collect();
+    converged(&running(&nodes));
+    let mut publisher = Publisher::connect(&nodes[0], "orders");
+    let send = |publisher: &mut Publisher, range: std::ops::Range<usize>| {
+        for i in range {
+            let props = PublishProperties::default();
+            publisher.send("orders/new", format!("order-{i}"), QoS::AtLeastOnce, props);
+        }
+        publisher.finish();
+    };
+    send(&mut publisher, 0..30);
+    // Node 3 dies with its member; its sessions still look connected in the
+    // replicated state, but node 1 sees its stream break.
+    nodes[2].kill();
+    std::thread::sleep(Duration::from_secs(1));
+    send(&mut publisher, 30..90);
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for m in members.iter_mut().take(2) {
+        m.collect(90, Duration::from_secs(2));
+        for p in m.payloads() {
+            *seen.entry(p).or_default() += 1;
+        }
+    }
+    for i in 30..90 {
+        assert_eq!(
+            seen.get(&format!("order-{i}")),
+            Some(&1),
+            "order-{i} reached the live members exactly once: {seen:?}"
+        );
+    }
+}

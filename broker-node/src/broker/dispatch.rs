@@ -115,8 +115,13 @@ impl Broker {
                     let candidates: Vec<Arc<str>> = members
                         .iter()
                         .filter(|(c, _)| {
+                            // A member behind an unreachable peer would lose the
+                            // message: prefer members that can take it.
                             state.session(c).is_some_and(|s| {
-                                s.connected || (s.is_persistent() && message.qos > 0)
+                                let queued = s.is_persistent() && message.qos > 0;
+                                let reachable =
+                                    s.node == self.node_id || !self.forwarder.is_down(s.node);
+                                queued || (s.connected && reachable)
                             })
                         })
                         .map(|(c, _)| c.clone())

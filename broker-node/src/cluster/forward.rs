@@ -192,6 +192,14 @@ impl Forwarder {
         }
     }
 
+    /// Whether `node` is known to be unreachable right now (its stream broke and has
+    /// not reopened). A peer never tried counts as reachable.
+    pub fn is_down(&self, node: NodeId) -> bool {
+        super::super::broker::lock(&self.peers)
+            .get(&node)
+            .is_some_and(|p| !p.up.load(Ordering::Acquire))
+    }
+
     /// Queue `item` for `node`. With `want_ack`, the returned receiver fires once the
     /// peer has delivered it (it is dropped unfired if the peer fails first).
     pub async fn send(
