@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what FlockMQ's test suite talks to besides Rust: Debian's Mosquitto broker
 # (the benchmark's peer) and clients
-# (mosquitto_pub / mosquitto_sub) and Python paho-mqtt 1.x (the seeds' examples use the
-# 1.x API). Idempotent: it installs only what is missing.
+# (mosquitto_pub / mosquitto_sub, mosquitto_passwd), curl and openssl (the TLS tests'
+# certificates), and Python paho-mqtt 1.x (the seeds' examples use the 1.x API). Idempotent: it installs only what is missing.
 set -euo pipefail
 
 need_apt=()
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
