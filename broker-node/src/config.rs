@@ -119,8 +119,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// MQTT over TCP.
     pub mqtt_addr: SocketAddr,
-    /// MQTT over WebSocket (path /mqtt), e.g. 127.0.0.1:8083; "off" disables it. Not
-    /// served yet: a node configured with it refuses to start rather than ignore it.
+    /// MQTT over WebSocket (path /mqtt), e.g. 127.0.0.1:8083; "off" disables it.
     #[serde(with = "opt_addr")]
     pub ws_addr: Option<SocketAddr>,
     /// MQTT over TLS, e.g. 127.0.0.1:8883; "off" disables it. Needs tls_cert_file and
@@ -139,8 +138,8 @@ pub struct Config {
     pub tls_ca_file: Option<String>,
     /// Whether a TLS client must present a certificate signed by tls_ca_file.
     pub tls_require_client_cert: bool,
-    /// MQTT over secure WebSocket, e.g. 127.0.0.1:8084; "off" disables it. Not served
-    /// yet: a node configured with it refuses to start rather than ignore it.
+    /// MQTT over secure WebSocket (path /mqtt), e.g. 127.0.0.1:8084; "off" disables
+    /// it. Uses tls_cert_file and tls_key_file.
     #[serde(with = "opt_addr")]
     pub wss_addr: Option<SocketAddr>,
     /// HTTP: /metrics, /healthz, /readyz and the admin API.
@@ -512,6 +511,10 @@ impl Config {
         if self.tls_addr.is_some() && (self.tls_cert_file.is_none() || self.tls_key_file.is_none())
         {
             return Err(invalid("tls_addr", "needs tls_cert_file and tls_key_file"));
+        }
+        if self.wss_addr.is_some() && (self.tls_cert_file.is_none() || self.tls_key_file.is_none())
+        {
+            return Err(invalid("wss_addr", "needs tls_cert_file and tls_key_file"));
         }
         if self.tls_require_client_cert && self.tls_ca_file.is_none() {
             return Err(invalid(
@@ -982,13 +985,13 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("node_id", "This node's id in the cluster; unique per cluster."),
         ("data_dir", "Where the Raft log, snapshots and state live."),
         ("mqtt_addr", "MQTT over TCP."),
-        ("ws_addr", "MQTT over WebSocket (path /mqtt), e.g. 127.0.0.1:8083; \"off\" disables it. Not served yet: a node configured with it refuses to start."),
+        ("ws_addr", "MQTT over WebSocket (path /mqtt), e.g. 127.0.0.1:8083; \"off\" disables it."),
         ("tls_addr", "MQTT over TLS, e.g. 127.0.0.1:8883; \"off\" disables it. Needs tls_cert_file and tls_key_file."),
         ("tls_cert_file", "The server certificate chain (PEM) of the TLS listener."),
         ("tls_key_file", "The private key (PEM: PKCS#8, PKCS#1 or SEC1) of the TLS listener."),
         ("tls_ca_file", "CA certificates (PEM) that client certificates are verified against; empty accepts no client certificates."),
         ("tls_require_client_cert", "Whether a TLS client must present a certificate signed by tls_ca_file."),
-        ("wss_addr", "MQTT over secure WebSocket, e.g. 127.0.0.1:8084; \"off\" disables it. Not served yet: a node configured with it refuses to start."),
+        ("wss_addr", "MQTT over secure WebSocket (path /mqtt), e.g. 127.0.0.1:8084; \"off\" disables it. Uses tls_cert_file and tls_key_file."),
         ("http_addr", "HTTP: /metrics, /healthz, /readyz and the admin API."),
         ("cluster_addr", "Cluster gRPC (Raft and forwarding)."),
         ("advertise_addr", "The host:port other nodes reach this node's cluster address at; empty means cluster_addr."),

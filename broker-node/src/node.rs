@@ -29,14 +29,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    for (key, addr) in [("ws_addr", config.ws_addr), ("wss_addr", config.wss_addr)] {
-        if let Some(addr) = addr {
-            anyhow::bail!(
-                "{key} = {addr}: WebSocket listeners are not available in this release; set {key} = \"off\""
-            );
-        }
-    }
-    let tls = match config.tls_addr {
+    let tls = match config.tls_addr.or(config.wss_addr) {
         Some(_) => Some(transport::tls::server_config(&config).context("cannot set up TLS")?),
         None => None,
     };
@@ -115,15 +108,36 @@ pub async fn run(
         tracker.clone(),
         open.clone(),
     ));
-    if let (Some(addr), Some(tls)) = (config.tls_addr, tls) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let listeners = [
+        (
+            config.tls_addr,
+            "MQTT/TLS",
+            acceptor.clone().map(transport::Security::Tls),
+        ),
+        (
+            config.ws_addr,
+            "MQTT/WebSocket",
+            Some(transport::Security::Ws),
+        ),
+        (
+            config.wss_addr,
+            "MQTT/secure WebSocket",
+            acceptor.map(transport::Security::Wss),
+        ),
+    ];
+    for (addr, name, security) in listeners {
+        let (Some(addr), Some(security)) = (addr, security) else {
+            continue;
+        };
         let listener = transport::bind(addr).await?;
-        tracing::info!(addr = %listener.local_addr()?, "MQTT/TLS listener ready");
+        tracing::info!(addr = %listener.local_addr()?, "{name} listener ready");
         tracker.spawn(transport::serve(
             listener,
-            transport::Security::Tls(tokio_rustls::TlsAcceptor::from(tls)),
+            security,
             broker.clone(),
             tracker.clone(),
-            open,
+            open.clone(),
         ));
     }
     readiness.listeners_bound.store(true, Ordering::Release);

@@ -171,8 +171,6 @@ impl Node {
             .arg(format!("127.0.0.1:{}", self.http_port))
             .arg("--cluster-addr")
             .arg(format!("127.0.0.1:{}", self.cluster_port))
-            .arg("--ws-addr")
-            .arg("off")
             .args(&self.extra_args)
             .env(
                 "RUST_LOG",

@@ -163,7 +163,10 @@ where
             return true;
         }
         let n = self.wbuf.len();
-        let ok = self.stream.write_all(&self.wbuf).await.is_ok();
+        // Flushing matters for streams that buffer (a WebSocket frames each write);
+        // on a TCP socket it costs nothing.
+        let ok =
+            self.stream.write_all(&self.wbuf).await.is_ok() && self.stream.flush().await.is_ok();
         self.wbuf.clear();
         if self.wbuf.capacity() > 64 * 1024 {
             // Do not keep a large buffer around after a burst.

@@ -1,6 +1,6 @@
 //! Listeners that accept client connections and hand each byte stream to a connection
-//! task: plain TCP and TLS (rustls) today; WebSocket will yield streams for the same
-//! task.
+//! task: plain TCP, TLS (rustls), WebSocket and WebSocket over TLS, each yielding a
+//! byte stream for the same task.
 //!
 //! A listener survives every per-connection failure (accept errors such as running out
 //! of file descriptors are logged and retried after a pause) and enforces the
@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::{connection, Broker};
 
 pub mod tls;
+pub mod ws;
 
 /// What a listener speaks above TCP.
 #[derive(Clone)]
@@ -26,6 +27,10 @@ pub enum Security {
     Plain,
     /// MQTT inside TLS.
     Tls(TlsAcceptor),
+    /// MQTT over WebSocket.
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss(TlsAcceptor),
 }
 
 impl Security {
@@ -33,6 +38,8 @@ impl Security {
         match self {
             Security::Plain => "tcp",
             Security::Tls(_) => "tls",
+            Security::Ws => "ws",
+            Security::Wss(_) => "wss",
         }
     }
 }
@@ -79,27 +86,60 @@ pub async fn serve(
         let security = security.clone();
         tracker.spawn(async move {
             metrics::counter!("flockmq_connections_opened_total", "listener" => label).increment(1);
+            // Handshakes count against the CONNECT timeout: a client that never
+            // finishes one is closed like one that never sends CONNECT.
+            let timeout = broker.config.mqtt.connect_timeout;
+            let max_packet = broker.config.mqtt.max_packet_size as usize;
             match security {
                 Security::Plain => connection::serve(broker, stream, peer).await,
                 Security::Tls(acceptor) => {
-                    // The handshake counts against the CONNECT timeout: a client that
-                    // never finishes it is closed like one that never sends CONNECT.
-                    let timeout = broker.config.mqtt.connect_timeout;
-                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => connection::serve(broker, tls, peer).await,
-                        Ok(Err(e)) => {
-                            tracing::info!(%peer, error = %e, "TLS handshake failed");
-                            metrics::counter!("flockmq_tls_handshake_failures_total").increment(1);
-                        }
-                        Err(_) => {
-                            tracing::info!(%peer, "TLS handshake timed out");
-                            metrics::counter!("flockmq_tls_handshake_failures_total").increment(1);
-                        }
+                    if let Some(tls) = upgrade("TLS", peer, timeout, acceptor.accept(stream)).await
+                    {
+                        connection::serve(broker, tls, peer).await;
+                    }
+                }
+                Security::Ws => {
+                    if let Some(ws) =
+                        upgrade("WebSocket", peer, timeout, ws::accept(stream, max_packet)).await
+                    {
+                        connection::serve(broker, ws, peer).await;
+                    }
+                }
+                Security::Wss(acceptor) => {
+                    let secured = async {
+                        let tls = acceptor.accept(stream).await?;
+                        ws::accept(tls, max_packet).await
+                    };
+                    if let Some(ws) = upgrade("TLS WebSocket", peer, timeout, secured).await {
+                        connection::serve(broker, ws, peer).await;
                     }
                 }
             }
             open.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// Run a transport handshake within `timeout`; a failure is logged and counted and
+/// closes that connection only.
+async fn upgrade<T>(
+    what: &'static str,
+    peer: SocketAddr,
+    timeout: Duration,
+    handshake: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Option<T> {
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "{what} handshake failed");
+            metrics::counter!("flockmq_handshake_failures_total", "transport" => what).increment(1);
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "{what} handshake timed out");
+            metrics::counter!("flockmq_handshake_failures_total", "transport" => what).increment(1);
+            None
+        }
     }
 }
 
