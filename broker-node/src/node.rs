@@ -93,6 +93,11 @@ pub async fn run(
     });
     tracker.spawn(broker.clone().run_events(events_rx));
     tracker.spawn(broker.clone().run_expiry(Duration::from_secs(1)));
+    tracker.spawn(
+        broker
+            .clone()
+            .run_state_gauges(raft.clone(), Duration::from_secs(1)),
+    );
     if !config.mqtt.sys_interval.is_zero() {
         tracker.spawn(broker.clone().run_sys(config.mqtt.sys_interval));
     }

@@ -144,7 +144,69 @@ impl Broker {
         ids
     }
 
-    /// Publish the `$SYS/broker/...` topics every `interval` (retained, QoS 0).
+    /// Refresh the gauges that describe state rather than count events, every
+    /// `interval`: Raft's view (term, leader, indexes, members) and the replicated
+    /// state's sizes (sessions online and offline, subscriptions, retained messages,
+    /// queued messages).
+    pub async fn run_state_gauges(
+        self: Arc<Self>,
+        raft: crate::cluster::raft::Raft,
+        interval: Duration,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            {
+                let metrics = raft.metrics();
+                let m = metrics.borrow();
+                metrics::gauge!("flockmq_raft_term").set(m.current_term as f64);
+                metrics::gauge!("flockmq_raft_leader_id")
+                    .set(m.current_leader.map_or(0.0, |l| l as f64));
+                metrics::gauge!("flockmq_raft_is_leader")
+                    .set(f64::from(u8::from(m.current_leader == Some(m.id))));
+                metrics::gauge!("flockmq_raft_last_log_index")
+                    .set(m.last_log_index.unwrap_or(0) as f64);
+                metrics::gauge!("flockmq_raft_applied_index")
+                    .set(m.last_applied.map_or(0.0, |l| l.index as f64));
+                let membership = m.membership_config.membership();
+                let voters = membership.voter_ids().count();
+                let nodes = membership.nodes().count();
+                metrics::gauge!("flockmq_raft_members", "role" => "voter").set(voters as f64);
+                metrics::gauge!("flockmq_raft_members", "role" => "learner")
+                    .set(nodes.saturating_sub(voters) as f64);
+            }
+            let (online, offline, subscriptions, retained, queued) = self.read_state(|st| {
+                let (mut online, mut offline, mut queued) = (0usize, 0usize, 0usize);
+                for (_, s) in st.sessions() {
+                    if s.connected {
+                        online += 1;
+                    } else {
+                        offline += 1;
+                    }
+                    queued += s.queue.len();
+                }
+                (
+                    online,
+                    offline,
+                    st.routes().len(),
+                    st.retained().len(),
+                    queued,
+                )
+            });
+            metrics::gauge!("flockmq_sessions", "state" => "online").set(online as f64);
+            metrics::gauge!("flockmq_sessions", "state" => "offline").set(offline as f64);
+            metrics::gauge!("flockmq_subscriptions").set(subscriptions as f64);
+            metrics::gauge!("flockmq_retained_messages").set(retained as f64);
+            metrics::gauge!("flockmq_queued_messages").set(queued as f64);
+        }
+    }
+
+    /// Publish the `$SYS/broker/...` topics every `interval` (QoS 0, live to current
+    /// subscribers, not retained).
     pub async fn run_sys(self: Arc<Self>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         loop {
