@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what FlockMQ's test suite talks to besides Rust: Debian's Mosquitto broker
-# (the benchmark's peer) and clients
-# (mosquitto_pub / mosquitto_sub, mosquitto_passwd), curl and openssl (the TLS tests'
-# certificates), and Python paho-mqtt 1.x (the seeds' examples use the 1.x API). Idempotent: it installs only what is missing.
+# (the benchmark's peer) and clients (mosquitto_pub / mosquitto_sub, mosquitto_passwd),
+# curl and openssl (the TLS tests' certificates), Prometheus (the metrics test scrapes
+# a node with it), and Python paho-mqtt 1.x (the seeds' examples use the 1.x API).
+# Idempotent: it installs only what is missing.
 set -euo pipefail
 
 need_apt=()
@@ -10,10 +11,11 @@ command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
 if ! python3 -c 'import paho.mqtt, sys; sys.exit(0 if paho.mqtt.__version__.startswith("1.") else 1)' 2>/dev/null; then

@@ -271,6 +271,7 @@ where
     M: Machine<C>,
 {
     async fn build_snapshot(&mut self) -> Result<Snapshot<C>, StorageError<C::NodeId>> {
+        let started = std::time::Instant::now();
         let shared = Arc::clone(&self.shared);
         // Serializing and fsyncing block: keep them off the async workers.
         let stored = tokio::task::spawn_blocking(
@@ -314,6 +315,10 @@ where
         )
         .await
         .sto(ErrorSubject::Snapshot(None), ErrorVerb::Write)??;
+        metrics::counter!("flockmq_raft_snapshots_total", "kind" => "built").increment(1);
+        metrics::histogram!("flockmq_raft_snapshot_duration_seconds", "kind" => "built")
+            .record(started.elapsed().as_secs_f64());
+        metrics::gauge!("flockmq_raft_snapshot_bytes").set(stored.data.len() as f64);
         tracing::info!(snapshot = %stored.meta, bytes = stored.data.len(), "snapshot built");
         Ok(Snapshot {
             meta: stored.meta,
@@ -394,6 +399,7 @@ where
         meta: &SnapshotMeta<C::NodeId, C::Node>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<C::NodeId>> {
+        let started = std::time::Instant::now();
         let stored = StoredSnapshot::<C> {
             meta: meta.clone(),
             data: snapshot.into_inner(),
@@ -416,6 +422,9 @@ where
             }
             persist_snapshot(&shared, &stored)
                 .sto(ErrorSubject::Snapshot(signature), ErrorVerb::Write)?;
+            metrics::counter!("flockmq_raft_snapshots_total", "kind" => "installed").increment(1);
+            metrics::histogram!("flockmq_raft_snapshot_duration_seconds", "kind" => "installed")
+                .record(started.elapsed().as_secs_f64());
             tracing::info!(snapshot = %stored.meta, "snapshot installed");
             Ok(())
         })

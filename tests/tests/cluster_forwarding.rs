@@ -222,6 +222,41 @@ fn qos_0_1_and_2_published_on_node_1_reach_subscribers_on_nodes_2_and_3_unchange
     for p in &on_3.got {
         assert!(p.properties.subscription_identifiers.is_empty());
     }
+
+    // The per-peer forwarding metrics account for the three messages each way.
+    let metrics = |node: &Node| {
+        ureq::get(&format!("http://127.0.0.1:{}/metrics", node.http_port))
+            .call()
+            .expect("GET /metrics")
+            .into_string()
+            .expect("text")
+    };
+    let on_1 = metrics(&nodes[0]);
+    for peer in ["2", "3"] {
+        for line in [
+            format!("flockmq_forward_sent_total{{peer=\"{peer}\"}} 3"),
+            format!("flockmq_forward_peer_up{{peer=\"{peer}\"}} 1"),
+        ] {
+            assert!(
+                on_1.lines().any(|l| l == line),
+                "{line} missing from:\n{on_1}"
+            );
+        }
+        assert!(on_1.contains(&format!(
+            "flockmq_forward_ack_duration_seconds_bucket{{peer=\"{peer}\""
+        )));
+        assert!(on_1.contains(&format!(
+            "flockmq_forward_bytes_sent_total{{peer=\"{peer}\"}}"
+        )));
+    }
+    for node in &nodes[1..] {
+        let text = metrics(node);
+        let line = "flockmq_forward_received_total{peer=\"1\"} 3";
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from:\n{text}"
+        );
+    }
 }
 
 #[test]

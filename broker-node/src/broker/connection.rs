@@ -69,8 +69,9 @@ enum AckOutcome {
     Fail,
 }
 
-/// Serve one client over `stream` until it disconnects or the node shuts down.
-pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr)
+/// Serve one client over `stream`, accepted on the listener named `listener`, until it
+/// disconnects or the node shuts down.
+pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr, listener: &'static str)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -92,13 +93,26 @@ where
         }
     };
     Stats::add(&broker.stats.clients_connected, 1);
-    metrics::gauge!("flockmq_connections").increment(1.0);
+    let connections = metrics::gauge!(
+        "flockmq_connections",
+        "listener" => listener,
+        "protocol" => protocol_label(connect.protocol),
+    );
+    connections.increment(1.0);
     conn.run_session(*connect).await;
     broker
         .stats
         .clients_connected
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    metrics::gauge!("flockmq_connections").decrement(1.0);
+    connections.decrement(1.0);
+}
+
+fn protocol_label(version: ProtocolVersion) -> &'static str {
+    match version {
+        ProtocolVersion::V3_1 => "3.1",
+        ProtocolVersion::V3_1_1 => "3.1.1",
+        ProtocolVersion::V5 => "5.0",
+    }
 }
 
 struct Connection<S> {
@@ -471,6 +485,13 @@ where
                 tracing::warn!(client_id = %client_id, error = %e, "cannot record disconnect");
             }
         }
+        let reason = match end {
+            End::Graceful => "disconnect",
+            End::Abrupt => "abrupt",
+            End::TakenOver => "taken_over",
+            End::Shutdown => "shutdown",
+        };
+        metrics::counter!("flockmq_connections_closed_total", "reason" => reason).increment(1);
         tracing::debug!(client_id = %client_id, ?end, "client disconnected");
     }
 

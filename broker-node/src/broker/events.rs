@@ -172,6 +172,16 @@ impl Broker {
                     .set(m.last_log_index.unwrap_or(0) as f64);
                 metrics::gauge!("flockmq_raft_applied_index")
                     .set(m.last_applied.map_or(0.0, |l| l.index as f64));
+                // Entries kept in the log: those since the last purge (a snapshot covers
+                // the rest).
+                let first_kept = m.purged.map_or(0, |l| l.index + 1);
+                metrics::gauge!("flockmq_raft_log_entries").set(
+                    m.last_log_index
+                        .map_or(0, |last| (last + 1).saturating_sub(first_kept))
+                        as f64,
+                );
+                metrics::gauge!("flockmq_raft_snapshot_index")
+                    .set(m.snapshot.map_or(0.0, |l| l.index as f64));
                 let membership = m.membership_config.membership();
                 let voters = membership.voter_ids().count();
                 let nodes = membership.nodes().count();

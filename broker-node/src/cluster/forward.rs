@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cluster_proto::v1::forward_client::ForwardClient;
 use cluster_proto::v1::forward_server::{Forward as ForwardRpc, ForwardServer};
@@ -115,9 +115,14 @@ impl ForwardRpc for ForwardService {
                         break;
                     }
                 };
+                let origin = frame.origin_node.to_string();
+                metrics::counter!("flockmq_forward_bytes_received_total", "peer" => origin.clone())
+                    .increment(frame.entries.len() as u64);
                 let batch: Vec<Forwarded> = match bincode::deserialize(&frame.entries) {
                     Ok(batch) => batch,
                     Err(e) => {
+                        metrics::counter!("flockmq_forward_errors_total", "peer" => origin, "kind" => "decode")
+                            .increment(1);
                         tracing::warn!(origin = frame.origin_node, error = %e, "undecodable forward frame");
                         let _ = tx
                             .send(Err(Status::invalid_argument(format!(
@@ -128,7 +133,8 @@ impl ForwardRpc for ForwardService {
                         break;
                     }
                 };
-                metrics::counter!("flockmq_forward_received_total").increment(batch.len() as u64);
+                metrics::counter!("flockmq_forward_received_total", "peer" => origin)
+                    .increment(batch.len() as u64);
                 match sink.get() {
                     Some(sink) => sink.deliver(frame.origin_node, batch).await,
                     // The runtime is not up yet, so no client is connected here.
@@ -218,7 +224,6 @@ impl Forwarder {
             } else {
                 (None, None)
             };
-            let targets = item.targets.len() as u64;
             let outgoing = Outgoing { item, ack };
             let sent = match tx.try_send(outgoing) {
                 Ok(()) => Ok(()),
@@ -228,10 +233,7 @@ impl Forwarder {
                     .map_err(|_| NotForwarded::PeerSlow),
                 Err(mpsc::error::TrySendError::Closed(_)) => Err(NotForwarded::PeerDown),
             };
-            sent.map(|()| {
-                metrics::counter!("flockmq_forward_sent_total").increment(targets);
-                rx
-            })
+            sent.map(|()| rx)
         };
         if let Err(why) = &outcome {
             let reason = match why {
@@ -239,6 +241,8 @@ impl Forwarder {
                 NotForwarded::PeerSlow => "peer_slow",
             };
             metrics::counter!("flockmq_messages_dropped_total", "reason" => reason).increment(1);
+            metrics::counter!("flockmq_forward_dropped_total", "peer" => node.to_string(), "reason" => reason)
+                .increment(1);
             tracing::debug!(peer = node, reason, "message not forwarded");
         }
         outcome
@@ -289,6 +293,10 @@ async fn run_peer(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let label = node.to_string();
+    let peer_up = metrics::gauge!("flockmq_forward_peer_up", "peer" => label.clone());
+    let errors = |kind: &'static str| metrics::counter!("flockmq_forward_errors_total", "peer" => label.clone(), "kind" => kind);
+    let dropped = metrics::counter!("flockmq_forward_dropped_total", "peer" => label.clone(), "reason" => "peer_down");
     loop {
         let addr = metrics
             .borrow()
@@ -304,16 +312,23 @@ async fn run_peer(
             Ok((frames, acks)) => {
                 tracing::info!(peer = node, "forward stream open");
                 up.store(true, Ordering::Release);
+                peer_up.set(1.0);
                 backoff = Duration::from_millis(100);
-                let ended = pump(own, &mut rx, frames, acks, &shutdown).await;
+                let ended = pump(own, node, &mut rx, frames, acks, &shutdown).await;
                 up.store(false, Ordering::Release);
+                peer_up.set(0.0);
                 match ended {
                     Ended::Stop => return,
-                    Ended::Broken => tracing::info!(peer = node, "forward stream broken"),
+                    Ended::Broken => {
+                        errors("stream").increment(1);
+                        tracing::info!(peer = node, "forward stream broken");
+                    }
                 }
             }
             Err(e) => {
                 up.store(false, Ordering::Release);
+                peer_up.set(0.0);
+                errors("connect").increment(1);
                 tracing::debug!(peer = node, error = %e, "peer unreachable");
             }
         }
@@ -324,7 +339,10 @@ async fn run_peer(
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep_until(until) => break,
                 item = rx.recv() => match item {
-                    Some(_) => metrics::counter!("flockmq_messages_dropped_total", "reason" => "peer_down").increment(1),
+                    Some(_) => {
+                        metrics::counter!("flockmq_messages_dropped_total", "reason" => "peer_down").increment(1);
+                        dropped.increment(1);
+                    }
                     None => return,
                 },
             }
@@ -360,20 +378,30 @@ async fn open(addr: &str) -> Result<Opened, String> {
 /// as the peer confirms frames.
 async fn pump(
     own: NodeId,
+    node: NodeId,
     rx: &mut mpsc::Receiver<Outgoing>,
     frames: mpsc::Sender<ForwardFrame>,
     mut acks: Streaming<ForwardAck>,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let mut pending: VecDeque<(u64, Vec<oneshot::Sender<()>>)> = VecDeque::new();
+    let label = node.to_string();
+    let sent = metrics::counter!("flockmq_forward_sent_total", "peer" => label.clone());
+    let bytes_sent = metrics::counter!("flockmq_forward_bytes_sent_total", "peer" => label.clone());
+    let frames_sent = metrics::counter!("flockmq_forward_frames_total", "peer" => label.clone());
+    let frame_messages =
+        metrics::histogram!("flockmq_forward_frame_messages", "peer" => label.clone());
+    let ack_latency = metrics::histogram!("flockmq_forward_ack_duration_seconds", "peer" => label);
+    // Frames in flight: sequence number, when sent, the publishers waiting on it.
+    let mut pending: VecDeque<(u64, Instant, Vec<oneshot::Sender<()>>)> = VecDeque::new();
     let mut seq = 0u64;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ended::Stop,
             ack = acks.message() => match ack {
                 Ok(Some(ack)) => {
-                    while pending.front().is_some_and(|(s, _)| *s <= ack.seq) {
-                        if let Some((_, waiters)) = pending.pop_front() {
+                    while pending.front().is_some_and(|(s, _, _)| *s <= ack.seq) {
+                        if let Some((_, sent_at, waiters)) = pending.pop_front() {
+                            ack_latency.record(sent_at.elapsed().as_secs_f64());
                             for w in waiters {
                                 let _ = w.send(());
                             }
@@ -394,6 +422,7 @@ async fn pump(
                         next = rx.try_recv().ok();
                     }
                 }
+                let items_len = items.len() as u64;
                 let entries = match bincode::serialize(&items) {
                     Ok(entries) => entries,
                     Err(e) => {
@@ -402,12 +431,15 @@ async fn pump(
                     }
                 };
                 seq += 1;
-                metrics::counter!("flockmq_forward_frames_total").increment(1);
+                frames_sent.increment(1);
+                sent.increment(items_len);
+                frame_messages.record(items_len as f64);
+                bytes_sent.increment(entries.len() as u64);
                 let frame = ForwardFrame { seq, origin_node: own, entries };
                 if frames.send(frame).await.is_err() {
                     return Ended::Broken;
                 }
-                pending.push_back((seq, waiters));
+                pending.push_back((seq, Instant::now(), waiters));
             }
         }
     }

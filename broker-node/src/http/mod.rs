@@ -10,6 +10,7 @@
 //! The server never touches MQTT connections.
 
 pub mod api;
+pub mod catalog;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +20,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::PrometheusHandle;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::StateHandle;
@@ -81,17 +82,51 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
-            let recorder = builder.build_recorder();
+            let recorder = with_buckets(metrics_exporter_prometheus::PrometheusBuilder::new())
+                .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!(
                     "a metrics recorder was already installed; /metrics shows only ours"
                 );
             }
+            catalog::register();
             handle
         })
         .clone()
+}
+
+/// Histograms as Prometheus histograms (aggregatable across nodes), not summaries.
+fn with_buckets(builder: PrometheusBuilder) -> PrometheusBuilder {
+    // From 100 µs to 10 s: a forward acknowledgement on loopback to a Raft write
+    // waiting out an election.
+    const SECONDS: &[f64] = &[
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ];
+    // Batch sizes: forward frames hold up to 256 messages, Raft entries up to
+    // `cluster.batch_max_commands` (512 by default).
+    const COUNTS: &[f64] = &[
+        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+    ];
+    let with = |b: PrometheusBuilder, m: Matcher, buckets: &[f64]| {
+        b.set_buckets_for_metric(m, buckets)
+            .expect("bucket lists are non-empty")
+    };
+    let builder = with(builder, Matcher::Suffix("_seconds".into()), SECONDS);
+    let builder = with(builder, Matcher::Suffix("_messages".into()), COUNTS);
+    with(builder, Matcher::Suffix("_commands".into()), COUNTS)
+}
+
+/// Process figures (RSS, CPU seconds, open and maximum file descriptors, threads),
+/// refreshed on every scrape.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    COLLECTOR.get_or_init(|| {
+        let collector = metrics_process::Collector::new("flockmq_");
+        collector.describe();
+        collector
+    })
 }
 
 #[derive(Clone)]
@@ -128,6 +163,7 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(app): State<AppState>) -> String {
+    process_collector().collect();
     app.metrics.render()
 }
 

@@ -91,18 +91,18 @@ pub async fn serve(
             let timeout = broker.config.mqtt.connect_timeout;
             let max_packet = broker.config.mqtt.max_packet_size as usize;
             match security {
-                Security::Plain => connection::serve(broker, stream, peer).await,
+                Security::Plain => connection::serve(broker, stream, peer, label).await,
                 Security::Tls(acceptor) => {
                     if let Some(tls) = upgrade("TLS", peer, timeout, acceptor.accept(stream)).await
                     {
-                        connection::serve(broker, tls, peer).await;
+                        connection::serve(broker, tls, peer, label).await;
                     }
                 }
                 Security::Ws => {
                     if let Some(ws) =
                         upgrade("WebSocket", peer, timeout, ws::accept(stream, max_packet)).await
                     {
-                        connection::serve(broker, ws, peer).await;
+                        connection::serve(broker, ws, peer, label).await;
                     }
                 }
                 Security::Wss(acceptor) => {
@@ -111,7 +111,7 @@ pub async fn serve(
                         ws::accept(tls, max_packet).await
                     };
                     if let Some(ws) = upgrade("TLS WebSocket", peer, timeout, secured).await {
-                        connection::serve(broker, ws, peer).await;
+                        connection::serve(broker, ws, peer, label).await;
                     }
                 }
             }

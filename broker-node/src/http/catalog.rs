@@ -1,0 +1,229 @@
+//! Every metric FlockMQ exports, with its help text, and the counters registered at
+//! zero on start: a series that exists from the first scrape lets `rate()` and
+//! alerts see its first increment, instead of a series that appears out of nowhere.
+//!
+//! Names follow CONVENTIONS.md: prefix `flockmq_`, base units, `_total` counters, and
+//! labels of bounded cardinality only (reason, QoS, listener, protocol, peer node id).
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+/// Why a message is dropped, as the `reason` label of `flockmq_messages_dropped_total`.
+pub const DROP_REASONS: &[&str] = &[
+    "queue_full",
+    "expired",
+    "no_subscribers",
+    "acl",
+    "too_large",
+    "peer_down",
+    "peer_slow",
+    "not_connected",
+];
+
+/// How a client connection ended, as the `reason` label of
+/// `flockmq_connections_closed_total`.
+pub const CLOSE_REASONS: &[&str] = &["disconnect", "abrupt", "taken_over", "shutdown"];
+
+/// Describe every metric and register the unlabelled counters and the dropped /
+/// closed reasons at zero.
+pub fn register() {
+    describe_gauge!(
+        "flockmq_build_info",
+        "Always 1; the version label tells which FlockMQ runs."
+    );
+    describe_gauge!(
+        "flockmq_connections",
+        "Client connections past CONNECT, by listener and protocol version."
+    );
+    for (name, help) in [
+        (
+            "flockmq_connections_opened_total",
+            "TCP connections accepted, by listener.",
+        ),
+        (
+            "flockmq_connections_closed_total",
+            "Client sessions ended on this node, by reason (disconnect, abrupt, taken_over, shutdown).",
+        ),
+        (
+            "flockmq_connections_refused_total",
+            "Connections refused before CONNECT, by reason.",
+        ),
+        ("flockmq_accept_errors_total", "Failed accept() calls."),
+        (
+            "flockmq_handshake_failures_total",
+            "TLS or WebSocket handshakes that failed, by transport.",
+        ),
+        (
+            "flockmq_connect_timeouts_total",
+            "Connections closed for sending no CONNECT in time.",
+        ),
+        ("flockmq_connack_total", "CONNACKs sent, by reason code."),
+        (
+            "flockmq_auth_failures_total",
+            "CONNECTs refused for bad credentials.",
+        ),
+        (
+            "flockmq_keepalive_timeouts_total",
+            "Clients closed for exceeding 1.5 times their keep alive.",
+        ),
+        (
+            "flockmq_decode_errors_total",
+            "Packets that could not be decoded (malformed, too large).",
+        ),
+        (
+            "flockmq_protocol_errors_total",
+            "Connections closed for a protocol error.",
+        ),
+        ("flockmq_packets_received_total", "MQTT packets received."),
+        (
+            "flockmq_messages_received_total",
+            "PUBLISH messages received from clients, by QoS.",
+        ),
+        (
+            "flockmq_messages_sent_total",
+            "PUBLISH messages sent to clients, by QoS.",
+        ),
+        (
+            "flockmq_messages_dropped_total",
+            "Messages dropped, by reason.",
+        ),
+        (
+            "flockmq_forward_sent_total",
+            "Messages forwarded to a peer node, by peer.",
+        ),
+        (
+            "flockmq_forward_received_total",
+            "Messages received from a peer node, by peer.",
+        ),
+        (
+            "flockmq_forward_frames_total",
+            "Forward frames sent to a peer node, by peer.",
+        ),
+        (
+            "flockmq_forward_errors_total",
+            "Forwarding failures by peer and kind (connect, stream, decode).",
+        ),
+        (
+            "flockmq_forward_dropped_total",
+            "Messages for a peer dropped because it was down or slow, by peer and reason.",
+        ),
+        (
+            "flockmq_raft_snapshots_total",
+            "Raft snapshots built or installed, by kind.",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    describe_counter!(
+        "flockmq_bytes_received_total",
+        Unit::Bytes,
+        "Bytes read from client connections."
+    );
+    describe_counter!(
+        "flockmq_bytes_sent_total",
+        Unit::Bytes,
+        "Bytes written to client connections."
+    );
+    describe_counter!(
+        "flockmq_forward_bytes_sent_total",
+        Unit::Bytes,
+        "Encoded forward frame bytes sent to a peer, by peer."
+    );
+    describe_counter!(
+        "flockmq_forward_bytes_received_total",
+        Unit::Bytes,
+        "Encoded forward frame bytes received from a peer, by peer."
+    );
+    describe_gauge!(
+        "flockmq_forward_peer_up",
+        "1 while the forward stream to the peer is open, 0 while it cannot be reached."
+    );
+    describe_histogram!(
+        "flockmq_forward_frame_messages",
+        "Messages per forward frame, by peer."
+    );
+    describe_histogram!(
+        "flockmq_forward_ack_duration_seconds",
+        Unit::Seconds,
+        "From sending a forward frame to the peer's acknowledgement, by peer."
+    );
+    for (name, help) in [
+        ("flockmq_raft_term", "The current Raft term."),
+        (
+            "flockmq_raft_leader_id",
+            "The node this node believes leads (0: none known).",
+        ),
+        ("flockmq_raft_is_leader", "1 on the leader."),
+        (
+            "flockmq_raft_last_log_index",
+            "Index of the last entry in this node's log.",
+        ),
+        (
+            "flockmq_raft_applied_index",
+            "Index of the last entry applied to the state machine.",
+        ),
+        (
+            "flockmq_raft_log_entries",
+            "Entries kept in the log (not yet purged behind a snapshot).",
+        ),
+        (
+            "flockmq_raft_snapshot_index",
+            "Last log index covered by the newest snapshot.",
+        ),
+        ("flockmq_raft_members", "Cluster members, by role."),
+        (
+            "flockmq_sessions",
+            "Sessions in the replicated state, by state (online, offline).",
+        ),
+        (
+            "flockmq_subscriptions",
+            "Subscriptions in the replicated state.",
+        ),
+        ("flockmq_retained_messages", "Retained messages."),
+        (
+            "flockmq_queued_messages",
+            "Messages queued for persistent sessions.",
+        ),
+    ] {
+        describe_gauge!(name, help);
+    }
+    describe_gauge!(
+        "flockmq_raft_snapshot_bytes",
+        Unit::Bytes,
+        "Size of the newest snapshot this node built."
+    );
+    describe_histogram!(
+        "flockmq_raft_snapshot_duration_seconds",
+        Unit::Seconds,
+        "Time to build or install a snapshot, by kind."
+    );
+    describe_histogram!(
+        "flockmq_raft_proposal_duration_seconds",
+        Unit::Seconds,
+        "From proposing a batch of commands to its commit."
+    );
+    describe_histogram!("flockmq_raft_batch_commands", "Commands per Raft entry.");
+
+    for name in [
+        "flockmq_accept_errors_total",
+        "flockmq_connect_timeouts_total",
+        "flockmq_auth_failures_total",
+        "flockmq_keepalive_timeouts_total",
+        "flockmq_decode_errors_total",
+        "flockmq_protocol_errors_total",
+        "flockmq_packets_received_total",
+        "flockmq_bytes_received_total",
+        "flockmq_bytes_sent_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for qos in ["0", "1", "2"] {
+        metrics::counter!("flockmq_messages_received_total", "qos" => qos).increment(0);
+        metrics::counter!("flockmq_messages_sent_total", "qos" => qos).increment(0);
+    }
+    for &reason in DROP_REASONS {
+        metrics::counter!("flockmq_messages_dropped_total", "reason" => reason).increment(0);
+    }
+    for &reason in CLOSE_REASONS {
+        metrics::counter!("flockmq_connections_closed_total", "reason" => reason).increment(0);
+    }
+}
