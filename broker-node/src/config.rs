@@ -277,6 +277,11 @@ pub struct ClusterConfig {
     /// refused (v5 0x88).
     #[serde(with = "dur")]
     pub write_timeout: Duration,
+    /// How long the leader tolerates not reaching a node before it ends the sessions
+    /// connected there (wills published, persistent sessions expire and queue);
+    /// zero disables it.
+    #[serde(with = "dur")]
+    pub node_lost_after: Duration,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -367,6 +372,9 @@ impl Default for ClusterConfig {
             // Longer than a failover with a split vote, so that a write made while the
             // leader is lost waits for the next one instead of failing.
             write_timeout: Duration::from_secs(10),
+            // Several failovers long: a node restarting (or a network blip) keeps its
+            // clients' sessions; a node that stays away does not.
+            node_lost_after: Duration::from_secs(15),
         }
     }
 }
@@ -767,10 +775,30 @@ fn format_size(n: u64) -> String {
     n.to_string()
 }
 
+/// A duration as one unit ("1600ms", "10s", "2h") rather than humantime's
+/// "1s 600ms", which reads well but is not what anyone would type.
+fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        humantime::format_duration(d).to_string()
+    } else if ms == 0 {
+        "0s".to_owned()
+    } else if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else {
+        let secs = ms / 1000;
+        match secs {
+            s if s % 3600 == 0 => format!("{}h", s / 3600),
+            s if s % 60 == 0 => format!("{}m", s / 60),
+            s => format!("{s}s"),
+        }
+    }
+}
+
 mod dur {
     use super::*;
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
+        s.serialize_str(&format_duration(*d))
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
@@ -782,7 +810,7 @@ mod opt_dur {
     use super::*;
     pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            Some(d) => s.serialize_str(&format_duration(*d)),
             None => s.serialize_str(""),
         }
     }
@@ -1034,6 +1062,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("cluster.batch_max_delay", "Longest a command waits for others to share its Raft entry."),
         ("cluster.forward_buffer_messages", "Messages buffered per peer for forwarding."),
         ("cluster.write_timeout", "How long a control-plane write may wait for a majority before the client is refused (v5 0x88)."),
+        ("cluster.node_lost_after", "How long the leader tolerates not reaching a node before it ends the sessions connected there, as if their connections broke (wills are published, persistent sessions start to expire and queue); 0s disables it."),
     ]
 }
 

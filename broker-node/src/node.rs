@@ -96,6 +96,11 @@ pub async fn run(
     tracker.spawn(
         broker
             .clone()
+            .run_node_watch(raft.clone(), config.cluster.node_lost_after),
+    );
+    tracker.spawn(
+        broker
+            .clone()
             .run_state_gauges(raft.clone(), Duration::from_secs(1)),
     );
     if !config.mqtt.sys_interval.is_zero() {

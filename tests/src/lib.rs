@@ -72,6 +72,7 @@ pub struct Node {
     /// Its data directory (kept across restarts).
     pub data_dir: PathBuf,
     extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
     _config_dir: Option<tempfile::TempDir>,
 }
@@ -102,6 +103,7 @@ impl Node {
             cluster_port: free_port(),
             data_dir: tmp.path().join("data"),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            extra_env: Vec::new(),
             _tmp: Some(tmp),
             _config_dir: None,
         };
@@ -111,6 +113,12 @@ impl Node {
 
     /// Start `n` nodes forming one fresh Raft cluster (`--initial-cluster`).
     pub fn cluster(n: usize) -> Vec<Node> {
+        Self::cluster_with_env(n, &[])
+    }
+
+    /// Start `n` nodes forming one fresh Raft cluster, each with the environment
+    /// variables `env` (settings as `FLOCKMQ_...`).
+    pub fn cluster_with_env(n: usize, env: &[(&str, &str)]) -> Vec<Node> {
         let mut nodes: Vec<Node> = (1..=n)
             .map(|id| {
                 let tmp = tempfile::tempdir().expect("temp dir");
@@ -121,6 +129,10 @@ impl Node {
                     cluster_port: free_port(),
                     data_dir: tmp.path().join("data"),
                     extra_args: vec!["--node-id".into(), id.to_string()],
+                    extra_env: env
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
                     _tmp: Some(tmp),
                     _config_dir: None,
                 }
@@ -172,6 +184,7 @@ impl Node {
             .arg("--cluster-addr")
             .arg(format!("127.0.0.1:{}", self.cluster_port))
             .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_BROKER_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),

@@ -134,3 +134,97 @@ fn subscriptions_made_on_one_node_survive_the_kill_of_the_leader() {
     nodes[0].restart();
     converged(&running(&nodes));
 }
+
+#[test]
+fn a_killed_nodes_clients_get_their_wills_and_their_sessions_end() {
+    // [MQTT-3.1.2-8]: the will is published when the network connection is closed
+    // without a DISCONNECT, and a dead node closes nothing: the cluster must.
+    let mut nodes = Node::cluster_with_env(3, &[("FLOCKMQ_CLUSTER__NODE_LOST_AFTER", "3s")]);
+    let port = |n: &Node| n.mqtt_port.to_string();
+    // A robot with a retained "offline" will and a persistent session, on node 1 (the
+    // leader: its loss also moves the watch to a new leader).
+    let (p1, p2, p3) = (port(&nodes[0]), port(&nodes[1]), port(&nodes[2]));
+    let robot = flockmq_tests::Background::spawn(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &p1,
+            "-i",
+            "r9",
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "fleet/r9/cmd",
+            "--will-topic",
+            "fleet/r9/status",
+            "--will-payload",
+            "offline",
+            "--will-retain",
+            "--will-qos",
+            "1",
+        ],
+    );
+    let watcher = flockmq_tests::Background::spawn(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &p2,
+            "-t",
+            "fleet/+/status",
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-v",
+            "-W",
+            "40",
+        ],
+    );
+    let connected = |node: &Node| {
+        node.api("GET", "/sessions/r9", None)
+            .map(|s| s["connected"] == true)
+            .unwrap_or(false)
+    };
+    let deadline = std::time::Instant::now() + T;
+    while !connected(&nodes[2]) {
+        assert!(std::time::Instant::now() < deadline, "r9 never connected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    converged(&running(&nodes));
+
+    nodes[0].kill();
+    let got = watcher.finish(Duration::from_secs(40));
+    assert_eq!(got.stdout.trim(), "fleet/r9/status offline", "{got:?}");
+    // The session outlives its connection (clean session 0) and can be resumed on a
+    // survivor; the retained will is there for late subscribers.
+    assert!(!connected(&nodes[2]));
+    let late = run(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &p3,
+            "-t",
+            "fleet/+/status",
+            "-C",
+            "1",
+            "-v",
+            "-W",
+            "10",
+        ],
+        T,
+    );
+    assert_eq!(late.stdout.trim(), "fleet/r9/status offline", "{late:?}");
+    let (_, ack) = RawClient::connect(
+        nodes[2].mqtt_addr(),
+        ProtocolVersion::V3_1_1,
+        "r9",
+        false,
+        60,
+    );
+    assert!(ack.session_present);
+    robot.kill();
+    // The lost node comes back and agrees with the others.
+    nodes[0].restart();
+    converged(&running(&nodes));
+}

@@ -33,7 +33,7 @@ impl Broker {
                     node,
                     connection_id,
                 } if node == self.node_id => {
-                    tracing::info!(client_id = %client_id, "client kicked by an operator");
+                    tracing::info!(client_id = %client_id, "closing a connection the cluster ended (an operator kick or a lost node)");
                     let msg = ConnMsg::Disconnect(ADMINISTRATIVE_ACTION);
                     self.tell_connection(&client_id, connection_id, msg);
                 }

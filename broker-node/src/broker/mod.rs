@@ -10,6 +10,7 @@
 pub mod connection;
 pub mod dispatch;
 pub mod events;
+pub mod liveness;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

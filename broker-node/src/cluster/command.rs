@@ -250,6 +250,19 @@ pub enum Command {
         /// The client identifier.
         client_id: Arc<str>,
     },
+    /// The leader has not reached `node` for `cluster.node_lost_after`: every session
+    /// connected there ends as if its connection broke (wills published by
+    /// `publisher`, persistent sessions start to expire and queue), so that a dead
+    /// node's clients are not "connected" forever. Should `node` be alive behind a
+    /// partition, it closes those connections when it applies this.
+    NodeLost {
+        /// The node that cannot be reached.
+        node: NodeId,
+        /// The node that proposed it (the leader), which publishes the wills.
+        publisher: NodeId,
+        /// Unix ms at the proposing node.
+        now_ms: u64,
+    },
 }
 
 /// The result of one command, in the order of the batch.

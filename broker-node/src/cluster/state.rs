@@ -218,7 +218,14 @@ impl BrokerState {
                 graceful,
                 expiry_secs,
                 now_ms,
-            } => self.close_session(client_id, *connection_id, *graceful, *expiry_secs, *now_ms),
+            } => self.close_session(
+                client_id,
+                *connection_id,
+                *graceful,
+                *expiry_secs,
+                *now_ms,
+                None,
+            ),
             Command::Subscribe { client_id, entries } => self.subscribe(client_id, entries),
             Command::Unsubscribe { client_id, filters } => self.unsubscribe(client_id, filters),
             Command::SetRetained { topic, message } => {
@@ -254,6 +261,36 @@ impl BrokerState {
             },
             Command::Expire { node, now_ms } => {
                 self.expire(*node, *now_ms);
+                CommandResult::Done
+            }
+            Command::NodeLost {
+                node,
+                publisher,
+                now_ms,
+            } => {
+                let lost: Vec<(Arc<str>, u64)> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.connected && s.node == *node)
+                    .map(|(c, s)| (c.clone(), s.connection_id))
+                    .collect();
+                for (client_id, connection_id) in lost {
+                    // Behind a partition the connection may still be open: its node
+                    // closes it, and the client reconnects to a live session.
+                    self.emit(Event::Kick {
+                        client_id: client_id.clone(),
+                        node: *node,
+                        connection_id,
+                    });
+                    self.close_session(
+                        &client_id,
+                        connection_id,
+                        false,
+                        None,
+                        *now_ms,
+                        Some(*publisher),
+                    );
+                }
                 CommandResult::Done
             }
         }
@@ -337,6 +374,8 @@ impl BrokerState {
         CommandResult::SessionOpened { session_present }
     }
 
+    /// End the session's connection `connection_id`; an immediate will is published
+    /// by `publisher`, or by the session's own node.
     fn close_session(
         &mut self,
         client_id: &Arc<str>,
@@ -344,6 +383,7 @@ impl BrokerState {
         graceful: bool,
         expiry_secs: Option<u32>,
         now_ms: u64,
+        publisher: Option<NodeId>,
     ) -> CommandResult {
         let Some(session) = self.sessions.get_mut(client_id) else {
             return CommandResult::NoSession;
@@ -356,7 +396,7 @@ impl BrokerState {
         if let Some(secs) = expiry_secs {
             session.expiry_secs = secs;
         }
-        let node = session.node;
+        let node = publisher.unwrap_or(session.node);
         if graceful {
             session.will = None;
         } else if let Some(will) = &session.will {

@@ -107,6 +107,10 @@ pub fn register() {
             "Messages for a peer dropped because it was down or slow, by peer and reason.",
         ),
         (
+            "flockmq_nodes_lost_total",
+            "Nodes the leader declared lost, ending their clients' sessions.",
+        ),
+        (
             "flockmq_raft_snapshots_total",
             "Raft snapshots built or installed, by kind.",
         ),
@@ -213,6 +217,7 @@ pub fn register() {
         "flockmq_packets_received_total",
         "flockmq_bytes_received_total",
         "flockmq_bytes_sent_total",
+        "flockmq_nodes_lost_total",
     ] {
         metrics::counter!(name).increment(0);
     }
