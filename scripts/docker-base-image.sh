@@ -5,7 +5,8 @@
 # image exists (FORCE=1 rebuilds it).
 set -euo pipefail
 
-IMAGE="${IMAGE:-debian:bookworm-slim}"
+# BASE_IMAGE, not IMAGE: callers export IMAGE for the image built on top of this one.
+IMAGE="${BASE_IMAGE:-debian:bookworm-slim}"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
 
 if [[ "${FORCE:-0}" != 1 ]] && docker image inspect "$IMAGE" >/dev/null 2>&1; then

@@ -3,7 +3,8 @@
 # engine: build the image offline, start the three-node cluster, publish and
 # subscribe across nodes with mosquitto clients, kill a node (service and a
 # persistent session survive), cut a node off its network (it refuses control-plane
-# writes) and reconnect it (it catches up), then tear everything down.
+# writes, the majority publishes the will of a client connected to it) and reconnect
+# it (it catches up), then tear everything down.
 #
 #   tests/docker/compose-e2e.sh          # PROFILE=debug reuses the test build
 set -euo pipefail
@@ -70,14 +71,26 @@ got="$(mosquitto_sub -p "$NODE3_MQTT_PORT" -i arm-1 -c -q 1 -t arm/1/command -C 
 compose start node1 >/dev/null
 wait_healthy node1
 
-step "node 3 cut off its network refuses writes, then rejoins"
+step "node 3 cut off its network refuses writes, its robot's will fires, then it rejoins"
 network="${PROJECT}_default"
+# A robot on node 3 with a retained "offline" will, and a watcher on node 1: the
+# leader declares node 3 lost after cluster.node_lost_after (15 s) and publishes it.
+mosquitto_sub -p "$NODE3_MQTT_PORT" -i r5 -q 1 -t fleet/r5/cmd \
+  --will-topic fleet/r5/status --will-payload offline --will-retain --will-qos 1 -W 120 \
+  >/dev/null 2>&1 &
+robot=$!
+mosquitto_sub -p "$NODE1_MQTT_PORT" -t fleet/r5/status -q 1 -C 1 -W 90 >/tmp/$PROJECT.will &
+will_watcher=$!
+sleep 2
 docker network disconnect "$network" "$(container node3)"
 if docker exec "$(container node3)" broker-node ctl publish cut/off x --retain --qos 1 >/tmp/$PROJECT.cut 2>&1; then
   fail "node 3 accepted a retained write while cut off"
 fi
 grep -q 503 /tmp/$PROJECT.cut || fail "unexpected refusal: $(cat /tmp/$PROJECT.cut)"
 mosquitto_pub -p "$NODE1_MQTT_PORT" -t site/name -m north -r -q 1 || fail "majority refused a write"
+wait "$will_watcher" || fail "the cut-off node's client got no will on the majority side"
+[[ "$(cat /tmp/$PROJECT.will)" == offline ]] || fail "will was '$(cat /tmp/$PROJECT.will)'"
+kill "$robot" 2>/dev/null || true
 docker network connect --alias node3 "$network" "$(container node3)"
 healed=$SECONDS
 deadline=$((SECONDS + 120))
