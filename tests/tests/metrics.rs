@@ -351,3 +351,69 @@ fn metric_names(expr: &str) -> Vec<String> {
     }
     names
 }
+
+#[test]
+fn sys_topics_carry_the_same_counts_as_the_metrics() {
+    let node = Node::start_with_config("[mqtt]\nsys_interval = \"200ms\"\n");
+    let port = node.mqtt_port.to_string();
+    for (i, topic) in ["warehouse/a1/temp", "warehouse/a2/temp", "fleet/r1/battery"]
+        .iter()
+        .enumerate()
+    {
+        let payload = i.to_string();
+        let r = run(
+            "mosquitto_pub",
+            &["-p", &port, "-t", topic, "-m", &payload, "-q", "1", "-r"],
+            T,
+        );
+        assert_eq!(r.code, Some(0), "{r:?}");
+    }
+    // The state gauges refresh every second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let sys = |topic: &str| -> f64 {
+        let r = run(
+            "mosquitto_sub",
+            &[
+                "-p",
+                &port,
+                "-t",
+                &format!("$SYS/broker/{topic}"),
+                "-C",
+                "1",
+                "-W",
+                "5",
+            ],
+            T,
+        );
+        r.stdout
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("$SYS/broker/{topic}: {r:?}"))
+    };
+    let (_, _, body) = scrape(&node);
+    let metric = |name: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        sys("messages/received"),
+        metric("flockmq_messages_received_total")
+    );
+    assert_eq!(sys("messages/received"), 3.0);
+    assert_eq!(
+        sys("retained messages/count"),
+        metric("flockmq_retained_messages")
+    );
+    assert_eq!(sys("retained messages/count"), 3.0);
+    // The reader of $SYS is itself a subscription, absent when the metrics were read.
+    assert_eq!(
+        sys("subscriptions/count"),
+        metric("flockmq_subscriptions") + 1.0
+    );
+    assert_eq!(
+        sys("store/messages/count"),
+        metric("flockmq_queued_messages")
+    );
+}

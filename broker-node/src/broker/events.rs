@@ -224,11 +224,18 @@ impl Broker {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let (subscriptions, retained, sessions) = self.read_state(|st| {
+            let (subscriptions, retained, sessions, offline, queued) = self.read_state(|st| {
+                let (mut offline, mut queued) = (0usize, 0usize);
+                for (_, session) in st.sessions() {
+                    offline += usize::from(!session.connected);
+                    queued += session.queue.len();
+                }
                 (
                     st.routes().len(),
                     st.retained().len(),
                     st.sessions().count(),
+                    offline,
+                    queued,
                 )
             });
             let s = &self.stats;
@@ -244,6 +251,7 @@ impl Broker {
                     s.clients_connected.load(Ordering::Relaxed).to_string(),
                 ),
                 ("clients/total", sessions.to_string()),
+                ("clients/disconnected", offline.to_string()),
                 (
                     "messages/received",
                     s.messages_received.load(Ordering::Relaxed).to_string(),
@@ -256,6 +264,13 @@ impl Broker {
                     "messages/dropped",
                     s.messages_dropped.load(Ordering::Relaxed).to_string(),
                 ),
+                // Mosquitto's name for the same count.
+                (
+                    "publish/messages/dropped",
+                    s.messages_dropped.load(Ordering::Relaxed).to_string(),
+                ),
+                ("messages/stored", queued.to_string()),
+                ("store/messages/count", queued.to_string()),
                 (
                     "bytes/received",
                     s.bytes_received.load(Ordering::Relaxed).to_string(),
