@@ -228,3 +228,28 @@ fn a_killed_nodes_clients_get_their_wills_and_their_sessions_end() {
     nodes[0].restart();
     converged(&running(&nodes));
 }
+
+#[test]
+fn a_node_back_on_an_empty_disk_is_caught_up_and_the_leader_survives() {
+    // A lost volume: node 2 returns under its id with nothing on disk. Raft would
+    // call that a follower whose log went backwards; the leader must catch it up.
+    let mut nodes = Node::cluster(3);
+    retain(&nodes[0], "site/name", "north");
+    converged(&running(&nodes));
+    nodes[1].kill();
+    std::fs::remove_dir_all(&nodes[1].data_dir).expect("wipe node 2's data");
+    retain(&nodes[0], "site/zone", "a1");
+    nodes[1].restart();
+    converged(&running(&nodes));
+    assert_eq!(
+        read_retained(&nodes[1], "site/#", 2),
+        vec!["site/name north", "site/zone a1"]
+    );
+    // The leader still takes writes, and everyone is alive.
+    retain(&nodes[2], "site/ok", "yes");
+    converged(&running(&nodes));
+    for node in &nodes {
+        let health = ureq::get(&format!("http://127.0.0.1:{}/healthz", node.http_port)).call();
+        assert!(health.is_ok(), "{health:?}\n{}", node.log());
+    }
+}

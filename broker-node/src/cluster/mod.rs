@@ -85,6 +85,17 @@ impl StateHandle {
         self.metrics.borrow().current_leader.is_some()
     }
 
+    /// Why Raft stopped on this node, if it did (a storage failure, a bug): the
+    /// node can then neither commit nor apply anything until it restarts.
+    pub fn fatal(&self) -> Option<String> {
+        self.metrics
+            .borrow()
+            .running_state
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+    }
+
     /// Raft's view of the cluster, to find peers' addresses.
     pub fn raft_metrics(
         &self,

@@ -59,6 +59,9 @@ impl Readiness {
         match self.state.get() {
             None => reasons.push("cluster not started".to_owned()),
             Some(state) => {
+                if let Some(fatal) = state.fatal() {
+                    reasons.push(format!("raft stopped: {fatal}"));
+                }
                 if !state.has_leader() {
                     reasons.push("no raft leader".to_owned());
                 }
@@ -147,7 +150,7 @@ pub async fn serve(
 ) {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(alive))
         .route("/readyz", get(ready))
         .with_state(AppState { metrics, readiness })
         .nest("/api/v1", api::router(api, api_token));
@@ -165,6 +168,18 @@ pub async fn serve(
 async fn render_metrics(State(app): State<AppState>) -> String {
     process_collector().collect();
     app.metrics.render()
+}
+
+/// Alive unless Raft has stopped on this node: then only a restart helps, and a
+/// liveness probe should trigger one.
+async fn alive(State(app): State<AppState>) -> (StatusCode, String) {
+    match app.readiness.state.get().and_then(|s| s.fatal()) {
+        Some(fatal) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("raft stopped: {fatal}\n"),
+        ),
+        None => (StatusCode::OK, "ok\n".to_owned()),
+    }
 }
 
 async fn ready(State(app): State<AppState>) -> (StatusCode, String) {
