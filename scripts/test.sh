@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, every test of the workspace
 # (unit, property, integration against real broker processes and real clients), short
-# smoke runs of the fuzz target and the benchmark, and the three-node docker-compose
-# cluster end to end.
+# smoke runs of the fuzz target and the benchmark, the three-node docker-compose
+# cluster end to end, and the Helm chart.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,11 @@ REPS=1 DURATION=1s KILLS=1 scripts/bench-cluster.sh --smoke 2>/dev/null
 echo "== docker compose end to end"
 # The image packs the debug build the tests above already made.
 PROFILE=debug tests/docker/compose-e2e.sh
+echo "== Helm chart"
+# Lint, render, schema checks; and, with Docker, the rendered pods run as containers
+# of the image compose-e2e just built.
+if docker image inspect flockmq:e2e >/dev/null 2>&1; then export CHART_TEST_IMAGE=flockmq:e2e; fi
+tests/helm/chart-test.sh
 # One closing line for the whole suite, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "cargo test: %d passed, %d failed\n", p, f }' "$log"

@@ -1,0 +1,343 @@
+#!/usr/bin/env python3
+"""Checks on what `helm template` renders from helm/flockmq, for tests/helm/chart-test.sh.
+
+    chart_checks.py validate RENDERED.yaml K8S_VERSION...
+        every document against the Kubernetes OpenAPI schemas (kubernetes-validate,
+        strict: unknown fields are errors); the prometheus-operator ServiceMonitor,
+        which it has no schema for, against the fields the chart uses
+    chart_checks.py facts RENDERED.yaml --namespace NS --replicas N --initial N [...]
+        the facts the cluster depends on (ids, initial cluster, probes, quorum, ...)
+    chart_checks.py pod RENDERED.yaml ORDINAL OUT_DIR
+        what the kubelet would run for pod ORDINAL: OUT_DIR/env (NAME=value lines, after
+        envFrom and fieldRef are resolved), OUT_DIR/command (the shell wrapper, then
+        its $0 and args, NUL separated), OUT_DIR/init-command (the init container's),
+        OUT_DIR/volumes/NAME (rendered Secrets as files, emptyDirs) and
+        OUT_DIR/mounts-CONTAINER (NAME PATH ro|rw per line)
+    chart_checks.py wrapper-env ENV_OUTPUT --node-id N --advertise A (--initial-cluster C | --join J | --single)
+        the environment the wrapper handed to broker-node, as printed by `env`
+
+Each subcommand prints one line per failed fact and exits 1 if any failed.
+"""
+
+import argparse
+import base64
+import os
+import sys
+
+import yaml
+
+failures = []
+
+
+def fail(message):
+    failures.append(message)
+    print(f"  FAIL {message}")
+
+
+def expect(cond, message):
+    if not cond:
+        fail(message)
+    return cond
+
+
+def load(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def one(docs, kind, name=None):
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    if len(found) != 1:
+        raise SystemExit(f"expected one {kind} {name or ''}, found {len(found)}")
+    return found[0]
+
+
+# ---- validate ----
+
+def check_service_monitor(sm, docs):
+    """The ServiceMonitor fields the chart sets, and that it selects a real Service port."""
+    spec = sm.get("spec", {})
+    expect(sm.get("apiVersion") == "monitoring.coreos.com/v1", "ServiceMonitor apiVersion")
+    labels = spec.get("selector", {}).get("matchLabels", {})
+    services = [d for d in docs if d["kind"] == "Service"
+                and all(d["metadata"].get("labels", {}).get(k) == v for k, v in labels.items())]
+    if expect(len(services) == 1, f"ServiceMonitor selects {len(services)} Services, want 1"):
+        ports = {p["name"] for p in services[0]["spec"]["ports"]}
+        for ep in spec.get("endpoints", []):
+            expect(ep.get("port") in ports, f"ServiceMonitor port {ep.get('port')} not in {ports}")
+            expect(ep.get("path") == "/metrics", "ServiceMonitor path is /metrics")
+            for key in ep:
+                expect(key in {"port", "path", "interval", "scrapeTimeout"}, f"ServiceMonitor endpoint key {key}")
+    expect(spec.get("endpoints"), "ServiceMonitor has endpoints")
+    expect(spec.get("namespaceSelector", {}).get("matchNames"), "ServiceMonitor namespaceSelector")
+
+
+def cmd_validate(args):
+    import kubernetes_validate
+
+    docs = load(args.rendered)
+    checked = 0
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "ServiceMonitor":
+            check_service_monitor(doc, docs)
+            continue
+        for version in args.versions:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+                checked += 1
+            except kubernetes_validate.ValidationError as e:
+                path = ".".join(str(p) for p in e.absolute_path)
+                fail(f"{name} against Kubernetes {version}: {path}: {e.message}")
+            except kubernetes_validate.SchemaNotFoundError:
+                fail(f"{name}: no Kubernetes {version} schema for {doc['apiVersion']} {doc['kind']}")
+    print(f"  {checked} manifest validations against Kubernetes {', '.join(args.versions)}")
+
+
+# ---- facts ----
+
+def cmd_facts(args):
+    docs = load(args.rendered)
+    sts = one(docs, "StatefulSet")
+    full = sts["metadata"]["name"]
+    headless = f"{full}-headless"
+    spec = sts["spec"]
+    pod = spec["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "flockmq")
+    env = {e["name"]: e for e in container.get("env", [])}
+
+    expect(spec["replicas"] == args.replicas, f"replicas {spec['replicas']}, want {args.replicas}")
+    expect(spec["podManagementPolicy"] == "Parallel", "podManagementPolicy is Parallel")
+    expect(spec["serviceName"] == headless, f"serviceName is {headless}")
+    expect(sts["metadata"]["annotations"]["flockmq.io/initial-size"] == str(args.initial),
+           f"initial-size annotation is {args.initial}")
+
+    # The initial voters: ids 1..initial at the pods' DNS names.
+    want = ",".join(
+        f"{i + 1}={full}-{i}.{headless}.{args.namespace}.svc.cluster.local:7000" for i in range(args.initial)
+    )
+    if args.initial > 1:
+        got = env.get("FLOCKMQ_INITIAL_CLUSTER", {}).get("value")
+        expect(got == want, f"FLOCKMQ_INITIAL_CLUSTER is {got!r}, want {want!r}")
+    else:
+        expect("FLOCKMQ_INITIAL_CLUSTER" not in env, "a single initial node has no FLOCKMQ_INITIAL_CLUSTER")
+    expect(env.get("POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
+           "POD_NAME comes from metadata.name")
+
+    # Peer discovery: the headless Service publishes pods before they are ready.
+    hs = one(docs, "Service", headless)
+    expect(hs["spec"].get("clusterIP") == "None", "headless Service has clusterIP None")
+    expect(hs["spec"].get("publishNotReadyAddresses") is True, "headless Service publishes not-ready pods")
+    expect({p["name"] for p in hs["spec"]["ports"]} >= {"cluster", "http"}, "headless Service has cluster and http ports")
+
+    client = one(docs, "Service", full)
+    expect(client["spec"]["type"] == args.service_type, f"client Service type {args.service_type}")
+    ports = {p["name"]: p for p in client["spec"]["ports"]}
+    expect(set(ports) == set(args.client_ports), f"client Service ports {sorted(ports)}, want {sorted(args.client_ports)}")
+    cports = {p["name"] for p in container["ports"]}
+    for p in ports.values():
+        expect(p["targetPort"] in cports, f"client port {p['name']} targets a container port")
+    for s in (hs, client):
+        expect(s["spec"]["selector"] == spec["selector"]["matchLabels"], f"{s['metadata']['name']} selects the pods")
+
+    # Quorum survives a drain.
+    pdb = one(docs, "PodDisruptionBudget")
+    expect(pdb["spec"].get("maxUnavailable") == 1, "PDB maxUnavailable is 1")
+    expect("minAvailable" not in pdb["spec"], "PDB has no minAvailable")
+    expect(pdb["spec"]["selector"] == spec["selector"], "PDB selects the pods")
+
+    # Probes on the HTTP port.
+    http_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+    expect(http_port == 8080, "http container port 8080")
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")):
+        get = container.get(probe, {}).get("httpGet", {})
+        expect(get.get("path") == path and get.get("port") == "http", f"{probe} is GET {path} on port http")
+    expect(env.get("FLOCKMQ_HTTP_ADDR", {}).get("value") == "0.0.0.0:8080", "HTTP listens on 0.0.0.0:8080")
+
+    # Non-root, nothing writable but the volumes.
+    psc = pod.get("securityContext", {})
+    expect(psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 10001, "pod runs as non-root uid 10001")
+    expect(psc.get("fsGroup") == 10001, "fsGroup 10001 makes the data volume writable")
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c.get("securityContext", {})
+        expect(sc.get("runAsNonRoot") is True and sc.get("allowPrivilegeEscalation") is False
+               and sc.get("readOnlyRootFilesystem") is True and sc.get("capabilities", {}).get("drop") == ["ALL"],
+               f"container {c['name']} is non-root, read-only, without capabilities")
+        expect(c.get("resources", {}).get("requests"), f"container {c['name']} has resource requests")
+
+    # Kubernetes' service links would add FLOCKMQ_PORT etc., which the broker refuses.
+    expect(pod.get("enableServiceLinks") is False, "enableServiceLinks is false")
+    expect(pod.get("terminationGracePeriodSeconds", 0) >= 15, "terminationGracePeriodSeconds leaves the broker its 10 s")
+    anti = pod.get("affinity", {}).get("podAntiAffinity", {})
+    key = {"hard": "requiredDuringSchedulingIgnoredDuringExecution",
+           "soft": "preferredDuringSchedulingIgnoredDuringExecution"}.get(args.anti_affinity)
+    if key:
+        expect(key in anti, f"{args.anti_affinity} pod anti-affinity")
+    else:
+        expect("affinity" not in pod, "no affinity")
+
+    # The data volume.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    expect(mounts.get("/var/lib/flockmq/data") == "data", "data volume at /var/lib/flockmq/data")
+    expect(env.get("FLOCKMQ_DATA_DIR", {}).get("value") == "/var/lib/flockmq/data", "FLOCKMQ_DATA_DIR is the volume")
+    vct = spec["volumeClaimTemplates"][0]
+    expect(vct["metadata"]["name"] == "data", "volumeClaimTemplate data")
+    expect(vct["spec"]["resources"]["requests"]["storage"] == args.storage, f"volume size {args.storage}")
+    if args.storage_class:
+        expect(vct["spec"].get("storageClassName") == args.storage_class, f"storageClassName {args.storage_class}")
+
+    # Every Secret and ConfigMap the pod refers to is rendered or named as existing.
+    rendered = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    refs = [("ConfigMap", e["configMapRef"]["name"]) for e in container.get("envFrom", [])]
+    refs += [("Secret", v["secret"]["secretName"]) for v in pod.get("volumes", []) if "secret" in v]
+    refs += [("Secret", e["valueFrom"]["secretKeyRef"]["name"]) for e in container.get("env", [])
+             if "secretKeyRef" in e.get("valueFrom", {})]
+    for ref in refs:
+        expect(ref in rendered or ref[1] in args.existing, f"{ref[0]} {ref[1]} is rendered or an existing Secret")
+    # Every volume mount has its volume.
+    volumes = {v["name"] for v in pod.get("volumes", [])} | {"data"}
+    for c in pod["containers"] + pod.get("initContainers", []):
+        for m in c.get("volumeMounts", []):
+            expect(m["name"] in volumes, f"{c['name']} mounts volume {m['name']} that exists")
+
+    annotations = spec["template"]["metadata"].get("annotations", {})
+    expect(annotations.get("prometheus.io/scrape") == "true" and annotations.get("prometheus.io/port") == "8080",
+           "prometheus.io scrape annotations")
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    expect(len(monitors) == (1 if args.service_monitor else 0), f"{len(monitors)} ServiceMonitor")
+
+    for name in args.env:
+        expect(name in env, f"container env has {name}")
+    for name in args.no_env:
+        expect(name not in env, f"container env has no {name}")
+    for item in args.env_value:
+        name, value = item.split("=", 1)
+        expect(env.get(name, {}).get("value") == value, f"{name}={value} (got {env.get(name, {}).get('value')!r})")
+    cm = one(docs, "ConfigMap", f"{full}-env")
+    for item in args.config:
+        name, value = item.split("=", 1)
+        expect(cm["data"].get(name) == value, f"ConfigMap {name}={value} (got {cm['data'].get(name)!r})")
+    for item in args.secret_keys:
+        name, keys = item.split("=", 1)
+        secret = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == name]
+        got = sorted(secret[0].get("data", {})) if secret else None
+        want = sorted(k for k in keys.split(",") if k) or None
+        expect(got == want, f"Secret {name} keys {want or '(no such Secret)'} (got {got})")
+
+
+# ---- pod ----
+
+def cmd_pod(args):
+    docs = load(args.rendered)
+    sts = one(docs, "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    pod_name = f"{sts['metadata']['name']}-{args.ordinal}"
+    container = next(c for c in pod["containers"] if c["name"] == "flockmq")
+    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+
+    # As the kubelet does: envFrom first, then env (which wins), $(VAR) not used here.
+    env = {"HOSTNAME": pod_name}
+    for source in container.get("envFrom", []):
+        env.update(configmaps[source["configMapRef"]["name"]])
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = str(e["value"])
+        else:
+            ref = e["valueFrom"]
+            if "fieldRef" in ref:
+                field = ref["fieldRef"]["fieldPath"]
+                env[e["name"]] = {"metadata.name": pod_name, "metadata.namespace": sts["metadata"].get("namespace", "")}[field]
+            elif "secretKeyRef" in ref:
+                env[e["name"]] = f"secret-{ref['secretKeyRef']['name']}-{ref['secretKeyRef']['key']}"
+            else:
+                raise SystemExit(f"env {e['name']}: unsupported valueFrom {ref}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "env"), "w") as f:
+        for k, v in sorted(env.items()):
+            expect("\n" not in v and "\0" not in v, f"env {k} is one line")
+            f.write(f"{k}={v}\n")
+    argv = list(container.get("command", [])) + list(container.get("args", []))
+    with open(os.path.join(args.out, "command"), "w") as f:
+        f.write("\0".join(argv))
+    init = [c for c in pod.get("initContainers", []) if c["name"] == "passwd"]
+    if init:
+        with open(os.path.join(args.out, "init-command"), "w") as f:
+            f.write("\0".join(init[0]["command"]))
+    # The pod's volumes, as the kubelet would make them: OUT_DIR/volumes/NAME, with
+    # rendered Secrets as one file per key (the user's own Secrets stay empty) and
+    # emptyDirs writable by all; OUT_DIR/mounts-CONTAINER lists NAME PATH ro|rw.
+    secrets = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "Secret"}
+    for volume in pod.get("volumes", []):
+        target = os.path.join(args.out, "volumes", volume["name"])
+        os.makedirs(target, exist_ok=True)
+        if "emptyDir" in volume:
+            os.chmod(target, 0o777)
+        secret = volume.get("secret")
+        for key, value in secrets.get(secret["secretName"], {}).items() if secret else []:
+            with open(os.path.join(target, key), "wb") as f:
+                f.write(base64.b64decode(value))
+    for c in pod["containers"] + pod.get("initContainers", []):
+        with open(os.path.join(args.out, f"mounts-{c['name']}"), "w") as f:
+            for m in c.get("volumeMounts", []):
+                f.write(f"{m['name']} {m['mountPath']} {'ro' if m.get('readOnly') else 'rw'}\n")
+
+
+# ---- wrapper-env ----
+
+def cmd_wrapper_env(args):
+    with open(args.output) as f:
+        env = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+    expect(env.get("FLOCKMQ_NODE_ID") == args.node_id, f"FLOCKMQ_NODE_ID={env.get('FLOCKMQ_NODE_ID')}, want {args.node_id}")
+    expect(env.get("FLOCKMQ_ADVERTISE_ADDR") == args.advertise,
+           f"FLOCKMQ_ADVERTISE_ADDR={env.get('FLOCKMQ_ADVERTISE_ADDR')}, want {args.advertise}")
+    if args.initial_cluster:
+        expect(env.get("FLOCKMQ_INITIAL_CLUSTER") == args.initial_cluster, "FLOCKMQ_INITIAL_CLUSTER passed on")
+        expect("FLOCKMQ_JOIN" not in env, "no FLOCKMQ_JOIN for an initial voter")
+    if args.join:
+        expect(env.get("FLOCKMQ_JOIN") == args.join, f"FLOCKMQ_JOIN={env.get('FLOCKMQ_JOIN')}, want {args.join}")
+        expect("FLOCKMQ_INITIAL_CLUSTER" not in env, "FLOCKMQ_INITIAL_CLUSTER unset for a joining node")
+    if args.single:
+        expect("FLOCKMQ_INITIAL_CLUSTER" not in env and "FLOCKMQ_JOIN" not in env, "a single node neither lists nor joins")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("validate")
+    v.add_argument("rendered")
+    v.add_argument("versions", nargs="+")
+    f = sub.add_parser("facts")
+    f.add_argument("rendered")
+    f.add_argument("--namespace", required=True)
+    f.add_argument("--replicas", type=int, required=True)
+    f.add_argument("--initial", type=int, required=True)
+    f.add_argument("--service-type", default="ClusterIP")
+    f.add_argument("--client-ports", nargs="+", default=["mqtt", "http"])
+    f.add_argument("--anti-affinity", default="soft")
+    f.add_argument("--storage", default="8Gi")
+    f.add_argument("--storage-class")
+    f.add_argument("--service-monitor", action="store_true")
+    f.add_argument("--existing", nargs="*", default=[], help="Secrets the user provides")
+    f.add_argument("--env", nargs="*", default=[])
+    f.add_argument("--no-env", nargs="*", default=[])
+    f.add_argument("--env-value", nargs="*", default=[])
+    f.add_argument("--config", nargs="*", default=[])
+    f.add_argument("--secret-keys", nargs="*", default=[], help="NAME=key1,key2 (NAME= for none)")
+    pd = sub.add_parser("pod")
+    pd.add_argument("rendered")
+    pd.add_argument("ordinal", type=int)
+    pd.add_argument("out")
+    w = sub.add_parser("wrapper-env")
+    w.add_argument("output")
+    w.add_argument("--node-id", required=True)
+    w.add_argument("--advertise", required=True)
+    w.add_argument("--initial-cluster")
+    w.add_argument("--join")
+    w.add_argument("--single", action="store_true")
+    args = p.parse_args()
+    {"validate": cmd_validate, "facts": cmd_facts, "pod": cmd_pod, "wrapper-env": cmd_wrapper_env}[args.cmd](args)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
