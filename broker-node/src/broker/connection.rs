@@ -20,7 +20,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use futures::stream::FuturesOrdered;
 use futures::{Future, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::dispatch::wait_forwarded;
@@ -33,6 +33,7 @@ use crate::mqtt::{
     SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::session::{InboundAliases, InboundQos2, KeepAlive, OutboundState, OutboundWindow};
+use crate::transport::ClientStream;
 
 /// Capacity of the channel through which the node hands deliveries to a connection.
 const CHANNEL_CAPACITY: usize = 1024;
@@ -73,7 +74,7 @@ enum AckOutcome {
 /// disconnects or the node shuts down.
 pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr, listener: &'static str)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: ClientStream,
 {
     let mut conn = Connection {
         stream,
@@ -99,7 +100,7 @@ where
         "protocol" => protocol_label(connect.protocol),
     );
     connections.increment(1.0);
-    conn.run_session(*connect).await;
+    conn.run_session(connect).await;
     broker
         .stats
         .clients_connected
@@ -155,10 +156,14 @@ struct Session {
 
 impl<S> Connection<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: ClientStream,
 {
     /// Read bytes into the read buffer; `false` at end of stream or on error.
     async fn fill(&mut self) -> bool {
+        if self.rbuf.capacity() == 0 {
+            // Idle: take a buffer only once there is something to read.
+            self.stream.read_ready().await;
+        }
         if self.rbuf.capacity() - self.rbuf.len() < 1024 {
             self.rbuf.reserve(4096);
         }
@@ -225,7 +230,12 @@ where
         }
     }
 
-    async fn refuse(&mut self, version: ProtocolVersion, code: ReasonCode) {
+    /// Answer CONNACK with the refusal `code`: no session is established (`None`).
+    async fn refuse(
+        &mut self,
+        version: ProtocolVersion,
+        code: ReasonCode,
+    ) -> Option<(Session, u64)> {
         metrics::counter!("flockmq_connack_total", "reason" => reason_label(code)).increment(1);
         let connack = Packet::ConnAck(ConnAck {
             session_present: false,
@@ -234,9 +244,12 @@ where
         });
         self.queue_packet(&connack, version);
         self.flush().await;
+        None
     }
 
-    async fn run_session(&mut self, connect: Connect) {
+    /// Authenticate, open the session through the cluster, answer CONNACK and build
+    /// the connection's session state; `None` once a refusal has been answered.
+    async fn establish(&mut self, connect: Box<Connect>) -> Option<(Session, u64)> {
         let broker = self.broker.clone();
         let cfg = &broker.config.mqtt;
         let version = connect.protocol;
@@ -337,19 +350,17 @@ where
             let _ = old.tx.try_send(ConnMsg::TakenOver);
         }
 
-        let opened = broker
-            .proposer
-            .propose(Command::OpenSession {
-                client_id: client_id.clone(),
-                node: broker.node_id,
-                connection_id,
-                protocol: version.level(),
-                clean_start: connect.clean_start,
-                expiry_secs,
-                will,
-                now_ms: unix_ms(),
-            })
-            .await;
+        let opened = Box::pin(broker.proposer.propose(Command::OpenSession {
+            client_id: client_id.clone(),
+            node: broker.node_id,
+            connection_id,
+            protocol: version.level(),
+            clean_start: connect.clean_start,
+            expiry_secs,
+            will,
+            now_ms: unix_ms(),
+        }))
+        .await;
         let session_present = match opened {
             Ok(CommandResult::SessionOpened { session_present }) => session_present,
             Ok(other) => {
@@ -432,6 +443,19 @@ where
         }
         self.pump_queue(&mut session);
 
+        Some((session, connection_id))
+    }
+
+    async fn run_session(&mut self, connect: Box<Connect>) {
+        // Establishing the session takes KiBs of future state (the CONNECT, its
+        // proposals) that the long-lived part must not carry for hours: boxed, and
+        // freed once the session runs.
+        let Some((mut session, connection_id)) = Box::pin(self.establish(connect)).await else {
+            return;
+        };
+        let broker = self.broker.clone();
+        let client_id = session.client_id.clone();
+
         let end = self.session_loop(&mut session).await;
         // Whatever the loop queued last (a DISCONNECT with its reason) goes out now.
         self.flush().await;
@@ -464,7 +488,7 @@ where
                     subscription_ids: d.subscription_ids,
                 })
                 .collect();
-            if let Err(e) = broker.commit_enqueue(entries).await {
+            if let Err(e) = Box::pin(broker.commit_enqueue(entries)).await {
                 tracing::warn!(client_id = %client_id, error = %e, "in-flight messages not queued");
             }
         } else {
@@ -481,7 +505,7 @@ where
                 expiry_secs: session.expiry_update,
                 now_ms: unix_ms(),
             };
-            if let Err(e) = broker.proposer.propose(close).await {
+            if let Err(e) = Box::pin(broker.proposer.propose(close)).await {
                 tracing::warn!(client_id = %client_id, error = %e, "cannot record disconnect");
             }
         }
@@ -502,8 +526,12 @@ where
                 return End::Abrupt;
             }
             if self.rbuf.is_empty() && self.rbuf.capacity() > 0 && s.acks.is_empty() {
-                // An idle connection holds no read buffer.
+                // An idle connection holds no read buffer, nor a write buffer (the
+                // flush above emptied it).
                 self.rbuf = BytesMut::new();
+                if self.wbuf.is_empty() {
+                    self.wbuf = BytesMut::new();
+                }
             }
             let deadline = s.keep_alive.deadline();
             let sleep = async {
@@ -557,7 +585,9 @@ where
                         return End::Abrupt;
                     }
                     s.keep_alive.seen(Instant::now());
-                    if let Some(end) = self.decode_all(s).await {
+                    // Boxed: handling packets (proposals, forwarding) needs KiBs of
+                    // future state that an idle connection should not carry inline.
+                    if let Some(end) = Box::pin(self.decode_all(s)).await {
                         return end;
                     }
                 }
@@ -598,7 +628,7 @@ where
     fn on_message(&mut self, s: &mut Session, msg: ConnMsg) -> Option<End> {
         match msg {
             ConnMsg::Deliver(d) => {
-                self.deliver(s, d);
+                self.deliver(s, *d);
                 None
             }
             ConnMsg::QueueGrew => {
@@ -871,7 +901,7 @@ where
         // this very client, whose channel only this task drains.
         for b in outcome.blocked {
             if b.client_id == s.client_id {
-                self.deliver(s, b.delivery);
+                self.deliver(s, *b.delivery);
             } else {
                 b.wait(&broker.stats).await;
             }

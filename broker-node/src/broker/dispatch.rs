@@ -58,7 +58,7 @@ pub struct Blocked {
     /// Its channel.
     pub tx: tokio::sync::mpsc::Sender<ConnMsg>,
     /// The delivery.
-    pub delivery: Delivery,
+    pub delivery: Box<Delivery>,
 }
 
 /// How long a publisher waits for room in a slow subscriber's channel before the
@@ -275,13 +275,13 @@ impl Broker {
         target: Target,
     ) -> Option<Blocked> {
         let handle = self.local_client(client)?;
-        let delivery = Delivery {
+        let delivery = Box::new(Delivery {
             message: message.clone(),
             qos: target.qos,
             retain: target.retain,
             subscription_ids: target.subscription_ids,
             shared_group: target.shared_group,
-        };
+        });
         match handle.tx.try_send(ConnMsg::Deliver(delivery)) {
             Ok(()) => None,
             Err(tokio::sync::mpsc::error::TrySendError::Full(ConnMsg::Deliver(delivery))) => {

@@ -47,8 +47,9 @@ pub struct Delivery {
 /// What a connection task can be told by the rest of the node.
 #[derive(Debug)]
 pub enum ConnMsg {
-    /// Send this message.
-    Deliver(Delivery),
+    /// Send this message. Boxed: the channel's blocks hold 32 messages each, and
+    /// every connection holds one block even when idle, so the variant stays small.
+    Deliver(Box<Delivery>),
     /// The replicated queue of this session has new messages.
     QueueGrew,
     /// Another connection took the session over (v5 0x8E).

@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::future::Future;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
@@ -19,6 +22,29 @@ use crate::broker::{connection, Broker};
 
 pub mod tls;
 pub mod ws;
+
+/// A client's byte stream that can tell when a read would find data, so that an idle
+/// connection waits without a read buffer (an idle connection must cost little: no
+/// 4 KiB buffer per sleeping device).
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Resolves once a read is worth a buffer. Streams that cannot tell resolve at
+    /// once: TLS and WebSocket layers may already hold decoded bytes that the socket's
+    /// readiness would not show.
+    fn read_ready(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+}
+
+impl ClientStream for TcpStream {
+    async fn read_ready(&self) {
+        // An error shows up again on the read that follows.
+        let _ = self.readable().await;
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for tokio_rustls::server::TlsStream<S> {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for ws::WsStream<S> {}
 
 /// What a listener speaks above TCP.
 #[derive(Clone)]
@@ -90,22 +116,25 @@ pub async fn serve(
             // finishes one is closed like one that never sends CONNECT.
             let timeout = broker.config.mqtt.connect_timeout;
             let max_packet = broker.config.mqtt.max_packet_size as usize;
-            match security {
-                Security::Plain => connection::serve(broker, stream, peer, label).await,
-                Security::Tls(acceptor) => {
+            // Each kind of stream's connection future is boxed on its own: inline, every
+            // task would be as large as the largest (a TLS handshake inside WebSocket
+            // state, KiBs), and a plain TCP connection would pay for it.
+            let conn: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match security {
+                Security::Plain => Box::pin(connection::serve(broker, stream, peer, label)),
+                Security::Tls(acceptor) => Box::pin(async move {
                     if let Some(tls) = upgrade("TLS", peer, timeout, acceptor.accept(stream)).await
                     {
                         connection::serve(broker, tls, peer, label).await;
                     }
-                }
-                Security::Ws => {
+                }),
+                Security::Ws => Box::pin(async move {
                     if let Some(ws) =
                         upgrade("WebSocket", peer, timeout, ws::accept(stream, max_packet)).await
                     {
                         connection::serve(broker, ws, peer, label).await;
                     }
-                }
-                Security::Wss(acceptor) => {
+                }),
+                Security::Wss(acceptor) => Box::pin(async move {
                     let secured = async {
                         let tls = acceptor.accept(stream).await?;
                         ws::accept(tls, max_packet).await
@@ -113,8 +142,9 @@ pub async fn serve(
                     if let Some(ws) = upgrade("TLS WebSocket", peer, timeout, secured).await {
                         connection::serve(broker, ws, peer, label).await;
                     }
-                }
-            }
+                }),
+            };
+            conn.await;
             open.fetch_sub(1, Ordering::Relaxed);
         });
     }
