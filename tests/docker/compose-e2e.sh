@@ -81,7 +81,14 @@ mosquitto_sub -p "$NODE3_MQTT_PORT" -i r5 -q 1 -t fleet/r5/cmd \
 robot=$!
 mosquitto_sub -p "$NODE1_MQTT_PORT" -t fleet/r5/status -q 1 -C 1 -W 90 >/tmp/$PROJECT.will &
 will_watcher=$!
-sleep 2
+# Cut only once the robot's session is connected in the replicated state.
+deadline=$((SECONDS + 30))
+until docker exec "$(container node1)" broker-node ctl sessions show r5 --json 2>/dev/null \
+    | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["connected"] else 1)'; do
+  ((SECONDS < deadline)) || fail "the robot never connected to node 3"
+  sleep 0.5
+done
+sleep 1
 docker network disconnect "$network" "$(container node3)"
 if docker exec "$(container node3)" broker-node ctl publish cut/off x --retain --qos 1 >/tmp/$PROJECT.cut 2>&1; then
   fail "node 3 accepted a retained write while cut off"
