@@ -156,10 +156,14 @@ pub struct Config {
     /// The cluster address of a running node to join; empty for none.
     #[serde(with = "opt_string")]
     pub join: Option<String>,
-    /// The bearer token the admin API (/api/v1) requires; empty means the API
-    /// answers only requests from loopback addresses.
+    /// The bearer token the admin API (/api/v1) requires; with neither it nor
+    /// api_password_file set, the API answers only requests from loopback addresses.
     #[serde(with = "opt_string")]
     pub api_token: Option<String>,
+    /// A Mosquitto-format password file whose users may call the admin API with
+    /// HTTP basic auth (alone or besides api_token); empty for none.
+    #[serde(with = "opt_string")]
+    pub api_password_file: Option<String>,
     /// MQTT protocol settings and limits.
     pub mqtt: MqttConfig,
     /// Logging.
@@ -308,6 +312,7 @@ impl Default for Config {
             initial_cluster: Vec::new(),
             join: None,
             api_token: None,
+            api_password_file: None,
             mqtt: MqttConfig::default(),
             log: LogConfig::default(),
             cluster: ClusterConfig::default(),
@@ -421,6 +426,9 @@ pub struct RunArgs {
     /// Bearer token the admin API requires (empty: loopback only).
     #[arg(long)]
     pub api_token: Option<String>,
+    /// Password file of the admin API's basic-auth users.
+    #[arg(long)]
+    pub api_password_file: Option<String>,
     /// Log format: human or json.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -440,6 +448,7 @@ const FLAG_KEYS: &[&str] = &[
     "initial_cluster",
     "join",
     "api_token",
+    "api_password_file",
 ];
 
 impl Config {
@@ -469,7 +478,8 @@ impl Config {
         env.sort();
         for (name, value) in env {
             let key = env_key(&name["FLOCKMQ_".len()..]);
-            if key == "config" {
+            // FLOCKMQ_CONFIG names the file; FLOCKMQ_CTL_* belong to `broker-node ctl`.
+            if key == "config" || name.starts_with("FLOCKMQ_CTL_") {
                 continue;
             }
             set_key(&mut table, &key, &value)?;
@@ -487,6 +497,7 @@ impl Config {
             ("initial_cluster", &cli.initial_cluster),
             ("join", &cli.join),
             ("api_token", &cli.api_token),
+            ("api_password_file", &cli.api_password_file),
             ("log.format", &cli.log_format),
         ];
         for (key, value) in flags {
@@ -689,6 +700,7 @@ const KNOWN_OPTIONAL: &[&str] = &[
     "advertise_addr",
     "join",
     "api_token",
+    "api_password_file",
     "mqtt.server_keep_alive",
     "mqtt.max_session_expiry",
     "log.level",
@@ -991,6 +1003,7 @@ pub fn default_config_toml() -> String {
         "advertise_addr",
         "join",
         "api_token",
+        "api_password_file",
     ] {
         if !table.contains_key(key) {
             if let Some(doc) = docs.iter().find(|(name, _)| *name == key) {
@@ -1025,7 +1038,8 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("advertise_addr", "The host:port other nodes reach this node's cluster address at; empty means cluster_addr."),
         ("initial_cluster", "The voters a fresh cluster starts with (ID=HOST:PORT each, comma separated); empty for a single node."),
         ("join", "The cluster address of a running node to join; empty for none."),
-        ("api_token", "The bearer token the admin API (/api/v1) requires; empty means the API answers only requests from loopback addresses."),
+        ("api_token", "The bearer token the admin API (/api/v1) requires; with neither it nor api_password_file set, the API answers only requests from loopback addresses."),
+        ("api_password_file", "A Mosquitto-format password file whose users may call the admin API with HTTP basic auth (alone or besides api_token); empty for none."),
         ("mqtt.max_packet_size", "Largest packet accepted (and announced in CONNACK), at most 268435455 bytes."),
         ("mqtt.max_connections", "Most client connections at once on this node (0: unlimited)."),
         ("mqtt.connect_timeout", "How long a new connection may take to send CONNECT."),
@@ -1144,6 +1158,17 @@ mod tests {
             &RunArgs::default(),
         );
         assert_eq!(e.unwrap_err(), ConfigError::UnknownKey("mqtt.nope".into()));
+        // ctl's own variables live beside the node's in a container's environment.
+        let c = Config::load(
+            None,
+            env(&[
+                ("FLOCKMQ_CTL_USER", "ops:pw"),
+                ("FLOCKMQ_API_PASSWORD_FILE", "/p"),
+            ]),
+            &RunArgs::default(),
+        )
+        .unwrap();
+        assert_eq!(c.api_password_file.as_deref(), Some("/p"));
     }
 
     #[test]

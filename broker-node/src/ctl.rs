@@ -4,8 +4,10 @@
 //!
 //! The node is found at `--url` (default: `http://` + `FLOCKMQ_HTTP_ADDR`, else
 //! `http://127.0.0.1:8080`); the token comes from `--token` or `FLOCKMQ_API_TOKEN`,
-//! the same variable the node reads.
+//! the same variable the node reads, and basic-auth credentials (a user of the node's
+//! `api_password_file`) from `--user USER:PASSWORD` or `FLOCKMQ_CTL_USER`.
 
+use base64::Engine;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
@@ -18,6 +20,9 @@ pub struct CtlArgs {
     /// The admin API's bearer token.
     #[arg(long, global = true, env = "FLOCKMQ_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Basic-auth credentials, USER:PASSWORD (a user of the node's api_password_file).
+    #[arg(long, global = true, env = "FLOCKMQ_CTL_USER", hide_env_values = true)]
+    pub user: Option<String>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -153,6 +158,7 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
     let client = Client {
         base,
         token: args.token.clone().filter(|t| !t.is_empty()),
+        user: args.user.clone().filter(|u| !u.is_empty()),
     };
     let (value, columns): (Value, &[&str]) = match &args.command {
         CtlCommand::Cluster(ClusterCmd::Status) => {
@@ -323,6 +329,7 @@ fn encode_topic(topic: &str) -> String {
 struct Client {
     base: String,
     token: Option<String>,
+    user: Option<String>,
 }
 
 impl Client {
@@ -331,6 +338,9 @@ impl Client {
         let mut request = ureq::request(method, &url).timeout(std::time::Duration::from_secs(130));
         if let Some(t) = &self.token {
             request = request.set("Authorization", &format!("Bearer {t}"));
+        } else if let Some(user) = &self.user {
+            let credentials = base64::engine::general_purpose::STANDARD.encode(user);
+            request = request.set("Authorization", &format!("Basic {credentials}"));
         }
         let response = match body {
             Some(b) => request.send_json(b),

@@ -34,6 +34,20 @@ pub async fn run(
         None => None,
     };
     let auth_rules = auth::Rules::load(&config.mqtt).context("cannot load authentication files")?;
+    let api_access = http::api::ApiAccess {
+        token: config
+            .api_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(Arc::from),
+        users: match config.api_password_file.as_deref() {
+            Some(path) => Some(Arc::new(
+                auth::password::PasswordFile::load(std::path::Path::new(path))
+                    .context("cannot load the admin API's password file")?,
+            )),
+            None => None,
+        },
+    };
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -52,7 +66,7 @@ pub async fn run(
         metrics,
         readiness.clone(),
         api.clone(),
-        config.api_token.clone(),
+        api_access,
         root.child_token(),
     ));
 

@@ -253,3 +253,110 @@ fn a_node_back_on_an_empty_disk_is_caught_up_and_the_leader_survives() {
         assert!(health.is_ok(), "{health:?}\n{}", node.log());
     }
 }
+
+#[test]
+fn a_will_reaches_every_nodes_subscribers_exactly_once() {
+    // Every node hands a committed will to its own clients; the publishing node keeps
+    // the shared group's choice and the persistent queues. Nobody may get it twice.
+    let nodes = Node::cluster(3);
+    let port = |n: &Node| n.mqtt_port.to_string();
+    let (p1, p2, p3) = (port(&nodes[0]), port(&nodes[1]), port(&nodes[2]));
+    // An offline persistent session on node 3, to be given the will through its queue.
+    let historian = |extra: &[&str]| {
+        let mut args = vec![
+            "-p",
+            &p3,
+            "-i",
+            "historian",
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "fleet/+/status",
+        ];
+        args.extend_from_slice(extra);
+        run("mosquitto_sub", &args, T)
+    };
+    let subscribed = historian(&["-W", "2"]);
+    assert_ne!(subscribed.code, None, "{subscribed:?}");
+    let watch = |p: &str, topic: &str| {
+        flockmq_tests::Background::spawn(
+            "mosquitto_sub",
+            &[
+                "-V", "mqttv5", "-p", p, "-t", topic, "-q", "1", "-v", "-C", "2", "-W", "12",
+            ],
+        )
+    };
+    let watchers = [
+        watch(&p1, "fleet/+/status"),
+        watch(&p2, "fleet/+/status"),
+        watch(&p3, "fleet/+/status"),
+    ];
+    // One shared group with a member on node 2 and one on node 3.
+    let shared = [
+        watch(&p2, "$share/alerts/fleet/+/status"),
+        watch(&p3, "$share/alerts/fleet/+/status"),
+    ];
+    let robot = flockmq_tests::Background::spawn(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &p1,
+            "-i",
+            "r7",
+            "-q",
+            "1",
+            "-t",
+            "fleet/r7/cmd",
+            "--will-topic",
+            "fleet/r7/status",
+            "--will-payload",
+            "offline",
+            "--will-qos",
+            "1",
+        ],
+    );
+    // Wait until every subscription and the robot are in the state everywhere.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let ready = nodes.iter().all(|n| {
+            n.api("GET", "/sessions/r7", None)
+                .is_ok_and(|s| s["connected"] == true)
+                && n.api("GET", "/subscriptions?limit=100", None)
+                    .is_ok_and(|s| s["data"].as_array().is_some_and(|d| d.len() >= 7))
+        });
+        if ready {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "subscriptions never settled"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    robot.kill();
+
+    for (n, w) in watchers.into_iter().enumerate() {
+        let got = w.finish(Duration::from_secs(20));
+        assert_eq!(
+            got.stdout.lines().collect::<Vec<_>>(),
+            ["fleet/r7/status offline"],
+            "watcher on node {}: {got:?}",
+            n + 1
+        );
+    }
+    let shared_got: Vec<String> = shared
+        .into_iter()
+        .flat_map(|w| {
+            let got = w.finish(Duration::from_secs(20));
+            got.stdout.lines().map(str::to_owned).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(shared_got, ["fleet/r7/status offline"], "shared group");
+    let queued = historian(&["-v", "-C", "2", "-W", "4"]);
+    assert_eq!(
+        queued.stdout.lines().collect::<Vec<_>>(),
+        ["fleet/r7/status offline"],
+        "{queued:?}"
+    );
+}

@@ -209,3 +209,77 @@ fn the_api_needs_the_token_when_one_is_set() {
     );
     assert_eq!(ok.code, Some(0), "{ok:?}");
 }
+
+#[test]
+fn the_api_takes_basic_auth_users_from_a_password_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("api-users");
+    let bin = broker_binary();
+    let bin = bin.to_str().expect("utf-8 path");
+    let file_arg = file.to_str().expect("utf-8 path");
+    let made = run(
+        bin,
+        &["passwd", file_arg, "ops", "--password", "op-s3cret"],
+        T,
+    );
+    assert_eq!(made.code, Some(0), "{made:?}");
+    let node = Node::start_with(&["--api-password-file", file_arg, "--api-token", "tok"]);
+    let url = format!("http://127.0.0.1:{}", node.http_port);
+
+    // Without credentials, or with a wrong password: 401 with a basic-auth challenge.
+    let cluster = format!("{url}/api/v1/cluster");
+    for request in [
+        ureq::get(&cluster),
+        ureq::get(&cluster).set("Authorization", "Basic b3BzOndyb25n"), // ops:wrong
+        ureq::get(&cluster).set("Authorization", "Basic bm9ib2R5Om9wLXMzY3JldA=="), // nobody:op-s3cret
+        ureq::get(&cluster).set("Authorization", "Bearer wrong"),
+    ] {
+        match request.call() {
+            Err(ureq::Error::Status(401, r)) => {
+                assert_eq!(
+                    r.header("WWW-Authenticate"),
+                    Some("Basic realm=\"flockmq\"")
+                );
+            }
+            other => panic!("expected 401, got {other:?}"),
+        }
+    }
+    // The right user through ctl, by flag and by environment; the token still works.
+    let by_flag = run(
+        bin,
+        &[
+            "ctl",
+            "--url",
+            &url,
+            "--user",
+            "ops:op-s3cret",
+            "cluster",
+            "status",
+        ],
+        T,
+    );
+    assert_eq!(by_flag.code, Some(0), "{by_flag:?}");
+    let by_env = std::process::Command::new(bin)
+        .args(["ctl", "--url", &url, "cluster", "status", "--json"])
+        .env("FLOCKMQ_CTL_USER", "ops:op-s3cret")
+        .output()
+        .expect("run ctl");
+    assert!(by_env.status.success(), "{by_env:?}");
+    let status: Value = serde_json::from_slice(&by_env.stdout).expect("JSON");
+    assert_eq!(status["node_id"], 1);
+    let by_token = run(
+        bin,
+        &["ctl", "--url", &url, "--token", "tok", "cluster", "status"],
+        T,
+    );
+    assert_eq!(by_token.code, Some(0), "{by_token:?}");
+    let wrong = run(
+        bin,
+        &[
+            "ctl", "--url", &url, "--user", "ops:nope", "cluster", "status",
+        ],
+        T,
+    );
+    assert_ne!(wrong.code, Some(0), "{wrong:?}");
+    assert!(wrong.stderr.contains("401"), "{wrong:?}");
+}

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flockmq_tests::{free_port, run, Node};
+use broker_node::mqtt::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode};
+use flockmq_tests::mqtt::{next_publish, subscribe};
+use flockmq_tests::{free_port, run, Node, RawClient};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -416,4 +418,52 @@ fn sys_topics_carry_the_same_counts_as_the_metrics() {
         sys("store/messages/count"),
         metric("flockmq_queued_messages")
     );
+}
+
+#[test]
+fn the_inflight_gauge_counts_unacknowledged_deliveries() {
+    let node = Node::start();
+    let (mut slow, _) = RawClient::connect(node.mqtt_addr(), ProtocolVersion::V5, "slow", true, 60);
+    subscribe(&mut slow, "belt/+/jam", QoS::AtLeastOnce);
+    let port = node.mqtt_port.to_string();
+    for belt in ["b1", "b2", "b3"] {
+        let topic = format!("belt/{belt}/jam");
+        let r = run(
+            "mosquitto_pub",
+            &["-p", &port, "-t", &topic, "-m", "1", "-q", "1"],
+            T,
+        );
+        assert_eq!(r.code, Some(0), "{r:?}");
+    }
+    let ids: Vec<u16> = (0..3)
+        .map(|_| {
+            next_publish(&mut slow, T)
+                .and_then(|p| p.packet_id)
+                .expect("a QoS 1 delivery")
+        })
+        .collect();
+    let gauge = || -> f64 {
+        let (_, _, body) = scrape(&node);
+        body.lines()
+            .find_map(|l| l.strip_prefix("flockmq_inflight_messages "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("flockmq_inflight_messages in /metrics")
+    };
+    // The state gauges refresh every second.
+    let settled = |want: f64| {
+        let deadline = std::time::Instant::now() + T;
+        while gauge() != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "inflight {} != {want}",
+                gauge()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    settled(3.0);
+    for id in ids {
+        slow.send(&Packet::PubAck(PubAck::new(id, ReasonCode::Success)));
+    }
+    settled(0.0);
 }

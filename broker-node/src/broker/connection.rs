@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::stream::FuturesOrdered;
@@ -50,6 +50,9 @@ enum End {
     /// The node is shutting down; sessions stay as they are.
     Shutdown,
 }
+
+/// How long a connection must be quiet before it frees its read and write buffers.
+const BUFFER_RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// An outbound QoS 1/2 message in the inflight window.
 #[derive(Debug)]
@@ -140,6 +143,8 @@ struct Session {
     /// QoS 1 publishes whose PUBACK is not yet sent.
     inbound_qos1_pending: usize,
     window: OutboundWindow<Outgoing>,
+    /// The window's size as last added to the node's inflight count.
+    inflight_counted: usize,
     /// Transient QoS 1/2 deliveries waiting for room in the window.
     pending: VecDeque<Delivery>,
     /// Next replicated-queue position to consider sending.
@@ -429,6 +434,7 @@ where
             inbound_qos2: broker.inbound_qos2_of(&client_id, session_present),
             inbound_qos1_pending: 0,
             window: OutboundWindow::new(window_size),
+            inflight_counted: 0,
             pending: VecDeque::new(),
             queue_cursor: 0,
             resend_below,
@@ -457,6 +463,10 @@ where
         let client_id = session.client_id.clone();
 
         let end = self.session_loop(&mut session).await;
+        Stats::sub(
+            &broker.stats.messages_inflight,
+            session.inflight_counted as u64,
+        );
         // Whatever the loop queued last (a DISCONNECT with its reason) goes out now.
         self.flush().await;
 
@@ -519,21 +529,38 @@ where
         tracing::debug!(client_id = %client_id, ?end, "client disconnected");
     }
 
+    /// Bring the node's inflight count up to date with this session's window.
+    fn count_inflight(&self, s: &mut Session) {
+        let now = s.window.len();
+        if now != s.inflight_counted {
+            let counter = &self.broker.stats.messages_inflight;
+            if now > s.inflight_counted {
+                Stats::add(counter, (now - s.inflight_counted) as u64);
+            } else {
+                Stats::sub(counter, (s.inflight_counted - now) as u64);
+            }
+            s.inflight_counted = now;
+        }
+    }
+
     async fn session_loop(&mut self, s: &mut Session) -> End {
         let shutdown = self.broker.shutdown.clone();
+        let mut active_at = Instant::now();
         loop {
+            self.count_inflight(s);
             if !self.flush().await {
                 return End::Abrupt;
             }
-            if self.rbuf.is_empty() && self.rbuf.capacity() > 0 && s.acks.is_empty() {
-                // An idle connection holds no read buffer, nor a write buffer (the
-                // flush above emptied it).
-                self.rbuf = BytesMut::new();
-                if self.wbuf.is_empty() {
-                    self.wbuf = BytesMut::new();
-                }
-            }
-            let deadline = s.keep_alive.deadline();
+            // A connection quiet for BUFFER_RELEASE_AFTER gives its buffers back (an
+            // idle one holds neither); a busy one keeps them from one packet to the next.
+            let holding = self.rbuf.capacity() > 0 || self.wbuf.capacity() > 0;
+            let release_at =
+                (holding && self.rbuf.is_empty() && self.wbuf.is_empty() && s.acks.is_empty())
+                    .then(|| active_at + BUFFER_RELEASE_AFTER);
+            let deadline = match (s.keep_alive.deadline(), release_at) {
+                (Some(k), Some(r)) => Some(k.min(r)),
+                (k, r) => k.or(r),
+            };
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -592,15 +619,23 @@ where
                     }
                 }
                 _ = sleep => {
-                    if s.keep_alive.expired(Instant::now()) {
+                    let now = Instant::now();
+                    if s.keep_alive.expired(now) {
                         tracing::info!(client_id = %s.client_id, "keep alive timeout");
                         metrics::counter!("flockmq_keepalive_timeouts_total").increment(1);
                         self.disconnect(s.version, ReasonCode::KeepAliveTimeout);
                         self.flush().await;
                         return End::Abrupt;
                     }
+                    if release_at.is_some_and(|r| r <= now) {
+                        self.rbuf = BytesMut::new();
+                        self.wbuf = BytesMut::new();
+                    }
+                    self.commit_acks(s);
+                    continue;
                 }
             }
+            active_at = Instant::now();
             self.commit_acks(s);
         }
     }

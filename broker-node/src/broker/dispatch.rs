@@ -21,6 +21,23 @@ use crate::config::QueueFullPolicyConfig;
 use crate::router::SelectContext;
 use futures::future::BoxFuture;
 
+/// Which of a message's subscribers this node serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// All of them: local clients directly, the others through their nodes and the
+    /// replicated queues.
+    All,
+    /// A committed will this node publishes. Every node hands a will to its own
+    /// connected clients as it applies the command that made it due, so a will reaches
+    /// the majority's clients even when the node that publishes it is cut off from
+    /// them: what is left here is the local clients, the shared groups' choice and the
+    /// queues of persistent sessions.
+    WillPublisher,
+    /// A committed will another node publishes: only this node's connected clients,
+    /// outside shared groups and replicated queues.
+    Local,
+}
+
 /// The members of one shared group with their options.
 type Members = Vec<(Arc<str>, SubscriptionOptions)>;
 
@@ -86,6 +103,11 @@ impl Broker {
     /// Route `message` to every matching subscription. Local connections get it at
     /// once; appends to replicated queues are returned for the caller to commit.
     pub fn dispatch(&self, message: &Arc<Message>) -> DispatchOutcome {
+        self.dispatch_to(message, Reach::All)
+    }
+
+    /// Route `message` to the subscribers `reach` leaves to this node.
+    pub fn dispatch_to(&self, message: &Arc<Message>, reach: Reach) -> DispatchOutcome {
         let publisher = message.origin_client.as_deref();
         let mut targets: HashMap<Arc<str>, Target> = HashMap::new();
         let mut shared: Vec<(String, Members)> = Vec::new();
@@ -102,12 +124,14 @@ impl Broker {
                     }
                     merge_target(&mut targets, client, options, message, None);
                 });
-            state
-                .routes()
-                .for_each_shared_match(&message.topic, |group, members| {
-                    matched += 1;
-                    shared.push((group.to_owned(), members.to_vec()));
-                });
+            if reach != Reach::Local {
+                state
+                    .routes()
+                    .for_each_shared_match(&message.topic, |group, members| {
+                        matched += 1;
+                        shared.push((group.to_owned(), members.to_vec()));
+                    });
+            }
             // Shared groups: one member each, preferring members that can take it now.
             if !shared.is_empty() {
                 let mut selector = lock(&self.selector);
@@ -167,6 +191,16 @@ impl Broker {
             forward: Vec::new(),
         };
         for (client, target, queued, node) in plan {
+            let remote_direct = node != Some(self.node_id) && target.shared_group.is_none();
+            let left_to_others = match reach {
+                Reach::All => false,
+                // The node the client is connected to delivers it.
+                Reach::WillPublisher => !queued && remote_direct,
+                Reach::Local => queued || node != Some(self.node_id),
+            };
+            if left_to_others {
+                continue;
+            }
             if queued {
                 outcome.enqueue.push(EnqueueEntry {
                     client_id: client,
@@ -391,6 +425,15 @@ impl Broker {
     /// Publish a message as the broker itself (wills, `$SYS`, the admin API): retained
     /// handling, dispatch and queue commit in one.
     pub async fn publish_internal(&self, message: Arc<Message>) -> Result<usize, ProposeError> {
+        self.publish_internal_to(message, Reach::All).await
+    }
+
+    /// [`Broker::publish_internal`] for the subscribers `reach` leaves to this node.
+    pub async fn publish_internal_to(
+        &self,
+        message: Arc<Message>,
+        reach: Reach,
+    ) -> Result<usize, ProposeError> {
         if message.retain {
             self.proposer
                 .propose(Command::SetRetained {
@@ -399,7 +442,7 @@ impl Broker {
                 })
                 .await?;
         }
-        let outcome = self.dispatch(&message);
+        let outcome = self.dispatch_to(&message, reach);
         Stats::add(&self.stats.messages_received, 1);
         for b in outcome.blocked {
             b.wait(&self.stats).await;

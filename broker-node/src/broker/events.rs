@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use super::dispatch::Reach;
 use super::{unix_ms, Broker, ConnMsg};
 use crate::cluster::command::{Command, Message, MessageProperties};
 use crate::cluster::state::Event;
@@ -37,16 +38,32 @@ impl Broker {
                     let msg = ConnMsg::Disconnect(ADMINISTRATIVE_ACTION);
                     self.tell_connection(&client_id, connection_id, msg);
                 }
-                Event::PublishWill { publisher, message } if publisher == self.node_id => {
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        let mut message = (*message).clone();
-                        message.received_at_ms = unix_ms();
-                        tracing::debug!(topic = %message.topic, "publishing will");
-                        if let Err(e) = this.publish_internal(Arc::new(message)).await {
-                            tracing::warn!(error = %e, "will not published");
+                Event::PublishWill { publisher, message } => {
+                    let mut message = (*message).clone();
+                    message.received_at_ms = unix_ms();
+                    let message = Arc::new(message);
+                    if publisher == self.node_id {
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            tracing::debug!(topic = %message.topic, "publishing will");
+                            let published = this.publish_internal_to(message, Reach::WillPublisher);
+                            if let Err(e) = published.await {
+                                tracing::warn!(error = %e, "will not published");
+                            }
+                        });
+                    } else {
+                        // This node's own clients get it now, whether or not the
+                        // publishing node can reach them.
+                        let outcome = self.dispatch_to(&message, Reach::Local);
+                        if !outcome.blocked.is_empty() {
+                            let this = self.clone();
+                            tokio::spawn(async move {
+                                for b in outcome.blocked {
+                                    b.wait(&this.stats).await;
+                                }
+                            });
                         }
-                    });
+                    }
                 }
                 Event::QueueGrew { client_id, node } if node == self.node_id => {
                     if let Some(h) = self.local_client(&client_id) {
@@ -72,13 +89,8 @@ impl Broker {
     /// Propose an expiry sweep every `interval` (wills with a delay, session expiry,
     /// message expiry), while this node leads.
     pub async fn run_expiry(self: Arc<Self>, interval: Duration) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut ticks = self.ticks(interval);
+        while ticks.next().await {
             if !self.state.is_leader() {
                 continue;
             }
@@ -153,13 +165,8 @@ impl Broker {
         raft: crate::cluster::raft::Raft,
         interval: Duration,
     ) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut ticks = self.ticks(interval);
+        while ticks.next().await {
             {
                 let metrics = raft.metrics();
                 let m = metrics.borrow();
@@ -212,18 +219,16 @@ impl Broker {
             metrics::gauge!("flockmq_subscriptions").set(subscriptions as f64);
             metrics::gauge!("flockmq_retained_messages").set(retained as f64);
             metrics::gauge!("flockmq_queued_messages").set(queued as f64);
+            metrics::gauge!("flockmq_inflight_messages")
+                .set(self.stats.messages_inflight.load(Ordering::Relaxed) as f64);
         }
     }
 
     /// Publish the `$SYS/broker/...` topics every `interval` (QoS 0, live to current
     /// subscribers, not retained).
     pub async fn run_sys(self: Arc<Self>, interval: Duration) {
-        let mut tick = tokio::time::interval(interval);
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut ticks = self.ticks(interval);
+        while ticks.next().await {
             let (subscriptions, retained, sessions, offline, queued) = self.read_state(|st| {
                 let (mut offline, mut queued) = (0usize, 0usize);
                 for (_, session) in st.sessions() {

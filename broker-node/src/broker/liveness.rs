@@ -33,13 +33,8 @@ impl Broker {
         // Since when each node has been unreachable, and those already declared lost.
         let mut unreachable_since: HashMap<NodeId, Instant> = HashMap::new();
         let mut declared: HashSet<NodeId> = HashSet::new();
-        let mut tick = tokio::time::interval(PROBE_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut ticks = self.ticks(PROBE_EVERY);
+        while ticks.next().await {
             if !self.state.is_leader() {
                 // A new leader starts its own count.
                 unreachable_since.clear();

@@ -15,7 +15,7 @@ pub mod liveness;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -82,12 +82,19 @@ pub struct Stats {
     pub bytes_sent: AtomicU64,
     /// Messages dropped at a limit (queue full, slow client, too large).
     pub messages_dropped: AtomicU64,
+    /// QoS 1/2 messages sent to clients here and not yet acknowledged.
+    pub messages_inflight: AtomicU64,
 }
 
 impl Stats {
     /// Add `n` to `counter`.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Take `n` from `counter` (a gauge; never more than was added).
+    pub fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Ordering::Relaxed);
     }
 }
 
@@ -189,6 +196,33 @@ impl Broker {
     /// Number of clients connected to this node.
     pub fn local_client_count(&self) -> usize {
         lock(&self.registry).len()
+    }
+
+    /// The clock of a periodic task: ticks every `every` (a late tick delays the
+    /// next rather than bunching them) until the node shuts down.
+    pub fn ticks(&self, every: Duration) -> Ticks {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticks {
+            interval,
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
+/// See [`Broker::ticks`].
+pub struct Ticks {
+    interval: tokio::time::Interval,
+    shutdown: CancellationToken,
+}
+
+impl Ticks {
+    /// Wait for the next tick; `false` once the node shuts down.
+    pub async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = self.interval.tick() => true,
+        }
     }
 }
 

@@ -2,8 +2,9 @@
 //! sessions, subscriptions, retained messages and publishing. JSON throughout; lists
 //! are paged in EMQX's `{"data": [...], "meta": {"page", "limit", "count"}}` shape.
 //!
-//! Access: with `api_token` set, every request needs `Authorization: Bearer <token>`;
-//! without it, only requests from loopback addresses are answered. Reads come from
+//! Access: with `api_token` or `api_password_file` set, every request needs
+//! `Authorization: Bearer <token>` or HTTP basic auth as a user of that file; with
+//! neither, only requests from loopback addresses are answered. Reads come from
 //! this node's applied replicated state, so every node answers for the whole cluster;
 //! writes go through Raft (a kick reaches the client on whichever node holds it).
 
@@ -20,6 +21,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::auth::password::PasswordFile;
 use crate::broker::{unix_ms, Broker};
 use crate::cluster::command::{Command, CommandResult, Message, MessageProperties, NodeId};
 use crate::cluster::membership::{self, MembershipChange};
@@ -37,18 +39,53 @@ pub struct Api {
 /// Where the router finds the [`Api`]; empty while the node starts.
 pub type ApiSlot = Arc<OnceLock<Api>>;
 
+/// Who may call the API: a bearer token, basic-auth users, both, or (neither set)
+/// loopback clients only.
+#[derive(Clone, Default)]
+pub struct ApiAccess {
+    /// The bearer token.
+    pub token: Option<Arc<str>>,
+    /// The basic-auth users.
+    pub users: Option<Arc<PasswordFile>>,
+}
+
+impl ApiAccess {
+    /// Whether a credential is required (otherwise only loopback clients get in).
+    fn required(&self) -> bool {
+        self.token.is_some() || self.users.is_some()
+    }
+
+    /// Whether an `Authorization` header value carries a valid credential.
+    fn admits(&self, authorization: &str) -> bool {
+        if let (Some(token), Some(given)) = (&self.token, authorization.strip_prefix("Bearer ")) {
+            return constant_time_eq(given.as_bytes(), token.as_bytes());
+        }
+        let (Some(users), Some(encoded)) = (&self.users, authorization.strip_prefix("Basic "))
+        else {
+            return false;
+        };
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+            return false;
+        };
+        let Some(colon) = decoded.iter().position(|b| *b == b':') else {
+            return false;
+        };
+        let Ok(user) = std::str::from_utf8(&decoded[..colon]) else {
+            return false;
+        };
+        users.verify(user, &decoded[colon + 1..])
+    }
+}
+
 #[derive(Clone)]
 struct ApiState {
     slot: ApiSlot,
-    token: Option<Arc<str>>,
+    access: ApiAccess,
 }
 
 /// The `/api/v1` routes.
-pub fn router(slot: ApiSlot, token: Option<String>) -> Router {
-    let state = ApiState {
-        slot,
-        token: token.filter(|t| !t.is_empty()).map(Arc::from),
-    };
+pub fn router(slot: ApiSlot, access: ApiAccess) -> Router {
+    let state = ApiState { slot, access };
     Router::new()
         .route("/cluster", get(cluster_status))
         .route("/cluster/join", post(cluster_join))
@@ -105,29 +142,34 @@ async fn guard(
     request: Request,
     next: Next,
 ) -> Response {
-    match &state.token {
-        Some(token) => {
-            let given = request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-                return ApiError(
-                    StatusCode::UNAUTHORIZED,
-                    "a bearer token is required".into(),
-                )
-                .into_response();
-            }
-        }
-        None if !peer.ip().is_loopback() => {
-            return ApiError(
-                StatusCode::FORBIDDEN,
-                "the admin API answers only loopback clients unless api_token is set".into(),
+    if state.access.required() {
+        let admitted = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| state.access.admits(v));
+        if !admitted {
+            let mut response = ApiError(
+                StatusCode::UNAUTHORIZED,
+                "a bearer token or basic-auth credentials are required".into(),
             )
             .into_response();
+            if state.access.users.is_some() {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Basic realm=\"flockmq\""),
+                );
+            }
+            return response;
         }
-        None => {}
+    } else if !peer.ip().is_loopback() {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            "the admin API answers only loopback clients unless api_token or \
+             api_password_file is set"
+                .into(),
+        )
+        .into_response();
     }
     if state.slot.get().is_none() {
         return unavailable("the node is starting").into_response();

@@ -187,6 +187,10 @@ pub fn register() {
             "flockmq_queued_messages",
             "Messages queued for persistent sessions.",
         ),
+        (
+            "flockmq_inflight_messages",
+            "QoS 1/2 messages sent to clients of this node and not yet acknowledged.",
+        ),
     ] {
         describe_gauge!(name, help);
     }

@@ -145,7 +145,7 @@ pub async fn serve(
     metrics: PrometheusHandle,
     readiness: Readiness,
     api: api::ApiSlot,
-    api_token: Option<String>,
+    access: api::ApiAccess,
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
@@ -153,7 +153,7 @@ pub async fn serve(
         .route("/healthz", get(alive))
         .route("/readyz", get(ready))
         .with_state(AppState { metrics, readiness })
-        .nest("/api/v1", api::router(api, api_token));
+        .nest("/api/v1", api::router(api, access));
     let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
