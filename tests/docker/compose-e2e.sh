@@ -75,6 +75,8 @@ step "node 3 cut off its network refuses writes, its robot's will fires, then it
 network="${PROJECT}_default"
 # A robot on node 3 with a retained "offline" will, and a watcher on node 1: the
 # leader declares node 3 lost after cluster.node_lost_after (15 s) and publishes it.
+# (The cut may break the robot's connection to node 3 first, and node 3 then commit
+# its end before it is cut off: node 1 hands the committed will to its watcher itself.)
 mosquitto_sub -p "$NODE3_MQTT_PORT" -i r5 -q 1 -t fleet/r5/cmd \
   --will-topic fleet/r5/status --will-payload offline --will-retain --will-qos 1 -W 120 \
   >/dev/null 2>&1 &
