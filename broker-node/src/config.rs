@@ -138,6 +138,12 @@ pub struct Config {
     pub tls_ca_file: Option<String>,
     /// Whether a TLS client must present a certificate signed by tls_ca_file.
     pub tls_require_client_cert: bool,
+    /// What a TLS client's certificate stands for: "off" (nothing: the CONNECT's
+    /// username and password count), "cn" (its subject common name is the username
+    /// and no password is asked) or "san" (its first DNS, e-mail or URI subject
+    /// alternative name is). With "cn" or "san", TLS clients without a certificate
+    /// are refused.
+    pub tls_identity_as_username: TlsIdentity,
     /// MQTT over secure WebSocket (path /mqtt), e.g. 127.0.0.1:8084; "off" disables
     /// it. Uses tls_cert_file and tls_key_file.
     #[serde(with = "opt_addr")]
@@ -170,6 +176,19 @@ pub struct Config {
     pub log: LogConfig,
     /// Raft and inter-node settings.
     pub cluster: ClusterConfig,
+}
+
+/// What a TLS client certificate stands for (`tls_identity_as_username`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsIdentity {
+    /// Nothing: the CONNECT's credentials count.
+    #[default]
+    Off,
+    /// The subject's common name is the username.
+    Cn,
+    /// The first DNS, e-mail or URI subject alternative name is the username.
+    San,
 }
 
 /// MQTT protocol settings and limits.
@@ -305,6 +324,7 @@ impl Default for Config {
             tls_key_file: None,
             tls_ca_file: None,
             tls_require_client_cert: false,
+            tls_identity_as_username: TlsIdentity::Off,
             wss_addr: None,
             http_addr: addr("127.0.0.1:8080"),
             cluster_addr: addr("127.0.0.1:7000"),
@@ -534,6 +554,12 @@ impl Config {
         if self.wss_addr.is_some() && (self.tls_cert_file.is_none() || self.tls_key_file.is_none())
         {
             return Err(invalid("wss_addr", "needs tls_cert_file and tls_key_file"));
+        }
+        if self.tls_identity_as_username != TlsIdentity::Off && self.tls_ca_file.is_none() {
+            return Err(invalid(
+                "tls_identity_as_username",
+                "needs tls_ca_file to verify client certificates against",
+            ));
         }
         if self.tls_require_client_cert && self.tls_ca_file.is_none() {
             return Err(invalid(
@@ -1032,6 +1058,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("tls_key_file", "The private key (PEM: PKCS#8, PKCS#1 or SEC1) of the TLS listener."),
         ("tls_ca_file", "CA certificates (PEM) that client certificates are verified against; empty accepts no client certificates."),
         ("tls_require_client_cert", "Whether a TLS client must present a certificate signed by tls_ca_file."),
+        ("tls_identity_as_username", "What a TLS client's certificate stands for: \"off\" (nothing: the CONNECT's username and password count), \"cn\" (its subject common name is the username and no password is asked) or \"san\" (its first DNS, e-mail or URI subject alternative name is). With \"cn\" or \"san\", TLS clients without a certificate are refused."),
         ("wss_addr", "MQTT over secure WebSocket (path /mqtt), e.g. 127.0.0.1:8084; \"off\" disables it. Uses tls_cert_file and tls_key_file."),
         ("http_addr", "HTTP: /metrics, /healthz, /readyz and the admin API."),
         ("cluster_addr", "Cluster gRPC (Raft and forwarding)."),

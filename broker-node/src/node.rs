@@ -30,7 +30,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tls = match config.tls_addr.or(config.wss_addr) {
-        Some(_) => Some(transport::tls::server_config(&config).context("cannot set up TLS")?),
+        Some(_) => Some(Arc::new(transport::tls::TlsSlot::new(
+            transport::tls::server_config(&config).context("cannot set up TLS")?,
+        ))),
         None => None,
     };
     let auth_rules = auth::Rules::load(&config.mqtt).context("cannot load authentication files")?;
@@ -98,7 +100,7 @@ pub async fn run(
         auth::Auth::new(auth_rules),
         root.child_token(),
     );
-    tracker.spawn(reload_on_sighup(broker.clone()));
+    tracker.spawn(reload_on_sighup(broker.clone(), tls.clone()));
     let sink: Arc<dyn ForwardSink> = broker.clone();
     let _ = forward_sink.set(sink);
     let _ = api.set(http::api::Api {
@@ -132,7 +134,7 @@ pub async fn run(
         tracker.clone(),
         open.clone(),
     ));
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let acceptor = tls;
     let listeners = [
         (
             config.tls_addr,
@@ -187,9 +189,10 @@ pub async fn run(
     Ok(())
 }
 
-/// Reload the password and ACL files on SIGHUP, as Mosquitto does. A file that does
-/// not load leaves the rules in force unchanged.
-async fn reload_on_sighup(broker: Arc<Broker>) {
+/// Reload the password and ACL files on SIGHUP, as Mosquitto does, and the TLS
+/// certificate, key and CA files (new handshakes use them; established connections
+/// stay up). A file that does not load leaves what is in force unchanged.
+async fn reload_on_sighup(broker: Arc<Broker>, tls: Option<Arc<transport::tls::TlsSlot>>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -208,6 +211,15 @@ async fn reload_on_sighup(broker: Arc<Broker>) {
                     tracing::info!("SIGHUP: password and ACL files reloaded");
                 }
                 Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed, previous rules stay"),
+            }
+            if let Some(tls) = &tls {
+                match tls.reload(&broker.config) {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and CA files reloaded"),
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "SIGHUP: TLS reload failed, the previous certificates stay"
+                    ),
+                }
             }
         }
     }

@@ -43,55 +43,58 @@ fn make_pki(dir: &Path) {
             &p("ca.pem"),
         ],
     );
-    for (name, cn) in [("server", "127.0.0.1"), ("client", "robot-7")] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-subj",
-                &format!("/CN={cn}"),
-                "-keyout",
-                &p(&format!("{name}.key")),
-                "-out",
-                &p(&format!("{name}.csr")),
-            ],
-        );
-        let ext = dir.join(format!("{name}.ext"));
-        std::fs::write(
-            &ext,
-            if name == "server" {
-                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
-            } else {
-                "extendedKeyUsage=clientAuth\n"
-            },
-        )
-        .expect("ext file");
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &p(&format!("{name}.csr")),
-                "-CA",
-                &p("ca.pem"),
-                "-CAkey",
-                &p("ca.key"),
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                ext.to_str().expect("utf-8"),
-                "-out",
-                &p(&format!("{name}.pem")),
-            ],
-        );
-    }
+    issue(
+        dir,
+        "server",
+        "127.0.0.1",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    );
+    issue(dir, "client", "robot-7", "extendedKeyUsage=clientAuth\n");
+}
+
+/// `{name}.pem` and `{name}.key` for `cn`, signed by the CA in `dir`, with the
+/// extensions in `ext` (openssl's extfile syntax).
+fn issue(dir: &Path, name: &str, cn: &str, ext: &str) {
+    let p = |name: &str| dir.join(name).to_str().expect("utf-8").to_owned();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &p(&format!("{name}.key")),
+            "-out",
+            &p(&format!("{name}.csr")),
+        ],
+    );
+    let ext_file = dir.join(format!("{name}.ext"));
+    std::fs::write(&ext_file, ext).expect("ext file");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &p(&format!("{name}.csr")),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext_file.to_str().expect("utf-8"),
+            "-out",
+            &p(&format!("{name}.pem")),
+        ],
+    );
 }
 
 fn tls_node(dir: &Path, tls_port: u16, require_client_cert: bool) -> Node {
@@ -249,4 +252,223 @@ fn a_required_client_certificate_is_checked() {
         T,
     );
     assert_ne!(without.code, Some(0), "{without:?}");
+}
+
+/// `mosquitto_pub` over TLS to `port`, trusting `ca`, with `extra` arguments.
+fn tls_pub(port: u16, ca: &str, extra: &[&str]) -> flockmq_tests::Ran {
+    let port = port.to_string();
+    let mut args = vec!["-h", "127.0.0.1", "-p", &port, "--cafile", ca, "-q", "1"];
+    args.extend_from_slice(extra);
+    run("mosquitto_pub", &args, T)
+}
+
+#[test]
+fn a_client_certificate_stands_for_the_username() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    make_pki(dir.path());
+    issue(
+        dir.path(),
+        "arm",
+        "ignored",
+        "extendedKeyUsage=clientAuth\nsubjectAltName=DNS:arm-3.fleet.example\n",
+    );
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    // Anonymous access off and no password file: the certificate is the only way in,
+    // and the ACL names the robot by its certificate's common name.
+    std::fs::write(
+        dir.path().join("acl"),
+        "user robot-7\ntopic readwrite fleet/+/robot/robot-7/#\n\n\
+         user arm-3.fleet.example\ntopic readwrite fleet/+/arm/#\n",
+    )
+    .expect("acl");
+    let start = |mode: &str| {
+        let port = free_port();
+        let node = Node::start_with_config(&format!(
+            "tls_addr = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+             tls_ca_file = \"{}\"\ntls_identity_as_username = \"{mode}\"\n\
+             [mqtt]\nallow_anonymous = false\nacl_file = \"{}\"\n",
+            p("server.pem"),
+            p("server.key"),
+            p("ca.pem"),
+            p("acl")
+        ));
+        (node, port)
+    };
+    let ca = p("ca.pem");
+    let (cert, key) = (p("client.pem"), p("client.key"));
+    let (_node, port) = start("cn");
+    let robot = |topic: &str| {
+        tls_pub(
+            port,
+            &ca,
+            &[
+                "--cert", &cert, "--key", &key, "-V", "mqttv5", "-t", topic, "-m", "x",
+            ],
+        )
+    };
+    let sub = Background::spawn(
+        "mosquitto_sub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--cafile",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "-t",
+            "fleet/+/robot/robot-7/#",
+            "-C",
+            "1",
+            "-v",
+            "-W",
+            "10",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let own = robot("fleet/w1/robot/robot-7/pose");
+    assert_eq!(own.code, Some(0), "{own:?}");
+    let got = sub.finish(T);
+    assert_eq!(
+        got.stdout.trim(),
+        "fleet/w1/robot/robot-7/pose x",
+        "{got:?}"
+    );
+    // Another robot's topic is refused for this certificate (v5 PUBACK 0x87).
+    let other = robot("fleet/w1/robot/robot-8/pose");
+    assert!(other.stderr.contains("Not authorized"), "{other:?}");
+    // No certificate, no entry, even with a username.
+    let anonymous = tls_pub(
+        port,
+        &ca,
+        &[
+            "-u",
+            "robot-7",
+            "-t",
+            "fleet/w1/robot/robot-7/pose",
+            "-m",
+            "x",
+        ],
+    );
+    assert_ne!(anonymous.code, Some(0), "{anonymous:?}");
+
+    // "san": the subject alternative name is the username.
+    let (_node, port) = start("san");
+    let (arm_cert, arm_key) = (p("arm.pem"), p("arm.key"));
+    let arm = tls_pub(
+        port,
+        &ca,
+        &[
+            "--cert",
+            &arm_cert,
+            "--key",
+            &arm_key,
+            "-t",
+            "fleet/w1/arm/pose",
+            "-m",
+            "x",
+        ],
+    );
+    assert_eq!(arm.code, Some(0), "{arm:?}");
+    // robot-7's certificate has no SAN: refused.
+    let robot7 = tls_pub(
+        port,
+        &ca,
+        &[
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "-t",
+            "fleet/w1/robot/robot-7/pose",
+            "-m",
+            "x",
+        ],
+    );
+    assert_ne!(robot7.code, Some(0), "{robot7:?}");
+}
+
+#[test]
+fn sighup_reloads_the_certificates_and_keeps_connections() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    make_pki(dir.path());
+    let port = free_port();
+    let node = tls_node(dir.path(), port, false);
+    let old_ca = dir.path().join("old-ca.pem");
+    std::fs::copy(dir.path().join("ca.pem"), &old_ca).expect("copy");
+    let old_ca = old_ca.to_str().expect("utf-8").to_owned();
+    let sub = Background::spawn(
+        "mosquitto_sub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--cafile",
+            &old_ca,
+            "-t",
+            "site/#",
+            "-C",
+            "2",
+            "-v",
+            "-W",
+            "20",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let before = tls_pub(port, &old_ca, &["-t", "site/a", "-m", "before"]);
+    assert_eq!(before.code, Some(0), "{before:?}");
+
+    // A new CA and server certificate over the same files, then SIGHUP.
+    let fresh = tempfile::tempdir().expect("temp dir");
+    make_pki(fresh.path());
+    for file in ["server.pem", "server.key"] {
+        std::fs::copy(fresh.path().join(file), dir.path().join(file)).expect("copy");
+    }
+    let r = run("kill", &["-HUP", &node.pid().to_string()], T);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let deadline = std::time::Instant::now() + T;
+    while !node
+        .log()
+        .contains("TLS certificate, key and CA files reloaded")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload: {}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let new_ca = fresh.path().join("ca.pem");
+    let new_ca = new_ca.to_str().expect("utf-8");
+    let refused = tls_pub(port, &old_ca, &["-t", "site/b", "-m", "old CA"]);
+    assert_ne!(
+        refused.code,
+        Some(0),
+        "the old certificate is gone: {refused:?}"
+    );
+    let after = tls_pub(port, new_ca, &["-t", "site/b", "-m", "after"]);
+    assert_eq!(after.code, Some(0), "{after:?}");
+    // The connection made before the reload is still up and got both.
+    let got = sub.finish(T);
+    assert_eq!(got.stdout, "site/a before\nsite/b after\n", "{got:?}");
+
+    // A broken file keeps the certificate in force.
+    std::fs::write(dir.path().join("server.pem"), "not a certificate").expect("write");
+    let r = run("kill", &["-HUP", &node.pid().to_string()], T);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let deadline = std::time::Instant::now() + T;
+    while !node.log().contains("TLS reload failed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed reload: {}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let still = tls_pub(port, new_ca, &["-t", "site/c", "-m", "still"]);
+    assert_eq!(still.code, Some(0), "{still:?}");
 }

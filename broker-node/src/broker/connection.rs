@@ -75,8 +75,13 @@ enum AckOutcome {
 
 /// Serve one client over `stream`, accepted on the listener named `listener`, until it
 /// disconnects or the node shuts down.
-pub async fn serve<S>(broker: Arc<Broker>, stream: S, peer: SocketAddr, listener: &'static str)
-where
+pub async fn serve<S>(
+    broker: Arc<Broker>,
+    stream: S,
+    peer: SocketAddr,
+    listener: &'static str,
+    vouched: Vouched,
+) where
     S: ClientStream,
 {
     let mut conn = Connection {
@@ -85,6 +90,7 @@ where
         wbuf: BytesMut::new(),
         broker: broker.clone(),
         peer,
+        vouched,
     };
     let connect_timeout = broker.config.mqtt.connect_timeout;
     let connect = match tokio::time::timeout(connect_timeout, conn.read_connect()).await {
@@ -125,6 +131,18 @@ struct Connection<S> {
     wbuf: BytesMut,
     broker: Arc<Broker>,
     peer: SocketAddr,
+    vouched: Vouched,
+}
+
+/// What the transport vouches for about the client, before its CONNECT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Vouched {
+    /// Nothing: the CONNECT's username and password decide.
+    Nothing,
+    /// The listener takes usernames from client certificates
+    /// (`tls_identity_as_username`): this client's, if it presented a verified
+    /// certificate with such a name. The certificate is the credential.
+    CertificateUser(Option<Arc<str>>),
 }
 
 /// The state of an established session on this connection.
@@ -281,11 +299,21 @@ where
                 .refuse(version, ReasonCode::BadAuthenticationMethod)
                 .await;
         }
-        if let Err(code) = broker.auth.authenticate(&connect) {
-            metrics::counter!("flockmq_auth_failures_total").increment(1);
-            return self.refuse(version, code).await;
-        }
-        let username: Option<Arc<str>> = connect.username.as_deref().map(Arc::from);
+        let username: Option<Arc<str>> = match &self.vouched {
+            Vouched::Nothing => {
+                if let Err(code) = broker.auth.authenticate(&connect) {
+                    metrics::counter!("flockmq_auth_failures_total").increment(1);
+                    return self.refuse(version, code).await;
+                }
+                connect.username.as_deref().map(Arc::from)
+            }
+            Vouched::CertificateUser(Some(name)) => Some(name.clone()),
+            Vouched::CertificateUser(None) => {
+                tracing::info!(client_id = %client_id, peer = %self.peer, "connection refused: no client certificate with a name to use as the username");
+                metrics::counter!("flockmq_auth_failures_total").increment(1);
+                return self.refuse(version, ReasonCode::NotAuthorized).await;
+            }
+        };
 
         // The will, validated like any publish.
         let will = match &connect.will {

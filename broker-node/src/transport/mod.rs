@@ -15,10 +15,11 @@ use std::future::Future;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{connection, Broker};
+use crate::broker::connection::{self, Vouched};
+use crate::broker::Broker;
+use crate::config::TlsIdentity;
 
 pub mod tls;
 pub mod ws;
@@ -52,11 +53,11 @@ pub enum Security {
     /// Plain MQTT.
     Plain,
     /// MQTT inside TLS.
-    Tls(TlsAcceptor),
+    Tls(Arc<tls::TlsSlot>),
     /// MQTT over WebSocket.
     Ws,
     /// MQTT over WebSocket over TLS.
-    Wss(TlsAcceptor),
+    Wss(Arc<tls::TlsSlot>),
 }
 
 impl Security {
@@ -119,34 +120,53 @@ pub async fn serve(
             // Each kind of stream's connection future is boxed on its own: inline, every
             // task would be as large as the largest (a TLS handshake inside WebSocket
             // state, KiBs), and a plain TCP connection would pay for it.
+            let identity = broker.config.tls_identity_as_username;
             let conn: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match security {
-                Security::Plain => Box::pin(connection::serve(broker, stream, peer, label)),
-                Security::Tls(acceptor) => Box::pin(async move {
-                    if let Some(tls) = upgrade("TLS", peer, timeout, acceptor.accept(stream)).await
-                    {
-                        connection::serve(broker, tls, peer, label).await;
+                Security::Plain => Box::pin(connection::serve(
+                    broker,
+                    stream,
+                    peer,
+                    label,
+                    Vouched::Nothing,
+                )),
+                Security::Tls(slot) => Box::pin(async move {
+                    let handshake = slot.acceptor().accept(stream);
+                    if let Some(tls) = upgrade("TLS", peer, timeout, handshake).await {
+                        let vouched = vouched(tls.get_ref().1, identity);
+                        connection::serve(broker, tls, peer, label, vouched).await;
                     }
                 }),
                 Security::Ws => Box::pin(async move {
                     if let Some(ws) =
                         upgrade("WebSocket", peer, timeout, ws::accept(stream, max_packet)).await
                     {
-                        connection::serve(broker, ws, peer, label).await;
+                        connection::serve(broker, ws, peer, label, Vouched::Nothing).await;
                     }
                 }),
-                Security::Wss(acceptor) => Box::pin(async move {
+                Security::Wss(slot) => Box::pin(async move {
                     let secured = async {
-                        let tls = acceptor.accept(stream).await?;
-                        ws::accept(tls, max_packet).await
+                        let tls = slot.acceptor().accept(stream).await?;
+                        let vouched = vouched(tls.get_ref().1, identity);
+                        Ok((ws::accept(tls, max_packet).await?, vouched))
                     };
-                    if let Some(ws) = upgrade("TLS WebSocket", peer, timeout, secured).await {
-                        connection::serve(broker, ws, peer, label).await;
+                    if let Some((ws, vouched)) =
+                        upgrade("TLS WebSocket", peer, timeout, secured).await
+                    {
+                        connection::serve(broker, ws, peer, label, vouched).await;
                     }
                 }),
             };
             conn.await;
             open.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// What a TLS connection's client certificate vouches for under `mode`.
+fn vouched(tls: &rustls::ServerConnection, mode: TlsIdentity) -> Vouched {
+    match mode {
+        TlsIdentity::Off => Vouched::Nothing,
+        _ => Vouched::CertificateUser(tls::identity(tls.peer_certificates(), mode).map(Arc::from)),
     }
 }
 

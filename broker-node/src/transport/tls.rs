@@ -1,16 +1,17 @@
 //! The TLS side of the listeners: the rustls server configuration built from PEM
 //! files (certificate chain, private key, and optionally the CAs that client
-//! certificates must chain to).
+//! certificates must chain to), swapped on SIGHUP without touching established
+//! connections, and the identity a client certificate stands for.
 
 use std::io::BufReader;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
-use crate::config::Config;
+use crate::config::{Config, TlsIdentity};
 
 fn certs(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {path}"))?;
@@ -68,4 +69,56 @@ pub fn server_config(config: &Config) -> anyhow::Result<Arc<ServerConfig>> {
         })?;
     server.alpn_protocols = vec![b"mqtt".to_vec()];
     Ok(Arc::new(server))
+}
+
+/// The TLS server configuration in force: new handshakes take the latest, and a
+/// reload leaves established connections on the one they started with.
+pub struct TlsSlot(RwLock<Arc<ServerConfig>>);
+
+impl TlsSlot {
+    /// A slot holding `config`.
+    pub fn new(config: Arc<ServerConfig>) -> Self {
+        TlsSlot(RwLock::new(config))
+    }
+
+    /// An acceptor over the configuration in force.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let config = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        tokio_rustls::TlsAcceptor::from(config)
+    }
+
+    /// Read the certificate, key and CA files again; on failure the configuration in
+    /// force stays and the error says why.
+    pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
+        let fresh = server_config(config)?;
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+}
+
+/// The username a verified client certificate stands for under `mode`: the subject's
+/// common name, or its first DNS, e-mail or URI subject alternative name. `None`
+/// without a certificate, or when it holds no such name.
+pub fn identity(certificates: Option<&[CertificateDer<'_>]>, mode: TlsIdentity) -> Option<String> {
+    let leaf = certificates?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    match mode {
+        TlsIdentity::Off => None,
+        TlsIdentity::Cn => cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned),
+        TlsIdentity::San => {
+            use x509_parser::extensions::GeneralName;
+            let san = cert.subject_alternative_name().ok()??;
+            san.value.general_names.iter().find_map(|name| match name {
+                GeneralName::DNSName(n) | GeneralName::RFC822Name(n) | GeneralName::URI(n) => {
+                    Some((*n).to_owned())
+                }
+                _ => None,
+            })
+        }
+    }
 }
