@@ -178,6 +178,51 @@ pub struct Config {
     pub cluster: ClusterConfig,
 }
 
+/// Anonymous access (`mqtt.allow_anonymous`): true, false or "auto".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Anonymous {
+    /// Allowed while every MQTT listener is on a loopback address.
+    #[default]
+    Auto,
+    /// Allowed.
+    Allow,
+    /// Refused.
+    Deny,
+}
+
+impl Serialize for Anonymous {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Anonymous::Auto => s.serialize_str("auto"),
+            Anonymous::Allow => s.serialize_bool(true),
+            Anonymous::Deny => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Anonymous {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(Anonymous::Allow),
+            Raw::Bool(false) => Ok(Anonymous::Deny),
+            Raw::Text(t) => match t.as_str() {
+                "auto" => Ok(Anonymous::Auto),
+                "true" => Ok(Anonymous::Allow),
+                "false" => Ok(Anonymous::Deny),
+                _ => Err(serde::de::Error::custom(format!(
+                    "'{t}' is not true, false or \"auto\""
+                ))),
+            },
+        }
+    }
+}
+
 /// What a TLS client certificate stands for (`tls_identity_as_username`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -243,8 +288,10 @@ pub struct MqttConfig {
     /// The longest session expiry granted; empty for no cap.
     #[serde(with = "opt_dur")]
     pub max_session_expiry: Option<Duration>,
-    /// Whether clients may connect without credentials.
-    pub allow_anonymous: bool,
+    /// Whether clients may connect without credentials: true, false, or "auto"
+    /// (as Mosquitto 2 does: allowed while every MQTT listener is on a loopback
+    /// address, refused once one binds beyond it).
+    pub allow_anonymous: Anonymous,
     /// A Mosquitto-format password file (username:$7$... lines, as written by
     /// `broker-node passwd` or mosquitto_passwd); empty for none. Reloaded on SIGHUP.
     #[serde(with = "opt_string")]
@@ -364,7 +411,7 @@ impl Default for MqttConfig {
             shared_subscription_available: true,
             shared_subscription_strategy: SharedStrategyConfig::RoundRobin,
             max_session_expiry: None,
-            allow_anonymous: true,
+            allow_anonymous: Anonymous::Auto,
             password_file: None,
             acl_file: None,
             sys_interval: Duration::from_secs(10),
@@ -472,6 +519,24 @@ const FLAG_KEYS: &[&str] = &[
 ];
 
 impl Config {
+    /// Whether clients may connect without credentials, "auto" resolved against the
+    /// MQTT listeners' addresses.
+    pub fn anonymous_allowed(&self) -> bool {
+        match self.mqtt.allow_anonymous {
+            Anonymous::Allow => true,
+            Anonymous::Deny => false,
+            Anonymous::Auto => [
+                Some(self.mqtt_addr),
+                self.tls_addr,
+                self.ws_addr,
+                self.wss_addr,
+            ]
+            .into_iter()
+            .flatten()
+            .all(|a| a.ip().is_loopback()),
+        }
+    }
+
     /// Build the configuration: defaults, then the TOML `file`, then `FLOCKMQ_`
     /// variables from `env`, then the flags in `cli`. Nested keys come from variables
     /// like `FLOCKMQ_MQTT__MAX_PACKET_SIZE` (double underscore between section and key).
@@ -1088,7 +1153,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("mqtt.shared_subscription_available", "Whether shared subscriptions are supported."),
         ("mqtt.shared_subscription_strategy", "round_robin, random, sticky, hash_client_id, hash_topic or local_first."),
         ("mqtt.max_session_expiry", "The longest session expiry granted; empty for no cap."),
-        ("mqtt.allow_anonymous", "Whether clients may connect without credentials."),
+        ("mqtt.allow_anonymous", "Whether clients may connect without credentials: true, false, or \"auto\" (as Mosquitto 2 does: allowed while every MQTT listener is on a loopback address, refused once one binds beyond it)."),
         ("mqtt.password_file", "A Mosquitto-format password file (username:$7$... lines, as written by `broker-node passwd` or mosquitto_passwd); empty for none. Reloaded on SIGHUP."),
         ("mqtt.acl_file", "A Mosquitto-format ACL file (user / topic / pattern lines); empty lets every client publish and subscribe anywhere. Reloaded on SIGHUP."),
         ("mqtt.sys_interval", "How often $SYS topics are published; 0s disables them."),
@@ -1196,6 +1261,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.api_password_file.as_deref(), Some("/p"));
+    }
+
+    #[test]
+    fn anonymous_access_follows_mosquitto_2_unless_set() {
+        let load = |pairs: &[(&str, &str)]| {
+            Config::load(None, env(pairs), &RunArgs::default())
+                .unwrap()
+                .anonymous_allowed()
+        };
+        assert!(load(&[]), "loopback only: allowed");
+        assert!(!load(&[("FLOCKMQ_MQTT_ADDR", "0.0.0.0:1883")]));
+        assert!(!load(&[("FLOCKMQ_WS_ADDR", "192.0.2.1:8083")]));
+        assert!(load(&[
+            ("FLOCKMQ_MQTT_ADDR", "0.0.0.0:1883"),
+            ("FLOCKMQ_MQTT__ALLOW_ANONYMOUS", "true")
+        ]));
+        assert!(!load(&[("FLOCKMQ_MQTT__ALLOW_ANONYMOUS", "false")]));
+        let c = Config::from_toml("[mqtt]\nallow_anonymous = \"auto\"").unwrap();
+        assert!(c.anonymous_allowed());
+        let e = Config::from_toml("[mqtt]\nallow_anonymous = \"sometimes\"").unwrap_err();
+        assert!(e.to_string().contains("mqtt.allow_anonymous"), "{e}");
     }
 
     #[test]

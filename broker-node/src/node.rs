@@ -35,7 +35,7 @@ pub async fn run(
         ))),
         None => None,
     };
-    let auth_rules = auth::Rules::load(&config.mqtt).context("cannot load authentication files")?;
+    let auth_rules = auth::Rules::load(&config).context("cannot load authentication files")?;
     let api_access = http::api::ApiAccess {
         token: config
             .api_token
@@ -205,7 +205,7 @@ async fn reload_on_sighup(broker: Arc<Broker>, tls: Option<Arc<transport::tls::T
                 _ = broker.shutdown.cancelled() => return,
                 got = hup.recv() => if got.is_none() { return },
             }
-            match auth::Rules::load(&broker.config.mqtt) {
+            match auth::Rules::load(&broker.config) {
                 Ok(rules) => {
                     broker.auth.replace(rules);
                     tracing::info!("SIGHUP: password and ACL files reloaded");

@@ -12,7 +12,7 @@ pub mod password;
 
 use std::sync::{Arc, RwLock};
 
-use crate::config::MqttConfig;
+use crate::config::Config;
 use crate::mqtt::{Connect, ReasonCode};
 
 use self::acl::Acl;
@@ -39,9 +39,11 @@ pub enum AuthError {
 
 impl Rules {
     /// Load the files `config` names.
-    pub fn load(config: &MqttConfig) -> Result<Rules, AuthError> {
+    pub fn load(config: &Config) -> Result<Rules, AuthError> {
+        let allow_anonymous = config.anonymous_allowed();
+        let config = &config.mqtt;
         Ok(Rules {
-            allow_anonymous: config.allow_anonymous,
+            allow_anonymous,
             passwords: match &config.password_file {
                 Some(path) => Some(PasswordFile::load(path.as_ref())?),
                 None => None,
