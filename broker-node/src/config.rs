@@ -352,6 +352,21 @@ pub struct ClusterConfig {
     /// zero disables it.
     #[serde(with = "dur")]
     pub node_lost_after: Duration,
+    /// This node's certificate (PEM) for the cluster's gRPC, server and client side;
+    /// with tls_key_file and tls_ca_file set, nodes speak mutually authenticated TLS.
+    #[serde(with = "opt_string")]
+    pub tls_cert_file: Option<String>,
+    /// The private key (PEM) of tls_cert_file.
+    #[serde(with = "opt_string")]
+    pub tls_key_file: Option<String>,
+    /// The CA (PEM) every node's certificate must be signed by.
+    #[serde(with = "opt_string")]
+    pub tls_ca_file: Option<String>,
+    /// The name every node's certificate holds, checked instead of the host of the
+    /// address a node is reached at (so that one certificate may serve every node);
+    /// empty checks that host.
+    #[serde(with = "opt_string")]
+    pub tls_server_name: Option<String>,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -447,6 +462,10 @@ impl Default for ClusterConfig {
             // Several failovers long: a node restarting (or a network blip) keeps its
             // clients' sessions; a node that stays away does not.
             node_lost_after: Duration::from_secs(15),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
+            tls_server_name: None,
         }
     }
 }
@@ -619,6 +638,14 @@ impl Config {
         if self.wss_addr.is_some() && (self.tls_cert_file.is_none() || self.tls_key_file.is_none())
         {
             return Err(invalid("wss_addr", "needs tls_cert_file and tls_key_file"));
+        }
+        let c = &self.cluster;
+        let cluster_tls = [&c.tls_cert_file, &c.tls_key_file, &c.tls_ca_file];
+        if cluster_tls.iter().any(|f| f.is_some()) && !cluster_tls.iter().all(|f| f.is_some()) {
+            return Err(invalid(
+                "cluster.tls_cert_file",
+                "cluster TLS needs all of cluster.tls_cert_file, cluster.tls_key_file and cluster.tls_ca_file",
+            ));
         }
         if self.tls_identity_as_username != TlsIdentity::Off && self.tls_ca_file.is_none() {
             return Err(invalid(
@@ -795,6 +822,10 @@ const KNOWN_OPTIONAL: &[&str] = &[
     "mqtt.server_keep_alive",
     "mqtt.max_session_expiry",
     "log.level",
+    "cluster.tls_cert_file",
+    "cluster.tls_key_file",
+    "cluster.tls_ca_file",
+    "cluster.tls_server_name",
 ];
 
 /// Reject keys no setting has, naming the first one.
@@ -1168,6 +1199,10 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("cluster.batch_max_delay", "Longest a command waits for others to share its Raft entry."),
         ("cluster.forward_buffer_messages", "Messages buffered per peer for forwarding."),
         ("cluster.write_timeout", "How long a control-plane write may wait for a majority before the client is refused (v5 0x88)."),
+        ("cluster.tls_cert_file", "This node's certificate (PEM) for the cluster's gRPC, server and client side; with tls_key_file and tls_ca_file set, nodes speak mutually authenticated TLS (every node must, and each presents a certificate signed by tls_ca_file)."),
+        ("cluster.tls_key_file", "The private key (PEM) of cluster.tls_cert_file."),
+        ("cluster.tls_ca_file", "The CA (PEM) every node's certificate must be signed by."),
+        ("cluster.tls_server_name", "The name every node's certificate holds, checked instead of the host of the address a node is reached at (so that one certificate may serve every node); empty checks that host."),
         ("cluster.node_lost_after", "How long the leader tolerates not reaching a node before it ends the sessions connected there, as if their connections broke (wills are published, persistent sessions start to expire and queue); 0s disables it."),
     ]
 }

@@ -4,6 +4,7 @@
 //! Every node gets its own free ports and data directory, so tests run in parallel.
 
 pub mod mqtt;
+pub mod pki;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

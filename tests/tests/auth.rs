@@ -85,6 +85,39 @@ fn a_password_file_from_mosquitto_passwd_admits_exactly_its_users() {
 }
 
 #[test]
+fn repeated_failures_from_one_address_are_answered_ever_more_slowly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("passwd");
+    std::fs::write(&file, "").expect("create");
+    mosquitto_passwd(&file, "robot-7", "s3cret");
+    let node = node_with(dir.path(), "");
+    // Waits of 0, 250 ms, 500 ms, 1 s and 2 s: only lower bounds are checked (a
+    // loaded machine may answer later, never sooner).
+    let mut waited = Vec::new();
+    for i in 0..5 {
+        let started = std::time::Instant::now();
+        let (_, rc) = connect_as(
+            &node,
+            ProtocolVersion::V5,
+            &format!("g{i}"),
+            Some(("robot-7", "guess")),
+        );
+        assert_eq!(rc, ReasonCode::BadUserNameOrPassword);
+        waited.push(started.elapsed());
+    }
+    assert!(waited[3] >= Duration::from_millis(950), "{waited:?}");
+    assert!(waited[4] >= Duration::from_millis(1950), "{waited:?}");
+    // The right password still gets in, and clears the address's record.
+    let (_, rc) = connect_as(
+        &node,
+        ProtocolVersion::V5,
+        "ok",
+        Some(("robot-7", "s3cret")),
+    );
+    assert_eq!(rc, ReasonCode::Success);
+}
+
+#[test]
 fn users_added_with_broker_node_passwd_get_in_after_sighup() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("passwd");

@@ -360,3 +360,106 @@ fn a_will_reaches_every_nodes_subscribers_exactly_once() {
         "{queued:?}"
     );
 }
+
+#[test]
+fn nodes_speak_mutual_tls_when_configured() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    flockmq_tests::pki::make_pki(dir.path());
+    // One certificate for every node, good as server and as client, named by
+    // cluster.tls_server_name rather than by each node's address.
+    flockmq_tests::pki::issue(
+        dir.path(),
+        "node",
+        "flockmq-node",
+        "subjectAltName=DNS:flockmq-node\nextendedKeyUsage=serverAuth,clientAuth\n",
+    );
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let (cert, key, ca) = (p("node.pem"), p("node.key"), p("ca.pem"));
+    let env = [
+        ("FLOCKMQ_CLUSTER__TLS_CERT_FILE", cert.as_str()),
+        ("FLOCKMQ_CLUSTER__TLS_KEY_FILE", key.as_str()),
+        ("FLOCKMQ_CLUSTER__TLS_CA_FILE", ca.as_str()),
+        ("FLOCKMQ_CLUSTER__TLS_SERVER_NAME", "flockmq-node"),
+    ];
+    let nodes = Node::cluster_with_env(3, &env);
+    // Raft formed the cluster over TLS; a publish on node 3 is forwarded to node 1.
+    let sub = flockmq_tests::Background::spawn(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &nodes[0].mqtt_port.to_string(),
+            "-t",
+            "fleet/#",
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-v",
+            "-W",
+            "15",
+        ],
+    );
+    let deadline = std::time::Instant::now() + T;
+    while nodes[2]
+        .api("GET", "/subscriptions", None)
+        .map_or(true, |s| s["meta"]["count"] != 1)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "subscription not replicated"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = run(
+        "mosquitto_pub",
+        &[
+            "-p",
+            &nodes[2].mqtt_port.to_string(),
+            "-t",
+            "fleet/r1/pose",
+            "-m",
+            "x",
+            "-q",
+            "1",
+        ],
+        T,
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let got = sub.finish(T);
+    assert_eq!(got.stdout.trim(), "fleet/r1/pose x", "{got:?}");
+    converged(&running(&nodes));
+
+    // The cluster port speaks TLS with a certificate from the CA, and wants one back.
+    let addr = format!("127.0.0.1:{}", nodes[0].cluster_port);
+    let with_cert = run(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "echo | openssl s_client -connect {addr} -CAfile {ca} -verify_return_error \
+                 -cert {cert} -key {key} -servername flockmq-node 2>&1"
+            ),
+        ],
+        T,
+    );
+    assert!(
+        with_cert.stdout.contains("Verify return code: 0 (ok)"),
+        "{with_cert:?}"
+    );
+    // A peer without a certificate is turned away.
+    let without = run(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "sleep 1 | openssl s_client -connect {addr} -CAfile {ca} \
+                 -servername flockmq-node 2>&1"
+            ),
+        ],
+        T,
+    );
+    assert!(
+        without.stdout.contains("alert certificate required"),
+        "{without:?}"
+    );
+}

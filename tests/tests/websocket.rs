@@ -50,37 +50,14 @@ fn websocket_clients_and_tcp_clients_see_each_other() {
 fn secure_websocket_clients_verify_the_server() {
     let dir = tempfile::tempdir().expect("temp dir");
     let p = |name: &str| dir.path().join(name).display().to_string();
-    let r = run(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            &p("key.pem"),
-            "-out",
-            &p("cert.pem"),
-        ],
-        T,
-    );
-    assert_eq!(r.code, Some(0), "{r:?}");
+    flockmq_tests::pki::make_pki(dir.path());
     let wss_port = free_port();
     let _node = Node::start_with_config(&format!(
         "wss_addr = \"127.0.0.1:{wss_port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
-        p("cert.pem"),
-        p("key.pem")
+        p("server.pem"),
+        p("server.key")
     ));
-    let ws = paho_ws(&[&wss_port.to_string(), "--tls", &p("cert.pem")]);
+    let ws = paho_ws(&[&wss_port.to_string(), "--tls", &p("ca.pem")]);
     assert_eq!(ws.code, Some(0), "{ws:?}");
     assert_eq!(ws.stdout.trim(), "received dashboard/zone1/temp 21.5");
 }

@@ -10,7 +10,10 @@
 pub mod acl;
 pub mod password;
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::mqtt::{Connect, ReasonCode};
@@ -60,6 +63,8 @@ impl Rules {
 #[derive(Debug, Default)]
 pub struct Auth {
     rules: RwLock<Arc<Rules>>,
+    /// Recent failures by address, to slow down password guessing.
+    pub failures: Failures,
 }
 
 impl Auth {
@@ -67,6 +72,7 @@ impl Auth {
     pub fn new(rules: Rules) -> Auth {
         Auth {
             rules: RwLock::new(Arc::new(rules)),
+            failures: Failures::default(),
         }
     }
 
@@ -121,5 +127,82 @@ impl Auth {
             Some(acl) => acl.may_subscribe(username, client_id, filter),
             None => true,
         }
+    }
+}
+
+/// Repeated authentication failures from one address are answered ever more slowly:
+/// the first at once (a typo), then after 250 ms, doubling up to [`MAX_FAILURE_DELAY`].
+/// A success from the address, or [`FAILURE_MEMORY`] without a failure, clears it.
+#[derive(Debug, Default)]
+pub struct Failures {
+    by_addr: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+/// The longest wait before a refusal is answered.
+pub const MAX_FAILURE_DELAY: Duration = Duration::from_secs(5);
+/// How long an address's failures are remembered after its last one.
+const FAILURE_MEMORY: Duration = Duration::from_secs(60);
+/// Addresses remembered at most; beyond, the forgotten ones are dropped first.
+const MAX_ADDRESSES: usize = 10_000;
+
+impl Failures {
+    /// Record a failure from `addr` at `now`; returns how long to wait before
+    /// answering it.
+    pub fn failed(&self, addr: IpAddr, now: Instant) -> Duration {
+        let mut map = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_ADDRESSES {
+            map.retain(|_, (_, last)| now.duration_since(*last) < FAILURE_MEMORY);
+            if map.len() >= MAX_ADDRESSES {
+                map.clear();
+            }
+        }
+        let entry = map.entry(addr).or_insert((0, now));
+        if now.duration_since(entry.1) >= FAILURE_MEMORY {
+            entry.0 = 0;
+        }
+        entry.0 = entry.0.saturating_add(1);
+        entry.1 = now;
+        failure_delay(entry.0)
+    }
+
+    /// A client from `addr` authenticated: its address starts afresh.
+    pub fn succeeded(&self, addr: IpAddr) {
+        let mut map = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        if !map.is_empty() {
+            map.remove(&addr);
+        }
+    }
+}
+
+/// The wait before answering the `n`th failure in a row.
+fn failure_delay(n: u32) -> Duration {
+    match n {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_millis(250)
+            .saturating_mul(1 << (n - 2).min(8))
+            .min(MAX_FAILURE_DELAY),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_failures_from_one_address_wait_longer_and_a_success_clears_them() {
+        let f = Failures::default();
+        let a: IpAddr = "192.0.2.7".parse().unwrap();
+        let b: IpAddr = "192.0.2.8".parse().unwrap();
+        let t0 = Instant::now();
+        let waits: Vec<u128> = (0..8).map(|_| f.failed(a, t0).as_millis()).collect();
+        assert_eq!(waits, [0, 250, 500, 1000, 2000, 4000, 5000, 5000]);
+        assert_eq!(f.failed(b, t0), Duration::ZERO, "per address");
+        f.succeeded(a);
+        assert_eq!(f.failed(a, t0), Duration::ZERO);
+        assert_eq!(
+            f.failed(a, t0 + FAILURE_MEMORY),
+            Duration::ZERO,
+            "forgotten after a quiet minute"
+        );
     }
 }

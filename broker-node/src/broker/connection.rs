@@ -299,19 +299,30 @@ where
                 .refuse(version, ReasonCode::BadAuthenticationMethod)
                 .await;
         }
-        let username: Option<Arc<str>> = match &self.vouched {
-            Vouched::Nothing => {
-                if let Err(code) = broker.auth.authenticate(&connect) {
-                    metrics::counter!("flockmq_auth_failures_total").increment(1);
-                    return self.refuse(version, code).await;
-                }
-                connect.username.as_deref().map(Arc::from)
-            }
-            Vouched::CertificateUser(Some(name)) => Some(name.clone()),
+        let authenticated = match &self.vouched {
+            Vouched::Nothing => broker
+                .auth
+                .authenticate(&connect)
+                .map(|()| connect.username.as_deref().map(Arc::from)),
+            Vouched::CertificateUser(Some(name)) => Ok(Some(name.clone())),
             Vouched::CertificateUser(None) => {
                 tracing::info!(client_id = %client_id, peer = %self.peer, "connection refused: no client certificate with a name to use as the username");
+                Err(ReasonCode::NotAuthorized)
+            }
+        };
+        let username: Option<Arc<str>> = match authenticated {
+            Ok(username) => {
+                if username.is_some() {
+                    broker.auth.failures.succeeded(self.peer.ip());
+                }
+                username
+            }
+            Err(code) => {
                 metrics::counter!("flockmq_auth_failures_total").increment(1);
-                return self.refuse(version, ReasonCode::NotAuthorized).await;
+                // Guessing gets slower with every failure from the same address.
+                let wait = broker.auth.failures.failed(self.peer.ip(), Instant::now());
+                tokio::time::sleep(wait).await;
+                return self.refuse(version, code).await;
             }
         };
 

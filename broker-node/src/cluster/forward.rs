@@ -29,7 +29,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::command::{Message, NodeId};
@@ -354,8 +353,7 @@ async fn run_peer(
 type Opened = (mpsc::Sender<ForwardFrame>, Streaming<ForwardAck>);
 
 async fn open(addr: &str) -> Result<Opened, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad peer address {addr}: {e}"))?
+    let endpoint = super::tls::endpoint(addr)?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))

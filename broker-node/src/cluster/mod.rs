@@ -13,6 +13,7 @@ pub mod network;
 pub mod proposer;
 pub mod raft;
 pub mod state;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -157,6 +158,8 @@ impl Cluster {
         .validate()
         .context("invalid raft timing settings")?;
 
+        // Before Raft dials anyone: every peer connection must take the TLS side.
+        let server_tls = tls::install(&config.cluster).context("cannot set up cluster TLS")?;
         let path = config.data_dir.join("raft");
         let machine = BrokerMachine(BrokerState::new(Some(events)));
         let (log_store, sm_store) = tokio::task::spawn_blocking(move || {
@@ -178,6 +181,12 @@ impl Cluster {
         .await
         .context("cannot start raft")?;
 
+        let mut server = tonic::transport::Server::builder();
+        if let Some(server_tls) = server_tls {
+            server = server
+                .tls_config(server_tls)
+                .context("cannot set up cluster TLS")?;
+        }
         let listener = tokio::net::TcpListener::bind(config.cluster_addr)
             .await
             .with_context(|| format!("cannot listen on {} (cluster)", config.cluster_addr))?;
@@ -188,7 +197,7 @@ impl Cluster {
         let forwarding = forward::ForwardService::server(forward_sink.clone());
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
+            let served = server
                 .add_service(service)
                 .add_service(admin)
                 .add_service(forwarding)

@@ -21,7 +21,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::command::NodeId;
@@ -46,13 +46,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let channel = Endpoint::from_shared(format!("http://{}", node.addr))
-            .map(|e| {
-                e.connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .connect_lazy()
-            })
-            .map_err(|e| e.to_string());
+        let channel = super::tls::endpoint(&node.addr).map(|e| {
+            e.connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .connect_lazy()
+        });
         PeerClient {
             target,
             client: channel.map(RaftClient::new),
@@ -238,9 +236,7 @@ pub async fn change_membership(
     change: &MembershipChange,
     timeout: Duration,
 ) -> Result<String, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad address {addr}: {e}"))?
-        .connect_timeout(Duration::from_secs(2));
+    let endpoint = super::tls::endpoint(addr)?.connect_timeout(Duration::from_secs(2));
     let channel = endpoint
         .connect()
         .await
@@ -283,8 +279,8 @@ impl LeaderForwarder {
         timeout: Duration,
     ) -> Result<super::command::Response, ForwardError> {
         if self.client.as_ref().map(|(a, _)| a.as_str()) != Some(addr) {
-            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| ForwardError::NotSent(format!("bad leader address {addr}: {e}")))?
+            let endpoint = super::tls::endpoint(addr)
+                .map_err(ForwardError::NotSent)?
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true);
             self.client = Some((addr.to_owned(), AdminClient::new(endpoint.connect_lazy())));
