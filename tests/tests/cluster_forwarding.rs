@@ -481,3 +481,55 @@ fn a_shared_group_skips_members_behind_a_dead_node() {
         );
     }
 }
+
+#[test]
+fn a_leaving_shared_member_s_unacknowledged_messages_go_to_a_member_on_another_node() {
+    // local_first: every job published on node 1 goes to the member there, which
+    // reads them and acknowledges none; when it drops, the member on node 2 gets them.
+    let nodes = Node::cluster_with_env(
+        2,
+        &[("FLOCKMQ_MQTT__SHARED_SUBSCRIPTION_STRATEGY", "local_first")],
+    );
+    let (mut greedy, _) = RawClient::connect(nodes[0].mqtt_addr(), V5, "greedy", true, 60);
+    assert!(!subscribe(&mut greedy, "$share/workers/jobs/#", QoS::AtLeastOnce)[0].is_error());
+    let mut steady = subscriber(
+        &nodes[1],
+        "steady",
+        "$share/workers/jobs/#",
+        QoS::AtLeastOnce,
+    );
+    converged(&running(&nodes));
+    let mut publisher = Publisher::connect(&nodes[0], "dispatcher");
+    let n = 20;
+    for i in 0..n {
+        publisher.send(
+            "jobs/pick",
+            format!("job-{i}"),
+            QoS::AtLeastOnce,
+            PublishProperties::default(),
+        );
+    }
+    publisher.finish();
+    let mut held = Vec::new();
+    while held.len() < n {
+        match greedy.recv(T) {
+            Some(Packet::Publish(p)) => held.push(String::from_utf8_lossy(&p.payload).into_owned()),
+            other => panic!("the local member expected every job, got {other:?} after {held:?}"),
+        }
+    }
+    steady.collect(1, Duration::from_millis(500));
+    assert!(
+        steady.got.is_empty(),
+        "local_first: {:?}",
+        steady.payloads()
+    );
+    drop(greedy);
+    steady.collect(n, T);
+    let mut got = steady.payloads();
+    got.sort();
+    held.sort();
+    assert_eq!(
+        got, held,
+        "every unacknowledged job, once, on the other node"
+    );
+}

@@ -543,7 +543,7 @@ where
         } else {
             // A clean session's shared-group messages go to another member of the group.
             for d in unacked.into_iter().filter(|d| d.shared_group.is_some()) {
-                broker.redeliver_shared(d, &client_id);
+                Box::pin(broker.redeliver_shared(d, &client_id)).await;
             }
         }
         if end != End::Shutdown {

@@ -272,16 +272,16 @@ impl Broker {
                     // Gone since the peer matched: a shared member's message goes to
                     // another member here; anything else had only this connection.
                     match target.shared_group {
-                        Some(_) => self.redeliver_shared(
-                            Delivery {
+                        Some(_) => {
+                            let delivery = Delivery {
                                 message: item.message.clone(),
                                 qos: target.qos,
                                 retain: target.retain,
                                 subscription_ids: target.subscription_ids,
                                 shared_group: target.shared_group,
-                            },
-                            &t.client_id,
-                        ),
+                            };
+                            Box::pin(self.redeliver_shared(delivery, &t.client_id)).await;
+                        }
                         None => {
                             tracing::debug!(client_id = %t.client_id, origin, "forwarded message for a client no longer here");
                             Stats::add(&self.stats.messages_dropped, 1);
@@ -331,44 +331,62 @@ impl Broker {
     }
 
     /// A shared-group member left without acknowledging `delivery`: give it to
-    /// another member of the group that is connected here or can queue it.
-    pub fn redeliver_shared(&self, delivery: Delivery, leaving: &str) {
+    /// another member of the group, on this node or another, or to the queue of a
+    /// persistent member, as dispatch would have chosen among those left.
+    pub async fn redeliver_shared(&self, delivery: Delivery, leaving: &str) {
         let Some(group) = delivery.shared_group.clone() else {
             return;
         };
         let message = delivery.message;
-        let members: Vec<(Arc<str>, SubscriptionOptions)> = self.read_state(|state| {
-            let mut found = Vec::new();
-            state
-                .routes()
-                .for_each_shared_match(&message.topic, |g, members| {
-                    if *g == *group {
-                        found = members
-                            .iter()
-                            .filter(|(c, _)| &**c != leaving)
-                            .filter(|(c, _)| {
-                                state
-                                    .session(c)
-                                    .is_some_and(|s| s.connected && s.node == self.node_id)
-                            })
-                            .cloned()
-                            .collect();
-                    }
-                });
-            found
-        });
-        let candidates: Vec<Arc<str>> = members.iter().map(|(c, _)| c.clone()).collect();
-        let ctx = SelectContext {
-            publisher_client_id: message.origin_client.as_deref().unwrap_or(""),
-            topic: &message.topic,
-            random: rand::random(),
-            is_local: &|_: &Arc<str>| true,
+        let durable = self.config.mqtt.durable_sessions;
+        // Each member that can take it: (client, options, where it is connected,
+        // whether it takes it through its replicated queue).
+        let members: Vec<(Arc<str>, SubscriptionOptions, Option<NodeId>, bool)> =
+            self.read_state(|state| {
+                let mut found = Vec::new();
+                state
+                    .routes()
+                    .for_each_shared_match(&message.topic, |g, members| {
+                        if *g != *group {
+                            return;
+                        }
+                        for (c, options) in members.iter().filter(|(c, _)| &**c != leaving) {
+                            let Some(s) = state.session(c) else { continue };
+                            let qos = message.qos.min(options.qos);
+                            let queued = qos > 0 && s.is_persistent() && (durable || !s.connected);
+                            let reachable = s.connected
+                                && (s.node == self.node_id || !self.forwarder.is_down(s.node));
+                            if queued || reachable {
+                                found.push((
+                                    c.clone(),
+                                    options.clone(),
+                                    s.connected.then_some(s.node),
+                                    queued,
+                                ));
+                            }
+                        }
+                    });
+                found
+            });
+        // The selection context borrows non-Send closures: done before any await.
+        let chosen = {
+            let candidates: Vec<Arc<str>> = members.iter().map(|(c, ..)| c.clone()).collect();
+            let ctx = SelectContext {
+                publisher_client_id: message.origin_client.as_deref().unwrap_or(""),
+                topic: &message.topic,
+                random: rand::random(),
+                is_local: &|c: &Arc<str>| {
+                    members
+                        .iter()
+                        .any(|(m, _, node, _)| m == c && *node == Some(self.node_id))
+                },
+            };
+            lock(&self.selector).select(&group, &candidates, &ctx)
         };
-        let chosen = lock(&self.selector).select(&group, &candidates, &ctx);
-        let Some((client, options)) =
-            chosen.and_then(|c| members.into_iter().find(|(m, _)| *m == c))
+        let Some((client, options, node, queued)) =
+            chosen.and_then(|c| members.into_iter().find(|(m, ..)| *m == c))
         else {
-            tracing::info!(group = %group, topic = %message.topic, "shared message lost with its member: no other member connected");
+            tracing::info!(group = %group, topic = %message.topic, "shared message lost with its member: no other member can take it");
             metrics::counter!("flockmq_messages_dropped_total", "reason" => "no_subscribers")
                 .increment(1);
             return;
@@ -379,11 +397,34 @@ impl Broker {
             retain: options.retain_as_published && message.retain,
             subscription_ids: options.subscription_id.into_iter().collect(),
         };
-        if self.deliver_local(&client, &message, target).is_some() {
-            // No publisher to slow down here: a full channel loses the message.
-            Stats::add(&self.stats.messages_dropped, 1);
-            metrics::counter!("flockmq_messages_dropped_total", "reason" => "queue_full")
-                .increment(1);
+        if queued {
+            let entry = EnqueueEntry {
+                client_id: client.clone(),
+                message,
+                qos: target.qos,
+                retain: target.retain,
+                subscription_ids: target.subscription_ids,
+            };
+            if let Err(e) = self.commit_enqueue(vec![entry]).await {
+                tracing::warn!(client_id = %client, error = %e, "shared message not queued for its new member");
+            }
+        } else if node == Some(self.node_id) {
+            if let Some(blocked) = self.deliver_local(&client, &message, target) {
+                blocked.wait(&self.stats).await;
+            }
+        } else if let Some(node) = node {
+            let forwarded = Forwarded {
+                message,
+                targets: vec![ForwardTarget {
+                    client_id: client,
+                    qos: target.qos,
+                    retain: target.retain,
+                    subscription_ids: target.subscription_ids,
+                    shared_group: target.shared_group,
+                }],
+            };
+            let acks = self.forward(vec![(node, forwarded)], true).await;
+            wait_forwarded(acks).await;
         }
     }
 
