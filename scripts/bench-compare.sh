@@ -92,6 +92,31 @@ for rep in $(seq "$REPS"); do
   done
 done
 
+# Latency at a rate both can sustain: half of Mosquitto's median QoS 1 pairs rate in
+# this run, offered to each broker in turn (p50/p99 of publish-to-receive).
+half=$(python3 -c '
+import statistics, sys
+rates = [float(l.split("\t")[3]) for l in open(sys.argv[1])
+         if l.startswith("pairs qos1") and l.split("\t")[1] == "mosquitto"]
+print(int(statistics.median(rates) / 2) if rates else 0)' "$RESULTS")
+pairs_args=${SCENARIOS[-1]#*|}
+: > "$WORK/latency.tsv"
+if [ "$half" -gt 0 ]; then
+  for rep in $(seq "$REPS"); do
+    for broker in flockmq mosquitto; do
+      start_broker $broker
+      # shellcheck disable=SC2086
+      line=$("$BIN/flockmq-bench" $pairs_args --rate "$half" --brokers 127.0.0.1:$PORT \
+        --duration "$DURATION" --label $broker)
+      echo "$broker at $half msg/s: $line" >&2
+      python3 -c 'import json,sys; r=json.loads(sys.argv[1]); l=r["latency_ms"]
+print("\t".join([sys.argv[2], str(r["receive_rate"]), str(l["p50"]), str(l["p99"]), str(r["lost"])]))' \
+        "$line" "$broker" >> "$WORK/latency.tsv"
+      stop_broker
+    done
+  done
+fi
+
 # Memory per idle connection: RSS growth over N idle connections.
 IDLE=${IDLE:-2000}
 [ $SMOKE = 1 ] && IDLE=200
@@ -111,9 +136,9 @@ for broker in flockmq mosquitto; do
   stop_broker
 done
 
-python3 - "$RESULTS" "$WORK/idle.tsv" "$OUT" "$REPS" "$DURATION" <<'PY'
+python3 - "$RESULTS" "$WORK/idle.tsv" "$OUT" "$REPS" "$DURATION" "$WORK/latency.tsv" "$half" "${SCENARIOS[-1]%%|*}" <<'PY'
 import collections, platform, statistics, subprocess, sys
-results, idle, out, reps, duration = sys.argv[1:]
+results, idle, out, reps, duration, latency, half, pairs_name = sys.argv[1:]
 rows = collections.defaultdict(lambda: collections.defaultdict(list))
 order = []
 for line in open(results):
@@ -137,6 +162,18 @@ for name in order:
     lines.append(f"| {name} | {fr:,.0f} | {mr:,.0f} | {fr / mr if mr else 0:.2f} | "
                  f"{med([r[1] for r in f]):.2f} | {med([r[1] for r in m]):.2f} | "
                  f"{max(r[2] for r in f)} | {max(r[2] for r in m)} |")
+lat = collections.defaultdict(list)
+for line in open(latency):
+    broker, rate, p50, p99, lost = line.rstrip("\n").split("\t")
+    lat[broker].append((float(rate), float(p50), float(p99), int(lost)))
+if lat:
+    lines += ["", f"Latency of {pairs_name} at {int(half):,} msg/s offered (half of Mosquitto's median "
+              "rate above), medians of the runs:", "",
+              "| broker | received msg/s | p50 ms | p99 ms | lost |", "| --- | ---: | ---: | ---: | ---: |"]
+    for broker in ("flockmq", "mosquitto"):
+        v = lat[broker]
+        lines.append(f"| {broker} | {med([x[0] for x in v]):,.0f} | {med([x[1] for x in v]):.2f} | "
+                     f"{med([x[2] for x in v]):.2f} | {sum(x[3] for x in v)} |")
 lines += ["", "| idle connections | bytes of RSS per connection |", "| --- | ---: |"]
 for line in open(idle):
     _, broker, per = line.split()

@@ -136,8 +136,9 @@ pub struct Config {
     /// accepts no client certificates.
     #[serde(with = "opt_string")]
     pub tls_ca_file: Option<String>,
-    /// Whether a TLS client must present a certificate signed by tls_ca_file.
-    pub tls_require_client_cert: bool,
+    /// Whether a TLS client must present a certificate signed by tls_ca_file: true,
+    /// false, or the listeners that require one, ["tls"] or ["wss"].
+    pub tls_require_client_cert: Listeners,
     /// What a TLS client's certificate stands for: "off" (nothing: the CONNECT's
     /// username and password count), "cn" (its subject common name is the username
     /// and no password is asked) or "san" (its first DNS, e-mail or URI subject
@@ -178,47 +179,96 @@ pub struct Config {
     pub cluster: ClusterConfig,
 }
 
-/// Anonymous access (`mqtt.allow_anonymous`): true, false or "auto".
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The MQTT listeners, by the names settings use for them.
+pub const LISTENERS: [&str; 4] = ["tcp", "tls", "ws", "wss"];
+
+/// A setting on or off for every listener, or on for the listed ones only
+/// (`["tcp", "ws"]`, or `"tcp,ws"` in an environment variable).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listeners {
+    /// On (true) or off (false) everywhere.
+    All(bool),
+    /// On for these listeners.
+    Only(Vec<String>),
+}
+
+impl Listeners {
+    /// Whether it is on for `listener`.
+    pub fn on(&self, listener: &str) -> bool {
+        match self {
+            Listeners::All(on) => *on,
+            Listeners::Only(names) => names.iter().any(|n| n == listener),
+        }
+    }
+
+    fn parse<E: serde::de::Error>(raw: RawSetting) -> Result<Self, E> {
+        let names =
+            |names: Vec<String>| match names.iter().find(|n| !LISTENERS.contains(&n.as_str())) {
+                Some(bad) => Err(E::custom(format!(
+                    "'{bad}' is not a listener (tcp, tls, ws, wss)"
+                ))),
+                None => Ok(Listeners::Only(names)),
+            };
+        match raw {
+            RawSetting::Bool(on) => Ok(Listeners::All(on)),
+            RawSetting::List(list) => names(list),
+            RawSetting::Text(t) => match t.as_str() {
+                "true" => Ok(Listeners::All(true)),
+                "false" => Ok(Listeners::All(false)),
+                _ => names(t.split(',').map(|n| n.trim().to_owned()).collect()),
+            },
+        }
+    }
+}
+
+/// What a per-listener setting may be written as.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSetting {
+    Bool(bool),
+    Text(String),
+    List(Vec<String>),
+}
+
+impl Serialize for Listeners {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Listeners::All(on) => s.serialize_bool(*on),
+            Listeners::Only(names) => names.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Listeners {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Listeners::parse(RawSetting::deserialize(d)?)
+    }
+}
+
+/// Anonymous access (`mqtt.allow_anonymous`): "auto", or on or off per listener.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Anonymous {
     /// Allowed while every MQTT listener is on a loopback address.
     #[default]
     Auto,
-    /// Allowed.
-    Allow,
-    /// Refused.
-    Deny,
+    /// As set.
+    Set(Listeners),
 }
 
 impl Serialize for Anonymous {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
             Anonymous::Auto => s.serialize_str("auto"),
-            Anonymous::Allow => s.serialize_bool(true),
-            Anonymous::Deny => s.serialize_bool(false),
+            Anonymous::Set(l) => l.serialize(s),
         }
     }
 }
 
 impl<'de> Deserialize<'de> for Anonymous {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bool(bool),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Bool(true) => Ok(Anonymous::Allow),
-            Raw::Bool(false) => Ok(Anonymous::Deny),
-            Raw::Text(t) => match t.as_str() {
-                "auto" => Ok(Anonymous::Auto),
-                "true" => Ok(Anonymous::Allow),
-                "false" => Ok(Anonymous::Deny),
-                _ => Err(serde::de::Error::custom(format!(
-                    "'{t}' is not true, false or \"auto\""
-                ))),
-            },
+        match RawSetting::deserialize(d)? {
+            RawSetting::Text(t) if t == "auto" => Ok(Anonymous::Auto),
+            raw => Listeners::parse(raw).map(Anonymous::Set),
         }
     }
 }
@@ -288,9 +338,10 @@ pub struct MqttConfig {
     /// The longest session expiry granted; empty for no cap.
     #[serde(with = "opt_dur")]
     pub max_session_expiry: Option<Duration>,
-    /// Whether clients may connect without credentials: true, false, or "auto"
-    /// (as Mosquitto 2 does: allowed while every MQTT listener is on a loopback
-    /// address, refused once one binds beyond it).
+    /// Whether clients may connect without credentials: true, false, "auto" (as
+    /// Mosquitto 2 does: allowed while every MQTT listener is on a loopback address,
+    /// refused once one binds beyond it), or the listeners that allow it, e.g.
+    /// ["tcp", "ws"].
     pub allow_anonymous: Anonymous,
     /// A Mosquitto-format password file (username:$7$... lines, as written by
     /// `broker-node passwd` or mosquitto_passwd); empty for none. Reloaded on SIGHUP.
@@ -385,7 +436,7 @@ impl Default for Config {
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,
-            tls_require_client_cert: false,
+            tls_require_client_cert: Listeners::All(false),
             tls_identity_as_username: TlsIdentity::Off,
             wss_addr: None,
             http_addr: addr("127.0.0.1:8080"),
@@ -538,12 +589,11 @@ const FLAG_KEYS: &[&str] = &[
 ];
 
 impl Config {
-    /// Whether clients may connect without credentials, "auto" resolved against the
-    /// MQTT listeners' addresses.
-    pub fn anonymous_allowed(&self) -> bool {
-        match self.mqtt.allow_anonymous {
-            Anonymous::Allow => true,
-            Anonymous::Deny => false,
+    /// Whether clients of `listener` ("tcp", "tls", "ws" or "wss") may connect
+    /// without credentials, "auto" resolved against the MQTT listeners' addresses.
+    pub fn anonymous_allowed_on(&self, listener: &str) -> bool {
+        match &self.mqtt.allow_anonymous {
+            Anonymous::Set(listeners) => listeners.on(listener),
             Anonymous::Auto => [
                 Some(self.mqtt_addr),
                 self.tls_addr,
@@ -653,7 +703,7 @@ impl Config {
                 "needs tls_ca_file to verify client certificates against",
             ));
         }
-        if self.tls_require_client_cert && self.tls_ca_file.is_none() {
+        if self.tls_require_client_cert != Listeners::All(false) && self.tls_ca_file.is_none() {
             return Err(invalid(
                 "tls_require_client_cert",
                 "needs tls_ca_file to verify client certificates against",
@@ -792,6 +842,11 @@ fn set_key(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), ConfigEr
                 .parse::<i64>()
                 .map(toml::Value::Integer)
                 .map_err(|_| invalid(key, format!("'{raw}' is not a whole number")))?,
+            // Per-listener settings also take a list of listeners ("tls,wss").
+            Some(toml::Value::Boolean(_)) if key == "tls_require_client_cert" => raw
+                .parse::<bool>()
+                .map(toml::Value::Boolean)
+                .unwrap_or_else(|_| toml::Value::String(raw.to_owned())),
             Some(toml::Value::Boolean(_)) => raw
                 .parse::<bool>()
                 .map(toml::Value::Boolean)
@@ -1153,7 +1208,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("tls_cert_file", "The server certificate chain (PEM) of the TLS listener."),
         ("tls_key_file", "The private key (PEM: PKCS#8, PKCS#1 or SEC1) of the TLS listener."),
         ("tls_ca_file", "CA certificates (PEM) that client certificates are verified against; empty accepts no client certificates."),
-        ("tls_require_client_cert", "Whether a TLS client must present a certificate signed by tls_ca_file."),
+        ("tls_require_client_cert", "Whether a TLS client must present a certificate signed by tls_ca_file: true, false, or the listeners that require one, [\"tls\"] or [\"wss\"]."),
         ("tls_identity_as_username", "What a TLS client's certificate stands for: \"off\" (nothing: the CONNECT's username and password count), \"cn\" (its subject common name is the username and no password is asked) or \"san\" (its first DNS, e-mail or URI subject alternative name is). With \"cn\" or \"san\", TLS clients without a certificate are refused."),
         ("wss_addr", "MQTT over secure WebSocket (path /mqtt), e.g. 127.0.0.1:8084; \"off\" disables it. Uses tls_cert_file and tls_key_file."),
         ("http_addr", "HTTP: /metrics, /healthz, /readyz and the admin API."),
@@ -1184,7 +1239,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("mqtt.shared_subscription_available", "Whether shared subscriptions are supported."),
         ("mqtt.shared_subscription_strategy", "round_robin, random, sticky, hash_client_id, hash_topic or local_first."),
         ("mqtt.max_session_expiry", "The longest session expiry granted; empty for no cap."),
-        ("mqtt.allow_anonymous", "Whether clients may connect without credentials: true, false, or \"auto\" (as Mosquitto 2 does: allowed while every MQTT listener is on a loopback address, refused once one binds beyond it)."),
+        ("mqtt.allow_anonymous", "Whether clients may connect without credentials: true, false, \"auto\" (as Mosquitto 2 does: allowed while every MQTT listener is on a loopback address, refused once one binds beyond it), or the listeners that allow it, e.g. [\"tcp\", \"ws\"] (FLOCKMQ_MQTT__ALLOW_ANONYMOUS=tcp,ws)."),
         ("mqtt.password_file", "A Mosquitto-format password file (username:$7$... lines, as written by `broker-node passwd` or mosquitto_passwd); empty for none. Reloaded on SIGHUP."),
         ("mqtt.acl_file", "A Mosquitto-format ACL file (user / topic / pattern lines); empty lets every client publish and subscribe anywhere. Reloaded on SIGHUP."),
         ("mqtt.sys_interval", "How often $SYS topics are published; 0s disables them."),
@@ -1303,7 +1358,7 @@ mod tests {
         let load = |pairs: &[(&str, &str)]| {
             Config::load(None, env(pairs), &RunArgs::default())
                 .unwrap()
-                .anonymous_allowed()
+                .anonymous_allowed_on("tcp")
         };
         assert!(load(&[]), "loopback only: allowed");
         assert!(!load(&[("FLOCKMQ_MQTT_ADDR", "0.0.0.0:1883")]));
@@ -1314,7 +1369,26 @@ mod tests {
         ]));
         assert!(!load(&[("FLOCKMQ_MQTT__ALLOW_ANONYMOUS", "false")]));
         let c = Config::from_toml("[mqtt]\nallow_anonymous = \"auto\"").unwrap();
-        assert!(c.anonymous_allowed());
+        assert!(c.anonymous_allowed_on("ws"));
+        // Per listener, from a file or a variable.
+        let c = Config::from_toml("[mqtt]\nallow_anonymous = [\"tcp\", \"ws\"]").unwrap();
+        let on: Vec<bool> = LISTENERS
+            .iter()
+            .map(|l| c.anonymous_allowed_on(l))
+            .collect();
+        assert_eq!(on, [true, false, true, false]);
+        let c = Config::load(
+            None,
+            env(&[("FLOCKMQ_MQTT__ALLOW_ANONYMOUS", "tcp,ws")]),
+            &RunArgs::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.mqtt.allow_anonymous,
+            Anonymous::Set(Listeners::Only(vec!["tcp".into(), "ws".into()]))
+        );
+        let e = Config::from_toml("[mqtt]\nallow_anonymous = [\"tcp\", \"udp\"]").unwrap_err();
+        assert!(e.to_string().contains("udp"), "{e}");
         let e = Config::from_toml("[mqtt]\nallow_anonymous = \"sometimes\"").unwrap_err();
         assert!(e.to_string().contains("mqtt.allow_anonymous"), "{e}");
     }

@@ -29,12 +29,16 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let tls = match config.tls_addr.or(config.wss_addr) {
-        Some(_) => Some(Arc::new(transport::tls::TlsSlot::new(
-            transport::tls::server_config(&config).context("cannot set up TLS")?,
-        ))),
-        None => None,
+    // One TLS configuration per TLS listener: client certificates may be required on
+    // one and optional on the other.
+    let tls_slot = |addr: Option<std::net::SocketAddr>, listener| match addr {
+        Some(_) => transport::tls::TlsSlot::load(&config, listener)
+            .map(|slot| Some(Arc::new(slot)))
+            .context("cannot set up TLS"),
+        None => Ok(None),
     };
+    let tls = tls_slot(config.tls_addr, "tls")?;
+    let wss = tls_slot(config.wss_addr, "wss")?;
     let auth_rules = auth::Rules::load(&config).context("cannot load authentication files")?;
     let api_access = http::api::ApiAccess {
         token: config
@@ -100,7 +104,8 @@ pub async fn run(
         auth::Auth::new(auth_rules),
         root.child_token(),
     );
-    tracker.spawn(reload_on_sighup(broker.clone(), tls.clone()));
+    let tls_slots = tls.iter().chain(wss.iter()).cloned().collect();
+    tracker.spawn(reload_on_sighup(broker.clone(), tls_slots));
     let sink: Arc<dyn ForwardSink> = broker.clone();
     let _ = forward_sink.set(sink);
     let _ = api.set(http::api::Api {
@@ -134,12 +139,11 @@ pub async fn run(
         tracker.clone(),
         open.clone(),
     ));
-    let acceptor = tls;
     let listeners = [
         (
             config.tls_addr,
             "MQTT/TLS",
-            acceptor.clone().map(transport::Security::Tls),
+            tls.map(transport::Security::Tls),
         ),
         (
             config.ws_addr,
@@ -149,7 +153,7 @@ pub async fn run(
         (
             config.wss_addr,
             "MQTT/secure WebSocket",
-            acceptor.map(transport::Security::Wss),
+            wss.map(transport::Security::Wss),
         ),
     ];
     for (addr, name, security) in listeners {
@@ -192,7 +196,7 @@ pub async fn run(
 /// Reload the password and ACL files on SIGHUP, as Mosquitto does, and the TLS
 /// certificate, key and CA files (new handshakes use them; established connections
 /// stay up). A file that does not load leaves what is in force unchanged.
-async fn reload_on_sighup(broker: Arc<Broker>, tls: Option<Arc<transport::tls::TlsSlot>>) {
+async fn reload_on_sighup(broker: Arc<Broker>, tls: Vec<Arc<transport::tls::TlsSlot>>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -212,7 +216,7 @@ async fn reload_on_sighup(broker: Arc<Broker>, tls: Option<Arc<transport::tls::T
                 }
                 Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed, previous rules stay"),
             }
-            if let Some(tls) = &tls {
+            for tls in &tls {
                 match tls.reload(&broker.config) {
                     Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and CA files reloaded"),
                     Err(e) => tracing::error!(

@@ -463,3 +463,39 @@ fn nodes_speak_mutual_tls_when_configured() {
         "{without:?}"
     );
 }
+
+#[test]
+fn a_five_node_cluster_keeps_serving_without_two_nodes_leader_included() {
+    let mut nodes = Node::cluster(5);
+    retain(&nodes[4], "site/mode", "day");
+    converged(&running(&nodes));
+    // Kill the leader and one follower: three of five remain, a majority.
+    let leader = nodes[0].status()["leader"]
+        .as_u64()
+        .expect("a leader is known") as usize;
+    let follower = if leader == 2 { 3 } else { 2 };
+    nodes[leader - 1].kill();
+    nodes[follower - 1].kill();
+    let alive: Vec<usize> = (0..5)
+        .filter(|i| i + 1 != leader && i + 1 != follower)
+        .collect();
+    // A write waits for the next leader; every survivor serves it and the old state.
+    retain(&nodes[alive[0]], "site/mode", "night");
+    for &i in &alive {
+        assert_eq!(
+            read_retained(&nodes[i], "site/mode", 1),
+            vec!["site/mode night"],
+            "node {}",
+            i + 1
+        );
+    }
+    converged(&running(&nodes));
+    // Both come back and catch up with what they missed.
+    nodes[leader - 1].restart();
+    nodes[follower - 1].restart();
+    converged(&running(&nodes));
+    assert_eq!(
+        read_retained(&nodes[leader - 1], "site/mode", 1),
+        vec!["site/mode night"]
+    );
+}

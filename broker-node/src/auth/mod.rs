@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::config::{Config, LISTENERS};
 use crate::mqtt::{Connect, ReasonCode};
 
 use self::acl::Acl;
@@ -24,7 +24,8 @@ use self::password::PasswordFile;
 /// The rules in force.
 #[derive(Debug, Default)]
 pub struct Rules {
-    allow_anonymous: bool,
+    /// The listeners ("tcp", "tls", "ws", "wss") that admit clients without credentials.
+    anonymous_on: Vec<&'static str>,
     passwords: Option<PasswordFile>,
     acl: Option<Acl>,
 }
@@ -43,10 +44,13 @@ pub enum AuthError {
 impl Rules {
     /// Load the files `config` names.
     pub fn load(config: &Config) -> Result<Rules, AuthError> {
-        let allow_anonymous = config.anonymous_allowed();
+        let anonymous_on = LISTENERS
+            .into_iter()
+            .filter(|l| config.anonymous_allowed_on(l))
+            .collect();
         let config = &config.mqtt;
         Ok(Rules {
-            allow_anonymous,
+            anonymous_on,
             passwords: match &config.password_file {
                 Some(path) => Some(PasswordFile::load(path.as_ref())?),
                 None => None,
@@ -85,11 +89,13 @@ impl Auth {
         self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Decide whether `connect` may open a session; the error is the CONNACK reason.
-    pub fn authenticate(&self, connect: &Connect) -> Result<(), ReasonCode> {
+    /// Decide whether `connect`, received on `listener`, may open a session; the
+    /// error is the CONNACK reason.
+    pub fn authenticate(&self, connect: &Connect, listener: &str) -> Result<(), ReasonCode> {
         let rules = self.rules();
+        let anonymous = rules.anonymous_on.contains(&listener);
         match (&connect.username, &rules.passwords) {
-            (None, _) if rules.allow_anonymous => Ok(()),
+            (None, _) if anonymous => Ok(()),
             (None, _) => {
                 tracing::info!(client_id = %connect.client_id, "connection refused: no username and anonymous access is off");
                 Err(ReasonCode::NotAuthorized)
@@ -105,7 +111,7 @@ impl Auth {
             }
             // A username but no password file: nothing to check it against, so it is
             // an anonymous client that happens to name itself.
-            (Some(_), None) if rules.allow_anonymous => Ok(()),
+            (Some(_), None) if anonymous => Ok(()),
             (Some(user), None) => {
                 tracing::info!(client_id = %connect.client_id, username = %user, "connection refused: anonymous access is off and no password file is configured");
                 Err(ReasonCode::NotAuthorized)

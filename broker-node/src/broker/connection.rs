@@ -52,7 +52,7 @@ enum End {
 }
 
 /// How long a connection must be quiet before it frees its read and write buffers.
-const BUFFER_RELEASE_AFTER: Duration = Duration::from_secs(1);
+const BUFFER_RELEASE_AFTER: Duration = Duration::from_millis(250);
 
 /// An outbound QoS 1/2 message in the inflight window.
 #[derive(Debug)]
@@ -90,6 +90,7 @@ pub async fn serve<S>(
         wbuf: BytesMut::new(),
         broker: broker.clone(),
         peer,
+        listener,
         vouched,
     };
     let connect_timeout = broker.config.mqtt.connect_timeout;
@@ -131,6 +132,8 @@ struct Connection<S> {
     wbuf: BytesMut,
     broker: Arc<Broker>,
     peer: SocketAddr,
+    /// The listener it came in on ("tcp", "tls", "ws" or "wss").
+    listener: &'static str,
     vouched: Vouched,
 }
 
@@ -302,7 +305,7 @@ where
         let authenticated = match &self.vouched {
             Vouched::Nothing => broker
                 .auth
-                .authenticate(&connect)
+                .authenticate(&connect, self.listener)
                 .map(|()| connect.username.as_deref().map(Arc::from)),
             Vouched::CertificateUser(Some(name)) => Ok(Some(name.clone())),
             Vouched::CertificateUser(None) => {

@@ -29,8 +29,9 @@ fn key(path: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
         .with_context(|| format!("{path} holds no PEM private key"))
 }
 
-/// The server configuration of the MQTT/TLS listener, from `config`'s TLS files.
-pub fn server_config(config: &Config) -> anyhow::Result<Arc<ServerConfig>> {
+/// The server configuration of the MQTT/TLS or secure WebSocket `listener` ("tls",
+/// "wss"), from `config`'s TLS files.
+pub fn server_config(config: &Config, listener: &str) -> anyhow::Result<Arc<ServerConfig>> {
     let cert_file = config
         .tls_cert_file
         .as_deref()
@@ -53,7 +54,7 @@ pub fn server_config(config: &Config) -> anyhow::Result<Arc<ServerConfig>> {
                     .with_context(|| format!("bad CA certificate in {ca_file}"))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-            let verifier = if config.tls_require_client_cert {
+            let verifier = if config.tls_require_client_cert.on(listener) {
                 verifier.build()
             } else {
                 verifier.allow_unauthenticated().build()
@@ -73,25 +74,35 @@ pub fn server_config(config: &Config) -> anyhow::Result<Arc<ServerConfig>> {
 
 /// The TLS server configuration in force: new handshakes take the latest, and a
 /// reload leaves established connections on the one they started with.
-pub struct TlsSlot(RwLock<Arc<ServerConfig>>);
+pub struct TlsSlot {
+    listener: &'static str,
+    config: RwLock<Arc<ServerConfig>>,
+}
 
 impl TlsSlot {
-    /// A slot holding `config`.
-    pub fn new(config: Arc<ServerConfig>) -> Self {
-        TlsSlot(RwLock::new(config))
+    /// The slot of `listener` ("tls" or "wss"), loaded from `config`'s files.
+    pub fn load(config: &Config, listener: &'static str) -> anyhow::Result<Self> {
+        Ok(TlsSlot {
+            listener,
+            config: RwLock::new(server_config(config, listener)?),
+        })
     }
 
     /// An acceptor over the configuration in force.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        let config = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let config = self
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         tokio_rustls::TlsAcceptor::from(config)
     }
 
     /// Read the certificate, key and CA files again; on failure the configuration in
     /// force stays and the error says why.
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
-        let fresh = server_config(config)?;
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        let fresh = server_config(config, self.listener)?;
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(())
     }
 }
