@@ -386,3 +386,42 @@ fn sighup_reloads_the_certificates_and_keeps_connections() {
     let still = tls_pub(port, new_ca, &["-t", "site/c", "-m", "still"]);
     assert_eq!(still.code, Some(0), "{still:?}");
 }
+
+#[test]
+fn a_client_that_stalls_in_the_tls_handshake_is_closed_on_time() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("temp dir");
+    make_pki(dir.path());
+    let port = free_port();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let _node = Node::start_with_config(&format!(
+        "tls_addr = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+         [mqtt]\nconnect_timeout = \"1s\"\n",
+        p("server.pem"),
+        p("server.key")
+    ));
+    // The start of a ClientHello record that announces 512 bytes, then nothing.
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .expect("write");
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .expect("timeout");
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = loop {
+        match stalled.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue, // an alert, then the close
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    assert!(closed, "still open after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the timeout: {:?}",
+        started.elapsed()
+    );
+}
