@@ -423,8 +423,9 @@ impl Broker {
                     shared_group: target.shared_group,
                 }],
             };
-            let acks = self.forward(vec![(node, forwarded)], true).await;
-            wait_forwarded(acks).await;
+            // Nobody waits for an acknowledgement here (the publisher had its own), and
+            // waiting inside a peer's delivery could stall its stream.
+            self.forward(vec![(node, forwarded)], false).await;
         }
     }
 
