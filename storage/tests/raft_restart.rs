@@ -81,7 +81,7 @@ async fn start(dir: &Path) -> (Raft<KvConfig>, storage::MachineHandle<KvConfig, 
         ..Default::default()
     };
     let config = Arc::new(config.validate().expect("valid raft config"));
-    let (log, sm) = storage::open(dir.join("db"), KvMachine::default()).expect("open storage");
+    let (log, sm) = common::reopen(&dir.join("db"));
     let machine = sm.machine();
     let raft = Raft::new(NODE, config, NoPeers, log, sm)
         .await

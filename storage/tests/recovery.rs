@@ -24,7 +24,7 @@ use storage::{LogStore, StateMachineStore};
 type Stores = (LogStore<KvConfig>, StateMachineStore<KvConfig, KvMachine>);
 
 fn open(dir: &Path) -> Stores {
-    storage::open(dir.join("db"), KvMachine::default()).expect("open storage")
+    common::reopen(&dir.join("db"))
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -133,3 +133,28 @@ pub fn run_crashing_child(test_name: &str, data_dir: &std::path::Path) {
         "child exited cleanly instead of crashing"
     );
 }
+
+/// Open the stores at `path`, as a restarted node does. A store just dropped in this
+/// process may still hold sled's file lock for a moment (its flusher thread lets go
+/// of the database after the last handle): retry that, and only that, for a while.
+#[allow(dead_code)] // not every test binary reopens
+pub fn reopen(
+    path: &std::path::Path,
+) -> (
+    storage::LogStore<KvConfig>,
+    storage::StateMachineStore<KvConfig, KvMachine>,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match storage::open(path, KvMachine::default()) {
+            Ok(stores) => return stores,
+            Err(e)
+                if format!("{e:?}").contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open storage: {e:?}"),
+        }
+    }
+}
