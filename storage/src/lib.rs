@@ -71,6 +71,10 @@ where
         .open_tree(codec::SNAPSHOT_TREE)
         .sto(ErrorSubject::Snapshot(None), ErrorVerb::Read)?;
     tracing::info!(path = %path.display(), entries = logs.len(), "storage opened");
-    let state_machine = StateMachineStore::open(db, snapshots, machine)?;
-    Ok((LogStore::new(logs, meta), state_machine))
+    let log_store = LogStore::new(logs, meta);
+    let committed = log_store
+        .committed_at_open()
+        .sto(ErrorSubject::Store, ErrorVerb::Read)?;
+    let state_machine = StateMachineStore::open(db, snapshots, machine, committed)?;
+    Ok((log_store, state_machine))
 }

@@ -107,6 +107,12 @@ where
         Ok(())
     }
 
+    /// The committed log id saved before this process opened the store.
+    pub(crate) fn committed_at_open(&self) -> Result<Option<LogId<C::NodeId>>, Error> {
+        self.read_meta(KEY_COMMITTED, "committed log id")
+            .map(Option::flatten)
+    }
+
     /// The id of the last purged entry.
     fn last_purged(&self) -> Result<Option<LogId<C::NodeId>>, Error> {
         self.read_meta(KEY_LAST_PURGED, "last purged log id")

@@ -54,6 +54,14 @@ pub trait Machine<C: RaftTypeConfig>: Send + Sync + 'static {
     /// possibly on another node). On error, leave the state as it was: the store then
     /// reports a storage error and keeps its old `last_applied` (openraft stops the node).
     fn restore(&mut self, data: &[u8]) -> Result<(), Self::Error>;
+
+    /// Called once at open, after any snapshot is restored, with the committed log id the
+    /// log store had saved before this process started: openraft is about to re-apply
+    /// the log up to it, entries this machine (in an earlier process) has most likely
+    /// applied already. A machine with side effects outside its state (messages sent,
+    /// connections closed) can use it to hold them back for those entries, so a restart
+    /// does not repeat them. The state itself must still be rebuilt by `apply`.
+    fn recovering(&mut self, _committed: Option<&LogId<C::NodeId>>) {}
 }
 
 /// The machine together with the log pointers it reflects.
@@ -213,6 +221,7 @@ where
         db: sled::Db,
         snapshots: sled::Tree,
         mut machine: M,
+        committed: Option<LogId<C::NodeId>>,
     ) -> Result<Self, StorageError<C::NodeId>> {
         let mut last_applied = None;
         let mut last_membership = StoredMembership::default();
@@ -228,6 +237,7 @@ where
             last_applied = snapshot.meta.last_log_id;
             last_membership = snapshot.meta.last_membership;
         }
+        machine.recovering(committed.as_ref());
         Ok(Self {
             shared: Arc::new(Shared {
                 applied: RwLock::new(Applied {

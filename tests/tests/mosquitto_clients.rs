@@ -242,3 +242,68 @@ fn retained_messages_and_subscriptions_survive_kill_9_of_the_broker() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_will_is_not_published_again_when_the_broker_restarts() {
+    let mut node = Node::start();
+    let p = port(&node);
+    let dashboard = |wait: &str| {
+        Background::spawn(
+            "mosquitto_sub",
+            &[
+                "-p",
+                &p,
+                "-i",
+                "dashboard",
+                "-c",
+                "-q",
+                "1",
+                "-t",
+                "robots/+/status",
+                "-C",
+                "1",
+                "-v",
+                "-W",
+                wait,
+            ],
+        )
+    };
+    let watching = dashboard("10");
+    sleep(Duration::from_millis(500));
+    let robot = Background::spawn(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &p,
+            "-i",
+            "robot-7",
+            "-t",
+            "robots/robot-7/cmd",
+            "--will-topic",
+            "robots/robot-7/status",
+            "--will-payload",
+            "offline",
+            "--will-qos",
+            "1",
+        ],
+    );
+    sleep(Duration::from_millis(500));
+    robot.kill();
+    let out = watching.finish(T);
+    assert_eq!(
+        out.stdout.trim(),
+        "robots/robot-7/status offline",
+        "{out:?}"
+    );
+    // Let the store settle, then crash: the restarted node re-applies its log, will
+    // included, and must not hand the will out a second time.
+    sleep(Duration::from_millis(1500));
+    node.restart();
+    let again = dashboard("4").finish(T);
+    assert_eq!(
+        again.stdout.trim(),
+        "",
+        "the will came twice: {again:?}\nbroker log:\n{}",
+        node.log()
+    );
+}

@@ -32,27 +32,57 @@ use self::state::{BrokerState, Event};
 use crate::config::Config;
 
 /// The broker's state as `storage` sees it: apply a batch, snapshot, restore.
-pub struct BrokerMachine(pub BrokerState);
+pub struct BrokerMachine {
+    /// The state.
+    pub state: BrokerState,
+    /// Entries up to this index were applied by this node's previous process: their
+    /// events (wills, takeovers, kicks) happened then and are not repeated.
+    replayed_up_to: u64,
+}
+
+impl BrokerMachine {
+    /// A machine holding `state`.
+    pub fn new(state: BrokerState) -> Self {
+        BrokerMachine {
+            state,
+            replayed_up_to: 0,
+        }
+    }
+}
 
 impl storage::Machine<TypeConfig> for BrokerMachine {
     type Error = state::RestoreError;
 
-    fn apply(&mut self, _log_id: &LogId<NodeId>, request: &Request) -> Response {
-        Response {
+    fn apply(&mut self, log_id: &LogId<NodeId>, request: &Request) -> Response {
+        let replayed = log_id.index <= self.replayed_up_to;
+        self.state.set_muted(replayed);
+        let response = Response {
             results: request
                 .commands
                 .iter()
-                .map(|c| self.0.apply_command(c))
+                .map(|c| self.state.apply_command(c))
                 .collect(),
+        };
+        self.state.set_muted(false);
+        response
+    }
+
+    fn recovering(&mut self, committed: Option<&LogId<NodeId>>) {
+        self.replayed_up_to = committed.map_or(0, |c| c.index);
+        if self.replayed_up_to > 0 {
+            tracing::info!(
+                up_to = self.replayed_up_to,
+                "re-applying the committed log without repeating its events"
+            );
         }
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, Self::Error> {
-        Ok(self.0.to_snapshot())
+        Ok(self.state.to_snapshot())
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), Self::Error> {
-        self.0.restore(data)
+        self.state.restore(data)
     }
 }
 
@@ -70,7 +100,7 @@ impl StateHandle {
     /// A poisoned lock (an apply that panicked) is a broken node: it panics too,
     /// rather than serve state that may be half applied.
     pub fn read<R>(&self, f: impl FnOnce(&BrokerState) -> R) -> R {
-        match self.machine.read(|m| f(&m.0)) {
+        match self.machine.read(|m| f(&m.state)) {
             Ok(r) => r,
             Err(e) => panic!("replicated state unreadable: {e}"),
         }
@@ -108,7 +138,7 @@ impl StateHandle {
     pub fn digest(&self) -> (u64, u64) {
         match self
             .machine
-            .read_at(|m, applied| (applied.map(|l| l.index).unwrap_or(0), m.0.digest()))
+            .read_at(|m, applied| (applied.map(|l| l.index).unwrap_or(0), m.state.digest()))
         {
             Ok(r) => r,
             Err(e) => panic!("replicated state unreadable: {e}"),
@@ -161,7 +191,7 @@ impl Cluster {
         // Before Raft dials anyone: every peer connection must take the TLS side.
         let server_tls = tls::install(&config.cluster).context("cannot set up cluster TLS")?;
         let path = config.data_dir.join("raft");
-        let machine = BrokerMachine(BrokerState::new(Some(events)));
+        let machine = BrokerMachine::new(BrokerState::new(Some(events)));
         let (log_store, sm_store) = tokio::task::spawn_blocking(move || {
             storage::open::<TypeConfig, BrokerMachine>(&path, machine).map_err(Box::new)
         })

@@ -129,6 +129,8 @@ pub struct BrokerState {
     /// Derived from `sessions`: filter → subscribers, for matching publishes.
     routes: SubscriptionTrie<ClientKey, SubscriptionOptions>,
     events: Option<UnboundedSender<Event>>,
+    /// While set, applying emits no events (see [`BrokerState::set_muted`]).
+    muted: bool,
 }
 
 /// The serialized form of [`BrokerState`] in snapshots.
@@ -152,7 +154,16 @@ impl BrokerState {
         }
     }
 
+    /// Holds back events while `muted`: used when re-applying, after a restart, entries
+    /// whose events the previous process already acted on.
+    pub fn set_muted(&mut self, muted: bool) {
+        self.muted = muted;
+    }
+
     fn emit(&self, event: Event) {
+        if self.muted {
+            return;
+        }
         if let Some(tx) = &self.events {
             // The receiver only goes away at shutdown; events then no longer matter.
             let _ = tx.send(event);
@@ -309,14 +320,15 @@ impl BrokerState {
     ) -> CommandResult {
         let mut session_present = false;
         if let Some(old) = self.sessions.get_mut(client_id) {
-            if old.connected {
-                self.events.as_ref().map(|tx| {
-                    tx.send(Event::SessionTakenOver {
+            // Not `emit`: `old` borrows `sessions`, so only the other fields are at hand.
+            if old.connected && !self.muted {
+                if let Some(tx) = &self.events {
+                    let _ = tx.send(Event::SessionTakenOver {
                         client_id: client_id.clone(),
                         node: old.node,
                         connection_id: old.connection_id,
-                    })
-                });
+                    });
+                }
             }
             // The old connection's will: a reconnect to the same session within the
             // will delay cancels it; a clean start ends the old session, which
