@@ -4,9 +4,10 @@
 //! Every node gets its own free ports and data directory, so tests run in parallel.
 
 pub mod mqtt;
+pub mod netns;
 pub mod pki;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -72,6 +73,12 @@ pub struct Node {
     pub cluster_port: u16,
     /// Its data directory (kept across restarts).
     pub data_dir: PathBuf,
+    /// The address it listens on: 127.0.0.1, or its own in a [`netns::Network`].
+    pub host: Ipv4Addr,
+    /// The network namespace it runs in, if not the test's own.
+    netns: Option<String>,
+    /// The admin API's bearer token, where the API is reached off loopback.
+    api_token: Option<String>,
     extra_args: Vec<String>,
     extra_env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
@@ -103,6 +110,9 @@ impl Node {
             http_port: free_port(),
             cluster_port: free_port(),
             data_dir: tmp.path().join("data"),
+            host: Ipv4Addr::LOCALHOST,
+            netns: None,
+            api_token: None,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             extra_env: Vec::new(),
             _tmp: Some(tmp),
@@ -120,20 +130,45 @@ impl Node {
     /// Start `n` nodes forming one fresh Raft cluster, each with the environment
     /// variables `env` (settings as `FLOCKMQ_...`).
     pub fn cluster_with_env(n: usize, env: &[(&str, &str)]) -> Vec<Node> {
+        Self::form_cluster(n, env, |_| (Ipv4Addr::LOCALHOST, None))
+    }
+
+    /// Start one node of a fresh Raft cluster in each namespace of `net`, on ports
+    /// 1883 (MQTT), 8080 (HTTP) and 7000 (cluster) of its own address.
+    pub fn cluster_in(net: &netns::Network, n: usize, env: &[(&str, &str)]) -> Vec<Node> {
+        Self::form_cluster(n, env, |id| (net.addr(id), Some(net.namespace(id))))
+    }
+
+    fn form_cluster(
+        n: usize,
+        env: &[(&str, &str)],
+        place: impl Fn(usize) -> (Ipv4Addr, Option<String>),
+    ) -> Vec<Node> {
         let mut nodes: Vec<Node> = (1..=n)
             .map(|id| {
                 let tmp = tempfile::tempdir().expect("temp dir");
+                let (host, netns) = place(id);
+                let port = |fixed| if netns.is_some() { fixed } else { free_port() };
+                // Off loopback the admin API wants a token.
+                let api_token = netns.as_ref().map(|_| "cluster-test-token".to_owned());
+                let mut extra_env: Vec<(String, String)> = env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                if let Some(token) = &api_token {
+                    extra_env.push(("FLOCKMQ_API_TOKEN".into(), token.clone()));
+                }
                 Node {
                     child: None,
-                    mqtt_port: free_port(),
-                    http_port: free_port(),
-                    cluster_port: free_port(),
+                    mqtt_port: port(1883),
+                    http_port: port(8080),
+                    cluster_port: port(7000),
                     data_dir: tmp.path().join("data"),
+                    host,
+                    netns,
+                    api_token,
                     extra_args: vec!["--node-id".into(), id.to_string()],
-                    extra_env: env
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
+                    extra_env,
                     _tmp: Some(tmp),
                     _config_dir: None,
                 }
@@ -142,7 +177,7 @@ impl Node {
         let initial = nodes
             .iter()
             .enumerate()
-            .map(|(i, node)| format!("{}=127.0.0.1:{}", i + 1, node.cluster_port))
+            .map(|(i, node)| format!("{}={}:{}", i + 1, node.host, node.cluster_port))
             .collect::<Vec<_>>()
             .join(",");
         for node in &mut nodes {
@@ -161,7 +196,7 @@ impl Node {
 
     /// The MQTT address as `host:port`.
     pub fn mqtt_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.mqtt_port))
+        SocketAddr::from((self.host, self.mqtt_port))
     }
 
     fn spawn(&mut self) {
@@ -175,15 +210,24 @@ impl Node {
             .append(true)
             .open(self.data_dir.with_extension("log"))
             .expect("log file");
-        let child = Command::new(broker_binary())
+        let mut command = match &self.netns {
+            // `ip netns exec` execs the program, so the child is the broker itself.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(broker_binary());
+                c
+            }
+            None => Command::new(broker_binary()),
+        };
+        let child = command
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--mqtt-addr")
-            .arg(format!("127.0.0.1:{}", self.mqtt_port))
+            .arg(format!("{}:{}", self.host, self.mqtt_port))
             .arg("--http-addr")
-            .arg(format!("127.0.0.1:{}", self.http_port))
+            .arg(format!("{}:{}", self.host, self.http_port))
             .arg("--cluster-addr")
-            .arg(format!("127.0.0.1:{}", self.cluster_port))
+            .arg(format!("{}:{}", self.host, self.cluster_port))
             .args(&self.extra_args)
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env(
@@ -222,8 +266,11 @@ impl Node {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<serde_json::Value, String> {
-        let url = format!("http://127.0.0.1:{}/api/v1{path}", self.http_port);
-        let request = ureq::request(method, &url).timeout(Duration::from_secs(30));
+        let url = format!("http://{}:{}/api/v1{path}", self.host, self.http_port);
+        let mut request = ureq::request(method, &url).timeout(Duration::from_secs(30));
+        if let Some(token) = &self.api_token {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
         let response = match body {
             Some(b) => request.send_json(b),
             None => request.call(),

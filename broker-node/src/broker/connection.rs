@@ -415,6 +415,7 @@ where
             Err(e) => {
                 tracing::warn!(client_id = %client_id, error = %e, "cannot open session");
                 broker.unregister(&client_id, connection_id);
+                broker.remember_refused_open(connection_id);
                 return self.refuse(version, ReasonCode::ServerUnavailable).await;
             }
         };

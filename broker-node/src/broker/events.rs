@@ -65,6 +65,25 @@ impl Broker {
                         }
                     }
                 }
+                Event::SessionOpened {
+                    client_id,
+                    node,
+                    connection_id,
+                    created,
+                } if node == self.node_id && self.take_refused_open(connection_id) => {
+                    // The client was told the server is unavailable and has gone, so
+                    // the session must not stay "connected" here. It is closed as after
+                    // a normal DISCONNECT (the client never used it, so no will), and
+                    // ended at once if the refused CONNECT is what created it.
+                    tracing::warn!(client_id = %client_id, "a refused connection's session was opened late; closing it");
+                    self.proposer.propose_detached(Command::CloseSession {
+                        client_id,
+                        connection_id,
+                        graceful: true,
+                        expiry_secs: created.then_some(0),
+                        now_ms: unix_ms(),
+                    });
+                }
                 Event::QueueGrew { client_id, node } if node == self.node_id => {
                     if let Some(h) = self.local_client(&client_id) {
                         // A full channel already holds work that will pump the queue.

@@ -98,6 +98,13 @@ impl Stats {
     }
 }
 
+/// How long a refused connection's OpenSession is watched for a late commit: TCP gives
+/// up retransmitting a stuck request well within this (Linux: about 15 minutes).
+const REFUSED_OPEN_TTL: Duration = Duration::from_secs(20 * 60);
+
+/// At most this many refused connections are watched; the oldest is forgotten first.
+const REFUSED_OPENS_KEPT: usize = 10_000;
+
 /// Everything a connection task needs from the node, shared by reference.
 pub struct Broker {
     /// The effective configuration.
@@ -117,6 +124,11 @@ pub struct Broker {
     /// Shared-subscription selection state (round-robin positions, sticky choices).
     selector: Mutex<SharedSelector<Arc<str>>>,
     next_connection_id: AtomicU64,
+    /// Connections refused because their OpenSession was not committed in time, by
+    /// connection id: should the command commit after all (a write stuck behind a
+    /// network cut reaches the leader once it heals), the session it opened is closed
+    /// again. Bounded by [`REFUSED_OPENS_KEPT`] and [`REFUSED_OPEN_TTL`].
+    refused_opens: Mutex<HashMap<u64, Instant>>,
     /// `$SYS` counters.
     pub stats: Stats,
     /// When the node started, for `$SYS/broker/uptime`.
@@ -148,6 +160,7 @@ impl Broker {
             // Unique across restarts of this node: ids of connections from before a
             // restart must not match new ones in replicated session records.
             next_connection_id: AtomicU64::new(unix_ms() << 16),
+            refused_opens: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             started: Instant::now(),
             shutdown,
@@ -157,6 +170,25 @@ impl Broker {
     /// A fresh connection identifier.
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Remember that connection `connection_id` was refused while its OpenSession was
+    /// still uncertain.
+    pub fn remember_refused_open(&self, connection_id: u64) {
+        let mut refused = lock(&self.refused_opens);
+        let now = Instant::now();
+        refused.retain(|_, at| now.duration_since(*at) < REFUSED_OPEN_TTL);
+        if refused.len() >= REFUSED_OPENS_KEPT {
+            if let Some(oldest) = refused.iter().min_by_key(|(_, at)| **at).map(|(id, _)| *id) {
+                refused.remove(&oldest);
+            }
+        }
+        refused.insert(connection_id, now);
+    }
+
+    /// Whether connection `connection_id` was refused (forgetting it).
+    pub fn take_refused_open(&self, connection_id: u64) -> bool {
+        lock(&self.refused_opens).remove(&connection_id).is_some()
     }
 
     /// Read the replicated state in a short synchronous section.

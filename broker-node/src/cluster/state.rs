@@ -60,6 +60,17 @@ pub enum Event {
         /// The connection.
         connection_id: u64,
     },
+    /// The connection `connection_id` of `client_id` on `node` opened its session.
+    SessionOpened {
+        /// The client identifier.
+        client_id: Arc<str>,
+        /// The node the connection is on.
+        node: NodeId,
+        /// The connection.
+        connection_id: u64,
+        /// Whether the session is new (none to resume).
+        created: bool,
+    },
     /// A session ended (expired or replaced by a clean start).
     SessionEnded {
         /// The client identifier.
@@ -383,6 +394,12 @@ impl BrokerState {
                 node,
             });
         }
+        self.emit(Event::SessionOpened {
+            client_id: client_id.clone(),
+            node,
+            connection_id,
+            created: !session_present,
+        });
         CommandResult::SessionOpened { session_present }
     }
 
