@@ -107,7 +107,8 @@ fn repeated_failures_from_one_address_are_answered_ever_more_slowly() {
     }
     assert!(waited[3] >= Duration::from_millis(950), "{waited:?}");
     assert!(waited[4] >= Duration::from_millis(1950), "{waited:?}");
-    // The right password still gets in, and clears the address's record.
+    // The right password still gets in, after the address's wait (a success clears
+    // nothing: an account of one's own must not reset a guesser's count).
     let (_, rc) = connect_as(
         &node,
         ProtocolVersion::V5,
@@ -204,4 +205,33 @@ fn the_acl_file_decides_who_publishes_and_subscribes_where() {
         other => panic!("publish expected, got {other:?}"),
     }
     assert!(dash.recv(Duration::from_millis(500)).is_none());
+}
+
+#[test]
+fn a_username_nothing_verified_does_not_pick_that_users_acl_rules() {
+    // Anonymous access, no password file: a name in CONNECT proves nothing.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        "topic read public/#\nuser dashboard\ntopic readwrite fleet/#\n",
+    )
+    .expect("acl");
+    let node = Node::start_with_config(&format!(
+        "[mqtt]\nallow_anonymous = true\nacl_file = \"{}\"\n",
+        acl.display()
+    ));
+    let v5 = ProtocolVersion::V5;
+    let (mut claimed, rc) = connect_as(&node, v5, "c1", Some(("dashboard", "anything")));
+    assert_eq!(rc, ReasonCode::Success, "admitted as anonymous");
+    assert_eq!(
+        subscribe(&mut claimed, "fleet/#", QoS::AtLeastOnce),
+        vec![ReasonCode::NotAuthorized],
+        "the claimed user's rules do not apply"
+    );
+    assert_eq!(
+        subscribe(&mut claimed, "public/news", QoS::AtLeastOnce),
+        vec![ReasonCode::GrantedQoS1],
+        "the anonymous rules do"
+    );
 }

@@ -299,11 +299,17 @@ where
                 .refuse(version, ReasonCode::BadAuthenticationMethod)
                 .await;
         }
+        // An address with recent failures waits before its credentials are checked.
+        let Some(attempt) = broker.auth.failures.begin(self.peer.ip(), Instant::now()) else {
+            metrics::counter!("flockmq_auth_failures_total").increment(1);
+            tracing::info!(client_id = %client_id, peer = %self.peer, "connection refused unchecked: too many attempts under way from a failing address");
+            return self.refuse(version, ReasonCode::NotAuthorized).await;
+        };
+        if !attempt.wait.is_zero() {
+            tokio::time::sleep(attempt.wait).await;
+        }
         let authenticated = match &self.vouched {
-            Vouched::Nothing => broker
-                .auth
-                .authenticate(&connect, self.listener)
-                .map(|()| connect.username.as_deref().map(Arc::from)),
+            Vouched::Nothing => broker.auth.authenticate(&connect, self.listener),
             Vouched::CertificateUser(Some(name)) => Ok(Some(name.clone())),
             Vouched::CertificateUser(None) => {
                 tracing::info!(client_id = %client_id, peer = %self.peer, "connection refused: no client certificate with a name to use as the username");
@@ -311,20 +317,14 @@ where
             }
         };
         let username: Option<Arc<str>> = match authenticated {
-            Ok(username) => {
-                if username.is_some() {
-                    broker.auth.failures.succeeded(self.peer.ip());
-                }
-                username
-            }
+            Ok(username) => username,
             Err(code) => {
                 metrics::counter!("flockmq_auth_failures_total").increment(1);
-                // Guessing gets slower with every failure from the same address.
-                let wait = broker.auth.failures.failed(self.peer.ip(), Instant::now());
-                tokio::time::sleep(wait).await;
+                attempt.failed(Instant::now());
                 return self.refuse(version, code).await;
             }
         };
+        drop(attempt);
 
         // The will, validated like any publish.
         let will = match &connect.will {
