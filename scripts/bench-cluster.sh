@@ -5,10 +5,16 @@
 #   run), QoS 0 and 1, at full speed (throughput) and at a fixed offered rate
 #   (latency p50/p99);
 # - the control plane: leader failover, from kill -9 of the leader to a new leader
-#   known to the survivors, over KILLS kills.
+#   known to the survivors, over KILLS kills;
+# - control-plane throughput: SUBSCRIBEs per second through Raft, with batching on
+#   (the defaults) and off (one command per entry), against a single node and spread
+#   over the three;
+# - catch-up: a fourth node joins a cluster holding SESSIONS persistent sessions (one
+#   subscription each) and as many retained messages, timed until it reports the
+#   leader's state digest at the same applied index.
 #
-#   scripts/bench-cluster.sh                      # a few minutes
-#   REPS=1 DURATION=1s KILLS=1 scripts/bench-cluster.sh --smoke   # CI: proves it works
+#   scripts/bench-cluster.sh                      # about ten minutes
+#   REPS=1 DURATION=1s KILLS=1 SESSIONS=500 scripts/bench-cluster.sh --smoke   # CI
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +22,7 @@ REPS=${REPS:-3}
 DURATION=${DURATION:-5s}
 RATE=${RATE:-5000}
 KILLS=${KILLS:-10}
+SESSIONS=${SESSIONS:-100000}
 DRAIN=${DRAIN:-3s}
 OUT=${OUT:-docs/benchmarks-cluster.md}
 SMOKE=0
@@ -36,13 +43,21 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 INITIAL="1=127.0.0.1:17101,2=127.0.0.1:17102,3=127.0.0.1:17103"
 declare -A PID
-start_node() { # id
+start_node() { # id [flags...]: environment settings in NODE_ENV (e.g. batching off)
   local id=$1
-  "$BIN/broker-node" --node-id "$id" --data-dir "$WORK/data$id" \
+  shift
+  local cluster_flags=(--initial-cluster "$INITIAL")
+  [ $# -gt 0 ] && cluster_flags=("$@")
+  env ${NODE_ENV:-} "$BIN/broker-node" --node-id "$id" --data-dir "$WORK/data$id" \
     --mqtt-addr 127.0.0.1:$((18900 + id)) --http-addr 127.0.0.1:$((18950 + id)) \
-    --cluster-addr 127.0.0.1:$((17100 + id)) --initial-cluster "$INITIAL" --ws-addr off \
+    --cluster-addr 127.0.0.1:$((17100 + id)) "${cluster_flags[@]}" --ws-addr off \
     >>"$WORK/node$id.log" 2>&1 &
   PID[$id]=$!
+}
+field() { # id key → a field of the node's cluster status, or nothing
+  status "$1" | python3 -c 'import json,sys
+try: print(json.load(sys.stdin)[sys.argv[1]])
+except Exception: print("")' "$2"
 }
 status() { # id → JSON or nothing
   curl -fsS --max-time 1 "http://127.0.0.1:$((18950 + $1))/api/v1/cluster" 2>/dev/null || true
@@ -60,7 +75,7 @@ wait_ready() {
     done
   done
 }
-stop_all() { for id in 1 2 3; do kill "${PID[$id]}" 2>/dev/null || true; wait "${PID[$id]}" 2>/dev/null || true; done; }
+stop_all() { for id in "${!PID[@]}"; do kill "${PID[$id]}" 2>/dev/null || true; wait "${PID[$id]}" 2>/dev/null || true; done; }
 
 for id in 1 2 3; do start_node "$id"; done
 wait_ready
@@ -133,9 +148,74 @@ for k in $(seq "$KILLS"); do
 done
 stop_all
 
-python3 - "$RESULTS" "$FAILOVER" "$OUT" "$REPS" "$DURATION" "$RATE" "$CLIENTS" <<'PY'
-import collections, platform, statistics, subprocess, sys
-results, failover, out, reps, duration, rate, clients = sys.argv[1:]
+# ---- control-plane throughput: batching on and off ----
+N3=127.0.0.1:18903
+CONTROL=$WORK/control.tsv
+: > "$CONTROL"
+SUB_CLIENTS=20
+[ $SMOKE = 1 ] && SUB_CLIENTS=4
+for batching in on off; do
+  rm -rf "$WORK"/data?
+  NODE_ENV=""
+  [ $batching = off ] && NODE_ENV="FLOCKMQ_CLUSTER__BATCH_MAX_COMMANDS=1"
+  for id in 1 2 3; do start_node "$id"; done
+  wait_ready
+  for rep in $(seq "$REPS"); do
+    for spread in leader all; do
+      brokers="$N1"
+      [ $spread = all ] && brokers="$N1,$N2,$N3"
+      line=$("$BIN/flockmq-bench" --scenario subscribes --clients $SUB_CLIENTS --inflight 8 \
+        --qos 1 --duration "$DURATION" --brokers "$brokers" --label "$batching-$spread")
+      echo "subscribes batching $batching via $spread: $line" >&2
+      python3 - "$line" "$batching" "$spread" >>"$CONTROL" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+print("\t".join([sys.argv[2], sys.argv[3], str(r["subscribes_per_second"]),
+                 str(r["latency_ms"]["p50"]), str(r["latency_ms"]["p99"]), str(r["refused"])]))
+PY
+    done
+  done
+  stop_all
+done
+NODE_ENV=""
+
+# ---- catch-up of a joining node ----
+rm -rf "$WORK"/data?
+for id in 1 2 3; do start_node "$id"; done
+wait_ready
+fill=$("$BIN/flockmq-bench" --scenario sessions --clients "$SESSIONS" --concurrency 200 \
+  --brokers "$N1,$N2,$N3" --payload 64)
+echo "filled: $fill" >&2
+leader=$(leader_seen_by 1)
+sleep 2
+target_index=$(field "$leader" digest_index)
+t0=$(date +%s.%N)
+start_node 4 --join 127.0.0.1:$((17100 + leader))
+caught=""
+while :; do
+  # The join itself adds entries (membership changes): compare with the leader now.
+  index4=$(field 4 digest_index)
+  if [ -n "$index4" ] && [ "$index4" -ge "$target_index" ] && [ "$index4" = "$(field "$leader" digest_index)" ] \
+    && [ "$(field 4 digest)" = "$(field "$leader" digest)" ]; then
+    caught=1
+    break
+  fi
+  python3 -c "import sys,time; sys.exit(0 if time.time() - $t0 < 600 else 1)" || break
+  sleep 0.05
+done
+t1=$(date +%s.%N)
+[ -n "$caught" ] || { echo "node 4 did not catch up in 600 s" >&2; tail -20 "$WORK/node4.log" >&2; exit 1; }
+snapshot_mb=$(du -sm "$WORK/data$leader" | cut -f1)
+rss4=$(awk '/VmRSS/ {print $2}' "/proc/${PID[4]}/status")
+echo "catch-up: $(python3 -c "print(round($t1 - $t0, 2))") s to index $target_index" >&2
+CATCHUP=$WORK/catchup.tsv
+printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$(python3 -c "print($t1 - $t0)")" "$target_index" "$fill" \
+  "$snapshot_mb" "$rss4" "$(grep -c 'snapshot' "$WORK/node4.log" || true)" >"$CATCHUP"
+stop_all
+
+python3 - "$RESULTS" "$FAILOVER" "$OUT" "$REPS" "$DURATION" "$RATE" "$CLIENTS" "$CONTROL" "$CATCHUP" "$SUB_CLIENTS" <<'PY'
+import collections, json, platform, statistics, subprocess, sys
+results, failover, out, reps, duration, rate, clients, control, catchup, sub_clients = sys.argv[1:]
 rows = collections.defaultdict(list)
 for line in open(results):
     qos, mode, placement, rr, p50, p99, lost, dups, sat = line.rstrip("\n").split("\t")
@@ -170,6 +250,34 @@ lines += ["", "## Control plane: leader failover", "",
           "election timeout 0.8–1.6 s (openraft waits out the old leader's lease first).", ""]
 if times:
     lines += [f"median {med(times):.2f} s, worst {max(times):.2f} s, best {min(times):.2f} s", ""]
+ctl = collections.defaultdict(list)
+for line in open(control):
+    batching, spread, rate_s, p50, p99, refused = line.rstrip("\n").split("\t")
+    ctl[(batching, spread)].append((float(rate_s), float(p50), float(p99), int(refused)))
+lines += ["## Control plane: SUBSCRIBEs per second through Raft", "",
+          f"`flockmq-bench --scenario subscribes --clients {sub_clients} --inflight 8 --qos 1`: every client keeps 8 "
+          f"SUBSCRIBEs of new filters outstanding for {duration}; each is one replicated command, acknowledged "
+          f"once committed and applied. 'Leader only': all clients on the node that initialized the cluster (the "
+          f"leader); 'all three': clients spread over the nodes, followers forwarding to the leader. Batching off: "
+          f"`FLOCKMQ_CLUSTER__BATCH_MAX_COMMANDS=1`, one command per Raft entry. Medians of {reps} runs.", "",
+          "| batching | clients on | subscribes/s | p50 ms | p99 ms | refused |",
+          "| --- | --- | ---: | ---: | ---: | ---: |"]
+for batching in ("on", "off"):
+    for spread, name in (("leader", "leader only"), ("all", "all three")):
+        r = ctl[(batching, spread)]
+        if r:
+            lines.append(f"| {batching} | {name} | {med([x[0] for x in r]):,.0f} | {med([x[1] for x in r]):.2f} | "
+                         f"{med([x[2] for x in r]):.2f} | {sum(x[3] for x in r)} |")
+seconds, index, fill, snapshot_mb, rss_kb, snapshot_lines = open(catchup).read().rstrip("\n").split("\t")
+fill = json.loads(fill)
+lines += ["", "## Control plane: a new node catching up", "",
+          f"`flockmq-bench --scenario sessions --clients {fill['sessions']}` fills a three-node cluster with "
+          f"{fill['sessions']:,} persistent sessions (one QoS 1 subscription each) and {fill['sessions']:,} retained "
+          f"messages of 64 bytes ({fill['sessions_per_second']:,.0f} sessions/s, {fill['failed']} failed). Then "
+          f"`broker-node --node-id 4 --join` starts; the clock runs from its start until it reports the leader's "
+          f"state digest at the same applied index ({index}).", "",
+          f"catch-up {float(seconds):.2f} s; the leader's data directory {snapshot_mb} MB; the new node's RSS "
+          f"{int(rss_kb) / 1024:.0f} MB after catching up.", ""]
 open(out, "w").write("\n".join(lines) + "\n")
 print(f"wrote {out}")
 PY

@@ -22,7 +22,7 @@ echo "== fuzz smoke"
 scripts/fuzz-smoke.sh
 echo "== benchmark smoke"
 REPS=1 DURATION=1s scripts/bench-compare.sh --smoke >/dev/null
-REPS=1 DURATION=1s KILLS=1 scripts/bench-cluster.sh --smoke 2>/dev/null
+REPS=1 DURATION=1s KILLS=1 SESSIONS=500 scripts/bench-cluster.sh --smoke 2>/dev/null
 echo "== docker compose end to end"
 # The image packs the debug build the tests above already made.
 PROFILE=debug tests/docker/compose-e2e.sh

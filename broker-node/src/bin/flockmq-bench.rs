@@ -3,7 +3,9 @@
 //!
 //! Scenarios: `fan-in` (P publishers → 1 wildcard subscriber), `fan-out` (1 publisher →
 //! S subscribers), `pairs` (N publisher/subscriber pairs on their own topics), `storm`
-//! (C idle connections held for T seconds) — each against one or several broker
+//! (C idle connections held for T seconds), and two for the control plane, `subscribes`
+//! (SUBSCRIBEs per second through Raft) and `sessions` (fill the replicated state with
+//! persistent sessions and retained messages) — each against one or several broker
 //! addresses (cluster mode spreads clients round robin over them). Every payload
 //! carries the publisher id, a sequence number and a send timestamp, so the subscribers
 //! measure loss, duplicates and latency. The run is bounded by duration and message
@@ -18,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use broker_node::mqtt::{
-    self, Connect, ConnectProperties, Packet, ProtocolVersion, PubAck, PubComp, PubRel, Publish,
-    PublishProperties, QoS, ReasonCode, RetainHandling, Subscribe, SubscribeProperties,
+    self, Connect, ConnectProperties, Disconnect, Packet, ProtocolVersion, PubAck, PubComp, PubRel,
+    Publish, PublishProperties, QoS, ReasonCode, RetainHandling, Subscribe, SubscribeProperties,
     SubscriptionOptions,
 };
 use bytes::{BufMut, Bytes, BytesMut};
@@ -34,6 +36,12 @@ enum Scenario {
     FanOut,
     Pairs,
     Storm,
+    /// Control plane: every client sends SUBSCRIBEs (new filters, `inflight` at a time)
+    /// for `duration`; measures SUBACKs per second and their latency.
+    Subscribes,
+    /// Control plane: `clients` persistent sessions, each with one subscription and one
+    /// retained message of its own, then disconnected (state to replicate and catch up).
+    Sessions,
 }
 
 #[derive(Parser, Debug)]
@@ -140,6 +148,17 @@ struct Conn {
 
 impl Conn {
     async fn connect(addr: SocketAddr, id: &str, version: ProtocolVersion) -> anyhow::Result<Conn> {
+        Self::connect_with(addr, id, version, true).await
+    }
+
+    /// Connect; `clean_start: false` makes a persistent session (v5: one that never
+    /// expires).
+    async fn connect_with(
+        addr: SocketAddr,
+        id: &str,
+        version: ProtocolVersion,
+        clean_start: bool,
+    ) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect to {addr}"))?;
@@ -151,15 +170,19 @@ impl Conn {
             rbuf: BytesMut::with_capacity(64 * 1024),
             version,
         };
+        let mut properties = ConnectProperties::default();
+        if !clean_start && version == ProtocolVersion::V5 {
+            properties.session_expiry_interval = Some(u32::MAX);
+        }
         let connect = Packet::Connect(Box::new(Connect {
             protocol: version,
-            clean_start: true,
+            clean_start,
             keep_alive: 120,
             client_id: id.to_owned(),
             will: None,
             username: None,
             password: None,
-            properties: ConnectProperties::default(),
+            properties,
         }));
         conn.send(&connect).await?;
         match conn.recv().await? {
@@ -189,20 +212,7 @@ impl Conn {
     }
 
     async fn subscribe(&mut self, filter: &str, qos: QoS) -> anyhow::Result<()> {
-        let sub = Packet::Subscribe(Subscribe {
-            packet_id: 1,
-            filters: vec![(
-                filter.to_owned(),
-                SubscriptionOptions {
-                    qos,
-                    no_local: false,
-                    retain_as_published: false,
-                    retain_handling: RetainHandling::SendAtSubscribe,
-                },
-            )],
-            properties: SubscribeProperties::default(),
-        });
-        self.send(&sub).await?;
+        self.send(&subscribe_packet(1, filter, qos)).await?;
         loop {
             if let Packet::SubAck(ack) = self.recv().await? {
                 if ack.reason_codes.iter().any(|c| c.is_error()) {
@@ -212,6 +222,23 @@ impl Conn {
             }
         }
     }
+}
+
+/// A SUBSCRIBE of one filter.
+fn subscribe_packet(packet_id: u16, filter: &str, qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id,
+        filters: vec![(
+            filter.to_owned(),
+            SubscriptionOptions {
+                qos,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            },
+        )],
+        properties: SubscribeProperties::default(),
+    })
 }
 
 fn now_ns(start: Instant) -> u64 {
@@ -226,8 +253,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cpu_start = process_cpu_seconds();
     let addr = |i: usize| args.brokers[i % args.brokers.len()];
 
-    if args.scenario == Scenario::Storm {
-        return storm(&args, version).await;
+    match args.scenario {
+        Scenario::Storm => return storm(&args, version).await,
+        Scenario::Subscribes => return subscribes(&args, version).await,
+        Scenario::Sessions => return sessions(&args, version).await,
+        _ => {}
     }
 
     // Topics per scenario: (subscriber filters, publisher topics).
@@ -248,7 +278,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .map(|i| format!("bench/pair/{i}"))
                 .collect(),
         ),
-        Scenario::Storm => unreachable!("handled above"),
+        Scenario::Storm | Scenario::Subscribes | Scenario::Sessions => {
+            unreachable!("handled above")
+        }
     };
     let expected_per_msg = match args.scenario {
         Scenario::FanOut => subs.len() as u64,
@@ -627,6 +659,154 @@ async fn storm(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
         "connect_seconds": connect_secs,
         "connects_per_second": conns.len() as f64 / connect_secs,
         "held_seconds": args.duration.as_secs_f64(),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// The value at quantile `p` of sorted `values` (microseconds), in milliseconds.
+fn quantile_ms(values: &[u32], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let idx = ((values.len() as f64 * p).ceil() as usize).clamp(1, values.len()) - 1;
+    f64::from(values[idx]) / 1000.0
+}
+
+/// Every client subscribes to new filters, `inflight` SUBSCRIBEs outstanding each, for
+/// `duration` (or until `count` SUBACKs in all): the control plane's write rate.
+async fn subscribes(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
+    let qos = QoS::try_from(args.qos).map_err(|_| anyhow::anyhow!("bad qos"))?;
+    let mut conns = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        let addr = args.brokers[i % args.brokers.len()];
+        conns.push(Conn::connect(addr, &format!("bench-subs-{i}"), version).await?);
+    }
+    let acked = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let stop_at = start + args.duration;
+    let inflight = args.inflight.clamp(1, 1000);
+    let mut tasks = Vec::new();
+    for (i, mut conn) in conns.into_iter().enumerate() {
+        let (acked, refused, count) = (acked.clone(), refused.clone(), args.count);
+        tasks.push(tokio::spawn(async move {
+            let mut sent_at: HashMap<u16, Instant> = HashMap::new();
+            let mut latencies_us: Vec<u32> = Vec::new();
+            let mut n: u64 = 0;
+            loop {
+                let more = Instant::now() < stop_at
+                    && (count == 0 || acked.load(Ordering::Relaxed) < count);
+                while more && sent_at.len() < inflight {
+                    let id = (n % 60_000) as u16 + 1;
+                    n += 1;
+                    let filter = format!("bench/subs/{i}/{n}");
+                    conn.send(&subscribe_packet(id, &filter, qos)).await?;
+                    sent_at.insert(id, Instant::now());
+                }
+                if sent_at.is_empty() {
+                    break;
+                }
+                if let Packet::SubAck(ack) = conn.recv().await? {
+                    if let Some(t) = sent_at.remove(&ack.packet_id) {
+                        latencies_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    if ack.reason_codes.iter().any(|c| c.is_error()) {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            anyhow::Ok(latencies_us)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let acked = acked.load(Ordering::Relaxed);
+    let out = serde_json::json!({
+        "label": args.label,
+        "scenario": "subscribes",
+        "brokers": args.brokers.len(),
+        "clients": args.clients,
+        "inflight": inflight,
+        "subscribed": acked,
+        "refused": refused.load(Ordering::Relaxed),
+        "seconds": secs,
+        "subscribes_per_second": acked as f64 / secs,
+        "latency_ms": {
+            "p50": quantile_ms(&latencies, 0.50),
+            "p99": quantile_ms(&latencies, 0.99),
+            "max": quantile_ms(&latencies, 1.0),
+        },
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// Make `clients` persistent sessions (`concurrency` at a time), each subscribed to
+/// `bench/s/<i>` and owning the retained message of `bench/r/<i>`, then disconnected.
+async fn sessions(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let start = Instant::now();
+    let payload = Bytes::from(vec![b'r'; args.payload]);
+    let brokers = args.brokers.clone();
+    let label = args.label.clone();
+    let made = futures::stream::iter(0..args.clients)
+        .map(|i| {
+            let addr = brokers[i % brokers.len()];
+            let (payload, label) = (payload.clone(), label.clone());
+            async move {
+                let id = format!("{label}sess-{i}");
+                let mut conn = Conn::connect_with(addr, &id, version, false).await?;
+                conn.subscribe(&format!("bench/s/{i}"), QoS::AtLeastOnce)
+                    .await?;
+                conn.send(&Packet::Publish(Publish {
+                    dup: false,
+                    qos: QoS::AtLeastOnce,
+                    retain: true,
+                    topic: format!("bench/r/{label}{i}"),
+                    packet_id: Some(1),
+                    properties: PublishProperties::default(),
+                    payload,
+                }))
+                .await?;
+                loop {
+                    if let Packet::PubAck(ack) = conn.recv().await? {
+                        if ack.reason_code.is_error() {
+                            bail!("retained publish refused: {:?}", ack.reason_code);
+                        }
+                        break;
+                    }
+                }
+                conn.send(&Packet::Disconnect(Disconnect {
+                    reason_code: ReasonCode::Success,
+                    properties: Default::default(),
+                }))
+                .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(args.concurrency.max(1));
+    let results: Vec<anyhow::Result<()>> = made.collect().await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
+        eprintln!("first failure: {e:#}");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let ok = args.clients - failed;
+    let out = serde_json::json!({
+        "label": args.label,
+        "scenario": "sessions",
+        "brokers": args.brokers.len(),
+        "sessions": ok,
+        "failed": failed,
+        "seconds": secs,
+        "sessions_per_second": ok as f64 / secs,
     });
     println!("{out}");
     Ok(())

@@ -514,7 +514,15 @@ where
         broker.unregister(&client_id, connection_id);
         self.commit_acks(&mut session);
         // Messages that lived only in this connection's memory: unacknowledged
-        // deliveries in flight and those waiting for room.
+        // deliveries in flight, those waiting for room, and those still in the channel
+        // (closed first, so that nothing more arrives).
+        session.rx.close();
+        let mut unsent = Vec::new();
+        while let Ok(msg) = session.rx.try_recv() {
+            if let ConnMsg::Deliver(d) = msg {
+                unsent.push(*d);
+            }
+        }
         let unacked: Vec<Delivery> = session
             .window
             .drain()
@@ -524,6 +532,7 @@ where
                 Outgoing::Queued(_) => None,
             })
             .chain(session.pending.drain(..))
+            .chain(unsent)
             .collect();
         if session.persistent {
             // A persistent session keeps them in its replicated queue, to be resent on
@@ -542,9 +551,20 @@ where
                 tracing::warn!(client_id = %client_id, error = %e, "in-flight messages not queued");
             }
         } else {
-            // A clean session's shared-group messages go to another member of the group.
-            for d in unacked.into_iter().filter(|d| d.shared_group.is_some()) {
-                Box::pin(broker.redeliver_shared(d, &client_id)).await;
+            // A clean session's shared-group messages go to another member of the
+            // group: in the background, so the session's end (below) is recorded at
+            // once and the cluster stops choosing this member meanwhile.
+            let shared: Vec<Delivery> = unacked
+                .into_iter()
+                .filter(|d| d.shared_group.is_some())
+                .collect();
+            if !shared.is_empty() {
+                let (broker, client_id) = (broker.clone(), client_id.clone());
+                tokio::spawn(async move {
+                    for d in shared {
+                        Box::pin(broker.redeliver_shared(d, &client_id, true)).await;
+                    }
+                });
             }
         }
         if end != End::Shutdown {

@@ -280,7 +280,8 @@ impl Broker {
                                 subscription_ids: target.subscription_ids,
                                 shared_group: target.shared_group,
                             };
-                            Box::pin(self.redeliver_shared(delivery, &t.client_id)).await;
+                            // Only here or into a queue: a message makes one hop.
+                            Box::pin(self.redeliver_shared(delivery, &t.client_id, false)).await;
                         }
                         None => {
                             tracing::debug!(client_id = %t.client_id, origin, "forwarded message for a client no longer here");
@@ -332,8 +333,10 @@ impl Broker {
 
     /// A shared-group member left without acknowledging `delivery`: give it to
     /// another member of the group, on this node or another, or to the queue of a
-    /// persistent member, as dispatch would have chosen among those left.
-    pub async fn redeliver_shared(&self, delivery: Delivery, leaving: &str) {
+    /// persistent member, as dispatch would have chosen among those left. Without
+    /// `may_forward`, members on other nodes are not considered (a message that was
+    /// forwarded here once is not sent on again, so it cannot bounce between nodes).
+    pub async fn redeliver_shared(&self, delivery: Delivery, leaving: &str, may_forward: bool) {
         let Some(group) = delivery.shared_group.clone() else {
             return;
         };
@@ -355,7 +358,8 @@ impl Broker {
                             let qos = message.qos.min(options.qos);
                             let queued = qos > 0 && s.is_persistent() && (durable || !s.connected);
                             let reachable = s.connected
-                                && (s.node == self.node_id || !self.forwarder.is_down(s.node));
+                                && (s.node == self.node_id
+                                    || (may_forward && !self.forwarder.is_down(s.node)));
                             if queued || reachable {
                                 found.push((
                                     c.clone(),
@@ -476,14 +480,20 @@ impl Broker {
         message: Arc<Message>,
         reach: Reach,
     ) -> Result<usize, ProposeError> {
-        if message.retain {
-            self.proposer
-                .propose(Command::SetRetained {
-                    topic: message.topic.clone(),
-                    message: Some(message.clone()),
-                })
-                .await?;
-        }
+        // Submitted, not awaited, before dispatching: the retained copy keeps its place
+        // in the log, and the dispatch sees the state as of the moment the message was
+        // due. For a will that matters: the other nodes split the delivery with this
+        // one by their own view as they apply it, so this node must not look a Raft
+        // round trip later, after clients may have moved.
+        let retained = if message.retain {
+            let cmd = Command::SetRetained {
+                topic: message.topic.clone(),
+                message: Some(message.clone()),
+            };
+            Some(self.proposer.submit(cmd).await?)
+        } else {
+            None
+        };
         let outcome = self.dispatch_to(&message, reach);
         Stats::add(&self.stats.messages_received, 1);
         for b in outcome.blocked {
@@ -492,6 +502,9 @@ impl Broker {
         let acks = self.forward(outcome.forward, message.qos > 0).await;
         self.commit_enqueue(outcome.enqueue).await?;
         wait_forwarded(acks).await;
+        if let Some(retained) = retained {
+            retained.wait().await?;
+        }
         Ok(outcome.matched)
     }
 }
