@@ -40,20 +40,11 @@ pub async fn run(
     let tls = tls_slot(config.tls_addr, "tls")?;
     let wss = tls_slot(config.wss_addr, "wss")?;
     let auth_rules = auth::Rules::load(&config).context("cannot load authentication files")?;
-    let api_access = http::api::ApiAccess {
-        token: config
-            .api_token
-            .as_deref()
-            .filter(|t| !t.is_empty())
-            .map(Arc::from),
-        users: match config.api_password_file.as_deref() {
-            Some(path) => Some(Arc::new(
-                auth::password::PasswordFile::load(std::path::Path::new(path))
-                    .context("cannot load the admin API's password file")?,
-            )),
-            None => None,
-        },
-    };
+    let api_access = http::api::ApiAccess::load(
+        config.api_token.as_deref(),
+        config.api_password_file.as_deref(),
+    )
+    .context("cannot load the admin API's password file")?;
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -72,7 +63,7 @@ pub async fn run(
         metrics,
         readiness.clone(),
         api.clone(),
-        api_access,
+        api_access.clone(),
         root.child_token(),
     ));
 
@@ -105,7 +96,7 @@ pub async fn run(
         root.child_token(),
     );
     let tls_slots = tls.iter().chain(wss.iter()).cloned().collect();
-    tracker.spawn(reload_on_sighup(broker.clone(), tls_slots));
+    tracker.spawn(reload_on_sighup(broker.clone(), tls_slots, api_access));
     let sink: Arc<dyn ForwardSink> = broker.clone();
     let _ = forward_sink.set(sink);
     let _ = api.set(http::api::Api {
@@ -196,7 +187,11 @@ pub async fn run(
 /// Reload the password and ACL files on SIGHUP, as Mosquitto does, and the TLS
 /// certificate, key and CA files (new handshakes use them; established connections
 /// stay up). A file that does not load leaves what is in force unchanged.
-async fn reload_on_sighup(broker: Arc<Broker>, tls: Vec<Arc<transport::tls::TlsSlot>>) {
+async fn reload_on_sighup(
+    broker: Arc<Broker>,
+    tls: Vec<Arc<transport::tls::TlsSlot>>,
+    api_access: http::api::ApiAccess,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -215,6 +210,15 @@ async fn reload_on_sighup(broker: Arc<Broker>, tls: Vec<Arc<transport::tls::TlsS
                     tracing::info!("SIGHUP: password and ACL files reloaded");
                 }
                 Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed, previous rules stay"),
+            }
+            if let Some(path) = broker.config.api_password_file.as_deref() {
+                match api_access.reload_users(path) {
+                    Ok(()) => tracing::info!("SIGHUP: admin API password file reloaded"),
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "SIGHUP: admin API password file reload failed, its users stay"
+                    ),
+                }
             }
             for tls in &tls {
                 match tls.reload(&broker.config) {

@@ -282,4 +282,36 @@ fn the_api_takes_basic_auth_users_from_a_password_file() {
     );
     assert_ne!(wrong.code, Some(0), "{wrong:?}");
     assert!(wrong.stderr.contains("401"), "{wrong:?}");
+
+    // Users added or removed in the file count after SIGHUP.
+    std::fs::write(&file, "").expect("empty the file");
+    let made = run(
+        bin,
+        &["passwd", file_arg, "oncall", "--password", "pager"],
+        T,
+    );
+    assert_eq!(made.code, Some(0), "{made:?}");
+    let r = run("kill", &["-HUP", &node.pid().to_string()], T);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let status_as = |user: &str| {
+        run(
+            bin,
+            &["ctl", "--url", &url, "--user", user, "cluster", "status"],
+            T,
+        )
+        .code
+    };
+    let deadline = std::time::Instant::now() + T;
+    while status_as("oncall:pager") != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new user was not admitted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_ne!(
+        status_as("ops:op-s3cret"),
+        Some(0),
+        "the removed user still gets in"
+    );
 }

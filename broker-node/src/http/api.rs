@@ -45,11 +45,34 @@ pub type ApiSlot = Arc<OnceLock<Api>>;
 pub struct ApiAccess {
     /// The bearer token.
     pub token: Option<Arc<str>>,
-    /// The basic-auth users.
-    pub users: Option<Arc<PasswordFile>>,
+    /// The basic-auth users, replaced whole on SIGHUP.
+    pub users: Option<Arc<std::sync::RwLock<Arc<PasswordFile>>>>,
 }
 
 impl ApiAccess {
+    /// Access by `token` and by the users of the password file at `users_path`.
+    pub fn load(token: Option<&str>, users_path: Option<&str>) -> anyhow::Result<ApiAccess> {
+        let users = match users_path {
+            Some(path) => Some(Arc::new(std::sync::RwLock::new(Arc::new(
+                PasswordFile::load(std::path::Path::new(path))?,
+            )))),
+            None => None,
+        };
+        Ok(ApiAccess {
+            token: token.filter(|t| !t.is_empty()).map(Arc::from),
+            users,
+        })
+    }
+
+    /// Read the password file at `path` again (SIGHUP); on error the users stay.
+    pub fn reload_users(&self, path: &str) -> anyhow::Result<()> {
+        if let Some(users) = &self.users {
+            let fresh = PasswordFile::load(std::path::Path::new(path))?;
+            *users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+        }
+        Ok(())
+    }
+
     /// Whether a credential is required (otherwise only loopback clients get in).
     fn required(&self) -> bool {
         self.token.is_some() || self.users.is_some()
@@ -73,6 +96,7 @@ impl ApiAccess {
         let Ok(user) = std::str::from_utf8(&decoded[..colon]) else {
             return false;
         };
+        let users = users.read().unwrap_or_else(|e| e.into_inner()).clone();
         users.verify(user, &decoded[colon + 1..])
     }
 }
