@@ -120,8 +120,16 @@ fn a_node_cut_off_by_the_network_refuses_writes_keeps_its_routes_and_rejoins() {
     // Node 3 rejoins: the same state at the same index everywhere, with nothing of
     // its refused writes in it, and it takes writes again.
     converged(&running(&nodes));
-    // The refused CONNECT's command may have reached the leader once the network
-    // healed: node 3 then ends the session it made.
+    // The refused SUBSCRIBE was not applied later either.
+    let subscriptions = n1
+        .api("GET", "/subscriptions", None)
+        .expect("subscriptions");
+    assert!(
+        !subscriptions.to_string().contains("fleet/r3/cmd"),
+        "a refused SUBSCRIBE took effect: {subscriptions}"
+    );
+    // Should the refused CONNECT's command have reached the leader after all, node 3
+    // ends the session it made.
     let deadline = Instant::now() + T;
     while n1.api("GET", "/sessions/robot-9", None).is_ok() {
         assert!(

@@ -394,7 +394,7 @@ where
             let _ = old.tx.try_send(ConnMsg::TakenOver);
         }
 
-        let opened = Box::pin(broker.proposer.propose(Command::OpenSession {
+        let opened = Box::pin(broker.proposer.propose_refusable(Command::OpenSession {
             client_id: client_id.clone(),
             node: broker.node_id,
             connection_id,
@@ -1127,7 +1127,7 @@ where
         } else {
             match broker
                 .proposer
-                .propose(Command::Subscribe {
+                .propose_refusable(Command::Subscribe {
                     client_id: s.client_id.clone(),
                     entries: entries.clone(),
                 })
@@ -1203,13 +1203,17 @@ where
 
     async fn on_unsubscribe(&mut self, s: &mut Session, unsub: Unsubscribe) -> Option<End> {
         let broker = self.broker.clone();
-        let result = broker
-            .proposer
-            .propose(Command::Unsubscribe {
-                client_id: s.client_id.clone(),
-                filters: unsub.filters.clone(),
-            })
-            .await;
+        let cmd = Command::Unsubscribe {
+            client_id: s.client_id.clone(),
+            filters: unsub.filters.clone(),
+        };
+        // A v3 UNSUBACK cannot say it failed: the client takes it as done, so the
+        // command stays on its way however late. v5 reports the failure.
+        let result = if s.version.is_v5() {
+            broker.proposer.propose_refusable(cmd).await
+        } else {
+            broker.proposer.propose(cmd).await
+        };
         let reason_codes = match result {
             Ok(CommandResult::Unsubscribed(removed)) => removed
                 .into_iter()

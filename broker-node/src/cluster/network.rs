@@ -252,8 +252,31 @@ pub async fn change_membership(
     outcome
 }
 
+/// Dials the leader for [`LeaderForwarder`]: plain TCP (TLS, when configured, is
+/// layered on by tonic), no Nagle, and SO_LINGER 0, so that closing the connection
+/// discards what it has not delivered instead of the kernel sending it on later.
+fn discarding_connector() -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Send
+       + Clone
+       + 'static {
+    tower::service_fn(|uri: tonic::transport::Uri| async move {
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .ok_or_else(|| std::io::Error::other(format!("no host in {uri}")))?;
+        let stream = tokio::net::TcpStream::connect(authority).await?;
+        stream.set_nodelay(true)?;
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+        Ok(hyper_util::rt::TokioIo::new(stream))
+    })
+}
+
 /// Sends batches to the leader when this node is a follower. One client per leader
-/// address, reconnected lazily.
+/// address, reconnected lazily, and dropped after a batch went unanswered.
 #[derive(Default)]
 pub struct LeaderForwarder {
     client: Option<(String, AdminClient<Channel>)>,
@@ -281,9 +304,11 @@ impl LeaderForwarder {
         if self.client.as_ref().map(|(a, _)| a.as_str()) != Some(addr) {
             let endpoint = super::tls::endpoint(addr)
                 .map_err(ForwardError::NotSent)?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true);
-            self.client = Some((addr.to_owned(), AdminClient::new(endpoint.connect_lazy())));
+                .connect_timeout(Duration::from_secs(2));
+            self.client = Some((
+                addr.to_owned(),
+                AdminClient::new(endpoint.connect_with_connector_lazy(discarding_connector())),
+            ));
         }
         let Some((_, client)) = self.client.as_mut() else {
             return Err(ForwardError::NotSent("no leader client".to_owned()));
@@ -291,7 +316,21 @@ impl LeaderForwarder {
         let payload = encode(req).map_err(|e| ForwardError::NotSent(e.to_string()))?;
         let mut request = Request::new(payload);
         request.set_timeout(timeout);
-        let reply = client.client_write(request).await.map_err(|s| {
+        let reply = client.client_write(request).await;
+        if let Err(status) = &reply {
+            if !matches!(
+                status.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::Unavailable
+            ) {
+                // No answer in time: the batch may still sit in the connection's send
+                // queue, behind a network cut. Dropping the connection (closed with
+                // SO_LINGER 0) throws it away, so that a write its submitter was told
+                // had failed cannot reach the leader minutes later, once the network
+                // heals. The next batch dials afresh.
+                self.client = None;
+            }
+        }
+        let reply = reply.map_err(|s| {
             let msg = format!("leader {addr}: {}", s.message());
             match s.code() {
                 // Refused before the leader's log was touched.

@@ -31,10 +31,21 @@ pub enum ProposeError {
     ShuttingDown,
 }
 
-type Pending = (
-    Command,
-    oneshot::Sender<Result<CommandResult, ProposeError>>,
-);
+/// A submitted command waiting for its batch.
+struct Pending {
+    cmd: Command,
+    reply: Reply,
+    /// The submitter reports a failure to its client when it stops waiting (a refused
+    /// CONNECT or SUBSCRIBE), so once it has, the command must not be applied after all.
+    refusable: bool,
+}
+
+impl Pending {
+    /// A refusable command whose submitter stopped waiting.
+    fn abandoned(&self) -> bool {
+        self.refusable && self.reply.is_closed()
+    }
+}
 
 /// A handle for submitting commands to the batching writer.
 #[derive(Clone)]
@@ -92,9 +103,17 @@ impl Proposer {
     /// Queue `cmd` behind every command submitted before it; the returned handle
     /// yields its result. Commands from one submitter are applied in submission order.
     pub async fn submit(&self, cmd: Command) -> Result<Submitted, ProposeError> {
-        let (tx, rx) = oneshot::channel();
+        self.enqueue(cmd, false).await
+    }
+
+    async fn enqueue(&self, cmd: Command, refusable: bool) -> Result<Submitted, ProposeError> {
+        let (reply, rx) = oneshot::channel();
         self.tx
-            .send((cmd, tx))
+            .send(Pending {
+                cmd,
+                reply,
+                refusable,
+            })
             .await
             .map_err(|_| ProposeError::ShuttingDown)?;
         Ok(Submitted {
@@ -106,6 +125,15 @@ impl Proposer {
     /// Submit `cmd` and wait for its result.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
         self.submit(cmd).await?.wait().await
+    }
+
+    /// Like [`Proposer::propose`], for a command whose failure the caller reports to
+    /// its client (a CONNECT or SUBSCRIBE refused): should the wait time out, the
+    /// command is dropped if it has not been sent to the leader yet, so that what the
+    /// client was told stays true. (One already sent may still be applied; see
+    /// `LeaderForwarder` for how long that window stays open.)
+    pub async fn propose_refusable(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
+        self.enqueue(cmd, true).await?.wait().await
     }
 
     /// Submit `cmd` without waiting for the outcome (acknowledgement trimming, sweeps).
@@ -156,31 +184,40 @@ async fn run(
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
-        let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        metrics::histogram!("flockmq_raft_batch_commands").record(commands.len() as f64);
+        drop_abandoned(&mut batch);
+        if batch.is_empty() {
+            continue;
+        }
+        metrics::histogram!("flockmq_raft_batch_commands").record(batch.len() as f64);
         let started = std::time::Instant::now();
-        let request = Request { commands };
         let deadline = tokio::time::Instant::now() + settings.write_timeout;
         let Some(leader) = await_leader(&raft, None, deadline).await else {
             drop(permit);
-            answer(replies, Err("no leader elected in time".to_owned()));
+            answer(batch, Err("no leader elected in time".to_owned()));
             continue;
         };
         if leader.0 != own_id {
             // A follower: the leader applies the batch. Forwarded one at a time, so
             // batches stay in submission order.
-            match forward(&raft, &mut forwarder, leader, &request, deadline).await {
+            match forward(&raft, &mut forwarder, leader, &mut batch, deadline).await {
                 Forwarded::Done(outcome) => {
                     metrics::histogram!("flockmq_raft_proposal_duration_seconds")
                         .record(started.elapsed().as_secs_f64());
                     drop(permit);
-                    answer(replies, outcome);
+                    answer(batch, outcome);
                     continue;
                 }
                 // Nothing later was appended meanwhile: appending it here keeps order.
                 Forwarded::NowLeader => {}
             }
+            drop_abandoned(&mut batch);
+            if batch.is_empty() {
+                continue;
+            }
         }
+        let (commands, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+        let request = Request { commands };
         // Appending here, in the loop, keeps batches in submission order; only the
         // wait for commit runs concurrently.
         let receiver = raft.client_write_ff(request).await;
@@ -196,15 +233,39 @@ async fn run(
             metrics::histogram!("flockmq_raft_proposal_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             drop(permit);
-            answer(replies, outcome.map(|r| r.data));
+            answer_replies(replies, outcome.map(|r| r.data));
         });
     }
 }
 
 type Reply = oneshot::Sender<Result<CommandResult, ProposeError>>;
 
+/// Take out of `batch` the refusable commands whose submitters stopped waiting.
+fn drop_abandoned(batch: &mut Vec<Pending>) {
+    let before = batch.len();
+    batch.retain(|p| !p.abandoned());
+    if batch.len() < before {
+        tracing::debug!(
+            dropped = before - batch.len(),
+            "commands whose clients were refused meanwhile not sent"
+        );
+    }
+}
+
+/// The commands of `batch` as one Raft request.
+fn request_of(batch: &[Pending]) -> Request {
+    Request {
+        commands: batch.iter().map(|p| p.cmd.clone()).collect(),
+    }
+}
+
+/// Hand every submitter in `batch` its own result, or the batch's error.
+fn answer(batch: Vec<Pending>, outcome: Result<Response, String>) {
+    answer_replies(batch.into_iter().map(|p| p.reply).collect(), outcome);
+}
+
 /// Hand every submitter its own result, or the batch's error.
-fn answer(replies: Vec<Reply>, outcome: Result<Response, String>) {
+fn answer_replies(replies: Vec<Reply>, outcome: Result<Response, String>) {
     match outcome {
         Ok(response) => {
             let mut results = response.results.into_iter();
@@ -229,21 +290,26 @@ enum Forwarded {
     NowLeader,
 }
 
-/// Forward `request` to `leader`; while the leader cannot be reached or says it no
+/// Forward `batch` to `leader`; while the leader cannot be reached or says it no
 /// longer leads (an election is under way), wait for the next leader and try it,
 /// until `deadline`. A batch whose delivery is uncertain (the call timed out after
-/// being sent) is not sent again.
+/// being sent) is not sent again. Before every attempt, refusable commands whose
+/// submitters gave up are taken out.
 async fn forward(
     raft: &Raft,
     forwarder: &mut LeaderForwarder,
     mut leader: (NodeId, String),
-    request: &Request,
+    batch: &mut Vec<Pending>,
     deadline: tokio::time::Instant,
 ) -> Forwarded {
     let own_id = raft.metrics().borrow().id;
     loop {
+        drop_abandoned(batch);
+        if batch.is_empty() {
+            return Forwarded::Done(Ok(Response::default()));
+        }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match forwarder.forward(&leader.1, request, left).await {
+        match forwarder.forward(&leader.1, &request_of(batch), left).await {
             Ok(response) => return Forwarded::Done(Ok(response)),
             Err(ForwardError::Uncertain(e)) => return Forwarded::Done(Err(e)),
             Err(ForwardError::NotSent(e)) => {
