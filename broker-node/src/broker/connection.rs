@@ -21,7 +21,6 @@ use bytes::BytesMut;
 use futures::stream::FuturesOrdered;
 use futures::{Future, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 use super::dispatch::wait_forwarded;
 use super::{unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
@@ -61,6 +60,34 @@ enum Outgoing {
 }
 
 type AckFuture = Pin<Box<dyn Future<Output = AckOutcome> + Send>>;
+
+/// Acknowledgements waiting for their commands, in arrival order. The queue exists
+/// only while something waits: an idle connection holds none (its shared parts are
+/// allocated by `FuturesOrdered::new`).
+#[derive(Default)]
+struct PendingAcks(Option<FuturesOrdered<AckFuture>>);
+
+impl PendingAcks {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(FuturesOrdered::is_empty)
+    }
+
+    fn push_back(&mut self, ack: AckFuture) {
+        self.0
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(ack);
+    }
+
+    /// The next acknowledgement in order, once ready.
+    async fn next(&mut self) -> Option<AckOutcome> {
+        let queue = self.0.as_mut()?;
+        let next = queue.next().await;
+        if queue.is_empty() {
+            self.0 = None;
+        }
+        next
+    }
+}
 
 /// What an awaited acknowledgement resolved to.
 enum AckOutcome {
@@ -171,10 +198,10 @@ struct Session {
     resend_below: u64,
     /// The client's Maximum Packet Size (v5), 0 if unlimited.
     client_max_packet: u32,
-    acks: FuturesOrdered<AckFuture>,
+    acks: PendingAcks,
     acks_completed: Vec<u64>,
     acks_received: Vec<u64>,
-    rx: mpsc::Receiver<ConnMsg>,
+    rx: super::mailbox::Receiver<ConnMsg>,
 }
 
 impl<S> Connection<S>
@@ -389,7 +416,7 @@ where
         };
 
         let connection_id = broker.next_connection_id();
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (tx, rx) = super::mailbox::channel(CHANNEL_CAPACITY);
         if let Some(old) = broker.register(client_id.clone(), ConnHandle { connection_id, tx }) {
             let _ = old.tx.try_send(ConnMsg::TakenOver);
         }
@@ -479,7 +506,7 @@ where
             queue_cursor: 0,
             resend_below,
             client_max_packet: connect.properties.maximum_packet_size.unwrap_or(0),
-            acks: FuturesOrdered::new(),
+            acks: PendingAcks::default(),
             acks_completed: Vec::new(),
             acks_received: Vec::new(),
             rx,
@@ -518,7 +545,7 @@ where
         // (closed first, so that nothing more arrives).
         session.rx.close();
         let mut unsent = Vec::new();
-        while let Ok(msg) = session.rx.try_recv() {
+        while let Some(msg) = session.rx.try_recv() {
             if let ConnMsg::Deliver(d) = msg {
                 unsent.push(*d);
             }
@@ -620,6 +647,7 @@ where
                 if self.wbuf.is_empty() {
                     self.wbuf = BytesMut::new();
                 }
+                s.rx.release();
             }
             let deadline = s.keep_alive.deadline();
             let sleep = async {
@@ -658,13 +686,9 @@ where
                     }
                     // Drain what else is ready so that it leaves in one write.
                     for _ in 0..256 {
-                        match s.rx.try_recv() {
-                            Ok(msg) => {
-                                if let Some(end) = self.on_message(s, msg) {
-                                    return end;
-                                }
-                            }
-                            Err(_) => break,
+                        let Some(msg) = s.rx.try_recv() else { break };
+                        if let Some(end) = self.on_message(s, msg) {
+                            return end;
                         }
                     }
                 }

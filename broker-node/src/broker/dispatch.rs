@@ -73,7 +73,7 @@ pub struct Blocked {
     /// The receiving client.
     pub client_id: Arc<str>,
     /// Its channel.
-    pub tx: tokio::sync::mpsc::Sender<ConnMsg>,
+    pub tx: super::mailbox::Sender<ConnMsg>,
     /// The delivery.
     pub delivery: Box<Delivery>,
 }
@@ -319,13 +319,11 @@ impl Broker {
         });
         match handle.tx.try_send(ConnMsg::Deliver(delivery)) {
             Ok(()) => None,
-            Err(tokio::sync::mpsc::error::TrySendError::Full(ConnMsg::Deliver(delivery))) => {
-                Some(Blocked {
-                    client_id: client.clone(),
-                    tx: handle.tx,
-                    delivery,
-                })
-            }
+            Err(super::mailbox::TrySendError::Full(ConnMsg::Deliver(delivery))) => Some(Blocked {
+                client_id: client.clone(),
+                tx: handle.tx,
+                delivery,
+            }),
             // The connection is gone, or an impossible variant: nothing to deliver to.
             Err(_) => None,
         }

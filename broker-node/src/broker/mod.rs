@@ -11,13 +11,13 @@ pub mod connection;
 pub mod dispatch;
 pub mod events;
 pub mod liveness;
+pub mod mailbox;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::command::{Message, NodeId};
@@ -47,8 +47,7 @@ pub struct Delivery {
 /// What a connection task can be told by the rest of the node.
 #[derive(Debug)]
 pub enum ConnMsg {
-    /// Send this message. Boxed: the channel's blocks hold 32 messages each, and
-    /// every connection holds one block even when idle, so the variant stays small.
+    /// Send this message. Boxed, so that a mailbox's queue slots stay small.
     Deliver(Box<Delivery>),
     /// The replicated queue of this session has new messages.
     QueueGrew,
@@ -63,8 +62,8 @@ pub enum ConnMsg {
 pub struct ConnHandle {
     /// Identifies the connection (a client id may reconnect: the newest wins).
     pub connection_id: u64,
-    /// Bounded: a full channel means a slow client, and the delivery is dropped.
-    pub tx: mpsc::Sender<ConnMsg>,
+    /// Bounded: a full mailbox means a slow client, and the delivery waits or is dropped.
+    pub tx: mailbox::Sender<ConnMsg>,
 }
 
 /// Counters published on `$SYS` and kept without locks.

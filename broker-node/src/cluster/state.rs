@@ -93,8 +93,9 @@ pub struct SessionRecord {
     pub connected: bool,
     /// Unix ms of the disconnect, while disconnected.
     pub disconnected_at_ms: Option<u64>,
-    /// The will: pending while connected, or delayed after an unclean end.
-    pub will: Option<Will>,
+    /// The will: pending while connected, or delayed after an unclean end. Boxed: most
+    /// sessions have none, and every record sits in the session map by value.
+    pub will: Option<Box<Will>>,
     /// Unix ms at which a delayed will becomes due (set at an unclean disconnect).
     pub will_due_at_ms: Option<u64>,
     /// Subscriptions by filter exactly as subscribed.
@@ -386,7 +387,7 @@ impl BrokerState {
         record.expiry_secs = expiry_secs;
         record.connected = true;
         record.disconnected_at_ms = None;
-        record.will = will;
+        record.will = will.map(Box::new);
         record.will_due_at_ms = None;
         if session_present && !record.queue.is_empty() {
             self.emit(Event::QueueGrew {

@@ -1,0 +1,263 @@
+//! A connection's mailbox: what the rest of the node tells one connection task (deliver
+//! this, your queue grew, you were taken over), bounded so that a slow client pushes
+//! back on its publishers.
+//!
+//! Why not `tokio::sync::mpsc`: a bounded tokio channel allocates its shared state
+//! padded to cache lines (512 bytes) plus a first block of 32 slots at creation, over a
+//! kilobyte per connection before any message flows, and most connections of a fleet
+//! sit idle. Here the shared state is one allocation of about 150 bytes, and the queue
+//! takes memory only while it holds messages ([`Receiver::release`] gives it back).
+//!
+//! State: a `VecDeque` and two flags under a `std::sync::Mutex` (held for a push or a
+//! pop, never across an await), with two `Notify`s: `arrived` wakes the one receiver,
+//! `room` wakes senders waiting for space. A `Notify` stores a permit when nobody
+//! waits, so a wake-up between a check and the wait is not lost.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// A bounded queue of `T` from many senders to one receiver.
+pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(Queue {
+            items: VecDeque::new(),
+            closed: false,
+        }),
+        arrived: Notify::new(),
+        room: Notify::new(),
+        capacity: capacity.max(1),
+        senders: AtomicUsize::new(1),
+    });
+    (
+        Sender {
+            shared: shared.clone(),
+        },
+        Receiver { shared },
+    )
+}
+
+struct Shared<T> {
+    queue: Mutex<Queue<T>>,
+    /// Something arrived, or the last sender went away.
+    arrived: Notify,
+    /// Something was taken out, or the receiver closed.
+    room: Notify,
+    capacity: usize,
+    senders: AtomicUsize,
+}
+
+struct Queue<T> {
+    items: VecDeque<T>,
+    /// The receiver is gone or closed: nothing more is accepted.
+    closed: bool,
+}
+
+impl<T> Shared<T> {
+    fn lock(&self) -> MutexGuard<'_, Queue<T>> {
+        // No code panics while holding the lock; a poisoned queue is still consistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Why a message was not taken; it comes back to the sender.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TrySendError<T> {
+    /// The queue is at capacity.
+    Full(T),
+    /// The receiver is gone.
+    Closed(T),
+}
+
+/// The sending side; cheap to clone.
+pub struct Sender<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Clone for Sender<T> {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        Sender {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T> Drop for Sender<T> {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The receiver learns there is nothing more to wait for.
+            self.shared.arrived.notify_one();
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Sender<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("capacity", &self.shared.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Sender<T> {
+    /// Queue `msg` if there is room.
+    pub fn try_send(&self, msg: T) -> Result<(), TrySendError<T>> {
+        let mut queue = self.shared.lock();
+        if queue.closed {
+            return Err(TrySendError::Closed(msg));
+        }
+        if queue.items.len() >= self.shared.capacity {
+            return Err(TrySendError::Full(msg));
+        }
+        queue.items.push_back(msg);
+        drop(queue);
+        self.shared.arrived.notify_one();
+        Ok(())
+    }
+
+    /// Queue `msg`, waiting up to `timeout` for room; gives it back if it could not.
+    pub async fn send_timeout(&self, msg: T, timeout: Duration) -> Result<(), TrySendError<T>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut msg = msg;
+        loop {
+            let room = self.shared.room.notified();
+            match self.try_send(msg) {
+                Err(TrySendError::Full(back)) => msg = back,
+                done => return done,
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return self.try_send(msg);
+            }
+        }
+    }
+}
+
+/// The receiving side, owned by the connection task.
+pub struct Receiver<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Receiver<T> {
+    /// The next message; `None` once closed and empty, or when every sender is gone.
+    /// Cancel-safe: a message is only taken out by the poll that returns it.
+    pub async fn recv(&mut self) -> Option<T> {
+        loop {
+            let arrived = self.shared.arrived.notified();
+            if let Some(msg) = self.try_recv() {
+                return Some(msg);
+            }
+            if self.shared.lock().closed || self.shared.senders.load(Ordering::Acquire) == 0 {
+                // A last sender may have queued something just before it went.
+                return self.try_recv();
+            }
+            arrived.await;
+        }
+    }
+
+    /// The next message if one is waiting.
+    pub fn try_recv(&self) -> Option<T> {
+        let msg = self.shared.lock().items.pop_front();
+        if msg.is_some() {
+            self.shared.room.notify_one();
+        }
+        msg
+    }
+
+    /// Accept nothing more; what is queued can still be taken with
+    /// [`Receiver::try_recv`]. Senders waiting for room give up.
+    pub fn close(&self) {
+        self.shared.lock().closed = true;
+        self.shared.room.notify_waiters();
+    }
+
+    /// Give back the queue's memory if it is empty (an idle connection holds none).
+    pub fn release(&self) {
+        let mut queue = self.shared.lock();
+        if queue.items.is_empty() && queue.items.capacity() > 0 {
+            queue.items = VecDeque::new();
+        }
+    }
+}
+
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn messages_arrive_in_order_and_a_full_queue_pushes_back() {
+        let (tx, mut rx) = channel(2);
+        tx.try_send(1).unwrap();
+        tx.try_send(2).unwrap();
+        assert_eq!(tx.try_send(3), Err(TrySendError::Full(3)));
+        let waiting = {
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.send_timeout(3, Duration::from_secs(5)).await })
+        };
+        assert_eq!(rx.recv().await, Some(1));
+        assert_eq!(
+            waiting.await.unwrap(),
+            Ok(()),
+            "room made for the waiting sender"
+        );
+        assert_eq!(rx.recv().await, Some(2));
+        assert_eq!(rx.recv().await, Some(3));
+        assert_eq!(
+            tx.send_timeout(4, Duration::from_millis(10)).await,
+            Ok(()),
+            "room again"
+        );
+        tx.try_send(5).unwrap();
+        assert_eq!(
+            tx.send_timeout(6, Duration::from_millis(50)).await,
+            Err(TrySendError::Full(6)),
+            "no room within the timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn closing_keeps_what_was_queued_and_refuses_the_rest() {
+        let (tx, mut rx) = channel(4);
+        tx.try_send("a").unwrap();
+        rx.close();
+        assert_eq!(tx.try_send("b"), Err(TrySendError::Closed("b")));
+        assert_eq!(rx.try_recv(), Some("a"));
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn the_receiver_wakes_for_a_message_and_ends_when_the_senders_are_gone() {
+        let (tx, mut rx) = channel(4);
+        let receiving = tokio::spawn(async move {
+            let first = rx.recv().await;
+            let second = rx.recv().await;
+            (first, second)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tx.try_send(7).unwrap();
+        drop(tx);
+        assert_eq!(receiving.await.unwrap(), (Some(7), None));
+    }
+
+    #[tokio::test]
+    async fn release_frees_an_empty_queue_only() {
+        let (tx, rx) = channel(64);
+        for i in 0..10 {
+            tx.try_send(i).unwrap();
+        }
+        rx.release();
+        assert_eq!(rx.try_recv(), Some(0), "a non-empty queue is kept");
+        while rx.try_recv().is_some() {}
+        rx.release();
+        assert_eq!(rx.shared.lock().items.capacity(), 0);
+    }
+}
