@@ -303,6 +303,11 @@ pub struct Request {
 pub struct Response {
     /// The results, index for index.
     pub results: Vec<CommandResult>,
+    /// The log index the request was committed at, filled in by the leader when it
+    /// answers a forwarded request (0 otherwise), so that the follower can wait until
+    /// its own state has it before answering its client.
+    #[serde(default)]
+    pub log_index: u64,
 }
 
 impl std::fmt::Display for Request {

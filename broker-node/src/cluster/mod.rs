@@ -62,6 +62,7 @@ impl storage::Machine<TypeConfig> for BrokerMachine {
                 .iter()
                 .map(|c| self.state.apply_command(c))
                 .collect(),
+            log_index: 0,
         };
         self.state.set_muted(false);
         response

@@ -209,7 +209,11 @@ impl AdminRpc for AdminService {
     ) -> Result<Response<RaftPayload>, Status> {
         let req: super::command::Request = decode(request.get_ref()).map_err(bad_request)?;
         match self.raft.client_write(req).await {
-            Ok(written) => reply(&written.data),
+            Ok(written) => {
+                let mut response = written.data;
+                response.log_index = written.log_id.index;
+                reply(&response)
+            }
             Err(e) => match e.forward_to_leader::<BasicNode>() {
                 Some(fwd) => Err(Status::failed_precondition(format!(
                     "not the leader; leader is {:?}",
