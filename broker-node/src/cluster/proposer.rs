@@ -200,36 +200,34 @@ async fn run(
             // A follower: the leader applies the batch. Forwarded one at a time, so
             // batches stay in submission order.
             match forward(&raft, &mut forwarder, leader, &mut batch, deadline).await {
-                Forwarded::Done(Ok(response)) if response.log_index > 0 => {
-                    metrics::histogram!("flockmq_raft_proposal_duration_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    drop(permit);
-                    // Read your writes: a submitter reads this node's state next (the
-                    // retained messages at SUBSCRIBE, its session), so the answer waits
-                    // until this node has applied the entry, not only the leader.
-                    let raft = raft.clone();
-                    let left = deadline
-                        .saturating_duration_since(tokio::time::Instant::now())
-                        .max(MIN_APPLY_WAIT);
-                    tokio::spawn(async move {
-                        let index = Some(response.log_index);
-                        let wait = raft.wait(Some(left));
-                        let applied = wait.applied_index_at_least(index, "forwarded write");
-                        if applied.await.is_err() {
-                            tracing::debug!(
-                                index = response.log_index,
-                                "forwarded write not applied here in time"
-                            );
-                        }
-                        answer(batch, Ok(response));
-                    });
-                    continue;
-                }
                 Forwarded::Done(outcome) => {
                     metrics::histogram!("flockmq_raft_proposal_duration_seconds")
                         .record(started.elapsed().as_secs_f64());
                     drop(permit);
-                    answer(batch, outcome);
+                    match outcome {
+                        // Read your writes: a submitter reads this node's state next (the
+                        // retained messages at SUBSCRIBE, its session), so the answer
+                        // waits until this node has applied the entry, not only the leader.
+                        Ok(response) if response.log_index > 0 => {
+                            let raft = raft.clone();
+                            let left = deadline
+                                .saturating_duration_since(tokio::time::Instant::now())
+                                .max(MIN_APPLY_WAIT);
+                            tokio::spawn(async move {
+                                let index = Some(response.log_index);
+                                let wait = raft.wait(Some(left));
+                                let applied = wait.applied_index_at_least(index, "forwarded write");
+                                if applied.await.is_err() {
+                                    tracing::debug!(
+                                        index = response.log_index,
+                                        "forwarded write not applied here in time"
+                                    );
+                                }
+                                answer(batch, Ok(response));
+                            });
+                        }
+                        other => answer(batch, other),
+                    }
                     continue;
                 }
                 // Nothing later was appended meanwhile: appending it here keeps order.
