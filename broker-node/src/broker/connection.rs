@@ -23,7 +23,7 @@ use futures::{Future, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::dispatch::wait_forwarded;
-use super::{unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
+use super::{telemetry, unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
 use crate::cluster::command::{Command, CommandResult, Message, MessageProperties, Will};
 use crate::cluster::state::SessionRecord;
 use crate::mqtt::{
@@ -221,7 +221,7 @@ where
             Ok(0) | Err(_) => false,
             Ok(n) => {
                 Stats::add(&self.broker.stats.bytes_received, n as u64);
-                metrics::counter!("flockmq_bytes_received_total").increment(n as u64);
+                telemetry::hot().bytes_received.increment(n as u64);
                 true
             }
         }
@@ -242,7 +242,7 @@ where
             self.wbuf = BytesMut::new();
         }
         Stats::add(&self.broker.stats.bytes_sent, n as u64);
-        metrics::counter!("flockmq_bytes_sent_total").increment(n as u64);
+        telemetry::hot().bytes_sent.increment(n as u64);
         ok
     }
 
@@ -765,7 +765,7 @@ where
         loop {
             match mqtt::decode(&mut self.rbuf, Some(s.version), max) {
                 Ok(Some(packet)) => {
-                    metrics::counter!("flockmq_packets_received_total").increment(1);
+                    telemetry::hot().packets_received.increment(1);
                     if let Some(end) = self.on_packet(s, packet).await {
                         return Some(end);
                     }
@@ -878,8 +878,7 @@ where
         let broker = self.broker.clone();
         let cfg = &broker.config.mqtt;
         Stats::add(&broker.stats.messages_received, 1);
-        metrics::counter!("flockmq_messages_received_total", "qos" => qos_label(p.qos))
-            .increment(1);
+        telemetry::hot().messages_received[usize::from(u8::from(p.qos)).min(2)].increment(1);
         if u8::from(p.qos) > cfg.max_qos {
             return self.violation(s, ReasonCode::QoSNotSupported, "QoS above maximum");
         }
@@ -1340,7 +1339,7 @@ where
             return false;
         }
         Stats::add(&self.broker.stats.messages_sent, 1);
-        metrics::counter!("flockmq_messages_sent_total", "qos" => qos_label_u8(d.qos)).increment(1);
+        telemetry::hot().messages_sent[usize::from(d.qos).min(2)].increment(1);
         self.queue_packet(&packet, s.version);
         true
     }
@@ -1503,17 +1502,7 @@ fn packet_kind(p: &Packet) -> &'static str {
     }
 }
 
-fn qos_label(q: QoS) -> &'static str {
-    qos_label_u8(u8::from(q))
-}
 
-fn qos_label_u8(q: u8) -> &'static str {
-    match q {
-        0 => "0",
-        1 => "1",
-        _ => "2",
-    }
-}
 
 fn reason_label(code: ReasonCode) -> String {
     format!("0x{:02x}", u8::from(code))

@@ -9,13 +9,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{lock, Broker, ConnMsg, Delivery, Stats};
+use super::{lock, Broker, ConnHandle, ConnMsg, Delivery, Stats};
 use crate::cluster::command::NodeId;
 use crate::cluster::command::{
     Command, CommandResult, EnqueueEntry, Message, QueueFullPolicy, QueueLimits,
     SubscriptionOptions,
 };
 use crate::cluster::forward::{ForwardSink, ForwardTarget, Forwarded};
+use crate::cluster::frame::{FrameError, FrameReader};
 use crate::cluster::proposer::ProposeError;
 use crate::config::QueueFullPolicyConfig;
 use crate::router::SelectContext;
@@ -109,29 +110,31 @@ impl Broker {
     /// Route `message` to the subscribers `reach` leaves to this node.
     pub fn dispatch_to(&self, message: &Arc<Message>, reach: Reach) -> DispatchOutcome {
         let publisher = message.origin_client.as_deref();
-        let mut targets: HashMap<Arc<str>, Target> = HashMap::new();
+        let mut targets: HashMap<Arc<str>, Target, foldhash::fast::RandomState> =
+            HashMap::default();
         let mut shared: Vec<(String, Members)> = Vec::new();
         let mut matched = 0usize;
         let durable = self.config.mqtt.durable_sessions;
         // Phase 1, under the read lock: match and decide each target's mode.
         let plan = self.read_state(|state| {
-            state
-                .routes()
-                .for_each_match(&message.topic, |_filter, client, options| {
+            // One walk of the trie finds both kinds; a node that only hands a will to
+            // its own clients leaves shared groups to the publishing node.
+            state.routes().for_each_match_and_group(
+                &message.topic,
+                |_filter, client, options| {
                     matched += 1;
                     if options.no_local && publisher == Some(&**client) {
                         return;
                     }
                     merge_target(&mut targets, client, options, message, None);
-                });
-            if reach != Reach::Local {
-                state
-                    .routes()
-                    .for_each_shared_match(&message.topic, |group, members| {
-                        matched += 1;
+                },
+                |group, members| {
+                    if reach != Reach::Local {
                         shared.push((group.to_owned(), members.to_vec()));
-                    });
-            }
+                    }
+                },
+            );
+            matched += shared.len();
             // Shared groups: one member each, preferring members that can take it now.
             if !shared.is_empty() {
                 let mut selector = lock(&self.selector);
@@ -257,31 +260,51 @@ impl Broker {
     }
 
     /// Deliver what a peer forwarded to the clients connected here, waiting for room
-    /// in slow clients' channels like a local publisher does.
-    async fn deliver_forwarded(&self, origin: NodeId, batch: Vec<Forwarded>) {
-        let mut blocked = Vec::new();
-        for item in batch {
-            for t in item.targets {
+    /// in slow clients' channels like a local publisher does. A client whose channel
+    /// was full gets the rest of the batch's messages in order after the one that
+    /// waits, never before it.
+    async fn deliver_forwarded(&self, origin: NodeId, frame: Vec<u8>) -> Result<(), FrameError> {
+        // Per client that had a full channel, its deliveries in arrival order.
+        let mut blocked: Vec<Vec<Blocked>> = Vec::new();
+        let mut reader = FrameReader::new(&frame)?;
+        let mut fault = None;
+        'frame: loop {
+            let (message, targets) = match reader.next_message() {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                Err(e) => {
+                    fault = Some(e);
+                    break;
+                }
+            };
+            for _ in 0..targets {
+                let t = match reader.next_target() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        fault = Some(e);
+                        break 'frame;
+                    }
+                };
                 let target = Target {
-                    shared_group: t.shared_group,
+                    shared_group: t.shared_group.map(Arc::from),
                     qos: t.qos,
                     retain: t.retain,
                     subscription_ids: t.subscription_ids,
                 };
-                if self.local_client(&t.client_id).is_none() {
+                let Some((client_id, handle)) = self.local_client_entry(t.client_id) else {
                     // Gone since the peer matched: a shared member's message goes to
                     // another member here; anything else had only this connection.
                     match target.shared_group {
                         Some(_) => {
                             let delivery = Delivery {
-                                message: item.message.clone(),
+                                message: message.clone(),
                                 qos: target.qos,
                                 retain: target.retain,
                                 subscription_ids: target.subscription_ids,
                                 shared_group: target.shared_group,
                             };
                             // Only here or into a queue: a message makes one hop.
-                            Box::pin(self.redeliver_shared(delivery, &t.client_id, false)).await;
+                            Box::pin(self.redeliver_shared(delivery, t.client_id, false)).await;
                         }
                         None => {
                             tracing::debug!(client_id = %t.client_id, origin, "forwarded message for a client no longer here");
@@ -291,15 +314,30 @@ impl Broker {
                         }
                     }
                     continue;
-                }
-                if let Some(b) = self.deliver_local(&t.client_id, &item.message, target) {
-                    blocked.push(b);
+                };
+                let waiting = blocked.iter_mut().find(|w| w[0].client_id == client_id);
+                let delivery = new_delivery(&message, target);
+                match waiting {
+                    Some(waiting) => waiting.push(Blocked {
+                        client_id,
+                        tx: handle.tx,
+                        delivery,
+                    }),
+                    None => {
+                        if let Err(b) = hand_over(client_id, handle, delivery) {
+                            blocked.push(vec![b]);
+                        }
+                    }
                 }
             }
         }
-        for b in blocked {
-            b.wait(&self.stats).await;
-        }
+        futures::future::join_all(blocked.into_iter().map(|waiting| async move {
+            for b in waiting {
+                b.wait(&self.stats).await;
+            }
+        }))
+        .await;
+        fault.map_or(Ok(()), Err)
     }
 
     /// Hand a delivery to a local connection; a full channel returns it as blocked.
@@ -310,23 +348,7 @@ impl Broker {
         target: Target,
     ) -> Option<Blocked> {
         let handle = self.local_client(client)?;
-        let delivery = Box::new(Delivery {
-            message: message.clone(),
-            qos: target.qos,
-            retain: target.retain,
-            subscription_ids: target.subscription_ids,
-            shared_group: target.shared_group,
-        });
-        match handle.tx.try_send(ConnMsg::Deliver(delivery)) {
-            Ok(()) => None,
-            Err(super::mailbox::TrySendError::Full(ConnMsg::Deliver(delivery))) => Some(Blocked {
-                client_id: client.clone(),
-                tx: handle.tx,
-                delivery,
-            }),
-            // The connection is gone, or an impossible variant: nothing to deliver to.
-            Err(_) => None,
-        }
+        hand_over(client.clone(), handle, new_delivery(message, target)).err()
     }
 
     /// A shared-group member left without acknowledging `delivery`: give it to
@@ -507,9 +529,33 @@ impl Broker {
     }
 }
 
+fn new_delivery(message: &Arc<Message>, target: Target) -> Box<Delivery> {
+    Box::new(Delivery {
+        message: message.clone(),
+        qos: target.qos,
+        retain: target.retain,
+        subscription_ids: target.subscription_ids,
+        shared_group: target.shared_group,
+    })
+}
+
+/// Put `delivery` into `handle`'s channel; a full channel gives it back as blocked. A
+/// closed one drops it: the connection is gone.
+fn hand_over(client_id: Arc<str>, handle: ConnHandle, delivery: Box<Delivery>) -> Result<(), Blocked> {
+    match handle.tx.try_send(ConnMsg::Deliver(delivery)) {
+        Ok(()) => Ok(()),
+        Err(super::mailbox::TrySendError::Full(ConnMsg::Deliver(delivery))) => Err(Blocked {
+            client_id,
+            tx: handle.tx,
+            delivery,
+        }),
+        Err(_) => Ok(()),
+    }
+}
+
 impl ForwardSink for Broker {
-    fn deliver(&self, origin: NodeId, batch: Vec<Forwarded>) -> BoxFuture<'_, ()> {
-        Box::pin(self.deliver_forwarded(origin, batch))
+    fn deliver(&self, origin: NodeId, frame: Vec<u8>) -> BoxFuture<'_, Result<(), FrameError>> {
+        Box::pin(self.deliver_forwarded(origin, frame))
     }
 }
 
@@ -533,7 +579,7 @@ pub async fn wait_forwarded(acks: Vec<tokio::sync::oneshot::Receiver<()>>) {
 /// granted QoS wins, every subscription identifier is carried, and Retain As
 /// Published on any matching subscription keeps the RETAIN flag.
 fn merge_target(
-    targets: &mut HashMap<Arc<str>, Target>,
+    targets: &mut HashMap<Arc<str>, Target, foldhash::fast::RandomState>,
     client: &Arc<str>,
     options: &SubscriptionOptions,
     message: &Message,

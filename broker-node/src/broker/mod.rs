@@ -12,6 +12,7 @@ pub mod dispatch;
 pub mod events;
 pub mod liveness;
 pub mod mailbox;
+pub mod telemetry;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -214,6 +215,13 @@ impl Broker {
     /// The handle of a locally connected client.
     pub fn local_client(&self, client_id: &str) -> Option<ConnHandle> {
         lock(&self.registry).get(client_id).cloned()
+    }
+
+    /// The local connection of `client_id` with the registry's own copy of the id.
+    pub fn local_client_entry(&self, client_id: &str) -> Option<(Arc<str>, ConnHandle)> {
+        lock(&self.registry)
+            .get_key_value(client_id)
+            .map(|(k, v)| (k.clone(), v.clone()))
     }
 
     /// Every locally connected client, for shutdown and the admin API.

@@ -32,11 +32,17 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::command::{Message, NodeId};
+use super::frame::{FrameError, FrameReader};
 
 /// Frames sent to a peer and not yet acknowledged.
 pub const WINDOW: usize = 64;
 /// Most messages in one frame.
 const FRAME_MESSAGES: usize = 256;
+/// HTTP/2 flow-control window of one forward stream, in bytes: room for many frames in
+/// flight.
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// HTTP/2 flow-control window of a whole peer connection.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// How long a publisher waits for room in a slow peer's channel.
 pub const SLOW_PEER_WAIT: Duration = Duration::from_secs(1);
 /// Longest pause between attempts to reach a peer that is down.
@@ -70,9 +76,10 @@ pub struct Forwarded {
 
 /// The local side that delivers what peers forward (the broker runtime).
 pub trait ForwardSink: Send + Sync + 'static {
-    /// Hand every target of `batch` to its connection; resolves when each one has
-    /// been accepted (or dropped and counted).
-    fn deliver(&self, origin: NodeId, batch: Vec<Forwarded>) -> BoxFuture<'_, ()>;
+    /// Hand every target of the encoded `frame` (see [`super::frame`]) to its
+    /// connection; resolves when each one has been accepted (or dropped and counted).
+    /// An undecodable frame is delivered up to the fault and reported.
+    fn deliver(&self, origin: NodeId, frame: Vec<u8>) -> BoxFuture<'_, Result<(), FrameError>>;
 }
 
 /// Where the gRPC service finds the sink, which exists only once the broker runtime
@@ -117,28 +124,29 @@ impl ForwardRpc for ForwardService {
                 let origin = frame.origin_node.to_string();
                 metrics::counter!("flockmq_forward_bytes_received_total", "peer" => origin.clone())
                     .increment(frame.entries.len() as u64);
-                let batch: Vec<Forwarded> = match bincode::deserialize(&frame.entries) {
-                    Ok(batch) => batch,
-                    Err(e) => {
-                        metrics::counter!("flockmq_forward_errors_total", "peer" => origin, "kind" => "decode")
-                            .increment(1);
-                        tracing::warn!(origin = frame.origin_node, error = %e, "undecodable forward frame");
-                        let _ = tx
-                            .send(Err(Status::invalid_argument(format!(
-                                "cannot decode forward frame {}: {e}",
-                                frame.seq
-                            ))))
-                            .await;
-                        break;
+                let messages = FrameReader::new(&frame.entries).map_or(0, |r| r.remaining());
+                metrics::counter!("flockmq_forward_received_total", "peer" => origin.clone())
+                    .increment(u64::from(messages));
+                let delivered = match sink.get() {
+                    Some(sink) => sink.deliver(frame.origin_node, frame.entries).await,
+                    // The runtime is not up yet, so no client is connected here.
+                    None => {
+                        metrics::counter!("flockmq_messages_dropped_total", "reason" => "no_subscribers")
+                            .increment(u64::from(messages));
+                        Ok(())
                     }
                 };
-                metrics::counter!("flockmq_forward_received_total", "peer" => origin)
-                    .increment(batch.len() as u64);
-                match sink.get() {
-                    Some(sink) => sink.deliver(frame.origin_node, batch).await,
-                    // The runtime is not up yet, so no client is connected here.
-                    None => metrics::counter!("flockmq_messages_dropped_total", "reason" => "no_subscribers")
-                        .increment(batch.len() as u64),
+                if let Err(e) = delivered {
+                    metrics::counter!("flockmq_forward_errors_total", "peer" => origin, "kind" => "decode")
+                        .increment(1);
+                    tracing::warn!(origin = frame.origin_node, error = %e, "undecodable forward frame");
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(format!(
+                            "cannot decode forward frame {}: {e}",
+                            frame.seq
+                        ))))
+                        .await;
+                    break;
                 }
                 if tx.send(Ok(ForwardAck { seq: frame.seq })).await.is_err() {
                     break;
@@ -356,6 +364,8 @@ async fn open(addr: &str) -> Result<Opened, String> {
     let endpoint = super::tls::endpoint(addr)?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
     let channel = endpoint
@@ -421,13 +431,13 @@ async fn pump(
                     }
                 }
                 let items_len = items.len() as u64;
-                let entries = match bincode::serialize(&items) {
-                    Ok(entries) => entries,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot encode forward frame");
-                        continue;
-                    }
-                };
+                let mut entries = Vec::with_capacity(64 * items.len());
+                if let Err(e) = super::frame::encode(&items, &mut entries) {
+                    // Limits are checked on the way in, so this is a bug: the frame is
+                    // lost, its publishers' acknowledgements are dropped unfired.
+                    tracing::error!(error = %e, "cannot encode forward frame");
+                    continue;
+                }
                 seq += 1;
                 frames_sent.increment(1);
                 sent.increment(items_len);
@@ -440,40 +450,5 @@ async fn pump(
                 pending.push_back((seq, Instant::now(), waiters));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cluster::command::MessageProperties;
-
-    #[test]
-    fn a_forwarded_message_round_trips_through_a_frame() {
-        let item = Forwarded {
-            message: Arc::new(Message {
-                topic: Arc::from("fleet/r7/pose"),
-                payload: bytes::Bytes::from_static(b"{\"x\":1}"),
-                qos: 1,
-                retain: true,
-                properties: MessageProperties {
-                    message_expiry_interval: Some(30),
-                    user_properties: vec![("k".into(), "v".into())],
-                    ..Default::default()
-                },
-                received_at_ms: 1_700_000_000_000,
-                origin_client: Some(Arc::from("r7")),
-            }),
-            targets: vec![ForwardTarget {
-                client_id: Arc::from("dashboard"),
-                qos: 1,
-                retain: false,
-                subscription_ids: vec![4, 9],
-                shared_group: Some(Arc::from("workers")),
-            }],
-        };
-        let bytes = bincode::serialize(&vec![item.clone()]).expect("encodes");
-        let back: Vec<Forwarded> = bincode::deserialize(&bytes).expect("decodes");
-        assert_eq!(back, vec![item]);
     }
 }

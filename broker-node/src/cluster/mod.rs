@@ -8,6 +8,7 @@
 
 pub mod command;
 pub mod forward;
+pub mod frame;
 pub mod membership;
 pub mod network;
 pub mod proposer;
@@ -212,7 +213,12 @@ impl Cluster {
         .await
         .context("cannot start raft")?;
 
-        let mut server = tonic::transport::Server::builder();
+        // Forward streams carry every cross-node message: HTTP/2's default 64 KiB
+        // window would let only a couple of frames travel before the sender waits a
+        // round trip for WINDOW_UPDATE.
+        let mut server = tonic::transport::Server::builder()
+            .initial_stream_window_size(Some(forward::STREAM_WINDOW))
+            .initial_connection_window_size(Some(forward::CONNECTION_WINDOW));
         if let Some(server_tls) = server_tls {
             server = server
                 .tls_config(server_tls)

@@ -18,9 +18,18 @@ fn split_shared(filter: &str) -> Option<(&str, &str)> {
 /// The members of one shared group, sorted by key.
 type Members<K, V> = Vec<(K, V)>;
 
+/// A hash map keyed by topic levels, with a fast hasher seeded per process (topic
+/// names come from clients, so the seed matters; SipHash's cost does not pay here).
+pub(crate) type LevelMap<T> = HashMap<Box<str>, T, foldhash::fast::RandomState>;
+
 #[derive(Debug)]
 struct Node<K, V> {
-    children: HashMap<Box<str>, Node<K, V>>,
+    /// Children by literal level.
+    children: LevelMap<Node<K, V>>,
+    /// The `+` child, kept apart so a publish does not look it up by name.
+    plus: Option<Box<Node<K, V>>>,
+    /// The `#` child.
+    hash: Option<Box<Node<K, V>>>,
     /// The filter that ends here, stored once.
     filter: Option<Arc<str>>,
     /// Normal subscribers of the filter ending here.
@@ -32,7 +41,9 @@ struct Node<K, V> {
 impl<K, V> Default for Node<K, V> {
     fn default() -> Self {
         Node {
-            children: HashMap::new(),
+            children: LevelMap::default(),
+            plus: None,
+            hash: None,
             filter: None,
             subscribers: Vec::new(),
             groups: Vec::new(),
@@ -42,7 +53,45 @@ impl<K, V> Default for Node<K, V> {
 
 impl<K, V> Node<K, V> {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.subscribers.is_empty() && self.groups.is_empty()
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.hash.is_none()
+            && self.subscribers.is_empty()
+            && self.groups.is_empty()
+    }
+
+    /// The child for `level`, created if missing.
+    fn child_or_default(&mut self, level: &str) -> &mut Node<K, V> {
+        match level {
+            "+" => self.plus.get_or_insert_with(Box::default),
+            "#" => self.hash.get_or_insert_with(Box::default),
+            literal => self.children.entry(Box::from(literal)).or_default(),
+        }
+    }
+
+    fn child_mut(&mut self, level: &str) -> Option<&mut Node<K, V>> {
+        match level {
+            "+" => self.plus.as_deref_mut(),
+            "#" => self.hash.as_deref_mut(),
+            literal => self.children.get_mut(literal),
+        }
+    }
+
+    fn remove_child(&mut self, level: &str) {
+        match level {
+            "+" => self.plus = None,
+            "#" => self.hash = None,
+            literal => {
+                self.children.remove(literal);
+            }
+        }
+    }
+
+    fn all_children(&self) -> impl Iterator<Item = &Node<K, V>> {
+        self.children
+            .values()
+            .chain(self.plus.as_deref())
+            .chain(self.hash.as_deref())
     }
 }
 
@@ -73,7 +122,7 @@ impl<K: Ord + Clone, V> SubscriptionTrie<K, V> {
         };
         let mut node = &mut self.root;
         for level in inner.split('/') {
-            node = node.children.entry(Box::from(level)).or_default();
+            node = node.child_or_default(level);
         }
         let list = if shared {
             let index = match node.groups.iter().position(|(g, _)| &**g == filter) {
@@ -142,10 +191,10 @@ impl<K: Ord + Clone, V> SubscriptionTrie<K, V> {
             }
             return Some(v);
         };
-        let child = node.children.get_mut(*first)?;
+        let child = node.child_mut(first)?;
         let removed = Self::remove_at(child, rest, filter, shared, key);
         if child.is_empty() {
-            node.children.remove(*first);
+            node.remove_child(first);
         }
         removed
     }
@@ -183,6 +232,27 @@ impl<K: Ord + Clone, V> SubscriptionTrie<K, V> {
         });
     }
 
+    /// Both of the above in one walk: `f` for each normal subscription, `g` for each
+    /// shared group, in no particular order between the two.
+    pub fn for_each_match_and_group(
+        &self,
+        topic: &str,
+        mut f: impl FnMut(&str, &K, &V),
+        mut g: impl FnMut(&str, &[(K, V)]),
+    ) {
+        let dollar = topic.starts_with('$');
+        Self::walk(&self.root, topic, true, dollar, &mut |node| {
+            if let Some(filter) = &node.filter {
+                for (k, v) in &node.subscribers {
+                    f(filter, k, v);
+                }
+            }
+            for (group, members) in &node.groups {
+                g(group, members);
+            }
+        });
+    }
+
     /// Call `visit` on every node whose filter matches the rest of the topic.
     fn walk(
         node: &Node<K, V>,
@@ -198,7 +268,7 @@ impl<K: Ord + Clone, V> SubscriptionTrie<K, V> {
         let wildcards_allowed = !(first && dollar);
         if wildcards_allowed {
             // `#` matches this level and everything below (and the parent: a/# ⊇ a).
-            if let Some(hash) = node.children.get("#") {
+            if let Some(hash) = &node.hash {
                 visit(hash);
             }
         }
@@ -207,16 +277,17 @@ impl<K: Ord + Clone, V> SubscriptionTrie<K, V> {
             None => {
                 visit(child);
                 // `a/#` also matches `a`.
-                if let Some(hash) = child.children.get("#") {
+                if let Some(hash) = &child.hash {
                     visit(hash);
                 }
             }
         };
+        // A topic name holds no wildcards, so a literal lookup never finds `+`/`#`.
         if let Some(child) = node.children.get(level) {
             step(child);
         }
-        if wildcards_allowed && level != "+" {
-            if let Some(child) = node.children.get("+") {
+        if wildcards_allowed {
+            if let Some(child) = &node.plus {
                 step(child);
             }
         }
@@ -240,7 +311,7 @@ impl<K: Ord + Clone, V> SubscriptionTrie<K, V> {
                 out.push((group.to_string(), k, v));
             }
         }
-        for child in node.children.values() {
+        for child in node.all_children() {
             Self::collect(child, out);
         }
     }
@@ -250,6 +321,6 @@ impl<K: Ord + Clone, V> SubscriptionTrie<K, V> {
 impl<K, V> SubscriptionTrie<K, V> {
     /// Whether no node is left below the root (for pruning tests).
     pub(crate) fn root_is_pruned(&self) -> bool {
-        self.root.children.is_empty()
+        self.root.children.is_empty() && self.root.plus.is_none() && self.root.hash.is_none()
     }
 }
