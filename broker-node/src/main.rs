@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use broker_node::config::{default_config_toml, Config, RunArgs};
 use clap::{Parser, Subcommand};
 
+/// Every message crosses threads (a publisher's task allocates it, a subscriber's
+/// frees it); jemalloc handles that far better than glibc's arenas.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "broker-node",

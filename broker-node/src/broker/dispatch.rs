@@ -263,7 +263,7 @@ impl Broker {
     /// in slow clients' channels like a local publisher does. A client whose channel
     /// was full gets the rest of the batch's messages in order after the one that
     /// waits, never before it.
-    async fn deliver_forwarded(&self, origin: NodeId, frame: Vec<u8>) -> Result<(), FrameError> {
+    async fn deliver_forwarded(&self, origin: NodeId, frame: bytes::Bytes) -> Result<(), FrameError> {
         // Per client that had a full channel, its deliveries in arrival order.
         let mut blocked: Vec<Vec<Blocked>> = Vec::new();
         let mut reader = FrameReader::new(&frame)?;
@@ -554,7 +554,7 @@ fn hand_over(client_id: Arc<str>, handle: ConnHandle, delivery: Box<Delivery>) -
 }
 
 impl ForwardSink for Broker {
-    fn deliver(&self, origin: NodeId, frame: Vec<u8>) -> BoxFuture<'_, Result<(), FrameError>> {
+    fn deliver(&self, origin: NodeId, frame: bytes::Bytes) -> BoxFuture<'_, Result<(), FrameError>> {
         Box::pin(self.deliver_forwarded(origin, frame))
     }
 }

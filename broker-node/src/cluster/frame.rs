@@ -46,6 +46,34 @@ pub enum FrameError {
     Properties(String),
 }
 
+/// The size of `items` encoded (before properties blocks, which are rare), so that a
+/// frame's buffer is allocated once.
+pub fn encoded_len(items: &[Forwarded]) -> usize {
+    4 + items
+        .iter()
+        .map(|item| {
+            let m = &*item.message;
+            2 + m.topic.len()
+                + 4
+                + m.payload.len()
+                + 1
+                + 8
+                + m.origin_client.as_ref().map_or(0, |o| 2 + o.len())
+                + 2
+                + item
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        2 + t.client_id.len()
+                            + 3
+                            + 4 * t.subscription_ids.len()
+                            + t.shared_group.as_ref().map_or(0, |g| 2 + g.len())
+                    })
+                    .sum::<usize>()
+        })
+        .sum::<usize>()
+}
+
 /// Append `items` to `out` as one frame.
 pub fn encode(items: &[Forwarded], out: &mut Vec<u8>) -> Result<(), FrameError> {
     let count = u32::try_from(items.len()).map_err(|_| FrameError::TooLong("frame"))?;
@@ -332,6 +360,11 @@ mod tests {
         let mut frame = Vec::new();
         encode(&items, &mut frame).expect("encodes");
         assert_eq!(decode_all(&frame).expect("decodes"), items);
+        let mut plain = items.clone();
+        Arc::make_mut(&mut plain[0].message).properties = MessageProperties::default();
+        let mut frame = Vec::new();
+        encode(&plain, &mut frame).expect("encodes");
+        assert_eq!(frame.len(), encoded_len(&plain), "the size hint is exact without properties");
     }
 
     #[test]

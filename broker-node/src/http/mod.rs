@@ -107,10 +107,10 @@ fn with_buckets(builder: PrometheusBuilder) -> PrometheusBuilder {
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         5.0, 10.0,
     ];
-    // Batch sizes: forward frames hold up to 256 messages, Raft entries up to
+    // Batch sizes: forward frames hold up to 4096 messages, Raft entries up to
     // `cluster.batch_max_commands` (512 by default).
     const COUNTS: &[f64] = &[
-        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
     ];
     let with = |b: PrometheusBuilder, m: Matcher, buckets: &[f64]| {
         b.set_buckets_for_metric(m, buckets)
