@@ -1506,8 +1506,6 @@ fn packet_kind(p: &Packet) -> &'static str {
     }
 }
 
-
-
 fn reason_label(code: ReasonCode) -> String {
     format!("0x{:02x}", u8::from(code))
 }

@@ -263,7 +263,11 @@ impl Broker {
     /// in slow clients' channels like a local publisher does. A client whose channel
     /// was full gets the rest of the batch's messages in order after the one that
     /// waits, never before it.
-    async fn deliver_forwarded(&self, origin: NodeId, frame: bytes::Bytes) -> Result<(), FrameError> {
+    async fn deliver_forwarded(
+        &self,
+        origin: NodeId,
+        frame: bytes::Bytes,
+    ) -> Result<(), FrameError> {
         // Per client that had a full channel, its deliveries in arrival order.
         let mut blocked: Vec<Vec<Blocked>> = Vec::new();
         let mut reader = FrameReader::new(&frame)?;
@@ -541,7 +545,11 @@ fn new_delivery(message: &Arc<Message>, target: Target) -> Box<Delivery> {
 
 /// Put `delivery` into `handle`'s channel; a full channel gives it back as blocked. A
 /// closed one drops it: the connection is gone.
-fn hand_over(client_id: Arc<str>, handle: ConnHandle, delivery: Box<Delivery>) -> Result<(), Blocked> {
+fn hand_over(
+    client_id: Arc<str>,
+    handle: ConnHandle,
+    delivery: Box<Delivery>,
+) -> Result<(), Blocked> {
     match handle.tx.try_send(ConnMsg::Deliver(delivery)) {
         Ok(()) => Ok(()),
         Err(super::mailbox::TrySendError::Full(ConnMsg::Deliver(delivery))) => Err(Blocked {
@@ -554,7 +562,11 @@ fn hand_over(client_id: Arc<str>, handle: ConnHandle, delivery: Box<Delivery>) -
 }
 
 impl ForwardSink for Broker {
-    fn deliver(&self, origin: NodeId, frame: bytes::Bytes) -> BoxFuture<'_, Result<(), FrameError>> {
+    fn deliver(
+        &self,
+        origin: NodeId,
+        frame: bytes::Bytes,
+    ) -> BoxFuture<'_, Result<(), FrameError>> {
         Box::pin(self.deliver_forwarded(origin, frame))
     }
 }

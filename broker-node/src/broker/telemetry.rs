@@ -29,9 +29,8 @@ pub fn hot() -> &'static Hot {
         // Installs the recorder if nothing has yet: handles registered before it
         // would count into nothing.
         let _ = crate::http::metrics_handle();
-        let by_qos = |name: &'static str| {
-            ["0", "1", "2"].map(|qos| metrics::counter!(name, "qos" => qos))
-        };
+        let by_qos =
+            |name: &'static str| ["0", "1", "2"].map(|qos| metrics::counter!(name, "qos" => qos));
         Hot {
             bytes_received: metrics::counter!("flockmq_bytes_received_total"),
             bytes_sent: metrics::counter!("flockmq_bytes_sent_total"),

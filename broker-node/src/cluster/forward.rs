@@ -84,7 +84,8 @@ pub trait ForwardSink: Send + Sync + 'static {
     /// Hand every target of the encoded `frame` (see [`super::frame`]) to its
     /// connection; resolves when each one has been accepted (or dropped and counted).
     /// An undecodable frame is delivered up to the fault and reported.
-    fn deliver(&self, origin: NodeId, frame: bytes::Bytes) -> BoxFuture<'_, Result<(), FrameError>>;
+    fn deliver(&self, origin: NodeId, frame: bytes::Bytes)
+        -> BoxFuture<'_, Result<(), FrameError>>;
 }
 
 /// Where the gRPC service finds the sink, which exists only once the broker runtime

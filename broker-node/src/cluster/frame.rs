@@ -85,7 +85,11 @@ pub fn encode(items: &[Forwarded], out: &mut Vec<u8>) -> Result<(), FrameError> 
         let has_properties = m.properties != MessageProperties::default();
         let flags = (m.qos & 3)
             | if m.retain { RETAIN } else { 0 }
-            | if m.origin_client.is_some() { HAS_ORIGIN } else { 0 }
+            | if m.origin_client.is_some() {
+                HAS_ORIGIN
+            } else {
+                0
+            }
             | if has_properties { HAS_PROPERTIES } else { 0 };
         out.push(flags);
         out.extend_from_slice(&m.received_at_ms.to_le_bytes());
@@ -104,7 +108,11 @@ pub fn encode(items: &[Forwarded], out: &mut Vec<u8>) -> Result<(), FrameError> 
             put_str16(out, &t.client_id, "client id")?;
             let flags = (t.qos & 3)
                 | if t.retain { RETAIN } else { 0 }
-                | if t.shared_group.is_some() { HAS_GROUP } else { 0 };
+                | if t.shared_group.is_some() {
+                    HAS_GROUP
+                } else {
+                    0
+                };
             out.push(flags);
             let ids = u16::try_from(t.subscription_ids.len())
                 .map_err(|_| FrameError::TooLong("subscription id list"))?;
@@ -364,7 +372,11 @@ mod tests {
         Arc::make_mut(&mut plain[0].message).properties = MessageProperties::default();
         let mut frame = Vec::new();
         encode(&plain, &mut frame).expect("encodes");
-        assert_eq!(frame.len(), encoded_len(&plain), "the size hint is exact without properties");
+        assert_eq!(
+            frame.len(),
+            encoded_len(&plain),
+            "the size hint is exact without properties"
+        );
     }
 
     #[test]
