@@ -300,13 +300,7 @@ impl Broker {
                     // another member here; anything else had only this connection.
                     match target.shared_group {
                         Some(_) => {
-                            let delivery = Delivery {
-                                message: message.clone(),
-                                qos: target.qos,
-                                retain: target.retain,
-                                subscription_ids: target.subscription_ids,
-                                shared_group: target.shared_group,
-                            };
+                            let delivery = delivery(&message, target);
                             // Only here or into a queue: a message makes one hop.
                             Box::pin(self.redeliver_shared(delivery, t.client_id, false)).await;
                         }
@@ -533,14 +527,20 @@ impl Broker {
     }
 }
 
-fn new_delivery(message: &Arc<Message>, target: Target) -> Box<Delivery> {
-    Box::new(Delivery {
+/// `message` as `target`'s matching subscriptions decided it is to be delivered.
+fn delivery(message: &Arc<Message>, target: Target) -> Delivery {
+    Delivery {
         message: message.clone(),
         qos: target.qos,
         retain: target.retain,
         subscription_ids: target.subscription_ids,
         shared_group: target.shared_group,
-    })
+    }
+}
+
+/// The same, boxed for a connection's channel.
+fn new_delivery(message: &Arc<Message>, target: Target) -> Box<Delivery> {
+    Box::new(delivery(message, target))
 }
 
 /// Put `delivery` into `handle`'s channel; a full channel gives it back as blocked. A

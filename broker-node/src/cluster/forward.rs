@@ -25,7 +25,6 @@ use cluster_proto::v1::{ForwardAck, ForwardFrame};
 use futures::future::BoxFuture;
 use futures::Stream;
 use openraft::BasicNode;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -56,7 +55,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// One client on the peer a message is addressed to, with what its subscriptions
 /// decided on the receiving node (QoS already downgraded, RETAIN as it is to be sent,
 /// no-local already judged).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForwardTarget {
     /// The client.
     pub client_id: Arc<str>,
@@ -71,7 +70,7 @@ pub struct ForwardTarget {
 }
 
 /// A message on its way to one peer, with the clients there it is for.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Forwarded {
     /// The message, properties and reception time unchanged.
     pub message: Arc<Message>,
