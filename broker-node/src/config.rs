@@ -298,6 +298,11 @@ pub struct MqttConfig {
     /// How long a new connection may take to send CONNECT.
     #[serde(with = "dur")]
     pub connect_timeout: Duration,
+    /// How long a plain-TCP connection must be idle before it is parked: its task and
+    /// buffers are given up and the socket waits in the node's parking lot until the
+    /// client sends something or a message arrives for it ("0s": never).
+    #[serde(with = "dur")]
+    pub park_after: Duration,
     /// A keep alive imposed on v5 clients (Server Keep Alive); empty honours the client's.
     #[serde(with = "opt_u16")]
     pub server_keep_alive: Option<u16>,
@@ -459,6 +464,7 @@ impl Default for MqttConfig {
             max_packet_size: 1024 * 1024,
             max_connections: 100_000,
             connect_timeout: Duration::from_secs(10),
+            park_after: Duration::from_secs(10),
             server_keep_alive: None,
             max_keep_alive: 65_535,
             receive_maximum: 1024,
@@ -1221,6 +1227,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("mqtt.max_packet_size", "Largest packet accepted (and announced in CONNACK), at most 268435455 bytes."),
         ("mqtt.max_connections", "Most client connections at once on this node (0: unlimited)."),
         ("mqtt.connect_timeout", "How long a new connection may take to send CONNECT."),
+        ("mqtt.park_after", "How long a plain-TCP connection must be idle before it is parked: its task and buffers are given up and the socket waits in the node's parking lot until the client sends something or a message arrives for it (\"0s\": never)."),
         ("mqtt.server_keep_alive", "A keep alive imposed on v5 clients (Server Keep Alive); empty honours the client's."),
         ("mqtt.max_keep_alive", "The longest keep alive a client may ask for, in seconds."),
         ("mqtt.receive_maximum", "Unacknowledged QoS 1/2 publishes a client may send at once (v5 Receive Maximum)."),

@@ -87,6 +87,8 @@ pub async fn run(
         state.raft_metrics(),
         root.child_token(),
     );
+    let (lot, parking) =
+        crate::broker::park::Lot::new().context("cannot create the parking lot")?;
     let broker = Broker::new(
         config.clone(),
         state,
@@ -94,7 +96,9 @@ pub async fn run(
         forwarder,
         auth::Auth::new(auth_rules),
         root.child_token(),
+        lot.clone(),
     );
+    tracker.spawn(parking.run(lot, broker.clone(), tracker.clone()));
     let tls_slots = tls.iter().chain(wss.iter()).cloned().collect();
     tracker.spawn(reload_on_sighup(broker.clone(), tls_slots, api_access));
     let sink: Arc<dyn ForwardSink> = broker.clone();
@@ -169,6 +173,7 @@ pub async fn run(
     tracker.close();
     let graceful = async {
         tracker.wait().await;
+        tracing::debug!("every task has stopped; stopping raft");
         if let Err(e) = raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not stop cleanly");
         }

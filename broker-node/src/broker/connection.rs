@@ -32,7 +32,8 @@ use crate::mqtt::{
     SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::session::{InboundAliases, InboundQos2, KeepAlive, OutboundState, OutboundWindow};
-use crate::transport::ClientStream;
+use crate::transport::{Admitted, ClientStream};
+use tokio::net::TcpStream;
 
 /// Capacity of the channel through which the node hands deliveries to a connection.
 const CHANNEL_CAPACITY: usize = 1024;
@@ -48,6 +49,9 @@ enum End {
     TakenOver,
     /// The node is shutting down; sessions stay as they are.
     Shutdown,
+    /// Not an end: the connection has been idle for `mqtt.park_after` with nothing in
+    /// flight, and may be parked.
+    Idle,
 }
 
 /// An outbound QoS 1/2 message in the inflight window.
@@ -98,13 +102,16 @@ enum AckOutcome {
 }
 
 /// Serve one client over `stream`, accepted on the listener named `listener`, until it
-/// disconnects or the node shuts down.
+/// disconnects or the node shuts down (or until its connection is parked: see
+/// [`super::park`]). `admitted` is its place under the connection limit, held for as
+/// long as the connection lives.
 pub async fn serve<S>(
     broker: Arc<Broker>,
     stream: S,
     peer: SocketAddr,
     listener: &'static str,
     vouched: Vouched,
+    admitted: Admitted,
 ) where
     S: ClientStream,
 {
@@ -127,19 +134,211 @@ pub async fn serve<S>(
             return;
         }
     };
-    Stats::add(&broker.stats.clients_connected, 1);
-    let connections = metrics::gauge!(
-        "flockmq_connections",
-        "listener" => listener,
-        "protocol" => protocol_label(connect.protocol),
-    );
-    connections.increment(1.0);
-    conn.run_session(connect).await;
-    broker
-        .stats
-        .clients_connected
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    connections.decrement(1.0);
+    let tally = Tally::new(&broker, listener, connect.protocol, admitted);
+    // Establishing the session takes KiBs of future state (the CONNECT, its proposals)
+    // that the long-lived part must not carry for hours: boxed, and freed once the
+    // session runs.
+    let Some((session, connection_id)) = Box::pin(conn.establish(connect)).await else {
+        return;
+    };
+    conn.live(session, connection_id, tally).await;
+}
+
+/// Resume a parked connection (see [`super::park`]) in a task of its own.
+pub async fn resume(broker: Arc<Broker>, parked: Box<Parked>) {
+    let Parked {
+        socket,
+        peer,
+        connection_id,
+        session,
+        tally,
+    } = *parked;
+    let session = Box::new(session.unpark(&broker.config.mqtt));
+    match TcpStream::from_socket(socket) {
+        Ok(stream) => {
+            let conn = Connection {
+                stream,
+                rbuf: BytesMut::new(),
+                wbuf: BytesMut::new(),
+                broker,
+                peer,
+                listener: PARKED_LISTENER,
+                vouched: Vouched::Nothing,
+            };
+            conn.live(session, connection_id, tally).await;
+        }
+        Err(e) => {
+            tracing::warn!(client_id = %session.client_id, error = %e, "cannot resume a parked connection");
+            Box::pin(end_session(&broker, session, connection_id, End::Abrupt)).await;
+            drop(tally);
+        }
+    }
+}
+
+/// A connected client in the node's counts (`$SYS` clients, the connections gauge, the
+/// connection limit), given back when dropped by whichever task ends the connection:
+/// its own, or the one that resumed it from the parking lot.
+struct Tally {
+    broker: Arc<Broker>,
+    gauge: metrics::Gauge,
+    _admitted: Admitted,
+}
+
+impl Tally {
+    fn new(
+        broker: &Arc<Broker>,
+        listener: &'static str,
+        protocol: ProtocolVersion,
+        admitted: Admitted,
+    ) -> Tally {
+        Stats::add(&broker.stats.clients_connected, 1);
+        let gauge = metrics::gauge!(
+            "flockmq_connections",
+            "listener" => listener,
+            "protocol" => protocol_label(protocol),
+        );
+        gauge.increment(1.0);
+        Tally {
+            broker: broker.clone(),
+            gauge,
+            _admitted: admitted,
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        Stats::sub(&self.broker.stats.clients_connected, 1);
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// Only plain TCP connections are parked.
+const PARKED_LISTENER: &str = "tcp";
+
+/// A parked connection: its socket and what its session needs to go on, without a
+/// task, buffers or timers (see [`super::park`]).
+pub struct Parked {
+    socket: std::net::TcpStream,
+    peer: SocketAddr,
+    connection_id: u64,
+    session: ParkedSession,
+    tally: Tally,
+}
+
+impl Parked {
+    /// The socket, in non-blocking mode.
+    pub fn socket(&self) -> &std::net::TcpStream {
+        &self.socket
+    }
+
+    /// A packet from the client arrived at `now` (a PINGREQ answered by the lot).
+    pub fn seen(&mut self, now: Instant) {
+        self.session.keep_alive.seen(now);
+    }
+
+    /// Whether the client has been silent longer than its keep alive allows.
+    pub fn keep_alive_expired(&self, now: Instant) -> bool {
+        self.session.keep_alive.expired(now)
+    }
+
+    /// Wake `waker` when the connection's mailbox receives something.
+    pub fn wake_on_mail(&self, waker: std::task::Waker) {
+        self.session.rx.wake_on_arrival(waker);
+    }
+}
+
+/// [`Session`] while parked: only what an idle session holds. Parking requires an
+/// empty inflight window, no pending acknowledgements and no waiting deliveries.
+struct ParkedSession {
+    client_id: Arc<str>,
+    username: Option<Arc<str>>,
+    rx: super::mailbox::Receiver<ConnMsg>,
+    keep_alive: KeepAlive,
+    queue_cursor: u64,
+    resend_below: u64,
+    /// Topic aliases and inbound QoS 2 identifiers, when there are any.
+    kept: Option<Box<(InboundAliases, InboundQos2)>>,
+    connect_expiry: u32,
+    expiry_update: Option<u32>,
+    client_max_packet: u32,
+    window_size: u32,
+    version: ProtocolVersion,
+    persistent: bool,
+}
+
+impl Session {
+    /// Whether nothing is in flight, buffered or waiting, so that the session can be
+    /// parked.
+    fn at_rest(&self) -> bool {
+        self.inbound_qos1_pending == 0
+            && self.window.is_empty()
+            && self.pending.is_empty()
+            && self.acks.is_empty()
+            && self.acks_completed.is_empty()
+            && self.acks_received.is_empty()
+            && self.rx.is_empty()
+    }
+
+    /// The parked form of a session [at rest](Session::at_rest).
+    fn park(self) -> ParkedSession {
+        debug_assert!(self.at_rest());
+        let kept = (!self.aliases.is_empty() || !self.inbound_qos2.is_empty())
+            .then(|| Box::new((self.aliases, self.inbound_qos2)));
+        ParkedSession {
+            client_id: self.client_id,
+            username: self.username,
+            rx: self.rx,
+            keep_alive: self.keep_alive,
+            queue_cursor: self.queue_cursor,
+            resend_below: self.resend_below,
+            kept,
+            connect_expiry: self.connect_expiry,
+            expiry_update: self.expiry_update,
+            client_max_packet: self.client_max_packet,
+            window_size: u32::try_from(self.window.capacity()).unwrap_or(u32::MAX),
+            version: self.version,
+            persistent: self.persistent,
+        }
+    }
+}
+
+impl ParkedSession {
+    fn unpark(self, cfg: &crate::config::MqttConfig) -> Session {
+        let (aliases, inbound_qos2) = match self.kept {
+            Some(kept) => *kept,
+            None => (
+                InboundAliases::new(if self.version == ProtocolVersion::V5 {
+                    cfg.topic_alias_maximum
+                } else {
+                    0
+                }),
+                InboundQos2::default(),
+            ),
+        };
+        Session {
+            client_id: self.client_id,
+            username: self.username,
+            version: self.version,
+            persistent: self.persistent,
+            connect_expiry: self.connect_expiry,
+            expiry_update: self.expiry_update,
+            keep_alive: self.keep_alive,
+            aliases,
+            inbound_qos2,
+            inbound_qos1_pending: 0,
+            window: OutboundWindow::new(self.window_size as usize),
+            inflight_counted: 0,
+            pending: VecDeque::new(),
+            queue_cursor: self.queue_cursor,
+            resend_below: self.resend_below,
+            client_max_packet: self.client_max_packet,
+            acks: PendingAcks::default(),
+            acks_completed: Vec::new(),
+            acks_received: Vec::new(),
+            rx: self.rx,
+        }
+    }
 }
 
 fn protocol_label(version: ProtocolVersion) -> &'static str {
@@ -285,7 +484,7 @@ where
         &mut self,
         version: ProtocolVersion,
         code: ReasonCode,
-    ) -> Option<(Session, u64)> {
+    ) -> Option<(Box<Session>, u64)> {
         metrics::counter!("flockmq_connack_total", "reason" => reason_label(code)).increment(1);
         let connack = Packet::ConnAck(ConnAck {
             session_present: false,
@@ -299,7 +498,7 @@ where
 
     /// Authenticate, open the session through the cluster, answer CONNACK and build
     /// the connection's session state; `None` once a refusal has been answered.
-    async fn establish(&mut self, connect: Box<Connect>) -> Option<(Session, u64)> {
+    async fn establish(&mut self, connect: Box<Connect>) -> Option<(Box<Session>, u64)> {
         let broker = self.broker.clone();
         let cfg = &broker.config.mqtt;
         let version = connect.protocol;
@@ -516,106 +715,87 @@ where
         }
         self.pump_queue(&mut session);
 
-        Some((session, connection_id))
+        Some((Box::new(session), connection_id))
     }
 
-    async fn run_session(&mut self, connect: Box<Connect>) {
-        // Establishing the session takes KiBs of future state (the CONNECT, its
-        // proposals) that the long-lived part must not carry for hours: boxed, and
-        // freed once the session runs.
-        let Some((mut session, connection_id)) = Box::pin(self.establish(connect)).await else {
-            return;
+    /// Drive an established session until it ends, parking it whenever it has been
+    /// idle for `mqtt.park_after`.
+    /// The session is boxed: passed by value, it would sit in the caller's future as
+    /// well as in this one (about 400 bytes twice for every connection).
+    async fn live(mut self, mut session: Box<Session>, connection_id: u64, mut tally: Tally) {
+        let end = loop {
+            let end = self.session_loop(&mut session).await;
+            if end != End::Idle {
+                break end;
+            }
+            let socket = match self.stream.into_socket() {
+                Err(stream) => {
+                    self.stream = stream;
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(client_id = %session.client_id, error = %e, "cannot park a connection");
+                    Stats::sub(
+                        &self.broker.stats.messages_inflight,
+                        session.inflight_counted as u64,
+                    );
+                    Box::pin(end_session(
+                        &self.broker,
+                        session,
+                        connection_id,
+                        End::Abrupt,
+                    ))
+                    .await;
+                    return;
+                }
+                Ok(Ok(socket)) => socket,
+            };
+            let parked = Box::new(Parked {
+                socket,
+                peer: self.peer,
+                connection_id,
+                session: (*session).park(),
+                tally,
+            });
+            match self.broker.lot.park(parked) {
+                Ok(()) => return,
+                Err(parked) => {
+                    // The node is shutting down (or the socket cannot be watched): go
+                    // on here.
+                    let Parked {
+                        socket,
+                        session: kept,
+                        tally: back,
+                        ..
+                    } = *parked;
+                    session = Box::new(kept.unpark(&self.broker.config.mqtt));
+                    tally = back;
+                    match S::from_socket(socket) {
+                        Ok(stream) => self.stream = stream,
+                        Err(e) => {
+                            tracing::warn!(client_id = %session.client_id, error = %e, "cannot resume a connection");
+                            Box::pin(end_session(
+                                &self.broker,
+                                session,
+                                connection_id,
+                                End::Abrupt,
+                            ))
+                            .await;
+                            return;
+                        }
+                    }
+                }
+            }
         };
-        let broker = self.broker.clone();
-        let client_id = session.client_id.clone();
-
-        let end = self.session_loop(&mut session).await;
         Stats::sub(
-            &broker.stats.messages_inflight,
+            &self.broker.stats.messages_inflight,
             session.inflight_counted as u64,
         );
         // Whatever the loop queued last (a DISCONNECT with its reason) goes out now.
         self.flush().await;
-
-        // Hand the session back to the cluster.
-        broker.unregister(&client_id, connection_id);
-        self.commit_acks(&mut session);
-        // Messages that lived only in this connection's memory: unacknowledged
-        // deliveries in flight, those waiting for room, and those still in the channel
-        // (closed first, so that nothing more arrives).
-        session.rx.close();
-        let mut unsent = Vec::new();
-        while let Some(msg) = session.rx.try_recv() {
-            if let ConnMsg::Deliver(d) = msg {
-                unsent.push(*d);
-            }
-        }
-        let unacked: Vec<Delivery> = session
-            .window
-            .drain()
-            .into_iter()
-            .filter_map(|(_, _, item)| match item {
-                Outgoing::Transient(d) => Some(d),
-                Outgoing::Queued(_) => None,
-            })
-            .chain(session.pending.drain(..))
-            .chain(unsent)
-            .collect();
-        if session.persistent {
-            // A persistent session keeps them in its replicated queue, to be resent on
-            // reconnect (they are here only with durable_sessions off).
-            let entries: Vec<_> = unacked
-                .into_iter()
-                .map(|d| crate::cluster::command::EnqueueEntry {
-                    client_id: client_id.clone(),
-                    message: d.message,
-                    qos: d.qos,
-                    retain: d.retain,
-                    subscription_ids: d.subscription_ids,
-                })
-                .collect();
-            if let Err(e) = Box::pin(broker.commit_enqueue(entries)).await {
-                tracing::warn!(client_id = %client_id, error = %e, "in-flight messages not queued");
-            }
-        } else {
-            // A clean session's shared-group messages go to another member of the
-            // group: in the background, so the session's end (below) is recorded at
-            // once and the cluster stops choosing this member meanwhile.
-            let shared: Vec<Delivery> = unacked
-                .into_iter()
-                .filter(|d| d.shared_group.is_some())
-                .collect();
-            if !shared.is_empty() {
-                let (broker, client_id) = (broker.clone(), client_id.clone());
-                tokio::spawn(async move {
-                    for d in shared {
-                        Box::pin(broker.redeliver_shared(d, &client_id, true)).await;
-                    }
-                });
-            }
-        }
-        if end != End::Shutdown {
-            let close = Command::CloseSession {
-                client_id: client_id.clone(),
-                connection_id,
-                graceful: end == End::Graceful,
-                expiry_secs: session.expiry_update,
-                now_ms: unix_ms(),
-            };
-            if let Err(e) = Box::pin(broker.proposer.propose(close)).await {
-                tracing::warn!(client_id = %client_id, error = %e, "cannot record disconnect");
-            }
-        }
-        let reason = match end {
-            End::Graceful => "disconnect",
-            End::Abrupt => "abrupt",
-            End::TakenOver => "taken_over",
-            End::Shutdown => "shutdown",
-        };
-        metrics::counter!("flockmq_connections_closed_total", "reason" => reason).increment(1);
-        tracing::debug!(client_id = %client_id, ?end, "client disconnected");
+        Box::pin(end_session(&self.broker, session, connection_id, end)).await;
+        drop(tally);
     }
-
     /// Bring the node's inflight count up to date with this session's window.
     fn count_inflight(&self, s: &mut Session) {
         let now = s.window.len();
@@ -632,6 +812,10 @@ where
 
     async fn session_loop(&mut self, s: &mut Session) -> End {
         let shutdown = self.broker.shutdown.clone();
+        // Parking: plain TCP only, unless switched off.
+        let park_after =
+            Some(self.broker.config.mqtt.park_after).filter(|d| S::PARKABLE && !d.is_zero());
+        let mut active_at = Instant::now();
         loop {
             self.count_inflight(s);
             if !self.flush().await {
@@ -649,7 +833,11 @@ where
                 }
                 s.rx.release();
             }
-            let deadline = s.keep_alive.deadline();
+            let park_at = park_after.map(|after| active_at + after);
+            let deadline = match (s.keep_alive.deadline(), park_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -664,6 +852,7 @@ where
                     return End::Shutdown;
                 }
                 Some(outcome) = s.acks.next(), if !s.acks.is_empty() => {
+                    active_at = Instant::now();
                     match outcome {
                         AckOutcome::Send(packet) => {
                             if let Packet::PubAck(_) = *packet {
@@ -680,6 +869,7 @@ where
                     }
                 }
                 msg = s.rx.recv() => {
+                    active_at = Instant::now();
                     let Some(msg) = msg else { return End::Abrupt };
                     if let Some(end) = self.on_message(s, msg) {
                         return end;
@@ -696,7 +886,8 @@ where
                     if !filled {
                         return End::Abrupt;
                     }
-                    s.keep_alive.seen(Instant::now());
+                    active_at = Instant::now();
+                    s.keep_alive.seen(active_at);
                     // Boxed: handling packets (proposals, forwarding) needs KiBs of
                     // future state that an idle connection should not carry inline.
                     if let Some(end) = Box::pin(self.decode_all(s)).await {
@@ -711,6 +902,14 @@ where
                         self.disconnect(s.version, ReasonCode::KeepAliveTimeout);
                         self.flush().await;
                         return End::Abrupt;
+                    }
+                    if park_at.is_some_and(|at| now >= at) {
+                        if self.rbuf.is_empty() && self.wbuf.is_empty() && s.at_rest() {
+                            return End::Idle;
+                        }
+                        // Busy after all (a client that does not acknowledge): look
+                        // again after another spell.
+                        active_at = now;
                     }
                 }
             }
@@ -1451,15 +1650,20 @@ where
 
     /// Tell the cluster which queued messages the client acknowledged (batched).
     fn commit_acks(&mut self, s: &mut Session) {
-        if s.acks_completed.is_empty() && s.acks_received.is_empty() {
-            return;
-        }
-        self.broker.proposer.propose_detached(Command::Ack {
-            client_id: s.client_id.clone(),
-            completed: std::mem::take(&mut s.acks_completed),
-            received: std::mem::take(&mut s.acks_received),
-        });
+        commit_acks(&self.broker, s);
     }
+}
+
+/// Record the acknowledgements `s` received since the last time, in one command.
+fn commit_acks(broker: &Broker, s: &mut Session) {
+    if s.acks_completed.is_empty() && s.acks_received.is_empty() {
+        return;
+    }
+    broker.proposer.propose_detached(Command::Ack {
+        client_id: s.client_id.clone(),
+        completed: std::mem::take(&mut s.acks_completed),
+        received: std::mem::take(&mut s.acks_received),
+    });
 }
 
 impl Session {
@@ -1484,6 +1688,94 @@ impl Broker {
         self.check_topic_limits(filter)
             .map_err(|_| ReasonCode::TopicFilterInvalid)
     }
+}
+
+/// Hand an ended session back to the cluster: unsent messages to its queue or to other
+/// members of its shared groups, and its end recorded (unless the node shuts down).
+async fn end_session(
+    broker: &Arc<Broker>,
+    mut session: Box<Session>,
+    connection_id: u64,
+    end: End,
+) {
+    let client_id = session.client_id.clone();
+    broker.unregister(&client_id, connection_id);
+    commit_acks(broker, &mut session);
+    // Messages that lived only in this connection's memory: unacknowledged
+    // deliveries in flight, those waiting for room, and those still in the channel
+    // (closed first, so that nothing more arrives).
+    session.rx.close();
+    let mut unsent = Vec::new();
+    while let Some(msg) = session.rx.try_recv() {
+        if let ConnMsg::Deliver(d) = msg {
+            unsent.push(*d);
+        }
+    }
+    let unacked: Vec<Delivery> = session
+        .window
+        .drain()
+        .into_iter()
+        .filter_map(|(_, _, item)| match item {
+            Outgoing::Transient(d) => Some(d),
+            Outgoing::Queued(_) => None,
+        })
+        .chain(session.pending.drain(..))
+        .chain(unsent)
+        .collect();
+    if session.persistent {
+        // A persistent session keeps them in its replicated queue, to be resent on
+        // reconnect (they are here only with durable_sessions off).
+        let entries: Vec<_> = unacked
+            .into_iter()
+            .map(|d| crate::cluster::command::EnqueueEntry {
+                client_id: client_id.clone(),
+                message: d.message,
+                qos: d.qos,
+                retain: d.retain,
+                subscription_ids: d.subscription_ids,
+            })
+            .collect();
+        if let Err(e) = Box::pin(broker.commit_enqueue(entries)).await {
+            tracing::warn!(client_id = %client_id, error = %e, "in-flight messages not queued");
+        }
+    } else {
+        // A clean session's shared-group messages go to another member of the
+        // group: in the background, so the session's end (below) is recorded at
+        // once and the cluster stops choosing this member meanwhile.
+        let shared: Vec<Delivery> = unacked
+            .into_iter()
+            .filter(|d| d.shared_group.is_some())
+            .collect();
+        if !shared.is_empty() {
+            let (broker, client_id) = (broker.clone(), client_id.clone());
+            tokio::spawn(async move {
+                for d in shared {
+                    Box::pin(broker.redeliver_shared(d, &client_id, true)).await;
+                }
+            });
+        }
+    }
+    if end != End::Shutdown {
+        let close = Command::CloseSession {
+            client_id: client_id.clone(),
+            connection_id,
+            graceful: end == End::Graceful,
+            expiry_secs: session.expiry_update,
+            now_ms: unix_ms(),
+        };
+        if let Err(e) = Box::pin(broker.proposer.propose(close)).await {
+            tracing::warn!(client_id = %client_id, error = %e, "cannot record disconnect");
+        }
+    }
+    let reason = match end {
+        End::Graceful => "disconnect",
+        // (`Idle` never ends a session: it parks it.)
+        End::Abrupt | End::Idle => "abrupt",
+        End::TakenOver => "taken_over",
+        End::Shutdown => "shutdown",
+    };
+    metrics::counter!("flockmq_connections_closed_total", "reason" => reason).increment(1);
+    tracing::debug!(client_id = %client_id, ?end, "client disconnected");
 }
 
 fn packet_kind(p: &Packet) -> &'static str {
@@ -1514,19 +1806,27 @@ fn reason_label(code: ReasonCode) -> String {
 mod tests {
     use super::*;
 
-    /// The size of what a function of five arguments returns (here: a future).
-    fn returned_size<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
+    /// The size of what a function of six arguments returns (here: a future).
+    fn returned_size<A, B, C, D, E, F, R>(_: fn(A, B, C, D, E, F) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 
     #[test]
     fn an_idle_connection_s_task_stays_small() {
-        // Every connected client holds one such future for as long as it stays (1,512
-        // bytes in a debug build, 1,496 in release, when this was written): a field
-        // held across an await or a large inline sub-future shows up here first.
+        // Every connected client holds one such future until it parks (1,512 bytes in
+        // a debug build, 1,496 in release, when this was written): a field held across
+        // an await or a large inline sub-future shows up here first.
         let serve = returned_size(serve::<tokio::net::TcpStream>);
         let session = std::mem::size_of::<Session>();
         assert!(serve <= 1_600, "connection future: {serve} bytes");
         assert!(session <= 440, "session state: {session} bytes");
+    }
+
+    #[test]
+    fn a_parked_connection_stays_smaller_still() {
+        // What a parked connection holds besides its mailbox, registry entry and
+        // session record (192 bytes when this was written).
+        let parked = std::mem::size_of::<Parked>();
+        assert!(parked <= 200, "parked connection: {parked} bytes");
     }
 }

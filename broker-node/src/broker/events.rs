@@ -18,9 +18,18 @@ use crate::session::InboundQos2;
 const ADMINISTRATIVE_ACTION: u8 = 0x98;
 
 impl Broker {
-    /// Handle state-machine events until the channel closes.
+    /// Handle state-machine events until the node shuts down.
     pub async fn run_events(self: Arc<Self>, mut events: UnboundedReceiver<Event>) {
-        while let Some(event) = events.recv().await {
+        loop {
+            // The sender lives in the state machine, which stops only after every
+            // task of the node has: stop at shutdown rather than at the channel's end.
+            let event = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                event = events.recv() => match event {
+                    Some(event) => event,
+                    None => return,
+                },
+            };
             match event {
                 Event::SessionTakenOver {
                     client_id,

@@ -8,14 +8,17 @@
 //! sit idle. Here the shared state is one allocation of about 150 bytes, and the queue
 //! takes memory only while it holds messages ([`Receiver::release`] gives it back).
 //!
-//! State: a `VecDeque` and two flags under a `std::sync::Mutex` (held for a push or a
-//! pop, never across an await), with two `Notify`s: `arrived` wakes the one receiver,
-//! `room` wakes senders waiting for space. A `Notify` stores a permit when nobody
-//! waits, so a wake-up between a check and the wait is not lost.
+//! State: a `VecDeque`, a flag and the receiver's waker under a `std::sync::Mutex`
+//! (held for a push or a pop, never across an await), and a `Notify`, `room`, that
+//! wakes senders waiting for space. The one receiver leaves its waker under the lock
+//! before it sleeps, and a sender takes it under the same lock, so no wake-up is lost.
+//! That waker need not belong to a task: a parked connection's mailbox wakes the
+//! parking lot ([`Receiver::wake_on_arrival`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -26,8 +29,8 @@ pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
         queue: Mutex::new(Queue {
             items: VecDeque::new(),
             closed: false,
+            receiver: None,
         }),
-        arrived: Notify::new(),
         room: Notify::new(),
         capacity: capacity.max(1),
         senders: AtomicUsize::new(1),
@@ -42,8 +45,6 @@ pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
 
 struct Shared<T> {
     queue: Mutex<Queue<T>>,
-    /// Something arrived, or the last sender went away.
-    arrived: Notify,
     /// Something was taken out, or the receiver closed.
     room: Notify,
     capacity: usize,
@@ -54,6 +55,15 @@ struct Queue<T> {
     items: VecDeque<T>,
     /// The receiver is gone or closed: nothing more is accepted.
     closed: bool,
+    /// Woken when something arrives or the last sender goes away.
+    receiver: Option<Waker>,
+}
+
+impl<T> Queue<T> {
+    /// The receiver's waker, if it waits, for waking once the lock is released.
+    fn take_receiver(&mut self) -> Option<Waker> {
+        self.receiver.take()
+    }
 }
 
 impl<T> Shared<T> {
@@ -90,7 +100,10 @@ impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
         if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The receiver learns there is nothing more to wait for.
-            self.shared.arrived.notify_one();
+            let waker = self.shared.lock().take_receiver();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
         }
     }
 }
@@ -114,8 +127,11 @@ impl<T> Sender<T> {
             return Err(TrySendError::Full(msg));
         }
         queue.items.push_back(msg);
+        let waker = queue.take_receiver();
         drop(queue);
-        self.shared.arrived.notify_one();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
         Ok(())
     }
 
@@ -145,17 +161,46 @@ impl<T> Receiver<T> {
     /// The next message; `None` once closed and empty, or when every sender is gone.
     /// Cancel-safe: a message is only taken out by the poll that returns it.
     pub async fn recv(&mut self) -> Option<T> {
-        loop {
-            let arrived = self.shared.arrived.notified();
-            if let Some(msg) = self.try_recv() {
-                return Some(msg);
-            }
-            if self.shared.lock().closed || self.shared.senders.load(Ordering::Acquire) == 0 {
-                // A last sender may have queued something just before it went.
-                return self.try_recv();
-            }
-            arrived.await;
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Poll for the next message, leaving `cx`'s waker to be woken when one arrives.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let mut queue = self.shared.lock();
+        if let Some(msg) = queue.items.pop_front() {
+            drop(queue);
+            self.shared.room.notify_one();
+            return Poll::Ready(Some(msg));
         }
+        if queue.closed || self.shared.senders.load(Ordering::Acquire) == 0 {
+            return Poll::Ready(None);
+        }
+        match &mut queue.receiver {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Wake `waker` once something arrives or the last sender goes away: at once if
+    /// that has already happened. Replaces the waker of an earlier wait.
+    pub fn wake_on_arrival(&self, waker: Waker) {
+        let mut queue = self.shared.lock();
+        let ready = !queue.items.is_empty()
+            || queue.closed
+            || self.shared.senders.load(Ordering::Acquire) == 0;
+        if ready {
+            queue.receiver = None;
+            drop(queue);
+            waker.wake();
+        } else {
+            queue.receiver = Some(waker);
+        }
+    }
+
+    /// Whether nothing is waiting to be received.
+    pub fn is_empty(&self) -> bool {
+        self.shared.lock().items.is_empty()
     }
 
     /// The next message if one is waiting.
@@ -259,5 +304,39 @@ mod tests {
         while rx.try_recv().is_some() {}
         rx.release();
         assert_eq!(rx.shared.lock().items.capacity(), 0);
+    }
+
+    /// Counts its wake-ups.
+    struct Counter(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_waker_left_without_a_task_is_woken_by_the_next_message_or_the_last_sender() {
+        let (tx, rx) = channel::<u32>(4);
+        let counter = Arc::new(Counter(AtomicUsize::new(0)));
+        rx.wake_on_arrival(Waker::from(counter.clone()));
+        assert_eq!(counter.0.load(Ordering::SeqCst), 0, "nothing arrived yet");
+        tx.try_send(1).unwrap();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "woken by the message");
+        tx.try_send(2).unwrap();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "a waker is woken once");
+
+        // Something already waiting wakes at once.
+        rx.wake_on_arrival(Waker::from(counter.clone()));
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+
+        while rx.try_recv().is_some() {}
+        rx.wake_on_arrival(Waker::from(counter.clone()));
+        drop(tx);
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            3,
+            "woken when the senders are gone"
+        );
     }
 }

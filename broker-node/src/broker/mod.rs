@@ -12,6 +12,7 @@ pub mod dispatch;
 pub mod events;
 pub mod liveness;
 pub mod mailbox;
+pub mod park;
 pub mod telemetry;
 
 use std::collections::HashMap;
@@ -135,6 +136,8 @@ pub struct Broker {
     pub started: Instant,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
+    /// Where idle plain-TCP connections wait without a task.
+    pub lot: Arc<park::Lot>,
 }
 
 impl Broker {
@@ -146,6 +149,7 @@ impl Broker {
         forwarder: Forwarder,
         auth: crate::auth::Auth,
         shutdown: CancellationToken,
+        lot: Arc<park::Lot>,
     ) -> Arc<Broker> {
         let strategy = config.mqtt.shared_subscription_strategy.into();
         Arc::new(Broker {
@@ -164,6 +168,7 @@ impl Broker {
             stats: Stats::default(),
             started: Instant::now(),
             shutdown,
+            lot,
         })
     }
 

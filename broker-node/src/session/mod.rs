@@ -54,6 +54,11 @@ impl<T> OutboundWindow<T> {
         self.inflight.is_empty()
     }
 
+    /// The most messages it holds at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Whether `id` is in use.
     pub fn contains(&self, id: u16) -> bool {
         self.inflight.contains_key(&id)
@@ -188,6 +193,11 @@ impl InboundAliases {
             maximum,
             map: HashMap::new(),
         }
+    }
+
+    /// Whether no alias is set.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 
     /// Resolve the topic of a PUBLISH carrying `alias`: a non-empty topic sets the

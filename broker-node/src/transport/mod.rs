@@ -27,12 +27,28 @@ pub mod ws;
 /// A client's byte stream that can tell when a read would find data, so that an idle
 /// connection waits without a read buffer (an idle connection must cost little: no
 /// 4 KiB buffer per sleeping device).
-pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + Sized {
     /// Resolves once a read is worth a buffer. Streams that cannot tell resolve at
     /// once: TLS and WebSocket layers may already hold decoded bytes that the socket's
     /// readiness would not show.
     fn read_ready(&self) -> impl Future<Output = ()> + Send {
         std::future::ready(())
+    }
+
+    /// Whether an idle connection on this stream can be parked (plain TCP only: the
+    /// other layers keep state above the socket).
+    const PARKABLE: bool = false;
+
+    /// The bare socket, out of tokio's reactor, to be parked; streams that cannot be
+    /// parked give themselves back.
+    fn into_socket(self) -> Result<std::io::Result<std::net::TcpStream>, Self> {
+        Err(self)
+    }
+
+    /// The stream again from a parked socket.
+    fn from_socket(socket: std::net::TcpStream) -> std::io::Result<Self> {
+        drop(socket);
+        Err(std::io::Error::other("this kind of stream is never parked"))
     }
 }
 
@@ -40,6 +56,33 @@ impl ClientStream for TcpStream {
     async fn read_ready(&self) {
         // An error shows up again on the read that follows.
         let _ = self.readable().await;
+    }
+
+    const PARKABLE: bool = true;
+
+    fn into_socket(self) -> Result<std::io::Result<std::net::TcpStream>, Self> {
+        Ok(self.into_std())
+    }
+
+    fn from_socket(socket: std::net::TcpStream) -> std::io::Result<Self> {
+        TcpStream::from_std(socket)
+    }
+}
+
+/// A connection's place under `mqtt.max_connections`, given back when dropped.
+pub struct Admitted(Arc<AtomicUsize>);
+
+impl Admitted {
+    /// Take a place in `open`.
+    pub fn new(open: Arc<AtomicUsize>) -> Admitted {
+        open.fetch_add(1, Ordering::Relaxed);
+        Admitted(open)
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -107,8 +150,7 @@ pub async fn serve(
             continue;
         }
         let _ = stream.set_nodelay(true);
-        open.fetch_add(1, Ordering::Relaxed);
-        let open = open.clone();
+        let admitted = Admitted::new(open.clone());
         let broker = broker.clone();
         let security = security.clone();
         tracker.spawn(async move {
@@ -128,19 +170,21 @@ pub async fn serve(
                     peer,
                     label,
                     Vouched::Nothing,
+                    admitted,
                 )),
                 Security::Tls(slot) => Box::pin(async move {
                     let handshake = slot.acceptor().accept(stream);
                     if let Some(tls) = upgrade("TLS", peer, timeout, handshake).await {
                         let vouched = vouched(tls.get_ref().1, identity);
-                        connection::serve(broker, tls, peer, label, vouched).await;
+                        connection::serve(broker, tls, peer, label, vouched, admitted).await;
                     }
                 }),
                 Security::Ws => Box::pin(async move {
                     if let Some(ws) =
                         upgrade("WebSocket", peer, timeout, ws::accept(stream, max_packet)).await
                     {
-                        connection::serve(broker, ws, peer, label, Vouched::Nothing).await;
+                        connection::serve(broker, ws, peer, label, Vouched::Nothing, admitted)
+                            .await;
                     }
                 }),
                 Security::Wss(slot) => Box::pin(async move {
@@ -152,12 +196,13 @@ pub async fn serve(
                     if let Some((ws, vouched)) =
                         upgrade("TLS WebSocket", peer, timeout, secured).await
                     {
-                        connection::serve(broker, ws, peer, label, vouched).await;
+                        connection::serve(broker, ws, peer, label, vouched, admitted).await;
                     }
                 }),
             };
+            // A parked connection's task ends here while the connection lives on in the
+            // parking lot, holding its `Admitted` place.
             conn.await;
-            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
