@@ -180,8 +180,10 @@ pub async fn resume(broker: Arc<Broker>, parked: Box<Parked>) {
 /// its own, or the one that resumed it from the parking lot.
 struct Tally {
     broker: Arc<Broker>,
-    gauge: metrics::Gauge,
     _admitted: Admitted,
+    /// Row and column of its `flockmq_connections` gauge ([`telemetry::connections`]).
+    listener: u8,
+    protocol: u8,
 }
 
 impl Tally {
@@ -192,16 +194,20 @@ impl Tally {
         admitted: Admitted,
     ) -> Tally {
         Stats::add(&broker.stats.clients_connected, 1);
-        let gauge = metrics::gauge!(
-            "flockmq_connections",
-            "listener" => listener,
-            "protocol" => protocol_label(protocol),
-        );
-        gauge.increment(1.0);
+        let listener = telemetry::LISTENERS
+            .iter()
+            .position(|l| *l == listener)
+            .unwrap_or(0) as u8;
+        let protocol = telemetry::PROTOCOLS
+            .iter()
+            .position(|p| *p == protocol_label(protocol))
+            .unwrap_or(0) as u8;
+        telemetry::connections(listener.into(), protocol.into()).increment(1.0);
         Tally {
             broker: broker.clone(),
-            gauge,
             _admitted: admitted,
+            listener,
+            protocol,
         }
     }
 }
@@ -209,7 +215,7 @@ impl Tally {
 impl Drop for Tally {
     fn drop(&mut self) {
         Stats::sub(&self.broker.stats.clients_connected, 1);
-        self.gauge.decrement(1.0);
+        telemetry::connections(self.listener.into(), self.protocol.into()).decrement(1.0);
     }
 }
 

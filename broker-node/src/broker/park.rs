@@ -367,3 +367,23 @@ fn resume(broker: &Arc<Broker>, tracker: &TaskTracker, parked: Box<Parked>, why:
     metrics::counter!("flockmq_connections_unparked_total", "why" => why.label()).increment(1);
     tracker.spawn(connection::resume(broker.clone(), parked));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_carry_key_and_generation() {
+        for (key, generation) in [(0, 0), (7, 3), (u32::MAX as usize - 1, u32::MAX)] {
+            assert_eq!(split(token_of(key, generation)), (key, generation));
+        }
+        assert_ne!(token_of(u32::MAX as usize - 1, u32::MAX), STOP.0 as u64);
+    }
+
+    #[test]
+    fn every_wake_reason_is_in_the_metrics_catalog() {
+        let all = [Why::Readable, Why::Mailbox, Why::KeepAlive, Why::Shutdown];
+        let labels: Vec<&str> = all.iter().map(|w| w.label()).collect();
+        assert_eq!(labels, crate::http::catalog::UNPARK_REASONS);
+    }
+}

@@ -40,3 +40,24 @@ pub fn hot() -> &'static Hot {
         }
     })
 }
+
+/// The listeners a connection can come in on, in the order of [`connections`]' rows.
+pub const LISTENERS: [&str; 4] = ["tcp", "tls", "ws", "wss"];
+
+/// The protocol labels, in the order of [`connections`]' columns.
+pub const PROTOCOLS: [&str; 3] = ["3.1", "3.1.1", "5.0"];
+
+/// `flockmq_connections{listener, protocol}`, registered once: a connection keeps only
+/// the two indexes, not a handle of its own.
+pub fn connections(listener: usize, protocol: usize) -> &'static metrics::Gauge {
+    static GAUGES: OnceLock<[[metrics::Gauge; 3]; 4]> = OnceLock::new();
+    let gauges = GAUGES.get_or_init(|| {
+        let _ = crate::http::metrics_handle();
+        LISTENERS.map(|listener| {
+            PROTOCOLS.map(|protocol| {
+                metrics::gauge!("flockmq_connections", "listener" => listener, "protocol" => protocol)
+            })
+        })
+    });
+    &gauges[listener.min(3)][protocol.min(2)]
+}

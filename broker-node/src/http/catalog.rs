@@ -23,6 +23,10 @@ pub const DROP_REASONS: &[&str] = &[
 /// `flockmq_connections_closed_total`.
 pub const CLOSE_REASONS: &[&str] = &["disconnect", "abrupt", "taken_over", "shutdown"];
 
+/// Why a parked connection woke, as the `why` label of
+/// `flockmq_connections_unparked_total`.
+pub const UNPARK_REASONS: &[&str] = &["readable", "mailbox", "keep_alive", "shutdown"];
+
 /// Describe every metric and register the unlabelled counters and the dropped /
 /// closed reasons at zero.
 pub fn register() {
@@ -34,6 +38,10 @@ pub fn register() {
         "flockmq_connections",
         "Client connections past CONNECT, by listener and protocol version."
     );
+    describe_gauge!(
+        "flockmq_connections_parked",
+        "Idle connections waiting in the parking lot without a task (mqtt.park_after)."
+    );
     for (name, help) in [
         (
             "flockmq_connections_opened_total",
@@ -42,6 +50,10 @@ pub fn register() {
         (
             "flockmq_connections_closed_total",
             "Client sessions ended on this node, by reason (disconnect, abrupt, taken_over, shutdown).",
+        ),
+        (
+            "flockmq_connections_unparked_total",
+            "Parked connections woken, by why (readable, mailbox, keep_alive, shutdown).",
         ),
         (
             "flockmq_connections_refused_total",
@@ -234,5 +246,8 @@ pub fn register() {
     }
     for &reason in CLOSE_REASONS {
         metrics::counter!("flockmq_connections_closed_total", "reason" => reason).increment(0);
+    }
+    for &why in UNPARK_REASONS {
+        metrics::counter!("flockmq_connections_unparked_total", "why" => why).increment(0);
     }
 }

@@ -138,17 +138,19 @@ impl<T> OutboundWindow<T> {
 /// from the client end the connection [MQTT-3.1.2-24].
 #[derive(Clone, Copy, Debug)]
 pub struct KeepAlive {
-    limit: Option<Duration>,
     last_seen: Instant,
+    /// One and a half intervals, in milliseconds; 0 when keep alive is off. (Not an
+    /// `Option<Duration>`: every parked connection holds one, and this is 8 bytes
+    /// smaller.)
+    limit_ms: u32,
 }
 
 impl KeepAlive {
     /// Keep alive of `secs` seconds (0 disables it), starting at `now`.
     pub fn new(secs: u16, now: Instant) -> Self {
-        let limit = (secs > 0).then(|| Duration::from_millis(u64::from(secs) * 1500));
         KeepAlive {
-            limit,
             last_seen: now,
+            limit_ms: u32::from(secs) * 1500,
         }
     }
 
@@ -159,7 +161,7 @@ impl KeepAlive {
 
     /// When the connection must be closed if nothing else arrives, if ever.
     pub fn deadline(&self) -> Option<Instant> {
-        self.limit.map(|l| self.last_seen + l)
+        (self.limit_ms > 0).then(|| self.last_seen + Duration::from_millis(self.limit_ms.into()))
     }
 
     /// Whether the client has been silent too long at `now`.
