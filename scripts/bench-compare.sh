@@ -121,8 +121,8 @@ fi
 # have been idle for IDLE_SETTLE seconds (FlockMQ parks a connection idle for
 # mqtt.park_after, 10 s by default, and its allocator returns the freed pages over the
 # next seconds; Mosquitto is measured the same way).
-IDLE=${IDLE:-2000}
-IDLE_SETTLE=${IDLE_SETTLE:-25}
+IDLE=${IDLE:-10000}
+IDLE_SETTLE=${IDLE_SETTLE:-40}
 [ $SMOKE = 1 ] && IDLE=200 && IDLE_SETTLE=1
 for broker in flockmq mosquitto; do
   start_broker $broker
