@@ -175,7 +175,7 @@ impl Broker {
         if session_present {
             self.read_state(|st| {
                 if let Some(s) = st.session(client_id) {
-                    for id in &s.inbound_qos2 {
+                    for id in s.inbound_qos2.iter() {
                         ids.receive(*id);
                     }
                 }

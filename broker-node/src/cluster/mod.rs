@@ -13,6 +13,7 @@ pub mod membership;
 pub mod network;
 pub mod proposer;
 pub mod raft;
+pub mod sparse;
 pub mod state;
 pub mod tls;
 

@@ -22,6 +22,7 @@ use super::command::{
     Command, CommandResult, EnqueueEntry, Message, NodeId, QueueFullPolicy, QueueLimits,
     QueuedMessage, SubscriptionOptions, Will,
 };
+use super::sparse::Sparse;
 use crate::router::{RetainedIndex, SubscriptionTrie};
 
 /// Something the local node should react to, emitted while applying.
@@ -100,13 +101,14 @@ pub struct SessionRecord {
     pub will_due_at_ms: Option<u64>,
     /// Subscriptions by filter exactly as subscribed.
     pub subscriptions: BTreeMap<String, SubscriptionOptions>,
-    /// QoS 1/2 messages not yet acknowledged, in `seq` order.
-    pub queue: VecDeque<QueuedMessage>,
+    /// QoS 1/2 messages not yet acknowledged, in `seq` order. (The three collections
+    /// are [`Sparse`]: empty in most records, they cost a pointer each there.)
+    pub queue: Sparse<VecDeque<QueuedMessage>>,
     /// QoS 2 messages whose PUBREC arrived: PUBREL is due, then PUBCOMP ends them.
-    pub awaiting_pubcomp: BTreeSet<u64>,
+    pub awaiting_pubcomp: Sparse<BTreeSet<u64>>,
     /// Inbound QoS 2 packet identifiers awaiting the client's PUBREL.
     #[serde(default)]
-    pub inbound_qos2: BTreeSet<u16>,
+    pub inbound_qos2: Sparse<BTreeSet<u16>>,
     /// The next queue position.
     pub next_seq: u64,
     /// Bytes held by `queue`, for the byte limit.
@@ -274,10 +276,18 @@ impl BrokerState {
                 released,
             } => match self.sessions.get_mut(client_id) {
                 Some(session) => {
-                    session.inbound_qos2.extend(received.iter().copied());
-                    for id in released {
-                        session.inbound_qos2.remove(id);
+                    if !received.is_empty() {
+                        session
+                            .inbound_qos2
+                            .make_mut()
+                            .extend(received.iter().copied());
                     }
+                    if let Some(ids) = session.inbound_qos2.if_any() {
+                        for id in released {
+                            ids.remove(id);
+                        }
+                    }
+                    session.inbound_qos2.tidy();
                     CommandResult::Done
                 }
                 None => CommandResult::NoSession,
@@ -375,9 +385,9 @@ impl BrokerState {
                 will: None,
                 will_due_at_ms: None,
                 subscriptions: BTreeMap::new(),
-                queue: VecDeque::new(),
-                awaiting_pubcomp: BTreeSet::new(),
-                inbound_qos2: BTreeSet::new(),
+                queue: Sparse::default(),
+                awaiting_pubcomp: Sparse::default(),
+                inbound_qos2: Sparse::default(),
                 next_seq: 0,
                 queued_bytes: 0,
             });
@@ -518,7 +528,8 @@ impl BrokerState {
                     }
                     QueueFullPolicy::DropOldest => {
                         while full(session) {
-                            let Some(old) = session.queue.pop_front() else {
+                            let Some(old) = session.queue.if_any().and_then(VecDeque::pop_front)
+                            else {
                                 break;
                             };
                             session.queued_bytes -= old.message.weight();
@@ -535,7 +546,7 @@ impl BrokerState {
             let seq = session.next_seq;
             session.next_seq += 1;
             session.queued_bytes += weight;
-            session.queue.push_back(QueuedMessage {
+            session.queue.make_mut().push_back(QueuedMessage {
                 seq,
                 message: entry.message.clone(),
                 qos: entry.qos,
@@ -559,14 +570,20 @@ impl BrokerState {
         };
         for seq in received {
             if Self::remove_queued(session, *seq) {
-                session.awaiting_pubcomp.insert(*seq);
+                session.awaiting_pubcomp.make_mut().insert(*seq);
             }
         }
         for seq in completed {
-            if !session.awaiting_pubcomp.remove(seq) {
+            let released = session
+                .awaiting_pubcomp
+                .if_any()
+                .is_some_and(|set| set.remove(seq));
+            if !released {
                 Self::remove_queued(session, *seq);
             }
         }
+        session.queue.tidy();
+        session.awaiting_pubcomp.tidy();
         CommandResult::Done
     }
 
@@ -576,7 +593,7 @@ impl BrokerState {
         } else {
             session.queue.binary_search_by_key(&seq, |m| m.seq).ok()
         };
-        match index.and_then(|i| session.queue.remove(i)) {
+        match index.and_then(|i| session.queue.if_any()?.remove(i)) {
             Some(m) => {
                 session.queued_bytes -= m.message.weight();
                 true
@@ -612,17 +629,17 @@ impl BrokerState {
                     continue;
                 }
             }
-            let before = session.queue.len();
-            let mut freed = 0;
-            session.queue.retain(|m| {
-                let keep = !m.message.is_expired(now_ms);
-                if !keep {
-                    freed += m.message.weight();
-                }
-                keep
-            });
-            if session.queue.len() != before {
+            if let Some(queue) = session.queue.if_any() {
+                let mut freed = 0;
+                queue.retain(|m| {
+                    let keep = !m.message.is_expired(now_ms);
+                    if !keep {
+                        freed += m.message.weight();
+                    }
+                    keep
+                });
                 session.queued_bytes -= freed;
+                session.queue.tidy();
             }
         }
         for client_id in ended {
