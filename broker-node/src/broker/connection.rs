@@ -148,12 +148,16 @@ pub async fn serve<S>(
 pub async fn resume(broker: Arc<Broker>, parked: Box<Parked>) {
     let Parked {
         socket,
-        peer,
         connection_id,
         session,
         tally,
     } = *parked;
     let session = Box::new(session.unpark(&broker.config.mqtt));
+    // Not kept while parked (32 bytes a connection): the socket knows it, unless the
+    // client has gone, and then only log lines would show it.
+    let peer = socket
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     match TcpStream::from_socket(socket) {
         Ok(stream) => {
             let conn = Connection {
@@ -226,7 +230,6 @@ const PARKED_LISTENER: &str = "tcp";
 /// task, buffers or timers (see [`super::park`]).
 pub struct Parked {
     socket: std::net::TcpStream,
-    peer: SocketAddr,
     connection_id: u64,
     session: ParkedSession,
     tally: Tally,
@@ -758,7 +761,6 @@ where
             };
             let parked = Box::new(Parked {
                 socket,
-                peer: self.peer,
                 connection_id,
                 session: (*session).park(),
                 tally,

@@ -39,6 +39,10 @@ pub fn register() {
         "Client connections past CONNECT, by listener and protocol version."
     );
     describe_gauge!(
+        "flockmq_allocator_bytes",
+        "The memory allocator's figures: allocated (live allocations), active (pages holding them), resident (physically resident, metadata included), retained (unmapped, kept in reserve)."
+    );
+    describe_gauge!(
         "flockmq_connections_parked",
         "Idle connections waiting in the parking lot without a task (mqtt.park_after)."
     );

@@ -132,6 +132,43 @@ fn process_collector() -> &'static metrics_process::Collector {
     })
 }
 
+/// What the process's allocator holds, in bytes; see [`report_allocator`].
+#[derive(Debug, Clone, Copy)]
+pub struct AllocatorStats {
+    /// In live allocations.
+    pub allocated: u64,
+    /// In pages that hold live allocations (`allocated` plus fragmentation).
+    pub active: u64,
+    /// In physically resident pages the allocator maps, metadata included.
+    pub resident: u64,
+    /// Unmapped from the process but kept in reserve (virtual only).
+    pub retained: u64,
+}
+
+static ALLOCATOR_STATS: std::sync::OnceLock<fn() -> Option<AllocatorStats>> =
+    std::sync::OnceLock::new();
+
+/// Have every scrape report the allocator's figures from `read` as the
+/// `flockmq_allocator_*_bytes` gauges. The binary installs its allocator's reader;
+/// without one (the library under test) the gauges are absent.
+pub fn report_allocator(read: fn() -> Option<AllocatorStats>) {
+    let _ = ALLOCATOR_STATS.set(read);
+}
+
+fn collect_allocator() {
+    let Some(stats) = ALLOCATOR_STATS.get().and_then(|read| read()) else {
+        return;
+    };
+    for (kind, bytes) in [
+        ("allocated", stats.allocated),
+        ("active", stats.active),
+        ("resident", stats.resident),
+        ("retained", stats.retained),
+    ] {
+        metrics::gauge!("flockmq_allocator_bytes", "kind" => kind).set(bytes as f64);
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     metrics: PrometheusHandle,
@@ -167,6 +204,7 @@ pub async fn serve(
 
 async fn render_metrics(State(app): State<AppState>) -> String {
     process_collector().collect();
+    collect_allocator();
     app.metrics.render()
 }
 
