@@ -6,6 +6,7 @@
 //! I/O. It must never touch a socket, a channel or the cluster.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 /// How an outbound QoS 1/2 message stands with the client.
@@ -145,9 +146,14 @@ pub struct KeepAlive {
     limit_ms: u32,
 }
 
+/// What [`KeepAlive::compact`] counts milliseconds from: set before any keep alive
+/// starts, so that every `last_seen` comes after it.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
 impl KeepAlive {
     /// Keep alive of `secs` seconds (0 disables it), starting at `now`.
     pub fn new(secs: u16, now: Instant) -> Self {
+        LazyLock::force(&EPOCH);
         KeepAlive {
             last_seen: now,
             limit_ms: u32::from(secs) * 1500,
@@ -167,6 +173,25 @@ impl KeepAlive {
     /// Whether the client has been silent too long at `now`.
     pub fn expired(&self, now: Instant) -> bool {
         self.deadline().is_some_and(|d| now >= d)
+    }
+
+    /// When last seen (in milliseconds since an instant of the process's own) and the
+    /// limit in milliseconds: 12 bytes where `KeepAlive` takes 24, for parked
+    /// connections. [`KeepAlive::from_compact`] takes it back, to the millisecond.
+    pub fn compact(&self) -> (u64, u32) {
+        let since = self.last_seen.saturating_duration_since(*EPOCH);
+        (
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX),
+            self.limit_ms,
+        )
+    }
+
+    /// The keep alive [`KeepAlive::compact`] described.
+    pub fn from_compact(last_seen_ms: u64, limit_ms: u32) -> Self {
+        KeepAlive {
+            last_seen: *EPOCH + Duration::from_millis(last_seen_ms),
+            limit_ms,
+        }
     }
 }
 
@@ -298,6 +323,21 @@ mod tests {
             KeepAlive::new(0, t0).deadline().is_none(),
             "0 disables keep alive"
         );
+    }
+
+    #[test]
+    fn a_compact_keep_alive_keeps_its_deadline_to_the_millisecond() {
+        let mut ka = KeepAlive::new(10, Instant::now());
+        ka.seen(Instant::now() + Duration::from_micros(2_500));
+        let (seen_ms, limit_ms) = ka.compact();
+        let back = KeepAlive::from_compact(seen_ms, limit_ms);
+        let (was, is) = (ka.deadline().unwrap(), back.deadline().unwrap());
+        assert!(
+            is <= was && was - is < Duration::from_millis(1),
+            "{was:?} {is:?}"
+        );
+        let off = KeepAlive::new(0, Instant::now()).compact();
+        assert!(KeepAlive::from_compact(off.0, off.1).deadline().is_none());
     }
 
     #[test]
