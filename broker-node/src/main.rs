@@ -25,17 +25,23 @@ fn jemalloc_stats() -> Option<broker_node::http::AllocatorStats> {
 }
 
 /// jemalloc's settings, read when it starts (the environment's `_RJEM_MALLOC_CONF`
-/// still overrides them). `tcache_max:4096`: threads cache freed blocks of up to 4 KiB
-/// for reuse, not up to 32 KiB. The cache of a thread that goes idle is never trimmed
-/// (jemalloc trims it as the thread allocates), and sled's seven I/O threads and the
-/// runtime's workers held about 3 MB that way once a storm of connections had parked:
-/// 1,272 bytes a parked connection at 10,000 with the default, 1,163 with this, no
-/// change in throughput (`scripts/bench-compare.sh` scenarios, back to back).
+/// still overrides them). `tcache_max:256`: threads cache freed blocks of up to 256
+/// bytes for reuse, not up to 32 KiB. A thread's cache is trimmed only as that thread
+/// allocates, so once a storm of connections has parked, the caches of idle threads
+/// (sled's I/O threads, the runtime's workers) keep the blocks the connection tasks
+/// freed, and each cached block pins the whole slab it came from: jemalloc's bin
+/// statistics showed 110 bytes a parked connection of nearly empty 448-byte slabs
+/// (the session state's class) and about 120 more in the 256–1536 classes. RSS per
+/// parked connection at 10,000 (the idle method of docs/benchmarks.md): 1,272 bytes
+/// with the default, 1,120–1,253 with `tcache_max:4096`, 997–1,048 with
+/// `tcache_max:256`. Fan-in, fan-out and pairs with 256 were within the noise of 4096
+/// back to back; `tcache_max:128` gave 965 bytes but cut QoS 0 fan-in from about 1.0M
+/// to 0.71M msg/s.
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: Option<&'static std::ffi::c_char> =
     // SAFETY: a pointer to the first byte of a static C string.
-    Some(unsafe { &*c"tcache_max:4096".as_ptr() });
+    Some(unsafe { &*c"tcache_max:256".as_ptr() });
 
 #[derive(Parser)]
 #[command(
