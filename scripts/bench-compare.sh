@@ -6,6 +6,10 @@
 #
 #   scripts/bench-compare.sh            # full run (a few minutes)
 #   REPS=1 DURATION=2s scripts/bench-compare.sh --smoke   # CI smoke: proves it works
+#   RUMQTTD=/path/to/rumqttd scripts/bench-compare.sh    # rumqttd as a second peer
+#
+# rumqttd (`cargo install rumqttd`) is the optional second peer: taken when RUMQTTD
+# names its binary or `rumqttd` is on PATH, and reported as a FlockMQ/rumqttd ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,12 +35,35 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 [ $SMOKE = 1 ] && OUT=${OUT_SMOKE:-$WORK/bench-smoke.md}
 
 PORT=18830
+BROKERS=(flockmq mosquitto)
+RUMQTTD=${RUMQTTD:-$(command -v rumqttd || true)}
+if [ -n "$RUMQTTD" ] && [ -x "$RUMQTTD" ]; then BROKERS+=(rumqttd); fi
 cat > "$WORK/mosquitto.conf" <<CONF
 listener $PORT 127.0.0.1
 allow_anonymous true
 max_inflight_messages 0
 max_queued_messages 0
 persistence false
+CONF
+# rumqttd's own defaults, but no delay between accepted connections, room for the idle
+# storm, and payloads as large as the others allow.
+cat > "$WORK/rumqttd.toml" <<CONF
+id = 0
+[router]
+id = 0
+max_connections = 20000
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:$PORT"
+next_connection_delay_ms = 0
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 268435455
+max_inflight_count = 100
+dynamic_filters = true
 CONF
 
 start_broker() { # name → sets BROKER_PID
@@ -49,6 +76,9 @@ start_broker() { # name → sets BROKER_PID
       ;;
     mosquitto)
       mosquitto -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
+      ;;
+    rumqttd)
+      "$RUMQTTD" -c "$WORK/rumqttd.toml" >"$WORK/rumqttd.log" 2>&1 &
       ;;
   esac
   BROKER_PID=$!
@@ -77,7 +107,7 @@ RESULTS="$WORK/results.tsv"
 for rep in $(seq "$REPS"); do
   for s in "${SCENARIOS[@]}"; do
     name=${s%%|*}; args=${s#*|}
-    for broker in flockmq mosquitto; do
+    for broker in "${BROKERS[@]}"; do
       start_broker $broker
       # shellcheck disable=SC2086
       line=$("$BIN/flockmq-bench" $args --brokers 127.0.0.1:$PORT --duration "$DURATION" --label $broker)
@@ -103,7 +133,7 @@ pairs_args=${SCENARIOS[-1]#*|}
 : > "$WORK/latency.tsv"
 if [ "$half" -gt 0 ]; then
   for rep in $(seq "$REPS"); do
-    for broker in flockmq mosquitto; do
+    for broker in "${BROKERS[@]}"; do
       start_broker $broker
       # shellcheck disable=SC2086
       line=$("$BIN/flockmq-bench" $pairs_args --rate "$half" --brokers 127.0.0.1:$PORT \
@@ -124,7 +154,7 @@ fi
 IDLE=${IDLE:-10000}
 IDLE_SETTLE=${IDLE_SETTLE:-40}
 [ $SMOKE = 1 ] && IDLE=200 && IDLE_SETTLE=1
-for broker in flockmq mosquitto; do
+for broker in "${BROKERS[@]}"; do
   start_broker $broker
   sleep 0.5
   before=$(rss_kb $BROKER_PID)
@@ -140,7 +170,7 @@ for broker in flockmq mosquitto; do
   stop_broker
 done
 
-IDLE=$IDLE IDLE_SETTLE=$IDLE_SETTLE python3 - "$RESULTS" "$WORK/idle.tsv" "$OUT" "$REPS" "$DURATION" "$WORK/latency.tsv" "$half" "${SCENARIOS[-1]%%|*}" <<'PY'
+RUMQTTD=$RUMQTTD IDLE=$IDLE IDLE_SETTLE=$IDLE_SETTLE python3 - "$RESULTS" "$WORK/idle.tsv" "$OUT" "$REPS" "$DURATION" "$WORK/latency.tsv" "$half" "${SCENARIOS[-1]%%|*}" <<'PY'
 import collections, os, platform, statistics, subprocess, sys
 results, idle, out, reps, duration, latency, half, pairs_name = sys.argv[1:]
 rows = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -166,6 +196,17 @@ for name in order:
     lines.append(f"| {name} | {fr:,.0f} | {mr:,.0f} | {fr / mr if mr else 0:.2f} | "
                  f"{med([r[1] for r in f]):.2f} | {med([r[1] for r in m]):.2f} | "
                  f"{max(r[2] for r in f)} | {max(r[2] for r in m)} |")
+if any(rows[name]["rumqttd"] for name in order):
+    version = subprocess.run(["sh", "-c", '"$RUMQTTD" --version 2>/dev/null | head -1'],
+                             capture_output=True, text=True).stdout.strip() or "rumqttd"
+    lines += ["", f"Second peer: {version} (built from crates.io), same runs:", "",
+              "| scenario | FlockMQ msg/s | rumqttd msg/s | ratio | rumqttd p99 ms | rumqttd peak RSS KiB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name in order:
+        f, q = rows[name]["flockmq"], rows[name]["rumqttd"]
+        fr, qr = med([r[0] for r in f]), med([r[0] for r in q])
+        lines.append(f"| {name} | {fr:,.0f} | {qr:,.0f} | {fr / qr if qr else 0:.2f} | "
+                     f"{med([r[1] for r in q]):.2f} | {max((r[2] for r in q), default=0)} |")
 lat = collections.defaultdict(list)
 for line in open(latency):
     broker, rate, p50, p99, lost = line.rstrip("\n").split("\t")
@@ -174,16 +215,20 @@ if lat:
     lines += ["", f"Latency of {pairs_name} at {int(half):,} msg/s offered (half of Mosquitto's median "
               "rate above), medians of the runs:", "",
               "| broker | received msg/s | p50 ms | p99 ms | lost |", "| --- | ---: | ---: | ---: | ---: |"]
-    for broker in ("flockmq", "mosquitto"):
+    for broker in [b for b in ("flockmq", "mosquitto", "rumqttd") if lat[b]]:
         v = lat[broker]
         lines.append(f"| {broker} | {med([x[0] for x in v]):,.0f} | {med([x[1] for x in v]):.2f} | "
                      f"{med([x[2] for x in v]):.2f} | {sum(x[3] for x in v)} |")
 lines += ["", f"Idle connections: {os.environ['IDLE']} held, RSS growth measured after "
           f"{os.environ['IDLE_SETTLE']} s of idleness.", "",
-          "| idle connections | bytes of RSS per connection |", "| --- | ---: |"]
+          "| idle connections | bytes of RSS per connection | against Mosquitto |", "| --- | ---: | ---: |"]
+per_conn = {}
 for line in open(idle):
     _, broker, per = line.split()
-    lines.append(f"| {broker} | {per} |")
+    per_conn[broker] = int(per)
+for broker, per in per_conn.items():
+    base = per_conn.get("mosquitto", 0)
+    lines.append(f"| {broker} | {per:,} | {per / base if base > 0 else 0:.2f}× |")
 # Everything from "## Reading the figures" on is written by hand (profiles, targets,
 # the 100,000-connection measurement): kept as it is.
 try:
