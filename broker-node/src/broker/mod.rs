@@ -2,9 +2,10 @@
 //! registry of clients connected to this node, and publish dispatch.
 //!
 //! State choices: the replicated state is read through [`StateHandle`] in short
-//! synchronous sections (never across an `.await`); the local registry is a std
-//! `Mutex<HashMap>` touched once per connect, disconnect and delivery lookup; shared
-//! subscription selection state sits behind its own small `Mutex`. Counters for `$SYS`
+//! synchronous sections (never across an `.await`); the local registry is a sharded
+//! map (`DashMap`: each shard its own lock, so deliveries to different clients do not
+//! serialize on one lock) touched once per connect, disconnect and delivery lookup;
+//! shared subscription selection state sits behind its own small `Mutex`. Counters for `$SYS`
 //! are atomics. Nothing here blocks on the network while holding a lock.
 
 pub mod connection;
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::command::{Message, NodeId};
@@ -121,7 +123,7 @@ pub struct Broker {
     /// Authentication and ACLs.
     pub auth: crate::auth::Auth,
     /// Clients connected to this node.
-    registry: Mutex<HashMap<Arc<str>, ConnHandle>>,
+    registry: DashMap<Arc<str>, ConnHandle, foldhash::fast::RandomState>,
     /// Shared-subscription selection state (round-robin positions, sticky choices).
     selector: Mutex<SharedSelector<Arc<str>>>,
     next_connection_id: AtomicU64,
@@ -159,7 +161,7 @@ impl Broker {
             proposer,
             forwarder,
             auth,
-            registry: Mutex::new(HashMap::new()),
+            registry: DashMap::default(),
             selector: Mutex::new(SharedSelector::new(strategy)),
             // Unique across restarts of this node: ids of connections from before a
             // restart must not match new ones in replicated session records.
@@ -203,43 +205,38 @@ impl Broker {
 
     /// Register a connected client; returns the handle it replaced, if any.
     pub fn register(&self, client_id: Arc<str>, handle: ConnHandle) -> Option<ConnHandle> {
-        lock(&self.registry).insert(client_id, handle)
+        self.registry.insert(client_id, handle)
     }
 
     /// Remove a client's registration if it still belongs to `connection_id`.
     pub fn unregister(&self, client_id: &str, connection_id: u64) {
-        let mut map = lock(&self.registry);
-        if map
-            .get(client_id)
-            .is_some_and(|h| h.connection_id == connection_id)
-        {
-            map.remove(client_id);
-        }
+        self.registry
+            .remove_if(client_id, |_, h| h.connection_id == connection_id);
     }
 
     /// The handle of a locally connected client.
     pub fn local_client(&self, client_id: &str) -> Option<ConnHandle> {
-        lock(&self.registry).get(client_id).cloned()
+        self.registry.get(client_id).map(|h| h.value().clone())
     }
 
     /// The local connection of `client_id` with the registry's own copy of the id.
     pub fn local_client_entry(&self, client_id: &str) -> Option<(Arc<str>, ConnHandle)> {
-        lock(&self.registry)
-            .get_key_value(client_id)
-            .map(|(k, v)| (k.clone(), v.clone()))
+        self.registry
+            .get(client_id)
+            .map(|h| (h.key().clone(), h.value().clone()))
     }
 
     /// Every locally connected client, for shutdown and the admin API.
     pub fn local_clients(&self) -> Vec<(Arc<str>, ConnHandle)> {
-        lock(&self.registry)
+        self.registry
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|h| (h.key().clone(), h.value().clone()))
             .collect()
     }
 
     /// Number of clients connected to this node.
     pub fn local_client_count(&self) -> usize {
-        lock(&self.registry).len()
+        self.registry.len()
     }
 
     /// The clock of a periodic task: ticks every `every` (a late tick delays the
