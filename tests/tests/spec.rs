@@ -313,6 +313,36 @@ fn mqtt_3_4_2_1_puback_says_no_matching_subscribers_in_v5() {
 }
 
 #[test]
+fn packets_sent_with_the_connect_in_one_segment_are_handled_at_once() {
+    // Clients such as paho write SUBSCRIBE or PUBLISH right behind CONNECT; when both
+    // arrive in one read, the second must not wait for the client's next bytes.
+    let node = Node::start();
+    for version in [V3, V5] {
+        let mut c = RawClient::open(node.mqtt_addr(), version);
+        let mut bytes = bytes::BytesMut::new();
+        let connect = Packet::Connect(Box::new(Connect {
+            protocol: version,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: format!("pipelined-{version:?}"),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        }));
+        broker_node::mqtt::encode(&connect, version, &mut bytes).expect("encode");
+        let publish = publish("pipelined", "x", QoS::AtLeastOnce, false, 7);
+        broker_node::mqtt::encode(&publish, version, &mut bytes).expect("encode");
+        c.send_raw(&bytes);
+        assert!(matches!(c.recv(T), Some(Packet::ConnAck(_))), "{version:?}");
+        match c.recv(T) {
+            Some(Packet::PubAck(a)) => assert_eq!(a.packet_id, 7, "{version:?}"),
+            other => panic!("{version:?}: expected the PUBACK at once, got {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn mqtt_3_11_3_unsuback_reports_a_missing_subscription_with_0x11() {
     let node = Node::start();
     let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, "u", true, 60);

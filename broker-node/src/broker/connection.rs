@@ -821,6 +821,14 @@ where
         let park_after =
             Some(self.broker.config.mqtt.park_after).filter(|d| S::PARKABLE && !d.is_zero());
         let mut active_at = Instant::now();
+        // Packets that arrived with the CONNECT (clients pipeline a SUBSCRIBE or a
+        // PUBLISH behind it without waiting for CONNACK) are already in the buffer:
+        // handle them now, not once the client happens to send more.
+        if !self.rbuf.is_empty() {
+            if let Some(end) = Box::pin(self.decode_all(s)).await {
+                return end;
+            }
+        }
         loop {
             self.count_inflight(s);
             if !self.flush().await {
