@@ -137,7 +137,6 @@ impl Broker {
             matched += shared.len();
             // Shared groups: one member each, preferring members that can take it now.
             if !shared.is_empty() {
-                let mut selector = lock(&self.selector);
                 for (group, members) in &shared {
                     let candidates: Vec<Arc<str>> = members
                         .iter()
@@ -161,7 +160,8 @@ impl Broker {
                             state.session(c).is_some_and(|s| s.node == self.node_id)
                         },
                     };
-                    if let Some(chosen) = selector.select(group, &candidates, &ctx) {
+                    let chosen = lock(self.selector_of(group)).select(group, &candidates, &ctx);
+                    if let Some(chosen) = chosen {
                         if let Some((client, options)) = members.iter().find(|(c, _)| *c == chosen)
                         {
                             merge_target(
@@ -403,7 +403,7 @@ impl Broker {
                         .any(|(m, _, node, _)| m == c && *node == Some(self.node_id))
                 },
             };
-            lock(&self.selector).select(&group, &candidates, &ctx)
+            lock(self.selector_of(&group)).select(&group, &candidates, &ctx)
         };
         let Some((client, options, node, queued)) =
             chosen.and_then(|c| members.into_iter().find(|(m, ..)| *m == c))

@@ -5,7 +5,8 @@
 //! synchronous sections (never across an `.await`); the local registry is a sharded
 //! map (`DashMap`: each shard its own lock, so deliveries to different clients do not
 //! serialize on one lock) touched once per connect, disconnect and delivery lookup;
-//! shared subscription selection state sits behind its own small `Mutex`. Counters for `$SYS`
+//! shared subscription selection state is sharded by group name, each shard behind a
+//! small `Mutex`. Counters for `$SYS`
 //! are atomics. Nothing here blocks on the network while holding a lock.
 
 pub mod connection;
@@ -124,8 +125,10 @@ pub struct Broker {
     pub auth: crate::auth::Auth,
     /// Clients connected to this node.
     registry: DashMap<Arc<str>, ConnHandle, foldhash::fast::RandomState>,
-    /// Shared-subscription selection state (round-robin positions, sticky choices).
-    selector: Mutex<SharedSelector<Arc<str>>>,
+    /// Shared-subscription selection state (round-robin positions, sticky choices),
+    /// in [`SELECTOR_SHARDS`] shards by group name: a group's state lives in one
+    /// shard, and publishes to different groups do not meet on one lock.
+    selectors: Box<[Mutex<SharedSelector<Arc<str>>>]>,
     next_connection_id: AtomicU64,
     /// Connections refused because their OpenSession was not committed in time, by
     /// connection id: should the command commit after all (a write stuck behind a
@@ -142,6 +145,9 @@ pub struct Broker {
     pub lot: Arc<park::Lot>,
 }
 
+/// Shards of the shared-subscription selection state.
+const SELECTOR_SHARDS: usize = 16;
+
 impl Broker {
     /// A broker context over an opened state and proposer.
     pub fn new(
@@ -153,7 +159,8 @@ impl Broker {
         shutdown: CancellationToken,
         lot: Arc<park::Lot>,
     ) -> Arc<Broker> {
-        let strategy = config.mqtt.shared_subscription_strategy.into();
+        let strategy: crate::router::SharedStrategy =
+            config.mqtt.shared_subscription_strategy.into();
         Arc::new(Broker {
             node_id: config.node_id,
             config,
@@ -162,7 +169,9 @@ impl Broker {
             forwarder,
             auth,
             registry: DashMap::default(),
-            selector: Mutex::new(SharedSelector::new(strategy)),
+            selectors: (0..SELECTOR_SHARDS)
+                .map(|_| Mutex::new(SharedSelector::new(strategy)))
+                .collect(),
             // Unique across restarts of this node: ids of connections from before a
             // restart must not match new ones in replicated session records.
             next_connection_id: AtomicU64::new(unix_ms() << 16),
@@ -201,6 +210,13 @@ impl Broker {
     /// Read the replicated state in a short synchronous section.
     pub fn read_state<R>(&self, f: impl FnOnce(&BrokerState) -> R) -> R {
         self.state.read(f)
+    }
+
+    /// The shard that holds shared group `group`'s selection state.
+    fn selector_of(&self, group: &str) -> &Mutex<SharedSelector<Arc<str>>> {
+        use std::hash::BuildHasher;
+        let hash = foldhash::fast::FixedState::default().hash_one(group);
+        &self.selectors[hash as usize % self.selectors.len()]
     }
 
     /// Register a connected client; returns the handle it replaced, if any.
