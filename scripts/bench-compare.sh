@@ -181,6 +181,8 @@ for line in open(results):
         order.append(name)
     rows[name][broker].append((float(rate), float(p99), int(rss), extra))
 def med(v): return statistics.median(v) if v else 0.0
+def summary(runs):  # median msg/s, median p99 ms, peak RSS KiB of one broker's runs
+    return med([r[0] for r in runs]), med([r[1] for r in runs]), max((r[2] for r in runs), default=0)
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 mosq = subprocess.run(["sh", "-c", "mosquitto -h 2>/dev/null | head -1"], capture_output=True, text=True).stdout.strip()
 lines = ["# Benchmarks", "",
@@ -191,11 +193,9 @@ lines = ["# Benchmarks", "",
          "| scenario | FlockMQ msg/s | Mosquitto msg/s | ratio | FlockMQ p99 ms | Mosquitto p99 ms | FlockMQ peak RSS KiB | Mosquitto peak RSS KiB |",
          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 for name in order:
-    f, m = rows[name]["flockmq"], rows[name]["mosquitto"]
-    fr, mr = med([r[0] for r in f]), med([r[0] for r in m])
+    (fr, fp, frss), (mr, mp, mrss) = summary(rows[name]["flockmq"]), summary(rows[name]["mosquitto"])
     lines.append(f"| {name} | {fr:,.0f} | {mr:,.0f} | {fr / mr if mr else 0:.2f} | "
-                 f"{med([r[1] for r in f]):.2f} | {med([r[1] for r in m]):.2f} | "
-                 f"{max(r[2] for r in f)} | {max(r[2] for r in m)} |")
+                 f"{fp:.2f} | {mp:.2f} | {frss} | {mrss} |")
 if any(rows[name]["rumqttd"] for name in order):
     version = subprocess.run(["sh", "-c", '"$RUMQTTD" --version 2>/dev/null | head -1'],
                              capture_output=True, text=True).stdout.strip() or "rumqttd"
@@ -203,10 +203,8 @@ if any(rows[name]["rumqttd"] for name in order):
               "| scenario | FlockMQ msg/s | rumqttd msg/s | ratio | rumqttd p99 ms | rumqttd peak RSS KiB |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name in order:
-        f, q = rows[name]["flockmq"], rows[name]["rumqttd"]
-        fr, qr = med([r[0] for r in f]), med([r[0] for r in q])
-        lines.append(f"| {name} | {fr:,.0f} | {qr:,.0f} | {fr / qr if qr else 0:.2f} | "
-                     f"{med([r[1] for r in q]):.2f} | {max((r[2] for r in q), default=0)} |")
+        fr, (qr, qp, qrss) = summary(rows[name]["flockmq"])[0], summary(rows[name]["rumqttd"])
+        lines.append(f"| {name} | {fr:,.0f} | {qr:,.0f} | {fr / qr if qr else 0:.2f} | {qp:.2f} | {qrss} |")
 lat = collections.defaultdict(list)
 for line in open(latency):
     broker, rate, p50, p99, lost = line.rstrip("\n").split("\t")

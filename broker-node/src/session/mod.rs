@@ -146,8 +146,11 @@ pub struct KeepAlive {
     limit_ms: u32,
 }
 
-/// What [`KeepAlive::compact`] counts milliseconds from: set before any keep alive
-/// starts, so that every `last_seen` comes after it.
+/// What [`KeepAlive::compact`] counts milliseconds from: set by the first
+/// [`KeepAlive::new`], so every later `last_seen` comes after it. The first one's
+/// `now` was read just before and counts from the epoch itself (its deadline moves
+/// by those microseconds); set lazily at the first park instead, it would move the
+/// deadlines of every connection that came before by seconds.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 impl KeepAlive {
