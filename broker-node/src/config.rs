@@ -328,6 +328,9 @@ pub struct MqttConfig {
     pub max_subscriptions_per_client: usize,
     /// Topic aliases a v5 client may use towards the broker.
     pub topic_alias_maximum: u16,
+    /// Topic aliases the broker assigns towards a v5 client (within the client's own
+    /// Topic Alias Maximum; least recently used first to go; 0: none).
+    pub outbound_topic_alias_maximum: u16,
     /// Highest QoS the broker grants (0, 1 or 2).
     pub max_qos: u8,
     /// Whether retained messages are supported.
@@ -476,6 +479,7 @@ impl Default for MqttConfig {
             max_topic_levels: 128,
             max_subscriptions_per_client: 0,
             topic_alias_maximum: 65_535,
+            outbound_topic_alias_maximum: 256,
             max_qos: 2,
             retain_available: true,
             wildcard_subscription_available: true,
@@ -1239,6 +1243,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("mqtt.max_topic_levels", "Most levels in a topic name or filter."),
         ("mqtt.max_subscriptions_per_client", "Most subscriptions per client (0: unlimited)."),
         ("mqtt.topic_alias_maximum", "Topic aliases a v5 client may use towards the broker."),
+        ("mqtt.outbound_topic_alias_maximum", "Topic aliases the broker assigns towards a v5 client that allows them (least recently used first to go; 0: none)."),
         ("mqtt.max_qos", "Highest QoS the broker grants (0, 1 or 2)."),
         ("mqtt.retain_available", "Whether retained messages are supported."),
         ("mqtt.wildcard_subscription_available", "Whether wildcard subscriptions are allowed."),

@@ -31,7 +31,10 @@ use crate::mqtt::{
     ProtocolVersion, PubAck, PubComp, PubRec, PubRel, Publish, PublishProperties, QoS, ReasonCode,
     SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::session::{InboundAliases, InboundQos2, KeepAlive, OutboundState, OutboundWindow};
+use crate::session::{
+    AliasUse, InboundAliases, InboundQos2, KeepAlive, OutboundAliases, OutboundState,
+    OutboundWindow,
+};
 use crate::transport::{Admitted, ClientStream};
 use tokio::net::TcpStream;
 
@@ -97,6 +100,8 @@ impl PendingAcks {
 enum AckOutcome {
     /// Send this packet.
     Send(Box<Packet>),
+    /// Send this SUBACK, then these retained messages.
+    SubAck(Box<Packet>, Vec<Delivery>),
     /// The message could not be committed: close (v3.1.1 has no way to say so).
     Fail,
 }
@@ -243,6 +248,8 @@ pub struct Parked {
     connect_expiry: u32,
     client_max_packet: u32,
     window_size: u32,
+    /// The outbound topic aliases' maximum (the table itself is forgotten).
+    out_alias_max: u16,
     version: ProtocolVersion,
     persistent: bool,
 }
@@ -300,6 +307,7 @@ impl Parked {
             expiry_update: None,
             keep_alive,
             aliases,
+            out_aliases: OutboundAliases::new(self.out_alias_max, self.out_alias_max),
             inbound_qos2,
             inbound_qos1_pending: 0,
             window: OutboundWindow::new(self.window_size as usize),
@@ -352,6 +360,7 @@ impl Session {
             connect_expiry: self.connect_expiry,
             client_max_packet: self.client_max_packet,
             window_size: u32::try_from(self.window.capacity()).unwrap_or(u32::MAX),
+            out_alias_max: self.out_aliases.maximum(),
             version: self.version,
             persistent: self.persistent,
         }
@@ -400,6 +409,8 @@ struct Session {
     expiry_update: Option<u32>,
     keep_alive: KeepAlive,
     aliases: InboundAliases,
+    /// Topic aliases this broker assigned towards the client.
+    out_aliases: OutboundAliases,
     inbound_qos2: InboundQos2,
     /// QoS 1 publishes whose PUBACK is not yet sent.
     inbound_qos1_pending: usize,
@@ -714,6 +725,14 @@ where
             expiry_update: None,
             keep_alive: KeepAlive::new(keep_alive_secs, Instant::now()),
             aliases: InboundAliases::new(if v5 { cfg.topic_alias_maximum } else { 0 }),
+            out_aliases: OutboundAliases::new(
+                connect.properties.topic_alias_maximum.unwrap_or(0),
+                if v5 {
+                    cfg.outbound_topic_alias_maximum
+                } else {
+                    0
+                },
+            ),
             inbound_qos2: broker.inbound_qos2_of(&client_id, session_present),
             inbound_qos1_pending: 0,
             window: OutboundWindow::new(window_size),
@@ -872,6 +891,12 @@ where
                                 s.inbound_qos1_pending -= 1;
                             }
                             self.queue_packet(&packet, s.version);
+                        }
+                        AckOutcome::SubAck(packet, retained) => {
+                            self.queue_packet(&packet, s.version);
+                            for d in retained {
+                                self.deliver(s, d);
+                            }
                         }
                         AckOutcome::Fail => {
                             if s.version == ProtocolVersion::V5 {
@@ -1357,82 +1382,70 @@ where
             }
             codes.push(code);
         }
-        let existed = if entries.is_empty() {
-            Vec::new()
-        } else {
-            match broker
-                .proposer
-                .propose_refusable(Command::Subscribe {
-                    client_id: s.client_id.clone(),
-                    entries: entries.clone(),
-                })
-                .await
-            {
-                Ok(CommandResult::Subscribed(existed)) => existed,
-                Ok(_) | Err(_) => {
-                    tracing::warn!(client_id = %s.client_id, "subscribe not committed");
-                    vec![]
-                }
-            }
-        };
-        let committed = existed.len() == entries.len();
-        let mut granted = entries
-            .iter()
-            .zip(existed.iter().chain(std::iter::repeat(&false)));
-        let reason_codes: Vec<ReasonCode> = codes
-            .iter()
-            .map(|c| match c {
-                Some(code) if v5 => *code,
-                Some(_) => ReasonCode::UnspecifiedError,
-                None if !committed => ReasonCode::UnspecifiedError,
-                None => match granted.next().map(|((_, o), _)| o.qos) {
-                    Some(0) => ReasonCode::GrantedQoS0,
-                    Some(1) => ReasonCode::GrantedQoS1,
-                    _ => ReasonCode::GrantedQoS2,
-                },
-            })
-            .collect();
-        self.queue_packet(
-            &Packet::SubAck(SubAck {
-                packet_id: sub.packet_id,
-                reason_codes,
-                properties: Default::default(),
-            }),
-            s.version,
-        );
-        if !committed {
+        if entries.is_empty() {
+            let reason_codes = subscribe_reason_codes(&codes, v5, &entries, None);
+            self.queue_packet(
+                &Packet::SubAck(SubAck {
+                    packet_id: sub.packet_id,
+                    reason_codes,
+                    properties: Default::default(),
+                }),
+                s.version,
+            );
             return None;
         }
-        // Retained messages for the new subscriptions [MQTT-3.3.1-9], per Retain Handling.
-        let now = unix_ms();
-        for ((filter, opts), existed) in entries.iter().zip(existed) {
-            if mqtt::topic::parse_shared(filter).is_some()
-                || opts.retain_handling == 2
-                || (opts.retain_handling == 1 && existed)
-            {
-                continue;
-            }
-            let mut found = Vec::new();
-            broker.read_state(|st| {
-                st.retained().for_each_matching(filter, |_, m| {
-                    if !m.is_expired(now) {
-                        found.push(m.clone());
-                    }
-                })
-            });
-            for m in found {
-                self.deliver(
-                    s,
-                    Delivery {
-                        shared_group: None,
-                        qos: m.qos.min(opts.qos),
-                        retain: true,
-                        subscription_ids: opts.subscription_id.into_iter().collect(),
-                        message: m,
-                    },
-                );
-            }
-        }
+        // In effect on this node from now on (DESIGN invariant 9); the commit gates the
+        // SUBACK and the other nodes, and the tickets withdraw the overlay's entries
+        // once it is applied, refused or abandoned.
+        let tickets: Vec<_> = entries
+            .iter()
+            .filter(|(filter, _)| mqtt::topic::parse_shared(filter).is_none())
+            .map(|(filter, options)| {
+                broker
+                    .provisional
+                    .insert(&s.client_id, filter, options.clone())
+            })
+            .collect();
+        let submitted = match broker
+            .proposer
+            .submit_refusable(Command::Subscribe {
+                client_id: s.client_id.clone(),
+                entries: entries.clone(),
+            })
+            .await
+        {
+            Ok(submitted) => submitted,
+            Err(_) => return Some(End::Shutdown),
+        };
+        let client_id = s.client_id.clone();
+        let packet_id = sub.packet_id;
+        // The SUBACK waits in the acknowledgement queue, so that the connection goes on
+        // reading (and a PUBLISH right behind the SUBSCRIBE already matches it).
+        s.acks.push_back(Box::pin(async move {
+            let existed = match submitted.wait().await {
+                Ok(CommandResult::Subscribed(existed)) if existed.len() == entries.len() => {
+                    Some(existed)
+                }
+                _ => {
+                    tracing::warn!(%client_id, "subscribe not committed");
+                    None
+                }
+            };
+            drop(tickets);
+            let reason_codes = subscribe_reason_codes(&codes, v5, &entries, existed.as_ref());
+            let retained = match existed {
+                Some(existed) => retained_for(&broker, &entries, &existed),
+                None => Vec::new(),
+            };
+            AckOutcome::SubAck(
+                Box::new(Packet::SubAck(SubAck {
+                    packet_id,
+                    reason_codes,
+                    properties: Default::default(),
+                })),
+                retained,
+            )
+        }));
         None
     }
 
@@ -1518,7 +1531,7 @@ where
     /// Size forbids it (the message is then dropped, as the spec requires).
     fn send_publish(
         &mut self,
-        s: &Session,
+        s: &mut Session,
         d: &Delivery,
         packet_id: Option<u16>,
         dup: bool,
@@ -1526,11 +1539,17 @@ where
     ) -> bool {
         let m = &d.message;
         let v5 = s.version == ProtocolVersion::V5;
+        let alias = s.out_aliases.plan(&m.topic);
+        let (topic, topic_alias) = match alias {
+            AliasUse::Topic => (m.topic.to_string(), None),
+            AliasUse::Define(a) => (m.topic.to_string(), Some(a)),
+            AliasUse::Reuse(a) => (String::new(), Some(a)),
+        };
         let properties = if v5 {
             PublishProperties {
                 payload_format_indicator: m.properties.payload_format_indicator,
                 message_expiry_interval: m.remaining_expiry_secs(now),
-                topic_alias: None,
+                topic_alias,
                 response_topic: m.properties.response_topic.clone(),
                 correlation_data: m.properties.correlation_data.clone(),
                 user_properties: m.properties.user_properties.clone(),
@@ -1544,7 +1563,7 @@ where
             dup,
             qos: QoS::try_from(d.qos).unwrap_or(QoS::AtMostOnce),
             retain: d.retain,
-            topic: m.topic.to_string(),
+            topic,
             packet_id,
             properties,
             payload: m.payload.clone(),
@@ -1554,6 +1573,7 @@ where
                 .increment(1);
             return false;
         }
+        s.out_aliases.commit(&m.topic, alias);
         Stats::add(&self.broker.stats.messages_sent, 1);
         telemetry::hot().messages_sent[usize::from(d.qos).min(2)].increment(1);
         self.queue_packet(&packet, s.version);
@@ -1580,8 +1600,12 @@ where
     }
 
     /// Send messages from the session's replicated queue while the window has room.
+    ///
+    /// A session resumed with an expiry of 0 is not persistent from now on, but it
+    /// keeps the queue it had [MQTT-3.1.2-4]: it drains what was queued before it
+    /// resumed (positions below `resend_below`); nothing is queued for it afterwards.
     fn pump_queue(&mut self, s: &mut Session) {
-        if !s.persistent || !s.window.has_room() {
+        if !s.window.has_room() || (!s.persistent && s.queue_cursor >= s.resend_below) {
             return;
         }
         let room = 65_535usize.min(s.window_room());
@@ -1677,6 +1701,62 @@ fn commit_acks(broker: &Broker, s: &mut Session) {
         completed: std::mem::take(&mut s.acks_completed),
         received: std::mem::take(&mut s.acks_received),
     });
+}
+
+/// The SUBACK's reason codes: `codes` holds each filter's refusal (or `None` for the
+/// filters in `entries`, granted once committed); `existed` is the commit's answer.
+fn subscribe_reason_codes(
+    codes: &[Option<ReasonCode>],
+    v5: bool,
+    entries: &[(String, crate::cluster::command::SubscriptionOptions)],
+    existed: Option<&Vec<bool>>,
+) -> Vec<ReasonCode> {
+    let mut granted = entries.iter();
+    codes
+        .iter()
+        .map(|c| match c {
+            Some(code) if v5 => *code,
+            Some(_) => ReasonCode::UnspecifiedError,
+            None if existed.is_none() => ReasonCode::UnspecifiedError,
+            None => match granted.next().map(|(_, o)| o.qos) {
+                Some(0) => ReasonCode::GrantedQoS0,
+                Some(1) => ReasonCode::GrantedQoS1,
+                _ => ReasonCode::GrantedQoS2,
+            },
+        })
+        .collect()
+}
+
+/// Retained messages for new subscriptions [MQTT-3.3.1-9], per Retain Handling.
+fn retained_for(
+    broker: &Broker,
+    entries: &[(String, crate::cluster::command::SubscriptionOptions)],
+    existed: &[bool],
+) -> Vec<Delivery> {
+    let now = unix_ms();
+    let mut out = Vec::new();
+    for ((filter, opts), existed) in entries.iter().zip(existed) {
+        if mqtt::topic::parse_shared(filter).is_some()
+            || opts.retain_handling == 2
+            || (opts.retain_handling == 1 && *existed)
+        {
+            continue;
+        }
+        broker.read_state(|st| {
+            st.retained().for_each_matching(filter, |_, m| {
+                if !m.is_expired(now) {
+                    out.push(Delivery {
+                        shared_group: None,
+                        qos: m.qos.min(opts.qos),
+                        retain: true,
+                        subscription_ids: opts.subscription_id.into_iter().collect(),
+                        message: m.clone(),
+                    });
+                }
+            })
+        });
+    }
+    out
 }
 
 impl Session {

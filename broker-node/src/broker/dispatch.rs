@@ -134,6 +134,22 @@ impl Broker {
                     }
                 },
             );
+            // Subscriptions that arrived here and wait for their commit are in effect
+            // on this node already (unless the applied table has them by now).
+            self.provisional
+                .for_each_match(&message.topic, |filter, client, options| {
+                    let applied = state
+                        .session(client)
+                        .is_some_and(|s| s.subscriptions.get(filter) == Some(options));
+                    if applied {
+                        return;
+                    }
+                    matched += 1;
+                    if options.no_local && publisher == Some(&**client) {
+                        return;
+                    }
+                    merge_target(&mut targets, client, options, message, None);
+                });
             matched += shared.len();
             // Shared groups: one member each, preferring members that can take it now.
             if !shared.is_empty() {

@@ -15,6 +15,7 @@ pub mod events;
 pub mod liveness;
 pub mod mailbox;
 pub mod park;
+pub mod provisional;
 pub mod telemetry;
 
 use std::collections::HashMap;
@@ -143,6 +144,8 @@ pub struct Broker {
     pub shutdown: CancellationToken,
     /// Where idle plain-TCP connections wait without a task.
     pub lot: Arc<park::Lot>,
+    /// Subscriptions in effect here while their commit is under way.
+    pub provisional: Arc<provisional::Provisional>,
 }
 
 /// Shards of the shared-subscription selection state.
@@ -180,6 +183,7 @@ impl Broker {
             started: Instant::now(),
             shutdown,
             lot,
+            provisional: Arc::default(),
         })
     }
 

@@ -136,6 +136,13 @@ impl Proposer {
         self.enqueue(cmd, true).await?.wait().await
     }
 
+    /// [`Proposer::submit`] for a refusable command (see [`Proposer::propose_refusable`]):
+    /// should the returned handle be dropped or time out before the command was sent
+    /// to the leader, the command is dropped.
+    pub async fn submit_refusable(&self, cmd: Command) -> Result<Submitted, ProposeError> {
+        self.enqueue(cmd, true).await
+    }
+
     /// Submit `cmd` without waiting for the outcome (acknowledgement trimming, sweeps).
     pub fn propose_detached(&self, cmd: Command) {
         let this = self.clone();

@@ -5,6 +5,10 @@
 //! the rules are testable without sleeping; the connection task drives it and does the
 //! I/O. It must never touch a socket, a channel or the cluster.
 
+mod outbound_aliases;
+
+pub use outbound_aliases::{AliasUse, OutboundAliases};
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
