@@ -11,10 +11,14 @@
 //! topic deny fleet/secret/#
 //! ```
 //!
-//! With an ACL file, everything not granted is denied. A `deny` rule wins over any
-//! grant that overlaps it. A subscription is granted when a read rule covers its whole
-//! filter (every topic the filter matches is readable), so deliveries need no check of
-//! their own.
+//! With an ACL file, everything not granted is denied, and a `deny` rule wins over
+//! every grant of the topics it matches. As in Mosquitto, a subscription is refused
+//! only when its filter can match nothing the client may read; a subscription that may
+//! also match unreadable topics (a `deny` inside it, or grants that cover only part of
+//! it) is granted as [`SubscribeAccess::Filtered`], and the messages it matches are
+//! checked one by one at delivery ([`Acl::may_read`]), so that a dashboard on `fleet/#`
+//! gets the fleet without `fleet/secret/#`. Subscriptions wholly inside a grant and
+//! clear of every deny need no check at delivery.
 
 use std::path::Path;
 
@@ -27,6 +31,18 @@ enum Access {
     Write,
     ReadWrite,
     Deny,
+}
+
+/// What the rules say about a subscription.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubscribeAccess {
+    /// Nothing it matches may be read: refused.
+    Denied,
+    /// Everything it matches may be read.
+    Granted,
+    /// Some of what it matches may be read: granted, and each message is checked at
+    /// delivery.
+    Filtered,
 }
 
 #[derive(Clone, Debug)]
@@ -128,13 +144,90 @@ impl Acl {
         })
     }
 
+    /// Whether the client may receive a message published to `topic`.
+    pub fn may_read(&self, username: Option<&str>, client_id: &str, topic: &str) -> bool {
+        self.decide(username, client_id, |rule, filter| {
+            (matches!(rule.access, Access::Read | Access::ReadWrite | Access::Deny))
+                .then(|| topic_matches(filter, topic))
+                .unwrap_or(false)
+        })
+    }
+
     /// Whether the client may subscribe to `filter` (a shared subscription's filter
-    /// without its `$share/group/` prefix).
+    /// without its `$share/group/` prefix), and whether its messages need a check.
+    pub fn subscribe_access(
+        &self,
+        username: Option<&str>,
+        client_id: &str,
+        filter: &str,
+    ) -> SubscribeAccess {
+        let (grants, denies) = self.read_rules(username, client_id);
+        // Some topic the filter matches is readable: it is inside a grant and no deny
+        // takes the whole of that part.
+        let readable = grants.iter().any(|grant| {
+            intersection(grant, filter)
+                .is_some_and(|part| !denies.iter().any(|deny| covers(deny, &part)))
+        });
+        if !readable {
+            return SubscribeAccess::Denied;
+        }
+        let whole = grants.iter().any(|grant| covers(grant, filter))
+            && !denies.iter().any(|deny| overlaps(deny, filter));
+        if whole {
+            SubscribeAccess::Granted
+        } else {
+            SubscribeAccess::Filtered
+        }
+    }
+
+    /// Whether the client may subscribe to `filter` at all.
     pub fn may_subscribe(&self, username: Option<&str>, client_id: &str, filter: &str) -> bool {
-        self.decide(username, client_id, |rule, acl_filter| match rule.access {
-            Access::Read | Access::ReadWrite => covers(acl_filter, filter),
-            Access::Deny => overlaps(acl_filter, filter),
-            Access::Write => false,
+        self.subscribe_access(username, client_id, filter) != SubscribeAccess::Denied
+    }
+
+    /// The filters of the read grants and of the denies that apply to this client, with
+    /// `%c` and `%u` filled in.
+    fn read_rules(&self, username: Option<&str>, client_id: &str) -> (Vec<String>, Vec<String>) {
+        let mut grants = Vec::new();
+        let mut denies = Vec::new();
+        for (rule, filter) in self.rules_for(username, client_id) {
+            match rule.access {
+                Access::Read | Access::ReadWrite => grants.push(filter),
+                Access::Deny => denies.push(filter),
+                Access::Write => {}
+            }
+        }
+        (grants, denies)
+    }
+
+    /// The rules that apply to this client, each with its filter as it applies.
+    fn rules_for<'a>(
+        &'a self,
+        username: Option<&'a str>,
+        client_id: &'a str,
+    ) -> impl Iterator<Item = (&'a Rule, String)> + 'a {
+        let own: &[Rule] = match username {
+            None => &self.anonymous,
+            Some(u) => self
+                .users
+                .iter()
+                .find(|(name, _)| name == u)
+                .map(|(_, rules)| rules.as_slice())
+                .unwrap_or(&[]),
+        };
+        own.iter().chain(&self.patterns).filter_map(move |rule| {
+            if !rule.pattern {
+                return Some((rule, rule.filter.clone()));
+            }
+            // A pattern naming the username does not apply to anonymous clients.
+            if username.is_none() && rule.filter.contains("%u") {
+                return None;
+            }
+            let filter = rule
+                .filter
+                .replace("%c", client_id)
+                .replace("%u", username.unwrap_or(""));
+            Some((rule, filter))
         })
     }
 
@@ -145,28 +238,8 @@ impl Acl {
         client_id: &str,
         applies: impl Fn(&Rule, &str) -> bool,
     ) -> bool {
-        let own: &[Rule] = match username {
-            None => &self.anonymous,
-            Some(u) => self
-                .users
-                .iter()
-                .find(|(name, _)| name == u)
-                .map(|(_, rules)| rules.as_slice())
-                .unwrap_or(&[]),
-        };
         let mut granted = false;
-        for rule in own.iter().chain(&self.patterns) {
-            let filter = if rule.pattern {
-                // A pattern naming the username does not apply to anonymous clients.
-                if username.is_none() && rule.filter.contains("%u") {
-                    continue;
-                }
-                rule.filter
-                    .replace("%c", client_id)
-                    .replace("%u", username.unwrap_or(""))
-            } else {
-                rule.filter.clone()
-            };
+        for (rule, filter) in self.rules_for(username, client_id) {
             if applies(rule, &filter) {
                 if rule.access == Access::Deny {
                     return false;
@@ -220,6 +293,38 @@ fn covers(acl: &str, filter: &str) -> bool {
     }
 }
 
+/// The filter matching exactly the topics that both `a` and `b` match, if any.
+fn intersection(a: &str, b: &str) -> Option<String> {
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    let mut out: Vec<&str> = Vec::new();
+    loop {
+        match (x.next(), y.next()) {
+            // `#` also matches the parent level: what is left of the other filter
+            // (possibly nothing) completes the intersection.
+            (Some("#"), rest) => {
+                out.extend(rest.into_iter().chain(y.by_ref()));
+                break;
+            }
+            (rest, Some("#")) => {
+                out.extend(rest.into_iter().chain(x.by_ref()));
+                break;
+            }
+            (Some("+"), Some(level)) | (Some(level), Some("+")) => out.push(level),
+            (Some(p), Some(q)) if p == q => out.push(p),
+            (None, None) => break,
+            _ => return None,
+        }
+    }
+    // A filter's first-level wildcard never matches `$` topics.
+    let dollar = |f: &str| f.starts_with('$');
+    let wild_first = |f: &str| f.starts_with('+') || f.starts_with('#');
+    if (dollar(a) && wild_first(b)) || (dollar(b) && wild_first(a)) {
+        return None;
+    }
+    Some(out.join("/"))
+}
+
 /// Whether some topic could match both `acl` and `filter`.
 fn overlaps(acl: &str, filter: &str) -> bool {
     let mut a = acl.split('/');
@@ -262,10 +367,24 @@ pattern read users/%u/inbox
         // dashboard: reads the fleet but not the secret part, commands robots.
         let d = Some("dashboard");
         assert!(acl.may_subscribe(d, "dash-1", "fleet/r7/#"));
-        // Both could match fleet/secret/pose: the deny wins.
-        assert!(!acl.may_subscribe(d, "dash-1", "fleet/+/pose"));
-        assert!(!acl.may_subscribe(d, "dash-1", "fleet/#"));
+        // Both could match fleet/secret/pose: granted, and checked per message.
+        assert_eq!(
+            acl.subscribe_access(d, "dash-1", "fleet/+/pose"),
+            SubscribeAccess::Filtered
+        );
+        assert_eq!(
+            acl.subscribe_access(d, "dash-1", "fleet/#"),
+            SubscribeAccess::Filtered
+        );
+        assert_eq!(
+            acl.subscribe_access(d, "dash-1", "fleet/r7/#"),
+            SubscribeAccess::Granted
+        );
+        assert!(acl.may_read(d, "dash-1", "fleet/r7/pose"));
+        assert!(!acl.may_read(d, "dash-1", "fleet/secret/pose"));
+        // Wholly inside the deny: refused.
         assert!(!acl.may_subscribe(d, "dash-1", "fleet/secret/key"));
+        assert!(!acl.may_subscribe(d, "dash-1", "fleet/secret/#"));
         assert!(acl.may_publish(d, "dash-1", "fleet/r7/command"));
         assert!(!acl.may_publish(d, "dash-1", "fleet/r7/pose"));
         assert!(acl.may_subscribe(d, "dash-1", "users/dashboard/inbox"));
@@ -282,6 +401,65 @@ pattern read users/%u/inbox
         assert!(!covers("a/b", "a/+"));
         assert!(covers("#", "a/b"));
         assert!(!covers("#", "$SYS/x"));
+    }
+
+    #[test]
+    fn a_deny_inside_a_wildcard_grant_withholds_only_its_topics_as_mosquitto_does() {
+        // The issue's example: `topic deny secret/x` then `topic readwrite #`.
+        let acl = Acl::parse("topic deny secret/x\ntopic readwrite #\n").expect("parses");
+        for filter in ["#", "secret/+", "secret/#", "+/x"] {
+            assert_eq!(
+                acl.subscribe_access(None, "c", filter),
+                SubscribeAccess::Filtered,
+                "{filter}"
+            );
+        }
+        assert_eq!(
+            acl.subscribe_access(None, "c", "secret/x"),
+            SubscribeAccess::Denied
+        );
+        assert_eq!(
+            acl.subscribe_access(None, "c", "public/#"),
+            SubscribeAccess::Granted
+        );
+        assert!(!acl.may_read(None, "c", "secret/x"));
+        assert!(acl.may_read(None, "c", "secret/y"));
+    }
+
+    #[test]
+    fn a_filter_partly_outside_every_grant_is_filtered_and_one_wholly_outside_refused() {
+        let acl = Acl::parse("topic read a/b\ntopic read c/#\n").expect("parses");
+        assert_eq!(
+            acl.subscribe_access(None, "c", "a/+"),
+            SubscribeAccess::Filtered
+        );
+        assert_eq!(
+            acl.subscribe_access(None, "c", "#"),
+            SubscribeAccess::Filtered
+        );
+        assert_eq!(
+            acl.subscribe_access(None, "c", "x/#"),
+            SubscribeAccess::Denied
+        );
+        assert!(acl.may_read(None, "c", "a/b"));
+        assert!(!acl.may_read(None, "c", "a/c"));
+        // A grant denied as a whole leaves nothing to read.
+        let acl = Acl::parse("topic read a/b\ntopic deny a/#\n").expect("parses");
+        assert_eq!(
+            acl.subscribe_access(None, "c", "a/+"),
+            SubscribeAccess::Denied
+        );
+    }
+
+    #[test]
+    fn intersections_of_filters() {
+        assert_eq!(intersection("a/#", "+/b").as_deref(), Some("a/b"));
+        assert_eq!(intersection("a/#", "a").as_deref(), Some("a"));
+        assert_eq!(intersection("#", "x/+/y").as_deref(), Some("x/+/y"));
+        assert_eq!(intersection("a/+", "a/b/c"), None);
+        assert_eq!(intersection("a/+/#", "+/b/c").as_deref(), Some("a/b/c"));
+        assert_eq!(intersection("#", "$SYS/x"), None);
+        assert_eq!(intersection("$SYS/#", "$SYS/x").as_deref(), Some("$SYS/x"));
     }
 
     #[test]

@@ -67,6 +67,9 @@ impl Rules {
 #[derive(Debug, Default)]
 pub struct Auth {
     rules: RwLock<Arc<Rules>>,
+    /// Bumped by every [`Auth::replace`], so that what a connection derived from the
+    /// ACL (whether its messages need a check at delivery) is derived again.
+    generation: std::sync::atomic::AtomicU32,
     /// Recent failures by address, to slow down password guessing.
     pub failures: Failures,
 }
@@ -76,6 +79,7 @@ impl Auth {
     pub fn new(rules: Rules) -> Auth {
         Auth {
             rules: RwLock::new(Arc::new(rules)),
+            generation: Default::default(),
             failures: Failures::default(),
         }
     }
@@ -83,6 +87,18 @@ impl Auth {
     /// Replace the rules (SIGHUP).
     pub fn replace(&self, rules: Rules) {
         *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether an ACL file is in force.
+    pub fn has_acl(&self) -> bool {
+        self.rules().acl.is_some()
+    }
+
+    /// Which rules are in force: changes with every reload.
+    pub fn generation(&self) -> u32 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn rules(&self) -> Arc<Rules> {
@@ -135,10 +151,24 @@ impl Auth {
         }
     }
 
-    /// Whether the client may subscribe to `filter` (shared prefix removed).
-    pub fn may_subscribe(&self, username: Option<&str>, client_id: &str, filter: &str) -> bool {
+    /// Whether the client may subscribe to `filter` (shared prefix removed), and
+    /// whether the messages it matches must be checked at delivery.
+    pub fn subscribe_access(
+        &self,
+        username: Option<&str>,
+        client_id: &str,
+        filter: &str,
+    ) -> acl::SubscribeAccess {
         match &self.rules().acl {
-            Some(acl) => acl.may_subscribe(username, client_id, filter),
+            Some(acl) => acl.subscribe_access(username, client_id, filter),
+            None => acl::SubscribeAccess::Granted,
+        }
+    }
+
+    /// Whether the client may receive a message published to `topic`.
+    pub fn may_read(&self, username: Option<&str>, client_id: &str, topic: &str) -> bool {
+        match &self.rules().acl {
+            Some(acl) => acl.may_read(username, client_id, topic),
             None => true,
         }
     }

@@ -222,6 +222,9 @@ impl Drop for Tally {
     }
 }
 
+/// [`Session::acl_generation`] before anything was derived.
+const ACL_UNKNOWN: u32 = u32::MAX;
+
 /// Only plain TCP connections are parked.
 const PARKED_LISTENER: &str = "tcp";
 
@@ -308,6 +311,8 @@ impl Parked {
             keep_alive,
             aliases,
             out_aliases: OutboundAliases::new(self.out_alias_max, self.out_alias_max),
+            acl_filtered: false,
+            acl_generation: ACL_UNKNOWN,
             inbound_qos2,
             inbound_qos1_pending: 0,
             window: OutboundWindow::new(self.window_size as usize),
@@ -411,6 +416,11 @@ struct Session {
     aliases: InboundAliases,
     /// Topic aliases this broker assigned towards the client.
     out_aliases: OutboundAliases,
+    /// Whether a subscription may match topics the ACL keeps from this client, so that
+    /// every delivery is checked ([`crate::auth::acl::SubscribeAccess::Filtered`]).
+    acl_filtered: bool,
+    /// The ACL generation `acl_filtered` was derived under ([`ACL_UNKNOWN`]: not yet).
+    acl_generation: u32,
     inbound_qos2: InboundQos2,
     /// QoS 1 publishes whose PUBACK is not yet sent.
     inbound_qos1_pending: usize,
@@ -733,6 +743,8 @@ where
                     0
                 },
             ),
+            acl_filtered: false,
+            acl_generation: ACL_UNKNOWN,
             inbound_qos2: broker.inbound_qos2_of(&client_id, session_present),
             inbound_qos1_pending: 0,
             window: OutboundWindow::new(window_size),
@@ -1354,11 +1366,7 @@ where
                 Some(ReasonCode::WildcardSubscriptionsNotSupported)
             } else if broker.check_filter_limits(filter).is_err() {
                 Some(ReasonCode::TopicFilterInvalid)
-            } else if !broker.auth.may_subscribe(
-                s.username.as_deref(),
-                &s.client_id,
-                shared.map(|(_, f)| f).unwrap_or(filter),
-            ) {
+            } else if !self.acl_allows_subscription(s, shared.map(|(_, f)| f).unwrap_or(filter)) {
                 tracing::debug!(client_id = %s.client_id, %filter, "subscription denied by the ACL");
                 Some(ReasonCode::NotAuthorized)
             } else if cfg.max_subscriptions_per_client > 0
@@ -1497,6 +1505,9 @@ where
             metrics::counter!("flockmq_messages_dropped_total", "reason" => "expired").increment(1);
             return;
         }
+        if !self.acl_allows_delivery(s, &d.message.topic) {
+            return;
+        }
         if d.qos == 0 {
             self.send_publish(s, &d, None, false, now);
             return;
@@ -1630,7 +1641,7 @@ where
                 break;
             }
             s.queue_cursor = q.seq + 1;
-            if q.message.is_expired(now) {
+            if q.message.is_expired(now) || !self.acl_allows_delivery(s, &q.message.topic) {
                 s.acks_completed.push(q.seq);
                 continue;
             }
@@ -1652,6 +1663,69 @@ where
                 break;
             }
         }
+    }
+
+    /// Whether the ACL lets the client subscribe to `filter`; a subscription that may
+    /// match unreadable topics turns the per-delivery check on.
+    fn acl_allows_subscription(&self, s: &mut Session, filter: &str) -> bool {
+        use crate::auth::acl::SubscribeAccess;
+        // Derived first from what is committed, so that the new subscription's flag is
+        // not lost to a later derivation that does not see it yet.
+        self.derive_acl(s);
+        let auth = &self.broker.auth;
+        match auth.subscribe_access(s.username.as_deref(), &s.client_id, filter) {
+            SubscribeAccess::Denied => false,
+            SubscribeAccess::Granted => true,
+            SubscribeAccess::Filtered => {
+                s.acl_filtered = true;
+                true
+            }
+        }
+    }
+
+    /// Whether the ACL lets the client receive a message on `topic`: checked only for
+    /// sessions with a subscription that may match unreadable topics (a delivered
+    /// topic that is denied matches some subscription, which then overlaps the deny).
+    fn acl_allows_delivery(&self, s: &mut Session, topic: &str) -> bool {
+        self.derive_acl(s);
+        if !s.acl_filtered
+            || self
+                .broker
+                .auth
+                .may_read(s.username.as_deref(), &s.client_id, topic)
+        {
+            return true;
+        }
+        tracing::debug!(client_id = %s.client_id, %topic, "delivery withheld by the ACL");
+        metrics::counter!("flockmq_messages_dropped_total", "reason" => "acl").increment(1);
+        false
+    }
+
+    /// Bring `s.acl_filtered` up to date with the rules in force (after a connect, a
+    /// resume from the parking lot or a reload) from the session's subscriptions.
+    fn derive_acl(&self, s: &mut Session) {
+        use crate::auth::acl::SubscribeAccess;
+        let auth = &self.broker.auth;
+        let generation = auth.generation();
+        if s.acl_generation == generation {
+            return;
+        }
+        s.acl_generation = generation;
+        s.acl_filtered = false;
+        if !auth.has_acl() {
+            return;
+        }
+        let filters: Vec<String> = self.broker.read_state(|st| {
+            st.session(&s.client_id)
+                .map(|r| r.subscriptions.keys().cloned().collect())
+                .unwrap_or_default()
+        });
+        s.acl_filtered = filters.iter().any(|filter| {
+            let filter = mqtt::topic::parse_shared(filter).map_or(filter.as_str(), |(_, f)| f);
+            // A subscription the rules in force would refuse: every message is checked.
+            auth.subscribe_access(s.username.as_deref(), &s.client_id, filter)
+                != SubscribeAccess::Granted
+        });
     }
 
     /// After a reconnect, PUBREL every QoS 2 message whose PUBREC had arrived.
