@@ -482,6 +482,8 @@ pub fn repo_root() -> PathBuf {
 pub struct RawClient {
     stream: TcpStream,
     buf: bytes::BytesMut,
+    /// Bytes read from the socket.
+    received: u64,
     /// The protocol version of this connection.
     pub version: broker_node::mqtt::ProtocolVersion,
 }
@@ -494,6 +496,7 @@ impl RawClient {
         RawClient {
             stream,
             buf: bytes::BytesMut::new(),
+            received: 0,
             version,
         }
     }
@@ -522,6 +525,25 @@ impl RawClient {
             Some(Packet::ConnAck(ack)) => (c, ack),
             other => panic!("expected CONNACK, got {other:?}"),
         }
+    }
+
+    /// Open a connection and send `connect` as it is; returns the client and CONNACK.
+    pub fn connect_with(
+        addr: SocketAddr,
+        connect: broker_node::mqtt::Connect,
+    ) -> (RawClient, broker_node::mqtt::ConnAck) {
+        use broker_node::mqtt::Packet;
+        let mut c = RawClient::open(addr, connect.protocol);
+        c.send(&Packet::Connect(Box::new(connect)));
+        match c.recv(Duration::from_secs(10)) {
+            Some(Packet::ConnAck(ack)) => (c, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Bytes received from the broker so far (decoded or not).
+    pub fn bytes_received(&self) -> u64 {
+        self.received
     }
 
     /// Send a packet.
@@ -558,7 +580,10 @@ impl RawClient {
             let mut chunk = [0u8; 4096];
             match self.stream.read(&mut chunk) {
                 Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    self.received += n as u64;
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
                 Err(_) => return None,
             }
         }
@@ -577,7 +602,10 @@ impl RawClient {
             let mut chunk = [0u8; 4096];
             match self.stream.read(&mut chunk) {
                 Ok(0) => return true,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    self.received += n as u64;
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
                 Err(_) => return false,
             }
