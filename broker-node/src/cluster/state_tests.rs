@@ -383,6 +383,30 @@ fn a_clean_start_ends_the_old_session_and_its_subscriptions() {
 }
 
 #[test]
+fn resuming_with_expiry_zero_keeps_the_queue_until_the_close_ends_the_session() {
+    // The state machine's side of a known item: the connection code is to decide
+    // what a resume with expiry 0 should present; here the session simply lives on
+    // until its connection closes.
+    let mut h = Harness::new();
+    h.setup(&[
+        open("a", 1, 10, false, 60, None, T0),
+        close("a", 10, true, None, T0),
+        enqueue(vec![entry("a", &message("t/a", b"x", None, T0))], ROOMY),
+    ]);
+    let result = h.apply(&open("a", 1, 11, false, 0, None, T0 + 1));
+    assert_eq!(
+        result,
+        CommandResult::SessionOpened {
+            session_present: true
+        }
+    );
+    assert_eq!(h.seqs("a"), vec![0]);
+    assert_eq!(h.session("a").expiry_secs, 0);
+    h.apply(&close("a", 11, true, None, T0 + 2));
+    assert!(h.state.session("a").is_none());
+}
+
+#[test]
 fn a_second_connection_takes_the_session_over_and_the_old_one_is_told() {
     let mut h = Harness::new();
     h.setup(&[open("a", 1, 10, false, 60, None, T0)]);
