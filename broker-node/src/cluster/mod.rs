@@ -15,6 +15,8 @@ pub mod proposer;
 pub mod raft;
 pub mod sparse;
 pub mod state;
+#[cfg(test)]
+mod state_tests;
 pub mod tls;
 
 use std::collections::BTreeMap;

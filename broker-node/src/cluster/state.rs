@@ -522,6 +522,12 @@ impl BrokerState {
                 continue;
             };
             let weight = entry.message.weight();
+            if weight > limits.max_bytes {
+                // It would not fit even in an empty queue: drop it, and evict nothing
+                // for it (mqtt.max_queued_bytes may be below mqtt.max_packet_size).
+                dropped += 1;
+                continue;
+            }
             let full = |s: &SessionRecord| {
                 s.queue.len() as u64 >= limits.max_messages
                     || s.queued_bytes + weight > limits.max_bytes
@@ -542,7 +548,7 @@ impl BrokerState {
                             dropped += 1;
                         }
                         if full(session) {
-                            // A single message larger than the byte limit.
+                            // max_messages 0: no queue holds anything.
                             dropped += 1;
                             continue;
                         }
