@@ -24,7 +24,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::dispatch::wait_forwarded;
 use super::{telemetry, unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
-use crate::cluster::command::{Command, CommandResult, Message, MessageProperties, Will};
+use crate::cluster::command::{
+    Command, CommandResult, InboundRecord, Message, MessageProperties, Will,
+};
 use crate::cluster::state::SessionRecord;
 use crate::mqtt::{
     self, ConnAck, ConnAckProperties, Connect, Disconnect, DisconnectProperties, Packet,
@@ -102,6 +104,11 @@ enum AckOutcome {
     Send(Box<Packet>),
     /// Send this SUBACK, then these retained messages.
     SubAck(Box<Packet>, Vec<Delivery>),
+    /// Free this inbound QoS 2 packet identifier (its publish was not committed, and
+    /// the PUBREC that follows says so), then send the packet.
+    Release(u16, Box<Packet>),
+    /// Send these packets (PUBRELs whose PUBREC is committed).
+    Packets(Vec<Packet>),
     /// The message could not be committed: close (v3.1.1 has no way to say so).
     Fail,
 }
@@ -303,6 +310,7 @@ impl Parked {
         };
         let session = Box::new(Session {
             client_id: self.client_id,
+            connection_id: self.connection_id,
             username: self.username,
             version: self.version,
             persistent: self.persistent,
@@ -323,7 +331,7 @@ impl Parked {
             client_max_packet: self.client_max_packet,
             acks: PendingAcks::default(),
             acks_completed: Vec::new(),
-            acks_received: Vec::new(),
+            pubrecs: Vec::new(),
             rx: self.rx,
         });
         (session, self.socket, self.connection_id, self.tally)
@@ -339,7 +347,7 @@ impl Session {
             && self.pending.is_empty()
             && self.acks.is_empty()
             && self.acks_completed.is_empty()
-            && self.acks_received.is_empty()
+            && self.pubrecs.is_empty()
             && self.expiry_update.is_none()
             && self.rx.is_empty()
     }
@@ -405,6 +413,9 @@ pub enum Vouched {
 /// The state of an established session on this connection.
 struct Session {
     client_id: Arc<str>,
+    /// This connection, named in its commands: the state machine ignores them once
+    /// another connection owns the session (DESIGN invariant 8).
+    connection_id: u64,
     /// The authenticated username, for ACL checks.
     username: Option<Arc<str>>,
     version: ProtocolVersion,
@@ -437,7 +448,9 @@ struct Session {
     client_max_packet: u32,
     acks: PendingAcks,
     acks_completed: Vec<u64>,
-    acks_received: Vec<u64>,
+    /// PUBRECs of queued messages (queue position, packet id) to commit; their
+    /// PUBRELs wait for it.
+    pubrecs: Vec<(u64, u16)>,
     rx: super::mailbox::Receiver<ConnMsg>,
 }
 
@@ -728,6 +741,7 @@ where
         });
         let mut session = Session {
             client_id: client_id.clone(),
+            connection_id,
             username,
             version,
             persistent: expiry_secs > 0,
@@ -755,7 +769,7 @@ where
             client_max_packet: connect.properties.maximum_packet_size.unwrap_or(0),
             acks: PendingAcks::default(),
             acks_completed: Vec::new(),
-            acks_received: Vec::new(),
+            pubrecs: Vec::new(),
             rx,
         };
         if session_present {
@@ -904,6 +918,15 @@ where
                             }
                             self.queue_packet(&packet, s.version);
                         }
+                        AckOutcome::Release(packet_id, packet) => {
+                            s.inbound_qos2.release(packet_id);
+                            self.queue_packet(&packet, s.version);
+                        }
+                        AckOutcome::Packets(packets) => {
+                            for packet in &packets {
+                                self.queue_packet(packet, s.version);
+                            }
+                        }
                         AckOutcome::SubAck(packet, retained) => {
                             self.queue_packet(&packet, s.version);
                             for d in retained {
@@ -963,7 +986,12 @@ where
                     }
                 }
             }
-            self.commit_acks(s);
+            if s.pubrecs.is_empty() {
+                commit_acks(&self.broker, s);
+            } else {
+                // Boxed: an idle connection's future must not carry this one inline.
+                Box::pin(self.commit_acks_before_pubrel(s)).await;
+            }
         }
     }
 
@@ -1040,9 +1068,12 @@ where
             }
             Packet::PubRec(r) => {
                 let failed = r.reason_code.is_error();
-                match s.window.pubrec(r.packet_id) {
-                    Some(Outgoing::Queued(seq)) if !failed => s.acks_received.push(*seq),
-                    _ => {}
+                if let Some(Outgoing::Queued(seq)) = s.window.pubrec(r.packet_id) {
+                    if !failed {
+                        // PUBREL once this is committed (see `commit_acks`).
+                        s.pubrecs.push((*seq, r.packet_id));
+                        return None;
+                    }
                 }
                 if failed {
                     // A PUBREC with an error ends the QoS 2 flow [MQTT-4.3.3].
@@ -1069,19 +1100,32 @@ where
             }
             Packet::PubRel(r) => {
                 let known = s.inbound_qos2.release(r.packet_id);
-                if known && s.persistent {
-                    self.broker.proposer.propose_detached(Command::InboundQos2 {
-                        client_id: s.client_id.clone(),
-                        received: vec![],
-                        released: vec![r.packet_id],
-                    });
-                }
                 let code = if known || s.version != ProtocolVersion::V5 {
                     ReasonCode::Success
                 } else {
                     ReasonCode::PacketIdentifierNotFound
                 };
                 let comp = Packet::PubComp(PubComp::new(r.packet_id, code));
+                if known && s.persistent {
+                    // PUBCOMP once the release is committed: until then a resend of
+                    // the PUBLISH must still be taken for a duplicate, on any node.
+                    let cmd = Command::InboundQos2 {
+                        client_id: s.client_id.clone(),
+                        connection_id: s.connection_id,
+                        received: vec![],
+                        released: vec![r.packet_id],
+                    };
+                    let Ok(submitted) = self.broker.proposer.submit(cmd).await else {
+                        return Some(End::Shutdown);
+                    };
+                    s.acks.push_back(Box::pin(async move {
+                        match submitted.wait().await {
+                            Ok(CommandResult::Done) => AckOutcome::Send(Box::new(comp)),
+                            _ => AckOutcome::Fail,
+                        }
+                    }));
+                    return None;
+                }
                 // PUBCOMP must not overtake the PUBREC still waiting in the queue.
                 s.acks
                     .push_back(Box::pin(async move { AckOutcome::Send(Box::new(comp)) }));
@@ -1230,33 +1274,17 @@ where
             origin_client: Some(s.client_id.clone()),
         });
 
-        // A persistent session's QoS 2 state is replicated, so that a resend after a
-        // crash or a move to another node is still recognised as a duplicate.
-        let qos2_recorded = if p.qos == QoS::ExactlyOnce && s.persistent {
-            let cmd = Command::InboundQos2 {
-                client_id: s.client_id.clone(),
-                received: vec![packet_id],
-                released: vec![],
-            };
-            match broker.proposer.submit(cmd).await {
-                Ok(sub) => Some(sub),
-                Err(_) => return Some(End::Shutdown),
-            }
-        } else {
-            None
-        };
-        let retained = if message.retain {
-            let cmd = Command::SetRetained {
-                topic: message.topic.clone(),
-                message: Some(message.clone()),
-            };
-            match broker.proposer.submit(cmd).await {
-                Ok(sub) => Some(sub),
-                Err(_) => return Some(End::Shutdown),
-            }
-        } else {
-            None
-        };
+        // One command carries everything this publish changes in the replicated
+        // state: the retained message, the appends to persistent queues and, for a
+        // persistent publisher's QoS 2, its packet identifier (so that a resend after
+        // a crash or a move to another node is still recognised as a duplicate, and
+        // the identifier is taken exactly when the messages are queued).
+        let inbound = (p.qos == QoS::ExactlyOnce && s.persistent).then(|| InboundRecord {
+            client_id: s.client_id.clone(),
+            connection_id: s.connection_id,
+            packet_id,
+        });
+        let retained = message.retain.then(|| message.clone());
         let outcome = broker.dispatch(&message);
         // Slow subscribers: wait for room (backpressure on this publisher), except for
         // this very client, whose channel only this task drains.
@@ -1270,12 +1298,15 @@ where
         let forwarded = broker
             .forward(outcome.forward, p.qos != QoS::AtMostOnce)
             .await;
-        let enqueue = if outcome.enqueue.is_empty() {
+        let queued = outcome.enqueue.len();
+        let replicated = if queued == 0 && inbound.is_none() && retained.is_none() {
             None
         } else {
             let cmd = Command::Enqueue {
                 entries: outcome.enqueue,
                 limits: broker.queue_limits(),
+                inbound,
+                retained,
             };
             match broker.proposer.submit(cmd).await {
                 Ok(sub) => Some(sub),
@@ -1283,17 +1314,13 @@ where
             }
         };
         let matched = outcome.matched;
+        let delivered = outcome.delivered;
         let qos = p.qos;
         if qos == QoS::AtMostOnce {
             // Nobody waits; failures are logged by the proposer's callers.
-            if retained.is_some() || enqueue.is_some() {
+            if let Some(r) = replicated {
                 tokio::spawn(async move {
-                    if let Some(r) = retained {
-                        let _ = r.wait().await;
-                    }
-                    if let Some(e) = enqueue {
-                        let _ = e.wait().await;
-                    }
+                    let _ = r.wait().await;
                 });
             }
             return None;
@@ -1302,16 +1329,15 @@ where
             s.inbound_qos1_pending += 1;
         }
         s.acks.push_back(Box::pin(async move {
-            let mut ok = true;
-            if let Some(q) = qos2_recorded {
-                ok &= q.wait().await.is_ok();
-            }
-            if let Some(r) = retained {
-                ok &= r.wait().await.is_ok();
-            }
-            if let Some(e) = enqueue {
-                ok &= matches!(e.wait().await, Ok(CommandResult::Enqueued { .. }));
-            }
+            let (ok, none_accepted) = match replicated {
+                None => (true, false),
+                Some(r) => match r.wait().await {
+                    Ok(CommandResult::Enqueued { accepted, dropped }) => {
+                        (true, queued > 0 && accepted == 0 && dropped > 0)
+                    }
+                    _ => (false, false),
+                },
+            };
             wait_forwarded(forwarded).await;
             if !ok && !v5 {
                 return AckOutcome::Fail;
@@ -1320,13 +1346,22 @@ where
                 ReasonCode::UnspecifiedError
             } else if matched == 0 && v5 {
                 ReasonCode::NoMatchingSubscribers
+            } else if none_accepted && delivered == 0 && v5 {
+                // Every subscriber's queue refused it (full, drop newest).
+                ReasonCode::QuotaExceeded
             } else {
                 ReasonCode::Success
             };
-            AckOutcome::Send(Box::new(match qos {
+            let packet = Box::new(match qos {
                 QoS::AtLeastOnce => Packet::PubAck(PubAck::new(packet_id, code)),
                 _ => Packet::PubRec(PubRec::new(packet_id, code)),
-            }))
+            });
+            if !ok && qos == QoS::ExactlyOnce {
+                // Not committed: the identifier is free again, as the error says.
+                AckOutcome::Release(packet_id, packet)
+            } else {
+                AckOutcome::Send(packet)
+            }
         }));
         None
     }
@@ -1418,6 +1453,7 @@ where
             .proposer
             .submit_refusable(Command::Subscribe {
                 client_id: s.client_id.clone(),
+                connection_id: s.connection_id,
                 entries: entries.clone(),
             })
             .await
@@ -1461,6 +1497,7 @@ where
         let broker = self.broker.clone();
         let cmd = Command::Unsubscribe {
             client_id: s.client_id.clone(),
+            connection_id: s.connection_id,
             filters: unsub.filters.clone(),
         };
         // A v3 UNSUBACK cannot say it failed: the client takes it as done, so the
@@ -1759,21 +1796,54 @@ where
         })
     }
 
-    /// Tell the cluster which queued messages the client acknowledged (batched).
-    fn commit_acks(&mut self, s: &mut Session) {
-        commit_acks(&self.broker, s);
+    /// Tell the cluster which queued messages the client acknowledged (batched), when
+    /// some were PUBRECs: their PUBRELs go out once they are committed, so that a new
+    /// owner after a crash knows not to send the PUBLISH again.
+    async fn commit_acks_before_pubrel(&mut self, s: &mut Session) {
+        let cmd = Command::Ack {
+            client_id: s.client_id.clone(),
+            connection_id: s.connection_id,
+            completed: std::mem::take(&mut s.acks_completed),
+            received: s.pubrecs.iter().map(|(seq, _)| *seq).collect(),
+        };
+        let pubrels: Vec<Packet> = std::mem::take(&mut s.pubrecs)
+            .into_iter()
+            .map(|(_, id)| Packet::PubRel(PubRel::new(id, ReasonCode::Success)))
+            .collect();
+        let submitted = match self.broker.proposer.submit(cmd).await {
+            Ok(submitted) => submitted,
+            Err(_) => {
+                s.acks.push_back(Box::pin(async { AckOutcome::Fail }));
+                return;
+            }
+        };
+        s.acks.push_back(Box::pin(async move {
+            match submitted.wait().await {
+                Ok(CommandResult::Done) => AckOutcome::Packets(pubrels),
+                other => {
+                    tracing::debug!(?other, "PUBREC not committed, closing");
+                    AckOutcome::Fail
+                }
+            }
+        }));
     }
 }
 
 /// Record the acknowledgements `s` received since the last time, in one command.
 fn commit_acks(broker: &Broker, s: &mut Session) {
-    if s.acks_completed.is_empty() && s.acks_received.is_empty() {
+    if s.acks_completed.is_empty() && s.pubrecs.is_empty() {
         return;
     }
+    // (PUBRECs recorded here, at the connection's end, get their PUBRELs from the
+    // next connection, which resends every message awaiting PUBCOMP.)
     broker.proposer.propose_detached(Command::Ack {
         client_id: s.client_id.clone(),
+        connection_id: s.connection_id,
         completed: std::mem::take(&mut s.acks_completed),
-        received: std::mem::take(&mut s.acks_received),
+        received: std::mem::take(&mut s.pubrecs)
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect(),
     });
 }
 

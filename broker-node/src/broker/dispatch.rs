@@ -57,6 +57,9 @@ struct Target {
 pub struct DispatchOutcome {
     /// Subscriptions that matched (a v5 PUBACK says 0x10 when there were none).
     pub matched: usize,
+    /// Clients it went to directly (here or through their nodes), not through a
+    /// replicated queue.
+    pub delivered: usize,
     /// Messages for persistent sessions that must be committed before the publisher is
     /// acknowledged.
     pub enqueue: Vec<EnqueueEntry>,
@@ -205,6 +208,7 @@ impl Broker {
         // Phase 2, lock released: hand over.
         let mut outcome = DispatchOutcome {
             matched,
+            delivered: 0,
             enqueue: Vec::new(),
             blocked: Vec::new(),
             forward: Vec::new(),
@@ -229,10 +233,12 @@ impl Broker {
                     subscription_ids: target.subscription_ids,
                 });
             } else if node == Some(self.node_id) {
+                outcome.delivered += 1;
                 if let Some(b) = self.deliver_local(&client, message, target) {
                     outcome.blocked.push(b);
                 }
             } else if let Some(node) = node {
+                outcome.delivered += 1;
                 let target = ForwardTarget {
                     client_id: client,
                     qos: target.qos,
@@ -475,7 +481,12 @@ impl Broker {
         let limits = self.queue_limits();
         match self
             .proposer
-            .propose(Command::Enqueue { entries, limits })
+            .propose(Command::Enqueue {
+                entries,
+                limits,
+                inbound: None,
+                retained: None,
+            })
             .await?
         {
             CommandResult::Enqueued { dropped, .. } if dropped > 0 => {

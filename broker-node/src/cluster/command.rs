@@ -134,6 +134,21 @@ pub struct EnqueueEntry {
     pub subscription_ids: Vec<u32>,
 }
 
+/// An inbound QoS 2 packet identifier to record with the messages of its publish.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundRecord {
+    /// The publishing client.
+    pub client_id: Arc<str>,
+    /// Its connection; the record is ignored unless it still owns the session.
+    pub connection_id: u64,
+    /// The PUBLISH's packet identifier.
+    pub packet_id: u16,
+}
+
+/// The connection id of commands from entries of format 1, which named none: they act
+/// on whichever connection owns the session.
+pub const ANY_CONNECTION: u64 = 0;
+
 /// What to do when a session's queue is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QueueFullPolicy {
@@ -193,6 +208,9 @@ pub enum Command {
     Subscribe {
         /// The client identifier.
         client_id: Arc<str>,
+        /// The connection that asked ([`ANY_CONNECTION`] in entries of format 1):
+        /// ignored unless it still owns the session (DESIGN invariant 8).
+        connection_id: u64,
         /// Filters (shared ones as `$share/group/filter`) and their options.
         entries: Vec<(String, SubscriptionOptions)>,
     },
@@ -200,6 +218,8 @@ pub enum Command {
     Unsubscribe {
         /// The client identifier.
         client_id: Arc<str>,
+        /// The connection that asked; ignored unless it still owns the session.
+        connection_id: u64,
         /// Filters exactly as subscribed.
         filters: Vec<String>,
     },
@@ -210,18 +230,29 @@ pub enum Command {
         /// The message, or `None` to clear.
         message: Option<Arc<Message>>,
     },
-    /// Append messages to persistent sessions' queues.
+    /// What a publish changes in the replicated state: appends to persistent
+    /// sessions' queues, the retained message, the publisher's QoS 2 identifier.
     Enqueue {
         /// The messages, in order.
         entries: Vec<EnqueueEntry>,
         /// The limits to apply.
         limits: QueueLimits,
+        /// The inbound QoS 2 packet identifier of the publish these messages came from,
+        /// recorded in the same step as the messages are queued (a persistent
+        /// publisher's resend is then recognised, and nothing is queued twice).
+        inbound: Option<InboundRecord>,
+        /// The publish's message as its topic's retained message (an empty payload
+        /// clears it), when it had the RETAIN flag: set in the same step.
+        retained: Option<Arc<Message>>,
     },
     /// A client acknowledged messages: PUBACK, or PUBCOMP for QoS 2 (`seqs` are removed),
     /// or PUBREC (`received` move to the awaiting-PUBCOMP set).
     Ack {
         /// The client identifier.
         client_id: Arc<str>,
+        /// The connection the acknowledgements came on; ignored unless it still owns
+        /// the session.
+        connection_id: u64,
         /// Sequence numbers fully acknowledged (PUBACK / PUBCOMP).
         completed: Vec<u64>,
         /// Sequence numbers whose PUBREC arrived (QoS 2, PUBREL now due).
@@ -232,6 +263,8 @@ pub enum Command {
     InboundQos2 {
         /// The client identifier.
         client_id: Arc<str>,
+        /// The connection the packets came on; ignored unless it still owns the session.
+        connection_id: u64,
         /// Identifiers whose PUBLISH was accepted.
         received: Vec<u16>,
         /// Identifiers whose PUBREL arrived.
@@ -289,13 +322,36 @@ pub enum CommandResult {
     },
     /// The command named a session that does not exist (or another connection owns).
     NoSession,
+    /// A resend of a command applied before whose result is no longer kept: it
+    /// changed nothing this time.
+    Duplicate,
+}
+
+/// Who proposed a [`Request`]: a node's proposer, in one incarnation (one run of the
+/// process). Its commands carry sequence numbers increasing within the incarnation,
+/// so that a resend of a command already applied is recognised (DESIGN invariant 7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The proposing node.
+    pub node: NodeId,
+    /// The proposer's incarnation (its start time; any new value starts afresh).
+    pub incarnation: u64,
 }
 
 /// One Raft entry: a batch of commands applied in order.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Encoded with a format version ([`super::format`]): entries written by an earlier
+/// release are read (and upgraded), a version newer than this release knows is
+/// refused with an error that says so.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Request {
+    /// Who proposed it, when a proposer did (entries of format 1 name nobody).
+    pub origin: Option<Origin>,
     /// The commands.
     pub commands: Vec<Command>,
+    /// Each command's sequence number within its origin's incarnation (empty without
+    /// an origin).
+    pub seqs: Vec<u64>,
 }
 
 /// The results of one [`Request`], one per command.

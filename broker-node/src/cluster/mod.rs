@@ -7,6 +7,7 @@
 //! commands), so every node applying the same log holds the same state.
 
 pub mod command;
+pub mod format;
 pub mod forward;
 pub mod frame;
 pub mod membership;
@@ -61,11 +62,7 @@ impl storage::Machine<TypeConfig> for BrokerMachine {
         let replayed = log_id.index <= self.replayed_up_to;
         self.state.set_muted(replayed);
         let response = Response {
-            results: request
-                .commands
-                .iter()
-                .map(|c| self.state.apply_command(c))
-                .collect(),
+            results: self.state.apply_request(request),
             log_index: 0,
         };
         self.state.set_muted(false);
@@ -304,6 +301,9 @@ impl Cluster {
                 write_timeout: c.write_timeout,
                 max_in_flight: 16,
                 node_id: config.node_id,
+                // A new value per run of the process: the state machine starts this
+                // proposer's sequence afresh.
+                incarnation: crate::broker::unix_ms(),
             },
             shutdown,
         );

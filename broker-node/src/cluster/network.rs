@@ -341,8 +341,8 @@ impl LeaderForwarder {
                 tonic::Code::FailedPrecondition => ForwardError::NotSent(msg),
                 // A transport failure (the service itself never answers Unavailable):
                 // mostly a refused connection to a dead leader. A connection lost after
-                // the batch was sent also lands here; resending it then applies it
-                // twice, which at-least-once delivery tolerates.
+                // the batch was sent also lands here: a resend is then recognised by
+                // its origin and sequence numbers and applied once (invariant 7).
                 tonic::Code::Unavailable => ForwardError::NotSent(msg),
                 _ => ForwardError::Uncertain(msg),
             }

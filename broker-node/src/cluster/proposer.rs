@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::command::{Command, CommandResult, NodeId, Request, Response};
+use super::command::{Command, CommandResult, NodeId, Origin, Request, Response};
 use super::network::{ForwardError, LeaderForwarder};
 use super::raft::Raft;
 
@@ -34,6 +34,9 @@ pub enum ProposeError {
 /// A submitted command waiting for its batch.
 struct Pending {
     cmd: Command,
+    /// Its sequence number in this proposer's incarnation, given as the proposer takes
+    /// it in (submission order).
+    seq: u64,
     reply: Reply,
     /// The submitter reports a failure to its client when it stops waiting (a refused
     /// CONNECT or SUBSCRIBE), so once it has, the command must not be applied after all.
@@ -67,6 +70,9 @@ pub struct BatchSettings {
     pub max_in_flight: usize,
     /// This node, to tell whether it leads.
     pub node_id: NodeId,
+    /// This run of the proposer, named in every entry it proposes with the commands'
+    /// sequence numbers, so that a resend is applied once (DESIGN invariant 7).
+    pub incarnation: u64,
 }
 
 /// The outcome of a submitted command, to be awaited later.
@@ -111,6 +117,7 @@ impl Proposer {
         self.tx
             .send(Pending {
                 cmd,
+                seq: 0,
                 reply,
                 refusable,
             })
@@ -162,6 +169,11 @@ async fn run(
 ) {
     let in_flight = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
     let own_id = settings.node_id;
+    let origin = Origin {
+        node: own_id,
+        incarnation: settings.incarnation,
+    };
+    let mut next_seq = 0u64;
     let mut forwarder = LeaderForwarder::default();
     loop {
         let first = tokio::select! {
@@ -188,6 +200,10 @@ async fn run(
                 Ok(None) | Err(_) => break,
             }
         }
+        for p in &mut batch {
+            next_seq += 1;
+            p.seq = next_seq;
+        }
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
@@ -206,7 +222,7 @@ async fn run(
         if leader.0 != own_id {
             // A follower: the leader applies the batch. Forwarded one at a time, so
             // batches stay in submission order.
-            match forward(&raft, &mut forwarder, leader, &mut batch, deadline).await {
+            match forward(&raft, &mut forwarder, leader, origin, &mut batch, deadline).await {
                 Forwarded::Done(outcome) => {
                     metrics::histogram!("flockmq_raft_proposal_duration_seconds")
                         .record(started.elapsed().as_secs_f64());
@@ -245,9 +261,19 @@ async fn run(
                 continue;
             }
         }
-        let (commands, replies): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-        let request = Request { commands };
+        let mut commands = Vec::with_capacity(batch.len());
+        let mut seqs = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for p in batch {
+            commands.push(p.cmd);
+            seqs.push(p.seq);
+            replies.push(p.reply);
+        }
+        let request = Request {
+            origin: Some(origin),
+            commands,
+            seqs,
+        };
         // Appending here, in the loop, keeps batches in submission order; only the
         // wait for commit runs concurrently.
         let receiver = raft.client_write_ff(request).await;
@@ -282,10 +308,12 @@ fn drop_abandoned(batch: &mut Vec<Pending>) {
     }
 }
 
-/// The commands of `batch` as one Raft request.
-fn request_of(batch: &[Pending]) -> Request {
+/// The commands of `batch` as one Raft request of `origin`.
+fn request_of(origin: Origin, batch: &[Pending]) -> Request {
     Request {
+        origin: Some(origin),
         commands: batch.iter().map(|p| p.cmd.clone()).collect(),
+        seqs: batch.iter().map(|p| p.seq).collect(),
     }
 }
 
@@ -329,6 +357,7 @@ async fn forward(
     raft: &Raft,
     forwarder: &mut LeaderForwarder,
     mut leader: (NodeId, String),
+    origin: Origin,
     batch: &mut Vec<Pending>,
     deadline: tokio::time::Instant,
 ) -> Forwarded {
@@ -339,7 +368,10 @@ async fn forward(
             return Forwarded::Done(Ok(Response::default()));
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match forwarder.forward(&leader.1, &request_of(batch), left).await {
+        match forwarder
+            .forward(&leader.1, &request_of(origin, batch), left)
+            .await
+        {
             Ok(response) => return Forwarded::Done(Ok(response)),
             Err(ForwardError::Uncertain(e)) => return Forwarded::Done(Err(e)),
             Err(ForwardError::NotSent(e)) => {

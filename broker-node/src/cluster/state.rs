@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::command::{
-    Command, CommandResult, EnqueueEntry, Message, NodeId, QueueFullPolicy, QueueLimits,
-    QueuedMessage, SubscriptionOptions, Will,
+    Command, CommandResult, EnqueueEntry, InboundRecord, Message, NodeId, QueueFullPolicy,
+    QueueLimits, QueuedMessage, Request, SubscriptionOptions, Will, ANY_CONNECTION,
 };
+use super::format;
 use super::sparse::Sparse;
 use crate::router::{RetainedIndex, SubscriptionTrie};
 
@@ -144,22 +145,56 @@ pub struct BrokerState {
     retained: RetainedIndex<RetainedMessage>,
     /// Derived from `sessions`: filter → subscribers, for matching publishes.
     routes: SubscriptionTrie<ClientKey, SubscriptionOptions>,
+    /// What each node's proposer had applied last (DESIGN invariant 7).
+    proposers: BTreeMap<NodeId, ProposerRecord>,
     events: Option<UnboundedSender<Event>>,
     /// While set, applying emits no events (see [`BrokerState::set_muted`]).
     muted: bool,
 }
 
-/// The serialized form of [`BrokerState`] in snapshots.
+/// The commands of one proposer incarnation applied last, so that a resend of them
+/// changes nothing and gets the first results back (the Raft dissertation's client
+/// sessions, §6.3). A proposer sends one batch at a time, so only the last batch can
+/// come again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProposerRecord {
+    /// The incarnation the record is about; another one starts afresh.
+    pub incarnation: u64,
+    /// The highest sequence number applied.
+    pub applied: u64,
+    /// The results of the last batch, by sequence number.
+    pub last: Vec<(u64, CommandResult)>,
+}
+
+/// The serialized form of [`BrokerState`] in snapshots (format 2, after its marker).
 #[derive(Serialize, Deserialize)]
 struct SnapshotForm {
+    sessions: Vec<(Arc<str>, Box<SessionRecord>)>,
+    retained: Vec<(Arc<str>, RetainedMessage)>,
+    proposers: Vec<(NodeId, ProposerRecord)>,
+}
+
+/// A snapshot of format 1 (no marker, no proposers).
+#[derive(Deserialize)]
+struct SnapshotFormV1 {
     sessions: Vec<(Arc<str>, Box<SessionRecord>)>,
     retained: Vec<(Arc<str>, RetainedMessage)>,
 }
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot decode broker state snapshot: {0}")]
-pub struct RestoreError(#[from] bincode::Error);
+pub enum RestoreError {
+    /// The bytes do not decode.
+    #[error("cannot decode broker state snapshot: {0}")]
+    Decode(#[from] bincode::Error),
+    /// A format this release does not know.
+    #[error(
+        "broker state snapshot of format {0}: this release reads formats 1 to {max}; \
+         upgrade this node to the release that wrote it",
+        max = format::SNAPSHOT_FORMAT
+    )]
+    Format(u16),
+}
 
 impl BrokerState {
     /// An empty state that reports events on `events`.
@@ -204,6 +239,60 @@ impl BrokerState {
     /// The retained messages.
     pub fn retained(&self) -> &RetainedIndex<RetainedMessage> {
         &self.retained
+    }
+
+    /// Apply one Raft entry's batch; a command its proposer had applied before (a
+    /// resend after a lost answer) changes nothing and gets its first result again.
+    pub fn apply_request(&mut self, request: &Request) -> Vec<CommandResult> {
+        let Some(origin) = request.origin else {
+            return request
+                .commands
+                .iter()
+                .map(|c| self.apply_command(c))
+                .collect();
+        };
+        let mut record = self.proposers.remove(&origin.node).unwrap_or_default();
+        if record.incarnation != origin.incarnation {
+            record = ProposerRecord {
+                incarnation: origin.incarnation,
+                ..ProposerRecord::default()
+            };
+        }
+        let mut results = Vec::with_capacity(request.commands.len());
+        let mut last = Vec::with_capacity(request.commands.len());
+        for (cmd, &seq) in request.commands.iter().zip(&request.seqs) {
+            let result = if seq <= record.applied {
+                record
+                    .last
+                    .iter()
+                    .find(|(s, _)| *s == seq)
+                    .map(|(_, r)| r.clone())
+                    .unwrap_or(CommandResult::Duplicate)
+            } else {
+                self.apply_command(cmd)
+            };
+            last.push((seq, result.clone()));
+            results.push(result);
+        }
+        record.applied = record
+            .applied
+            .max(request.seqs.iter().copied().max().unwrap_or(0));
+        record.last = last;
+        self.proposers.insert(origin.node, record);
+        results
+    }
+
+    /// The proposers' records, by node.
+    pub fn proposers(&self) -> &BTreeMap<NodeId, ProposerRecord> {
+        &self.proposers
+    }
+
+    /// Whether connection `connection_id` owns `client_id`'s session now (a command of
+    /// format 1, with [`ANY_CONNECTION`], acts on whoever owns it).
+    fn owned_by(&self, client_id: &str, connection_id: u64) -> bool {
+        self.sessions
+            .get(client_id)
+            .is_some_and(|s| connection_id == ANY_CONNECTION || s.connection_id == connection_id)
     }
 
     /// Apply one command. Deterministic: the same state and command give the same
@@ -253,31 +342,76 @@ impl BrokerState {
                 *now_ms,
                 None,
             ),
-            Command::Subscribe { client_id, entries } => self.subscribe(client_id, entries),
-            Command::Unsubscribe { client_id, filters } => self.unsubscribe(client_id, filters),
+            Command::Subscribe {
+                client_id,
+                connection_id,
+                entries,
+            } => match self.owned_by(client_id, *connection_id) {
+                true => self.subscribe(client_id, entries),
+                false => CommandResult::NoSession,
+            },
+            Command::Unsubscribe {
+                client_id,
+                connection_id,
+                filters,
+            } => match self.owned_by(client_id, *connection_id) {
+                true => self.unsubscribe(client_id, filters),
+                false => CommandResult::NoSession,
+            },
             Command::SetRetained { topic, message } => {
-                match message {
-                    Some(m) if !m.payload.is_empty() => {
-                        self.retained.insert(topic, m.clone());
-                    }
-                    _ => {
-                        self.retained.remove(topic);
-                    }
-                }
+                self.set_retained(topic, message.as_ref());
                 CommandResult::Done
             }
-            Command::Enqueue { entries, limits } => self.enqueue(entries, limits),
+            Command::Enqueue {
+                entries,
+                limits,
+                inbound,
+                retained,
+            } => {
+                if let Some(InboundRecord {
+                    client_id,
+                    connection_id,
+                    packet_id,
+                }) = inbound
+                {
+                    if !self.owned_by(client_id, *connection_id) {
+                        // The publisher's connection lost its session meanwhile: its
+                        // PUBREC is never sent, and the client resends to its successor.
+                        return CommandResult::NoSession;
+                    }
+                    let session = self.sessions.get_mut(client_id).expect("owned");
+                    if !session.inbound_qos2.make_mut().insert(*packet_id) {
+                        // A resend of a publish already queued: nothing again.
+                        return CommandResult::Enqueued {
+                            accepted: 0,
+                            dropped: 0,
+                        };
+                    }
+                }
+                if let Some(m) = retained {
+                    self.set_retained(&m.topic, Some(m));
+                }
+                self.enqueue(entries, limits)
+            }
             Command::Ack {
                 client_id,
+                connection_id,
                 completed,
                 received,
-            } => self.ack(client_id, completed, received),
+            } => match self.owned_by(client_id, *connection_id) {
+                true => self.ack(client_id, completed, received),
+                false => CommandResult::NoSession,
+            },
             Command::InboundQos2 {
                 client_id,
+                connection_id,
                 received,
                 released,
             } => match self.sessions.get_mut(client_id) {
-                Some(session) => {
+                Some(session)
+                    if *connection_id == ANY_CONNECTION
+                        || session.connection_id == *connection_id =>
+                {
                     if !received.is_empty() {
                         session
                             .inbound_qos2
@@ -292,7 +426,7 @@ impl BrokerState {
                     session.inbound_qos2.tidy();
                     CommandResult::Done
                 }
-                None => CommandResult::NoSession,
+                _ => CommandResult::NoSession,
             },
             Command::Expire { node, now_ms } => {
                 self.expire(*node, *now_ms);
@@ -457,6 +591,18 @@ impl BrokerState {
             self.remove_session(client_id);
         }
         CommandResult::Done
+    }
+
+    /// One retained message per topic; an empty payload (or none) clears it.
+    fn set_retained(&mut self, topic: &str, message: Option<&Arc<Message>>) {
+        match message {
+            Some(m) if !m.payload.is_empty() => {
+                self.retained.insert(topic, m.clone());
+            }
+            _ => {
+                self.retained.remove(topic);
+            }
+        }
     }
 
     fn remove_session(&mut self, client_id: &Arc<str>) {
@@ -702,16 +848,36 @@ impl BrokerState {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             retained,
+            proposers: self
+                .proposers
+                .iter()
+                .map(|(n, r)| (*n, r.clone()))
+                .collect(),
         };
         // Serializing owned, plain data into a Vec cannot fail.
-        bincode::serialize(&form).unwrap_or_default()
+        bincode::serialize(&(format::marker(format::SNAPSHOT_FORMAT), form)).unwrap_or_default()
     }
 
-    /// Replace the whole state from a snapshot; the route table is rebuilt.
+    /// Replace the whole state from a snapshot; the route table is rebuilt. A snapshot
+    /// of format 1 (an earlier release) is read too; an unknown format is refused and
+    /// the state left as it was.
     pub fn restore(&mut self, data: &[u8]) -> Result<(), RestoreError> {
-        let form: SnapshotForm = bincode::deserialize(data)?;
+        let head: u64 = bincode::deserialize(data)?;
+        let form = match format::version_of(head) {
+            None => {
+                let old: SnapshotFormV1 = bincode::deserialize(data)?;
+                SnapshotForm {
+                    sessions: old.sessions,
+                    retained: old.retained,
+                    proposers: Vec::new(),
+                }
+            }
+            Some(2) => bincode::deserialize::<(u64, SnapshotForm)>(data)?.1,
+            Some(v) => return Err(RestoreError::Format(v)),
+        };
         let events = self.events.take();
         *self = BrokerState::new(events);
+        self.proposers = form.proposers.into_iter().collect();
         for (client_id, session) in form.sessions {
             for (filter, options) in session.subscriptions.iter() {
                 self.routes

@@ -13,6 +13,7 @@
 //!   snapshot taken mid-log then applying the rest gives the digest of the whole log;
 //! - `expiry_due` says true exactly when an `Expire` at that time changes the digest.
 
+use super::command::ANY_CONNECTION;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -105,6 +106,7 @@ fn options(qos: u8) -> SubscriptionOptions {
 fn subscribe(client: &str, filters: &[&str]) -> Command {
     Command::Subscribe {
         client_id: Arc::from(client),
+        connection_id: ANY_CONNECTION,
         entries: filters
             .iter()
             .map(|f| (f.to_string(), options(1)))
@@ -115,6 +117,7 @@ fn subscribe(client: &str, filters: &[&str]) -> Command {
 fn unsubscribe(client: &str, filters: &[&str]) -> Command {
     Command::Unsubscribe {
         client_id: Arc::from(client),
+        connection_id: ANY_CONNECTION,
         filters: filters.iter().map(|f| f.to_string()).collect(),
     }
 }
@@ -130,7 +133,12 @@ fn entry(client: &str, message: &Arc<Message>) -> EnqueueEntry {
 }
 
 fn enqueue(entries: Vec<EnqueueEntry>, limits: QueueLimits) -> Command {
-    Command::Enqueue { entries, limits }
+    Command::Enqueue {
+        entries,
+        limits,
+        inbound: None,
+        retained: None,
+    }
 }
 
 fn limits(max_messages: u64, max_bytes: u64, policy: QueueFullPolicy) -> QueueLimits {
@@ -150,6 +158,7 @@ const ROOMY: QueueLimits = QueueLimits {
 fn ack(client: &str, completed: &[u64], received: &[u64]) -> Command {
     Command::Ack {
         client_id: Arc::from(client),
+        connection_id: ANY_CONNECTION,
         completed: completed.to_vec(),
         received: received.to_vec(),
     }
@@ -764,6 +773,7 @@ fn commands_for_an_unknown_session_report_no_session_and_change_nothing() {
         ack("x", &[0], &[1]),
         Command::InboundQos2 {
             client_id: Arc::from("x"),
+            connection_id: ANY_CONNECTION,
             received: vec![1],
             released: vec![],
         },
@@ -863,6 +873,7 @@ fn subscribing_again_replaces_the_options_in_session_and_routes() {
     h.apply(&subscribe("a", &["t/a"]));
     h.apply(&Command::Subscribe {
         client_id: Arc::from("a"),
+        connection_id: ANY_CONNECTION,
         entries: vec![("t/a".into(), options(2))],
     });
     assert_eq!(h.session("a").subscriptions["t/a"].qos, 2);
@@ -1185,6 +1196,7 @@ fn inbound_qos2_ids_are_held_until_released() {
     let mut h = offline_session();
     let inbound = |received: Vec<u16>, released: Vec<u16>| Command::InboundQos2 {
         client_id: Arc::from("a"),
+        connection_id: ANY_CONNECTION,
         received,
         released,
     };
@@ -1550,7 +1562,9 @@ impl Model {
                 *now_ms,
                 None,
             ),
-            Command::Subscribe { client_id, entries } => {
+            Command::Subscribe {
+                client_id, entries, ..
+            } => {
                 let Some(s) = self.sessions.get_mut(&**client_id) else {
                     return CommandResult::NoSession;
                 };
@@ -1561,7 +1575,9 @@ impl Model {
                         .collect(),
                 )
             }
-            Command::Unsubscribe { client_id, filters } => {
+            Command::Unsubscribe {
+                client_id, filters, ..
+            } => {
                 let Some(s) = self.sessions.get_mut(&**client_id) else {
                     return CommandResult::NoSession;
                 };
@@ -1581,7 +1597,9 @@ impl Model {
                 }
                 CommandResult::Done
             }
-            Command::Enqueue { entries, limits } => {
+            Command::Enqueue {
+                entries, limits, ..
+            } => {
                 let mut accepted = 0;
                 let mut dropped = 0;
                 let mut grew: Vec<(String, NodeId)> = Vec::new();
@@ -1639,6 +1657,7 @@ impl Model {
                 client_id,
                 completed,
                 received,
+                ..
             } => {
                 let Some(s) = self.sessions.get_mut(&**client_id) else {
                     return CommandResult::NoSession;
@@ -1660,6 +1679,7 @@ impl Model {
                 client_id,
                 received,
                 released,
+                ..
             } => {
                 let Some(s) = self.sessions.get_mut(&**client_id) else {
                     return CommandResult::NoSession;
@@ -2051,6 +2071,7 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
             } => close(CLIENTS[*client], *conn, *graceful, *expiry, now),
             Op::Subscribe { client, filters } => Command::Subscribe {
                 client_id: client_id(client),
+                connection_id: ANY_CONNECTION,
                 entries: filters
                     .iter()
                     .map(|(f, qos)| (FILTERS[*f].to_string(), options(*qos)))
@@ -2058,6 +2079,7 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
             },
             Op::Unsubscribe { client, filters } => Command::Unsubscribe {
                 client_id: client_id(client),
+                connection_id: ANY_CONNECTION,
                 filters: filters.iter().map(|f| FILTERS[*f].to_string()).collect(),
             },
             Op::Retain {
@@ -2098,6 +2120,8 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                         QueueFullPolicy::DropNewest
                     },
                 },
+                inbound: None,
+                retained: None,
             },
             Op::Ack {
                 client,
@@ -2110,6 +2134,7 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                 released,
             } => Command::InboundQos2 {
                 client_id: client_id(client),
+                connection_id: ANY_CONNECTION,
                 received: received.clone(),
                 released: released.clone(),
             },
