@@ -122,6 +122,29 @@ impl Node {
         node
     }
 
+    /// Start a single-node broker on a copy of the data directory `data` (a fixture an
+    /// earlier release wrote).
+    pub fn start_from(data: &Path) -> Node {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut node = Node {
+            child: None,
+            mqtt_port: free_port(),
+            http_port: free_port(),
+            cluster_port: free_port(),
+            data_dir: tmp.path().join("data"),
+            host: Ipv4Addr::LOCALHOST,
+            netns: None,
+            api_token: None,
+            extra_args: Vec::new(),
+            extra_env: Vec::new(),
+            _tmp: Some(tmp),
+            _config_dir: None,
+        };
+        copy_tree(data, &node.data_dir);
+        node.spawn();
+        node
+    }
+
     /// Start `n` nodes forming one fresh Raft cluster (`--initial-cluster`).
     pub fn cluster(n: usize) -> Vec<Node> {
         Self::cluster_with_env(n, &[])
@@ -466,6 +489,20 @@ impl Background {
     pub fn kill(mut self) -> Ran {
         let _ = self.child.kill();
         collect(self.child)
+    }
+}
+
+/// Copy the directory `from` into `to` (created), recursively.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create directory");
+    for entry in std::fs::read_dir(from).expect("read fixture directory") {
+        let entry = entry.expect("directory entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy fixture file");
+        }
     }
 }
 
