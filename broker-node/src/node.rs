@@ -19,7 +19,7 @@ use crate::broker::Broker;
 use crate::cluster::forward::{ForwardSink, Forwarder};
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
-use crate::{auth, http, transport};
+use crate::{auth, http, telemetry, transport};
 
 /// How long shutdown may take before the node gives up waiting.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -52,7 +52,7 @@ pub async fn run(
     let root = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    let metrics = http::metrics_handle();
+    let metrics = telemetry::metrics_handle();
     metrics::gauge!("flockmq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let readiness = http::Readiness::default();
     let http_listener = http::bind(config.http_addr).await?;

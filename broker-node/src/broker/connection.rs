@@ -23,7 +23,7 @@ use futures::{Future, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::dispatch::wait_forwarded;
-use super::{telemetry, unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
+use super::{unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
 use crate::cluster::command::{Command, CommandResult, Message, MessageProperties, Will};
 use crate::cluster::state::SessionRecord;
 use crate::mqtt::{
@@ -35,6 +35,7 @@ use crate::session::{
     AliasUse, InboundAliases, InboundQos2, KeepAlive, OutboundAliases, OutboundState,
     OutboundWindow,
 };
+use crate::telemetry;
 use crate::transport::{Admitted, ClientStream};
 use tokio::net::TcpStream;
 

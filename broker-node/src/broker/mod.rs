@@ -16,7 +16,6 @@ pub mod liveness;
 pub mod mailbox;
 pub mod park;
 pub mod provisional;
-pub mod telemetry;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
