@@ -36,7 +36,7 @@ use crate::session::{
     OutboundWindow,
 };
 use crate::telemetry;
-use crate::transport::{Admitted, ClientStream};
+use crate::transport::{Admitted, ClientStream, Vouched};
 use tokio::net::TcpStream;
 
 /// Capacity of the channel through which the node hands deliveries to a connection.
@@ -390,17 +390,6 @@ struct Connection<S> {
     /// The listener it came in on ("tcp", "tls", "ws" or "wss").
     listener: &'static str,
     vouched: Vouched,
-}
-
-/// What the transport vouches for about the client, before its CONNECT.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Vouched {
-    /// Nothing: the CONNECT's username and password decide.
-    Nothing,
-    /// The listener takes usernames from client certificates
-    /// (`tls_identity_as_username`): this client's, if it presented a verified
-    /// certificate with such a name. The certificate is the credential.
-    CertificateUser(Option<Arc<str>>),
 }
 
 /// The state of an established session on this connection.
