@@ -239,14 +239,20 @@ pub async fn serve<H: ConnectionHandler>(
                     let handshake = slot.acceptor().accept(stream);
                     if let Some(tls) = upgrade("TLS", peer, timeout, handshake).await {
                         let vouched = vouched(tls.get_ref().1, identity);
-                        listening.handler.serve(tls, peer, label, vouched, admitted).await;
+                        listening
+                            .handler
+                            .serve(tls, peer, label, vouched, admitted)
+                            .await;
                     }
                 }),
                 Security::Ws => Box::pin(async move {
                     if let Some(ws) =
                         upgrade("WebSocket", peer, timeout, ws::accept(stream, max_packet)).await
                     {
-                        listening.handler.serve(ws, peer, label, Vouched::Nothing, admitted).await;
+                        listening
+                            .handler
+                            .serve(ws, peer, label, Vouched::Nothing, admitted)
+                            .await;
                     }
                 }),
                 Security::Wss(slot) => Box::pin(async move {
@@ -258,7 +264,10 @@ pub async fn serve<H: ConnectionHandler>(
                     if let Some((ws, vouched)) =
                         upgrade("TLS WebSocket", peer, timeout, secured).await
                     {
-                        listening.handler.serve(ws, peer, label, vouched, admitted).await;
+                        listening
+                            .handler
+                            .serve(ws, peer, label, vouched, admitted)
+                            .await;
                     }
                 }),
             };
