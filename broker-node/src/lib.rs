@@ -15,4 +15,5 @@ pub mod mqtt;
 pub mod node;
 pub mod router;
 pub mod session;
+pub mod telemetry;
 pub mod transport;

@@ -12,11 +12,11 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's own figures, for `flockmq_allocator_bytes`.
-fn jemalloc_stats() -> Option<broker_node::http::AllocatorStats> {
+fn jemalloc_stats() -> Option<broker_node::telemetry::AllocatorStats> {
     use tikv_jemalloc_ctl::{epoch, stats};
     // The figures are cached until the epoch advances.
     epoch::advance().ok()?;
-    Some(broker_node::http::AllocatorStats {
+    Some(broker_node::telemetry::AllocatorStats {
         allocated: stats::allocated::read().ok()? as u64,
         active: stats::active::read().ok()? as u64,
         resident: stats::resident::read().ok()? as u64,
@@ -143,7 +143,7 @@ fn main() -> ExitCode {
                 }
             };
             broker_node::logging::init(&config.log);
-            broker_node::http::report_allocator(jemalloc_stats);
+            broker_node::telemetry::report_allocator(jemalloc_stats);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

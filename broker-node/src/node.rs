@@ -15,11 +15,11 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Connections};
 use crate::cluster::forward::{ForwardSink, Forwarder};
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
-use crate::{auth, http, transport};
+use crate::{auth, http, telemetry, transport};
 
 /// How long shutdown may take before the node gives up waiting.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -52,7 +52,7 @@ pub async fn run(
     let root = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    let metrics = http::metrics_handle();
+    let metrics = telemetry::metrics_handle();
     metrics::gauge!("flockmq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let readiness = http::Readiness::default();
     let http_listener = http::bind(config.http_addr).await?;
@@ -127,10 +127,15 @@ pub async fn run(
     let mqtt = transport::bind(config.mqtt_addr).await?;
     tracing::info!(addr = %mqtt.local_addr()?, node_id = config.node_id, "MQTT listener ready");
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The listeners hand every stream they accept to the broker's connection tasks.
+    let handler = Connections(broker.clone());
+    let limits = transport::Limits::new(&config);
     tracker.spawn(transport::serve(
         mqtt,
         transport::Security::Plain,
-        broker.clone(),
+        handler.clone(),
+        limits,
+        broker.shutdown.clone(),
         tracker.clone(),
         open.clone(),
     ));
@@ -160,7 +165,9 @@ pub async fn run(
         tracker.spawn(transport::serve(
             listener,
             security,
-            broker.clone(),
+            handler.clone(),
+            limits,
+            broker.shutdown.clone(),
             tracker.clone(),
             open.clone(),
         ));

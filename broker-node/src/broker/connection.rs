@@ -23,7 +23,7 @@ use futures::{Future, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::dispatch::wait_forwarded;
-use super::{telemetry, unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
+use super::{unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
 use crate::cluster::command::{
     Command, CommandResult, InboundRecord, Message, MessageProperties, Will,
 };
@@ -37,7 +37,8 @@ use crate::session::{
     AliasUse, InboundAliases, InboundQos2, KeepAlive, OutboundAliases, OutboundState,
     OutboundWindow,
 };
-use crate::transport::{Admitted, ClientStream};
+use crate::telemetry;
+use crate::transport::{Admitted, ClientStream, Vouched};
 use tokio::net::TcpStream;
 
 /// Capacity of the channel through which the node hands deliveries to a connection.
@@ -397,17 +398,6 @@ struct Connection<S> {
     /// The listener it came in on ("tcp", "tls", "ws" or "wss").
     listener: &'static str,
     vouched: Vouched,
-}
-
-/// What the transport vouches for about the client, before its CONNECT.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Vouched {
-    /// Nothing: the CONNECT's username and password decide.
-    Nothing,
-    /// The listener takes usernames from client certificates
-    /// (`tls_identity_as_username`): this client's, if it presented a verified
-    /// certificate with such a name. The certificate is the credential.
-    CertificateUser(Option<Arc<str>>),
 }
 
 /// The state of an established session on this connection.

@@ -1,5 +1,7 @@
 //! The node's runtime: the shared [`Broker`] context every connection task holds, the
-//! registry of clients connected to this node, and publish dispatch.
+//! registry of clients connected to this node, and publish dispatch. [`Connections`]
+//! is what the listeners of `transport` are handed: each stream they accept becomes
+//! a connection task.
 //!
 //! State choices: the replicated state is read through [`StateHandle`] in short
 //! synchronous sections (never across an `.await`); the local registry is a sharded
@@ -16,9 +18,10 @@ pub mod liveness;
 pub mod mailbox;
 pub mod park;
 pub mod provisional;
-pub mod telemetry;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,6 +36,7 @@ use crate::cluster::state::BrokerState;
 use crate::cluster::StateHandle;
 use crate::config::Config;
 use crate::router::SharedSelector;
+use crate::transport::{Admitted, ClientStream, ConnectionHandler, Vouched};
 
 /// A message on its way to one connected client.
 #[derive(Clone, Debug)]
@@ -146,6 +150,24 @@ pub struct Broker {
     pub lot: Arc<park::Lot>,
     /// Subscriptions in effect here while their commit is under way.
     pub provisional: Arc<provisional::Provisional>,
+}
+
+/// The broker's connection handler, which `node` hands to the listeners: each stream
+/// becomes a connection task ([`connection::serve`]).
+#[derive(Clone)]
+pub struct Connections(pub Arc<Broker>);
+
+impl ConnectionHandler for Connections {
+    fn serve<S: ClientStream + 'static>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+        listener: &'static str,
+        vouched: Vouched,
+        admitted: Admitted,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        connection::serve(self.0.clone(), stream, peer, listener, vouched, admitted)
+    }
 }
 
 /// Shards of the shared-subscription selection state.

@@ -36,7 +36,8 @@ use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
 use super::connection::{self, Parked};
-use super::{telemetry, Broker, Stats};
+use super::{Broker, Stats};
+use crate::telemetry;
 
 /// How often parked connections' keep alives are checked.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
@@ -384,6 +385,6 @@ mod tests {
     fn every_wake_reason_is_in_the_metrics_catalog() {
         let all = [Why::Readable, Why::Mailbox, Why::KeepAlive, Why::Shutdown];
         let labels: Vec<&str> = all.iter().map(|w| w.label()).collect();
-        assert_eq!(labels, crate::http::catalog::UNPARK_REASONS);
+        assert_eq!(labels, crate::telemetry::catalog::UNPARK_REASONS);
     }
 }

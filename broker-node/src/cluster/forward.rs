@@ -12,26 +12,24 @@
 //! reached is marked down and messages for it are dropped at once (counted), so a dead
 //! peer never makes anything grow. Messages for persistent sessions do not take this
 //! path: they go through the replicated queues and survive the peer.
+//!
+//! This module owns the forwarding logic over plain values (queues, windows, frames of
+//! encoded entries, acknowledged sequence numbers); the gRPC stream that carries them
+//! is [`network::forward`](super::network::forward)'s. It never sees a protobuf type.
 
 use std::collections::{HashMap, VecDeque};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use cluster_proto::v1::forward_client::ForwardClient;
-use cluster_proto::v1::forward_server::{Forward as ForwardRpc, ForwardServer};
-use cluster_proto::v1::{ForwardAck, ForwardFrame};
 use futures::future::BoxFuture;
-use futures::Stream;
 use openraft::BasicNode;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
 
 use super::command::{Message, NodeId};
 use super::frame::{FrameError, FrameReader};
+use super::network::forward::{self as wire, Acks, FrameHandler, FrameSender};
 
 /// Frames sent to a peer and not yet acknowledged.
 pub const WINDOW: usize = 64;
@@ -42,11 +40,6 @@ pub const WINDOW: usize = 64;
 const FRAME_MESSAGES: usize = 4096;
 /// A frame stops growing once its payloads reach this many bytes.
 const FRAME_BYTES: usize = 1024 * 1024;
-/// HTTP/2 flow-control window of one forward stream, in bytes: room for many frames in
-/// flight.
-pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-/// HTTP/2 flow-control window of a whole peer connection.
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// How long a publisher waits for room in a slow peer's channel.
 pub const SLOW_PEER_WAIT: Duration = Duration::from_secs(1);
 /// Longest pause between attempts to reach a peer that is down.
@@ -87,78 +80,55 @@ pub trait ForwardSink: Send + Sync + 'static {
         -> BoxFuture<'_, Result<(), FrameError>>;
 }
 
-/// Where the gRPC service finds the sink, which exists only once the broker runtime
+/// Where the receiving side finds the sink, which exists only once the broker runtime
 /// has started (after Raft and the gRPC server).
 pub type SinkSlot = Arc<OnceLock<Arc<dyn ForwardSink>>>;
 
-/// The gRPC service receiving peers' forward streams.
-pub struct ForwardService {
+/// Lock a std mutex, recovering the data if a holder panicked (every critical section
+/// here is a single map operation).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The receiving side: hands the frames of peers' forward streams to the sink, for
+/// [`ForwardService`](super::network::forward::ForwardService).
+#[derive(Clone)]
+pub struct Inbound {
     sink: SinkSlot,
 }
 
-impl ForwardService {
-    /// A tonic server delivering into `sink`.
-    pub fn server(sink: SinkSlot) -> ForwardServer<ForwardService> {
-        ForwardServer::new(ForwardService { sink }).max_decoding_message_size(64 * 1024 * 1024)
+impl Inbound {
+    /// Frames delivered into `sink`.
+    pub fn new(sink: SinkSlot) -> Inbound {
+        Inbound { sink }
     }
 }
 
-type AckStream = Pin<Box<dyn Stream<Item = Result<ForwardAck, Status>> + Send>>;
+impl FrameHandler for Inbound {
+    type Error = FrameError;
 
-#[tonic::async_trait]
-impl ForwardRpc for ForwardService {
-    type StreamStream = AckStream;
-
-    async fn stream(
-        &self,
-        request: Request<Streaming<ForwardFrame>>,
-    ) -> Result<Response<AckStream>, Status> {
-        let mut inbound = request.into_inner();
-        let sink = self.sink.clone();
-        let (tx, rx) = mpsc::channel(WINDOW);
-        tokio::spawn(async move {
-            loop {
-                let frame = match inbound.message().await {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "forward stream from a peer ended");
-                        break;
-                    }
-                };
-                let origin = frame.origin_node.to_string();
-                metrics::counter!("flockmq_forward_bytes_received_total", "peer" => origin.clone())
-                    .increment(frame.entries.len() as u64);
-                let messages = FrameReader::new(&frame.entries).map_or(0, |r| r.remaining());
-                metrics::counter!("flockmq_forward_received_total", "peer" => origin.clone())
+    async fn frame(&self, origin_node: NodeId, entries: bytes::Bytes) -> Result<(), FrameError> {
+        let origin = origin_node.to_string();
+        metrics::counter!("flockmq_forward_bytes_received_total", "peer" => origin.clone())
+            .increment(entries.len() as u64);
+        let messages = FrameReader::new(&entries).map_or(0, |r| r.remaining());
+        metrics::counter!("flockmq_forward_received_total", "peer" => origin.clone())
+            .increment(u64::from(messages));
+        let delivered = match self.sink.get() {
+            Some(sink) => sink.deliver(origin_node, entries).await,
+            // The runtime is not up yet, so no client is connected here.
+            None => {
+                metrics::counter!("flockmq_messages_dropped_total", "reason" => "no_subscribers")
                     .increment(u64::from(messages));
-                let delivered = match sink.get() {
-                    Some(sink) => sink.deliver(frame.origin_node, frame.entries).await,
-                    // The runtime is not up yet, so no client is connected here.
-                    None => {
-                        metrics::counter!("flockmq_messages_dropped_total", "reason" => "no_subscribers")
-                            .increment(u64::from(messages));
-                        Ok(())
-                    }
-                };
-                if let Err(e) = delivered {
-                    metrics::counter!("flockmq_forward_errors_total", "peer" => origin, "kind" => "decode")
-                        .increment(1);
-                    tracing::warn!(origin = frame.origin_node, error = %e, "undecodable forward frame");
-                    let _ = tx
-                        .send(Err(Status::invalid_argument(format!(
-                            "cannot decode forward frame {}: {e}",
-                            frame.seq
-                        ))))
-                        .await;
-                    break;
-                }
-                if tx.send(Ok(ForwardAck { seq: frame.seq })).await.is_err() {
-                    break;
-                }
+                Ok(())
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        };
+        if let Err(e) = &delivered {
+            metrics::counter!("flockmq_forward_errors_total", "peer" => origin, "kind" => "decode")
+                .increment(1);
+            tracing::warn!(origin = origin_node, error = %e, "undecodable forward frame");
+        }
+        delivered
     }
 }
 
@@ -213,7 +183,7 @@ impl Forwarder {
     /// Whether `node` is known to be unreachable right now (its stream broke and has
     /// not reopened). A peer never tried counts as reachable.
     pub fn is_down(&self, node: NodeId) -> bool {
-        super::super::broker::lock(&self.peers)
+        lock(&self.peers)
             .get(&node)
             .is_some_and(|p| !p.up.load(Ordering::Acquire))
     }
@@ -262,7 +232,7 @@ impl Forwarder {
 
     /// The channel to `node`, starting its stream task on first use.
     fn peer(&self, node: NodeId) -> (mpsc::Sender<Outgoing>, Arc<AtomicBool>) {
-        let mut peers = super::super::broker::lock(&self.peers);
+        let mut peers = lock(&self.peers);
         if let Some(p) = peers.get(&node).filter(|p| !p.tx.is_closed()) {
             return (p.tx.clone(), p.up.clone());
         }
@@ -317,7 +287,7 @@ async fn run_peer(
             .get_node(&node)
             .map(|n| n.addr.clone());
         let opened = match addr {
-            Some(addr) => open(&addr).await,
+            Some(addr) => wire::open(&addr, WINDOW).await,
             None => Err(format!("node {node} is not a member")),
         };
         match opened {
@@ -363,38 +333,14 @@ async fn run_peer(
     }
 }
 
-type Opened = (mpsc::Sender<ForwardFrame>, Streaming<ForwardAck>);
-
-async fn open(addr: &str) -> Result<Opened, String> {
-    let endpoint = super::tls::endpoint(addr)?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let (frames, frames_rx) = mpsc::channel(WINDOW);
-    let mut client = ForwardClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
-    let acks = client
-        .stream(ReceiverStream::new(frames_rx))
-        .await
-        .map_err(|s| format!("peer {addr} refused the forward stream: {}", s.message()))?
-        .into_inner();
-    Ok((frames, acks))
-}
-
 /// Move messages from the channel to the stream in frames and fire acknowledgements
 /// as the peer confirms frames.
 async fn pump(
     own: NodeId,
     node: NodeId,
     rx: &mut mpsc::Receiver<Outgoing>,
-    frames: mpsc::Sender<ForwardFrame>,
-    mut acks: Streaming<ForwardAck>,
+    frames: FrameSender,
+    mut acks: Acks,
     shutdown: &CancellationToken,
 ) -> Ended {
     let label = node.to_string();
@@ -410,9 +356,9 @@ async fn pump(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ended::Stop,
-            ack = acks.message() => match ack {
-                Ok(Some(ack)) => {
-                    while pending.front().is_some_and(|(s, _, _)| *s <= ack.seq) {
+            ack = acks.next() => match ack {
+                Some(acked) => {
+                    while pending.front().is_some_and(|(s, _, _)| *s <= acked) {
                         if let Some((_, sent_at, waiters)) = pending.pop_front() {
                             ack_latency.record(sent_at.elapsed().as_secs_f64());
                             for w in waiters {
@@ -421,7 +367,7 @@ async fn pump(
                         }
                     }
                 }
-                Ok(None) | Err(_) => return Ended::Broken,
+                None => return Ended::Broken,
             },
             first = rx.recv(), if pending.len() < WINDOW => {
                 let Some(first) = first else { return Ended::Stop };
@@ -450,8 +396,7 @@ async fn pump(
                 sent.increment(items_len);
                 frame_messages.record(items_len as f64);
                 bytes_sent.increment(entries.len() as u64);
-                let frame = ForwardFrame { seq, origin_node: own, entries: entries.into() };
-                if frames.send(frame).await.is_err() {
+                if frames.send(seq, own, entries.into()).await.is_err() {
                     return Ended::Broken;
                 }
                 pending.push_back((seq, Instant::now(), waiters));

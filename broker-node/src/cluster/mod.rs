@@ -217,8 +217,8 @@ impl Cluster {
         // window would let only a couple of frames travel before the sender waits a
         // round trip for WINDOW_UPDATE.
         let mut server = tonic::transport::Server::builder()
-            .initial_stream_window_size(Some(forward::STREAM_WINDOW))
-            .initial_connection_window_size(Some(forward::CONNECTION_WINDOW));
+            .initial_stream_window_size(Some(network::forward::STREAM_WINDOW))
+            .initial_connection_window_size(Some(network::forward::CONNECTION_WINDOW));
         if let Some(server_tls) = server_tls {
             server = server
                 .tls_config(server_tls)
@@ -231,7 +231,10 @@ impl Cluster {
         let service = RaftService::server(raft.clone());
         let admin = AdminService::server(raft.clone());
         let forward_sink = forward::SinkSlot::default();
-        let forwarding = forward::ForwardService::server(forward_sink.clone());
+        let forwarding = network::forward::ForwardService::server(
+            forward::Inbound::new(forward_sink.clone()),
+            forward::WINDOW,
+        );
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let served = server

@@ -4,7 +4,9 @@
 //!
 //! A listener survives every per-connection failure (accept errors such as running out
 //! of file descriptors are logged and retried after a pause) and enforces the
-//! configured maximum number of connections. It never parses MQTT itself.
+//! configured maximum number of connections. It never parses MQTT itself, and it does
+//! not know who serves the streams: it defines what a [`ConnectionHandler`] is and is
+//! handed one (the broker's, by `node`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,11 +17,10 @@ use std::future::Future;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::connection::{self, Vouched};
-use crate::broker::Broker;
-use crate::config::TlsIdentity;
+use crate::config::{Config, TlsIdentity};
 
 pub mod tls;
 pub mod ws;
@@ -69,6 +70,67 @@ impl ClientStream for TcpStream {
     }
 }
 
+/// What the transport vouches for about the client, before its CONNECT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Vouched {
+    /// Nothing: the CONNECT's username and password decide.
+    Nothing,
+    /// The listener takes usernames from client certificates
+    /// (`tls_identity_as_username`): this client's, if it presented a verified
+    /// certificate with such a name. The certificate is the credential.
+    CertificateUser(Option<Arc<str>>),
+}
+
+/// What a listener hands each byte stream to once its transport is up.
+///
+/// Called once per accepted connection (statically dispatched: [`serve`] is generic
+/// over the handler); the future it returns is the connection's whole life, boxed
+/// and spawned by the listener.
+pub trait ConnectionHandler: Send + Sync + 'static {
+    /// Serve the client on `stream`, from `peer`, accepted by the listener named
+    /// `listener` ("tcp", "tls", "ws" or "wss"), holding its `admitted` place until
+    /// the connection ends.
+    fn serve<S: ClientStream + 'static>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+        listener: &'static str,
+        vouched: Vouched,
+        admitted: Admitted,
+    ) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// What every listener enforces, from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// `mqtt.max_connections` (0: no limit), across every listener.
+    pub max_connections: usize,
+    /// `mqtt.connect_timeout`: a transport handshake counts against it.
+    pub connect_timeout: Duration,
+    /// `mqtt.max_packet_size`, which also bounds a WebSocket message.
+    pub max_packet_size: usize,
+    /// `tls_identity_as_username`.
+    pub tls_identity: TlsIdentity,
+}
+
+impl Limits {
+    /// The limits `config` sets.
+    pub fn new(config: &Config) -> Limits {
+        Limits {
+            max_connections: config.mqtt.max_connections,
+            connect_timeout: config.mqtt.connect_timeout,
+            max_packet_size: config.mqtt.max_packet_size as usize,
+            tls_identity: config.tls_identity_as_username,
+        }
+    }
+}
+
+/// What a listener's connection tasks share: one pointer per task.
+struct Listening<H> {
+    handler: H,
+    limits: Limits,
+}
+
 /// A connection's place under `mqtt.max_connections`, given back when dropped.
 pub struct Admitted(Arc<AtomicUsize>);
 
@@ -114,19 +176,21 @@ impl Security {
     }
 }
 
-/// Accept MQTT on `listener` until the broker shuts down; connection tasks are spawned
-/// on `tracker` so that shutdown can wait for them. `open` counts connections across
-/// every listener, for `mqtt.max_connections`.
-pub async fn serve(
+/// Accept MQTT on `listener` until `shutdown`, handing each connection to `handler`;
+/// connection tasks are spawned on `tracker` so that shutdown can wait for them.
+/// `open` counts connections across every listener, for `mqtt.max_connections`.
+pub async fn serve<H: ConnectionHandler>(
     listener: TcpListener,
     security: Security,
-    broker: Arc<Broker>,
+    handler: H,
+    limits: Limits,
+    shutdown: CancellationToken,
     tracker: TaskTracker,
     open: Arc<AtomicUsize>,
 ) {
-    let max = broker.config.mqtt.max_connections;
+    let max = limits.max_connections;
     let label = security.label();
-    let shutdown = broker.shutdown.clone();
+    let listening = Arc::new(Listening { handler, limits });
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -151,21 +215,20 @@ pub async fn serve(
         }
         let _ = stream.set_nodelay(true);
         let admitted = Admitted::new(open.clone());
-        let broker = broker.clone();
+        let listening = listening.clone();
         let security = security.clone();
         tracker.spawn(async move {
             metrics::counter!("flockmq_connections_opened_total", "listener" => label).increment(1);
             // Handshakes count against the CONNECT timeout: a client that never
             // finishes one is closed like one that never sends CONNECT.
-            let timeout = broker.config.mqtt.connect_timeout;
-            let max_packet = broker.config.mqtt.max_packet_size as usize;
+            let timeout = listening.limits.connect_timeout;
+            let max_packet = listening.limits.max_packet_size;
             // Each kind of stream's connection future is boxed on its own: inline, every
             // task would be as large as the largest (a TLS handshake inside WebSocket
             // state, KiBs), and a plain TCP connection would pay for it.
-            let identity = broker.config.tls_identity_as_username;
+            let identity = listening.limits.tls_identity;
             let conn: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match security {
-                Security::Plain => Box::pin(connection::serve(
-                    broker,
+                Security::Plain => Box::pin(listening.handler.serve(
                     stream,
                     peer,
                     label,
@@ -176,14 +239,19 @@ pub async fn serve(
                     let handshake = slot.acceptor().accept(stream);
                     if let Some(tls) = upgrade("TLS", peer, timeout, handshake).await {
                         let vouched = vouched(tls.get_ref().1, identity);
-                        connection::serve(broker, tls, peer, label, vouched, admitted).await;
+                        listening
+                            .handler
+                            .serve(tls, peer, label, vouched, admitted)
+                            .await;
                     }
                 }),
                 Security::Ws => Box::pin(async move {
                     if let Some(ws) =
                         upgrade("WebSocket", peer, timeout, ws::accept(stream, max_packet)).await
                     {
-                        connection::serve(broker, ws, peer, label, Vouched::Nothing, admitted)
+                        listening
+                            .handler
+                            .serve(ws, peer, label, Vouched::Nothing, admitted)
                             .await;
                     }
                 }),
@@ -196,7 +264,10 @@ pub async fn serve(
                     if let Some((ws, vouched)) =
                         upgrade("TLS WebSocket", peer, timeout, secured).await
                     {
-                        connection::serve(broker, ws, peer, label, vouched, admitted).await;
+                        listening
+                            .handler
+                            .serve(ws, peer, label, vouched, admitted)
+                            .await;
                     }
                 }),
             };

@@ -1,9 +1,15 @@
-//! Raft over gRPC: the openraft network client (one lazily connected tonic channel per
-//! peer) and the tonic service that hands incoming RPCs to the local Raft.
+//! The cluster's gRPC boundary. Here: Raft over gRPC (the openraft network client, one
+//! lazily connected tonic channel per peer, and the tonic service that hands incoming
+//! RPCs to the local Raft) and the Admin service (follower writes passed to the
+//! leader, membership changes); in [`forward`], the forward stream's client and
+//! service.
 //!
-//! openraft's messages cross the wire as bincode inside `RaftPayload`; this file and
-//! `cluster-proto` are the only places that see the generated types. The service only
-//! decodes, calls Raft and encodes; failures to decode are `InvalidArgument`.
+//! This module and `cluster-proto` are the only places that see the generated
+//! protobuf types: nothing else in the crate names `cluster_proto`. openraft's
+//! messages cross the wire as bincode inside `RaftPayload`. The services only
+//! decode, call Raft and encode; failures to decode are `InvalidArgument`.
+
+pub mod forward;
 
 use std::time::Duration;
 
