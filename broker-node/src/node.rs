@@ -77,6 +77,7 @@ pub async fn run(
         proposer,
         storage,
         forward_sink,
+        contacts,
     } = cluster;
     readiness.storage_open.store(true, Ordering::Release);
     let _ = readiness.state.set(state.clone());
@@ -109,11 +110,11 @@ pub async fn run(
     });
     tracker.spawn(broker.clone().run_events(events_rx));
     tracker.spawn(broker.clone().run_expiry(Duration::from_secs(1)));
-    tracker.spawn(
-        broker
-            .clone()
-            .run_node_watch(raft.clone(), config.cluster.node_lost_after),
-    );
+    tracker.spawn(broker.clone().run_node_watch(
+        raft.clone(),
+        contacts,
+        config.cluster.node_lost_after,
+    ));
     tracker.spawn(
         broker
             .clone()

@@ -499,3 +499,76 @@ fn a_five_node_cluster_keeps_serving_without_two_nodes_leader_included() {
         vec!["site/mode night"]
     );
 }
+
+#[test]
+fn a_paused_nodes_clients_get_their_wills() {
+    // A SIGSTOPped node's kernel still accepts connections, but its Raft answers
+    // nothing: the leader judges liveness by the answers to its appends, so the
+    // paused node is declared lost like a dead one.
+    let mut nodes = Node::cluster_with_env(3, &[("FLOCKMQ_CLUSTER__NODE_LOST_AFTER", "3s")]);
+    let (p2, p3) = (
+        nodes[1].mqtt_port.to_string(),
+        nodes[2].mqtt_port.to_string(),
+    );
+    let _robot = flockmq_tests::Background::spawn(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &p3,
+            "-i",
+            "r10",
+            "-q",
+            "1",
+            "-t",
+            "fleet/r10/cmd",
+            "--will-topic",
+            "fleet/r10/status",
+            "--will-payload",
+            "offline",
+        ],
+    );
+    let watcher = flockmq_tests::Background::spawn(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &p2,
+            "-t",
+            "fleet/+/status",
+            "-C",
+            "1",
+            "-v",
+            "-W",
+            "40",
+        ],
+    );
+    let connected = |node: &Node| {
+        node.api("GET", "/sessions/r10", None)
+            .map(|s| s["connected"] == true)
+            .unwrap_or(false)
+    };
+    let deadline = std::time::Instant::now() + T;
+    while !connected(&nodes[0]) {
+        assert!(std::time::Instant::now() < deadline, "r10 never connected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    converged(&running(&nodes));
+    let pid = nodes[2].pid().to_string();
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .expect("kill -STOP");
+    assert!(stop.success());
+    let got = watcher.finish(Duration::from_secs(40));
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+    assert_eq!(got.stdout.trim(), "fleet/r10/status offline", "{got:?}");
+    // The session is no longer connected anywhere in the replicated state, and the
+    // resumed node catches up with the others.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while connected(&nodes[0]) {
+        assert!(std::time::Instant::now() < deadline, "r10 still connected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    converged(&running(&nodes));
+}

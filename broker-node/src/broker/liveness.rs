@@ -4,10 +4,12 @@
 //! clients stay "connected" in the replicated state until that node returns: their
 //! wills never fire, their persistent sessions never expire.
 //!
-//! Reachability is a TCP connect to the node's cluster address, once a second with a
-//! one-second timeout: a dead process refuses at once, a cut network times out. Only
-//! the leader watches (it holds a majority, so what it cannot reach is the minority),
-//! and a node is declared lost once per outage.
+//! Liveness is what Raft already knows: when the node last answered one of the
+//! leader's appends (heartbeats included, every `cluster.heartbeat_interval`), as
+//! [`PeerContacts`] records it. A dead process, a cut network and a paused process
+//! (SIGSTOP: its kernel still accepts TCP connections, so a connect probe would call it
+//! alive) all stop answering. Only the leader watches (it holds a majority, so what it
+//! cannot reach is the minority), and a node is declared lost once per outage.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -15,9 +17,14 @@ use std::time::{Duration, Instant};
 
 use super::{unix_ms, Broker};
 use crate::cluster::command::{Command, NodeId};
+use crate::cluster::network::PeerContacts;
 
-/// How often, and for how long at most, each node is probed.
+/// How often the contacts are looked at.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// A node whose last answer to the leader is older than this is unreachable for now
+/// (heartbeats go out every 200 ms by default).
+const SILENT_AFTER: Duration = Duration::from_secs(2);
 
 impl Broker {
     /// Watch the other nodes while this node leads, until shutdown. `lost_after` of
@@ -25,6 +32,7 @@ impl Broker {
     pub async fn run_node_watch(
         self: Arc<Self>,
         raft: crate::cluster::raft::Raft,
+        contacts: PeerContacts,
         lost_after: Duration,
     ) {
         if lost_after.is_zero() {
@@ -41,13 +49,13 @@ impl Broker {
                 declared.clear();
                 continue;
             }
-            let members: HashMap<NodeId, String> = raft
+            let members: HashSet<NodeId> = raft
                 .metrics()
                 .borrow()
                 .membership_config
                 .membership()
                 .nodes()
-                .map(|(id, node)| (*id, node.addr.clone()))
+                .map(|(id, _)| *id)
                 .collect();
             // Nodes that hold connected sessions, members or not (a removed node's
             // clients must not stay connected either).
@@ -58,30 +66,25 @@ impl Broker {
                     .collect()
             });
             let watched: HashSet<NodeId> = members
-                .keys()
+                .iter()
                 .copied()
                 .chain(holding.iter().copied())
                 .filter(|n| *n != self.node_id)
                 .collect();
-            let probes = watched.iter().map(|node| {
-                let addr = members.get(node).cloned();
-                async move {
-                    let reachable = match addr {
-                        Some(addr) => matches!(
-                            tokio::time::timeout(
-                                PROBE_EVERY,
-                                tokio::net::TcpStream::connect(addr.as_str())
-                            )
-                            .await,
-                            Ok(Ok(_))
-                        ),
-                        None => false,
-                    };
-                    (*node, reachable)
-                }
-            });
             let now = Instant::now();
-            for (node, reachable) in futures::future::join_all(probes).await {
+            let probes: Vec<(NodeId, bool)> = watched
+                .iter()
+                .map(|node| {
+                    // A member's answers to this leader's appends; a node that is no
+                    // member gets none, and is unreachable.
+                    let reachable = members.contains(node)
+                        && contacts
+                            .last_answer(*node)
+                            .is_some_and(|at| now.saturating_duration_since(at) < SILENT_AFTER);
+                    (*node, reachable)
+                })
+                .collect();
+            for (node, reachable) in probes {
                 if reachable {
                     if unreachable_since.remove(&node).is_some() {
                         tracing::info!(node, "node reachable again");

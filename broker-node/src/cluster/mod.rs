@@ -167,6 +167,8 @@ pub struct Cluster {
     pub storage: storage::LogStore<TypeConfig>,
     /// Where forwarded publishes are delivered, once the broker runtime is set in it.
     pub forward_sink: forward::SinkSlot,
+    /// When each peer last answered this node's Raft appends.
+    pub contacts: network::PeerContacts,
 }
 
 impl Cluster {
@@ -203,10 +205,12 @@ impl Cluster {
         let storage = log_store.clone();
         let machine = sm_store.machine();
 
+        let network = Network::default();
+        let contacts = network.contacts.clone();
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
-            Network::default(),
+            network,
             log_store,
             sm_store,
         )
@@ -321,6 +325,7 @@ impl Cluster {
             proposer,
             storage,
             forward_sink,
+            contacts,
         })
     }
 }

@@ -11,7 +11,9 @@
 
 pub mod forward;
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cluster_proto::v1::admin_client::AdminClient;
 use cluster_proto::v1::admin_server::{Admin as AdminRpc, AdminServer};
@@ -44,9 +46,37 @@ fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, bincode::Erro
     bincode::deserialize(&payload.data)
 }
 
+/// When each peer last answered one of this node's Raft appends (heartbeats
+/// included): what the leader knows of its followers' liveness. A process that is
+/// paused (SIGSTOP) still has its kernel accept connections, but its Raft answers
+/// nothing, so this, not a TCP probe, says whether a node is alive.
+#[derive(Clone, Default)]
+pub struct PeerContacts(Arc<Mutex<HashMap<NodeId, Instant>>>);
+
+impl PeerContacts {
+    fn answered(&self, node: NodeId, at: Instant) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node, at);
+    }
+
+    /// When `node` last answered an append from this node, if it ever did.
+    pub fn last_answer(&self, node: NodeId) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&node)
+            .copied()
+    }
+}
+
 /// Creates a [`PeerClient`] per target node.
 #[derive(Clone, Default)]
-pub struct Network {}
+pub struct Network {
+    /// Shared with every client it makes.
+    pub contacts: PeerContacts,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
@@ -59,6 +89,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         });
         PeerClient {
             target,
+            contacts: self.contacts.clone(),
             client: channel.map(RaftClient::new),
         }
     }
@@ -67,6 +98,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// The Raft RPC client of one peer.
 pub struct PeerClient {
     target: NodeId,
+    contacts: PeerContacts,
     /// `Err` when the peer's address cannot even be parsed; every RPC then fails.
     client: Result<RaftClient<Channel>, String>,
 }
@@ -127,7 +159,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
-        self.call(Rpc::Append, &rpc, option.hard_ttl()).await
+        let answer = self.call(Rpc::Append, &rpc, option.hard_ttl()).await;
+        if answer.is_ok() {
+            // Any answer (success or conflict) is the peer's Raft at work.
+            self.contacts.answered(self.target, Instant::now());
+        }
+        answer
     }
 
     async fn install_snapshot(
