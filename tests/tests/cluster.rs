@@ -505,7 +505,7 @@ fn a_paused_nodes_clients_get_their_wills() {
     // A SIGSTOPped node's kernel still accepts connections, but its Raft answers
     // nothing: the leader judges liveness by the answers to its appends, so the
     // paused node is declared lost like a dead one.
-    let mut nodes = Node::cluster_with_env(3, &[("FLOCKMQ_CLUSTER__NODE_LOST_AFTER", "3s")]);
+    let nodes = Node::cluster_with_env(3, &[("FLOCKMQ_CLUSTER__NODE_LOST_AFTER", "3s")]);
     let (p2, p3) = (
         nodes[1].mqtt_port.to_string(),
         nodes[2].mqtt_port.to_string(),
