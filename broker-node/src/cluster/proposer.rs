@@ -241,10 +241,20 @@ async fn run(
                                 let wait = raft.wait(Some(left));
                                 let applied = wait.applied_index_at_least(index, "forwarded write");
                                 if applied.await.is_err() {
-                                    tracing::debug!(
+                                    // Committed, but this node cannot show it yet: its
+                                    // submitters would read state without their own
+                                    // write (a resumed session's queue and QoS 2 ids).
+                                    // They are told it is unavailable here instead.
+                                    tracing::info!(
                                         index = response.log_index,
                                         "forwarded write not applied here in time"
                                     );
+                                    answer(
+                                        batch,
+                                        Err("committed, but not applied on this node in time"
+                                            .to_owned()),
+                                    );
+                                    return;
                                 }
                                 answer(batch, Ok(response));
                             });
