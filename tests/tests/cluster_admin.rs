@@ -144,6 +144,39 @@ fn a_fourth_node_joins_catches_up_and_a_node_leaves_cleanly() {
 }
 
 #[test]
+fn two_nodes_joining_at_once_both_end_as_voters() {
+    // Each join adds only its own id to whatever the voters are when it applies; a
+    // join that wrote the whole voter set it had read could undo the other.
+    let mut nodes = Node::cluster(3);
+    let seed1 = format!("127.0.0.1:{}", nodes[0].cluster_port);
+    let seed2 = format!("127.0.0.1:{}", nodes[1].cluster_port);
+    nodes.extend(Node::start_together(&[
+        &["--node-id", "4", "--join", &seed1],
+        &["--node-id", "5", "--join", &seed2],
+    ]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = nodes[0].status();
+        let voters: Vec<u64> = status["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .filter(|m| m["role"] != "learner")
+            .filter_map(|m| m["id"].as_u64())
+            .collect();
+        if voters == [1, 2, 3, 4, 5] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all five are voters after 60 s: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    converged(&running(&nodes));
+}
+
+#[test]
 fn a_dead_node_is_removed_and_the_rest_keep_a_majority() {
     let mut nodes = Node::cluster(3);
     nodes[2].kill();

@@ -94,9 +94,10 @@ async fn apply_on_leader(raft: &Raft, change: MembershipChange) -> Result<String
             raft.add_learner(id, BasicNode::new(addr.clone()), true)
                 .await
                 .map_err(|e| format!("cannot add node {id} as a learner: {e}"))?;
-            let mut voters = current.voters;
-            voters.insert(id);
-            raft.change_membership(voters, false)
+            // Only this id is added, to whatever the voters are when the change
+            // applies: two joins at once both end as voters (a full voter set read
+            // above would let the second change undo the first).
+            raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                 .await
                 .map_err(|e| format!("cannot promote node {id}: {e}"))?;
             tracing::info!(node = id, %addr, "node joined as a voter");
