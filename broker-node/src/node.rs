@@ -123,7 +123,7 @@ pub async fn run(
     if !config.mqtt.sys_interval.is_zero() {
         tracker.spawn(broker.clone().run_sys(config.mqtt.sys_interval));
     }
-    broker.close_orphaned_sessions().await;
+    tracker.spawn(broker.clone().close_orphaned_sessions());
 
     let mqtt = transport::bind(config.mqtt_addr).await?;
     tracing::info!(addr = %mqtt.local_addr()?, node_id = config.node_id, "MQTT listener ready");

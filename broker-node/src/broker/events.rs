@@ -17,6 +17,9 @@ use crate::session::InboundQos2;
 /// v5 reason code 0x98 Administrative action.
 const ADMINISTRATIVE_ACTION: u8 = 0x98;
 
+/// How long an orphaned session's close waits before it is tried again.
+const ORPHAN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Broker {
     /// Handle state-machine events until the node shuts down.
     pub async fn run_events(self: Arc<Self>, mut events: UnboundedReceiver<Event>) {
@@ -138,10 +141,25 @@ impl Broker {
 
     /// Sessions this node owned before a restart have no connection any more: record
     /// their end (publishing their wills) so that clients may resume them anywhere.
-    pub async fn close_orphaned_sessions(&self) {
+    ///
+    /// Only once this node has caught up (a [`Command::Barrier`] applied here): read
+    /// before, the state would miss sessions opened here in entries it had not applied
+    /// yet, and they would stay "connected" forever. Each step is retried until it
+    /// succeeds or the node shuts down.
+    pub async fn close_orphaned_sessions(self: Arc<Self>) {
+        let mut retry = self.ticks(ORPHAN_RETRY);
+        while let Err(e) = self.proposer.propose(Command::Barrier).await {
+            tracing::info!(error = %e, "not caught up yet; orphaned sessions wait");
+            if !retry.next().await {
+                return;
+            }
+        }
+        let first_of_run = self.first_connection_id;
         let orphans: Vec<(Arc<str>, u64)> = self.read_state(|st| {
             st.sessions()
-                .filter(|(_, s)| s.connected && s.node == self.node_id)
+                .filter(|(_, s)| {
+                    s.connected && s.node == self.node_id && s.connection_id < first_of_run
+                })
                 .map(|(c, s)| (c.clone(), s.connection_id))
                 .collect()
         });
@@ -152,18 +170,23 @@ impl Broker {
             );
         }
         for (client_id, connection_id) in orphans {
-            if self.local_client(&client_id).is_some() {
-                continue;
-            }
-            let cmd = Command::CloseSession {
-                client_id,
-                connection_id,
-                graceful: false,
-                expiry_secs: None,
-                now_ms: unix_ms(),
-            };
-            if let Err(e) = self.proposer.propose(cmd).await {
-                tracing::warn!(error = %e, "cannot close orphaned session");
+            loop {
+                let cmd = Command::CloseSession {
+                    client_id: client_id.clone(),
+                    connection_id,
+                    graceful: false,
+                    expiry_secs: None,
+                    now_ms: unix_ms(),
+                };
+                match self.proposer.propose(cmd).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(%client_id, error = %e, "cannot close orphaned session yet");
+                        if !retry.next().await {
+                            return;
+                        }
+                    }
+                }
             }
         }
     }

@@ -135,6 +135,9 @@ pub struct Broker {
     /// shard, and publishes to different groups do not meet on one lock.
     selectors: Box<[Mutex<SharedSelector<Arc<str>>>]>,
     next_connection_id: AtomicU64,
+    /// The first connection id of this run: sessions owned by a lower one on this node
+    /// are left from a previous run.
+    first_connection_id: u64,
     /// Connections refused because their OpenSession was not committed in time, by
     /// connection id: should the command commit after all (a write stuck behind a
     /// network cut reaches the leader once it heals), the session it opened is closed
@@ -186,6 +189,7 @@ impl Broker {
     ) -> Arc<Broker> {
         let strategy: crate::router::SharedStrategy =
             config.mqtt.shared_subscription_strategy.into();
+        let first_connection_id = unix_ms() << 16;
         Arc::new(Broker {
             node_id: config.node_id,
             config,
@@ -199,7 +203,8 @@ impl Broker {
                 .collect(),
             // Unique across restarts of this node: ids of connections from before a
             // restart must not match new ones in replicated session records.
-            next_connection_id: AtomicU64::new(unix_ms() << 16),
+            next_connection_id: AtomicU64::new(first_connection_id),
+            first_connection_id,
             refused_opens: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             started: Instant::now(),

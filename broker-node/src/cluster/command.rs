@@ -296,6 +296,10 @@ pub enum Command {
         /// Unix ms at the proposing node.
         now_ms: u64,
     },
+    /// Changes nothing: once it is applied on a node, that node has applied everything
+    /// committed before it was proposed (a node catching up after a restart waits for
+    /// one before it trusts what it reads).
+    Barrier,
 }
 
 /// The result of one command, in the order of the batch.

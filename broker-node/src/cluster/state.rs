@@ -428,6 +428,7 @@ impl BrokerState {
                 }
                 _ => CommandResult::NoSession,
             },
+            Command::Barrier => CommandResult::Done,
             Command::Expire { node, now_ms } => {
                 self.expire(*node, *now_ms);
                 CommandResult::Done
