@@ -2206,6 +2206,26 @@ impl Model {
             .push(MEvent::Will(publisher, w.topic, w.payload));
     }
 
+    /// The session of `client` if connection `conn` owns it (or `conn` is
+    /// [`ANY_CONNECTION`]): commands of a superseded connection act on nothing.
+    fn owned(&mut self, client: &str, conn: u64) -> Option<&mut MSession> {
+        self.sessions
+            .get_mut(client)
+            .filter(|s| conn == ANY_CONNECTION || s.conn == conn)
+    }
+
+    fn set_retained(&mut self, topic: &str, message: Option<&Arc<Message>>) {
+        match message {
+            Some(m) if !m.payload.is_empty() => {
+                self.retained
+                    .insert(topic.to_string(), (m.payload.clone(), m.expires_at_ms()));
+            }
+            _ => {
+                self.retained.remove(topic);
+            }
+        }
+    }
+
     fn end_session(&mut self, client: &str) {
         if self.sessions.remove(client).is_some() {
             self.events.push(MEvent::Ended(client.to_string()));
@@ -2297,9 +2317,11 @@ impl Model {
                 None,
             ),
             Command::Subscribe {
-                client_id, entries, ..
+                client_id,
+                connection_id,
+                entries,
             } => {
-                let Some(s) = self.sessions.get_mut(&**client_id) else {
+                let Some(s) = self.owned(client_id, *connection_id) else {
                     return CommandResult::NoSession;
                 };
                 CommandResult::Subscribed(
@@ -2310,9 +2332,11 @@ impl Model {
                 )
             }
             Command::Unsubscribe {
-                client_id, filters, ..
+                client_id,
+                connection_id,
+                filters,
             } => {
-                let Some(s) = self.sessions.get_mut(&**client_id) else {
+                let Some(s) = self.owned(client_id, *connection_id) else {
                     return CommandResult::NoSession;
                 };
                 CommandResult::Unsubscribed(
@@ -2320,20 +2344,31 @@ impl Model {
                 )
             }
             Command::SetRetained { topic, message } => {
-                match message {
-                    Some(m) if !m.payload.is_empty() => {
-                        self.retained
-                            .insert(topic.to_string(), (m.payload.clone(), m.expires_at_ms()));
-                    }
-                    _ => {
-                        self.retained.remove(&**topic);
-                    }
-                }
+                self.set_retained(topic, message.as_ref());
                 CommandResult::Done
             }
             Command::Enqueue {
-                entries, limits, ..
+                entries,
+                limits,
+                inbound,
+                retained,
             } => {
+                // The publisher's QoS 2 id: only while its connection owns the
+                // session, and a publish whose id is still held is a resend.
+                if let Some(r) = inbound {
+                    let Some(s) = self.owned(&r.client_id, r.connection_id) else {
+                        return CommandResult::NoSession;
+                    };
+                    if !s.inbound.insert(r.packet_id) {
+                        return CommandResult::Enqueued {
+                            accepted: 0,
+                            dropped: 0,
+                        };
+                    }
+                }
+                if let Some(m) = retained {
+                    self.set_retained(&m.topic, Some(m));
+                }
                 let mut accepted = 0;
                 let mut dropped = 0;
                 let mut grew: Vec<(String, NodeId)> = Vec::new();
@@ -2389,11 +2424,11 @@ impl Model {
             }
             Command::Ack {
                 client_id,
+                connection_id,
                 completed,
                 received,
-                ..
             } => {
-                let Some(s) = self.sessions.get_mut(&**client_id) else {
+                let Some(s) = self.owned(client_id, *connection_id) else {
                     return CommandResult::NoSession;
                 };
                 for seq in received {
@@ -2411,11 +2446,11 @@ impl Model {
             }
             Command::InboundQos2 {
                 client_id,
+                connection_id,
                 received,
                 released,
-                ..
             } => {
-                let Some(s) = self.sessions.get_mut(&**client_id) else {
+                let Some(s) = self.owned(client_id, *connection_id) else {
                     return CommandResult::NoSession;
                 };
                 s.inbound.extend(received.iter().copied());
@@ -2612,6 +2647,22 @@ const FILTERS: [&str; 5] = ["t/a", "t/+", "#", "$share/g/t/+", "+/x"];
 /// Topics the route tables are compared on (the publish topics and a few others).
 const PROBES: [&str; 7] = ["t/a", "t/b", "s/x", "$sys/x", "t", "t/a/b", "q/x"];
 
+/// The connection a connection's command names, relative to the client's latest
+/// `OpenSession` in the log ([`build_log`] resolves it).
+#[derive(Clone, Copy, Debug)]
+enum Conn {
+    /// The connection of the client's latest open (connections 1 and 2 only).
+    Latest,
+    /// The other one: superseded, or never opened.
+    Stale,
+    /// [`ANY_CONNECTION`], as in entries of format 1.
+    Any,
+}
+
+fn conn() -> impl Strategy<Value = Conn> {
+    prop_oneof![6 => Just(Conn::Latest), 2 => Just(Conn::Stale), 2 => Just(Conn::Any)]
+}
+
 /// A command with its time left out: [`build_log`] gives times in increasing order.
 #[derive(Clone, Debug)]
 enum Op {
@@ -2632,10 +2683,12 @@ enum Op {
     },
     Subscribe {
         client: usize,
+        conn: Conn,
         filters: Vec<(usize, u8)>,
     },
     Unsubscribe {
         client: usize,
+        conn: Conn,
         filters: Vec<usize>,
     },
     Retain {
@@ -2649,14 +2702,20 @@ enum Op {
         max_messages: u64,
         max_bytes: u64,
         drop_oldest: bool,
+        /// The publisher's QoS 2 id: (client, its connection, packet id).
+        inbound: Option<(usize, Conn, u16)>,
+        /// The publish's retained message: (topic, payload length; 0 clears).
+        retained: Option<(usize, usize)>,
     },
     Ack {
         client: usize,
+        conn: Conn,
         completed: Vec<u64>,
         received: Vec<u64>,
     },
     Inbound {
         client: usize,
+        conn: Conn,
         received: Vec<u16>,
         released: Vec<u16>,
     },
@@ -2702,10 +2761,10 @@ fn op() -> impl Strategy<Value = Op> {
                 graceful,
                 expiry,
             }),
-        3 => (client(), prop::collection::vec((0..FILTERS.len(), 0u8..=2), 1..3))
-            .prop_map(|(client, filters)| Op::Subscribe { client, filters }),
-        2 => (client(), prop::collection::vec(0..FILTERS.len(), 1..3))
-            .prop_map(|(client, filters)| Op::Unsubscribe { client, filters }),
+        3 => (client(), conn(), prop::collection::vec((0..FILTERS.len(), 0u8..=2), 1..3))
+            .prop_map(|(client, conn, filters)| Op::Subscribe { client, conn, filters }),
+        2 => (client(), conn(), prop::collection::vec(0..FILTERS.len(), 1..3))
+            .prop_map(|(client, conn, filters)| Op::Unsubscribe { client, conn, filters }),
         2 => (0..TOPICS.len(), 0usize..3, msg_expiry())
             .prop_map(|(topic, payload_len, expiry)| Op::Retain {
                 topic,
@@ -2721,30 +2780,42 @@ fn op() -> impl Strategy<Value = Op> {
             1u64..=4,
             prop::sample::select(vec![0u64, 6, 12, 20, 1_000]),
             any::<bool>(),
+            prop::option::weighted(0.4, (client(), conn(), 1u16..4)),
+            prop::option::weighted(0.3, (0..TOPICS.len(), 0usize..3)),
         )
-            .prop_map(|(entries, max_messages, max_bytes, drop_oldest)| Op::Enqueue {
-                entries,
-                max_messages,
-                max_bytes,
-                drop_oldest,
-            }),
+            .prop_map(
+                |(entries, max_messages, max_bytes, drop_oldest, inbound, retained)| {
+                    Op::Enqueue {
+                        entries,
+                        max_messages,
+                        max_bytes,
+                        drop_oldest,
+                        inbound,
+                        retained,
+                    }
+                }
+            ),
         3 => (
             client(),
+            conn(),
             prop::collection::vec(0u64..6, 0..3),
             prop::collection::vec(0u64..6, 0..3),
         )
-            .prop_map(|(client, completed, received)| Op::Ack {
+            .prop_map(|(client, conn, completed, received)| Op::Ack {
                 client,
+                conn,
                 completed,
                 received,
             }),
         1 => (
             client(),
+            conn(),
             prop::collection::vec(1u16..4, 0..3),
             prop::collection::vec(1u16..4, 0..3),
         )
-            .prop_map(|(client, received, released)| Op::Inbound {
+            .prop_map(|(client, conn, received, released)| Op::Inbound {
                 client,
+                conn,
                 received,
                 released,
             }),
@@ -2766,10 +2837,17 @@ fn steps() -> impl Strategy<Value = Vec<(u64, Op)>> {
 fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
     let mut now = T0;
     let mut log = Vec::with_capacity(steps.len());
+    // Each client's latest connection (1 before any open).
+    let mut latest = [1u64; CLIENTS.len()];
     for (delta, op) in steps {
         now += delta;
         let client_id = |i: &usize| -> Arc<str> { Arc::from(CLIENTS[*i]) };
-        log.push(match op {
+        let connection = |client: &usize, conn: &Conn| match conn {
+            Conn::Latest => latest[*client],
+            Conn::Stale => 3 - latest[*client],
+            Conn::Any => ANY_CONNECTION,
+        };
+        let cmd = match op {
             Op::Open {
                 client,
                 node,
@@ -2803,17 +2881,25 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                 graceful,
                 expiry,
             } => close(CLIENTS[*client], *conn, *graceful, *expiry, now),
-            Op::Subscribe { client, filters } => Command::Subscribe {
+            Op::Subscribe {
+                client,
+                conn,
+                filters,
+            } => Command::Subscribe {
                 client_id: client_id(client),
-                connection_id: ANY_CONNECTION,
+                connection_id: connection(client, conn),
                 entries: filters
                     .iter()
                     .map(|(f, qos)| (FILTERS[*f].to_string(), options(*qos)))
                     .collect(),
             },
-            Op::Unsubscribe { client, filters } => Command::Unsubscribe {
+            Op::Unsubscribe {
+                client,
+                conn,
+                filters,
+            } => Command::Unsubscribe {
                 client_id: client_id(client),
-                connection_id: ANY_CONNECTION,
+                connection_id: connection(client, conn),
                 filters: filters.iter().map(|f| FILTERS[*f].to_string()).collect(),
             },
             Op::Retain {
@@ -2834,6 +2920,8 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                 max_messages,
                 max_bytes,
                 drop_oldest,
+                inbound,
+                retained,
             } => Command::Enqueue {
                 entries: entries
                     .iter()
@@ -2854,21 +2942,36 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                         QueueFullPolicy::DropNewest
                     },
                 },
-                inbound: None,
-                retained: None,
+                inbound: inbound.map(|(c, conn, packet_id)| InboundRecord {
+                    client_id: client_id(&c),
+                    connection_id: connection(&c, &conn),
+                    packet_id,
+                }),
+                retained: retained.map(|(t, len)| {
+                    let mut m = (*message(TOPICS[t], &vec![b'p'; len], None, now)).clone();
+                    m.retain = true;
+                    Arc::new(m)
+                }),
             },
             Op::Ack {
                 client,
+                conn,
                 completed,
                 received,
-            } => ack(CLIENTS[*client], completed, received),
+            } => Command::Ack {
+                client_id: client_id(client),
+                connection_id: connection(client, conn),
+                completed: completed.clone(),
+                received: received.clone(),
+            },
             Op::Inbound {
                 client,
+                conn,
                 received,
                 released,
             } => Command::InboundQos2 {
                 client_id: client_id(client),
-                connection_id: ANY_CONNECTION,
+                connection_id: connection(client, conn),
                 received: received.clone(),
                 released: released.clone(),
             },
@@ -2881,7 +2984,11 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                 publisher: *publisher,
                 now_ms: now,
             },
-        });
+        };
+        if let Op::Open { client, conn, .. } = op {
+            latest[*client] = *conn;
+        }
+        log.push(cmd);
     }
     log
 }
