@@ -3108,6 +3108,80 @@ fn assert_same_observable(a: &BrokerState, b: &BrokerState) {
     }
 }
 
+/// How [`batches`] cuts a log into Raft entries.
+#[derive(Clone, Copy, Debug)]
+enum Batch {
+    /// Up to `len` commands in an entry without origin (format 1).
+    NoOrigin { len: usize },
+    /// Up to `len` commands from `node`'s proposer; `restart`: in a new incarnation.
+    Proposed {
+        node: NodeId,
+        len: usize,
+        restart: bool,
+    },
+    /// `node`'s last entry again (its answer was lost), when it has one.
+    Resend { node: NodeId },
+}
+
+fn batch() -> impl Strategy<Value = Batch> {
+    prop_oneof![
+        3 => (1usize..=3).prop_map(|len| Batch::NoOrigin { len }),
+        6 => (1u64..=2, 1usize..=3).prop_map(|(node, len)| Batch::Proposed {
+            node,
+            len,
+            restart: false
+        }),
+        1 => (1u64..=2, 1usize..=3).prop_map(|(node, len)| Batch::Proposed {
+            node,
+            len,
+            restart: true
+        }),
+        2 => (1u64..=2).prop_map(|node| Batch::Resend { node }),
+    ]
+}
+
+/// The log as Raft entries cut by `plan` (commands left over go one per entry without
+/// origin), with each proposer's resends. Sequence numbers count from 1 in each
+/// incarnation, as the proposer gives them.
+fn batches(log: &[Command], plan: &[Batch]) -> Vec<Request> {
+    let mut out = Vec::new();
+    let mut rest = log;
+    // Per node: (incarnation, last seq given, last request).
+    let mut proposers: BTreeMap<NodeId, (u64, u64, Option<Request>)> = BTreeMap::new();
+    for b in plan {
+        if rest.is_empty() {
+            break;
+        }
+        match *b {
+            Batch::NoOrigin { len } => {
+                let (now, later) = rest.split_at(len.min(rest.len()));
+                out.push(no_origin(now.to_vec()));
+                rest = later;
+            }
+            Batch::Proposed { node, len, restart } => {
+                let p = proposers.entry(node).or_insert((1, 0, None));
+                if restart {
+                    *p = (p.0 + 1, 0, None);
+                }
+                let (now, later) = rest.split_at(len.min(rest.len()));
+                let seqs: Vec<u64> = (p.1 + 1..=p.1 + now.len() as u64).collect();
+                p.1 += now.len() as u64;
+                let r = request(node, p.0, &seqs, now.to_vec());
+                p.2 = Some(r.clone());
+                out.push(r);
+                rest = later;
+            }
+            Batch::Resend { node } => {
+                if let Some((_, _, Some(r))) = proposers.get(&node) {
+                    out.push(r.clone());
+                }
+            }
+        }
+    }
+    out.extend(rest.iter().map(|c| no_origin(vec![c.clone()])));
+    out
+}
+
 fn apply_all(state: &mut BrokerState, log: &[Command]) {
     for cmd in log {
         state.apply_command(cmd);
@@ -3118,20 +3192,49 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_state_machine_agrees_with_a_reference_model(steps in steps()) {
+    fn the_state_machine_agrees_with_a_reference_model(
+        steps in steps(),
+        plan in prop::collection::vec(batch(), 0..40),
+    ) {
         let log = build_log(&steps);
         let mut h = Harness::new();
         let mut model = Model::default();
-        for (i, cmd) in log.iter().enumerate() {
-            let context = format!("after step {i}: {cmd:?}");
-            let result = h.apply(cmd);
-            let expected = model.apply(cmd);
-            prop_assert_eq!(&result, &expected, "result {}", context);
+        // The model of exactly-once apply: per node, its last entry and the results it
+        // got; a resend of it changes nothing and gets those results again.
+        let mut last: BTreeMap<NodeId, (Request, Vec<CommandResult>)> = BTreeMap::new();
+        for (i, request) in batches(&log, &plan).iter().enumerate() {
+            let context = format!("after entry {i}: {request:?}");
+            let results = h.state.apply_request(request);
+            let resend = request
+                .origin
+                .and_then(|o| last.get(&o.node))
+                .filter(|(r, _)| r == request);
+            let expected = match resend {
+                Some((_, first)) => first.clone(),
+                None => request.commands.iter().map(|c| model.apply(c)).collect(),
+            };
+            prop_assert_eq!(&results, &expected, "results {}", context);
+            if let Some(o) = request.origin {
+                last.insert(o.node, (request.clone(), expected));
+            }
             let events: Vec<MEvent> = h.events().into_iter().map(MEvent::from).collect();
             let expected_events = std::mem::take(&mut model.events);
             prop_assert_eq!(events, expected_events, "events {}", context);
             assert_agrees(&h.state, &model, &context);
         }
+        let applied: BTreeMap<NodeId, (u64, u64)> = last
+            .iter()
+            .map(|(n, (r, _))| {
+                (*n, (r.origin.map_or(0, |o| o.incarnation), r.seqs.iter().copied().max().unwrap_or(0)))
+            })
+            .collect();
+        let real: BTreeMap<NodeId, (u64, u64)> = h
+            .state
+            .proposers()
+            .iter()
+            .map(|(n, p)| (*n, (p.incarnation, p.applied)))
+            .collect();
+        prop_assert_eq!(real, applied, "proposers table");
     }
 
     #[test]
