@@ -11,7 +11,17 @@
 //! - determinism and snapshots: the same log gives the same digest, a snapshot restores
 //!   to the same digest and observable state (route table included), and restoring a
 //!   snapshot taken mid-log then applying the rest gives the digest of the whole log;
-//! - `expiry_due` says true exactly when an `Expire` at that time changes the digest.
+//! - `expiry_due` says true exactly when an `Expire` at that time changes the digest;
+//! - exactly-once apply (DESIGN invariant 7): `apply_request` answers a resend of a
+//!   proposer's last entry with its first results and changes nothing, per node and
+//!   incarnation, and the proposers' table goes through snapshots (also in the model
+//!   property, whose logs are cut into entries with and without origin, with resends);
+//! - connection scoping (invariant 8): commands of a connection superseded by a
+//!   takeover change nothing (also in the model, with latest, stale and any ids);
+//! - a publish's `Enqueue` records its inbound QoS 2 id and retained message in the
+//!   same step, and queues nothing while the id is held;
+//! - snapshot formats: format 2 starts with its marker, format 1 is read, a newer
+//!   format is refused and the state kept.
 
 use super::command::ANY_CONNECTION;
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,11 +31,14 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use serde::Serialize;
+
 use super::command::{
-    Command, CommandResult, EnqueueEntry, Message, MessageProperties, NodeId, QueueFullPolicy,
-    QueueLimits, QueuedMessage, SubscriptionOptions, Will,
+    Command, CommandResult, EnqueueEntry, InboundRecord, Message, MessageProperties, NodeId,
+    Origin, QueueFullPolicy, QueueLimits, QueuedMessage, Request, SubscriptionOptions, Will,
 };
-use super::state::{BrokerState, Event, SessionRecord};
+use super::format;
+use super::state::{BrokerState, Event, RestoreError, SessionRecord};
 
 // ---------------------------------------------------------------------------------
 // Helpers
@@ -1355,6 +1368,737 @@ fn the_digest_depends_on_the_state_not_on_how_it_was_reached() {
 }
 
 // ---------------------------------------------------------------------------------
+// Exactly-once apply (DESIGN invariant 7)
+// ---------------------------------------------------------------------------------
+
+fn request(node: NodeId, incarnation: u64, seqs: &[u64], commands: Vec<Command>) -> Request {
+    assert_eq!(seqs.len(), commands.len(), "one seq per command");
+    Request {
+        origin: Some(Origin { node, incarnation }),
+        commands,
+        seqs: seqs.to_vec(),
+    }
+}
+
+fn no_origin(commands: Vec<Command>) -> Request {
+    Request {
+        origin: None,
+        commands,
+        seqs: Vec::new(),
+    }
+}
+
+/// A state with "s", a persistent session offline (its queue collects messages), and
+/// "p", a connected publisher on connection 10.
+fn subscriber_and_publisher() -> Harness {
+    let mut h = Harness::new();
+    h.setup(&[
+        open("s", 1, 1, false, 600, None, T0),
+        close("s", 1, true, None, T0 + 1),
+        open("p", 1, 10, false, 600, None, T0 + 2),
+    ]);
+    h
+}
+
+#[test]
+fn a_resend_of_the_last_batch_changes_nothing_and_returns_the_first_results() {
+    let mut h = subscriber_and_publisher();
+    let first = request(
+        1,
+        7,
+        &[1, 2, 3],
+        vec![
+            open("q", 1, 20, false, 60, None, T0 + 3),
+            subscribe("q", &["t/+"]),
+            enqueue(vec![entry("s", &small(1)), entry("zz", &small(2))], ROOMY),
+        ],
+    );
+    let results = h.state.apply_request(&first);
+    assert_eq!(
+        results,
+        vec![
+            CommandResult::SessionOpened {
+                session_present: false
+            },
+            CommandResult::Subscribed(vec![false]),
+            CommandResult::Enqueued {
+                accepted: 1,
+                dropped: 1
+            },
+        ]
+    );
+    h.events();
+    let digest = h.state.digest();
+    let snapshot = h.state.to_snapshot();
+    // The answer was lost: the proposer sends the same entry again.
+    assert_eq!(h.state.apply_request(&first), results);
+    assert_eq!(h.state.digest(), digest);
+    assert_eq!(h.state.to_snapshot(), snapshot);
+    assert_eq!(h.events(), vec![], "a resend reports no events");
+    assert_eq!(h.seqs("s"), vec![0]);
+    let record = &h.state.proposers()[&1];
+    assert_eq!((record.incarnation, record.applied), (7, 3));
+}
+
+#[test]
+fn a_resend_of_an_earlier_batch_is_a_duplicate_and_changes_nothing() {
+    let mut h = subscriber_and_publisher();
+    let first = request(
+        2,
+        7,
+        &[1],
+        vec![enqueue(vec![entry("s", &small(1))], ROOMY)],
+    );
+    let second = request(
+        2,
+        7,
+        &[2],
+        vec![enqueue(vec![entry("s", &small(2))], ROOMY)],
+    );
+    h.state.apply_request(&first);
+    h.state.apply_request(&second);
+    let sessions: Vec<_> = h
+        .state
+        .sessions()
+        .map(|(c, s)| (c.clone(), s.clone()))
+        .collect();
+    h.events();
+    assert_eq!(
+        h.state.apply_request(&first),
+        vec![CommandResult::Duplicate]
+    );
+    let after: Vec<_> = h
+        .state
+        .sessions()
+        .map(|(c, s)| (c.clone(), s.clone()))
+        .collect();
+    assert_eq!(after, sessions);
+    assert_eq!(h.seqs("s"), vec![0, 1]);
+    assert_eq!(h.events(), vec![]);
+    assert_eq!(h.state.proposers()[&2].applied, 2);
+}
+
+#[test]
+fn a_resend_with_commands_dropped_still_gets_each_command_its_own_result() {
+    let mut h = subscriber_and_publisher();
+    let full = request(
+        1,
+        7,
+        &[4, 5, 6],
+        vec![
+            subscribe("p", &["a/1"]),
+            enqueue(vec![entry("s", &small(1))], ROOMY),
+            unsubscribe("p", &["a/1", "a/2"]),
+        ],
+    );
+    let results = h.state.apply_request(&full);
+    assert_eq!(
+        results,
+        vec![
+            CommandResult::Subscribed(vec![false]),
+            CommandResult::Enqueued {
+                accepted: 1,
+                dropped: 0
+            },
+            CommandResult::Unsubscribed(vec![true, false]),
+        ]
+    );
+    let digest_before = h.state.digest();
+    // The submitter of seq 5 gave up: the resend leaves it out.
+    let subset = request(
+        1,
+        7,
+        &[4, 6],
+        vec![subscribe("p", &["a/1"]), unsubscribe("p", &["a/1", "a/2"])],
+    );
+    assert_eq!(
+        h.state.apply_request(&subset),
+        vec![results[0].clone(), results[2].clone()]
+    );
+    assert!(h.session("p").subscriptions.is_empty());
+    assert_eq!(h.seqs("s"), vec![0]);
+    // Only the proposers' record of the last batch may differ.
+    let mut plain = copy_of(&h.state);
+    let mut before = subscriber_and_publisher();
+    before.state.apply_request(&full);
+    assert_eq!(
+        SessionView::from(plain.session("p").unwrap()),
+        SessionView::from(before.session("p"))
+    );
+    assert_eq!(h.state.proposers()[&1].applied, 6);
+    // A batch after the resend applies as usual.
+    let next = request(1, 7, &[7], vec![subscribe("p", &["a/1"])]);
+    assert_eq!(
+        plain.apply_request(&next),
+        vec![CommandResult::Subscribed(vec![false])]
+    );
+    assert_ne!(plain.digest(), digest_before);
+}
+
+#[test]
+fn a_new_incarnation_of_a_proposer_starts_its_sequence_afresh() {
+    let mut h = subscriber_and_publisher();
+    let cmd = || vec![enqueue(vec![entry("s", &small(1))], ROOMY)];
+    let accepted = vec![CommandResult::Enqueued {
+        accepted: 1,
+        dropped: 0,
+    }];
+    assert_eq!(
+        h.state.apply_request(&request(1, 100, &[1], cmd())),
+        accepted
+    );
+    assert_eq!(
+        h.state.apply_request(&request(1, 100, &[1], cmd())),
+        accepted
+    );
+    assert_eq!(h.seqs("s"), vec![0]);
+    // The node restarted: its proposer counts from 1 again, and is not a resend.
+    assert_eq!(
+        h.state.apply_request(&request(1, 200, &[1], cmd())),
+        accepted
+    );
+    assert_eq!(h.seqs("s"), vec![0, 1]);
+    let record = &h.state.proposers()[&1];
+    assert_eq!((record.incarnation, record.applied), (200, 1));
+    // And the new incarnation is deduplicated in turn.
+    assert_eq!(
+        h.state.apply_request(&request(1, 200, &[1], cmd())),
+        accepted
+    );
+    assert_eq!(h.seqs("s"), vec![0, 1]);
+}
+
+#[test]
+fn requests_without_an_origin_always_apply() {
+    let mut h = subscriber_and_publisher();
+    let entry_of_format_1 = no_origin(vec![enqueue(vec![entry("s", &small(1))], ROOMY)]);
+    for _ in 0..3 {
+        assert_eq!(
+            h.state.apply_request(&entry_of_format_1),
+            vec![CommandResult::Enqueued {
+                accepted: 1,
+                dropped: 0
+            }]
+        );
+    }
+    assert_eq!(h.seqs("s"), vec![0, 1, 2]);
+    assert!(h.state.proposers().is_empty());
+}
+
+#[test]
+fn proposers_of_different_nodes_are_deduplicated_independently() {
+    let mut h = subscriber_and_publisher();
+    let cmd = |n| vec![enqueue(vec![entry("s", &small(n))], ROOMY)];
+    let accepted = vec![CommandResult::Enqueued {
+        accepted: 1,
+        dropped: 0,
+    }];
+    // The same incarnation and seq on two nodes are two different commands.
+    assert_eq!(
+        h.state.apply_request(&request(1, 5, &[1], cmd(1))),
+        accepted
+    );
+    assert_eq!(
+        h.state.apply_request(&request(2, 5, &[1], cmd(2))),
+        accepted
+    );
+    assert_eq!(h.seqs("s"), vec![0, 1]);
+    // Node 1's resend after node 2's batch still gets its first result.
+    assert_eq!(
+        h.state.apply_request(&request(1, 5, &[1], cmd(1))),
+        accepted
+    );
+    assert_eq!(
+        h.state.apply_request(&request(2, 5, &[2], cmd(3))),
+        accepted
+    );
+    assert_eq!(
+        h.state.apply_request(&request(1, 5, &[2], cmd(4))),
+        accepted
+    );
+    assert_eq!(payloads(&h, "s"), vec![1, 2, 3, 4]);
+    let proposers: Vec<(NodeId, u64, u64)> = h
+        .state
+        .proposers()
+        .iter()
+        .map(|(n, r)| (*n, r.incarnation, r.applied))
+        .collect();
+    assert_eq!(proposers, vec![(1, 5, 2), (2, 5, 2)]);
+}
+
+#[test]
+fn the_proposers_table_survives_snapshot_and_restore() {
+    let mut h = subscriber_and_publisher();
+    let batch = request(
+        3,
+        9,
+        &[11, 12],
+        vec![
+            enqueue(vec![entry("s", &small(1))], ROOMY),
+            subscribe("p", &["t/#"]),
+        ],
+    );
+    let results = h.state.apply_request(&batch);
+    h.state
+        .apply_request(&request(1, 4, &[1], vec![subscribe("p", &["u/#"])]));
+    let mut restored = BrokerState::new(None);
+    restored.restore(&h.state.to_snapshot()).expect("restores");
+    assert_eq!(restored.digest(), h.state.digest());
+    assert_eq!(restored.proposers(), h.state.proposers());
+    // The digest covers the table: nodes must agree on it too.
+    let mut without = subscriber_and_publisher();
+    without
+        .state
+        .apply_request(&no_origin(batch.commands.clone()));
+    without
+        .state
+        .apply_request(&no_origin(vec![subscribe("p", &["u/#"])]));
+    assert_ne!(without.state.digest(), h.state.digest());
+    // A resend to the restored state is still recognised.
+    let digest = restored.digest();
+    assert_eq!(restored.apply_request(&batch), results);
+    assert_eq!(restored.digest(), digest);
+    assert_eq!(
+        restored.session("s").map(|s| s.queue.len()),
+        Some(1),
+        "queued once"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Connection scoping (DESIGN invariant 8)
+// ---------------------------------------------------------------------------------
+
+fn subscribe_on(client: &str, connection_id: u64, filters: &[&str]) -> Command {
+    match subscribe(client, filters) {
+        Command::Subscribe {
+            client_id, entries, ..
+        } => Command::Subscribe {
+            client_id,
+            connection_id,
+            entries,
+        },
+        _ => unreachable!(),
+    }
+}
+
+fn unsubscribe_on(client: &str, connection_id: u64, filters: &[&str]) -> Command {
+    Command::Unsubscribe {
+        client_id: Arc::from(client),
+        connection_id,
+        filters: filters.iter().map(|f| f.to_string()).collect(),
+    }
+}
+
+fn ack_on(client: &str, connection_id: u64, completed: &[u64], received: &[u64]) -> Command {
+    Command::Ack {
+        client_id: Arc::from(client),
+        connection_id,
+        completed: completed.to_vec(),
+        received: received.to_vec(),
+    }
+}
+
+fn inbound_on(client: &str, connection_id: u64, received: &[u16], released: &[u16]) -> Command {
+    Command::InboundQos2 {
+        client_id: Arc::from(client),
+        connection_id,
+        received: received.to_vec(),
+        released: released.to_vec(),
+    }
+}
+
+#[test]
+fn commands_of_a_connection_superseded_by_a_takeover_change_nothing() {
+    for clean_start in [false, true] {
+        let mut h = Harness::new();
+        h.setup(&[
+            open("a", 1, 10, false, 600, None, T0),
+            subscribe_on("a", 10, &["t/a"]),
+            inbound_on("a", 10, &[3], &[]),
+            enqueue(vec![entry("a", &small(1)), entry("a", &small(2))], ROOMY),
+            // Another connection of the same client takes the session over.
+            open("a", 2, 11, clean_start, 600, None, T0 + 1),
+        ]);
+        let digest = h.state.digest();
+        let before = SessionView::from(h.session("a"));
+        let late = [
+            subscribe_on("a", 10, &["late/#"]),
+            unsubscribe_on("a", 10, &["t/a"]),
+            ack_on("a", 10, &[0], &[1]),
+            inbound_on("a", 10, &[4], &[3]),
+        ];
+        for cmd in &late {
+            assert_eq!(
+                h.apply(cmd),
+                CommandResult::NoSession,
+                "clean_start {clean_start}: {cmd:?}"
+            );
+        }
+        assert_eq!(h.state.digest(), digest, "clean_start {clean_start}");
+        assert_eq!(SessionView::from(h.session("a")), before);
+        assert!(normal_matches(&h.state, "late/x").is_empty());
+        assert_eq!(h.events(), vec![]);
+        // The new connection's own commands act.
+        assert_eq!(
+            h.apply(&subscribe_on("a", 11, &["new/#"])),
+            CommandResult::Subscribed(vec![false])
+        );
+        assert_eq!(routed_clients(&h.state, "new/x"), vec!["a".to_string()]);
+    }
+}
+
+#[test]
+fn commands_of_the_owning_connection_or_any_connection_act() {
+    let mut h = Harness::new();
+    h.setup(&[
+        open("a", 1, 10, false, 600, None, T0),
+        enqueue(
+            vec![
+                entry("a", &small(1)),
+                entry("a", &small(2)),
+                entry("a", &small(3)),
+            ],
+            ROOMY,
+        ),
+    ]);
+    assert_eq!(
+        h.apply(&subscribe_on("a", 10, &["x/1", "x/2"])),
+        CommandResult::Subscribed(vec![false, false])
+    );
+    assert_eq!(
+        h.apply(&subscribe_on("a", ANY_CONNECTION, &["x/2"])),
+        CommandResult::Subscribed(vec![true])
+    );
+    assert_eq!(
+        h.apply(&unsubscribe_on("a", ANY_CONNECTION, &["x/1"])),
+        CommandResult::Unsubscribed(vec![true])
+    );
+    assert_eq!(
+        h.apply(&unsubscribe_on("a", 10, &["x/2"])),
+        CommandResult::Unsubscribed(vec![true])
+    );
+    assert_eq!(h.apply(&ack_on("a", 10, &[0], &[])), CommandResult::Done);
+    assert_eq!(
+        h.apply(&ack_on("a", ANY_CONNECTION, &[1], &[])),
+        CommandResult::Done
+    );
+    assert_eq!(h.seqs("a"), vec![2]);
+    assert_eq!(
+        h.apply(&inbound_on("a", 10, &[5], &[])),
+        CommandResult::Done
+    );
+    assert_eq!(
+        h.apply(&inbound_on("a", ANY_CONNECTION, &[6], &[5])),
+        CommandResult::Done
+    );
+    assert_eq!(
+        h.session("a")
+            .inbound_qos2
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![6]
+    );
+    // A connection that never owned it does nothing.
+    assert_eq!(
+        h.apply(&ack_on("a", 99, &[2], &[])),
+        CommandResult::NoSession
+    );
+    assert_eq!(h.seqs("a"), vec![2]);
+}
+
+// ---------------------------------------------------------------------------------
+// A publish as one command: queue appends, retained message, inbound QoS 2 id
+// ---------------------------------------------------------------------------------
+
+fn publish(
+    entries: Vec<EnqueueEntry>,
+    inbound: Option<(&str, u64, u16)>,
+    retained: Option<Arc<Message>>,
+) -> Command {
+    Command::Enqueue {
+        entries,
+        limits: ROOMY,
+        inbound: inbound.map(|(client, connection_id, packet_id)| InboundRecord {
+            client_id: Arc::from(client),
+            connection_id,
+            packet_id,
+        }),
+        retained,
+    }
+}
+
+fn inbound_ids(h: &Harness, client: &str) -> Vec<u16> {
+    h.session(client).inbound_qos2.iter().copied().collect()
+}
+
+#[test]
+fn a_qos2_publish_queues_once_while_its_packet_id_is_held() {
+    let mut h = subscriber_and_publisher();
+    let m = message("t/r", b"first", None, T0);
+    let cmd = publish(vec![entry("s", &m)], Some(("p", 10, 7)), Some(m.clone()));
+    assert_eq!(
+        h.apply(&cmd),
+        CommandResult::Enqueued {
+            accepted: 1,
+            dropped: 0
+        }
+    );
+    assert_eq!(inbound_ids(&h, "p"), vec![7]);
+    assert_eq!(h.seqs("s"), vec![0]);
+    assert_eq!(
+        retained_topics(&h.state),
+        BTreeMap::from([("t/r".to_string(), Bytes::from_static(b"first"))])
+    );
+    // The retained message changes meanwhile; the publisher's resend (DUP) of packet 7
+    // queues nothing and does not set its retained message again.
+    h.apply(&set_retained(
+        "t/r",
+        Some(message("t/r", b"later", None, T0)),
+    ));
+    let digest = h.state.digest();
+    assert_eq!(
+        h.apply(&cmd),
+        CommandResult::Enqueued {
+            accepted: 0,
+            dropped: 0
+        }
+    );
+    assert_eq!(h.state.digest(), digest);
+    assert_eq!(h.seqs("s"), vec![0]);
+    assert_eq!(
+        retained_topics(&h.state)["t/r"],
+        Bytes::from_static(b"later")
+    );
+    // Another packet id of the same publisher is another publish.
+    assert_eq!(
+        h.apply(&publish(vec![entry("s", &m)], Some(("p", 10, 8)), None)),
+        CommandResult::Enqueued {
+            accepted: 1,
+            dropped: 0
+        }
+    );
+    assert_eq!(inbound_ids(&h, "p"), vec![7, 8]);
+    // PUBREL releases 7: the id may be used again for a new message.
+    assert_eq!(
+        h.apply(&inbound_on("p", 10, &[], &[7])),
+        CommandResult::Done
+    );
+    assert_eq!(inbound_ids(&h, "p"), vec![8]);
+    assert_eq!(
+        h.apply(&cmd),
+        CommandResult::Enqueued {
+            accepted: 1,
+            dropped: 0
+        }
+    );
+    assert_eq!(h.seqs("s"), vec![0, 1, 2]);
+    assert_eq!(
+        retained_topics(&h.state)["t/r"],
+        Bytes::from_static(b"first")
+    );
+}
+
+#[test]
+fn a_qos2_publish_of_a_superseded_connection_queues_nothing() {
+    let mut h = subscriber_and_publisher();
+    h.setup(&[
+        inbound_on("p", 10, &[1], &[]),
+        open("p", 2, 11, false, 600, None, T0 + 5),
+    ]);
+    let digest = h.state.digest();
+    let m = message("t/r", b"late", None, T0);
+    for publisher in [("p", 10, 7), ("p", 10, 1), ("nobody", 10, 7)] {
+        assert_eq!(
+            h.apply(&publish(
+                vec![entry("s", &m)],
+                Some(publisher),
+                Some(m.clone())
+            )),
+            CommandResult::NoSession,
+            "{publisher:?}"
+        );
+    }
+    assert_eq!(h.state.digest(), digest);
+    assert!(h.seqs("s").is_empty());
+    assert!(retained_topics(&h.state).is_empty());
+    assert_eq!(inbound_ids(&h, "p"), vec![1]);
+    assert_eq!(h.events(), vec![]);
+    // The new connection's publish with the same id is recorded and queued.
+    assert_eq!(
+        h.apply(&publish(vec![entry("s", &m)], Some(("p", 11, 7)), None)),
+        CommandResult::Enqueued {
+            accepted: 1,
+            dropped: 0
+        }
+    );
+    assert_eq!(inbound_ids(&h, "p"), vec![1, 7]);
+}
+
+#[test]
+fn an_enqueue_sets_or_clears_the_retained_message_like_set_retained() {
+    let mut h = subscriber_and_publisher();
+    let m = message("t/r", b"kept", None, T0);
+    // No queue takes it, the retained message is set anyway.
+    assert_eq!(
+        h.apply(&publish(vec![], None, Some(m.clone()))),
+        CommandResult::Enqueued {
+            accepted: 0,
+            dropped: 0
+        }
+    );
+    let mut reference = Harness::new();
+    reference.apply(&set_retained("t/r", Some(m)));
+    assert_eq!(retained_topics(&h.state), retained_topics(&reference.state));
+    // Without a retained message, the one there stays.
+    h.apply(&publish(vec![entry("s", &small(1))], None, None));
+    assert_eq!(retained_topics(&h.state).len(), 1);
+    // An empty payload clears it, and is queued like any message.
+    let empty = message("t/r", b"", None, T0);
+    assert_eq!(
+        h.apply(&publish(
+            vec![entry("s", &empty)],
+            None,
+            Some(empty.clone())
+        )),
+        CommandResult::Enqueued {
+            accepted: 1,
+            dropped: 0
+        }
+    );
+    assert!(retained_topics(&h.state).is_empty());
+    assert_eq!(h.seqs("s"), vec![0, 1]);
+}
+
+// ---------------------------------------------------------------------------------
+// Snapshot formats
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn a_snapshot_starts_with_the_marker_of_format_2() {
+    let mut h = subscriber_and_publisher();
+    h.state
+        .apply_request(&request(1, 1, &[1], vec![subscribe("p", &["t/#"])]));
+    let snapshot = h.state.to_snapshot();
+    assert_eq!(&snapshot[..8], &format::marker(2).to_le_bytes());
+    assert_eq!(format::SNAPSHOT_FORMAT, 2);
+    let empty = BrokerState::new(None).to_snapshot();
+    assert_eq!(&empty[..8], &format::marker(2).to_le_bytes());
+}
+
+/// The state of [`a_snapshot_of_format_1_is_restored`]: sessions with subscriptions,
+/// queues, QoS 2 sets and a will, and retained messages.
+fn varied_state() -> Harness {
+    let mut h = Harness::new();
+    h.setup(&[
+        open("a", 1, 10, false, 60, Some(will("w/a", 3)), T0),
+        subscribe("a", &["t/+", "$share/g/t/a"]),
+        open("b", 2, 20, false, 600, None, T0),
+        subscribe("b", &["#"]),
+        close("a", 10, false, None, T0 + 1),
+        enqueue(
+            vec![
+                entry("a", &small(1)),
+                entry("a", &small(2)),
+                entry("b", &small(3)),
+            ],
+            ROOMY,
+        ),
+        ack("a", &[], &[0]),
+        inbound_on("b", 20, &[4, 9], &[]),
+        set_retained("t/r", Some(message("t/r", b"r", Some(12), T0))),
+        set_retained("s/x", Some(message("s/x", b"x", None, T0))),
+    ]);
+    h
+}
+
+#[test]
+fn a_snapshot_of_format_1_is_restored() {
+    // Format 1, as releases before format markers wrote it: no marker, no proposers.
+    #[derive(Serialize)]
+    struct SnapshotFormV1 {
+        sessions: Vec<(Arc<str>, Box<SessionRecord>)>,
+        retained: Vec<(Arc<str>, Arc<Message>)>,
+    }
+    let h = varied_state();
+    let mut retained: Vec<(Arc<str>, Arc<Message>)> = h
+        .state
+        .retained()
+        .iter()
+        .map(|(t, m)| (Arc::from(t), m.clone()))
+        .collect();
+    retained.sort_by(|a, b| a.0.cmp(&b.0));
+    let old = bincode::serialize(&SnapshotFormV1 {
+        sessions: h
+            .state
+            .sessions()
+            .map(|(c, s)| (c.clone(), Box::new(s.clone())))
+            .collect(),
+        retained,
+    })
+    .expect("encode");
+    assert_eq!(
+        format::version_of(u64::from_le_bytes(old[..8].try_into().unwrap())),
+        None
+    );
+    let mut restored = BrokerState::new(None);
+    restored.apply_request(&request(
+        1,
+        1,
+        &[1],
+        vec![open("zzz", 1, 1, false, 60, None, T0)],
+    ));
+    restored.restore(&old).expect("format 1 is read");
+    assert!(restored.proposers().is_empty());
+    assert!(restored.session("zzz").is_none());
+    assert_eq!(restored.digest(), h.state.digest());
+    assert_eq!(
+        restored.to_snapshot(),
+        h.state.to_snapshot(),
+        "upgraded to format 2"
+    );
+    assert_same_observable(&restored, &h.state);
+    let original: Vec<_> = h.state.sessions().collect();
+    let copy: Vec<_> = restored.sessions().collect();
+    assert_eq!(original, copy);
+}
+
+#[test]
+fn a_snapshot_of_a_newer_format_is_refused_and_the_state_kept() {
+    let mut h = varied_state();
+    h.state
+        .apply_request(&request(1, 1, &[1], vec![subscribe("b", &["z"])]));
+    let digest = h.state.digest();
+    let snapshot = h.state.to_snapshot();
+    // A newer release's snapshot: the marker, then a body this one cannot know.
+    let mut newer = format::marker(3).to_le_bytes().to_vec();
+    newer.extend_from_slice(&snapshot[8..]);
+    for (bytes, version) in [
+        (newer, 3u16),
+        (
+            bincode::serialize(&(format::marker(u16::MAX), 0u8)).unwrap(),
+            u16::MAX,
+        ),
+    ] {
+        match h.state.restore(&bytes) {
+            Err(e @ RestoreError::Format(v)) => {
+                assert_eq!(v, version);
+                assert!(e.to_string().contains(&format!("format {version}")), "{e}");
+            }
+            other => panic!("format {version} restored: {other:?}"),
+        }
+        assert_eq!(h.state.digest(), digest);
+        assert_eq!(h.state.to_snapshot(), snapshot);
+    }
+    // A truncated snapshot of format 2 is refused too, and changes nothing.
+    for cut in [0, 4, 8, snapshot.len() / 2, snapshot.len() - 1] {
+        assert!(h.state.restore(&snapshot[..cut]).is_err(), "cut at {cut}");
+        assert_eq!(h.state.digest(), digest);
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // The reference model
 // ---------------------------------------------------------------------------------
 
@@ -1472,6 +2216,26 @@ impl Model {
             .push(MEvent::Will(publisher, w.topic, w.payload));
     }
 
+    /// The session of `client` if connection `conn` owns it (or `conn` is
+    /// [`ANY_CONNECTION`]): commands of a superseded connection act on nothing.
+    fn owned(&mut self, client: &str, conn: u64) -> Option<&mut MSession> {
+        self.sessions
+            .get_mut(client)
+            .filter(|s| conn == ANY_CONNECTION || s.conn == conn)
+    }
+
+    fn set_retained(&mut self, topic: &str, message: Option<&Arc<Message>>) {
+        match message {
+            Some(m) if !m.payload.is_empty() => {
+                self.retained
+                    .insert(topic.to_string(), (m.payload.clone(), m.expires_at_ms()));
+            }
+            _ => {
+                self.retained.remove(topic);
+            }
+        }
+    }
+
     fn end_session(&mut self, client: &str) {
         if self.sessions.remove(client).is_some() {
             self.events.push(MEvent::Ended(client.to_string()));
@@ -1563,9 +2327,11 @@ impl Model {
                 None,
             ),
             Command::Subscribe {
-                client_id, entries, ..
+                client_id,
+                connection_id,
+                entries,
             } => {
-                let Some(s) = self.sessions.get_mut(&**client_id) else {
+                let Some(s) = self.owned(client_id, *connection_id) else {
                     return CommandResult::NoSession;
                 };
                 CommandResult::Subscribed(
@@ -1576,9 +2342,11 @@ impl Model {
                 )
             }
             Command::Unsubscribe {
-                client_id, filters, ..
+                client_id,
+                connection_id,
+                filters,
             } => {
-                let Some(s) = self.sessions.get_mut(&**client_id) else {
+                let Some(s) = self.owned(client_id, *connection_id) else {
                     return CommandResult::NoSession;
                 };
                 CommandResult::Unsubscribed(
@@ -1586,20 +2354,31 @@ impl Model {
                 )
             }
             Command::SetRetained { topic, message } => {
-                match message {
-                    Some(m) if !m.payload.is_empty() => {
-                        self.retained
-                            .insert(topic.to_string(), (m.payload.clone(), m.expires_at_ms()));
-                    }
-                    _ => {
-                        self.retained.remove(&**topic);
-                    }
-                }
+                self.set_retained(topic, message.as_ref());
                 CommandResult::Done
             }
             Command::Enqueue {
-                entries, limits, ..
+                entries,
+                limits,
+                inbound,
+                retained,
             } => {
+                // The publisher's QoS 2 id: only while its connection owns the
+                // session, and a publish whose id is still held is a resend.
+                if let Some(r) = inbound {
+                    let Some(s) = self.owned(&r.client_id, r.connection_id) else {
+                        return CommandResult::NoSession;
+                    };
+                    if !s.inbound.insert(r.packet_id) {
+                        return CommandResult::Enqueued {
+                            accepted: 0,
+                            dropped: 0,
+                        };
+                    }
+                }
+                if let Some(m) = retained {
+                    self.set_retained(&m.topic, Some(m));
+                }
                 let mut accepted = 0;
                 let mut dropped = 0;
                 let mut grew: Vec<(String, NodeId)> = Vec::new();
@@ -1655,11 +2434,11 @@ impl Model {
             }
             Command::Ack {
                 client_id,
+                connection_id,
                 completed,
                 received,
-                ..
             } => {
-                let Some(s) = self.sessions.get_mut(&**client_id) else {
+                let Some(s) = self.owned(client_id, *connection_id) else {
                     return CommandResult::NoSession;
                 };
                 for seq in received {
@@ -1677,11 +2456,11 @@ impl Model {
             }
             Command::InboundQos2 {
                 client_id,
+                connection_id,
                 received,
                 released,
-                ..
             } => {
-                let Some(s) = self.sessions.get_mut(&**client_id) else {
+                let Some(s) = self.owned(client_id, *connection_id) else {
                     return CommandResult::NoSession;
                 };
                 s.inbound.extend(received.iter().copied());
@@ -1878,6 +2657,22 @@ const FILTERS: [&str; 5] = ["t/a", "t/+", "#", "$share/g/t/+", "+/x"];
 /// Topics the route tables are compared on (the publish topics and a few others).
 const PROBES: [&str; 7] = ["t/a", "t/b", "s/x", "$sys/x", "t", "t/a/b", "q/x"];
 
+/// The connection a connection's command names, relative to the client's latest
+/// `OpenSession` in the log ([`build_log`] resolves it).
+#[derive(Clone, Copy, Debug)]
+enum Conn {
+    /// The connection of the client's latest open (connections 1 and 2 only).
+    Latest,
+    /// The other one: superseded, or never opened.
+    Stale,
+    /// [`ANY_CONNECTION`], as in entries of format 1.
+    Any,
+}
+
+fn conn() -> impl Strategy<Value = Conn> {
+    prop_oneof![6 => Just(Conn::Latest), 2 => Just(Conn::Stale), 2 => Just(Conn::Any)]
+}
+
 /// A command with its time left out: [`build_log`] gives times in increasing order.
 #[derive(Clone, Debug)]
 enum Op {
@@ -1898,10 +2693,12 @@ enum Op {
     },
     Subscribe {
         client: usize,
+        conn: Conn,
         filters: Vec<(usize, u8)>,
     },
     Unsubscribe {
         client: usize,
+        conn: Conn,
         filters: Vec<usize>,
     },
     Retain {
@@ -1915,14 +2712,20 @@ enum Op {
         max_messages: u64,
         max_bytes: u64,
         drop_oldest: bool,
+        /// The publisher's QoS 2 id: (client, its connection, packet id).
+        inbound: Option<(usize, Conn, u16)>,
+        /// The publish's retained message: (topic, payload length; 0 clears).
+        retained: Option<(usize, usize)>,
     },
     Ack {
         client: usize,
+        conn: Conn,
         completed: Vec<u64>,
         received: Vec<u64>,
     },
     Inbound {
         client: usize,
+        conn: Conn,
         received: Vec<u16>,
         released: Vec<u16>,
     },
@@ -1968,10 +2771,10 @@ fn op() -> impl Strategy<Value = Op> {
                 graceful,
                 expiry,
             }),
-        3 => (client(), prop::collection::vec((0..FILTERS.len(), 0u8..=2), 1..3))
-            .prop_map(|(client, filters)| Op::Subscribe { client, filters }),
-        2 => (client(), prop::collection::vec(0..FILTERS.len(), 1..3))
-            .prop_map(|(client, filters)| Op::Unsubscribe { client, filters }),
+        3 => (client(), conn(), prop::collection::vec((0..FILTERS.len(), 0u8..=2), 1..3))
+            .prop_map(|(client, conn, filters)| Op::Subscribe { client, conn, filters }),
+        2 => (client(), conn(), prop::collection::vec(0..FILTERS.len(), 1..3))
+            .prop_map(|(client, conn, filters)| Op::Unsubscribe { client, conn, filters }),
         2 => (0..TOPICS.len(), 0usize..3, msg_expiry())
             .prop_map(|(topic, payload_len, expiry)| Op::Retain {
                 topic,
@@ -1987,30 +2790,42 @@ fn op() -> impl Strategy<Value = Op> {
             1u64..=4,
             prop::sample::select(vec![0u64, 6, 12, 20, 1_000]),
             any::<bool>(),
+            prop::option::weighted(0.4, (client(), conn(), 1u16..4)),
+            prop::option::weighted(0.3, (0..TOPICS.len(), 0usize..3)),
         )
-            .prop_map(|(entries, max_messages, max_bytes, drop_oldest)| Op::Enqueue {
-                entries,
-                max_messages,
-                max_bytes,
-                drop_oldest,
-            }),
+            .prop_map(
+                |(entries, max_messages, max_bytes, drop_oldest, inbound, retained)| {
+                    Op::Enqueue {
+                        entries,
+                        max_messages,
+                        max_bytes,
+                        drop_oldest,
+                        inbound,
+                        retained,
+                    }
+                }
+            ),
         3 => (
             client(),
+            conn(),
             prop::collection::vec(0u64..6, 0..3),
             prop::collection::vec(0u64..6, 0..3),
         )
-            .prop_map(|(client, completed, received)| Op::Ack {
+            .prop_map(|(client, conn, completed, received)| Op::Ack {
                 client,
+                conn,
                 completed,
                 received,
             }),
         1 => (
             client(),
+            conn(),
             prop::collection::vec(1u16..4, 0..3),
             prop::collection::vec(1u16..4, 0..3),
         )
-            .prop_map(|(client, received, released)| Op::Inbound {
+            .prop_map(|(client, conn, received, released)| Op::Inbound {
                 client,
+                conn,
                 received,
                 released,
             }),
@@ -2032,10 +2847,17 @@ fn steps() -> impl Strategy<Value = Vec<(u64, Op)>> {
 fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
     let mut now = T0;
     let mut log = Vec::with_capacity(steps.len());
+    // Each client's latest connection (1 before any open).
+    let mut latest = [1u64; CLIENTS.len()];
     for (delta, op) in steps {
         now += delta;
         let client_id = |i: &usize| -> Arc<str> { Arc::from(CLIENTS[*i]) };
-        log.push(match op {
+        let connection = |client: &usize, conn: &Conn| match conn {
+            Conn::Latest => latest[*client],
+            Conn::Stale => 3 - latest[*client],
+            Conn::Any => ANY_CONNECTION,
+        };
+        let cmd = match op {
             Op::Open {
                 client,
                 node,
@@ -2069,17 +2891,25 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                 graceful,
                 expiry,
             } => close(CLIENTS[*client], *conn, *graceful, *expiry, now),
-            Op::Subscribe { client, filters } => Command::Subscribe {
+            Op::Subscribe {
+                client,
+                conn,
+                filters,
+            } => Command::Subscribe {
                 client_id: client_id(client),
-                connection_id: ANY_CONNECTION,
+                connection_id: connection(client, conn),
                 entries: filters
                     .iter()
                     .map(|(f, qos)| (FILTERS[*f].to_string(), options(*qos)))
                     .collect(),
             },
-            Op::Unsubscribe { client, filters } => Command::Unsubscribe {
+            Op::Unsubscribe {
+                client,
+                conn,
+                filters,
+            } => Command::Unsubscribe {
                 client_id: client_id(client),
-                connection_id: ANY_CONNECTION,
+                connection_id: connection(client, conn),
                 filters: filters.iter().map(|f| FILTERS[*f].to_string()).collect(),
             },
             Op::Retain {
@@ -2100,6 +2930,8 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                 max_messages,
                 max_bytes,
                 drop_oldest,
+                inbound,
+                retained,
             } => Command::Enqueue {
                 entries: entries
                     .iter()
@@ -2120,21 +2952,36 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                         QueueFullPolicy::DropNewest
                     },
                 },
-                inbound: None,
-                retained: None,
+                inbound: inbound.map(|(c, conn, packet_id)| InboundRecord {
+                    client_id: client_id(&c),
+                    connection_id: connection(&c, &conn),
+                    packet_id,
+                }),
+                retained: retained.map(|(t, len)| {
+                    let mut m = (*message(TOPICS[t], &vec![b'p'; len], None, now)).clone();
+                    m.retain = true;
+                    Arc::new(m)
+                }),
             },
             Op::Ack {
                 client,
+                conn,
                 completed,
                 received,
-            } => ack(CLIENTS[*client], completed, received),
+            } => Command::Ack {
+                client_id: client_id(client),
+                connection_id: connection(client, conn),
+                completed: completed.clone(),
+                received: received.clone(),
+            },
             Op::Inbound {
                 client,
+                conn,
                 received,
                 released,
             } => Command::InboundQos2 {
                 client_id: client_id(client),
-                connection_id: ANY_CONNECTION,
+                connection_id: connection(client, conn),
                 received: received.clone(),
                 released: released.clone(),
             },
@@ -2147,7 +2994,11 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                 publisher: *publisher,
                 now_ms: now,
             },
-        });
+        };
+        if let Op::Open { client, conn, .. } = op {
+            latest[*client] = *conn;
+        }
+        log.push(cmd);
     }
     log
 }
@@ -2267,6 +3118,80 @@ fn assert_same_observable(a: &BrokerState, b: &BrokerState) {
     }
 }
 
+/// How [`batches`] cuts a log into Raft entries.
+#[derive(Clone, Copy, Debug)]
+enum Batch {
+    /// Up to `len` commands in an entry without origin (format 1).
+    NoOrigin { len: usize },
+    /// Up to `len` commands from `node`'s proposer; `restart`: in a new incarnation.
+    Proposed {
+        node: NodeId,
+        len: usize,
+        restart: bool,
+    },
+    /// `node`'s last entry again (its answer was lost), when it has one.
+    Resend { node: NodeId },
+}
+
+fn batch() -> impl Strategy<Value = Batch> {
+    prop_oneof![
+        3 => (1usize..=3).prop_map(|len| Batch::NoOrigin { len }),
+        6 => (1u64..=2, 1usize..=3).prop_map(|(node, len)| Batch::Proposed {
+            node,
+            len,
+            restart: false
+        }),
+        1 => (1u64..=2, 1usize..=3).prop_map(|(node, len)| Batch::Proposed {
+            node,
+            len,
+            restart: true
+        }),
+        2 => (1u64..=2).prop_map(|node| Batch::Resend { node }),
+    ]
+}
+
+/// The log as Raft entries cut by `plan` (commands left over go one per entry without
+/// origin), with each proposer's resends. Sequence numbers count from 1 in each
+/// incarnation, as the proposer gives them.
+fn batches(log: &[Command], plan: &[Batch]) -> Vec<Request> {
+    let mut out = Vec::new();
+    let mut rest = log;
+    // Per node: (incarnation, last seq given, last request).
+    let mut proposers: BTreeMap<NodeId, (u64, u64, Option<Request>)> = BTreeMap::new();
+    for b in plan {
+        if rest.is_empty() {
+            break;
+        }
+        match *b {
+            Batch::NoOrigin { len } => {
+                let (now, later) = rest.split_at(len.min(rest.len()));
+                out.push(no_origin(now.to_vec()));
+                rest = later;
+            }
+            Batch::Proposed { node, len, restart } => {
+                let p = proposers.entry(node).or_insert((1, 0, None));
+                if restart {
+                    *p = (p.0 + 1, 0, None);
+                }
+                let (now, later) = rest.split_at(len.min(rest.len()));
+                let seqs: Vec<u64> = (p.1 + 1..=p.1 + now.len() as u64).collect();
+                p.1 += now.len() as u64;
+                let r = request(node, p.0, &seqs, now.to_vec());
+                p.2 = Some(r.clone());
+                out.push(r);
+                rest = later;
+            }
+            Batch::Resend { node } => {
+                if let Some((_, _, Some(r))) = proposers.get(&node) {
+                    out.push(r.clone());
+                }
+            }
+        }
+    }
+    out.extend(rest.iter().map(|c| no_origin(vec![c.clone()])));
+    out
+}
+
 fn apply_all(state: &mut BrokerState, log: &[Command]) {
     for cmd in log {
         state.apply_command(cmd);
@@ -2277,20 +3202,49 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_state_machine_agrees_with_a_reference_model(steps in steps()) {
+    fn the_state_machine_agrees_with_a_reference_model(
+        steps in steps(),
+        plan in prop::collection::vec(batch(), 0..40),
+    ) {
         let log = build_log(&steps);
         let mut h = Harness::new();
         let mut model = Model::default();
-        for (i, cmd) in log.iter().enumerate() {
-            let context = format!("after step {i}: {cmd:?}");
-            let result = h.apply(cmd);
-            let expected = model.apply(cmd);
-            prop_assert_eq!(&result, &expected, "result {}", context);
+        // The model of exactly-once apply: per node, its last entry and the results it
+        // got; a resend of it changes nothing and gets those results again.
+        let mut last: BTreeMap<NodeId, (Request, Vec<CommandResult>)> = BTreeMap::new();
+        for (i, request) in batches(&log, &plan).iter().enumerate() {
+            let context = format!("after entry {i}: {request:?}");
+            let results = h.state.apply_request(request);
+            let resend = request
+                .origin
+                .and_then(|o| last.get(&o.node))
+                .filter(|(r, _)| r == request);
+            let expected = match resend {
+                Some((_, first)) => first.clone(),
+                None => request.commands.iter().map(|c| model.apply(c)).collect(),
+            };
+            prop_assert_eq!(&results, &expected, "results {}", context);
+            if let Some(o) = request.origin {
+                last.insert(o.node, (request.clone(), expected));
+            }
             let events: Vec<MEvent> = h.events().into_iter().map(MEvent::from).collect();
             let expected_events = std::mem::take(&mut model.events);
             prop_assert_eq!(events, expected_events, "events {}", context);
             assert_agrees(&h.state, &model, &context);
         }
+        let applied: BTreeMap<NodeId, (u64, u64)> = last
+            .iter()
+            .map(|(n, (r, _))| {
+                (*n, (r.origin.map_or(0, |o| o.incarnation), r.seqs.iter().copied().max().unwrap_or(0)))
+            })
+            .collect();
+        let real: BTreeMap<NodeId, (u64, u64)> = h
+            .state
+            .proposers()
+            .iter()
+            .map(|(n, p)| (*n, (p.incarnation, p.applied)))
+            .collect();
+        prop_assert_eq!(real, applied, "proposers table");
     }
 
     #[test]
@@ -2323,20 +3277,29 @@ proptest! {
     }
 
     #[test]
-    fn restoring_a_snapshot_mid_log_then_applying_the_rest_gives_the_same_digest(
+    fn restoring_a_snapshot_mid_log_then_applying_the_rest_of_the_entries_gives_the_same_digest(
         steps in steps(),
+        plan in prop::collection::vec(batch(), 0..40),
         cut in any::<prop::sample::Index>(),
     ) {
-        let log = build_log(&steps);
-        let k = cut.index(log.len() + 1);
+        // As Raft entries with resends, so that the proposers' table goes through the
+        // snapshot too (a resend after the cut must still be recognised).
+        let entries = batches(&build_log(&steps), &plan);
+        let k = cut.index(entries.len() + 1);
+        let apply = |state: &mut BrokerState, entries: &[Request]| {
+            for r in entries {
+                state.apply_request(r);
+            }
+        };
         let mut whole = BrokerState::new(None);
-        apply_all(&mut whole, &log);
+        apply(&mut whole, &entries);
         let mut prefix = BrokerState::new(None);
-        apply_all(&mut prefix, &log[..k]);
+        apply(&mut prefix, &entries[..k]);
         let mut resumed = BrokerState::new(None);
         prop_assert!(resumed.restore(&prefix.to_snapshot()).is_ok());
-        apply_all(&mut resumed, &log[k..]);
+        apply(&mut resumed, &entries[k..]);
         prop_assert_eq!(resumed.digest(), whole.digest(), "cut at {}", k);
+        prop_assert_eq!(resumed.proposers(), whole.proposers(), "cut at {}", k);
         assert_same_observable(&whole, &resumed);
     }
 
