@@ -274,10 +274,13 @@ impl BrokerState {
             last.push((seq, result.clone()));
             results.push(result);
         }
-        record.applied = record
-            .applied
-            .max(request.seqs.iter().copied().max().unwrap_or(0));
-        record.last = last;
+        let newest = request.seqs.iter().copied().max().unwrap_or(0);
+        if newest > record.applied {
+            // A batch with new commands becomes the last one; a resend of an older
+            // batch leaves the last batch's results as they are.
+            record.applied = newest;
+            record.last = last;
+        }
         self.proposers.insert(origin.node, record);
         results
     }

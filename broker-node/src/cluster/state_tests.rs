@@ -2497,6 +2497,7 @@ impl Model {
                 self.retained.retain(|_, (_, at)| !expired(*at, now));
                 CommandResult::Done
             }
+            Command::Barrier => CommandResult::Done,
             Command::Kick { client_id } => match self.sessions.get(&**client_id) {
                 Some(s) if s.connected => {
                     self.events
