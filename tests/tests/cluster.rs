@@ -572,3 +572,75 @@ fn a_paused_nodes_clients_get_their_wills() {
     }
     converged(&running(&nodes));
 }
+
+#[test]
+fn a_node_that_catches_up_by_snapshot_closes_connections_taken_over_meanwhile() {
+    // A node that installs a snapshot applies none of the entries it covers, so none
+    // of their events reach it: it must compare its live connections with the state.
+    let nodes = Node::cluster_with_env(
+        3,
+        &[
+            ("FLOCKMQ_CLUSTER__SNAPSHOT_AFTER_LOGS", "50"),
+            ("FLOCKMQ_CLUSTER__NODE_LOST_AFTER", "300s"),
+        ],
+    );
+    let (mut old, _) =
+        RawClient::connect(nodes[2].mqtt_addr(), ProtocolVersion::V5, "mover", false, 0);
+    converged(&running(&nodes));
+    let pid = nodes[2].pid().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    signal("-STOP");
+    // While node 3 sleeps the log runs far past what the leader keeps behind its
+    // snapshots, the client moves to node 1 in the middle of it, and the log runs on:
+    // the entry of the move is gone from the leader's log when node 3 wakes.
+    let (mut p, _) = RawClient::connect(
+        nodes[0].mqtt_addr(),
+        ProtocolVersion::V3_1_1,
+        "filler",
+        true,
+        60,
+    );
+    let mut fill = |from: u16| {
+        for i in from..from + 300 {
+            let id = i + 1;
+            p.send(&flockmq_tests::mqtt::publish(
+                &format!("fill/{i}"),
+                "x",
+                QoS::AtLeastOnce,
+                true,
+                id,
+            ));
+            match p.recv(T) {
+                Some(Packet::PubAck(a)) => assert_eq!(a.packet_id, id),
+                other => panic!("PUBACK expected, got {other:?}"),
+            }
+        }
+    };
+    fill(0);
+    let (_new, ack) =
+        RawClient::connect(nodes[0].mqtt_addr(), ProtocolVersion::V5, "mover", false, 0);
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    fill(300);
+    signal("-CONT");
+    // The leader has purged the entries node 3 lacks: it can only send a snapshot.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !nodes[2].log().contains("snapshot installed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 3 did not install a snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        flockmq_tests::mqtt::disconnect_reason(&mut old, Duration::from_secs(30)),
+        Some(ReasonCode::SessionTakenOver),
+        "the superseded connection on the node that caught up is closed"
+    );
+    converged(&running(&nodes));
+}

@@ -661,6 +661,7 @@ where
             let _ = old.tx.try_send(ConnMsg::TakenOver);
         }
 
+        broker.set_establishing(connection_id, true);
         let opened = Box::pin(broker.proposer.propose_refusable(Command::OpenSession {
             client_id: client_id.clone(),
             node: broker.node_id,
@@ -672,6 +673,7 @@ where
             now_ms: unix_ms(),
         }))
         .await;
+        broker.set_establishing(connection_id, false);
         let session_present = match opened {
             Ok(CommandResult::SessionOpened { session_present }) => session_present,
             Ok(other) => {

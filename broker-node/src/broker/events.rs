@@ -96,6 +96,7 @@ impl Broker {
                         now_ms: unix_ms(),
                     });
                 }
+                Event::Restored => self.reconcile_with_state(),
                 Event::QueueGrew { client_id, node } if node == self.node_id => {
                     if let Some(h) = self.local_client(&client_id) {
                         // A full channel already holds work that will pump the queue.
@@ -105,6 +106,45 @@ impl Broker {
                 _ => {}
             }
         }
+    }
+
+    /// After a snapshot replaced the state (this node caught up that way, and the
+    /// entries it covers emitted no events here): close every local connection whose
+    /// session another connection owns now, or that has no session any more (v5
+    /// 0x8E), and wake the others so that they send what their queues hold.
+    pub fn reconcile_with_state(&self) {
+        // Connections still waiting for their OpenSession are not in the state yet;
+        // every other one is (its OpenSession was applied here before it was answered,
+        // and a snapshot never takes a node back).
+        let local: Vec<_> = self
+            .local_clients()
+            .into_iter()
+            .filter(|(_, h)| !self.is_establishing(h.connection_id))
+            .collect();
+        let verdicts: Vec<(Arc<str>, u64, bool)> = self.read_state(|st| {
+            local
+                .iter()
+                .map(|(client_id, h)| {
+                    let owns = st.session(client_id).is_some_and(|s| {
+                        s.connected && s.node == self.node_id && s.connection_id == h.connection_id
+                    });
+                    (client_id.clone(), h.connection_id, owns)
+                })
+                .collect()
+        });
+        let mut closed = 0;
+        for (client_id, connection_id, owns) in verdicts {
+            if owns {
+                self.tell_connection(&client_id, connection_id, ConnMsg::QueueGrew);
+            } else {
+                closed += 1;
+                self.tell_connection(&client_id, connection_id, ConnMsg::TakenOver);
+            }
+        }
+        tracing::info!(
+            closed,
+            "state replaced by a snapshot; live connections reconciled"
+        );
     }
 
     /// Send `msg` to the local connection `connection_id` of `client_id`, if it is

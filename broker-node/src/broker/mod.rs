@@ -138,6 +138,8 @@ pub struct Broker {
     /// The first connection id of this run: sessions owned by a lower one on this node
     /// are left from a previous run.
     first_connection_id: u64,
+    /// Connections whose OpenSession is not answered yet: the state may not show them.
+    establishing: Mutex<std::collections::HashSet<u64>>,
     /// Connections refused because their OpenSession was not committed in time, by
     /// connection id: should the command commit after all (a write stuck behind a
     /// network cut reaches the leader once it heals), the session it opened is closed
@@ -205,6 +207,7 @@ impl Broker {
             // restart must not match new ones in replicated session records.
             next_connection_id: AtomicU64::new(first_connection_id),
             first_connection_id,
+            establishing: Mutex::default(),
             refused_opens: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             started: Instant::now(),
@@ -231,6 +234,22 @@ impl Broker {
             }
         }
         refused.insert(connection_id, now);
+    }
+
+    /// Note whether connection `connection_id` is between its CONNECT and the answer
+    /// to its OpenSession.
+    pub fn set_establishing(&self, connection_id: u64, establishing: bool) {
+        let mut set = lock(&self.establishing);
+        if establishing {
+            set.insert(connection_id);
+        } else {
+            set.remove(&connection_id);
+        }
+    }
+
+    /// Whether connection `connection_id` waits for its OpenSession's answer.
+    pub fn is_establishing(&self, connection_id: u64) -> bool {
+        lock(&self.establishing).contains(&connection_id)
     }
 
     /// Whether connection `connection_id` was refused (forgetting it).

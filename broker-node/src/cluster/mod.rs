@@ -186,7 +186,10 @@ impl Cluster {
             election_timeout_min: c.election_timeout_min.as_millis() as u64,
             election_timeout_max: c.election_timeout_max.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_after_logs),
-            max_in_snapshot_log_to_keep: 1000,
+            // Entries kept behind a snapshot for followers that lag a little: at most
+            // as many as between snapshots (a small snapshot interval, as in tests,
+            // makes lagging followers catch up by snapshot sooner).
+            max_in_snapshot_log_to_keep: c.snapshot_after_logs.min(1000),
             ..Default::default()
         }
         .validate()

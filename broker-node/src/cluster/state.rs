@@ -78,6 +78,10 @@ pub enum Event {
         /// The client identifier.
         client_id: Arc<str>,
     },
+    /// The whole state was replaced by a snapshot: what happened in the entries it
+    /// covers emitted no events here, so the node reconciles its live connections
+    /// with the state (closes the superseded, feeds the queues).
+    Restored,
 }
 
 /// One session as the cluster knows it.
@@ -892,6 +896,7 @@ impl BrokerState {
         for (topic, message) in form.retained {
             self.retained.insert(&topic, message);
         }
+        self.emit(Event::Restored);
         Ok(())
     }
 

@@ -2145,6 +2145,7 @@ enum MEvent {
     Kick(String, NodeId, u64),
     Opened(String, NodeId, u64, bool),
     Ended(String),
+    Restored,
 }
 
 impl From<Event> for MEvent {
@@ -2173,6 +2174,7 @@ impl From<Event> for MEvent {
                 created,
             } => MEvent::Opened(client_id.to_string(), node, connection_id, created),
             Event::SessionEnded { client_id } => MEvent::Ended(client_id.to_string()),
+            Event::Restored => MEvent::Restored,
         }
     }
 }
