@@ -644,3 +644,62 @@ fn a_node_that_catches_up_by_snapshot_closes_connections_taken_over_meanwhile() 
     );
     converged(&running(&nodes));
 }
+
+#[test]
+fn a_node_restarted_with_an_empty_disk_catches_up_before_it_votes() {
+    // Node 1 (the lowest id, the one that initializes a fresh cluster) loses its disk
+    // and starts again with the same flags. It must neither initialize a new cluster
+    // nor vote with an empty log (a candidate lacking committed entries could then
+    // win), until it holds what the cluster committed.
+    let mut nodes = Node::cluster(3);
+    let r = run(
+        "mosquitto_pub",
+        &[
+            "-p",
+            &nodes[1].mqtt_port.to_string(),
+            "-t",
+            "site/name",
+            "-m",
+            "north",
+            "-r",
+            "-q",
+            "1",
+        ],
+        T,
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    converged(&running(&nodes));
+    nodes[0].kill();
+    std::fs::remove_dir_all(&nodes[0].data_dir).expect("wipe node 1's disk");
+    let before = nodes[0].log().len();
+    nodes[0].restart();
+    let since_restart = |node: &Node| node.log()[before..].to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !since_restart(&nodes[0]).contains("caught up: voting again") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 1 did not catch up:\n{}",
+            nodes[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = since_restart(&nodes[0]);
+    assert!(log.contains("catching up before voting"), "{log}");
+    assert!(!log.contains("initializing a new cluster"), "{log}");
+    converged(&running(&nodes));
+    let retained = run(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &nodes[0].mqtt_port.to_string(),
+            "-t",
+            "site/#",
+            "-v",
+            "--retained-only",
+            "-W",
+            "2",
+        ],
+        T,
+    );
+    assert_eq!(retained.stdout.trim(), "site/name north");
+}

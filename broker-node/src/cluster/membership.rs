@@ -27,6 +27,10 @@ pub enum MembershipChange {
         /// The node to remove.
         id: NodeId,
     },
+    /// Not a change: answered by the node asked, with the index it has applied if it
+    /// knows a leader, `0` if not (a node that starts with an empty disk asks whether
+    /// the cluster already holds committed entries).
+    Probe,
 }
 
 /// How long one change may take, catching a new node up included.
@@ -58,6 +62,15 @@ pub fn members(raft: &Raft) -> Members {
 /// Apply `change`: here if this node leads, otherwise through the leader. Returns a
 /// sentence saying what happened.
 pub async fn change(raft: &Raft, change: MembershipChange) -> Result<String, String> {
+    if change == MembershipChange::Probe {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let applied = match m.current_leader {
+            Some(_) => m.last_applied.map_or(0, |l| l.index),
+            None => 0,
+        };
+        return Ok(applied.to_string());
+    }
     let (own, leader) = {
         let metrics = raft.metrics();
         let m = metrics.borrow();
@@ -103,6 +116,7 @@ async fn apply_on_leader(raft: &Raft, change: MembershipChange) -> Result<String
             tracing::info!(node = id, %addr, "node joined as a voter");
             Ok(format!("node {id} ({addr}) joined as a voter"))
         }
+        MembershipChange::Probe => Ok("0".to_owned()),
         MembershipChange::Remove { id } => {
             if !current.nodes.contains_key(&id) {
                 return Ok(format!("node {id} is not a member"));
@@ -151,5 +165,45 @@ pub async fn join_through(
             _ = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// What a node that starts with an empty disk learned from its peers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmptyStart {
+    /// No peer knows of committed entries: a fresh cluster is forming.
+    Fresh,
+    /// The cluster holds entries up to this index, committed without this node's
+    /// disk: it must catch up before it votes (its disk was wiped, or it comes late).
+    Behind(u64),
+}
+
+/// Ask the other nodes of the initial cluster (`peers`, cluster addresses) whether the
+/// cluster already holds committed entries, until a peer says so or enough of them
+/// (with this node, a majority of `cluster_size`) say it does not.
+pub async fn probe_empty_start(
+    peers: &[String],
+    cluster_size: usize,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> EmptyStart {
+    let needed = cluster_size / 2; // with this node, a majority
+    loop {
+        let answers = futures::future::join_all(peers.iter().map(|addr| async move {
+            network::change_membership(addr, &MembershipChange::Probe, Duration::from_secs(2))
+                .await
+                .ok()
+                .and_then(|a| a.parse::<u64>().ok())
+        }))
+        .await;
+        if let Some(index) = answers.iter().flatten().copied().max().filter(|i| *i > 0) {
+            return EmptyStart::Behind(index);
+        }
+        if answers.iter().flatten().count() >= needed {
+            return EmptyStart::Fresh;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return EmptyStart::Fresh,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
     }
 }

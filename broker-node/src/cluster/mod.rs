@@ -235,7 +235,13 @@ impl Cluster {
             .await
             .with_context(|| format!("cannot listen on {} (cluster)", config.cluster_addr))?;
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        let service = RaftService::server(raft.clone());
+        let votes = network::Votes::default();
+        let fresh_disk = !raft.is_initialized().await?;
+        if fresh_disk && config.join.is_none() && config.initial_cluster.len() > 1 {
+            // Until the peers say whether the cluster already holds entries.
+            votes.withhold(true);
+        }
+        let service = RaftService::server(raft.clone(), votes.clone());
         let admin = AdminService::server(raft.clone());
         let forward_sink = forward::SinkSlot::default();
         let forwarding = network::forward::ForwardService::server(
@@ -265,6 +271,42 @@ impl Cluster {
                     members.insert(m.id, BasicNode::new(m.addr.clone()));
                 }
             }
+            // A node listed in the initial cluster that starts with an empty disk
+            // asks its peers first: if the cluster already holds committed entries
+            // (its disk was wiped, or it comes late), it must not initialize, and
+            // must not vote until it has caught up.
+            let peers: Vec<String> = config
+                .initial_cluster
+                .iter()
+                .filter(|m| m.id != config.node_id)
+                .map(|m| m.addr.clone())
+                .collect();
+            let start = if config.join.is_none() && !peers.is_empty() {
+                membership::probe_empty_start(&peers, config.initial_cluster.len(), &shutdown).await
+            } else {
+                membership::EmptyStart::Fresh
+            };
+            if let membership::EmptyStart::Behind(index) = start {
+                tracing::warn!(
+                    committed = index,
+                    "started with an empty disk in a cluster that holds committed entries: \
+                     catching up before voting"
+                );
+                let raft = raft.clone();
+                let votes = votes.clone();
+                tokio::spawn(async move {
+                    let caught_up = raft
+                        .wait(None)
+                        .applied_index_at_least(Some(index), "catching up after an empty start")
+                        .await;
+                    if caught_up.is_ok() {
+                        tracing::info!(applied = index, "caught up: voting again");
+                        votes.withhold(false);
+                    }
+                });
+            } else {
+                votes.withhold(false);
+            }
             // Only the lowest id of a fresh cluster initializes it: no node ever
             // initializes twice, and the others learn the membership from it. A
             // joining node is added by the cluster it asks.
@@ -275,7 +317,9 @@ impl Cluster {
                     advertise.clone(),
                     shutdown.clone(),
                 ));
-            } else if members.keys().next() == Some(&config.node_id) {
+            } else if start == membership::EmptyStart::Fresh
+                && members.keys().next() == Some(&config.node_id)
+            {
                 tracing::info!(voters = ?members.keys().collect::<Vec<_>>(), "initializing a new cluster");
                 if let Err(e) = raft.initialize(members).await {
                     tracing::info!(error = %e, "cluster already initialized");

@@ -187,12 +187,30 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 /// The gRPC service receiving Raft RPCs for the local node.
 pub struct RaftService {
     raft: Raft,
+    votes: Votes,
+}
+
+/// Whether this node answers vote requests. A node that started with an empty disk
+/// while the cluster already holds committed entries withholds its vote until it has
+/// caught up: its empty log would let a candidate without those entries win.
+#[derive(Clone, Default)]
+pub struct Votes(Arc<std::sync::atomic::AtomicBool>);
+
+impl Votes {
+    /// Refuse vote requests (`true`) or answer them.
+    pub fn withhold(&self, withheld: bool) {
+        self.0.store(withheld, std::sync::atomic::Ordering::Release);
+    }
+
+    fn withheld(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl RaftService {
-    /// A tonic server for `raft`.
-    pub fn server(raft: Raft) -> RaftServer<RaftService> {
-        RaftServer::new(RaftService { raft }).max_decoding_message_size(64 * 1024 * 1024)
+    /// A tonic server for `raft`, voting as `votes` says.
+    pub fn server(raft: Raft, votes: Votes) -> RaftServer<RaftService> {
+        RaftServer::new(RaftService { raft, votes }).max_decoding_message_size(64 * 1024 * 1024)
     }
 }
 
@@ -218,6 +236,12 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        if self.votes.withheld() {
+            // The candidate counts it as a node it could not reach.
+            return Err(Status::unavailable(
+                "started with an empty disk and still catching up: not voting yet",
+            ));
+        }
         let req: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad_request)?;
         reply(&self.raft.vote(req).await)
     }
