@@ -3,7 +3,8 @@
 # (the benchmark's peer) and clients (mosquitto_pub / mosquitto_sub, mosquitto_passwd),
 # curl and openssl (the TLS tests' certificates), Prometheus (the metrics test scrapes
 # a node with it), Python paho-mqtt 1.x (the seeds' examples use the 1.x API), and
-# helm and kubernetes-validate for the Helm chart's tests.
+# helm and kubernetes-validate for the Helm chart's tests, libfaketime for the
+# clock-skew test.
 # Idempotent: it installs only what is missing.
 set -euo pipefail
 
@@ -15,6 +16,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
+# A node whose wall clock is off (tests/tests/cluster.rs): libfaketime preloaded.
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_apt+=(libfaketime)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq

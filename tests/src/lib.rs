@@ -184,19 +184,35 @@ impl Node {
     /// Start `n` nodes forming one fresh Raft cluster, each with the environment
     /// variables `env` (settings as `FLOCKMQ_...`).
     pub fn cluster_with_env(n: usize, env: &[(&str, &str)]) -> Vec<Node> {
-        Self::form_cluster(n, env, |_| (Ipv4Addr::LOCALHOST, None))
+        Self::form_cluster(n, env, |_| (Ipv4Addr::LOCALHOST, None), |_| Vec::new())
     }
 
     /// Start one node of a fresh Raft cluster in each namespace of `net`, on ports
     /// 1883 (MQTT), 8080 (HTTP) and 7000 (cluster) of its own address.
     pub fn cluster_in(net: &netns::Network, n: usize, env: &[(&str, &str)]) -> Vec<Node> {
-        Self::form_cluster(n, env, |id| (net.addr(id), Some(net.namespace(id))))
+        Self::form_cluster(
+            n,
+            env,
+            |id| (net.addr(id), Some(net.namespace(id))),
+            |_| Vec::new(),
+        )
+    }
+
+    /// Start `n` nodes forming one fresh Raft cluster, node `id` (from 1) with the
+    /// environment variables `env_of(id)` besides `env`.
+    pub fn cluster_with_node_env(
+        n: usize,
+        env: &[(&str, &str)],
+        env_of: impl Fn(usize) -> Vec<(String, String)>,
+    ) -> Vec<Node> {
+        Self::form_cluster(n, env, |_| (Ipv4Addr::LOCALHOST, None), env_of)
     }
 
     fn form_cluster(
         n: usize,
         env: &[(&str, &str)],
         place: impl Fn(usize) -> (Ipv4Addr, Option<String>),
+        env_of: impl Fn(usize) -> Vec<(String, String)>,
     ) -> Vec<Node> {
         let mut nodes: Vec<Node> = (1..=n)
             .map(|id| {
@@ -212,6 +228,7 @@ impl Node {
                 if let Some(token) = &api_token {
                     extra_env.push(("FLOCKMQ_API_TOKEN".into(), token.clone()));
                 }
+                extra_env.extend(env_of(id));
                 Node {
                     child: None,
                     mqtt_port: port(1883),

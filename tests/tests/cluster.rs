@@ -703,3 +703,133 @@ fn a_node_restarted_with_an_empty_disk_catches_up_before_it_votes() {
     );
     assert_eq!(retained.stdout.trim(), "site/name north");
 }
+
+/// Where Debian's libfaketime lives (the `libfaketime` package).
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[test]
+fn a_node_whose_clock_is_ten_minutes_behind_expires_nothing_early() {
+    // Node 3's wall clock runs ten minutes behind (libfaketime; its monotonic clock is
+    // left alone). Times it writes into commands are moved onto the leader's clock,
+    // and messages it forwards travel with their age: nothing it touches expires early.
+    assert!(
+        std::path::Path::new(FAKETIME_LIB).exists(),
+        "libfaketime missing: scripts/install-test-deps.sh installs it"
+    );
+    let nodes = Node::cluster_with_node_env(3, &[], |id| {
+        if id == 3 {
+            vec![
+                ("LD_PRELOAD".into(), FAKETIME_LIB.into()),
+                ("FAKETIME".into(), "-10m".into()),
+                ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+                ("FAKETIME_DONT_RESET".into(), "1".into()),
+            ]
+        } else {
+            Vec::new()
+        }
+    });
+    let leader = nodes[0].status()["leader"].as_u64().expect("a leader");
+    assert_ne!(
+        leader, 3,
+        "the slow clock must not be the leader's for this test"
+    );
+    let v5 = ProtocolVersion::V5;
+    let expiring = |topic: &str, payload: &str, id: u16| {
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: Some(id),
+            properties: PublishProperties {
+                message_expiry_interval: Some(120),
+                ..Default::default()
+            },
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+        })
+    };
+    // A persistent session (expiry 120 s) that ends on node 3: its disconnect time is
+    // node 3's.
+    let (mut offline, _) = RawClient::connect_with(
+        nodes[2].mqtt_addr(),
+        broker_node::mqtt::Connect {
+            protocol: v5,
+            clean_start: true,
+            keep_alive: 60,
+            client_id: "slow-clock-sub".into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: broker_node::mqtt::ConnectProperties {
+                session_expiry_interval: Some(120),
+                ..Default::default()
+            },
+        },
+    );
+    flockmq_tests::mqtt::subscribe(&mut offline, "clock/#", QoS::AtLeastOnce);
+    offline.send(&Packet::Disconnect(broker_node::mqtt::Disconnect {
+        reason_code: ReasonCode::Success,
+        properties: Default::default(),
+    }));
+    assert!(offline.is_closed(T));
+    // A live subscriber on node 1 for messages node 3 forwards.
+    let (mut live, _) = RawClient::connect(nodes[0].mqtt_addr(), v5, "live-sub", true, 60);
+    flockmq_tests::mqtt::subscribe(&mut live, "clock/#", QoS::AtLeastOnce);
+    converged(&running(&nodes));
+    // Published through node 3 with a 120 s expiry: queued for the offline session
+    // with node 3's acceptance time, forwarded to node 1 with it.
+    let (mut p, _) = RawClient::connect(nodes[2].mqtt_addr(), v5, "slow-clock-pub", true, 60);
+    p.send(&expiring("clock/a", "queued", 1));
+    match p.recv(T) {
+        Some(Packet::PubAck(a)) => assert_eq!(a.reason_code, ReasonCode::Success),
+        other => panic!("PUBACK expected, got {other:?}"),
+    }
+    let got = flockmq_tests::mqtt::next_publish(&mut live, T).expect("forwarded from node 3");
+    assert_eq!(got.payload, "queued");
+    let left = got.properties.message_expiry_interval.expect("an expiry");
+    assert!(left > 100, "{left} s left of 120: dated by the slow clock");
+    // Make the leader sweep: a retained message that expires in a second. Once it is
+    // gone, a sweep ran at the leader's time over the session and its queue too.
+    let (mut ticker, _) = RawClient::connect(nodes[0].mqtt_addr(), v5, "ticker", true, 60);
+    ticker.send(&Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        topic: "tick".into(),
+        packet_id: Some(1),
+        properties: PublishProperties {
+            message_expiry_interval: Some(1),
+            ..Default::default()
+        },
+        payload: Bytes::from_static(b"t"),
+    }));
+    assert!(matches!(ticker.recv(T), Some(Packet::PubAck(_))));
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let retained = nodes[0].api("GET", "/retained", None).expect("retained");
+        if !retained.to_string().contains("\"tick\"") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no sweep: {retained}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (mut back, ack) = RawClient::connect_with(
+        nodes[0].mqtt_addr(),
+        broker_node::mqtt::Connect {
+            protocol: v5,
+            clean_start: false,
+            keep_alive: 60,
+            client_id: "slow-clock-sub".into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: broker_node::mqtt::ConnectProperties {
+                session_expiry_interval: Some(120),
+                ..Default::default()
+            },
+        },
+    );
+    assert!(ack.session_present, "the session did not expire early");
+    let queued = flockmq_tests::mqtt::next_publish(&mut back, T).expect("the queued message");
+    assert_eq!(queued.payload, "queued");
+}

@@ -292,7 +292,7 @@ impl Broker {
     ) -> Result<(), FrameError> {
         // Per client that had a full channel, its deliveries in arrival order.
         let mut blocked: Vec<Vec<Blocked>> = Vec::new();
-        let mut reader = FrameReader::new(&frame)?;
+        let mut reader = FrameReader::new(&frame, super::unix_ms())?;
         let mut fault = None;
         'frame: loop {
             let (message, targets) = match reader.next_message() {

@@ -356,6 +356,76 @@ pub struct Request {
     /// Each command's sequence number within its origin's incarnation (empty without
     /// an origin).
     pub seqs: Vec<u64>,
+    /// The proposing node's clock when it sent the request (0: unknown). The leader
+    /// moves every time in a forwarded request onto its own clock by the difference
+    /// ([`Request::restamp`]), so that all times in the log come from one clock.
+    pub sent_at_ms: u64,
+}
+
+impl Request {
+    /// Move every time this request carries (the `now_ms` of its commands, the
+    /// acceptance times of its messages) by the difference between `now_ms` (the
+    /// leader's clock) and the proposer's clock at sending. A node whose clock is off
+    /// then neither expires sessions and messages early nor keeps them too long.
+    pub fn restamp(&mut self, now_ms: u64) {
+        if self.sent_at_ms == 0 || self.sent_at_ms == now_ms {
+            return;
+        }
+        let delta = i128::from(now_ms) - i128::from(self.sent_at_ms);
+        let shift = |t: &mut u64| {
+            if *t != 0 {
+                *t = (i128::from(*t) + delta).clamp(0, i128::from(u64::MAX)) as u64;
+            }
+        };
+        // Messages are shared between entries: each is restamped once and stays shared.
+        let mut moved: Vec<(*const Message, Arc<Message>)> = Vec::new();
+        let mut restamp_message = |m: &mut Arc<Message>| {
+            let key = Arc::as_ptr(m);
+            if let Some((_, done)) = moved.iter().find(|(k, _)| *k == key) {
+                *m = done.clone();
+                return;
+            }
+            let mut copy = (**m).clone();
+            shift(&mut copy.received_at_ms);
+            let copy = Arc::new(copy);
+            moved.push((key, copy.clone()));
+            *m = copy;
+        };
+        for cmd in &mut self.commands {
+            match cmd {
+                Command::OpenSession { now_ms, will, .. } => {
+                    shift(now_ms);
+                    if let Some(w) = will {
+                        shift(&mut w.message.received_at_ms);
+                    }
+                }
+                Command::CloseSession { now_ms, .. }
+                | Command::Expire { now_ms, .. }
+                | Command::NodeLost { now_ms, .. } => shift(now_ms),
+                Command::Enqueue {
+                    entries, retained, ..
+                } => {
+                    for e in entries.iter_mut() {
+                        restamp_message(&mut e.message);
+                    }
+                    if let Some(m) = retained {
+                        restamp_message(m);
+                    }
+                }
+                Command::SetRetained {
+                    message: Some(m), ..
+                } => restamp_message(m),
+                Command::SetRetained { message: None, .. }
+                | Command::Subscribe { .. }
+                | Command::Unsubscribe { .. }
+                | Command::Ack { .. }
+                | Command::InboundQos2 { .. }
+                | Command::Kick { .. }
+                | Command::Barrier => {}
+            }
+        }
+        self.sent_at_ms = now_ms;
+    }
 }
 
 /// The results of one [`Request`], one per command.

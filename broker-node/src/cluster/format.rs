@@ -11,7 +11,7 @@
 //! node of an older release must not guess at what a newer one wrote.
 //!
 //! Format 2: an entry carries its [`Origin`] and per-command sequence numbers
-//! (exactly-once apply), the commands of a connection carry its id, and `Enqueue`
+//! (exactly-once apply) and its proposer's clock at sending (restamped by the leader), the commands of a connection carry its id, and `Enqueue`
 //! carries the inbound QoS 2 record of its publish; a snapshot carries the table of
 //! proposers' applied sequences.
 //!
@@ -54,6 +54,7 @@ struct RequestBodyRef<'a> {
     origin: &'a Option<Origin>,
     commands: &'a [Command],
     seqs: &'a [u64],
+    sent_at_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -61,6 +62,7 @@ struct RequestBody {
     origin: Option<Origin>,
     commands: Vec<Command>,
     seqs: Vec<u64>,
+    sent_at_ms: u64,
 }
 
 impl Serialize for Request {
@@ -71,6 +73,7 @@ impl Serialize for Request {
             origin: &self.origin,
             commands: &self.commands,
             seqs: &self.seqs,
+            sent_at_ms: self.sent_at_ms,
         })?;
         t.end()
     }
@@ -111,6 +114,7 @@ impl<'de> Visitor<'de> for RequestVisitor {
                     origin: None,
                     commands,
                     seqs: Vec::new(),
+                    sent_at_ms: 0,
                 })
             }
             Some(2) => {
@@ -126,6 +130,7 @@ impl<'de> Visitor<'de> for RequestVisitor {
                     origin: body.origin,
                     commands: body.commands,
                     seqs: body.seqs,
+                    sent_at_ms: body.sent_at_ms,
                 })
             }
             Some(v) => Err(de::Error::custom(format!(
@@ -333,6 +338,7 @@ mod tests {
             }),
             commands: sample(),
             seqs: vec![5, 6, 7],
+            sent_at_ms: 1_700_000_000_000,
         };
         let bytes = bincode::serialize(&request).expect("encode");
         assert_eq!(&bytes[..8], &marker(2).to_le_bytes());
@@ -403,8 +409,70 @@ mod tests {
                     },
                 ],
                 seqs: vec![],
+                sent_at_ms: 0,
             }
         );
+    }
+
+    #[test]
+    fn the_leader_moves_a_forwarded_requests_times_onto_its_clock() {
+        use crate::cluster::command::{EnqueueEntry, QueueFullPolicy};
+        // The proposer's clock is ten minutes behind the leader's.
+        let behind = 600_000;
+        let message = Arc::new(Message {
+            topic: Arc::from("t"),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos: 1,
+            retain: false,
+            properties: Default::default(),
+            received_at_ms: 1_000_000 - 5,
+            origin_client: None,
+        });
+        let entry = |c: &str| EnqueueEntry {
+            client_id: Arc::from(c),
+            message: message.clone(),
+            qos: 1,
+            retain: false,
+            subscription_ids: vec![],
+        };
+        let mut request = Request {
+            origin: None,
+            commands: vec![
+                Command::CloseSession {
+                    client_id: Arc::from("a"),
+                    connection_id: 1,
+                    graceful: false,
+                    expiry_secs: None,
+                    now_ms: 1_000_000 - 2,
+                },
+                Command::Enqueue {
+                    entries: vec![entry("a"), entry("b")],
+                    limits: QueueLimits {
+                        max_messages: 9,
+                        max_bytes: 99,
+                        policy: QueueFullPolicy::DropNewest,
+                    },
+                    inbound: None,
+                    retained: None,
+                },
+            ],
+            seqs: vec![],
+            sent_at_ms: 1_000_000,
+        };
+        request.restamp(1_000_000 + behind);
+        let Command::CloseSession { now_ms, .. } = &request.commands[0] else {
+            unreachable!()
+        };
+        assert_eq!(*now_ms, 1_000_000 - 2 + behind);
+        let Command::Enqueue { entries, .. } = &request.commands[1] else {
+            unreachable!()
+        };
+        assert_eq!(entries[0].message.received_at_ms, 1_000_000 - 5 + behind);
+        assert!(
+            Arc::ptr_eq(&entries[0].message, &entries[1].message),
+            "a message shared by two queues stays one message"
+        );
+        assert_eq!(request.sent_at_ms, 1_000_000 + behind);
     }
 
     #[test]
@@ -423,6 +491,7 @@ mod tests {
             }),
             commands: sample(),
             seqs: vec![1, 2, 3],
+            sent_at_ms: 0,
         };
         let bytes = bincode::serialize(&request).expect("encode");
         for cut in 0..bytes.len() {

@@ -111,7 +111,7 @@ impl FrameHandler for Inbound {
         let origin = origin_node.to_string();
         metrics::counter!("flockmq_forward_bytes_received_total", "peer" => origin.clone())
             .increment(entries.len() as u64);
-        let messages = FrameReader::new(&entries).map_or(0, |r| r.remaining());
+        let messages = FrameReader::new(&entries, 0).map_or(0, |r| r.remaining());
         metrics::counter!("flockmq_forward_received_total", "peer" => origin.clone())
             .increment(u64::from(messages));
         let delivered = match self.sink.get() {
@@ -385,7 +385,7 @@ async fn pump(
                 }
                 let items_len = items.len() as u64;
                 let mut entries = Vec::with_capacity(super::frame::encoded_len(&items));
-                if let Err(e) = super::frame::encode(&items, &mut entries) {
+                if let Err(e) = super::frame::encode(&items, crate::clock::unix_ms(), &mut entries) {
                     // Limits are checked on the way in, so this is a bug: the frame is
                     // lost, its publishers' acknowledgements are dropped unfired.
                     tracing::error!(error = %e, "cannot encode forward frame");

@@ -10,12 +10,17 @@
 //!
 //! ```text
 //! frame   = count:u32 message*
-//! message = topic:str16 payload:bytes32 flags:u8 received_at_ms:u64
+//! message = topic:str16 payload:bytes32 flags:u8 age_ms:u64
 //!           [origin:str16] [properties:bytes32] targets:u16 target*
 //!           flags: qos (bits 0-1), retain (2), has origin (3), has properties (4)
 //! target  = client:str16 flags:u8 ids:u16 id:u32* [group:str16]
 //!           flags: qos (bits 0-1), retain (2), has group (3)
 //! ```
+//!
+//! A message travels with its age (milliseconds since the sending node accepted it),
+//! not its acceptance time: the receiving node dates it on its own clock, so a node
+//! whose clock is off neither expires another node's messages early nor keeps them
+//! too long.
 
 use std::sync::Arc;
 
@@ -75,7 +80,7 @@ pub fn encoded_len(items: &[Forwarded]) -> usize {
 }
 
 /// Append `items` to `out` as one frame.
-pub fn encode(items: &[Forwarded], out: &mut Vec<u8>) -> Result<(), FrameError> {
+pub fn encode(items: &[Forwarded], now_ms: u64, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let count = u32::try_from(items.len()).map_err(|_| FrameError::TooLong("frame"))?;
     out.extend_from_slice(&count.to_le_bytes());
     for item in items {
@@ -92,7 +97,7 @@ pub fn encode(items: &[Forwarded], out: &mut Vec<u8>) -> Result<(), FrameError> 
             }
             | if has_properties { HAS_PROPERTIES } else { 0 };
         out.push(flags);
-        out.extend_from_slice(&m.received_at_ms.to_le_bytes());
+        out.extend_from_slice(&now_ms.saturating_sub(m.received_at_ms).to_le_bytes());
         if let Some(origin) = &m.origin_client {
             put_str16(out, origin, "client id")?;
         }
@@ -196,6 +201,8 @@ impl<'a> Cursor<'a> {
 pub struct FrameReader<'a> {
     cursor: Cursor<'a>,
     left: u32,
+    /// This node's clock, to date messages by their age.
+    now_ms: u64,
 }
 
 /// One client a decoded message is for, borrowed from the frame.
@@ -214,11 +221,15 @@ pub struct TargetRef<'a> {
 }
 
 impl<'a> FrameReader<'a> {
-    /// A reader over `frame`.
-    pub fn new(frame: &'a [u8]) -> Result<FrameReader<'a>, FrameError> {
+    /// A reader over `frame`, dating messages on this node's clock (`now_ms`).
+    pub fn new(frame: &'a [u8], now_ms: u64) -> Result<FrameReader<'a>, FrameError> {
         let mut cursor = Cursor { buf: frame, pos: 0 };
         let left = cursor.u32()?;
-        Ok(FrameReader { cursor, left })
+        Ok(FrameReader {
+            cursor,
+            left,
+            now_ms,
+        })
     }
 
     /// Messages not read yet.
@@ -237,7 +248,7 @@ impl<'a> FrameReader<'a> {
         let topic = Arc::from(c.str16()?);
         let payload = Bytes::copy_from_slice(c.bytes32()?);
         let flags = c.u8()?;
-        let received_at_ms = c.u64()?;
+        let received_at_ms = self.now_ms.saturating_sub(c.u64()?);
         let origin_client = if flags & HAS_ORIGIN != 0 {
             Some(Arc::from(c.str16()?))
         } else {
@@ -292,8 +303,11 @@ mod tests {
     use crate::cluster::forward::ForwardTarget;
     use proptest::prelude::*;
 
+    /// The clock of both ends in these tests.
+    const NOW: u64 = 2_000_000_000_000;
+
     fn decode_all(frame: &[u8]) -> Result<Vec<Forwarded>, FrameError> {
-        let mut reader = FrameReader::new(frame)?;
+        let mut reader = FrameReader::new(frame, NOW)?;
         let mut out = Vec::new();
         while let Some((message, n)) = reader.next_message()? {
             let mut targets = Vec::new();
@@ -366,12 +380,12 @@ mod tests {
     fn messages_and_targets_round_trip() {
         let items = sample();
         let mut frame = Vec::new();
-        encode(&items, &mut frame).expect("encodes");
+        encode(&items, NOW, &mut frame).expect("encodes");
         assert_eq!(decode_all(&frame).expect("decodes"), items);
         let mut plain = items.clone();
         Arc::make_mut(&mut plain[0].message).properties = MessageProperties::default();
         let mut frame = Vec::new();
-        encode(&plain, &mut frame).expect("encodes");
+        encode(&plain, NOW, &mut frame).expect("encodes");
         assert_eq!(
             frame.len(),
             encoded_len(&plain),
@@ -382,7 +396,7 @@ mod tests {
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         let mut frame = Vec::new();
-        encode(&sample(), &mut frame).expect("encodes");
+        encode(&sample(), NOW, &mut frame).expect("encodes");
         for len in 0..frame.len() {
             assert!(
                 decode_all(&frame[..len]).is_err(),
@@ -395,7 +409,7 @@ mod tests {
     #[test]
     fn a_client_id_that_is_not_utf8_is_refused() {
         let mut frame = Vec::new();
-        encode(&sample(), &mut frame).expect("encodes");
+        encode(&sample(), NOW, &mut frame).expect("encodes");
         let at = frame
             .windows(9)
             .position(|w| w == b"dashboard")
@@ -410,7 +424,7 @@ mod tests {
         let long = "t".repeat(70_000);
         Arc::make_mut(&mut items[0].message).topic = Arc::from(long.as_str());
         assert_eq!(
-            encode(&items, &mut Vec::new()),
+            encode(&items, NOW, &mut Vec::new()),
             Err(FrameError::TooLong("topic"))
         );
     }
@@ -439,7 +453,7 @@ mod tests {
                     qos,
                     retain,
                     properties: MessageProperties::default(),
-                    received_at_ms: at,
+                    received_at_ms: at % NOW,
                     origin_client: origin.map(|o| Arc::from(o.as_str())),
                 }),
                 targets: vec![ForwardTarget {
@@ -451,7 +465,7 @@ mod tests {
                 }],
             }];
             let mut frame = Vec::new();
-            encode(&items, &mut frame).expect("encodes");
+            encode(&items, NOW, &mut frame).expect("encodes");
             prop_assert_eq!(decode_all(&frame).expect("decodes"), items);
         }
     }

@@ -357,7 +357,7 @@ impl Cluster {
                 node_id: config.node_id,
                 // A new value per run of the process: the state machine starts this
                 // proposer's sequence afresh.
-                incarnation: crate::broker::unix_ms(),
+                incarnation: crate::clock::unix_ms(),
             },
             shutdown,
         );

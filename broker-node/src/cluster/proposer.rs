@@ -283,6 +283,7 @@ async fn run(
             origin: Some(origin),
             commands,
             seqs,
+            sent_at_ms: crate::clock::unix_ms(),
         };
         // Appending here, in the loop, keeps batches in submission order; only the
         // wait for commit runs concurrently.
@@ -324,6 +325,7 @@ fn request_of(origin: Origin, batch: &[Pending]) -> Request {
         origin: Some(origin),
         commands: batch.iter().map(|p| p.cmd.clone()).collect(),
         seqs: batch.iter().map(|p| p.seq).collect(),
+        sent_at_ms: crate::clock::unix_ms(),
     }
 }
 

@@ -1377,6 +1377,7 @@ fn request(node: NodeId, incarnation: u64, seqs: &[u64], commands: Vec<Command>)
         origin: Some(Origin { node, incarnation }),
         commands,
         seqs: seqs.to_vec(),
+        sent_at_ms: 0,
     }
 }
 
@@ -1385,6 +1386,7 @@ fn no_origin(commands: Vec<Command>) -> Request {
         origin: None,
         commands,
         seqs: Vec::new(),
+        sent_at_ms: 0,
     }
 }
 

@@ -274,7 +274,9 @@ impl AdminRpc for AdminService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let req: super::command::Request = decode(request.get_ref()).map_err(bad_request)?;
+        let mut req: super::command::Request = decode(request.get_ref()).map_err(bad_request)?;
+        // One clock for every time in the log: the leader's.
+        req.restamp(crate::clock::unix_ms());
         match self.raft.client_write(req).await {
             Ok(written) => {
                 let mut response = written.data;
