@@ -40,6 +40,9 @@
 //! fault every 4 to 10 s, kills and pauses chosen by the seed), `FAULTS_RATE` (messages
 //! per second, all publishers together), `FAULTS_SEED` (the schedule; random when
 //! unset, and printed either way so that a failing run can be replayed).
+//! `long_run_of_kills_and_pauses` (ignored: it finds a reordering, see its comment)
+//! is the same with 180 s at 200 msg/s by default:
+//! `cargo test -p flockmq-tests --test faults -- --ignored --nocapture`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
@@ -819,9 +822,28 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[test]
 fn acknowledged_messages_arrive_exactly_once_through_kills_and_pauses() {
+    run_faults(20, 120);
+}
+
+/// The long version by default (3 minutes, a fault every 4 to 10 s). It finds a
+/// reordering: when a follower's batch forwarded to a leader that is killed fails
+/// (`cluster/proposer.rs`, `run`: `other => answer(batch, other)`), its publishers'
+/// connections close, but their later publishes, already submitted to the proposer,
+/// still commit; the resent earlier ones are queued after them (seed
+/// 1796433136382172861 with FAULTS_SECONDS=240 FAULTS_RATE=200: 3:1956 after 3:1958
+/// at QoS 2 and 0:1951 after 0:1955 at QoS 1, at every subscriber).
+#[test]
+#[ignore = "finds a reordering after a failed forwarded batch (cluster/proposer.rs); 3 minutes"]
+fn long_run_of_kills_and_pauses() {
+    run_faults(180, 200);
+}
+
+/// Publish for `FAULTS_SECONDS` (default `default_seconds`) at `FAULTS_RATE` (default
+/// `default_rate`) msg/s under the fault schedule of `FAULTS_SEED`, then check.
+fn run_faults(default_seconds: u64, default_rate: u64) {
     const CI_SECONDS: u64 = 20;
-    let seconds = env_u64("FAULTS_SECONDS").unwrap_or(CI_SECONDS);
-    let rate = env_u64("FAULTS_RATE").unwrap_or(120) as f64;
+    let seconds = env_u64("FAULTS_SECONDS").unwrap_or(default_seconds);
+    let rate = env_u64("FAULTS_RATE").unwrap_or(default_rate) as f64;
     let seed = env_u64("FAULTS_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
