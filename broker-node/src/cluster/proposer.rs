@@ -360,10 +360,14 @@ enum Forwarded {
     NowLeader,
 }
 
-/// Forward `batch` to `leader`; while the leader cannot be reached or says it no
-/// longer leads (an election is under way), wait for the next leader and try it,
-/// until `deadline`. A batch whose delivery is uncertain (the call timed out after
-/// being sent) is not sent again. Before every attempt, refusable commands whose
+/// Forward `batch` to `leader`; while the leader cannot be reached, says it no longer
+/// leads (an election is under way) or gives no answer, wait for the next leader and
+/// try it, until `deadline`. A batch whose delivery is uncertain (no answer after it
+/// was sent) is sent again all the same, with its origin and sequence numbers: if it
+/// was applied, the state machine answers the resend with the first results and
+/// applies nothing twice (invariant 7). Giving up on it instead would let the batches
+/// behind it commit first, and a client resending its refused messages would see
+/// them delivered after later ones. Before every attempt, refusable commands whose
 /// submitters gave up are taken out.
 async fn forward(
     raft: &Raft,
@@ -385,8 +389,7 @@ async fn forward(
             .await
         {
             Ok(response) => return Forwarded::Done(Ok(response)),
-            Err(ForwardError::Uncertain(e)) => return Forwarded::Done(Err(e)),
-            Err(ForwardError::NotSent(e)) => {
+            Err(ForwardError::Uncertain(e) | ForwardError::NotSent(e)) => {
                 tracing::debug!(leader = leader.0, error = %e, "leader unreachable, waiting for the next");
                 // Give the same leader another chance after a pause if no other emerges.
                 let pause = (tokio::time::Instant::now() + RETRY_PAUSE).min(deadline);

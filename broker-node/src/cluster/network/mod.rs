@@ -362,7 +362,8 @@ pub enum ForwardError {
     /// it no longer leads. It may be sent to the next leader.
     NotSent(String),
     /// The batch may or may not have been applied (a timeout after sending, a failure
-    /// inside the leader). Sending it again could apply it twice.
+    /// inside the leader). Sent again with the same origin and sequence numbers, it is
+    /// applied at most once.
     Uncertain(String),
 }
 
