@@ -562,3 +562,32 @@ fn a_deny_inside_a_wildcard_grant_withholds_only_its_topics() {
     assert_eq!(part_got.topic, "secret/y");
     assert!(next_publish(&mut part, Duration::from_millis(500)).is_none());
 }
+
+#[test]
+fn a_message_every_queue_refused_is_answered_0x97_quota_exceeded() {
+    // One persistent subscriber, offline, whose queue holds one message and refuses
+    // newer ones: the second publish reached nobody, and a v5 publisher is told so.
+    let node = Node::start_with_config(
+        "[mqtt]\nmax_queued_messages = 1\nqueue_full_policy = \"drop_newest\"\n",
+    );
+    let (mut s, _) = connect_v5(&node, "full-sub", true, Some(600), None);
+    assert_eq!(
+        subscribe(&mut s, "q/#", QoS::AtLeastOnce),
+        vec![ReasonCode::GrantedQoS1]
+    );
+    s.send(&Packet::Disconnect(Disconnect {
+        reason_code: ReasonCode::Success,
+        properties: Default::default(),
+    }));
+    assert!(s.is_closed(T));
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V5, "full-pub", true, 60);
+    let mut puback = |id: u16| {
+        p.send(&publish("q/1", "m", QoS::AtLeastOnce, false, id));
+        match p.recv(T) {
+            Some(Packet::PubAck(a)) => a.reason_code,
+            other => panic!("PUBACK expected, got {other:?}"),
+        }
+    };
+    assert_eq!(puback(1), ReasonCode::Success);
+    assert_eq!(puback(2), ReasonCode::QuotaExceeded);
+}
