@@ -101,41 +101,11 @@ impl Node {
         node
     }
 
-    /// Start one broker per entry of `args` (its extra flags), all processes first and
-    /// then waiting for each: for joins that must race.
-    pub fn start_together(args: &[&[&str]]) -> Vec<Node> {
-        let mut nodes: Vec<Node> = args
-            .iter()
-            .map(|args| {
-                let tmp = tempfile::tempdir().expect("temp dir");
-                let mut node = Node {
-                    child: None,
-                    mqtt_port: free_port(),
-                    http_port: free_port(),
-                    cluster_port: free_port(),
-                    data_dir: tmp.path().join("data"),
-                    host: Ipv4Addr::LOCALHOST,
-                    netns: None,
-                    api_token: None,
-                    extra_args: args.iter().map(|s| s.to_string()).collect(),
-                    extra_env: Vec::new(),
-                    _tmp: Some(tmp),
-                    _config_dir: None,
-                };
-                node.spawn_process();
-                node
-            })
-            .collect();
-        for node in &mut nodes {
-            node.wait_ready();
-        }
-        nodes
-    }
-
-    /// Start a single-node broker with extra command-line flags.
-    pub fn start_with(args: &[&str]) -> Node {
+    /// A node on loopback with free ports, a fresh data directory and `args` as extra
+    /// flags, not started yet.
+    fn local(args: &[&str]) -> Node {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let mut node = Node {
+        Node {
             child: None,
             mqtt_port: free_port(),
             http_port: free_port(),
@@ -148,7 +118,29 @@ impl Node {
             extra_env: Vec::new(),
             _tmp: Some(tmp),
             _config_dir: None,
-        };
+        }
+    }
+
+    /// Start one broker per entry of `args` (its extra flags), all processes first and
+    /// then waiting for each: for joins that must race.
+    pub fn start_together(args: &[&[&str]]) -> Vec<Node> {
+        let mut nodes: Vec<Node> = args
+            .iter()
+            .map(|args| {
+                let mut node = Node::local(args);
+                node.spawn_process();
+                node
+            })
+            .collect();
+        for node in &mut nodes {
+            node.wait_ready();
+        }
+        nodes
+    }
+
+    /// Start a single-node broker with extra command-line flags.
+    pub fn start_with(args: &[&str]) -> Node {
+        let mut node = Node::local(args);
         node.spawn();
         node
     }
@@ -156,21 +148,7 @@ impl Node {
     /// Start a single-node broker on a copy of the data directory `data` (a fixture an
     /// earlier release wrote).
     pub fn start_from(data: &Path) -> Node {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let mut node = Node {
-            child: None,
-            mqtt_port: free_port(),
-            http_port: free_port(),
-            cluster_port: free_port(),
-            data_dir: tmp.path().join("data"),
-            host: Ipv4Addr::LOCALHOST,
-            netns: None,
-            api_token: None,
-            extra_args: Vec::new(),
-            extra_env: Vec::new(),
-            _tmp: Some(tmp),
-            _config_dir: None,
-        };
+        let mut node = Node::local(&[]);
         copy_tree(data, &node.data_dir);
         node.spawn();
         node

@@ -86,3 +86,39 @@ pub fn disconnect_reason(c: &mut RawClient, timeout: Duration) -> Option<ReasonC
         }
     }
 }
+
+/// Receive `n` PUBLISHes within `timeout`, acknowledging them as a client does
+/// (PUBACK, PUBREC then PUBCOMP for PUBREL); panics with what arrived if they do not.
+pub fn receive_acked(c: &mut RawClient, n: usize, timeout: Duration) -> Vec<Publish> {
+    use broker_node::mqtt::{PubAck, PubComp, PubRec};
+    let mut got = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.recv(left) {
+            Some(Packet::Publish(p)) => {
+                match (p.qos, p.packet_id) {
+                    (QoS::AtLeastOnce, Some(id)) => {
+                        c.send(&Packet::PubAck(PubAck::new(id, ReasonCode::Success)))
+                    }
+                    (QoS::ExactlyOnce, Some(id)) => {
+                        c.send(&Packet::PubRec(PubRec::new(id, ReasonCode::Success)))
+                    }
+                    _ => {}
+                }
+                got.push(p);
+            }
+            Some(Packet::PubRel(r)) => c.send(&Packet::PubComp(PubComp::new(
+                r.packet_id,
+                ReasonCode::Success,
+            ))),
+            Some(_) => {}
+            None => panic!(
+                "{} of {n} messages arrived: {:?}",
+                got.len(),
+                got.iter().map(|p| &p.topic).collect::<Vec<_>>()
+            ),
+        }
+    }
+    got
+}

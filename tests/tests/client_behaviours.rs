@@ -9,11 +9,11 @@
 use std::time::{Duration, Instant};
 
 use broker_node::mqtt::{
-    Connect, ConnectProperties, Disconnect, Packet, ProtocolVersion, PubComp, PubRec, PubRel,
-    Publish, PublishProperties, QoS, ReasonCode, Subscribe, SubscribeProperties,
+    Connect, ConnectProperties, Disconnect, Packet, ProtocolVersion, PubRel, Publish,
+    PublishProperties, QoS, ReasonCode, Subscribe, SubscribeProperties,
 };
 use bytes::Bytes;
-use flockmq_tests::mqtt::{next_publish, opts, publish, subscribe};
+use flockmq_tests::mqtt::{next_publish, opts, publish, receive_acked, subscribe};
 use flockmq_tests::{converged, run, Background, Node, RawClient};
 use rumqttc::v5::mqttbytes::v5::Packet as P5;
 use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
@@ -70,32 +70,23 @@ fn publish_acked(c: &mut RawClient, packet: Packet) {
 
 /// Receive `n` messages, acknowledging them as a client does; their topics and payloads.
 fn receive(c: &mut RawClient, n: usize) -> Vec<(String, String)> {
-    let mut got = Vec::new();
-    let deadline = Instant::now() + T;
-    while got.len() < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match c.recv(left) {
-            Some(Packet::Publish(p)) => {
-                match (p.qos, p.packet_id) {
-                    (QoS::AtLeastOnce, Some(id)) => c.send(&Packet::PubAck(
-                        broker_node::mqtt::PubAck::new(id, ReasonCode::Success),
-                    )),
-                    (QoS::ExactlyOnce, Some(id)) => {
-                        c.send(&Packet::PubRec(PubRec::new(id, ReasonCode::Success)))
-                    }
-                    _ => {}
-                }
-                got.push((p.topic, String::from_utf8_lossy(&p.payload).into_owned()));
+    receive_acked(c, n, T)
+        .into_iter()
+        .map(|p| (p.topic, String::from_utf8_lossy(&p.payload).into_owned()))
+        .collect()
+}
+
+/// Poll a rumqttc v5 event loop until its SUBACK.
+async fn until_suback5(events: &mut rumqttc::v5::EventLoop) {
+    tokio::time::timeout(T, async {
+        loop {
+            if let Event5::Incoming(P5::SubAck(_)) = events.poll().await.expect("poll") {
+                return;
             }
-            Some(Packet::PubRel(r)) => c.send(&Packet::PubComp(PubComp::new(
-                r.packet_id,
-                ReasonCode::Success,
-            ))),
-            Some(_) => {}
-            None => panic!("{} of {n} messages arrived: {got:?}", got.len()),
         }
-    }
-    got
+    })
+    .await
+    .expect("SUBACK");
 }
 
 /// Client `a` leaves a persistent session subscribed to `t/#` at QoS 2 on `first`;
@@ -185,15 +176,7 @@ async fn a_real_v5_client_resuming_without_expiry_gets_its_queue() {
         .subscribe("t/#", rumqttc::v5::mqttbytes::QoS::ExactlyOnce)
         .await
         .expect("subscribe");
-    tokio::time::timeout(T, async {
-        loop {
-            if let Event5::Incoming(P5::SubAck(_)) = events.poll().await.expect("poll") {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("SUBACK");
+    until_suback5(&mut events).await;
     client.disconnect().await.expect("disconnect");
     while events.poll().await.is_ok() {}
 
@@ -432,15 +415,7 @@ async fn a_real_v5_client_resolves_the_aliases_it_is_given() {
         .subscribe("fleet/#", rumqttc::v5::mqttbytes::QoS::AtMostOnce)
         .await
         .expect("subscribe");
-    tokio::time::timeout(T, async {
-        loop {
-            if let Event5::Incoming(P5::SubAck(_)) = events.poll().await.expect("poll") {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("SUBACK");
+    until_suback5(&mut events).await;
     let addr = node.mqtt_addr();
     let n = 30;
     tokio::task::spawn_blocking(move || {

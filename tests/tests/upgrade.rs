@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use broker_node::mqtt::{Packet, ProtocolVersion, PubAck, PubComp, PubRec, QoS, ReasonCode};
-use flockmq_tests::mqtt::{next_publish, subscribe};
+use broker_node::mqtt::{ProtocolVersion, QoS, ReasonCode};
+use flockmq_tests::mqtt::{next_publish, receive_acked, subscribe};
 use flockmq_tests::{run, Node, RawClient};
 
 const T: Duration = Duration::from_secs(10);
@@ -25,34 +25,10 @@ fn resume_and_read(
 ) -> Vec<String> {
     let (mut c, ack) = RawClient::connect(node.mqtt_addr(), version, client_id, false, 60);
     assert!(ack.session_present, "{client_id}'s session is kept");
-    let mut got = Vec::new();
-    while got.len() < n {
-        match c.recv(T) {
-            Some(Packet::Publish(p)) => {
-                match (p.qos, p.packet_id) {
-                    (QoS::AtLeastOnce, Some(id)) => {
-                        c.send(&Packet::PubAck(PubAck::new(id, ReasonCode::Success)))
-                    }
-                    (QoS::ExactlyOnce, Some(id)) => {
-                        c.send(&Packet::PubRec(PubRec::new(id, ReasonCode::Success)))
-                    }
-                    _ => {}
-                }
-                got.push(format!(
-                    "{} {}",
-                    p.topic,
-                    String::from_utf8_lossy(&p.payload)
-                ));
-            }
-            Some(Packet::PubRel(r)) => c.send(&Packet::PubComp(PubComp::new(
-                r.packet_id,
-                ReasonCode::Success,
-            ))),
-            Some(_) => {}
-            None => panic!("{client_id}: {} of {n} messages: {got:?}", got.len()),
-        }
-    }
-    got
+    receive_acked(&mut c, n, T)
+        .into_iter()
+        .map(|p| format!("{} {}", p.topic, String::from_utf8_lossy(&p.payload)))
+        .collect()
 }
 
 fn retained(node: &Node, filter: &str) -> Vec<String> {
