@@ -28,11 +28,10 @@ pub enum Reach {
     /// All of them: local clients directly, the others through their nodes and the
     /// replicated queues.
     All,
-    /// A committed will this node publishes. Every node hands a will to its own
-    /// connected clients as it applies the command that made it due, so a will reaches
-    /// the majority's clients even when the node that publishes it is cut off from
-    /// them: what is left here is the local clients, the shared groups' choice and the
-    /// queues of persistent sessions.
+    /// A committed will this node publishes. The state machine itself queued it for
+    /// persistent sessions (and set it retained) as it applied the command that made
+    /// it due, on every node; every node hands it to its own connected clean sessions;
+    /// what is left here is the local clients and the shared groups' choice.
     WillPublisher,
     /// A committed will another node publishes: only this node's connected clients,
     /// outside shared groups and replicated queues.
@@ -198,8 +197,11 @@ impl Broker {
                 .drain()
                 .filter_map(|(client, t)| {
                     let session = state.session(&client)?;
-                    let queued =
-                        t.qos > 0 && session.is_persistent() && (durable || !session.connected);
+                    // A will is queued for every persistent session by the state
+                    // machine, durable or not.
+                    let queued = t.qos > 0
+                        && session.is_persistent()
+                        && (durable || !session.connected || reach != Reach::All);
                     let node = session.connected.then_some(session.node);
                     Some((client, t, queued, node))
                 })
@@ -217,8 +219,11 @@ impl Broker {
             let remote_direct = node != Some(self.node_id) && target.shared_group.is_none();
             let left_to_others = match reach {
                 Reach::All => false,
-                // The node the client is connected to delivers it.
-                Reach::WillPublisher => !queued && remote_direct,
+                // The node the client is connected to delivers it, and the state
+                // machine queued it already outside shared groups.
+                Reach::WillPublisher => {
+                    (!queued && remote_direct) || (queued && target.shared_group.is_none())
+                }
                 Reach::Local => queued || node != Some(self.node_id),
             };
             if left_to_others {
@@ -530,7 +535,8 @@ impl Broker {
         // due. For a will that matters: the other nodes split the delivery with this
         // one by their own view as they apply it, so this node must not look a Raft
         // round trip later, after clients may have moved.
-        let retained = if message.retain {
+        // (A will's retained copy is set by the state machine as it becomes due.)
+        let retained = if message.retain && reach == Reach::All {
             let cmd = Command::SetRetained {
                 topic: message.topic.clone(),
                 message: Some(message.clone()),

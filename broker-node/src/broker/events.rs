@@ -51,9 +51,7 @@ impl Broker {
                     self.tell_connection(&client_id, connection_id, msg);
                 }
                 Event::PublishWill { publisher, message } => {
-                    let mut message = (*message).clone();
-                    message.received_at_ms = unix_ms();
-                    let message = Arc::new(message);
+                    // Dated by the state machine, at the time the will became due.
                     if publisher == self.node_id {
                         let this = self.clone();
                         tokio::spawn(async move {

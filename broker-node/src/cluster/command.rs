@@ -169,6 +169,18 @@ pub struct QueueLimits {
     pub policy: QueueFullPolicy,
 }
 
+impl Default for QueueLimits {
+    /// The configuration's defaults (`mqtt.max_queued_messages`, `max_queued_bytes`,
+    /// `queue_full_policy`), for a will due before any `Enqueue` said otherwise.
+    fn default() -> Self {
+        QueueLimits {
+            max_messages: 1000,
+            max_bytes: 64 << 20,
+            policy: QueueFullPolicy::DropNewest,
+        }
+    }
+}
+
 /// One change to the replicated state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {

@@ -151,6 +151,9 @@ pub struct BrokerState {
     routes: SubscriptionTrie<ClientKey, SubscriptionOptions>,
     /// What each node's proposer had applied last (DESIGN invariant 7).
     proposers: BTreeMap<NodeId, ProposerRecord>,
+    /// The queue limits of the last `Enqueue` applied: a will that becomes due is
+    /// queued under them.
+    queue_limits: QueueLimits,
     events: Option<UnboundedSender<Event>>,
     /// While set, applying emits no events (see [`BrokerState::set_muted`]).
     muted: bool,
@@ -176,6 +179,7 @@ struct SnapshotForm {
     sessions: Vec<(Arc<str>, Box<SessionRecord>)>,
     retained: Vec<(Arc<str>, RetainedMessage)>,
     proposers: Vec<(NodeId, ProposerRecord)>,
+    queue_limits: QueueLimits,
 }
 
 /// A snapshot of format 1 (no marker, no proposers).
@@ -325,7 +329,7 @@ impl BrokerState {
                 clean_start,
                 expiry_secs,
                 will,
-                now_ms: _,
+                now_ms,
             } => self.open_session(
                 client_id,
                 *node,
@@ -334,6 +338,7 @@ impl BrokerState {
                 *clean_start,
                 *expiry_secs,
                 will.clone(),
+                *now_ms,
             ),
             Command::CloseSession {
                 client_id,
@@ -398,6 +403,7 @@ impl BrokerState {
                 if let Some(m) = retained {
                     self.set_retained(&m.topic, Some(m));
                 }
+                self.queue_limits = *limits;
                 self.enqueue(entries, limits)
             }
             Command::Ack {
@@ -483,6 +489,7 @@ impl BrokerState {
         clean_start: bool,
         expiry_secs: u32,
         will: Option<Will>,
+        now_ms: u64,
     ) -> CommandResult {
         let mut session_present = false;
         if let Some(old) = self.sessions.get_mut(client_id) {
@@ -504,10 +511,7 @@ impl BrokerState {
             if let Some(w) = old_will {
                 let cancelled = !clean_start && (w.delay_secs > 0 || !old.connected);
                 if !cancelled {
-                    self.emit(Event::PublishWill {
-                        publisher: node,
-                        message: Arc::new(w.message),
-                    });
+                    self.will_due(w.message, now_ms, node);
                 }
             }
             if clean_start {
@@ -580,25 +584,77 @@ impl BrokerState {
             session.expiry_secs = secs;
         }
         let node = publisher.unwrap_or(session.node);
+        let mut due_now = None;
         if graceful {
             session.will = None;
         } else if let Some(will) = &session.will {
             if will.delay_secs == 0 || session.expiry_secs == 0 {
-                let message = Arc::new(will.message.clone());
-                session.will = None;
-                self.emit(Event::PublishWill {
-                    publisher: node,
-                    message,
-                });
+                due_now = session.will.take().map(|w| w.message);
             } else {
                 session.will_due_at_ms = Some(now_ms + u64::from(will.delay_secs) * 1000);
             }
+        }
+        if let Some(message) = due_now {
+            self.will_due(message, now_ms, node);
         }
         let session = &self.sessions[client_id];
         if session.expiry_secs == 0 {
             self.remove_session(client_id);
         }
         CommandResult::Done
+    }
+
+    /// A will is due at `now_ms`. What follows from it in the replicated state happens
+    /// here, on every node alike, whether or not the node that publishes it lives on:
+    /// it becomes its topic's retained message if it is retained, and it is queued for
+    /// every persistent session that subscribed to its topic at QoS ≥ 1 (outside
+    /// shared groups), under the queue limits of the last `Enqueue`. Then `publisher`
+    /// is told to make the shared groups' choice, and every node to hand it to its
+    /// own connected clean sessions ([`Event::PublishWill`]).
+    fn will_due(&mut self, mut message: Message, now_ms: u64, publisher: NodeId) {
+        message.received_at_ms = now_ms;
+        let message = Arc::new(message);
+        if message.retain {
+            self.set_retained(&message.topic, Some(&message));
+        }
+        // Each persistent subscriber once, with everything its subscriptions decide,
+        // in client id order.
+        let mut targets: BTreeMap<Arc<str>, EnqueueEntry> = BTreeMap::new();
+        let origin = message.origin_client.as_deref();
+        self.routes
+            .for_each_match(&message.topic, |_, client, options| {
+                if options.no_local && origin == Some(&**client) {
+                    return;
+                }
+                let qos = message.qos.min(options.qos);
+                let entry = targets
+                    .entry(client.clone())
+                    .or_insert_with(|| EnqueueEntry {
+                        client_id: client.clone(),
+                        message: message.clone(),
+                        qos: 0,
+                        retain: false,
+                        subscription_ids: Vec::new(),
+                    });
+                entry.qos = entry.qos.max(qos);
+                entry.retain |= options.retain_as_published && message.retain;
+                entry.subscription_ids.extend(options.subscription_id);
+            });
+        let entries: Vec<EnqueueEntry> = targets
+            .into_values()
+            .filter(|e| {
+                e.qos > 0
+                    && self
+                        .sessions
+                        .get(&e.client_id)
+                        .is_some_and(|s| s.is_persistent())
+            })
+            .collect();
+        self.emit(Event::PublishWill { publisher, message });
+        if !entries.is_empty() {
+            let limits = self.queue_limits;
+            self.enqueue(&entries, &limits);
+        }
     }
 
     /// One retained message per topic; an empty payload (or none) clears it.
@@ -777,7 +833,7 @@ impl BrokerState {
                 .is_some_and(|due| due <= now_ms && !session.connected)
             {
                 if let Some(w) = session.will.take() {
-                    wills.push(Arc::new(w.message));
+                    wills.push(w.message);
                 }
                 session.will_due_at_ms = None;
             }
@@ -789,7 +845,7 @@ impl BrokerState {
                 if end <= now_ms {
                     // A will still delayed is published when the session ends.
                     if let Some(w) = session.will.take() {
-                        wills.push(Arc::new(w.message));
+                        wills.push(w.message);
                     }
                     ended.push(client_id.clone());
                     continue;
@@ -811,13 +867,10 @@ impl BrokerState {
         for client_id in ended {
             self.remove_session(&client_id);
         }
-        for message in wills {
-            self.emit(Event::PublishWill {
-                publisher: node,
-                message,
-            });
-        }
         self.retained.retain(|_, m| !m.is_expired(now_ms));
+        for message in wills {
+            self.will_due(message, now_ms, node);
+        }
     }
 
     /// Whether an expiry sweep at `now_ms` would change anything: a will or session
@@ -861,6 +914,7 @@ impl BrokerState {
                 .iter()
                 .map(|(n, r)| (*n, r.clone()))
                 .collect(),
+            queue_limits: self.queue_limits,
         };
         // Serializing owned, plain data into a Vec cannot fail.
         bincode::serialize(&(format::marker(format::SNAPSHOT_FORMAT), form)).unwrap_or_default()
@@ -878,6 +932,7 @@ impl BrokerState {
                     sessions: old.sessions,
                     retained: old.retained,
                     proposers: Vec::new(),
+                    queue_limits: QueueLimits::default(),
                 }
             }
             Some(2) => bincode::deserialize::<(u64, SnapshotForm)>(data)?.1,
@@ -886,6 +941,7 @@ impl BrokerState {
         let events = self.events.take();
         *self = BrokerState::new(events);
         self.proposers = form.proposers.into_iter().collect();
+        self.queue_limits = form.queue_limits;
         for (client_id, session) in form.sessions {
             for (filter, options) in session.subscriptions.iter() {
                 self.routes
