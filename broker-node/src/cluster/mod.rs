@@ -94,6 +94,9 @@ pub struct StateHandle {
     machine: storage::MachineHandle<TypeConfig, BrokerMachine>,
     metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
     node_id: NodeId,
+    /// The last digest computed and the applied index it is of: asked again at the
+    /// same index (status polls), it is not computed again.
+    digest_cache: Arc<std::sync::Mutex<Option<(u64, u64)>>>,
 }
 
 impl StateHandle {
@@ -136,13 +139,24 @@ impl StateHandle {
         self.metrics.clone()
     }
 
-    /// The state's digest and the log index it reflects, read together.
+    /// The state's digest and the log index it reflects, read together. It streams
+    /// the whole state through a hash under the state's read lock (no copy is made):
+    /// call it off the async runtime (`spawn_blocking`). A digest of an index already
+    /// digested is answered from a cache.
     pub fn digest(&self) -> (u64, u64) {
-        match self
-            .machine
-            .read_at(|m, applied| (applied.map(|l| l.index).unwrap_or(0), m.state.digest()))
-        {
-            Ok(r) => r,
+        let cached = *self.digest_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let result = self.machine.read_at(|m, applied| {
+            let index = applied.map(|l| l.index).unwrap_or(0);
+            match cached {
+                Some((at, digest)) if at == index => (index, digest),
+                _ => (index, m.state.digest()),
+            }
+        });
+        match result {
+            Ok(r) => {
+                *self.digest_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                r
+            }
             Err(e) => panic!("replicated state unreadable: {e}"),
         }
     }
@@ -362,6 +376,7 @@ impl Cluster {
             shutdown,
         );
         let state = StateHandle {
+            digest_cache: Arc::default(),
             machine,
             metrics: raft.metrics(),
             node_id: config.node_id,

@@ -896,28 +896,33 @@ impl BrokerState {
 
     /// Serialize the whole state for a snapshot, in a canonical order.
     pub fn to_snapshot(&self) -> Vec<u8> {
-        let mut retained: Vec<(Arc<str>, RetainedMessage)> = self
-            .retained
-            .iter()
-            .map(|(topic, m)| (Arc::from(topic), m.clone()))
-            .collect();
+        let mut out = Vec::new();
+        self.write_canonical(&mut out);
+        out
+    }
+
+    /// The snapshot encoding written into `out`, from borrowed records (nothing is
+    /// cloned: a digest of a large state streams through a hasher instead of building
+    /// a copy of the state and a buffer while the state is locked).
+    fn write_canonical(&self, out: &mut impl std::io::Write) {
+        /// [`SnapshotForm`] over borrowed parts: the same bytes.
+        #[derive(Serialize)]
+        struct FormRef<'a> {
+            sessions: Vec<(&'a Arc<str>, &'a SessionRecord)>,
+            retained: Vec<(String, &'a RetainedMessage)>,
+            proposers: &'a BTreeMap<NodeId, ProposerRecord>,
+            queue_limits: QueueLimits,
+        }
+        let mut retained: Vec<(String, &RetainedMessage)> = self.retained.iter().collect();
         retained.sort_by(|a, b| a.0.cmp(&b.0));
-        let form = SnapshotForm {
-            sessions: self
-                .sessions
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+        let form = FormRef {
+            sessions: self.sessions.iter().map(|(k, v)| (k, &**v)).collect(),
             retained,
-            proposers: self
-                .proposers
-                .iter()
-                .map(|(n, r)| (*n, r.clone()))
-                .collect(),
+            proposers: &self.proposers,
             queue_limits: self.queue_limits,
         };
-        // Serializing owned, plain data into a Vec cannot fail.
-        bincode::serialize(&(format::marker(format::SNAPSHOT_FORMAT), form)).unwrap_or_default()
+        // Plain data into a Vec or a hasher cannot fail.
+        let _ = bincode::serialize_into(out, &(format::marker(format::SNAPSHOT_FORMAT), form));
     }
 
     /// Replace the whole state from a snapshot; the route table is rebuilt. A snapshot
@@ -958,12 +963,23 @@ impl BrokerState {
 
     /// A digest of the state, equal on nodes that applied the same log.
     pub fn digest(&self) -> u64 {
-        // FNV-1a over the canonical snapshot encoding: stable across processes.
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in self.to_snapshot() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        // FNV-1a over the canonical snapshot encoding, streamed: stable across
+        // processes, and no copy of the state is made.
+        struct Fnv(u64);
+        impl std::io::Write for Fnv {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                for byte in bytes {
+                    self.0 ^= u64::from(*byte);
+                    self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+                }
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
         }
-        hash
+        let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+        self.write_canonical(&mut hash);
+        hash.0
     }
 }

@@ -249,7 +249,16 @@ fn paged(items: Vec<Value>, q: &ListQuery) -> Response {
 
 async fn cluster_status(State(state): State<ApiState>) -> ApiResult {
     let api = api(&state)?;
-    let (applied_index, digest) = api.broker.state.digest();
+    // Off the async runtime: the digest walks the whole state.
+    let state_handle = api.broker.state.clone();
+    let (applied_index, digest) = tokio::task::spawn_blocking(move || state_handle.digest())
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("digest task failed: {e}"),
+            )
+        })?;
     let metrics = api.raft.metrics().borrow().clone();
     let members = membership::members(&api.raft);
     let nodes: Vec<Value> = members
