@@ -343,11 +343,11 @@ impl Node {
     /// The body of the node's Prometheus endpoint (`GET /metrics`).
     pub fn metrics(&self) -> String {
         let url = format!("http://{}:{}/metrics", self.host, self.http_port);
-        ureq::get(&url)
-            .timeout(Duration::from_secs(30))
-            .call()
-            .and_then(|r| r.into_string().map_err(Into::into))
-            .unwrap_or_else(|e| panic!("/metrics of node on port {}: {e}", self.mqtt_port))
+        let body = match ureq::get(&url).timeout(Duration::from_secs(30)).call() {
+            Ok(r) => r.into_string().map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        body.unwrap_or_else(|e| panic!("/metrics of node on port {}: {e}", self.mqtt_port))
     }
 
     /// The session of `client_id` as the admin API shows it (`GET /sessions/<id>`), or
