@@ -53,6 +53,7 @@ fn mqtt_3_1_2_23_pingreq_keeps_the_connection_alive() {
     let node = Node::start();
     let (mut c, _) = RawClient::connect(node.mqtt_addr(), V3, "pinger", true, 1);
     for _ in 0..4 {
+        // Pacing the PINGREQs inside the 1 s keep-alive: the rule under test.
         std::thread::sleep(Duration::from_millis(700));
         c.send(&Packet::PingReq);
         assert_eq!(c.recv(T), Some(Packet::PingResp));
@@ -426,6 +427,8 @@ fn mqtt_3_3_2_5_expired_messages_are_not_delivered() {
         payload: Bytes::from_static(b"soon gone"),
     }));
     assert!(matches!(p.recv(T), Some(Packet::PubAck(_))));
+    // Not synchronization: the time-based rule under test needs its second to pass
+    // (polling /retained until the sweep drops it would test the sweep instead).
     std::thread::sleep(Duration::from_millis(2100));
     let (mut s, _) = RawClient::connect(node.mqtt_addr(), V5, "late", true, 60);
     subscribe(&mut s, "ephemeral", QoS::AtLeastOnce);
