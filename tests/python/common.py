@@ -1,13 +1,30 @@
 """Helpers for the seed-example scenarios: run paho-mqtt 1.x clients against a broker
-given on the command line, wait for conditions with a deadline, fail loudly."""
+given on the command line (MQTT port, then HTTP port of the admin API), wait for
+conditions with a deadline, fail loudly."""
+import json
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import paho.mqtt.client as mqtt
 
 HOST = "127.0.0.1"
 PORT = int(sys.argv[1]) if len(sys.argv) > 1 else 1883
+HTTP_PORT = int(sys.argv[2]) if len(sys.argv) > 2 else 8080
+
+
+def api(path):
+    """The JSON answer of the broker's admin API at /api/v1{path}, or None on 404."""
+    url = f"http://{HOST}:{HTTP_PORT}/api/v1{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
 
 
 def wait_for(predicate, what, timeout=10.0):

@@ -5,7 +5,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from common import HOST, PORT, Recorder, kill_socket, wait_for
+from common import HOST, PORT, Recorder, api, kill_socket, wait_for
 
 
 class RobotMQTTClient:
@@ -64,11 +64,17 @@ wait_for(lambda: len(dashboard.payloads("fleet/1/robot/r7/telemetry/position")) 
          "20 telemetry messages via the wildcard subscription")
 
 # A QoS 2 command from the dashboard reaches r7 exactly once, and not r8.
+# A marker to each robot after it, on the same connection, arrives after anything the
+# command caused.
 dashboard.client.publish("fleet/1/robot/r7/command/velocity", json.dumps({"v": 1.5}), qos=2)
-wait_for(lambda: len(robots[0].commands) == 1, "r7 got its command")
-time.sleep(0.5)
-assert robots[0].commands == [("fleet/1/robot/r7/command/velocity", {"v": 1.5}, 2)], robots[0].commands
-assert robots[1].commands == [], "r8 must not see r7's commands"
+for rid in ("r7", "r8"):
+    dashboard.client.publish(f"fleet/1/robot/{rid}/command/marker", json.dumps({}), qos=2)
+wait_for(lambda: len(robots[0].commands) >= 2 and len(robots[1].commands) >= 1,
+         "r7 got its command, and both robots the marker")
+assert robots[0].commands == [("fleet/1/robot/r7/command/velocity", {"v": 1.5}, 2),
+                              ("fleet/1/robot/r7/command/marker", {}, 2)], robots[0].commands
+assert robots[1].commands == [("fleet/1/robot/r8/command/marker", {}, 2)], \
+    "r8 must not see r7's commands"
 
 # r7 loses its connection: the broker publishes its will, retained.
 kill_socket(robots[0].client)
@@ -85,7 +91,11 @@ assert status["fleet/1/robot/r8/status"] == ({"status": "online"}, True), status
 # r8 disconnects cleanly: no will.
 robots[1].client.disconnect()
 robots[1].client.loop_stop()
-time.sleep(1.0)
+# Once the broker has ended r8's (clean) session, a will would be in the retained
+# store: the state machine sets it as it applies the end of the session.
+wait_for(lambda: api("/sessions/robot-r8") is None, "r8's session to end")
+stored = api("/retained/fleet/1/robot/r8/status")
+assert json.loads(stored["payload"]) == {"status": "online"}, stored
 assert json.loads(dashboard.payloads("fleet/1/robot/r8/status")[-1]) == {"status": "online"}
 
 dashboard.stop()

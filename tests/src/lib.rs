@@ -340,6 +340,103 @@ impl Node {
             .unwrap_or_else(|e| panic!("cluster status of node on port {}: {e}", self.mqtt_port))
     }
 
+    /// The body of the node's Prometheus endpoint (`GET /metrics`).
+    pub fn metrics(&self) -> String {
+        let url = format!("http://{}:{}/metrics", self.host, self.http_port);
+        let body = match ureq::get(&url).timeout(Duration::from_secs(30)).call() {
+            Ok(r) => r.into_string().map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        body.unwrap_or_else(|e| panic!("/metrics of node on port {}: {e}", self.mqtt_port))
+    }
+
+    /// The session of `client_id` as the admin API shows it (`GET /sessions/<id>`), or
+    /// `None` when the node holds no session for it.
+    pub fn session(&self, client_id: &str) -> Option<serde_json::Value> {
+        self.api("GET", &format!("/sessions/{}", url_encode(client_id)), None)
+            .ok()
+    }
+
+    /// Wait until this node's applied state holds the subscription of `client_id` to
+    /// `filter` exactly (`GET /subscriptions?clientid=...`): from then on a publish
+    /// through this node reaches it. Give external clients an explicit client id
+    /// (`mosquitto_sub -i`). Panics after 15 s.
+    pub fn wait_subscribed(&self, client_id: &str, filter: &str) {
+        let path = format!("/subscriptions?clientid={}", url_encode(client_id));
+        wait_for(
+            &format!(
+                "{client_id}'s subscription to {filter} on the node with MQTT port {}",
+                self.mqtt_port
+            ),
+            Duration::from_secs(15),
+            || match self.api("GET", &path, None) {
+                Ok(v)
+                    if v["data"]
+                        .as_array()
+                        .is_some_and(|d| d.iter().any(|s| s["topic"] == filter)) =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            },
+        );
+    }
+
+    /// Wait until this node's applied state shows the session of `client_id` as
+    /// `"connected": connected` (false: the node has processed the end of its
+    /// connection), and return the session. Panics after 15 s.
+    pub fn wait_connected(&self, client_id: &str, connected: bool) -> serde_json::Value {
+        wait_for(
+            &format!(
+                "{client_id}'s session to be connected: {connected} on the node with MQTT port {}",
+                self.mqtt_port
+            ),
+            Duration::from_secs(15),
+            || match self.session(client_id) {
+                Some(s) if s["connected"] == connected => Ok(s),
+                other => Err(format!("{other:?}")),
+            },
+        )
+    }
+
+    /// Wait until this node's applied state holds no session for `client_id` (ended
+    /// with a clean start, or expired). Panics after 15 s.
+    pub fn wait_no_session(&self, client_id: &str) {
+        wait_for(
+            &format!(
+                "{client_id}'s session to end on the node with MQTT port {}",
+                self.mqtt_port
+            ),
+            Duration::from_secs(15),
+            || match self.session(client_id) {
+                None => Ok(()),
+                Some(s) => Err(s.to_string()),
+            },
+        );
+    }
+
+    /// The index of the last log entry this node's state includes (`digest_index`).
+    pub fn applied_index(&self) -> u64 {
+        self.status()["digest_index"].as_u64().unwrap_or(0)
+    }
+
+    /// Wait until this node has applied an entry past `index` (see
+    /// [`Node::applied_index`]): something proposed after `index` was read is in its
+    /// state. Panics after 15 s.
+    pub fn wait_applied_past(&self, index: u64) {
+        wait_for(
+            &format!(
+                "the node with MQTT port {} to apply past index {index}",
+                self.mqtt_port
+            ),
+            Duration::from_secs(15),
+            || match self.applied_index() {
+                i if i > index => Ok(()),
+                i => Err(format!("applied index {i}")),
+            },
+        );
+    }
+
     /// What the node logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
@@ -428,6 +525,50 @@ pub fn converged(nodes: &[&Node]) -> String {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("nodes did not converge in 15 s: (applied index, digest) per node: {last:?}");
+}
+
+/// Poll `attempt` every 20 ms until it returns `Ok`, and return that value; after
+/// `within`, panic with "timed out waiting for {what}" and the last `Err` (what was
+/// seen instead). The way to synchronize with a broker or a client instead of
+/// sleeping for a fixed time.
+pub fn wait_for<T>(
+    what: &str,
+    within: Duration,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match attempt() {
+            Ok(v) => return v,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "timed out after {within:?} waiting for {what}; last seen: {seen}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Poll `condition` every 20 ms until it holds; panics with "timed out waiting for
+/// {what}" after `within`.
+pub fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    wait_for(what, within, || {
+        condition()
+            .then_some(())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+}
+
+/// `s` percent-encoded for a URL path segment or query value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Every node of `nodes` that is running.

@@ -11,7 +11,7 @@ use broker_node::mqtt::{
 };
 use bytes::Bytes;
 use flockmq_tests::mqtt::{opts, subscribe};
-use flockmq_tests::{converged, running, Node, RawClient};
+use flockmq_tests::{converged, running, wait_until, Node, RawClient};
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
 const T: Duration = Duration::from_secs(10);
@@ -464,7 +464,16 @@ fn a_shared_group_skips_members_behind_a_dead_node() {
     // Node 3 dies with its member; its sessions still look connected in the
     // replicated state, but node 1 sees its stream break.
     nodes[2].kill();
-    std::thread::sleep(Duration::from_secs(1));
+    wait_until(
+        "node 1 to see its forward stream to node 3 break",
+        T,
+        || {
+            nodes[0]
+                .metrics()
+                .lines()
+                .any(|l| l == "flockmq_forward_peer_up{peer=\"3\"} 0")
+        },
+    );
     send(&mut publisher, 30..90);
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for m in members.iter_mut().take(2) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use broker_node::mqtt::{Packet, ProtocolVersion, PubAck, QoS, ReasonCode};
 use flockmq_tests::mqtt::{next_publish, subscribe};
-use flockmq_tests::{free_port, run, Node, RawClient};
+use flockmq_tests::{free_port, run, wait_until, Node, RawClient};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -63,9 +63,23 @@ fn metrics_follow_the_naming_rules_and_describe_the_node() {
         );
         assert_eq!(r.code, Some(0), "{r:?}");
     }
-    // The state gauges refresh every second.
-    std::thread::sleep(Duration::from_millis(2500));
-    let (types, labels, body) = scrape(&node);
+    // The state gauges refresh every second, the close counter once the node has
+    // seen both clients go: wait for a scrape that has them.
+    let mut scraped = None;
+    wait_until("the gauges and counters to reflect the traffic", T, || {
+        let (types, labels, body) = scrape(&node);
+        let settled = [
+            "flockmq_connections_closed_total{reason=\"disconnect\"} 2",
+            "flockmq_raft_is_leader 1",
+            "flockmq_retained_messages 1",
+            "flockmq_raft_members{role=\"voter\"} 1",
+        ]
+        .iter()
+        .all(|line| body.lines().any(|l| l == *line));
+        scraped = Some((types, labels, body));
+        settled
+    });
+    let (types, labels, body) = scraped.expect("scraped");
 
     for (name, kind) in &types {
         assert!(
@@ -370,8 +384,13 @@ fn sys_topics_carry_the_same_counts_as_the_metrics() {
         );
         assert_eq!(r.code, Some(0), "{r:?}");
     }
-    // The state gauges refresh every second.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The state gauges refresh every second: wait for one that saw all three. (The
+    // $SYS topics are computed afresh on each publication.)
+    wait_until("the retained gauge to count 3", T, || {
+        node.metrics()
+            .lines()
+            .any(|l| l == "flockmq_retained_messages 3")
+    });
     let sys = |topic: &str| -> f64 {
         let r = run(
             "mosquitto_sub",

@@ -1,9 +1,8 @@
 //! Debian's `mosquitto_pub` / `mosquitto_sub` against a real `broker-node` process.
 
-use std::thread::sleep;
 use std::time::Duration;
 
-use flockmq_tests::{run, Background, Node};
+use flockmq_tests::{run, wait_until, Background, Node};
 
 const T: Duration = Duration::from_secs(15);
 
@@ -22,6 +21,8 @@ fn v311_publisher_and_v5_subscriber_see_each_other() {
             &p,
             "-V",
             "5",
+            "-i",
+            "dashboard-v5",
             "-t",
             "fleet/+/robot/+/telemetry/#",
             "-C",
@@ -31,7 +32,7 @@ fn v311_publisher_and_v5_subscriber_see_each_other() {
             "1",
         ],
     );
-    sleep(Duration::from_millis(500));
+    node.wait_subscribed("dashboard-v5", "fleet/+/robot/+/telemetry/#");
     for payload in ["87", "86"] {
         let r = run(
             "mosquitto_pub",
@@ -68,9 +69,21 @@ fn v5_publisher_and_v31_subscriber_see_each_other() {
     let p = port(&node);
     let sub = Background::spawn(
         "mosquitto_sub",
-        &["-p", &p, "-V", "31", "-t", "warehouse/#", "-C", "1", "-v"],
+        &[
+            "-p",
+            &p,
+            "-V",
+            "31",
+            "-i",
+            "aggregator-v31",
+            "-t",
+            "warehouse/#",
+            "-C",
+            "1",
+            "-v",
+        ],
     );
-    sleep(Duration::from_millis(500));
+    node.wait_subscribed("aggregator-v31", "warehouse/#");
     let r = run(
         "mosquitto_pub",
         &[
@@ -153,9 +166,10 @@ fn persistent_session_queue_survives_kill_9_of_the_broker() {
             "warehouse/zone1/fan/command",
         ],
     );
-    sleep(Duration::from_millis(700));
+    node.wait_subscribed("actuator-fan", "warehouse/zone1/fan/command");
     sub.kill();
-    sleep(Duration::from_millis(300));
+    // The broker has seen the connection end: the command is queued, not sent.
+    node.wait_connected("actuator-fan", false);
     let r = run(
         "mosquitto_pub",
         &[
@@ -269,7 +283,7 @@ fn a_will_is_not_published_again_when_the_broker_restarts() {
         )
     };
     let watching = dashboard("10");
-    sleep(Duration::from_millis(500));
+    node.wait_subscribed("dashboard", "robots/+/status");
     let robot = Background::spawn(
         "mosquitto_sub",
         &[
@@ -287,7 +301,8 @@ fn a_will_is_not_published_again_when_the_broker_restarts() {
             "1",
         ],
     );
-    sleep(Duration::from_millis(500));
+    // Subscribed means connected, will registered.
+    node.wait_subscribed("robot-7", "robots/robot-7/cmd");
     robot.kill();
     let out = watching.finish(T);
     assert_eq!(
@@ -295,9 +310,18 @@ fn a_will_is_not_published_again_when_the_broker_restarts() {
         "robots/robot-7/status offline",
         "{out:?}"
     );
-    // Let the store settle, then crash: the restarted node re-applies its log, will
-    // included, and must not hand the will out a second time.
-    sleep(Duration::from_millis(1500));
+    // Once the store has settled (robot-7's session ended with its will, the
+    // dashboard acknowledged the will and left), crash: the restarted node re-applies
+    // its log, will included, and must not hand the will out a second time.
+    node.wait_no_session("robot-7");
+    wait_until(
+        "the dashboard to acknowledge the will and disconnect",
+        T,
+        || {
+            node.session("dashboard")
+                .is_some_and(|s| s["connected"] == false && s["mqueue_len"] == 0)
+        },
+    );
     node.restart();
     let again = dashboard("4").finish(T);
     assert_eq!(

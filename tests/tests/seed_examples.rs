@@ -13,6 +13,7 @@ fn scenario(script: &str) {
         &[
             path.to_str().expect("utf-8 path"),
             &node.mqtt_port.to_string(),
+            &node.http_port.to_string(),
         ],
         Duration::from_secs(60),
     );

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use flockmq_tests::mqtt::{
     disconnect_reason, next_publish, opts, publish, subscribe, subscribe_with,
 };
-use flockmq_tests::{Node, RawClient};
+use flockmq_tests::{wait_until, Node, RawClient};
 
 const V3: ProtocolVersion = ProtocolVersion::V3_1_1;
 const V5: ProtocolVersion = ProtocolVersion::V5;
@@ -53,6 +53,7 @@ fn mqtt_3_1_2_23_pingreq_keeps_the_connection_alive() {
     let node = Node::start();
     let (mut c, _) = RawClient::connect(node.mqtt_addr(), V3, "pinger", true, 1);
     for _ in 0..4 {
+        // Pacing the PINGREQs inside the 1 s keep-alive: the rule under test.
         std::thread::sleep(Duration::from_millis(700));
         c.send(&Packet::PingReq);
         assert_eq!(c.recv(T), Some(Packet::PingResp));
@@ -426,6 +427,8 @@ fn mqtt_3_3_2_5_expired_messages_are_not_delivered() {
         payload: Bytes::from_static(b"soon gone"),
     }));
     assert!(matches!(p.recv(T), Some(Packet::PubAck(_))));
+    // Not synchronization: the time-based rule under test needs its second to pass
+    // (polling /retained until the sweep drops it would test the sweep instead).
     std::thread::sleep(Duration::from_millis(2100));
     let (mut s, _) = RawClient::connect(node.mqtt_addr(), V5, "late", true, 60);
     subscribe(&mut s, "ephemeral", QoS::AtLeastOnce);
@@ -490,7 +493,8 @@ fn mqtt_3_1_3_9_will_delay_is_cancelled_by_a_reconnect_in_time() {
         reason_code: ReasonCode::DisconnectWithWillMessage,
         properties: Default::default(),
     }));
-    std::thread::sleep(Duration::from_millis(500));
+    // The disconnect is processed (the will delay runs) before the reconnect.
+    node.wait_connected("flaky", false);
     let (_back, ack) = RawClient::connect(node.mqtt_addr(), V5, "flaky", false, 60);
     assert!(ack.session_present);
     assert!(
@@ -534,11 +538,13 @@ fn mqtt_3_1_2_11_session_expires_after_its_interval() {
         reason_code: ReasonCode::Success,
         properties: Default::default(),
     }));
-    std::thread::sleep(Duration::from_millis(300));
+    node.wait_connected("brief", false);
     let (_c, ack) = RawClient::connect(node.mqtt_addr(), V5, "brief", false, 60);
     assert!(ack.session_present, "still there within the interval");
     drop(_c);
-    std::thread::sleep(Duration::from_millis(3000));
+    // Gone once its interval has run out. (This connection sent no Session Expiry
+    // Interval, so that is as soon as the node sees it close.)
+    node.wait_no_session("brief");
     let (_c, ack) = RawClient::connect(node.mqtt_addr(), V5, "brief", false, 60);
     assert!(!ack.session_present, "expired");
 }
@@ -564,7 +570,7 @@ fn mqtt_4_4_0_1_unacknowledged_messages_are_resent_with_dup_after_reconnect() {
     assert!(matches!(p.recv(T), Some(Packet::PubAck(_))));
     let first = next_publish(&mut s, T).unwrap();
     drop(s); // no PUBACK
-    std::thread::sleep(Duration::from_millis(300));
+    node.wait_connected("persist", false);
     let (mut s, ack) = RawClient::connect(node.mqtt_addr(), V3, "persist", false, 60);
     assert!(ack.session_present);
     let again = next_publish(&mut s, T).expect("resent");
@@ -576,7 +582,11 @@ fn mqtt_4_4_0_1_unacknowledged_messages_are_resent_with_dup_after_reconnect() {
         ReasonCode::Success,
     )));
     drop(s);
-    std::thread::sleep(Duration::from_millis(300));
+    // The PUBACK is applied (the queue is empty) and the connection is over.
+    wait_until("persist's PUBACK and disconnect to be applied", T, || {
+        node.session("persist")
+            .is_some_and(|s| s["connected"] == false && s["mqueue_len"] == 0)
+    });
     let (mut s, _) = RawClient::connect(node.mqtt_addr(), V3, "persist", false, 60);
     assert!(
         next_publish(&mut s, Duration::from_millis(500)).is_none(),
@@ -625,8 +635,11 @@ fn mqtt_4_3_3_qos2_resend_after_a_broker_crash_is_not_delivered_twice() {
     let id = got.packet_id.unwrap();
     sub.send(&Packet::PubRec(PubRec::new(id, ReasonCode::Success)));
     assert!(matches!(sub.recv(T), Some(Packet::PubRel(_))));
+    // The PUBREL goes out once the PUBREC is applied; the PUBCOMP is the next entry
+    // (nothing else happens on the node meanwhile).
+    let before = node.applied_index();
     sub.send(&Packet::PubComp(PubComp::new(id, ReasonCode::Success)));
-    std::thread::sleep(Duration::from_millis(300));
+    node.wait_applied_past(before);
     // The broker dies before the publisher's PUBREL.
     node.restart();
     let (mut pubr, ack) = RawClient::connect(node.mqtt_addr(), V3, "console", false, 60);

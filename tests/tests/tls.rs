@@ -45,6 +45,8 @@ fn clients_verifying_the_server_talk_over_tls() {
             &port,
             "--cafile",
             ca,
+            "-i",
+            "tls-dashboard",
             "-t",
             "fleet/#",
             "-C",
@@ -54,7 +56,7 @@ fn clients_verifying_the_server_talk_over_tls() {
             "10",
         ],
     );
-    std::thread::sleep(Duration::from_millis(700));
+    node.wait_subscribed("tls-dashboard", "fleet/#");
     let publish = run(
         "mosquitto_pub",
         &[
@@ -210,7 +212,7 @@ fn a_client_certificate_stands_for_the_username() {
     };
     let ca = p("ca.pem");
     let (cert, key) = (p("client.pem"), p("client.key"));
-    let (_node, port) = start("cn");
+    let (node, port) = start("cn");
     let robot = |topic: &str| {
         tls_pub(
             port,
@@ -233,6 +235,8 @@ fn a_client_certificate_stands_for_the_username() {
             &cert,
             "--key",
             &key,
+            "-i",
+            "tls-watcher",
             "-t",
             "fleet/+/robot/robot-7/#",
             "-C",
@@ -242,7 +246,7 @@ fn a_client_certificate_stands_for_the_username() {
             "10",
         ],
     );
-    std::thread::sleep(Duration::from_millis(700));
+    node.wait_subscribed("tls-watcher", "fleet/+/robot/robot-7/#");
     let own = robot("fleet/w1/robot/robot-7/pose");
     assert_eq!(own.code, Some(0), "{own:?}");
     let got = sub.finish(T);
@@ -323,6 +327,8 @@ fn sighup_reloads_the_certificates_and_keeps_connections() {
             &port.to_string(),
             "--cafile",
             &old_ca,
+            "-i",
+            "tls-site",
             "-t",
             "site/#",
             "-C",
@@ -332,7 +338,7 @@ fn sighup_reloads_the_certificates_and_keeps_connections() {
             "20",
         ],
     );
-    std::thread::sleep(Duration::from_millis(700));
+    node.wait_subscribed("tls-site", "site/#");
     let before = tls_pub(port, &old_ca, &["-t", "site/a", "-m", "before"]);
     assert_eq!(before.code, Some(0), "{before:?}");
 

@@ -24,6 +24,8 @@ fn websocket_clients_and_tcp_clients_see_each_other() {
         &[
             "-p",
             &node.mqtt_port.to_string(),
+            "-i",
+            "tcp-dashboard",
             "-t",
             "dashboard/#",
             "-C",
@@ -33,7 +35,7 @@ fn websocket_clients_and_tcp_clients_see_each_other() {
             "15",
         ],
     );
-    std::thread::sleep(Duration::from_millis(500));
+    node.wait_subscribed("tcp-dashboard", "dashboard/#");
     let ws = paho_ws(&[&ws_port.to_string()]);
     assert_eq!(ws.code, Some(0), "{ws:?}");
     assert_eq!(ws.stdout.trim(), "received dashboard/zone1/temp 21.5");
