@@ -566,3 +566,58 @@ fn a_message_every_queue_refused_is_answered_0x97_quota_exceeded() {
     assert_eq!(puback(1), ReasonCode::Success);
     assert_eq!(puback(2), ReasonCode::QuotaExceeded);
 }
+
+#[test]
+fn a_qos2_identifier_refused_with_0x97_can_be_used_again_at_once() {
+    // A PUBREC with an error ends the QoS 2 flow [MQTT-4.3.3]: the client may reuse
+    // the identifier for its next message, which must then be taken as new, not as a
+    // resend of the refused one (here by a persistent publisher, whose identifiers
+    // are also recorded in the replicated session).
+    let node = Node::start_with_config(
+        "[mqtt]\nmax_queued_messages = 1\nqueue_full_policy = \"drop_newest\"\n",
+    );
+    let (mut s, _) = connect_v5(&node, "full-sub-2", true, Some(600), None);
+    assert_eq!(
+        subscribe(&mut s, "q/#", QoS::ExactlyOnce),
+        vec![ReasonCode::GrantedQoS2]
+    );
+    s.send(&Packet::Disconnect(Disconnect {
+        reason_code: ReasonCode::Success,
+        properties: Default::default(),
+    }));
+    assert!(s.is_closed(T));
+    let (mut p, _) = connect_v5(&node, "qos2-pub", true, Some(600), None);
+    let mut pubrec = |payload: &str, id: u16| {
+        p.send(&publish("q/1", payload, QoS::ExactlyOnce, false, id));
+        let code = match p.recv(T) {
+            Some(Packet::PubRec(r)) => r.reason_code,
+            other => panic!("PUBREC expected, got {other:?}"),
+        };
+        if !code.is_error() {
+            p.send(&Packet::PubRel(PubRel::new(id, ReasonCode::Success)));
+            assert!(matches!(p.recv(T), Some(Packet::PubComp(_))));
+        }
+        code
+    };
+    assert_eq!(pubrec("first", 1), ReasonCode::Success);
+    assert_eq!(pubrec("refused", 2), ReasonCode::QuotaExceeded);
+    // The subscriber drains its queue, leaving room.
+    let (mut s, ack) = connect_v5(&node, "full-sub-2", false, Some(600), None);
+    assert!(ack.session_present);
+    assert_eq!(
+        receive(&mut s, 1),
+        vec![("q/1".to_owned(), "first".to_owned())]
+    );
+    s.send(&Packet::Disconnect(Disconnect {
+        reason_code: ReasonCode::Success,
+        properties: Default::default(),
+    }));
+    assert!(s.is_closed(T));
+    // Identifier 2 again, for a new message: queued, and delivered.
+    assert_eq!(pubrec("again", 2), ReasonCode::Success);
+    let (mut s, _) = connect_v5(&node, "full-sub-2", false, Some(600), None);
+    assert_eq!(
+        receive(&mut s, 1),
+        vec![("q/1".to_owned(), "again".to_owned())]
+    );
+}

@@ -911,7 +911,22 @@ where
                             self.queue_packet(&packet, s.version);
                         }
                         AckOutcome::Release(packet_id, packet) => {
-                            s.inbound_qos2.release(packet_id);
+                            if s.inbound_qos2.release(packet_id) && s.persistent {
+                                // It may be recorded in the replicated session too:
+                                // released there before any later command of this
+                                // connection (a PUBLISH reusing the identifier) is
+                                // submitted. Boxed: rare, and kept out of the idle
+                                // connection's future.
+                                let cmd = Command::InboundQos2 {
+                                    client_id: s.client_id.clone(),
+                                    connection_id: s.connection_id,
+                                    received: vec![],
+                                    released: vec![packet_id],
+                                };
+                                if Box::pin(self.broker.proposer.submit(cmd)).await.is_err() {
+                                    return End::Shutdown;
+                                }
+                            }
                             self.queue_packet(&packet, s.version);
                         }
                         AckOutcome::Packets(packets) => {
@@ -1348,8 +1363,10 @@ where
                 QoS::AtLeastOnce => Packet::PubAck(PubAck::new(packet_id, code)),
                 _ => Packet::PubRec(PubRec::new(packet_id, code)),
             });
-            if !ok && qos == QoS::ExactlyOnce {
-                // Not committed: the identifier is free again, as the error says.
+            if qos == QoS::ExactlyOnce && code.is_error() {
+                // A PUBREC with an error ends the flow [MQTT-4.3.3]: the identifier is
+                // free again for the client, so it must be here too (not committed,
+                // or committed with every queue refusing the message).
                 AckOutcome::Release(packet_id, packet)
             } else {
                 AckOutcome::Send(packet)
