@@ -256,8 +256,9 @@ fn a_node_back_on_an_empty_disk_is_caught_up_and_the_leader_survives() {
 
 #[test]
 fn a_will_reaches_every_nodes_subscribers_exactly_once() {
-    // Every node hands a committed will to its own clients; the publishing node keeps
-    // the shared group's choice and the persistent queues. Nobody may get it twice.
+    // Every node hands a committed will to its own clients; the state machine queues
+    // it for persistent sessions and chooses the shared group's member. Nobody may get
+    // it twice.
     let nodes = Node::cluster(3);
     let port = |n: &Node| n.mqtt_port.to_string();
     let (p1, p2, p3) = (port(&nodes[0]), port(&nodes[1]), port(&nodes[2]));

@@ -28,13 +28,9 @@ pub enum Reach {
     /// All of them: local clients directly, the others through their nodes and the
     /// replicated queues.
     All,
-    /// A committed will this node publishes. The state machine itself queued it for
-    /// persistent sessions (and set it retained) as it applied the command that made
-    /// it due, on every node; every node hands it to its own connected clean sessions;
-    /// what is left here is the local clients and the shared groups' choice.
-    WillPublisher,
-    /// A committed will another node publishes: only this node's connected clients,
-    /// outside shared groups and replicated queues.
+    /// A committed will: only this node's connected clients, outside shared groups
+    /// and replicated queues (the state machine queued it, set it retained and chose
+    /// the shared groups' members as it applied the command that made it due).
     Local,
 }
 
@@ -131,7 +127,7 @@ impl Broker {
                     merge_target(&mut targets, client, options, message, None);
                 },
                 |group, members| {
-                    if reach != Reach::Local {
+                    if reach == Reach::All {
                         shared.push((group.to_owned(), members.to_vec()));
                     }
                 },
@@ -216,14 +212,8 @@ impl Broker {
             forward: Vec::new(),
         };
         for (client, target, queued, node) in plan {
-            let remote_direct = node != Some(self.node_id) && target.shared_group.is_none();
             let left_to_others = match reach {
                 Reach::All => false,
-                // The node the client is connected to delivers it, and the state
-                // machine queued it already outside shared groups.
-                Reach::WillPublisher => {
-                    (!queued && remote_direct) || (queued && target.shared_group.is_none())
-                }
                 Reach::Local => queued || node != Some(self.node_id),
             };
             if left_to_others {
@@ -366,6 +356,13 @@ impl Broker {
     }
 
     /// Hand a delivery to a local connection; a full channel returns it as blocked.
+    /// Hand `delivery` to `client`'s connection here, if it is connected here; a full
+    /// mailbox gives the delivery back to wait for room.
+    pub fn deliver_to_local(&self, client: &Arc<str>, delivery: Delivery) -> Option<Blocked> {
+        let handle = self.local_client(client)?;
+        hand_over(client.clone(), handle, Box::new(delivery)).err()
+    }
+
     fn deliver_local(
         &self,
         client: &Arc<str>,

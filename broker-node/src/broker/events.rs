@@ -50,29 +50,40 @@ impl Broker {
                     let msg = ConnMsg::Disconnect(ADMINISTRATIVE_ACTION);
                     self.tell_connection(&client_id, connection_id, msg);
                 }
-                Event::PublishWill { publisher, message } => {
-                    // Dated by the state machine, at the time the will became due.
-                    if publisher == self.node_id {
+                Event::PublishWill { message, .. } => {
+                    // What the will changes in the replicated state (queues, the
+                    // retained message, the shared groups' choice) the state machine
+                    // did; each node hands it to its own connected clean sessions,
+                    // whether or not the node that made it due can reach them.
+                    let outcome = self.dispatch_to(&message, Reach::Local);
+                    if !outcome.blocked.is_empty() {
                         let this = self.clone();
                         tokio::spawn(async move {
-                            tracing::debug!(topic = %message.topic, "publishing will");
-                            let published = this.publish_internal_to(message, Reach::WillPublisher);
-                            if let Err(e) = published.await {
-                                tracing::warn!(error = %e, "will not published");
+                            for b in outcome.blocked {
+                                b.wait(&this.stats).await;
                             }
                         });
-                    } else {
-                        // This node's own clients get it now, whether or not the
-                        // publishing node can reach them.
-                        let outcome = self.dispatch_to(&message, Reach::Local);
-                        if !outcome.blocked.is_empty() {
-                            let this = self.clone();
-                            tokio::spawn(async move {
-                                for b in outcome.blocked {
-                                    b.wait(&this.stats).await;
-                                }
-                            });
-                        }
+                    }
+                }
+                Event::SharedWill {
+                    client_id,
+                    node,
+                    message,
+                    qos,
+                    retain,
+                    subscription_ids,
+                    group,
+                } if node == self.node_id => {
+                    let delivery = super::Delivery {
+                        message,
+                        qos,
+                        retain,
+                        subscription_ids,
+                        shared_group: Some(group),
+                    };
+                    if let Some(blocked) = self.deliver_to_local(&client_id, delivery) {
+                        let this = self.clone();
+                        tokio::spawn(async move { blocked.wait(&this.stats).await });
                     }
                 }
                 Event::SessionOpened {

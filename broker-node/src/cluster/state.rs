@@ -82,6 +82,34 @@ pub enum Event {
     /// covers emitted no events here, so the node reconciles its live connections
     /// with the state (closes the superseded, feeds the queues).
     Restored,
+    /// A due will goes to `client_id`, connected on `node` with a clean session, as
+    /// its shared group's member chosen by the state machine.
+    SharedWill {
+        /// The chosen member.
+        client_id: Arc<str>,
+        /// The node it is connected to, which hands the will over.
+        node: NodeId,
+        /// The will.
+        message: Arc<Message>,
+        /// Delivery QoS.
+        qos: u8,
+        /// Delivery RETAIN flag.
+        retain: bool,
+        /// The member's subscription identifier, if any.
+        subscription_ids: Vec<u32>,
+        /// The shared group.
+        group: Arc<str>,
+    },
+}
+
+/// FNV-1a: a hash that is the same on every node and in every process.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
 }
 
 /// One session as the cluster knows it.
@@ -607,10 +635,11 @@ impl BrokerState {
     /// A will is due at `now_ms`. What follows from it in the replicated state happens
     /// here, on every node alike, whether or not the node that publishes it lives on:
     /// it becomes its topic's retained message if it is retained, and it is queued for
-    /// every persistent session that subscribed to its topic at QoS ≥ 1 (outside
-    /// shared groups), under the queue limits of the last `Enqueue`. Then `publisher`
-    /// is told to make the shared groups' choice, and every node to hand it to its
-    /// own connected clean sessions ([`Event::PublishWill`]).
+    /// every persistent session that subscribed to its topic at QoS ≥ 1, under the
+    /// queue limits of the last `Enqueue`; each shared group's member is chosen here
+    /// too (a persistent one queues it, a connected clean one gets it from its node,
+    /// [`Event::SharedWill`]); and every node hands it to its own connected clean
+    /// sessions outside shared groups ([`Event::PublishWill`]).
     fn will_due(&mut self, mut message: Message, now_ms: u64, publisher: NodeId) {
         message.received_at_ms = now_ms;
         let message = Arc::new(message);
@@ -640,7 +669,7 @@ impl BrokerState {
                 entry.retain |= options.retain_as_published && message.retain;
                 entry.subscription_ids.extend(options.subscription_id);
             });
-        let entries: Vec<EnqueueEntry> = targets
+        let mut entries: Vec<EnqueueEntry> = targets
             .into_values()
             .filter(|e| {
                 e.qos > 0
@@ -650,7 +679,62 @@ impl BrokerState {
                         .is_some_and(|s| s.is_persistent())
             })
             .collect();
+        // One member per shared group, from the committed state alone, so that every
+        // node makes the same choice and none has to live on for it: among the members
+        // that can take it (persistent, or connected), the one a hash of the group and
+        // the topic names.
+        let mut picks: Vec<(Arc<str>, Arc<str>, SubscriptionOptions)> = Vec::new();
+        let sessions = &self.sessions;
+        self.routes
+            .for_each_shared_match(&message.topic, |group, members| {
+                let able: Vec<&(Arc<str>, SubscriptionOptions)> = members
+                    .iter()
+                    .filter(|(c, _)| {
+                        sessions
+                            .get(c)
+                            .is_some_and(|s| s.connected || s.is_persistent())
+                    })
+                    .collect();
+                if able.is_empty() {
+                    return;
+                }
+                let key = format!("{group}\u{0}{}", message.topic);
+                let index = (fnv1a(key.as_bytes()) % able.len() as u64) as usize;
+                let (client, options) = able[index];
+                picks.push((Arc::from(group), client.clone(), options.clone()));
+            });
+        let mut shared_live = Vec::new();
+        for (group, client, options) in picks {
+            let Some(session) = self.sessions.get(&client) else {
+                continue;
+            };
+            let qos = message.qos.min(options.qos);
+            let retain = options.retain_as_published && message.retain;
+            let subscription_ids: Vec<u32> = options.subscription_id.into_iter().collect();
+            if session.is_persistent() && qos > 0 {
+                entries.push(EnqueueEntry {
+                    client_id: client,
+                    message: message.clone(),
+                    qos,
+                    retain,
+                    subscription_ids,
+                });
+            } else if session.connected {
+                shared_live.push(Event::SharedWill {
+                    node: session.node,
+                    client_id: client,
+                    message: message.clone(),
+                    qos,
+                    retain,
+                    subscription_ids,
+                    group,
+                });
+            }
+        }
         self.emit(Event::PublishWill { publisher, message });
+        for event in shared_live {
+            self.emit(event);
+        }
         if !entries.is_empty() {
             let limits = self.queue_limits;
             self.enqueue(&entries, &limits);

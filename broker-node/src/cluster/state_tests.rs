@@ -541,6 +541,49 @@ fn a_due_will_is_queued_for_persistent_subscribers_and_retained_by_the_state_mac
 }
 
 #[test]
+fn a_due_will_goes_to_one_shared_group_member_chosen_from_the_state_alone() {
+    // Two members of one group: a persistent one, offline, and a clean one connected
+    // on node 2. Exactly one gets the will, and two nodes applying the same log choose
+    // the same one.
+    let log = [
+        open("persistent-member", 2, 20, false, 600, None, T0),
+        subscribe("persistent-member", &["$share/g/w/#"]),
+        close("persistent-member", 20, true, None, T0),
+        open("clean-member", 2, 30, true, 0, None, T0),
+        subscribe("clean-member", &["$share/g/w/#"]),
+        open("a", 1, 10, false, 60, Some(will("w/a", 0)), T0),
+        close("a", 10, false, None, T0 + 1),
+    ];
+    let run = || {
+        let mut h = Harness::new();
+        h.setup(&log[..log.len() - 1]);
+        h.apply(&log[log.len() - 1]);
+        let queued = h.session("persistent-member").queue.len();
+        let live: Vec<(String, NodeId)> = h
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::SharedWill {
+                    client_id, node, ..
+                } => Some((client_id.to_string(), node)),
+                _ => None,
+            })
+            .collect();
+        (queued, live)
+    };
+    let (queued, live) = run();
+    assert_eq!(
+        queued + live.len(),
+        1,
+        "one member gets it: queued {queued}, live {live:?}"
+    );
+    if let Some((client, node)) = live.first() {
+        assert_eq!((client.as_str(), *node), ("clean-member", 2));
+    }
+    assert_eq!(run(), (queued, live), "the same choice every time");
+}
+
+#[test]
 fn a_graceful_close_discards_the_will() {
     let mut h = Harness::new();
     h.setup(&[open("a", 1, 10, false, 60, Some(will("w/a", 0)), T0)]);
@@ -2183,6 +2226,7 @@ enum MEvent {
     Opened(String, NodeId, u64, bool),
     Ended(String),
     Restored,
+    SharedWill(String, NodeId),
 }
 
 impl From<Event> for MEvent {
@@ -2212,6 +2256,9 @@ impl From<Event> for MEvent {
             } => MEvent::Opened(client_id.to_string(), node, connection_id, created),
             Event::SessionEnded { client_id } => MEvent::Ended(client_id.to_string()),
             Event::Restored => MEvent::Restored,
+            Event::SharedWill {
+                client_id, node, ..
+            } => MEvent::SharedWill(client_id.to_string(), node),
         }
     }
 }
