@@ -6,7 +6,7 @@
 //! cluster is involved, across nodes; with the bare packet-level client where the
 //! exact packets matter and with real clients (rumqttc v5, mosquitto_sub).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use broker_node::mqtt::{
     Connect, ConnectProperties, Disconnect, Packet, ProtocolVersion, PubRel, Publish,
@@ -495,18 +495,7 @@ fn a_deny_inside_a_wildcard_grant_withholds_only_its_topics() {
         ],
     );
     // Its subscription is in place once the node lists it.
-    let deadline = Instant::now() + T;
-    loop {
-        let listed = node
-            .api("GET", "/subscriptions?clientid=mosq-dash", None)
-            .map(|v| v.to_string().contains("mosq-dash"))
-            .unwrap_or(false);
-        if listed {
-            break;
-        }
-        assert!(Instant::now() < deadline, "mosquitto_sub did not subscribe");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    node.wait_subscribed("mosq-dash", "#");
     for (topic, payload) in [
         ("secret/x", "hidden"),
         ("secret/y", "shown"),

@@ -8,7 +8,7 @@ use broker_node::mqtt::{
     Subscribe, SubscribeProperties, SubscriptionOptions,
 };
 use bytes::Bytes;
-use flockmq_tests::{converged, run, running, Node, RawClient};
+use flockmq_tests::{converged, run, running, wait_for, wait_until, Node, RawClient};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -543,16 +543,7 @@ fn a_paused_nodes_clients_get_their_wills() {
             "40",
         ],
     );
-    let connected = |node: &Node| {
-        node.api("GET", "/sessions/r10", None)
-            .map(|s| s["connected"] == true)
-            .unwrap_or(false)
-    };
-    let deadline = std::time::Instant::now() + T;
-    while !connected(&nodes[0]) {
-        assert!(std::time::Instant::now() < deadline, "r10 never connected");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    nodes[0].wait_connected("r10", true);
     converged(&running(&nodes));
     let pid = nodes[2].pid().to_string();
     let stop = std::process::Command::new("kill")
@@ -565,13 +556,8 @@ fn a_paused_nodes_clients_get_their_wills() {
         .args(["-CONT", &pid])
         .status();
     assert_eq!(got.stdout.trim(), "fleet/r10/status offline", "{got:?}");
-    // The session is no longer connected anywhere in the replicated state, and the
-    // resumed node catches up with the others.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while connected(&nodes[0]) {
-        assert!(std::time::Instant::now() < deadline, "r10 still connected");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // The resumed node catches up with the others. (Its client's clean session ended
+    // with the will; mosquitto_sub, closed by its node, reconnects to a new one.)
     converged(&running(&nodes));
 }
 
@@ -631,14 +617,11 @@ fn a_node_that_catches_up_by_snapshot_closes_connections_taken_over_meanwhile() 
     fill(300);
     signal("-CONT");
     // The leader has purged the entries node 3 lacks: it can only send a snapshot.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !nodes[2].log().contains("snapshot installed") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node 3 did not install a snapshot"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "node 3 to install a snapshot",
+        Duration::from_secs(30),
+        || nodes[2].log().contains("snapshot installed"),
+    );
     assert_eq!(
         flockmq_tests::mqtt::disconnect_reason(&mut old, Duration::from_secs(30)),
         Some(ReasonCode::SessionTakenOver),
@@ -676,15 +659,11 @@ fn a_node_restarted_with_an_empty_disk_catches_up_before_it_votes() {
     let before = nodes[0].log().len();
     nodes[0].restart();
     let since_restart = |node: &Node| node.log()[before..].to_owned();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !since_restart(&nodes[0]).contains("caught up: voting again") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node 1 did not catch up:\n{}",
-            nodes[0].log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "node 1 to catch up and vote again",
+        Duration::from_secs(30),
+        || since_restart(&nodes[0]).contains("caught up: voting again"),
+    );
     let log = since_restart(&nodes[0]);
     assert!(log.contains("catching up before voting"), "{log}");
     assert!(!log.contains("initializing a new cluster"), "{log}");
@@ -750,24 +729,27 @@ fn a_node_whose_clock_is_ten_minutes_behind_expires_nothing_early() {
             payload: Bytes::copy_from_slice(payload.as_bytes()),
         })
     };
-    // A persistent session (expiry 120 s) that ends on node 3: its disconnect time is
-    // node 3's.
-    let (mut offline, _) = RawClient::connect_with(
-        nodes[2].mqtt_addr(),
-        broker_node::mqtt::Connect {
-            protocol: v5,
-            clean_start: true,
-            keep_alive: 60,
-            client_id: "slow-clock-sub".into(),
-            will: None,
-            username: None,
-            password: None,
-            properties: broker_node::mqtt::ConnectProperties {
-                session_expiry_interval: Some(120),
-                ..Default::default()
+    // The subscriber's persistent session (expiry 120 s), on `node`.
+    let persistent_sub = |node: &Node, clean_start: bool| {
+        RawClient::connect_with(
+            node.mqtt_addr(),
+            broker_node::mqtt::Connect {
+                protocol: v5,
+                clean_start,
+                keep_alive: 60,
+                client_id: "slow-clock-sub".into(),
+                will: None,
+                username: None,
+                password: None,
+                properties: broker_node::mqtt::ConnectProperties {
+                    session_expiry_interval: Some(120),
+                    ..Default::default()
+                },
             },
-        },
-    );
+        )
+    };
+    // It ends on node 3: its disconnect time is node 3's.
+    let (mut offline, _) = persistent_sub(&nodes[2], true);
     flockmq_tests::mqtt::subscribe(&mut offline, "clock/#", QoS::AtLeastOnce);
     offline.send(&Packet::Disconnect(broker_node::mqtt::Disconnect {
         reason_code: ReasonCode::Success,
@@ -806,31 +788,14 @@ fn a_node_whose_clock_is_ten_minutes_behind_expires_nothing_early() {
         payload: Bytes::from_static(b"t"),
     }));
     assert!(matches!(ticker.recv(T), Some(Packet::PubAck(_))));
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let retained = nodes[0].api("GET", "/retained", None).expect("retained");
-        if !retained.to_string().contains("\"tick\"") {
-            break;
+    wait_for("the leader's expiry sweep", T, || {
+        let retained = nodes[0].api("GET", "/retained", None)?;
+        match retained.to_string().contains("\"tick\"") {
+            true => Err(retained.to_string()),
+            false => Ok(()),
         }
-        assert!(std::time::Instant::now() < deadline, "no sweep: {retained}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let (mut back, ack) = RawClient::connect_with(
-        nodes[0].mqtt_addr(),
-        broker_node::mqtt::Connect {
-            protocol: v5,
-            clean_start: false,
-            keep_alive: 60,
-            client_id: "slow-clock-sub".into(),
-            will: None,
-            username: None,
-            password: None,
-            properties: broker_node::mqtt::ConnectProperties {
-                session_expiry_interval: Some(120),
-                ..Default::default()
-            },
-        },
-    );
+    });
+    let (mut back, ack) = persistent_sub(&nodes[0], false);
     assert!(ack.session_present, "the session did not expire early");
     let queued = flockmq_tests::mqtt::next_publish(&mut back, T).expect("the queued message");
     assert_eq!(queued.payload, "queued");

@@ -154,8 +154,7 @@ fn two_nodes_joining_at_once_both_end_as_voters() {
         &["--node-id", "4", "--join", &seed1],
         &["--node-id", "5", "--join", &seed2],
     ]));
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    flockmq_tests::wait_for("all five to be voters", Duration::from_secs(60), || {
         let status = nodes[0].status();
         let voters: Vec<u64> = status["members"]
             .as_array()
@@ -164,15 +163,11 @@ fn two_nodes_joining_at_once_both_end_as_voters() {
             .filter(|m| m["role"] != "learner")
             .filter_map(|m| m["id"].as_u64())
             .collect();
-        if voters == [1, 2, 3, 4, 5] {
-            break;
+        match voters == [1, 2, 3, 4, 5] {
+            true => Ok(()),
+            false => Err(status.to_string()),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not all five are voters after 60 s: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
     converged(&running(&nodes));
 }
 

@@ -84,11 +84,7 @@ fn a_node_reads_the_data_directory_of_the_previous_format_and_goes_on_writing() 
     // Resumed without a Session Expiry Interval, fixture-sub5's session ends with
     // this connection; fixture-sub's (v3.1.1, clean session 0) stays.
     drop(c);
-    let deadline = std::time::Instant::now() + T;
-    while node.status()["sessions"] != 1 {
-        assert!(std::time::Instant::now() < deadline, "{}", node.status());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    node.wait_no_session("fixture-sub5");
     node.restart();
     let after = node.status();
     assert_eq!(after["sessions"], 1, "{after}");

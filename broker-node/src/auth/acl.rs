@@ -20,6 +20,7 @@
 //! gets the fleet without `fleet/secret/#`. Subscriptions wholly inside a grant and
 //! clear of every deny need no check at delivery.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use crate::mqtt::topic::topic_matches;
@@ -187,7 +188,11 @@ impl Acl {
 
     /// The filters of the read grants and of the denies that apply to this client, with
     /// `%c` and `%u` filled in.
-    fn read_rules(&self, username: Option<&str>, client_id: &str) -> (Vec<String>, Vec<String>) {
+    fn read_rules<'a>(
+        &'a self,
+        username: Option<&'a str>,
+        client_id: &'a str,
+    ) -> (Vec<Cow<'a, str>>, Vec<Cow<'a, str>>) {
         let mut grants = Vec::new();
         let mut denies = Vec::new();
         for (rule, filter) in self.rules_for(username, client_id) {
@@ -205,7 +210,7 @@ impl Acl {
         &'a self,
         username: Option<&'a str>,
         client_id: &'a str,
-    ) -> impl Iterator<Item = (&'a Rule, String)> + 'a {
+    ) -> impl Iterator<Item = (&'a Rule, Cow<'a, str>)> + 'a {
         let own: &[Rule] = match username {
             None => &self.anonymous,
             Some(u) => self
@@ -217,7 +222,8 @@ impl Acl {
         };
         own.iter().chain(&self.patterns).filter_map(move |rule| {
             if !rule.pattern {
-                return Some((rule, rule.filter.clone()));
+                // Borrowed: a check per delivery or publish allocates nothing for it.
+                return Some((rule, Cow::Borrowed(rule.filter.as_str())));
             }
             // A pattern naming the username does not apply to anonymous clients.
             if username.is_none() && rule.filter.contains("%u") {
@@ -227,7 +233,7 @@ impl Acl {
                 .filter
                 .replace("%c", client_id)
                 .replace("%u", username.unwrap_or(""));
-            Some((rule, filter))
+            Some((rule, Cow::Owned(filter)))
         })
     }
 

@@ -917,12 +917,7 @@ where
                                 // connection (a PUBLISH reusing the identifier) is
                                 // submitted. Boxed: rare, and kept out of the idle
                                 // connection's future.
-                                let cmd = Command::InboundQos2 {
-                                    client_id: s.client_id.clone(),
-                                    connection_id: s.connection_id,
-                                    received: vec![],
-                                    released: vec![packet_id],
-                                };
+                                let cmd = s.release_command(packet_id);
                                 if Box::pin(self.broker.proposer.submit(cmd)).await.is_err() {
                                     return End::Shutdown;
                                 }
@@ -1116,12 +1111,7 @@ where
                 if known && s.persistent {
                     // PUBCOMP once the release is committed: until then a resend of
                     // the PUBLISH must still be taken for a duplicate, on any node.
-                    let cmd = Command::InboundQos2 {
-                        client_id: s.client_id.clone(),
-                        connection_id: s.connection_id,
-                        received: vec![],
-                        released: vec![r.packet_id],
-                    };
+                    let cmd = s.release_command(r.packet_id);
                     let Ok(submitted) = self.broker.proposer.submit(cmd).await else {
                         return Some(End::Shutdown);
                     };
@@ -1485,7 +1475,7 @@ where
                 }
             };
             drop(tickets);
-            let reason_codes = subscribe_reason_codes(&codes, v5, &entries, existed.as_ref());
+            let reason_codes = subscribe_reason_codes(&codes, v5, &entries, existed.as_deref());
             let retained = match existed {
                 Some(existed) => retained_for(&broker, &entries, &existed),
                 None => Vec::new(),
@@ -1809,15 +1799,10 @@ where
     /// some were PUBRECs: their PUBRELs go out once they are committed, so that a new
     /// owner after a crash knows not to send the PUBLISH again.
     async fn commit_acks_before_pubrel(&mut self, s: &mut Session) {
-        let cmd = Command::Ack {
-            client_id: s.client_id.clone(),
-            connection_id: s.connection_id,
-            completed: std::mem::take(&mut s.acks_completed),
-            received: s.pubrecs.iter().map(|(seq, _)| *seq).collect(),
-        };
-        let pubrels: Vec<Packet> = std::mem::take(&mut s.pubrecs)
+        let (cmd, pubrecs) = s.take_acks();
+        let pubrels: Vec<Packet> = pubrecs
             .into_iter()
-            .map(|(_, id)| Packet::PubRel(PubRel::new(id, ReasonCode::Success)))
+            .map(|id| Packet::PubRel(PubRel::new(id, ReasonCode::Success)))
             .collect();
         let submitted = match self.broker.proposer.submit(cmd).await {
             Ok(submitted) => submitted,
@@ -1845,15 +1830,7 @@ fn commit_acks(broker: &Broker, s: &mut Session) {
     }
     // (PUBRECs recorded here, at the connection's end, get their PUBRELs from the
     // next connection, which resends every message awaiting PUBCOMP.)
-    broker.proposer.propose_detached(Command::Ack {
-        client_id: s.client_id.clone(),
-        connection_id: s.connection_id,
-        completed: std::mem::take(&mut s.acks_completed),
-        received: std::mem::take(&mut s.pubrecs)
-            .into_iter()
-            .map(|(seq, _)| seq)
-            .collect(),
-    });
+    broker.proposer.propose_detached(s.take_acks().0);
 }
 
 /// The SUBACK's reason codes: `codes` holds each filter's refusal (or `None` for the
@@ -1862,7 +1839,7 @@ fn subscribe_reason_codes(
     codes: &[Option<ReasonCode>],
     v5: bool,
     entries: &[(String, crate::cluster::command::SubscriptionOptions)],
-    existed: Option<&Vec<bool>>,
+    existed: Option<&[bool]>,
 ) -> Vec<ReasonCode> {
     let mut granted = entries.iter();
     codes
@@ -1913,6 +1890,30 @@ fn retained_for(
 }
 
 impl Session {
+    /// The acknowledgements received since the last time as one `Ack` command, and
+    /// the packet identifiers of its PUBRECs (their PUBRELs wait for it).
+    fn take_acks(&mut self) -> (Command, Vec<u16>) {
+        let (received, pubrecs) = std::mem::take(&mut self.pubrecs).into_iter().unzip();
+        let cmd = Command::Ack {
+            client_id: self.client_id.clone(),
+            connection_id: self.connection_id,
+            completed: std::mem::take(&mut self.acks_completed),
+            received,
+        };
+        (cmd, pubrecs)
+    }
+
+    /// The command that frees inbound QoS 2 identifier `packet_id` in the replicated
+    /// session.
+    fn release_command(&self, packet_id: u16) -> Command {
+        Command::InboundQos2 {
+            client_id: self.client_id.clone(),
+            connection_id: self.connection_id,
+            received: vec![],
+            released: vec![packet_id],
+        }
+    }
+
     fn window_room(&self) -> usize {
         // OutboundWindow::has_room is checked per message; this bounds the read.
         256

@@ -369,8 +369,7 @@ impl Broker {
         message: &Arc<Message>,
         target: Target,
     ) -> Option<Blocked> {
-        let handle = self.local_client(client)?;
-        hand_over(client.clone(), handle, new_delivery(message, target)).err()
+        self.deliver_to_local(client, delivery(message, target))
     }
 
     /// A shared-group member left without acknowledging `delivery`: give it to
@@ -515,25 +514,13 @@ impl Broker {
         }
     }
 
-    /// Publish a message as the broker itself (wills, `$SYS`, the admin API): retained
-    /// handling, dispatch and queue commit in one.
+    /// Publish a message as the broker itself (`$SYS`, the admin API): retained
+    /// handling, dispatch and queue commit in one. (Wills are the state machine's:
+    /// see `Event::PublishWill`.)
     pub async fn publish_internal(&self, message: Arc<Message>) -> Result<usize, ProposeError> {
-        self.publish_internal_to(message, Reach::All).await
-    }
-
-    /// [`Broker::publish_internal`] for the subscribers `reach` leaves to this node.
-    pub async fn publish_internal_to(
-        &self,
-        message: Arc<Message>,
-        reach: Reach,
-    ) -> Result<usize, ProposeError> {
         // Submitted, not awaited, before dispatching: the retained copy keeps its place
-        // in the log, and the dispatch sees the state as of the moment the message was
-        // due. For a will that matters: the other nodes split the delivery with this
-        // one by their own view as they apply it, so this node must not look a Raft
-        // round trip later, after clients may have moved.
-        // (A will's retained copy is set by the state machine as it becomes due.)
-        let retained = if message.retain && reach == Reach::All {
+        // in the log ahead of anything the dispatch queues.
+        let retained = if message.retain {
             let cmd = Command::SetRetained {
                 topic: message.topic.clone(),
                 message: Some(message.clone()),
@@ -542,7 +529,7 @@ impl Broker {
         } else {
             None
         };
-        let outcome = self.dispatch_to(&message, reach);
+        let outcome = self.dispatch(&message);
         Stats::add(&self.stats.messages_received, 1);
         for b in outcome.blocked {
             b.wait(&self.stats).await;
@@ -627,8 +614,7 @@ fn merge_target(
     message: &Message,
     shared_group: Option<Arc<str>>,
 ) {
-    let qos = message.qos.min(options.qos);
-    let retain = options.retain_as_published && message.retain;
+    let (qos, retain) = options.grant(message);
     let t = targets.entry(client.clone()).or_insert(Target {
         shared_group: shared_group.clone(),
         qos,

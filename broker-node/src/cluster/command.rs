@@ -95,6 +95,18 @@ pub struct SubscriptionOptions {
     pub subscription_id: Option<u32>,
 }
 
+impl SubscriptionOptions {
+    /// How `message` is delivered through this subscription: the QoS (the lower of
+    /// the publish's and the granted one) and the RETAIN flag (kept only with Retain
+    /// As Published).
+    pub fn grant(&self, message: &Message) -> (u8, bool) {
+        (
+            message.qos.min(self.qos),
+            self.retain_as_published && message.retain,
+        )
+    }
+}
+
 /// A will message waiting for its connection to end badly.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Will {

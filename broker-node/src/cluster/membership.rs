@@ -116,6 +116,7 @@ async fn apply_on_leader(raft: &Raft, change: MembershipChange) -> Result<String
             tracing::info!(node = id, %addr, "node joined as a voter");
             Ok(format!("node {id} ({addr}) joined as a voter"))
         }
+        // Answered by `change` on the node asked, never passed to the leader.
         MembershipChange::Probe => Ok("0".to_owned()),
         MembershipChange::Remove { id } => {
             if !current.nodes.contains_key(&id) {

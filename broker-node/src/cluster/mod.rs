@@ -276,7 +276,7 @@ impl Cluster {
         });
 
         let advertise = config.advertise_addr();
-        if !raft.is_initialized().await? {
+        if fresh_disk {
             let mut members = BTreeMap::new();
             if config.initial_cluster.is_empty() {
                 members.insert(config.node_id, BasicNode::new(advertise.clone()));

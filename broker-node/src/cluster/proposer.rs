@@ -140,7 +140,7 @@ impl Proposer {
     /// client was told stays true. (One already sent may still be applied; see
     /// `LeaderForwarder` for how long that window stays open.)
     pub async fn propose_refusable(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
-        self.enqueue(cmd, true).await?.wait().await
+        self.submit_refusable(cmd).await?.wait().await
     }
 
     /// [`Proposer::submit`] for a refusable command (see [`Proposer::propose_refusable`]):

@@ -102,14 +102,35 @@ pub enum Event {
     },
 }
 
-/// FNV-1a: a hash that is the same on every node and in every process.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in bytes {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
+/// FNV-1a, fed through `io::Write`: a hash that is the same on every node and in
+/// every process (the digest streams the state through it).
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
     }
-    hash
+}
+
+impl std::io::Write for Fnv {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// FNV-1a of `bytes`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash = Fnv::new();
+    let _ = std::io::Write::write_all(&mut hash, bytes);
+    hash.0
 }
 
 /// One session as the cluster knows it.
@@ -201,8 +222,9 @@ pub struct ProposerRecord {
     pub last: Vec<(u64, CommandResult)>,
 }
 
-/// The serialized form of [`BrokerState`] in snapshots (format 2, after its marker).
-#[derive(Serialize, Deserialize)]
+/// The serialized form of [`BrokerState`] in snapshots (format 2, after its marker),
+/// as read; `write_canonical` writes the same layout from borrowed parts.
+#[derive(Deserialize)]
 struct SnapshotForm {
     sessions: Vec<(Arc<str>, Box<SessionRecord>)>,
     retained: Vec<(Arc<str>, RetainedMessage)>,
@@ -655,7 +677,7 @@ impl BrokerState {
                 if options.no_local && origin == Some(&**client) {
                     return;
                 }
-                let qos = message.qos.min(options.qos);
+                let (qos, retain) = options.grant(&message);
                 let entry = targets
                     .entry(client.clone())
                     .or_insert_with(|| EnqueueEntry {
@@ -666,7 +688,7 @@ impl BrokerState {
                         subscription_ids: Vec::new(),
                     });
                 entry.qos = entry.qos.max(qos);
-                entry.retain |= options.retain_as_published && message.retain;
+                entry.retain |= retain;
                 entry.subscription_ids.extend(options.subscription_id);
             });
         let mut entries: Vec<EnqueueEntry> = targets
@@ -708,8 +730,7 @@ impl BrokerState {
             let Some(session) = self.sessions.get(&client) else {
                 continue;
             };
-            let qos = message.qos.min(options.qos);
-            let retain = options.retain_as_published && message.retain;
+            let (qos, retain) = options.grant(&message);
             let subscription_ids: Vec<u32> = options.subscription_id.into_iter().collect();
             if session.is_persistent() && qos > 0 {
                 entries.push(EnqueueEntry {
@@ -1049,20 +1070,7 @@ impl BrokerState {
     pub fn digest(&self) -> u64 {
         // FNV-1a over the canonical snapshot encoding, streamed: stable across
         // processes, and no copy of the state is made.
-        struct Fnv(u64);
-        impl std::io::Write for Fnv {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                for byte in bytes {
-                    self.0 ^= u64::from(*byte);
-                    self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-                }
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+        let mut hash = Fnv::new();
         self.write_canonical(&mut hash);
         hash.0
     }
