@@ -1,17 +1,18 @@
 //! One client connection, from CONNECT to the end: the task that owns the client's
 //! session while it is connected.
 //!
-//! It reads and decodes packets, drives the protocol state of `session` (inflight
-//! window, keep alive, aliases, inbound QoS 2), submits control-plane changes through
-//! the proposer, dispatches publishes and writes everything it has to send in batches.
-//! It is generic over the byte stream, so TCP, TLS and WebSocket share it, and it never
-//! holds a lock across an `.await`.
+//! The MQTT rules live in the I/O-free [`Machine`]; this task does what the machine
+//! cannot: it reads and decodes packets and feeds them in with the time, writes what
+//! the machine sends in batches, runs the [`Action`]s it asks for (proposals through
+//! the proposer, dispatch and forwarding of publishes, retained look-ups) and feeds
+//! their outcomes back, awaits the keep-alive deadline and the node's mailbox, and
+//! parks the connection when it is idle. It is generic over the byte stream, so TCP,
+//! TLS and WebSocket share it, and it never holds a lock across an `.await`.
 //!
 //! Acknowledgements to a publisher (PUBACK/PUBREC) wait until every local queue took
 //! the message and, for persistent sessions, the replicated queue append is committed
-//! (DESIGN invariant 1); they go out in the order the publishes arrived.
+//! (DESIGN invariant 1); the machine sends them in the order the publishes arrived.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,19 +25,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::dispatch::wait_forwarded;
 use super::{unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
+use crate::auth::acl::SubscribeAccess;
 use crate::cluster::command::{
-    Command, CommandResult, InboundRecord, Message, MessageProperties, Will,
+    Command, CommandResult, InboundRecord, Message, QueuedMessage, SubscriptionOptions,
 };
-use crate::cluster::state::SessionRecord;
-use crate::mqtt::{
-    self, ConnAck, ConnAckProperties, Connect, Disconnect, DisconnectProperties, Packet,
-    ProtocolVersion, PubAck, PubComp, PubRec, PubRel, Publish, PublishProperties, QoS, ReasonCode,
-    SubAck, Subscribe, UnsubAck, Unsubscribe,
+use crate::config::MqttConfig;
+use crate::mqtt::{self, Connect, Packet, ProtocolVersion, ReasonCode};
+use crate::session::machine::{
+    self, packet_kind, Action, AtRest, End, Machine, Opened, Resolution, Slot, World,
 };
-use crate::session::{
-    AliasUse, InboundAliases, InboundQos2, KeepAlive, OutboundAliases, OutboundState,
-    OutboundWindow,
-};
+use crate::session::KeepAlive;
 use crate::telemetry;
 use crate::transport::{Admitted, ClientStream, Vouched};
 use tokio::net::TcpStream;
@@ -44,36 +42,11 @@ use tokio::net::TcpStream;
 /// Capacity of the channel through which the node hands deliveries to a connection.
 const CHANNEL_CAPACITY: usize = 1024;
 
-/// How a connection ended, deciding whether the will is published.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    /// A normal DISCONNECT (reason 0x00): the will is discarded.
-    Graceful,
-    /// DISCONNECT with 0x04, a network error, a protocol error, a keep-alive timeout.
-    Abrupt,
-    /// Another connection took the session over; it owns the session now.
-    TakenOver,
-    /// The node is shutting down; sessions stay as they are.
-    Shutdown,
-    /// Not an end: the connection has been idle for `mqtt.park_after` with nothing in
-    /// flight, and may be parked.
-    Idle,
-}
+type AckFuture = Pin<Box<dyn Future<Output = (Slot, Resolution)> + Send>>;
 
-/// An outbound QoS 1/2 message in the inflight window.
-#[derive(Debug)]
-enum Outgoing {
-    /// Delivered from the node directly (clean sessions): kept for a resend.
-    Transient(Delivery),
-    /// Delivered from the session's replicated queue at this position.
-    Queued(u64),
-}
-
-type AckFuture = Pin<Box<dyn Future<Output = AckOutcome> + Send>>;
-
-/// Acknowledgements waiting for their commands, in arrival order. The queue exists
-/// only while something waits: an idle connection holds none (its shared parts are
-/// allocated by `FuturesOrdered::new`).
+/// What the machine waits for, in the order it asked. The queue exists only while
+/// something waits: an idle connection holds none (its shared parts are allocated by
+/// `FuturesOrdered::new`).
 #[derive(Default)]
 struct PendingAcks(Option<FuturesOrdered<AckFuture>>);
 
@@ -88,8 +61,8 @@ impl PendingAcks {
             .push_back(ack);
     }
 
-    /// The next acknowledgement in order, once ready.
-    async fn next(&mut self) -> Option<AckOutcome> {
+    /// The next outcome in order, once ready.
+    async fn next(&mut self) -> Option<(Slot, Resolution)> {
         let queue = self.0.as_mut()?;
         let next = queue.next().await;
         if queue.is_empty() {
@@ -97,21 +70,6 @@ impl PendingAcks {
         }
         next
     }
-}
-
-/// What an awaited acknowledgement resolved to.
-enum AckOutcome {
-    /// Send this packet.
-    Send(Box<Packet>),
-    /// Send this SUBACK, then these retained messages.
-    SubAck(Box<Packet>, Vec<Delivery>),
-    /// Free this inbound QoS 2 packet identifier (its publish was not committed, and
-    /// the PUBREC that follows says so), then send the packet.
-    Release(u16, Box<Packet>),
-    /// Send these packets (PUBRELs whose PUBREC is committed).
-    Packets(Vec<Packet>),
-    /// The message could not be committed: close (v3.1.1 has no way to say so).
-    Fail,
 }
 
 /// Serve one client over `stream`, accepted on the listener named `listener`, until it
@@ -179,7 +137,7 @@ pub async fn resume(broker: Arc<Broker>, parked: Box<Parked>) {
             conn.live(session, connection_id, tally).await;
         }
         Err(e) => {
-            tracing::warn!(client_id = %session.client_id, error = %e, "cannot resume a parked connection");
+            tracing::warn!(client_id = %session.m.client_id(), error = %e, "cannot resume a parked connection");
             Box::pin(end_session(&broker, session, connection_id, End::Abrupt)).await;
             drop(tally);
         }
@@ -230,39 +188,18 @@ impl Drop for Tally {
     }
 }
 
-/// [`Session::acl_generation`] before anything was derived.
-const ACL_UNKNOWN: u32 = u32::MAX;
-
 /// Only plain TCP connections are parked.
 const PARKED_LISTENER: &str = "tcp";
 
 /// A parked connection: its socket and what its session needs to go on, without a
-/// task, buffers or timers (see [`super::park`]). Only what a session [at
-/// rest](Session::at_rest) holds, flat, so that the record fits jemalloc's 128-byte
-/// class (a test below keeps it there): no inflight window, no pending acknowledgements,
-/// no waiting deliveries, no expiry update (that comes with a DISCONNECT, which ends
-/// the connection).
+/// task, buffers or timers (see [`super::park`]). Only what a machine [at
+/// rest](Machine::at_rest) holds, flat, so that the record fits jemalloc's 128-byte
+/// class (a test below keeps it there).
 pub struct Parked {
     socket: std::net::TcpStream,
-    connection_id: u64,
     tally: Tally,
-    client_id: Arc<str>,
-    username: Option<Arc<str>>,
     rx: super::mailbox::Receiver<ConnMsg>,
-    /// [`KeepAlive::compact`]'s form.
-    last_seen_ms: u64,
-    keep_alive_ms: u32,
-    queue_cursor: u64,
-    resend_below: u64,
-    /// Topic aliases and inbound QoS 2 identifiers, when there are any.
-    kept: Option<Box<(InboundAliases, InboundQos2)>>,
-    connect_expiry: u32,
-    client_max_packet: u32,
-    window_size: u32,
-    /// The outbound topic aliases' maximum (the table itself is forgotten).
-    out_alias_max: u16,
-    version: ProtocolVersion,
-    persistent: bool,
+    rest: AtRest,
 }
 
 impl Parked {
@@ -272,14 +209,14 @@ impl Parked {
     }
 
     fn keep_alive(&self) -> KeepAlive {
-        KeepAlive::from_compact(self.last_seen_ms, self.keep_alive_ms)
+        self.rest.keep_alive()
     }
 
     /// A packet from the client arrived at `now` (a PINGREQ answered by the lot).
     pub fn seen(&mut self, now: Instant) {
         let mut keep_alive = self.keep_alive();
         keep_alive.seen(now);
-        (self.last_seen_ms, self.keep_alive_ms) = keep_alive.compact();
+        self.rest.set_keep_alive(keep_alive);
     }
 
     /// Whether the client has been silent longer than its keep alive allows.
@@ -293,90 +230,43 @@ impl Parked {
     }
 
     /// The session back, with the socket, the connection id and the tally.
-    fn unpark(
-        self,
-        cfg: &crate::config::MqttConfig,
-    ) -> (Box<Session>, std::net::TcpStream, u64, Tally) {
-        let keep_alive = self.keep_alive();
-        let (aliases, inbound_qos2) = match self.kept {
-            Some(kept) => *kept,
-            None => (
-                InboundAliases::new(if self.version == ProtocolVersion::V5 {
-                    cfg.topic_alias_maximum
-                } else {
-                    0
-                }),
-                InboundQos2::default(),
-            ),
-        };
+    fn unpark(self, cfg: &MqttConfig) -> (Box<Session>, std::net::TcpStream, u64, Tally) {
         let session = Box::new(Session {
-            client_id: self.client_id,
-            connection_id: self.connection_id,
-            username: self.username,
-            version: self.version,
-            persistent: self.persistent,
-            connect_expiry: self.connect_expiry,
-            expiry_update: None,
-            keep_alive,
-            aliases,
-            out_aliases: OutboundAliases::new(self.out_alias_max, self.out_alias_max),
-            acl_filtered: false,
-            acl_generation: ACL_UNKNOWN,
-            inbound_qos2,
-            inbound_qos1_pending: 0,
-            window: OutboundWindow::new(self.window_size as usize),
-            inflight_counted: 0,
-            pending: VecDeque::new(),
-            queue_cursor: self.queue_cursor,
-            resend_below: self.resend_below,
-            client_max_packet: self.client_max_packet,
-            acks: PendingAcks::default(),
-            acks_completed: Vec::new(),
-            pubrecs: Vec::new(),
+            m: Machine::unpark(self.rest, cfg),
             rx: self.rx,
+            acks: PendingAcks::default(),
+            inflight_counted: 0,
         });
-        (session, self.socket, self.connection_id, self.tally)
+        let connection_id = session.m.connection_id();
+        (session, self.socket, connection_id, self.tally)
     }
+}
+
+/// An established session on this connection: the protocol machine, the mailbox the
+/// node delivers to, and what the machine waits for.
+struct Session {
+    m: Machine,
+    rx: super::mailbox::Receiver<ConnMsg>,
+    acks: PendingAcks,
+    /// The window's size as last added to the node's inflight count.
+    inflight_counted: usize,
 }
 
 impl Session {
     /// Whether nothing is in flight, buffered or waiting, so that the session can be
     /// parked.
     fn at_rest(&self) -> bool {
-        self.inbound_qos1_pending == 0
-            && self.window.is_empty()
-            && self.pending.is_empty()
-            && self.acks.is_empty()
-            && self.acks_completed.is_empty()
-            && self.pubrecs.is_empty()
-            && self.expiry_update.is_none()
-            && self.rx.is_empty()
+        self.m.at_rest() && self.acks.is_empty() && self.rx.is_empty()
     }
 
     /// The parked form of a session [at rest](Session::at_rest).
-    fn park(self, socket: std::net::TcpStream, connection_id: u64, tally: Tally) -> Parked {
+    fn park(self, socket: std::net::TcpStream, tally: Tally) -> Parked {
         debug_assert!(self.at_rest());
-        let kept = (!self.aliases.is_empty() || !self.inbound_qos2.is_empty())
-            .then(|| Box::new((self.aliases, self.inbound_qos2)));
-        let (last_seen_ms, keep_alive_ms) = self.keep_alive.compact();
         Parked {
             socket,
-            connection_id,
             tally,
-            client_id: self.client_id,
-            username: self.username,
             rx: self.rx,
-            last_seen_ms,
-            keep_alive_ms,
-            queue_cursor: self.queue_cursor,
-            resend_below: self.resend_below,
-            kept,
-            connect_expiry: self.connect_expiry,
-            client_max_packet: self.client_max_packet,
-            window_size: u32::try_from(self.window.capacity()).unwrap_or(u32::MAX),
-            out_alias_max: self.out_aliases.maximum(),
-            version: self.version,
-            persistent: self.persistent,
+            rest: self.m.park(),
         }
     }
 }
@@ -400,54 +290,111 @@ struct Connection<S> {
     vouched: Vouched,
 }
 
-/// The state of an established session on this connection.
-struct Session {
-    client_id: Arc<str>,
-    /// This connection, named in its commands: the state machine ignores them once
-    /// another connection owns the session (DESIGN invariant 8).
-    connection_id: u64,
-    /// The authenticated username, for ACL checks.
-    username: Option<Arc<str>>,
+/// The node as the machine sees it: packets go to the write buffer, actions to a list
+/// the connection runs next, reads go to the broker.
+struct Node<'a> {
+    broker: &'a Broker,
+    wbuf: &'a mut BytesMut,
     version: ProtocolVersion,
-    persistent: bool,
-    /// Session expiry as requested at CONNECT (v5), to validate a DISCONNECT update.
-    connect_expiry: u32,
-    expiry_update: Option<u32>,
-    keep_alive: KeepAlive,
-    aliases: InboundAliases,
-    /// Topic aliases this broker assigned towards the client.
-    out_aliases: OutboundAliases,
-    /// Whether a subscription may match topics the ACL keeps from this client, so that
-    /// every delivery is checked ([`crate::auth::acl::SubscribeAccess::Filtered`]).
-    acl_filtered: bool,
-    /// The ACL generation `acl_filtered` was derived under ([`ACL_UNKNOWN`]: not yet).
-    acl_generation: u32,
-    inbound_qos2: InboundQos2,
-    /// QoS 1 publishes whose PUBACK is not yet sent.
-    inbound_qos1_pending: usize,
-    window: OutboundWindow<Outgoing>,
-    /// The window's size as last added to the node's inflight count.
-    inflight_counted: usize,
-    /// Transient QoS 1/2 deliveries waiting for room in the window.
-    pending: VecDeque<Delivery>,
-    /// Next replicated-queue position to consider sending.
-    queue_cursor: u64,
-    /// Queue positions below this were possibly sent before: resend them with DUP.
-    resend_below: u64,
-    /// The client's Maximum Packet Size (v5), 0 if unlimited.
-    client_max_packet: u32,
-    acks: PendingAcks,
-    acks_completed: Vec<u64>,
-    /// PUBRECs of queued messages (queue position, packet id) to commit; their
-    /// PUBRELs wait for it.
-    pubrecs: Vec<(u64, u16)>,
-    rx: super::mailbox::Receiver<ConnMsg>,
+    actions: &'a mut Vec<Action>,
+}
+
+impl World for Node<'_> {
+    fn config(&self) -> &MqttConfig {
+        &self.broker.config.mqtt
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        if let Err(e) = mqtt::encode(packet, self.version, self.wbuf) {
+            tracing::warn!(error = %e, "cannot encode packet");
+        }
+    }
+
+    fn act(&mut self, action: Action) {
+        self.actions.push(action);
+    }
+
+    fn sent(&mut self, qos: u8) {
+        Stats::add(&self.broker.stats.messages_sent, 1);
+        telemetry::hot().messages_sent[usize::from(qos).min(2)].increment(1);
+    }
+
+    fn dropped(&mut self, reason: &'static str) {
+        if reason == "queue_full" {
+            Stats::add(&self.broker.stats.messages_dropped, 1);
+        }
+        metrics::counter!("flockmq_messages_dropped_total", "reason" => reason).increment(1);
+    }
+
+    fn may_publish(&self, username: Option<&str>, client_id: &str, topic: &str) -> bool {
+        self.broker.auth.may_publish(username, client_id, topic)
+    }
+
+    fn subscribe_access(
+        &self,
+        username: Option<&str>,
+        client_id: &str,
+        filter: &str,
+    ) -> SubscribeAccess {
+        self.broker
+            .auth
+            .subscribe_access(username, client_id, filter)
+    }
+
+    fn may_read(&self, username: Option<&str>, client_id: &str, topic: &str) -> bool {
+        self.broker.auth.may_read(username, client_id, topic)
+    }
+
+    fn acl_generation(&self) -> (u32, bool) {
+        (self.broker.auth.generation(), self.broker.auth.has_acl())
+    }
+
+    fn subscriptions(&self, client_id: &str) -> Vec<String> {
+        self.broker.read_state(|st| {
+            st.session(client_id)
+                .map(|r| r.subscriptions.keys().cloned().collect())
+                .unwrap_or_default()
+        })
+    }
+
+    fn queued(&self, client_id: &str, from: u64, max: usize) -> Vec<QueuedMessage> {
+        self.broker.read_state(|st| {
+            st.session(client_id)
+                .map(|r| {
+                    r.queue
+                        .iter()
+                        .filter(|m| m.seq >= from)
+                        .take(max)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+    }
+
+    fn awaiting_pubcomp(&self, client_id: &str) -> Vec<u64> {
+        self.broker.read_state(|st| {
+            st.session(client_id)
+                .map(|r| r.awaiting_pubcomp.iter().copied().collect())
+                .unwrap_or_default()
+        })
+    }
 }
 
 impl<S> Connection<S>
 where
     S: ClientStream,
 {
+    /// The machine's view of the node, for a session of `version`.
+    fn node<'a>(&'a mut self, version: ProtocolVersion, actions: &'a mut Vec<Action>) -> Node<'a> {
+        Node {
+            broker: &self.broker,
+            wbuf: &mut self.wbuf,
+            version,
+            actions,
+        }
+    }
+
     /// Read bytes into the read buffer; `false` at end of stream or on error.
     async fn fill(&mut self) -> bool {
         if self.rbuf.capacity() == 0 {
@@ -526,13 +473,9 @@ where
         version: ProtocolVersion,
         code: ReasonCode,
     ) -> Option<(Box<Session>, u64)> {
-        metrics::counter!("flockmq_connack_total", "reason" => reason_label(code)).increment(1);
-        let connack = Packet::ConnAck(ConnAck {
-            session_present: false,
-            reason_code: code,
-            properties: ConnAckProperties::default(),
-        });
-        self.queue_packet(&connack, version);
+        metrics::counter!("flockmq_connack_total", "reason" => format!("0x{:02x}", u8::from(code)))
+            .increment(1);
+        self.queue_packet(&machine::refusal(code), version);
         self.flush().await;
         None
     }
@@ -543,29 +486,12 @@ where
         let broker = self.broker.clone();
         let cfg = &broker.config.mqtt;
         let version = connect.protocol;
-        let v5 = version == ProtocolVersion::V5;
 
-        // Client identifier rules [MQTT-3.1.3-6..9].
-        let mut assigned = None;
-        let client_id: Arc<str> = if connect.client_id.is_empty() {
-            if v5 || (version == ProtocolVersion::V3_1_1 && connect.clean_start) {
-                let id = format!("flockmq-{:016x}", rand::random::<u64>());
-                assigned = Some(id.clone());
-                Arc::from(id)
-            } else {
-                return self
-                    .refuse(version, ReasonCode::ClientIdentifierNotValid)
-                    .await;
-            }
-        } else {
-            Arc::from(connect.client_id.as_str())
+        let fresh = || format!("flockmq-{:016x}", rand::random::<u64>());
+        let (client_id, assigned) = match machine::client_identifier(&connect, fresh) {
+            Ok(id) => id,
+            Err(code) => return self.refuse(version, code).await,
         };
-
-        if connect.properties.authentication_method.is_some() {
-            return self
-                .refuse(version, ReasonCode::BadAuthenticationMethod)
-                .await;
-        }
         // An address with recent failures waits before its credentials are checked.
         let Some(attempt) = broker.auth.failures.begin(self.peer.ip(), Instant::now()) else {
             metrics::counter!("flockmq_auth_failures_total").increment(1);
@@ -593,67 +519,16 @@ where
         };
         drop(attempt);
 
-        // The will, validated like any publish.
-        let will = match &connect.will {
-            None => None,
-            Some(w) => {
-                if let Err(code) = broker.check_topic_limits(&w.topic) {
-                    return self.refuse(version, code).await;
-                }
-                if !broker
-                    .auth
-                    .may_publish(username.as_deref(), &client_id, &w.topic)
-                {
-                    tracing::info!(client_id = %client_id, topic = %w.topic, "will refused by the ACL");
-                    return self.refuse(version, ReasonCode::NotAuthorized).await;
-                }
-                if u8::from(w.qos) > cfg.max_qos {
-                    return self.refuse(version, ReasonCode::QoSNotSupported).await;
-                }
-                if w.retain && !cfg.retain_available {
-                    return self.refuse(version, ReasonCode::RetainNotSupported).await;
-                }
-                Some(Will {
-                    delay_secs: w.properties.will_delay_interval.unwrap_or(0),
-                    message: Message {
-                        topic: Arc::from(w.topic.as_str()),
-                        payload: w.payload.clone(),
-                        qos: u8::from(w.qos),
-                        retain: w.retain,
-                        properties: MessageProperties {
-                            payload_format_indicator: w.properties.payload_format_indicator,
-                            message_expiry_interval: w.properties.message_expiry_interval,
-                            content_type: w.properties.content_type.clone(),
-                            response_topic: w.properties.response_topic.clone(),
-                            correlation_data: w.properties.correlation_data.clone(),
-                            user_properties: w.properties.user_properties.clone(),
-                        },
-                        received_at_ms: 0,
-                        origin_client: Some(client_id.clone()),
-                    },
-                })
-            }
+        let may_publish = |topic: &str| {
+            broker
+                .auth
+                .may_publish(username.as_deref(), &client_id, topic)
         };
-
-        // Session lifetime: v3 clean session 0 never expires; v5 says how long.
-        let requested_expiry = if v5 {
-            connect.properties.session_expiry_interval.unwrap_or(0)
-        } else if connect.clean_start {
-            0
-        } else {
-            u32::MAX
-        };
-        let expiry_secs = match cfg.max_session_expiry {
-            Some(max) if requested_expiry != 0 => {
-                requested_expiry.min(u32::try_from(max.as_secs()).unwrap_or(u32::MAX))
-            }
-            _ => requested_expiry,
-        };
-
-        let keep_alive_secs = match cfg.server_keep_alive {
-            Some(server) if v5 => server,
-            _ => connect.keep_alive.min(cfg.max_keep_alive),
-        };
+        let mut negotiated =
+            match machine::negotiate(&connect, cfg, client_id.clone(), assigned, may_publish) {
+                Ok(n) => n,
+                Err(code) => return self.refuse(version, code).await,
+            };
 
         let connection_id = broker.next_connection_id();
         let (tx, rx) = super::mailbox::channel(CHANNEL_CAPACITY);
@@ -668,8 +543,8 @@ where
             connection_id,
             protocol: version.level(),
             clean_start: connect.clean_start,
-            expiry_secs,
-            will,
+            expiry_secs: negotiated.expiry_secs,
+            will: negotiated.will.take(),
             now_ms: unix_ms(),
         }))
         .await;
@@ -689,87 +564,40 @@ where
             }
         };
 
-        let mut props = ConnAckProperties::default();
-        if v5 {
-            props.receive_maximum = Some(cfg.receive_maximum);
-            props.maximum_packet_size = Some(cfg.max_packet_size);
-            props.topic_alias_maximum = Some(cfg.topic_alias_maximum);
-            props.retain_available = Some(cfg.retain_available);
-            props.wildcard_subscription_available = Some(cfg.wildcard_subscription_available);
-            props.subscription_identifiers_available = Some(cfg.subscription_identifier_available);
-            props.shared_subscription_available = Some(cfg.shared_subscription_available);
-            if cfg.max_qos < 2 {
-                props.maximum_qos = Some(cfg.max_qos);
-            }
-            if keep_alive_secs != connect.keep_alive {
-                props.server_keep_alive = Some(keep_alive_secs);
-            }
-            if expiry_secs != requested_expiry {
-                props.session_expiry_interval = Some(expiry_secs);
-            }
-            props.assigned_client_identifier = assigned;
-        }
-        self.queue_packet(
-            &Packet::ConnAck(ConnAck {
-                session_present,
-                reason_code: ReasonCode::Success,
-                properties: props,
-            }),
-            version,
-        );
+        let connack = machine::connack(&connect, &negotiated, cfg, session_present);
+        self.queue_packet(&connack, version);
         metrics::counter!("flockmq_connack_total", "reason" => "success").increment(1);
         tracing::debug!(client_id = %client_id, peer = %self.peer, ?version, session_present, "client connected");
 
-        let client_receive_max = if v5 {
-            connect.properties.receive_maximum.unwrap_or(65_535)
-        } else {
-            65_535
-        };
-        let window_size = usize::from(client_receive_max).min(cfg.max_inflight);
         let resend_below = broker.read_state(|s| {
             s.session(&client_id)
                 .map(|r| r.next_seq)
                 .unwrap_or_default()
         });
-        let mut session = Session {
-            client_id: client_id.clone(),
+        let opened = Opened {
             connection_id,
             username,
-            version,
-            persistent: expiry_secs > 0,
-            connect_expiry: expiry_secs,
-            expiry_update: None,
-            keep_alive: KeepAlive::new(keep_alive_secs, Instant::now()),
-            aliases: InboundAliases::new(if v5 { cfg.topic_alias_maximum } else { 0 }),
-            out_aliases: OutboundAliases::new(
-                connect.properties.topic_alias_maximum.unwrap_or(0),
-                if v5 {
-                    cfg.outbound_topic_alias_maximum
-                } else {
-                    0
-                },
-            ),
-            acl_filtered: false,
-            acl_generation: ACL_UNKNOWN,
             inbound_qos2: broker.inbound_qos2_of(&client_id, session_present),
-            inbound_qos1_pending: 0,
-            window: OutboundWindow::new(window_size),
-            inflight_counted: 0,
-            pending: VecDeque::new(),
-            queue_cursor: 0,
             resend_below,
-            client_max_packet: connect.properties.maximum_packet_size.unwrap_or(0),
-            acks: PendingAcks::default(),
-            acks_completed: Vec::new(),
-            pubrecs: Vec::new(),
-            rx,
         };
-        if session_present {
-            self.resend_awaiting_pubcomp(&mut session);
+        let m = Machine::new(&connect, &negotiated, cfg, opened, Instant::now());
+        let mut session = Box::new(Session {
+            m,
+            rx,
+            acks: PendingAcks::default(),
+            inflight_counted: 0,
+        });
+        let mut actions = Vec::new();
+        session.m.start(
+            session_present,
+            unix_ms(),
+            &mut self.node(version, &mut actions),
+        );
+        if let Some(end) = self.run(&mut session, actions).await {
+            Box::pin(end_session(&broker, session, connection_id, end)).await;
+            return None;
         }
-        self.pump_queue(&mut session);
-
-        Some((Box::new(session), connection_id))
+        Some((session, connection_id))
     }
 
     /// Drive an established session until it ends, parking it whenever it has been
@@ -788,7 +616,7 @@ where
                     continue;
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(client_id = %session.client_id, error = %e, "cannot park a connection");
+                    tracing::warn!(client_id = %session.m.client_id(), error = %e, "cannot park a connection");
                     Stats::sub(
                         &self.broker.stats.messages_inflight,
                         session.inflight_counted as u64,
@@ -804,7 +632,7 @@ where
                 }
                 Ok(Ok(socket)) => socket,
             };
-            let parked = Box::new((*session).park(socket, connection_id, tally));
+            let parked = Box::new((*session).park(socket, tally));
             match self.broker.lot.park(parked) {
                 Ok(()) => return,
                 Err(parked) => {
@@ -815,7 +643,7 @@ where
                     match S::from_socket(socket) {
                         Ok(stream) => self.stream = stream,
                         Err(e) => {
-                            tracing::warn!(client_id = %session.client_id, error = %e, "cannot resume a connection");
+                            tracing::warn!(client_id = %session.m.client_id(), error = %e, "cannot resume a connection");
                             Box::pin(end_session(
                                 &self.broker,
                                 session,
@@ -840,7 +668,7 @@ where
     }
     /// Bring the node's inflight count up to date with this session's window.
     fn count_inflight(&self, s: &mut Session) {
-        let now = s.window.len();
+        let now = s.m.inflight();
         if now != s.inflight_counted {
             let counter = &self.broker.stats.messages_inflight;
             if now > s.inflight_counted {
@@ -854,6 +682,7 @@ where
 
     async fn session_loop(&mut self, s: &mut Session) -> End {
         let shutdown = self.broker.shutdown.clone();
+        let version = s.m.version();
         // Parking: plain TCP only, unless switched off.
         let park_after =
             Some(self.broker.config.mqtt.park_after).filter(|d| S::PARKABLE && !d.is_zero());
@@ -884,7 +713,7 @@ where
                 s.rx.release();
             }
             let park_at = park_after.map(|after| active_at + after);
-            let deadline = match (s.keep_alive.deadline(), park_at) {
+            let deadline = match (s.m.deadline(), park_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -894,65 +723,31 @@ where
                     None => std::future::pending().await,
                 }
             };
+            let mut actions = Vec::new();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    self.disconnect(s.version, ReasonCode::ServerShuttingDown);
+                    let end = s.m.shutting_down(&mut self.node(version, &mut actions));
                     self.flush().await;
-                    return End::Shutdown;
+                    return end;
                 }
-                Some(outcome) = s.acks.next(), if !s.acks.is_empty() => {
+                Some((slot, resolution)) = s.acks.next(), if !s.acks.is_empty() => {
                     active_at = Instant::now();
-                    match outcome {
-                        AckOutcome::Send(packet) => {
-                            if let Packet::PubAck(_) = *packet {
-                                s.inbound_qos1_pending -= 1;
-                            }
-                            self.queue_packet(&packet, s.version);
-                        }
-                        AckOutcome::Release(packet_id, packet) => {
-                            if s.inbound_qos2.release(packet_id) && s.persistent {
-                                // It may be recorded in the replicated session too:
-                                // released there before any later command of this
-                                // connection (a PUBLISH reusing the identifier) is
-                                // submitted. Boxed: rare, and kept out of the idle
-                                // connection's future.
-                                let cmd = s.release_command(packet_id);
-                                if Box::pin(self.broker.proposer.submit(cmd)).await.is_err() {
-                                    return End::Shutdown;
-                                }
-                            }
-                            self.queue_packet(&packet, s.version);
-                        }
-                        AckOutcome::Packets(packets) => {
-                            for packet in &packets {
-                                self.queue_packet(packet, s.version);
-                            }
-                        }
-                        AckOutcome::SubAck(packet, retained) => {
-                            self.queue_packet(&packet, s.version);
-                            for d in retained {
-                                self.deliver(s, d);
-                            }
-                        }
-                        AckOutcome::Fail => {
-                            if s.version == ProtocolVersion::V5 {
-                                self.disconnect(s.version, ReasonCode::UnspecifiedError);
-                            }
-                            return End::Abrupt;
-                        }
+                    let mut node = self.node(version, &mut actions);
+                    if let Some(end) = s.m.resolve(slot, resolution, &mut node) {
+                        return end;
                     }
                 }
                 msg = s.rx.recv() => {
                     active_at = Instant::now();
                     let Some(msg) = msg else { return End::Abrupt };
-                    if let Some(end) = self.on_message(s, msg) {
+                    if let Some(end) = self.on_message(s, msg, &mut actions) {
                         return end;
                     }
                     // Drain what else is ready so that it leaves in one write.
                     for _ in 0..256 {
                         let Some(msg) = s.rx.try_recv() else { break };
-                        if let Some(end) = self.on_message(s, msg) {
+                        if let Some(end) = self.on_message(s, msg, &mut actions) {
                             return end;
                         }
                     }
@@ -962,7 +757,7 @@ where
                         return End::Abrupt;
                     }
                     active_at = Instant::now();
-                    s.keep_alive.seen(active_at);
+                    s.m.seen(active_at);
                     // Boxed: handling packets (proposals, forwarding) needs KiBs of
                     // future state that an idle connection should not carry inline.
                     if let Some(end) = Box::pin(self.decode_all(s)).await {
@@ -971,12 +766,9 @@ where
                 }
                 _ = sleep => {
                     let now = Instant::now();
-                    if s.keep_alive.expired(now) {
-                        tracing::info!(client_id = %s.client_id, "keep alive timeout");
-                        metrics::counter!("flockmq_keepalive_timeouts_total").increment(1);
-                        self.disconnect(s.version, ReasonCode::KeepAliveTimeout);
+                    if let Some(end) = s.m.timeout(now, &mut self.node(version, &mut actions)) {
                         self.flush().await;
-                        return End::Abrupt;
+                        return end;
                     }
                     if park_at.is_some_and(|at| now >= at) {
                         if self.rbuf.is_empty() && self.wbuf.is_empty() && s.at_rest() {
@@ -988,313 +780,182 @@ where
                     }
                 }
             }
-            if s.pubrecs.is_empty() {
-                commit_acks(&self.broker, s);
-            } else {
+            s.m.commit_acks(&mut self.node(version, &mut actions));
+            if !actions.is_empty() {
                 // Boxed: an idle connection's future must not carry this one inline.
-                Box::pin(self.commit_acks_before_pubrel(s)).await;
+                if let Some(end) = Box::pin(self.run(s, actions)).await {
+                    return end;
+                }
             }
         }
     }
 
-    fn disconnect(&mut self, version: ProtocolVersion, code: ReasonCode) {
-        if version == ProtocolVersion::V5 {
-            self.queue_packet(
-                &Packet::Disconnect(Disconnect {
-                    reason_code: code,
-                    properties: DisconnectProperties::default(),
-                }),
-                version,
-            );
-        }
-    }
-
-    /// A protocol violation: v5 clients are told why, then the connection closes.
-    fn violation(&mut self, s: &Session, code: ReasonCode, what: &str) -> Option<End> {
-        tracing::info!(client_id = %s.client_id, reason = ?code, "{what}");
-        metrics::counter!("flockmq_protocol_errors_total").increment(1);
-        self.disconnect(s.version, code);
-        Some(End::Abrupt)
-    }
-
-    fn on_message(&mut self, s: &mut Session, msg: ConnMsg) -> Option<End> {
+    fn on_message(
+        &mut self,
+        s: &mut Session,
+        msg: ConnMsg,
+        actions: &mut Vec<Action>,
+    ) -> Option<End> {
+        let mut node = self.node(s.m.version(), actions);
         match msg {
             ConnMsg::Deliver(d) => {
-                self.deliver(s, *d);
+                // The clock matters only to a message that expires; most do not.
+                let now = match d.message.properties.message_expiry_interval {
+                    Some(_) => unix_ms(),
+                    None => 0,
+                };
+                s.m.deliver(*d, now, &mut node);
                 None
             }
             ConnMsg::QueueGrew => {
-                self.pump_queue(s);
+                s.m.queue_grew(unix_ms(), &mut node);
                 None
             }
-            ConnMsg::TakenOver => {
-                self.disconnect(s.version, ReasonCode::SessionTakenOver);
-                Some(End::TakenOver)
-            }
+            ConnMsg::TakenOver => Some(s.m.taken_over(&mut node)),
             ConnMsg::Disconnect(code) => {
                 let code = ReasonCode::try_from(code).unwrap_or(ReasonCode::AdministrativeAction);
-                self.disconnect(s.version, code);
-                Some(End::Abrupt)
+                Some(s.m.kicked(code, &mut node))
             }
         }
     }
 
     async fn decode_all(&mut self, s: &mut Session) -> Option<End> {
         let max = self.broker.config.mqtt.max_packet_size;
+        let version = s.m.version();
+        let now_ms = unix_ms();
+        let mut actions = Vec::new();
         loop {
-            match mqtt::decode(&mut self.rbuf, Some(s.version), max) {
+            match mqtt::decode(&mut self.rbuf, Some(version), max) {
                 Ok(Some(packet)) => {
                     telemetry::hot().packets_received.increment(1);
-                    if let Some(end) = self.on_packet(s, packet).await {
+                    if let Packet::Publish(p) = &packet {
+                        Stats::add(&self.broker.stats.messages_received, 1);
+                        telemetry::hot().messages_received[usize::from(u8::from(p.qos)).min(2)]
+                            .increment(1);
+                    }
+                    let end =
+                        s.m.handle(packet, now_ms, &mut self.node(version, &mut actions));
+                    if let Some(end) = end {
                         return Some(end);
+                    }
+                    if !actions.is_empty() {
+                        let batch = std::mem::take(&mut actions);
+                        if let Some(end) = self.run(s, batch).await {
+                            return Some(end);
+                        }
                     }
                 }
                 Ok(None) => return None,
                 Err(e) => {
                     metrics::counter!("flockmq_decode_errors_total").increment(1);
-                    let code = e.reason_code();
-                    return self.violation(s, code, &format!("bad packet: {e}"));
+                    return Some(s.m.malformed(&e, &mut self.node(version, &mut actions)));
                 }
             }
         }
     }
 
-    async fn on_packet(&mut self, s: &mut Session, packet: Packet) -> Option<End> {
-        match packet {
-            Packet::Publish(p) => self.on_publish(s, p).await,
-            Packet::PubAck(a) => {
-                if let Some(item) = s.window.puback(a.packet_id) {
-                    self.outbound_done(s, item);
-                }
-                None
-            }
-            Packet::PubRec(r) => {
-                let failed = r.reason_code.is_error();
-                if let Some(Outgoing::Queued(seq)) = s.window.pubrec(r.packet_id) {
-                    if !failed {
-                        // PUBREL once this is committed (see `commit_acks`).
-                        s.pubrecs.push((*seq, r.packet_id));
-                        return None;
+    /// Run what the machine asked for, in order (and what that asks for in turn).
+    async fn run(&mut self, s: &mut Session, actions: Vec<Action>) -> Option<End> {
+        let version = s.m.version();
+        let mut queue = std::collections::VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            let mut more = Vec::new();
+            match action {
+                Action::Publish {
+                    message,
+                    inbound,
+                    slot,
+                } => {
+                    if let Some(end) = self.publish(s, message, inbound, slot, &mut more).await {
+                        return Some(end);
                     }
                 }
-                if failed {
-                    // A PUBREC with an error ends the QoS 2 flow [MQTT-4.3.3].
-                    if s.window.pubrec(r.packet_id).is_some() {
-                        if let Some(item) = s.window.pubcomp(r.packet_id) {
-                            self.outbound_done(s, item);
-                        }
-                    }
-                    return None;
-                }
-                self.queue_packet(
-                    &Packet::PubRel(PubRel::new(r.packet_id, ReasonCode::Success)),
-                    s.version,
-                );
-                None
-            }
-            Packet::PubComp(c) => {
-                if let Some(item) = s.window.pubcomp(c.packet_id) {
-                    self.outbound_done(s, item);
-                } else if let Some(seq) = self.awaiting_pubcomp_seq(s, c.packet_id) {
-                    s.acks_completed.push(seq);
-                }
-                None
-            }
-            Packet::PubRel(r) => {
-                let known = s.inbound_qos2.release(r.packet_id);
-                let code = if known || s.version != ProtocolVersion::V5 {
-                    ReasonCode::Success
-                } else {
-                    ReasonCode::PacketIdentifierNotFound
-                };
-                let comp = Packet::PubComp(PubComp::new(r.packet_id, code));
-                if known && s.persistent {
-                    // PUBCOMP once the release is committed: until then a resend of
-                    // the PUBLISH must still be taken for a duplicate, on any node.
-                    let cmd = s.release_command(r.packet_id);
-                    let Ok(submitted) = self.broker.proposer.submit(cmd).await else {
+                Action::Subscribe { command, slot } => {
+                    // In effect on this node from now on (DESIGN invariant 9); the
+                    // commit gates the SUBACK and the other nodes, and the tickets
+                    // withdraw the overlay's entries once it is applied, refused or
+                    // abandoned.
+                    let tickets: Vec<_> = match &command {
+                        Command::Subscribe {
+                            client_id, entries, ..
+                        } => entries
+                            .iter()
+                            .filter(|(filter, _)| mqtt::topic::parse_shared(filter).is_none())
+                            .map(|(filter, options)| {
+                                self.broker
+                                    .provisional
+                                    .insert(client_id, filter, options.clone())
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    let Ok(submitted) = self.broker.proposer.submit_refusable(command).await else {
                         return Some(End::Shutdown);
                     };
                     s.acks.push_back(Box::pin(async move {
-                        match submitted.wait().await {
-                            Ok(CommandResult::Done) => AckOutcome::Send(Box::new(comp)),
-                            _ => AckOutcome::Fail,
-                        }
+                        let result = submitted.wait().await.ok();
+                        drop(tickets);
+                        (slot, Resolution::Committed(result))
                     }));
-                    return None;
                 }
-                // PUBCOMP must not overtake the PUBREC still waiting in the queue.
-                s.acks
-                    .push_back(Box::pin(async move { AckOutcome::Send(Box::new(comp)) }));
-                None
-            }
-            Packet::Subscribe(sub) => self.on_subscribe(s, sub).await,
-            Packet::Unsubscribe(unsub) => self.on_unsubscribe(s, unsub).await,
-            Packet::PingReq => {
-                self.queue_packet(&Packet::PingResp, s.version);
-                None
-            }
-            Packet::Disconnect(d) => {
-                if let Some(expiry) = d.properties.session_expiry_interval {
-                    if s.connect_expiry == 0 && expiry != 0 {
-                        return self.violation(
-                            s,
-                            ReasonCode::ProtocolError,
-                            "session expiry set at DISCONNECT after 0 at CONNECT",
-                        );
+                Action::Propose {
+                    command,
+                    refusable,
+                    slot,
+                } => {
+                    let submitted = if refusable {
+                        self.broker.proposer.submit_refusable(command).await
+                    } else {
+                        self.broker.proposer.submit(command).await
+                    };
+                    let Ok(submitted) = submitted else {
+                        return Some(End::Shutdown);
+                    };
+                    if let Some(slot) = slot {
+                        s.acks.push_back(Box::pin(async move {
+                            (slot, Resolution::Committed(submitted.wait().await.ok()))
+                        }));
                     }
-                    s.expiry_update = Some(expiry);
                 }
-                if d.reason_code == ReasonCode::Success {
-                    Some(End::Graceful)
-                } else {
-                    Some(End::Abrupt)
+                Action::Detached(command) => self.broker.proposer.propose_detached(command),
+                Action::Retained { entries, existed } => {
+                    let now = unix_ms();
+                    let mut node = self.node(version, &mut more);
+                    for d in retained_for(node.broker, &entries, &existed, now) {
+                        s.m.deliver(d, now, &mut node);
+                    }
                 }
             }
-            Packet::Auth(_) => self.violation(
-                s,
-                ReasonCode::ProtocolError,
-                "AUTH without an authentication method",
-            ),
-            other => self.violation(
-                s,
-                ReasonCode::ProtocolError,
-                &format!("{:?} is not a client packet", packet_kind(&other)),
-            ),
+            queue.extend(more);
         }
+        None
     }
 
-    async fn on_publish(&mut self, s: &mut Session, p: Publish) -> Option<End> {
+    /// Dispatch a client's publish: to local subscribers, to other nodes' clients, and
+    /// in one replicated command whatever it changes in the cluster's state (the
+    /// retained message, persistent queues, a persistent publisher's QoS 2 identifier).
+    async fn publish(
+        &mut self,
+        s: &mut Session,
+        message: Arc<Message>,
+        inbound: Option<InboundRecord>,
+        slot: Option<Slot>,
+        more: &mut Vec<Action>,
+    ) -> Option<End> {
         let broker = self.broker.clone();
-        let cfg = &broker.config.mqtt;
-        Stats::add(&broker.stats.messages_received, 1);
-        telemetry::hot().messages_received[usize::from(u8::from(p.qos)).min(2)].increment(1);
-        if u8::from(p.qos) > cfg.max_qos {
-            return self.violation(s, ReasonCode::QoSNotSupported, "QoS above maximum");
-        }
-        if p.retain && !cfg.retain_available {
-            return self.violation(s, ReasonCode::RetainNotSupported, "retain not available");
-        }
-        let topic = match p.properties.topic_alias {
-            Some(alias) => match s.aliases.resolve(&p.topic, alias) {
-                Ok(t) => t,
-                Err(crate::session::AliasError::OutOfRange(_)) => {
-                    return self.violation(s, ReasonCode::TopicAliasInvalid, "bad topic alias")
-                }
-                Err(crate::session::AliasError::Unknown(_)) => {
-                    return self.violation(s, ReasonCode::ProtocolError, "unknown topic alias")
-                }
-            },
-            None if p.topic.is_empty() => {
-                return self.violation(s, ReasonCode::ProtocolError, "empty topic without alias")
-            }
-            None => p.topic,
-        };
-        let packet_id = p.packet_id.unwrap_or(0);
-        let v5 = s.version == ProtocolVersion::V5;
-        if p.qos != QoS::AtMostOnce {
-            let unacked = s.inbound_qos1_pending + s.inbound_qos2.len();
-            if unacked >= usize::from(cfg.receive_maximum) {
-                return self.violation(
-                    s,
-                    ReasonCode::ReceiveMaximumExceeded,
-                    "receive maximum exceeded",
-                );
-            }
-        }
-        // A QoS 2 publish resent before PUBREL is acknowledged, not delivered again.
-        if p.qos == QoS::ExactlyOnce && !s.inbound_qos2.receive(packet_id) {
-            let rec = Packet::PubRec(PubRec::new(packet_id, ReasonCode::Success));
-            s.acks
-                .push_back(Box::pin(async move { AckOutcome::Send(Box::new(rec)) }));
-            return None;
-        }
-        let refuse = |code: ReasonCode| -> Option<Packet> {
-            match p.qos {
-                QoS::AtMostOnce => None,
-                QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(packet_id, code))),
-                QoS::ExactlyOnce => Some(Packet::PubRec(PubRec::new(packet_id, code))),
-            }
-        };
-        if !broker
-            .auth
-            .may_publish(s.username.as_deref(), &s.client_id, &topic)
-        {
-            // v5 says so in the acknowledgement; v3 has no way to, and (like
-            // Mosquitto) acknowledges and drops.
-            tracing::debug!(client_id = %s.client_id, %topic, "publish denied by the ACL");
-            metrics::counter!("flockmq_messages_dropped_total", "reason" => "acl").increment(1);
-            // A v5 PUBREC with an error ends a QoS 2 flow; in v3 the PUBREL that
-            // follows completes it as usual.
-            if p.qos == QoS::ExactlyOnce && v5 {
-                s.inbound_qos2.release(packet_id);
-            }
-            let code = if v5 {
-                ReasonCode::NotAuthorized
-            } else {
-                ReasonCode::Success
-            };
-            if let Some(packet) = refuse(code) {
-                self.queue_packet(&packet, s.version);
-            }
-            return None;
-        }
-        if let Err(code) = broker.check_topic_limits(&topic) {
-            tracing::info!(client_id = %s.client_id, %topic, "publish topic over limits");
-            if p.qos == QoS::ExactlyOnce {
-                s.inbound_qos2.release(packet_id);
-            }
-            if v5 {
-                if let Some(packet) = refuse(code) {
-                    self.queue_packet(&packet, s.version);
-                }
-                return None;
-            }
-            return self.violation(s, code, "topic over limits");
-        }
-
-        let now = unix_ms();
-        let message = Arc::new(Message {
-            topic: Arc::from(topic),
-            payload: p.payload,
-            qos: u8::from(p.qos),
-            retain: p.retain,
-            properties: MessageProperties {
-                payload_format_indicator: p.properties.payload_format_indicator,
-                message_expiry_interval: p.properties.message_expiry_interval,
-                content_type: p.properties.content_type,
-                response_topic: p.properties.response_topic,
-                correlation_data: p.properties.correlation_data,
-                user_properties: p.properties.user_properties,
-            },
-            received_at_ms: now,
-            origin_client: Some(s.client_id.clone()),
-        });
-
-        // One command carries everything this publish changes in the replicated
-        // state: the retained message, the appends to persistent queues and, for a
-        // persistent publisher's QoS 2, its packet identifier (so that a resend after
-        // a crash or a move to another node is still recognised as a duplicate, and
-        // the identifier is taken exactly when the messages are queued).
-        let inbound = (p.qos == QoS::ExactlyOnce && s.persistent).then(|| InboundRecord {
-            client_id: s.client_id.clone(),
-            connection_id: s.connection_id,
-            packet_id,
-        });
         let retained = message.retain.then(|| message.clone());
         let outcome = broker.dispatch(&message);
         // Slow subscribers: wait for room (backpressure on this publisher), except for
         // this very client, whose channel only this task drains.
         for b in outcome.blocked {
-            if b.client_id == s.client_id {
-                self.deliver(s, *b.delivery);
+            if b.client_id == *s.m.client_id() {
+                let now = unix_ms();
+                s.m.deliver(*b.delivery, now, &mut self.node(s.m.version(), more));
             } else {
                 b.wait(&broker.stats).await;
             }
         }
-        let forwarded = broker
-            .forward(outcome.forward, p.qos != QoS::AtMostOnce)
-            .await;
+        let forwarded = broker.forward(outcome.forward, message.qos != 0).await;
         let queued = outcome.enqueue.len();
         let replicated = if queued == 0 && inbound.is_none() && retained.is_none() {
             None
@@ -1310,10 +971,8 @@ where
                 Err(_) => return Some(End::Shutdown),
             }
         };
-        let matched = outcome.matched;
-        let delivered = outcome.delivered;
-        let qos = p.qos;
-        if qos == QoS::AtMostOnce {
+        let (matched, delivered) = (outcome.matched, outcome.delivered);
+        let Some(slot) = slot else {
             // Nobody waits; failures are logged by the proposer's callers.
             if let Some(r) = replicated {
                 tokio::spawn(async move {
@@ -1321,549 +980,34 @@ where
                 });
             }
             return None;
-        }
-        if qos == QoS::AtLeastOnce {
-            s.inbound_qos1_pending += 1;
-        }
+        };
         s.acks.push_back(Box::pin(async move {
-            let (ok, none_accepted) = match replicated {
-                None => (true, false),
-                Some(r) => match r.wait().await {
-                    Ok(CommandResult::Enqueued { accepted, dropped }) => {
-                        (true, queued > 0 && accepted == 0 && dropped > 0)
-                    }
-                    _ => (false, false),
-                },
+            let committed = match replicated {
+                None => None,
+                Some(r) => Some(r.wait().await.ok()),
             };
             wait_forwarded(forwarded).await;
-            if !ok && !v5 {
-                return AckOutcome::Fail;
-            }
-            let code = if !ok {
-                ReasonCode::UnspecifiedError
-            } else if matched == 0 && v5 {
-                ReasonCode::NoMatchingSubscribers
-            } else if none_accepted && delivered == 0 && v5 {
-                // Every subscriber's queue refused it (full, drop newest).
-                ReasonCode::QuotaExceeded
-            } else {
-                ReasonCode::Success
-            };
-            let packet = Box::new(match qos {
-                QoS::AtLeastOnce => Packet::PubAck(PubAck::new(packet_id, code)),
-                _ => Packet::PubRec(PubRec::new(packet_id, code)),
-            });
-            if qos == QoS::ExactlyOnce && code.is_error() {
-                // A PUBREC with an error ends the flow [MQTT-4.3.3]: the identifier is
-                // free again for the client, so it must be here too (not committed,
-                // or committed with every queue refusing the message).
-                AckOutcome::Release(packet_id, packet)
-            } else {
-                AckOutcome::Send(packet)
-            }
-        }));
-        None
-    }
-
-    async fn on_subscribe(&mut self, s: &mut Session, sub: Subscribe) -> Option<End> {
-        let broker = self.broker.clone();
-        let cfg = &broker.config.mqtt;
-        let v5 = s.version == ProtocolVersion::V5;
-        if sub.properties.subscription_identifier.is_some()
-            && !cfg.subscription_identifier_available
-        {
-            return self.violation(
-                s,
-                ReasonCode::SubscriptionIdentifiersNotSupported,
-                "subscription identifiers not available",
-            );
-        }
-        let existing = broker.read_state(|st| {
-            st.session(&s.client_id)
-                .map(|r| r.subscriptions.len())
-                .unwrap_or(0)
-        });
-        let mut codes: Vec<Option<ReasonCode>> = Vec::with_capacity(sub.filters.len());
-        let mut entries = Vec::new();
-        for (filter, opts) in &sub.filters {
-            let shared = mqtt::topic::parse_shared(filter);
-            let code = if mqtt::topic::validate_topic_filter(filter).is_err() {
-                Some(ReasonCode::TopicFilterInvalid)
-            } else if shared.is_some() && !cfg.shared_subscription_available {
-                Some(ReasonCode::SharedSubscriptionsNotSupported)
-            } else if shared.is_some() && opts.no_local {
-                // [MQTT-3.8.3-4]: a protocol error.
-                return self.violation(s, ReasonCode::ProtocolError, "no local on shared");
-            } else if !cfg.wildcard_subscription_available
-                && (filter.contains('+') || filter.contains('#'))
-            {
-                Some(ReasonCode::WildcardSubscriptionsNotSupported)
-            } else if broker.check_filter_limits(filter).is_err() {
-                Some(ReasonCode::TopicFilterInvalid)
-            } else if !self.acl_allows_subscription(s, shared.map(|(_, f)| f).unwrap_or(filter)) {
-                tracing::debug!(client_id = %s.client_id, %filter, "subscription denied by the ACL");
-                Some(ReasonCode::NotAuthorized)
-            } else if cfg.max_subscriptions_per_client > 0
-                && existing + entries.len() >= cfg.max_subscriptions_per_client
-            {
-                Some(ReasonCode::QuotaExceeded)
-            } else {
-                None
-            };
-            if code.is_none() {
-                entries.push((
-                    filter.clone(),
-                    crate::cluster::command::SubscriptionOptions {
-                        qos: u8::from(opts.qos).min(cfg.max_qos),
-                        no_local: opts.no_local,
-                        retain_as_published: opts.retain_as_published,
-                        retain_handling: opts.retain_handling as u8,
-                        subscription_id: sub.properties.subscription_identifier,
-                    },
-                ));
-            }
-            codes.push(code);
-        }
-        if entries.is_empty() {
-            let reason_codes = subscribe_reason_codes(&codes, v5, &entries, None);
-            self.queue_packet(
-                &Packet::SubAck(SubAck {
-                    packet_id: sub.packet_id,
-                    reason_codes,
-                    properties: Default::default(),
-                }),
-                s.version,
-            );
-            return None;
-        }
-        // In effect on this node from now on (DESIGN invariant 9); the commit gates the
-        // SUBACK and the other nodes, and the tickets withdraw the overlay's entries
-        // once it is applied, refused or abandoned.
-        let tickets: Vec<_> = entries
-            .iter()
-            .filter(|(filter, _)| mqtt::topic::parse_shared(filter).is_none())
-            .map(|(filter, options)| {
-                broker
-                    .provisional
-                    .insert(&s.client_id, filter, options.clone())
-            })
-            .collect();
-        let submitted = match broker
-            .proposer
-            .submit_refusable(Command::Subscribe {
-                client_id: s.client_id.clone(),
-                connection_id: s.connection_id,
-                entries: entries.clone(),
-            })
-            .await
-        {
-            Ok(submitted) => submitted,
-            Err(_) => return Some(End::Shutdown),
-        };
-        let client_id = s.client_id.clone();
-        let packet_id = sub.packet_id;
-        // The SUBACK waits in the acknowledgement queue, so that the connection goes on
-        // reading (and a PUBLISH right behind the SUBSCRIBE already matches it).
-        s.acks.push_back(Box::pin(async move {
-            let existed = match submitted.wait().await {
-                Ok(CommandResult::Subscribed(existed)) if existed.len() == entries.len() => {
-                    Some(existed)
-                }
-                _ => {
-                    tracing::warn!(%client_id, "subscribe not committed");
-                    None
-                }
-            };
-            drop(tickets);
-            let reason_codes = subscribe_reason_codes(&codes, v5, &entries, existed.as_deref());
-            let retained = match existed {
-                Some(existed) => retained_for(&broker, &entries, &existed),
-                None => Vec::new(),
-            };
-            AckOutcome::SubAck(
-                Box::new(Packet::SubAck(SubAck {
-                    packet_id,
-                    reason_codes,
-                    properties: Default::default(),
-                })),
-                retained,
+            (
+                slot,
+                Resolution::Published {
+                    matched,
+                    delivered,
+                    queued,
+                    committed,
+                },
             )
         }));
         None
     }
-
-    async fn on_unsubscribe(&mut self, s: &mut Session, unsub: Unsubscribe) -> Option<End> {
-        let broker = self.broker.clone();
-        let cmd = Command::Unsubscribe {
-            client_id: s.client_id.clone(),
-            connection_id: s.connection_id,
-            filters: unsub.filters.clone(),
-        };
-        // A v3 UNSUBACK cannot say it failed: the client takes it as done, so the
-        // command stays on its way however late. v5 reports the failure.
-        let result = if s.version.is_v5() {
-            broker.proposer.propose_refusable(cmd).await
-        } else {
-            broker.proposer.propose(cmd).await
-        };
-        let reason_codes = match result {
-            Ok(CommandResult::Unsubscribed(removed)) => removed
-                .into_iter()
-                .map(|r| {
-                    if r {
-                        ReasonCode::Success
-                    } else {
-                        ReasonCode::NoSubscriptionExisted
-                    }
-                })
-                .collect(),
-            _ => vec![ReasonCode::UnspecifiedError; unsub.filters.len()],
-        };
-        self.queue_packet(
-            &Packet::UnsubAck(UnsubAck {
-                packet_id: unsub.packet_id,
-                reason_codes,
-                properties: Default::default(),
-            }),
-            s.version,
-        );
-        None
-    }
-
-    /// Send a delivery now, or keep it until the inflight window has room.
-    fn deliver(&mut self, s: &mut Session, d: Delivery) {
-        // The clock matters only to a message that expires; most do not.
-        let now = match d.message.properties.message_expiry_interval {
-            Some(_) => unix_ms(),
-            None => 0,
-        };
-        if d.message.is_expired(now) {
-            metrics::counter!("flockmq_messages_dropped_total", "reason" => "expired").increment(1);
-            return;
-        }
-        if !self.acl_allows_delivery(s, &d.message.topic) {
-            return;
-        }
-        if d.qos == 0 {
-            self.send_publish(s, &d, None, false, now);
-            return;
-        }
-        if !s.pending.is_empty() || !s.window.has_room() {
-            if s.pending.len() >= self.broker.config.mqtt.max_queued_messages {
-                Stats::add(&self.broker.stats.messages_dropped, 1);
-                metrics::counter!("flockmq_messages_dropped_total", "reason" => "queue_full")
-                    .increment(1);
-                return;
-            }
-            s.pending.push_back(d);
-            return;
-        }
-        self.send_transient(s, d, now);
-    }
-
-    fn send_transient(&mut self, s: &mut Session, d: Delivery, now: u64) {
-        let Some(id) = s.window.allocate(Outgoing::Transient(d.clone())) else {
-            s.pending.push_front(d);
-            return;
-        };
-        if !self.send_publish(s, &d, Some(id), false, now) {
-            // Too large for the client: behave as if it was acknowledged.
-            s.window.puback(id);
-            s.window.pubrec(id);
-            s.window.pubcomp(id);
-        }
-    }
-
-    /// Encode a PUBLISH into the write buffer; `false` if the client's Maximum Packet
-    /// Size forbids it (the message is then dropped, as the spec requires).
-    fn send_publish(
-        &mut self,
-        s: &mut Session,
-        d: &Delivery,
-        packet_id: Option<u16>,
-        dup: bool,
-        now: u64,
-    ) -> bool {
-        let m = &d.message;
-        let v5 = s.version == ProtocolVersion::V5;
-        let alias = s.out_aliases.plan(&m.topic);
-        let (topic, topic_alias) = match alias {
-            AliasUse::Topic => (m.topic.to_string(), None),
-            AliasUse::Define(a) => (m.topic.to_string(), Some(a)),
-            AliasUse::Reuse(a) => (String::new(), Some(a)),
-        };
-        let properties = if v5 {
-            PublishProperties {
-                payload_format_indicator: m.properties.payload_format_indicator,
-                message_expiry_interval: m.remaining_expiry_secs(now),
-                topic_alias,
-                response_topic: m.properties.response_topic.clone(),
-                correlation_data: m.properties.correlation_data.clone(),
-                user_properties: m.properties.user_properties.clone(),
-                subscription_identifiers: d.subscription_ids.clone(),
-                content_type: m.properties.content_type.clone(),
-            }
-        } else {
-            PublishProperties::default()
-        };
-        let packet = Packet::Publish(Publish {
-            dup,
-            qos: QoS::try_from(d.qos).unwrap_or(QoS::AtMostOnce),
-            retain: d.retain,
-            topic,
-            packet_id,
-            properties,
-            payload: m.payload.clone(),
-        });
-        if s.client_max_packet > 0 && packet.encoded_len(s.version) > s.client_max_packet as usize {
-            metrics::counter!("flockmq_messages_dropped_total", "reason" => "too_large")
-                .increment(1);
-            return false;
-        }
-        s.out_aliases.commit(&m.topic, alias);
-        Stats::add(&self.broker.stats.messages_sent, 1);
-        telemetry::hot().messages_sent[usize::from(d.qos).min(2)].increment(1);
-        self.queue_packet(&packet, s.version);
-        true
-    }
-
-    /// An outbound QoS 1/2 flow ended: trim the replicated queue or send what waits.
-    fn outbound_done(&mut self, s: &mut Session, item: Outgoing) {
-        match item {
-            Outgoing::Queued(seq) => {
-                s.acks_completed.push(seq);
-                self.pump_queue(s);
-            }
-            Outgoing::Transient(_) => {
-                let now = unix_ms();
-                while s.window.has_room() {
-                    let Some(d) = s.pending.pop_front() else {
-                        break;
-                    };
-                    self.send_transient(s, d, now);
-                }
-            }
-        }
-    }
-
-    /// Send messages from the session's replicated queue while the window has room.
-    ///
-    /// A session resumed with an expiry of 0 is not persistent from now on, but it
-    /// keeps the queue it had [MQTT-3.1.2-4]: it drains what was queued before it
-    /// resumed (positions below `resend_below`); nothing is queued for it afterwards.
-    fn pump_queue(&mut self, s: &mut Session) {
-        if !s.window.has_room() || (!s.persistent && s.queue_cursor >= s.resend_below) {
-            return;
-        }
-        let room = 65_535usize.min(s.window_room());
-        let cursor = s.queue_cursor;
-        let batch: Vec<_> = self.broker.read_state(|st| {
-            st.session(&s.client_id)
-                .map(|r| {
-                    r.queue
-                        .iter()
-                        .filter(|m| m.seq >= cursor)
-                        .take(room)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default()
-        });
-        let now = unix_ms();
-        for q in batch {
-            let id = SessionRecord::packet_id_for(q.seq);
-            if s.window.contains(id) {
-                // The id is still held by an older flow; wait for it to end.
-                break;
-            }
-            s.queue_cursor = q.seq + 1;
-            if q.message.is_expired(now) || !self.acl_allows_delivery(s, &q.message.topic) {
-                s.acks_completed.push(q.seq);
-                continue;
-            }
-            s.window
-                .insert(id, OutboundState::AwaitingAck, Outgoing::Queued(q.seq));
-            let d = Delivery {
-                shared_group: None,
-                message: q.message,
-                qos: q.qos,
-                retain: q.retain,
-                subscription_ids: q.subscription_ids,
-            };
-            if !self.send_publish(s, &d, Some(id), q.seq < s.resend_below, now) {
-                if let Some(item) = s.window.puback(id) {
-                    self.outbound_done(s, item);
-                }
-            }
-            if !s.window.has_room() {
-                break;
-            }
-        }
-    }
-
-    /// Whether the ACL lets the client subscribe to `filter`; a subscription that may
-    /// match unreadable topics turns the per-delivery check on.
-    fn acl_allows_subscription(&self, s: &mut Session, filter: &str) -> bool {
-        use crate::auth::acl::SubscribeAccess;
-        // Derived first from what is committed, so that the new subscription's flag is
-        // not lost to a later derivation that does not see it yet.
-        self.derive_acl(s);
-        let auth = &self.broker.auth;
-        match auth.subscribe_access(s.username.as_deref(), &s.client_id, filter) {
-            SubscribeAccess::Denied => false,
-            SubscribeAccess::Granted => true,
-            SubscribeAccess::Filtered => {
-                s.acl_filtered = true;
-                true
-            }
-        }
-    }
-
-    /// Whether the ACL lets the client receive a message on `topic`: checked only for
-    /// sessions with a subscription that may match unreadable topics (a delivered
-    /// topic that is denied matches some subscription, which then overlaps the deny).
-    fn acl_allows_delivery(&self, s: &mut Session, topic: &str) -> bool {
-        self.derive_acl(s);
-        if !s.acl_filtered
-            || self
-                .broker
-                .auth
-                .may_read(s.username.as_deref(), &s.client_id, topic)
-        {
-            return true;
-        }
-        tracing::debug!(client_id = %s.client_id, %topic, "delivery withheld by the ACL");
-        metrics::counter!("flockmq_messages_dropped_total", "reason" => "acl").increment(1);
-        false
-    }
-
-    /// Bring `s.acl_filtered` up to date with the rules in force (after a connect, a
-    /// resume from the parking lot or a reload) from the session's subscriptions.
-    fn derive_acl(&self, s: &mut Session) {
-        use crate::auth::acl::SubscribeAccess;
-        let auth = &self.broker.auth;
-        let generation = auth.generation();
-        if s.acl_generation == generation {
-            return;
-        }
-        s.acl_generation = generation;
-        s.acl_filtered = false;
-        if !auth.has_acl() {
-            return;
-        }
-        let filters: Vec<String> = self.broker.read_state(|st| {
-            st.session(&s.client_id)
-                .map(|r| r.subscriptions.keys().cloned().collect())
-                .unwrap_or_default()
-        });
-        s.acl_filtered = filters.iter().any(|filter| {
-            let filter = mqtt::topic::parse_shared(filter).map_or(filter.as_str(), |(_, f)| f);
-            // A subscription the rules in force would refuse: every message is checked.
-            auth.subscribe_access(s.username.as_deref(), &s.client_id, filter)
-                != SubscribeAccess::Granted
-        });
-    }
-
-    /// After a reconnect, PUBREL every QoS 2 message whose PUBREC had arrived.
-    fn resend_awaiting_pubcomp(&mut self, s: &mut Session) {
-        let seqs: Vec<u64> = self.broker.read_state(|st| {
-            st.session(&s.client_id)
-                .map(|r| r.awaiting_pubcomp.iter().copied().collect())
-                .unwrap_or_default()
-        });
-        for seq in seqs {
-            let id = SessionRecord::packet_id_for(seq);
-            if s.window
-                .insert(id, OutboundState::AwaitingComp, Outgoing::Queued(seq))
-            {
-                self.queue_packet(
-                    &Packet::PubRel(PubRel::new(id, ReasonCode::Success)),
-                    s.version,
-                );
-            }
-        }
-    }
-
-    fn awaiting_pubcomp_seq(&self, s: &Session, packet_id: u16) -> Option<u64> {
-        self.broker.read_state(|st| {
-            st.session(&s.client_id).and_then(|r| {
-                r.awaiting_pubcomp
-                    .iter()
-                    .copied()
-                    .find(|seq| SessionRecord::packet_id_for(*seq) == packet_id)
-            })
-        })
-    }
-
-    /// Tell the cluster which queued messages the client acknowledged (batched), when
-    /// some were PUBRECs: their PUBRELs go out once they are committed, so that a new
-    /// owner after a crash knows not to send the PUBLISH again.
-    async fn commit_acks_before_pubrel(&mut self, s: &mut Session) {
-        let (cmd, pubrecs) = s.take_acks();
-        let pubrels: Vec<Packet> = pubrecs
-            .into_iter()
-            .map(|id| Packet::PubRel(PubRel::new(id, ReasonCode::Success)))
-            .collect();
-        let submitted = match self.broker.proposer.submit(cmd).await {
-            Ok(submitted) => submitted,
-            Err(_) => {
-                s.acks.push_back(Box::pin(async { AckOutcome::Fail }));
-                return;
-            }
-        };
-        s.acks.push_back(Box::pin(async move {
-            match submitted.wait().await {
-                Ok(CommandResult::Done) => AckOutcome::Packets(pubrels),
-                other => {
-                    tracing::debug!(?other, "PUBREC not committed, closing");
-                    AckOutcome::Fail
-                }
-            }
-        }));
-    }
-}
-
-/// Record the acknowledgements `s` received since the last time, in one command.
-fn commit_acks(broker: &Broker, s: &mut Session) {
-    if s.acks_completed.is_empty() && s.pubrecs.is_empty() {
-        return;
-    }
-    // (PUBRECs recorded here, at the connection's end, get their PUBRELs from the
-    // next connection, which resends every message awaiting PUBCOMP.)
-    broker.proposer.propose_detached(s.take_acks().0);
-}
-
-/// The SUBACK's reason codes: `codes` holds each filter's refusal (or `None` for the
-/// filters in `entries`, granted once committed); `existed` is the commit's answer.
-fn subscribe_reason_codes(
-    codes: &[Option<ReasonCode>],
-    v5: bool,
-    entries: &[(String, crate::cluster::command::SubscriptionOptions)],
-    existed: Option<&[bool]>,
-) -> Vec<ReasonCode> {
-    let mut granted = entries.iter();
-    codes
-        .iter()
-        .map(|c| match c {
-            Some(code) if v5 => *code,
-            Some(_) => ReasonCode::UnspecifiedError,
-            None if existed.is_none() => ReasonCode::UnspecifiedError,
-            None => match granted.next().map(|(_, o)| o.qos) {
-                Some(0) => ReasonCode::GrantedQoS0,
-                Some(1) => ReasonCode::GrantedQoS1,
-                _ => ReasonCode::GrantedQoS2,
-            },
-        })
-        .collect()
 }
 
 /// Retained messages for new subscriptions [MQTT-3.3.1-9], per Retain Handling.
 fn retained_for(
     broker: &Broker,
-    entries: &[(String, crate::cluster::command::SubscriptionOptions)],
+    entries: &[(String, SubscriptionOptions)],
     existed: &[bool],
+    now: u64,
 ) -> Vec<Delivery> {
-    let now = unix_ms();
     let mut out = Vec::new();
     for ((filter, opts), existed) in entries.iter().zip(existed) {
         if mqtt::topic::parse_shared(filter).is_some()
@@ -1889,54 +1033,6 @@ fn retained_for(
     out
 }
 
-impl Session {
-    /// The acknowledgements received since the last time as one `Ack` command, and
-    /// the packet identifiers of its PUBRECs (their PUBRELs wait for it).
-    fn take_acks(&mut self) -> (Command, Vec<u16>) {
-        let (received, pubrecs) = std::mem::take(&mut self.pubrecs).into_iter().unzip();
-        let cmd = Command::Ack {
-            client_id: self.client_id.clone(),
-            connection_id: self.connection_id,
-            completed: std::mem::take(&mut self.acks_completed),
-            received,
-        };
-        (cmd, pubrecs)
-    }
-
-    /// The command that frees inbound QoS 2 identifier `packet_id` in the replicated
-    /// session.
-    fn release_command(&self, packet_id: u16) -> Command {
-        Command::InboundQos2 {
-            client_id: self.client_id.clone(),
-            connection_id: self.connection_id,
-            received: vec![],
-            released: vec![packet_id],
-        }
-    }
-
-    fn window_room(&self) -> usize {
-        // OutboundWindow::has_room is checked per message; this bounds the read.
-        256
-    }
-}
-
-impl Broker {
-    /// Check a topic name against the configured length and depth limits.
-    pub fn check_topic_limits(&self, topic: &str) -> Result<(), ReasonCode> {
-        let cfg = &self.config.mqtt;
-        if topic.len() > cfg.max_topic_length || topic.split('/').count() > cfg.max_topic_levels {
-            return Err(ReasonCode::TopicNameInvalid);
-        }
-        Ok(())
-    }
-
-    /// Check a topic filter against the configured length and depth limits.
-    pub fn check_filter_limits(&self, filter: &str) -> Result<(), ReasonCode> {
-        self.check_topic_limits(filter)
-            .map_err(|_| ReasonCode::TopicFilterInvalid)
-    }
-}
-
 /// Hand an ended session back to the cluster: unsent messages to its queue or to other
 /// members of its shared groups, and its end recorded (unless the node shuts down).
 async fn end_session(
@@ -1945,9 +1041,11 @@ async fn end_session(
     connection_id: u64,
     end: End,
 ) {
-    let client_id = session.client_id.clone();
+    let client_id = session.m.client_id().clone();
     broker.unregister(&client_id, connection_id);
-    commit_acks(broker, &mut session);
+    if let Some(acks) = session.m.final_acks() {
+        broker.proposer.propose_detached(acks);
+    }
     // Messages that lived only in this connection's memory: unacknowledged
     // deliveries in flight, those waiting for room, and those still in the channel
     // (closed first, so that nothing more arrives).
@@ -1958,18 +1056,8 @@ async fn end_session(
             unsent.push(*d);
         }
     }
-    let unacked: Vec<Delivery> = session
-        .window
-        .drain()
-        .into_iter()
-        .filter_map(|(_, _, item)| match item {
-            Outgoing::Transient(d) => Some(d),
-            Outgoing::Queued(_) => None,
-        })
-        .chain(session.pending.drain(..))
-        .chain(unsent)
-        .collect();
-    if session.persistent {
+    let unacked: Vec<Delivery> = session.m.take_unsent().into_iter().chain(unsent).collect();
+    if session.m.persistent() {
         // A persistent session keeps them in its replicated queue, to be resent on
         // reconnect (they are here only with durable_sessions off).
         let entries: Vec<_> = unacked
@@ -2007,7 +1095,7 @@ async fn end_session(
             client_id: client_id.clone(),
             connection_id,
             graceful: end == End::Graceful,
-            expiry_secs: session.expiry_update,
+            expiry_secs: session.m.expiry_update(),
             now_ms: unix_ms(),
         };
         if let Err(e) = Box::pin(broker.proposer.propose(close)).await {
@@ -2023,30 +1111,6 @@ async fn end_session(
     };
     metrics::counter!("flockmq_connections_closed_total", "reason" => reason).increment(1);
     tracing::debug!(client_id = %client_id, ?end, "client disconnected");
-}
-
-fn packet_kind(p: &Packet) -> &'static str {
-    match p {
-        Packet::Connect(_) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect(_) => "DISCONNECT",
-        Packet::Auth(_) => "AUTH",
-    }
-}
-
-fn reason_label(code: ReasonCode) -> String {
-    format!("0x{:02x}", u8::from(code))
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::command::{Message, NodeId};
+use crate::cluster::command::NodeId;
 use crate::cluster::forward::Forwarder;
 use crate::cluster::proposer::Proposer;
 use crate::cluster::state::BrokerState;
@@ -38,21 +38,7 @@ use crate::config::Config;
 use crate::router::SharedSelector;
 use crate::transport::{Admitted, ClientStream, ConnectionHandler, Vouched};
 
-/// A message on its way to one connected client.
-#[derive(Clone, Debug)]
-pub struct Delivery {
-    /// The message, shared with every other subscriber.
-    pub message: Arc<Message>,
-    /// Delivery QoS (already downgraded to the granted QoS).
-    pub qos: u8,
-    /// The RETAIN flag to send.
-    pub retain: bool,
-    /// Identifiers of the subscriptions that matched.
-    pub subscription_ids: Vec<u32>,
-    /// The shared group (`$share/g/f`) it was chosen for, so that if the member
-    /// leaves before acknowledging it, another member gets it.
-    pub shared_group: Option<Arc<str>>,
-}
+pub use crate::session::Delivery;
 
 /// What a connection task can be told by the rest of the node.
 #[derive(Debug)]

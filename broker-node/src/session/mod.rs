@@ -1,17 +1,37 @@
-//! One client's protocol state while it is connected: packet identifiers and the
-//! outbound inflight window, inbound QoS 2 bookkeeping, keep alive and topic aliases.
+//! One client's protocol, without I/O: the per-connection protocol [`machine`], and the
+//! pieces it is built from (packet identifiers and the outbound inflight window,
+//! inbound QoS 2 bookkeeping, keep alive, topic aliases both ways).
 //!
-//! Everything here is synchronous and takes time as an argument (`now: Instant`), so
-//! the rules are testable without sleeping; the connection task drives it and does the
-//! I/O. It must never touch a socket, a channel or the cluster.
+//! Everything here is synchronous and takes time as an argument (`now`), so the rules
+//! are testable without sleeping; the connection task (`broker::connection`) drives the
+//! machine and does the I/O. Nothing here touches a socket, a channel or a clock.
 
+pub mod machine;
 mod outbound_aliases;
 
 pub use outbound_aliases::{AliasUse, OutboundAliases};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
+
+use crate::cluster::command::Message;
+
+/// A message on its way to one connected client.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The message, shared with every other subscriber.
+    pub message: Arc<Message>,
+    /// Delivery QoS (already downgraded to the granted QoS).
+    pub qos: u8,
+    /// The RETAIN flag to send.
+    pub retain: bool,
+    /// Identifiers of the subscriptions that matched.
+    pub subscription_ids: Vec<u32>,
+    /// The shared group (`$share/g/f`) it was chosen for, so that if the member
+    /// leaves before acknowledging it, another member gets it.
+    pub shared_group: Option<Arc<str>>,
+}
 
 /// How an outbound QoS 1/2 message stands with the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
