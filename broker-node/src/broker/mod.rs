@@ -18,6 +18,7 @@ pub mod liveness;
 pub mod mailbox;
 pub mod park;
 pub mod provisional;
+pub mod rates;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -147,6 +148,8 @@ pub struct Broker {
     refused_opens: Mutex<HashMap<u64, Instant>>,
     /// `$SYS` counters.
     pub stats: Stats,
+    /// The message rates of the last minutes, sampled from `stats`.
+    rates: Mutex<rates::RateHistory>,
     /// When the node started, for `$SYS/broker/uptime`.
     pub started: Instant,
     /// Cancelled when the node shuts down.
@@ -210,6 +213,7 @@ impl Broker {
             establishing: Mutex::default(),
             refused_opens: Mutex::new(HashMap::new()),
             stats: Stats::default(),
+            rates: Mutex::default(),
             started: Instant::now(),
             shutdown,
             lot,
