@@ -70,17 +70,13 @@ impl Browser {
             });
         // Chromium writes its DevTools port into the profile once it listens.
         let port_file = profile.path().join("DevToolsActivePort");
-        let port: u16 = wait_for(
-            "Chromium's DevTools port",
-            Duration::from_secs(60),
-            || {
-                let text = std::fs::read_to_string(&port_file).map_err(|e| e.to_string())?;
-                text.lines()
-                    .next()
-                    .and_then(|l| l.trim().parse().ok())
-                    .ok_or_else(|| format!("no port yet in {text:?}"))
-            },
-        );
+        let port: u16 = wait_for("Chromium's DevTools port", Duration::from_secs(60), || {
+            let text = std::fs::read_to_string(&port_file).map_err(|e| e.to_string())?;
+            text.lines()
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .ok_or_else(|| format!("no port yet in {text:?}"))
+        });
         let page_url: String = wait_for("Chromium's page target", Duration::from_secs(30), || {
             let list: Value = ureq::get(&format!("http://127.0.0.1:{port}/json/list"))
                 .timeout(Duration::from_secs(5))
@@ -167,8 +163,7 @@ impl Browser {
                 let d = &params["exceptionDetails"];
                 self.errors.push(format!(
                     "exception: {} {}",
-                    d["text"],
-                    d["exception"]["description"]
+                    d["text"], d["exception"]["description"]
                 ));
             }
             Some("Log.entryAdded") if params["entry"]["level"] == "error" => {

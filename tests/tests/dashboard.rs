@@ -97,7 +97,10 @@ fn open(browser: &mut Browser, base: &str, route: &str, page: &str, reload: bool
 /// an accessible name.
 fn assert_clean(browser: &mut Browser, page: &str) {
     let errors = browser.console_errors();
-    assert!(errors.is_empty(), "the {page} page reported errors: {errors:#?}");
+    assert!(
+        errors.is_empty(),
+        "the {page} page reported errors: {errors:#?}"
+    );
     let unnamed = browser.eval("t.unnamed()");
     assert_eq!(
         unnamed,
@@ -162,7 +165,10 @@ fn the_dashboard_shows_a_three_node_cluster_kicks_a_client_deletes_a_retained_me
     );
     nodes[0].wait_subscribed("dash-watcher", "plant/#");
     nodes[0].wait_subscribed("dash-worker", "$share/workers/jobs/#");
-    publish(&nodes[2], &["-t", "plant/line1/status", "-m", "running", "-r"]);
+    publish(
+        &nodes[2],
+        &["-t", "plant/line1/status", "-m", "running", "-r"],
+    );
     wait_until("the retained message on node 1", T, || {
         nodes[0]
             .api("GET", "/retained/plant/line1/status", None)
@@ -181,7 +187,10 @@ fn the_dashboard_shows_a_three_node_cluster_kicks_a_client_deletes_a_retained_me
         T,
         "document.getElementById('main')?.dataset.ready === 'clients'",
     );
-    assert_eq!(browser.eval("t.field('Search clients').value"), "dash-watcher");
+    assert_eq!(
+        browser.eval("t.field('Search clients').value"),
+        "dash-watcher"
+    );
 
     // Every page, through the navigation the page itself does (hash routes).
     for page in PAGES {
@@ -232,9 +241,7 @@ fn the_dashboard_shows_a_three_node_cluster_kicks_a_client_deletes_a_retained_me
         "location.hash.includes('like=dash-watcher')",
     );
     main_text_has(&mut browser, "dash-watcher on node 2", "node 2");
-    browser.eval(
-        "document.querySelector('main a[href=\"#/clients/dash-watcher\"]').click(); true",
-    );
+    browser.eval("document.querySelector('main a[href=\"#/clients/dash-watcher\"]').click(); true");
     browser.wait_for_js(
         "the client's detail",
         T,
@@ -251,14 +258,28 @@ fn the_dashboard_shows_a_three_node_cluster_kicks_a_client_deletes_a_retained_me
     );
     // A v5 mosquitto_sub ends when the broker disconnects it (0x98).
     let kicked = watcher.finish(T);
-    assert_eq!(kicked.code, Some(0), "mosquitto_sub ends when kicked: {kicked:?}");
+    assert_eq!(
+        kicked.code,
+        Some(0),
+        "mosquitto_sub ends when kicked: {kicked:?}"
+    );
     nodes[0].wait_no_session("dash-watcher");
     main_text_has(&mut browser, "no session any more", "No session");
 
     // The retained message is found by its prefix, viewed and deleted.
-    open(&mut browser, &base, "retained?prefix=plant/", "retained", false);
+    open(
+        &mut browser,
+        &base,
+        "retained?prefix=plant/",
+        "retained",
+        false,
+    );
     main_text_has(&mut browser, "the retained topic", "plant/line1/status");
-    main_text_has(&mut browser, "the level below the prefix", "line1/");
+    browser.wait_for_js(
+        "the level below the prefix",
+        T,
+        "[...document.querySelectorAll('main .levels a')].some((a) => a.textContent === 'line1/')",
+    );
     assert!(browser
         .eval("t.click('View retained plant/line1/status')")
         .as_bool()
@@ -272,7 +293,11 @@ fn the_dashboard_shows_a_three_node_cluster_kicks_a_client_deletes_a_retained_me
         .eval("t.click('Delete retained plant/line1/status')")
         .as_bool()
         .unwrap_or(false));
-    main_text_has(&mut browser, "the empty list", "No retained message under plant/");
+    main_text_has(
+        &mut browser,
+        "the empty list",
+        "No retained message under plant/",
+    );
     wait_until("the deletion on node 3", T, || {
         nodes[2]
             .api("GET", "/retained/plant/line1/status", None)

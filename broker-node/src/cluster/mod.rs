@@ -16,9 +16,9 @@ pub mod proposer;
 pub mod raft;
 pub mod sparse;
 pub mod state;
-pub mod stats;
 #[cfg(test)]
 mod state_tests;
+pub mod stats;
 pub mod tls;
 
 use std::collections::BTreeMap;

@@ -41,9 +41,9 @@ use crate::broker::{unix_ms, Broker};
 use crate::cluster::command::{Command, CommandResult, Message, MessageProperties, NodeId};
 use crate::cluster::membership::{self, MembershipChange};
 use crate::cluster::network;
-use crate::cluster::stats::StatsSource;
 use crate::cluster::raft::Raft;
 use crate::cluster::state::SessionRecord;
+use crate::cluster::stats::StatsSource;
 
 /// What the API works on, set once the node has started.
 pub struct Api {
@@ -104,9 +104,8 @@ impl ApiAccess {
             .is_some_and(|v| self.admits(v));
         authorized
             || (self.token.as_ref()).is_some_and(|token| {
-                token_cookie(headers).is_some_and(|given| {
-                    constant_time_eq(given.as_bytes(), token.as_bytes())
-                })
+                token_cookie(headers)
+                    .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
             })
     }
 

@@ -268,8 +268,7 @@ pub struct AdminService {
 impl AdminService {
     /// A tonic server for `raft`, answering figures from `stats` once it is set.
     pub fn server(raft: Raft, stats: StatsSlot) -> AdminServer<AdminService> {
-        AdminServer::new(AdminService { raft, stats })
-            .max_decoding_message_size(64 * 1024 * 1024)
+        AdminServer::new(AdminService { raft, stats }).max_decoding_message_size(64 * 1024 * 1024)
     }
 }
 

@@ -28,7 +28,7 @@
   }
 
   function append(node, children) {
-    for (const child of children.flat()) {
+    for (const child of children.flat(Infinity)) {
       if (child === null || child === undefined || child === false) continue;
       node.append(child instanceof Node ? child : document.createTextNode(String(child)));
     }
@@ -461,7 +461,7 @@
           fmtTime(m.publish_at), el('td', null, view, ' ', del)]);
       }
       list.replaceChildren(
-        below.size ? el('p', null, 'Levels below: ', Array.from(below).sort().map((b, i) => [i ? ', ' : '', link(route('retained', { prefix: b }), b.slice(prefix.length))])) : '',
+        below.size ? el('p', { class: 'levels' }, 'Levels below: ', Array.from(below).sort().map((b, i) => [i ? ', ' : '', link(route('retained', { prefix: b }), b.slice(prefix.length))])) : '',
         table('Retained messages', [['Topic'], ['QoS', 'num'], ['Size', 'num'], ['Set at'], ['Actions']], rows,
           prefix ? 'No retained message under ' + prefix + '.' : 'No retained messages.'),
         el('nav', { class: 'pager', 'aria-label': 'Pages of retained messages' },
@@ -512,7 +512,7 @@
     for (let i = 0; i <= 4; i++) {
       const v = max * i / 4;
       chart.append(svg('line', { class: 'grid', x1: L, x2: W - R, y1: y(v), y2: y(v) }),
-        svg('text', { x: L - 6, y: y(v) + 4, 'text-anchor': 'end' }, fmtNum(v)));
+        svg('text', { x: L - 6, y: y(v) + 4, 'text-anchor': 'end' }, Number(v.toPrecision(3)).toLocaleString('en-US')));
     }
     chart.append(svg('line', { class: 'axis', x1: L, x2: L, y1: T, y2: H - B }), svg('line', { class: 'axis', x1: L, x2: W - R, y1: H - B, y2: H - B }));
     const span = t1 - t0;
@@ -650,12 +650,12 @@
     field('Payload', payloadIn),
     el('p', null, el('button', { type: 'submit', class: 'primary', 'data-needs-connection': true, text: 'Publish' })));
 
-    main.append(el('h1', { text: 'Topic tester' }),
+    append(main, [el('h1', { text: 'Topic tester' }),
       url ? null : el('p', { class: 'muted', text: 'This node has no WebSocket listener (ws_addr); give the URL of one.' }),
       el('section', { class: 'panel', 'aria-label': 'Connection' }, connectForm),
       el('div', { class: 'grid2' },
         el('section', { class: 'panel', 'aria-labelledby': 'sub-h' }, el('h2', { id: 'sub-h', text: 'Subscribe' }), subForm, log),
-        el('section', { class: 'panel', 'aria-labelledby': 'pub-h' }, el('h2', { id: 'pub-h', text: 'Publish' }), pubForm)));
+        el('section', { class: 'panel', 'aria-labelledby': 'pub-h' }, el('h2', { id: 'pub-h', text: 'Publish' }), pubForm))]);
     showState();
     showLog();
     ctx.ready();
