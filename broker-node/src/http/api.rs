@@ -750,3 +750,56 @@ async fn publish(State(state): State<ApiState>, Json(body): Json<PublishBody>) -
         .map_err(unavailable)?;
     Ok(Json(json!({ "matched": matched })).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> header::HeaderMap {
+        let mut map = header::HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(name.clone(), header::HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn remote() -> SocketAddr {
+        "192.0.2.7:50000".parse().unwrap()
+    }
+
+    #[test]
+    fn without_credentials_configured_only_loopback_gets_in() {
+        let access = ApiAccess::default();
+        let local: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        assert!(access.check(&local, &headers(&[])).is_ok());
+        assert!(matches!(
+            access.check(&remote(), &headers(&[])),
+            Err(Refusal::NotLoopback)
+        ));
+    }
+
+    #[test]
+    fn the_token_admits_as_a_bearer_header_or_as_the_dashboards_cookie() {
+        let access = ApiAccess::load(Some("s3cret; token=x"), None).unwrap();
+        let bearer = headers(&[(header::AUTHORIZATION, "Bearer s3cret; token=x")]);
+        assert!(access.check(&remote(), &bearer).is_ok());
+        // What the sign-in page sets is what the guard reads back.
+        let set = token_cookie_value("s3cret; token=x");
+        let pair = set.split(';').next().unwrap();
+        let cookie = headers(&[(header::COOKIE, &format!("theme=dark; {pair}"))]);
+        assert!(access.check(&remote(), &cookie).is_ok());
+        assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"));
+        let wrong = token_cookie_value("guess");
+        let wrong = headers(&[(header::COOKIE, wrong.split(';').next().unwrap())]);
+        assert!(matches!(
+            access.check(&remote(), &wrong),
+            Err(Refusal::Unauthenticated)
+        ));
+        assert!(matches!(
+            access.check(&remote(), &headers(&[])),
+            Err(Refusal::Unauthenticated)
+        ));
+        assert!(access.admits_token("s3cret; token=x"));
+        assert!(!access.admits_token("s3cret"));
+    }
+}
