@@ -203,6 +203,12 @@ fn the_dashboard_shows_a_three_node_cluster_kicks_a_client_deletes_a_retained_me
                     T,
                     "[...document.querySelectorAll('main .badge')].filter((b) => b.textContent === 'healthy').length === 3",
                 );
+                // The retained message published on node 3 went to node 2's client.
+                main_text_has(
+                    &mut browser,
+                    "node 3's forwarding to node 2",
+                    "node 3 → node 2",
+                );
             }
             "subscriptions" => {
                 main_text_has(&mut browser, "the subscription", "plant/#");
