@@ -408,3 +408,43 @@ fn a_node_with_an_api_token_asks_for_it_before_the_dashboard() {
         .collect();
     assert!(errors.is_empty(), "{errors:#?}");
 }
+
+#[test]
+fn a_node_with_basic_auth_users_has_the_browser_ask_for_one_before_the_dashboard() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("api-users");
+    let file_arg = file.to_str().expect("utf-8 path");
+    let bin = flockmq_tests::broker_binary();
+    let made = run(
+        bin.to_str().expect("utf-8 path"),
+        &["passwd", file_arg, "ops", "--password", "op-s3cret"],
+        T,
+    );
+    assert_eq!(made.code, Some(0), "{made:?}");
+    let node = Node::start_with(&["--api-password-file", file_arg]);
+    let base = format!("http://127.0.0.1:{}", node.http_port);
+    for path in ["/", "/dashboard/app.js", "/dashboard/mqtt.js"] {
+        match ureq::get(&format!("{base}{path}")).call() {
+            Err(ureq::Error::Status(401, r)) => assert_eq!(
+                r.header("WWW-Authenticate"),
+                Some("Basic realm=\"flockmq\""),
+                "{path}"
+            ),
+            other => panic!("{path}: expected 401, got {other:?}"),
+        }
+        // ops:op-s3cret
+        let page = ureq::get(&format!("{base}{path}"))
+            .set("Authorization", "Basic b3BzOm9wLXMzY3JldA==")
+            .call()
+            .unwrap_or_else(|e| panic!("{path} with the user's credentials: {e}"));
+        assert_eq!(page.status(), 200, "{path}");
+        assert!(
+            page.header("Content-Security-Policy")
+                .is_some_and(|csp| csp.contains("script-src 'self'")),
+            "{path}"
+        );
+    }
+    // The stylesheet holds no data: the sign-in page uses it before anyone signs in.
+    let style = ureq::get(&format!("{base}/dashboard/style.css")).call();
+    assert!(style.is_ok_and(|r| r.status() == 200));
+}
