@@ -407,6 +407,13 @@ fn a_node_with_an_api_token_asks_for_it_before_the_dashboard() {
         .filter(|e| !e.contains("401"))
         .collect();
     assert!(errors.is_empty(), "{errors:#?}");
+    // Signing out forgets the token: the sign-in page again.
+    browser.eval("document.querySelector('form[action=\"/logout\"] button').click(); true");
+    browser.wait_for_js(
+        "the sign-in form after signing out",
+        T,
+        "!!document.querySelector('form[action=\"/login\"] input[name=token]')",
+    );
 }
 
 #[test]

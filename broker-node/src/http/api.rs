@@ -95,6 +95,31 @@ impl ApiAccess {
         self.token.is_some() || self.users.is_some()
     }
 
+    /// Whether a request from `peer` with `headers` may use the API and the dashboard.
+    pub fn check(&self, peer: &SocketAddr, headers: &header::HeaderMap) -> Result<(), Refusal> {
+        if self.required() {
+            if self.admits_headers(headers) {
+                Ok(())
+            } else {
+                Err(Refusal::Unauthenticated)
+            }
+        } else if peer.ip().is_loopback() {
+            Ok(())
+        } else {
+            Err(Refusal::NotLoopback)
+        }
+    }
+
+    /// Whether basic-auth users are configured (a browser is then asked for them).
+    pub fn has_users(&self) -> bool {
+        self.users.is_some()
+    }
+
+    /// Whether a bearer token is configured.
+    pub fn token_configured(&self) -> bool {
+        self.token.is_some()
+    }
+
     /// Whether `headers` carry a valid credential: an `Authorization` header, or the
     /// dashboard's cookie holding the bearer token.
     fn admits_headers(&self, headers: &header::HeaderMap) -> bool {
@@ -102,11 +127,7 @@ impl ApiAccess {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| self.admits(v));
-        authorized
-            || (self.token.as_ref()).is_some_and(|token| {
-                token_cookie(headers)
-                    .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
-            })
+        authorized || token_cookie(headers).is_some_and(|given| self.admits_token(&given))
     }
 
     /// Whether `token` is the bearer token.
@@ -118,8 +139,8 @@ impl ApiAccess {
 
     /// Whether an `Authorization` header value carries a valid credential.
     fn admits(&self, authorization: &str) -> bool {
-        if let (Some(token), Some(given)) = (&self.token, authorization.strip_prefix("Bearer ")) {
-            return constant_time_eq(given.as_bytes(), token.as_bytes());
+        if let (Some(_), Some(given)) = (&self.token, authorization.strip_prefix("Bearer ")) {
+            return self.admits_token(given);
         }
         let (Some(users), Some(encoded)) = (&self.users, authorization.strip_prefix("Basic "))
         else {
@@ -173,33 +194,6 @@ pub enum Refusal {
     Unauthenticated,
     /// No credential is configured and the request is not from loopback.
     NotLoopback,
-}
-
-impl ApiAccess {
-    /// Whether a request from `peer` with `headers` may use the API and the dashboard.
-    pub fn check(&self, peer: &SocketAddr, headers: &header::HeaderMap) -> Result<(), Refusal> {
-        if self.required() {
-            if self.admits_headers(headers) {
-                Ok(())
-            } else {
-                Err(Refusal::Unauthenticated)
-            }
-        } else if peer.ip().is_loopback() {
-            Ok(())
-        } else {
-            Err(Refusal::NotLoopback)
-        }
-    }
-
-    /// Whether basic-auth users are configured (a browser is then asked for them).
-    pub fn has_users(&self) -> bool {
-        self.users.is_some()
-    }
-
-    /// Whether a bearer token is configured.
-    pub fn token_configured(&self) -> bool {
-        self.token.is_some()
-    }
 }
 
 #[derive(Clone)]

@@ -46,20 +46,14 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
 /// The dashboard's routes.
 pub fn router(access: ApiAccess) -> Router {
     let guarded = Router::new()
-        .route("/", get(|| async { asset("text/html", INDEX_HTML) }))
-        .route(
-            "/dashboard/app.js",
-            get(|| async { asset("text/javascript", APP_JS) }),
-        )
-        .route(
-            "/dashboard/mqtt.js",
-            get(|| async { asset("text/javascript", MQTT_JS) }),
-        )
+        .route("/", get(|| async { asset(HTML, INDEX_HTML) }))
+        .route("/dashboard/app.js", get(|| async { asset(JS, APP_JS) }))
+        .route("/dashboard/mqtt.js", get(|| async { asset(JS, MQTT_JS) }))
         .layer(middleware::from_fn_with_state(access.clone(), guard));
     Router::new()
         .route(
             "/dashboard/style.css",
-            get(|| async { asset("text/css", STYLE_CSS) }),
+            get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
         .route("/login", post(login))
         .route("/logout", post(logout))
@@ -67,15 +61,14 @@ pub fn router(access: ApiAccess) -> Router {
         .merge(guarded)
 }
 
+const HTML: &str = "text/html; charset=utf-8";
+const JS: &str = "text/javascript; charset=utf-8";
+
 /// A static asset with its type and the headers every dashboard answer carries.
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     let mut response = body.into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_str(&format!("{content_type}; charset=utf-8"))
-            .unwrap_or(HeaderValue::from_static("text/plain")),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     secure(headers);
     response
 }
@@ -116,10 +109,7 @@ fn sign_in(access: &ApiAccess, status: StatusCode, notice: &str) -> Response {
         );
     let mut response = (status, page).into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(HTML));
     secure(headers);
     if access.has_users() && status == StatusCode::UNAUTHORIZED {
         headers.insert(header::WWW_AUTHENTICATE, api::BASIC_CHALLENGE);
@@ -163,13 +153,10 @@ async fn login(State(access): State<ApiAccess>, Form(form): Form<LoginForm>) -> 
 
 async fn logout() -> Response {
     let mut response = Redirect::to("/").into_response();
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&format!(
-            "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
-            api::TOKEN_COOKIE
-        ))
-        .unwrap_or(HeaderValue::from_static("")),
-    );
+    // The same cookie, empty and already expired.
+    let expired = format!("{}; Max-Age=0", api::token_cookie_value(""));
+    if let Ok(expired) = HeaderValue::from_str(&expired) {
+        response.headers_mut().insert(header::SET_COOKIE, expired);
+    }
     response
 }
