@@ -307,13 +307,13 @@
             onclick: () => kick(c.clientid).then(refresh).catch((e) => say('Kick failed: ' + e.message)) })
           : '',
       ]);
-      const pages = Math.max(1, Math.ceil(result.meta.count / result.meta.limit));
+      const pageCount = Math.max(1, Math.ceil(result.meta.count / result.meta.limit));
       list.replaceChildren(
         table('Clients', [['Client id'], ['Node'], ['State'], ['Protocol'], ['Subscriptions', 'num'], ['Queued', 'num'], ['Action']],
           rows, like ? 'No client matches.' : 'No clients.'),
         el('nav', { class: 'pager', 'aria-label': 'Pages of clients' },
           el('button', { type: 'button', text: 'Previous', 'aria-label': 'Previous page', disabled: page <= 1, onclick: () => apply(page - 1) }),
-          el('span', { text: 'Page ' + page + ' of ' + pages + ' · ' + fmtNum(result.meta.count) + ' in all' }),
+          el('span', { text: 'Page ' + page + ' of ' + pageCount + ' · ' + fmtNum(result.meta.count) + ' in all' }),
           el('button', { type: 'button', text: 'Next', 'aria-label': 'Next page', disabled: !result.meta.hasnext, onclick: () => apply(page + 1) })));
       ctx.ready();
     }
