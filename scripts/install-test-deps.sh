@@ -4,7 +4,8 @@
 # curl and openssl (the TLS tests' certificates), Prometheus (the metrics test scrapes
 # a node with it), Python paho-mqtt 1.x (the seeds' examples use the 1.x API), and
 # helm and kubernetes-validate for the Helm chart's tests, libfaketime for the
-# clock-skew test.
+# clock-skew test, Chromium for the dashboard's test (driven headless over its
+# DevTools protocol).
 # Idempotent: it installs only what is missing.
 set -euo pipefail
 
@@ -18,6 +19,8 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 # A node whose wall clock is off (tests/tests/cluster.rs): libfaketime preloaded.
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_apt+=(libfaketime)
+# The web dashboard's test (tests/tests/dashboard.rs) drives headless Chromium.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq

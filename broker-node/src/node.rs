@@ -78,6 +78,7 @@ pub async fn run(
         storage,
         forward_sink,
         contacts,
+        stats,
     } = cluster;
     readiness.storage_open.store(true, Ordering::Release);
     let _ = readiness.state.set(state.clone());
@@ -104,6 +105,9 @@ pub async fn run(
     tracker.spawn(reload_on_sighup(broker.clone(), tls_slots, api_access));
     let sink: Arc<dyn ForwardSink> = broker.clone();
     let _ = forward_sink.set(sink);
+    let source: Arc<dyn cluster::stats::StatsSource> = broker.clone();
+    let _ = stats.set(source);
+    tracker.spawn(broker.clone().run_rates());
     let _ = api.set(http::api::Api {
         broker: broker.clone(),
         raft: raft.clone(),

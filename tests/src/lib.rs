@@ -3,6 +3,7 @@
 //!
 //! Every node gets its own free ports and data directory, so tests run in parallel.
 
+pub mod browser;
 pub mod mqtt;
 pub mod netns;
 pub mod pki;

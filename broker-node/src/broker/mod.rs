@@ -18,6 +18,7 @@ pub mod liveness;
 pub mod mailbox;
 pub mod park;
 pub mod provisional;
+pub mod rates;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -133,6 +134,8 @@ pub struct Broker {
     refused_opens: Mutex<HashMap<u64, Instant>>,
     /// `$SYS` counters.
     pub stats: Stats,
+    /// The message rates of the last minutes, sampled from `stats`.
+    rates: Mutex<rates::RateHistory>,
     /// When the node started, for `$SYS/broker/uptime`.
     pub started: Instant,
     /// Cancelled when the node shuts down.
@@ -196,6 +199,7 @@ impl Broker {
             establishing: Mutex::default(),
             refused_opens: Mutex::new(HashMap::new()),
             stats: Stats::default(),
+            rates: Mutex::default(),
             started: Instant::now(),
             shutdown,
             lot,

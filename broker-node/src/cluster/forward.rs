@@ -18,7 +18,7 @@
 //! is [`network::forward`](super::network::forward)'s. It never sees a protobuf type.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::command::{Message, NodeId};
 use super::frame::{FrameError, FrameReader};
 use super::network::forward::{self as wire, Acks, FrameHandler, FrameSender};
+use super::stats::PeerForwarding;
 
 /// Frames sent to a peer and not yet acknowledged.
 pub const WINDOW: usize = 64;
@@ -140,8 +141,24 @@ struct Outgoing {
 
 struct Peer {
     tx: mpsc::Sender<Outgoing>,
+    link: Arc<Link>,
+}
+
+/// The state of one peer's stream that the senders and its task share.
+#[derive(Debug)]
+struct Link {
     /// False while the peer cannot be reached: messages for it are dropped at once.
-    up: Arc<AtomicBool>,
+    up: AtomicBool,
+    /// Messages handed to the stream (for the admin API; the metrics count them too).
+    sent: AtomicU64,
+    /// Messages for the peer dropped, whatever the reason.
+    dropped: AtomicU64,
+}
+
+impl Link {
+    fn drop_one(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a message was not queued for its peer.
@@ -185,7 +202,23 @@ impl Forwarder {
     pub fn is_down(&self, node: NodeId) -> bool {
         lock(&self.peers)
             .get(&node)
-            .is_some_and(|p| !p.up.load(Ordering::Acquire))
+            .is_some_and(|p| !p.link.up.load(Ordering::Acquire))
+    }
+
+    /// The forwarding to every peer this node has sent to, by node id.
+    pub fn peer_stats(&self) -> Vec<PeerForwarding> {
+        let mut peers: Vec<PeerForwarding> = lock(&self.peers)
+            .iter()
+            .map(|(node, p)| PeerForwarding {
+                node_id: *node,
+                up: p.link.up.load(Ordering::Acquire),
+                sent: p.link.sent.load(Ordering::Relaxed),
+                dropped: p.link.dropped.load(Ordering::Relaxed),
+                queued: (p.tx.max_capacity() - p.tx.capacity()) as u64,
+            })
+            .collect();
+        peers.sort_by_key(|p| p.node_id);
+        peers
     }
 
     /// Queue `item` for `node`. With `want_ack`, the returned receiver fires once the
@@ -196,8 +229,8 @@ impl Forwarder {
         item: Forwarded,
         want_ack: bool,
     ) -> Result<Option<oneshot::Receiver<()>>, NotForwarded> {
-        let (tx, up) = self.peer(node);
-        let outcome = if !up.load(Ordering::Acquire) {
+        let (tx, link) = self.peer(node);
+        let outcome = if !link.up.load(Ordering::Acquire) {
             Err(NotForwarded::PeerDown)
         } else {
             let (ack, rx) = if want_ack {
@@ -225,36 +258,48 @@ impl Forwarder {
             metrics::counter!("flockmq_messages_dropped_total", "reason" => reason).increment(1);
             metrics::counter!("flockmq_forward_dropped_total", "peer" => node.to_string(), "reason" => reason)
                 .increment(1);
+            link.drop_one();
             tracing::debug!(peer = node, reason, "message not forwarded");
         }
         outcome
     }
 
     /// The channel to `node`, starting its stream task on first use.
-    fn peer(&self, node: NodeId) -> (mpsc::Sender<Outgoing>, Arc<AtomicBool>) {
+    fn peer(&self, node: NodeId) -> (mpsc::Sender<Outgoing>, Arc<Link>) {
         let mut peers = lock(&self.peers);
         if let Some(p) = peers.get(&node).filter(|p| !p.tx.is_closed()) {
-            return (p.tx.clone(), p.up.clone());
+            return (p.tx.clone(), p.link.clone());
         }
         let (tx, rx) = mpsc::channel(self.peer_queue);
-        // Optimistic: the first messages wait for the first connection attempt.
-        let up = Arc::new(AtomicBool::new(true));
+        // Optimistic: the first messages wait for the first connection attempt. A
+        // stream task that ended (shutdown) leaves its counts to its successor.
+        let (sent, dropped) = peers.get(&node).map_or((0, 0), |p| {
+            (
+                p.link.sent.load(Ordering::Relaxed),
+                p.link.dropped.load(Ordering::Relaxed),
+            )
+        });
+        let link = Arc::new(Link {
+            up: AtomicBool::new(true),
+            sent: AtomicU64::new(sent),
+            dropped: AtomicU64::new(dropped),
+        });
         tokio::spawn(run_peer(
             self.node_id,
             node,
             self.metrics.clone(),
             rx,
-            up.clone(),
+            link.clone(),
             self.shutdown.clone(),
         ));
         peers.insert(
             node,
             Peer {
                 tx: tx.clone(),
-                up: up.clone(),
+                link: link.clone(),
             },
         );
-        (tx, up)
+        (tx, link)
     }
 }
 
@@ -271,9 +316,10 @@ async fn run_peer(
     node: NodeId,
     metrics: watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
     mut rx: mpsc::Receiver<Outgoing>,
-    up: Arc<AtomicBool>,
+    link: Arc<Link>,
     shutdown: CancellationToken,
 ) {
+    let up = &link.up;
     let mut backoff = Duration::from_millis(100);
     let label = node.to_string();
     let peer_up = metrics::gauge!("flockmq_forward_peer_up", "peer" => label.clone());
@@ -296,7 +342,7 @@ async fn run_peer(
                 up.store(true, Ordering::Release);
                 peer_up.set(1.0);
                 backoff = Duration::from_millis(100);
-                let ended = pump(own, node, &mut rx, frames, acks, &shutdown).await;
+                let ended = pump(own, node, &mut rx, frames, acks, &link, &shutdown).await;
                 up.store(false, Ordering::Release);
                 peer_up.set(0.0);
                 match ended {
@@ -324,6 +370,7 @@ async fn run_peer(
                     Some(_) => {
                         metrics::counter!("flockmq_messages_dropped_total", "reason" => "peer_down").increment(1);
                         dropped.increment(1);
+                        link.drop_one();
                     }
                     None => return,
                 },
@@ -341,6 +388,7 @@ async fn pump(
     rx: &mut mpsc::Receiver<Outgoing>,
     frames: FrameSender,
     mut acks: Acks,
+    link: &Link,
     shutdown: &CancellationToken,
 ) -> Ended {
     let label = node.to_string();
@@ -394,6 +442,7 @@ async fn pump(
                 seq += 1;
                 frames_sent.increment(1);
                 sent.increment(items_len);
+                link.sent.fetch_add(items_len, Ordering::Relaxed);
                 frame_messages.record(items_len as f64);
                 bytes_sent.increment(entries.len() as u64);
                 if frames.send(seq, own, entries.into()).await.is_err() {

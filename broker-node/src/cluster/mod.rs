@@ -18,6 +18,7 @@ pub mod sparse;
 pub mod state;
 #[cfg(test)]
 mod state_tests;
+pub mod stats;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -183,6 +184,8 @@ pub struct Cluster {
     pub forward_sink: forward::SinkSlot,
     /// When each peer last answered this node's Raft appends.
     pub contacts: network::PeerContacts,
+    /// Where this node's figures come from, once the broker runtime is set in it.
+    pub stats: stats::StatsSlot,
 }
 
 impl Cluster {
@@ -256,7 +259,8 @@ impl Cluster {
             votes.withhold(true);
         }
         let service = RaftService::server(raft.clone(), votes.clone());
-        let admin = AdminService::server(raft.clone());
+        let stats = stats::StatsSlot::default();
+        let admin = AdminService::server(raft.clone(), stats.clone());
         let forward_sink = forward::SinkSlot::default();
         let forwarding = network::forward::ForwardService::server(
             forward::Inbound::new(forward_sink.clone()),
@@ -388,6 +392,7 @@ impl Cluster {
             storage,
             forward_sink,
             contacts,
+            stats,
         })
     }
 }

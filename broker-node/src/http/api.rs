@@ -1,12 +1,27 @@
-//! The admin REST API under `/api/v1`: cluster status and membership, clients,
-//! sessions, subscriptions, retained messages and publishing. JSON throughout; lists
-//! are paged in EMQX's `{"data": [...], "meta": {"page", "limit", "count"}}` shape.
+//! The admin REST API under `/api/v1`: cluster status and membership, every node's
+//! live figures, clients, sessions, subscriptions and shared groups, retained
+//! messages and publishing. JSON throughout; lists are paged in EMQX's
+//! `{"data": [...], "meta": {"page", "limit", "count"}}` shape.
 //!
-//! Access: with `api_token` or `api_password_file` set, every request needs
-//! `Authorization: Bearer <token>` or HTTP basic auth as a user of that file; with
-//! neither, only requests from loopback addresses are answered. Reads come from
-//! this node's applied replicated state, so every node answers for the whole cluster;
-//! writes go through Raft (a kick reaches the client on whichever node holds it).
+//! | route | answer |
+//! | --- | --- |
+//! | `GET /cluster` | this node's Raft view: members and roles, leader, term, indexes, digest |
+//! | `POST /cluster/join`, `POST /cluster/leave`, `DELETE /cluster/members/{id}` | membership changes |
+//! | `GET /stats` | this node's figures: counters, rates of the last minutes, forwarding per peer |
+//! | `GET /cluster/stats` | the same of every member (asked over the cluster's Admin service) |
+//! | `GET /clients`, `GET /sessions` | connected clients, all sessions (`clientid`, `like`, `node`, `connected`, paged) |
+//! | `GET /clients/{id}`, `DELETE /clients/{id}` | one session in detail; kick |
+//! | `GET /subscriptions` | subscriptions (`clientid`, `like`, paged) |
+//! | `GET /shared` | shared subscription groups with their members |
+//! | `GET /retained`, `GET /retained/{topic}`, `DELETE /retained/{topic}` | retained messages (`prefix`, `like`, paged) |
+//! | `POST /publish` | publish as the broker |
+//!
+//! Access ([`ApiAccess`]): with `api_token` or `api_password_file` set, every request
+//! needs `Authorization: Bearer <token>` or HTTP basic auth as a user of that file (or
+//! the dashboard's cookie holding the token); with neither, only requests from
+//! loopback addresses are answered. Reads come from this node's applied replicated
+//! state, so every node answers for the whole cluster; writes go through Raft (a kick
+//! reaches the client on whichever node holds it).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -25,8 +40,10 @@ use crate::auth::password::PasswordFile;
 use crate::broker::{unix_ms, Broker};
 use crate::cluster::command::{Command, CommandResult, Message, MessageProperties, NodeId};
 use crate::cluster::membership::{self, MembershipChange};
+use crate::cluster::network;
 use crate::cluster::raft::Raft;
 use crate::cluster::state::SessionRecord;
+use crate::cluster::stats::StatsSource;
 
 /// What the API works on, set once the node has started.
 pub struct Api {
@@ -78,10 +95,52 @@ impl ApiAccess {
         self.token.is_some() || self.users.is_some()
     }
 
+    /// Whether a request from `peer` with `headers` may use the API and the dashboard.
+    pub fn check(&self, peer: &SocketAddr, headers: &header::HeaderMap) -> Result<(), Refusal> {
+        if self.required() {
+            if self.admits_headers(headers) {
+                Ok(())
+            } else {
+                Err(Refusal::Unauthenticated)
+            }
+        } else if peer.ip().is_loopback() {
+            Ok(())
+        } else {
+            Err(Refusal::NotLoopback)
+        }
+    }
+
+    /// Whether basic-auth users are configured (a browser is then asked for them).
+    pub fn has_users(&self) -> bool {
+        self.users.is_some()
+    }
+
+    /// Whether a bearer token is configured.
+    pub fn token_configured(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Whether `headers` carry a valid credential: an `Authorization` header, or the
+    /// dashboard's cookie holding the bearer token.
+    fn admits_headers(&self, headers: &header::HeaderMap) -> bool {
+        let authorized = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| self.admits(v));
+        authorized || token_cookie(headers).is_some_and(|given| self.admits_token(&given))
+    }
+
+    /// Whether `token` is the bearer token.
+    pub fn admits_token(&self, token: &str) -> bool {
+        self.token
+            .as_ref()
+            .is_some_and(|t| constant_time_eq(token.as_bytes(), t.as_bytes()))
+    }
+
     /// Whether an `Authorization` header value carries a valid credential.
     fn admits(&self, authorization: &str) -> bool {
-        if let (Some(token), Some(given)) = (&self.token, authorization.strip_prefix("Bearer ")) {
-            return constant_time_eq(given.as_bytes(), token.as_bytes());
+        if let (Some(_), Some(given)) = (&self.token, authorization.strip_prefix("Bearer ")) {
+            return self.admits_token(given);
         }
         let (Some(users), Some(encoded)) = (&self.users, authorization.strip_prefix("Basic "))
         else {
@@ -101,6 +160,42 @@ impl ApiAccess {
     }
 }
 
+/// The cookie in which the dashboard keeps the bearer token (base64url, so that any
+/// token fits a cookie value).
+pub const TOKEN_COOKIE: &str = "flockmq_token";
+
+/// The token held in the dashboard's cookie, if the request carries one.
+fn token_cookie(headers: &header::HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == TOKEN_COOKIE)
+        .and_then(|(_, value)| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(value)
+                .ok()
+        })
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+}
+
+/// The `Set-Cookie` value that keeps `token` for the dashboard: sent back only to
+/// this server, never to scripts, never on a request from another site.
+pub fn token_cookie_value(token: &str) -> String {
+    let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.as_bytes());
+    format!("{TOKEN_COOKIE}={encoded}; Path=/; HttpOnly; SameSite=Strict")
+}
+
+/// Why a request is not let in.
+pub enum Refusal {
+    /// A credential is required and none valid was given.
+    Unauthenticated,
+    /// No credential is configured and the request is not from loopback.
+    NotLoopback,
+}
+
 #[derive(Clone)]
 struct ApiState {
     slot: ApiSlot,
@@ -115,6 +210,9 @@ pub fn router(slot: ApiSlot, access: ApiAccess) -> Router {
         .route("/cluster/join", post(cluster_join))
         .route("/cluster/leave", post(cluster_leave))
         .route("/cluster/members/{id}", delete(cluster_remove))
+        .route("/cluster/stats", get(cluster_stats))
+        .route("/stats", get(node_stats))
+        .route("/shared", get(shared_list))
         .route("/clients", get(clients_list))
         .route("/clients/{id}", get(client_show).delete(client_kick))
         .route("/sessions", get(sessions_list))
@@ -166,40 +264,38 @@ async fn guard(
     request: Request,
     next: Next,
 ) -> Response {
-    if state.access.required() {
-        let admitted = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| state.access.admits(v));
-        if !admitted {
+    match state.access.check(&peer, request.headers()) {
+        Ok(()) => {}
+        Err(Refusal::Unauthenticated) => {
             let mut response = ApiError(
                 StatusCode::UNAUTHORIZED,
                 "a bearer token or basic-auth credentials are required".into(),
             )
             .into_response();
-            if state.access.users.is_some() {
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    header::HeaderValue::from_static("Basic realm=\"flockmq\""),
-                );
+            if state.access.has_users() {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, BASIC_CHALLENGE);
             }
             return response;
         }
-    } else if !peer.ip().is_loopback() {
-        return ApiError(
-            StatusCode::FORBIDDEN,
-            "the admin API answers only loopback clients unless api_token or \
-             api_password_file is set"
-                .into(),
-        )
-        .into_response();
+        Err(Refusal::NotLoopback) => {
+            return ApiError(StatusCode::FORBIDDEN, NOT_LOOPBACK.into()).into_response();
+        }
     }
     if state.slot.get().is_none() {
         return unavailable("the node is starting").into_response();
     }
     next.run(request).await
 }
+
+/// The challenge that has a browser ask for basic-auth credentials.
+pub const BASIC_CHALLENGE: header::HeaderValue =
+    header::HeaderValue::from_static("Basic realm=\"flockmq\"");
+
+/// Why a request from off loopback is refused when no credential is configured.
+pub const NOT_LOOPBACK: &str = "the admin API and the dashboard answer only loopback clients \
+     unless api_token or api_password_file is set";
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -221,10 +317,12 @@ struct ListQuery {
     connected: Option<bool>,
     /// Only sessions on this node.
     node: Option<NodeId>,
-    /// Only this client (subscriptions).
+    /// Only this client (sessions, clients, subscriptions).
     clientid: Option<String>,
     /// Only client ids or topics containing this text.
     like: Option<String>,
+    /// Only topics beginning with this text (retained messages).
+    prefix: Option<String>,
 }
 
 /// Default and largest page size.
@@ -292,6 +390,43 @@ async fn cluster_status(State(state): State<ApiState>) -> ApiResult {
         "connections_here": api.broker.local_client_count(),
     }))
     .into_response())
+}
+
+/// How long the figures of one peer are waited for.
+const PEER_STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn node_stats(State(state): State<ApiState>) -> ApiResult {
+    let api = api(&state)?;
+    Ok(Json(api.broker.node_stats()).into_response())
+}
+
+/// Every member's figures, asked in parallel; a member that does not answer in
+/// [`PEER_STATS_TIMEOUT`] is listed with the error instead.
+async fn cluster_stats(State(state): State<ApiState>) -> ApiResult {
+    let api = api(&state)?;
+    let members = membership::members(&api.raft);
+    let asks = members.nodes.iter().map(|(id, addr)| {
+        let (id, addr) = (*id, addr.clone());
+        let own = (id == api.broker.node_id).then(|| api.broker.node_stats());
+        async move {
+            let started = std::time::Instant::now();
+            let answer = match own {
+                Some(stats) => Ok(stats),
+                None => network::node_stats(&addr, PEER_STATS_TIMEOUT).await,
+            };
+            let took_ms = started.elapsed().as_millis() as u64;
+            match answer.and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string())) {
+                Ok(mut v) => {
+                    v["addr"] = addr.into();
+                    v["took_ms"] = took_ms.into();
+                    v
+                }
+                Err(e) => json!({ "node_id": id, "addr": addr, "error": e, "took_ms": took_ms }),
+            }
+        }
+    });
+    let data = futures::future::join_all(asks).await;
+    Ok(Json(json!({ "data": data })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -374,6 +509,7 @@ fn sessions(state: &ApiState, q: &ListQuery, only_connected: bool) -> Result<Vec
             .filter(|(_, s)| q.connected.is_none_or(|c| s.connected == c))
             .filter(|(_, s)| q.node.is_none_or(|n| s.node == n))
             .filter(|(id, _)| q.like.as_deref().is_none_or(|l| id.contains(l)))
+            .filter(|(id, _)| q.clientid.as_deref().is_none_or(|c| &***id == c))
             .map(|(id, s)| session_json(id, s, false))
             .collect()
     }))
@@ -431,6 +567,44 @@ async fn subscriptions_list(
     Ok(paged(items, &q))
 }
 
+/// Shared subscription groups: each `$share/{group}/{filter}` with its members.
+async fn shared_list(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult {
+    let api = api(&state)?;
+    let mut groups: std::collections::BTreeMap<(String, String), Vec<Value>> =
+        std::collections::BTreeMap::new();
+    api.broker.read_state(|st| {
+        for (id, s) in st.sessions() {
+            for (filter, o) in s.subscriptions.iter() {
+                let Some((group, inner)) = crate::mqtt::topic::parse_shared(filter) else {
+                    continue;
+                };
+                if q.like
+                    .as_deref()
+                    .is_some_and(|l| !group.contains(l) && !inner.contains(l))
+                {
+                    continue;
+                }
+                groups
+                    .entry((group.to_owned(), inner.to_owned()))
+                    .or_default()
+                    .push(json!({
+                        "clientid": &**id,
+                        "node": s.node,
+                        "connected": s.connected,
+                        "qos": o.qos,
+                    }));
+            }
+        }
+    });
+    let items = groups
+        .into_iter()
+        .map(|((group, filter), members)| {
+            json!({ "group": group, "topic": filter, "members": members })
+        })
+        .collect();
+    Ok(paged(items, &q))
+}
+
 /// A payload as JSON: text when it is UTF-8, base64 otherwise.
 fn payload_json(payload: &[u8]) -> (Value, &'static str) {
     match std::str::from_utf8(payload) {
@@ -465,6 +639,7 @@ async fn retained_list(State(state): State<ApiState>, Query(q): Query<ListQuery>
         st.retained()
             .iter()
             .filter(|(t, _)| q.like.as_deref().is_none_or(|l| t.contains(l)))
+            .filter(|(t, _)| q.prefix.as_deref().is_none_or(|p| t.starts_with(p)))
             .map(|(t, m)| {
                 let v = message_json(&t, m, false);
                 (t, v)
@@ -568,4 +743,57 @@ async fn publish(State(state): State<ApiState>, Json(body): Json<PublishBody>) -
         .await
         .map_err(unavailable)?;
     Ok(Json(json!({ "matched": matched })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> header::HeaderMap {
+        let mut map = header::HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(name.clone(), header::HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn remote() -> SocketAddr {
+        "192.0.2.7:50000".parse().unwrap()
+    }
+
+    #[test]
+    fn without_credentials_configured_only_loopback_gets_in() {
+        let access = ApiAccess::default();
+        let local: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        assert!(access.check(&local, &headers(&[])).is_ok());
+        assert!(matches!(
+            access.check(&remote(), &headers(&[])),
+            Err(Refusal::NotLoopback)
+        ));
+    }
+
+    #[test]
+    fn the_token_admits_as_a_bearer_header_or_as_the_dashboards_cookie() {
+        let access = ApiAccess::load(Some("s3cret; token=x"), None).unwrap();
+        let bearer = headers(&[(header::AUTHORIZATION, "Bearer s3cret; token=x")]);
+        assert!(access.check(&remote(), &bearer).is_ok());
+        // What the sign-in page sets is what the guard reads back.
+        let set = token_cookie_value("s3cret; token=x");
+        let pair = set.split(';').next().unwrap();
+        let cookie = headers(&[(header::COOKIE, &format!("theme=dark; {pair}"))]);
+        assert!(access.check(&remote(), &cookie).is_ok());
+        assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"));
+        let wrong = token_cookie_value("guess");
+        let wrong = headers(&[(header::COOKIE, wrong.split(';').next().unwrap())]);
+        assert!(matches!(
+            access.check(&remote(), &wrong),
+            Err(Refusal::Unauthenticated)
+        ));
+        assert!(matches!(
+            access.check(&remote(), &headers(&[])),
+            Err(Refusal::Unauthenticated)
+        ));
+        assert!(access.admits_token("s3cret; token=x"));
+        assert!(!access.admits_token("s3cret"));
+    }
 }

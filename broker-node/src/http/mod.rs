@@ -5,12 +5,15 @@
 //! | `GET /metrics` | Prometheus text format of every `flockmq_` metric |
 //! | `GET /healthz` | 200 `ok` while the process serves requests (liveness) |
 //! | `GET /readyz` | 200 `ready`, or 503 with the reasons: MQTT listener not bound, storage not open, no Raft leader, this node not caught up with the committed log |
+//! | `/api/v1/...` | the admin API ([`api`], which lists its routes) |
+//! | `GET /`, `/dashboard/...`, `POST /login`, `POST /logout` | the web dashboard ([`dashboard`]), behind the admin API's access rules |
 //!
 //! Readiness is computed from real facts on every request; nothing here caches it.
 //! The metrics are recorded into [`crate::telemetry`]; this server only renders them.
 //! The server never touches MQTT connections.
 
 pub mod api;
+pub mod dashboard;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,6 +105,7 @@ pub async fn serve(
         .route("/healthz", get(alive))
         .route("/readyz", get(ready))
         .with_state(AppState { metrics, readiness })
+        .merge(dashboard::router(access.clone()))
         .nest("/api/v1", api::router(api, access));
     let served = axum::serve(
         listener,

@@ -1,7 +1,8 @@
 //! The cluster's gRPC boundary. Here: Raft over gRPC (the openraft network client, one
 //! lazily connected tonic channel per peer, and the tonic service that hands incoming
 //! RPCs to the local Raft) and the Admin service (follower writes passed to the
-//! leader, membership changes); in [`forward`], the forward stream's client and
+//! leader, membership changes, a node's live figures for another node's admin API);
+//! in [`forward`], the forward stream's client and
 //! service.
 //!
 //! This module and `cluster-proto` are the only places that see the generated
@@ -35,6 +36,7 @@ use tonic::{Request, Response, Status};
 use super::command::NodeId;
 use super::membership::{self, MembershipChange};
 use super::raft::{Raft, TypeConfig};
+use super::stats::{NodeStats, StatsSlot};
 
 fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, bincode::Error> {
     Ok(RaftPayload {
@@ -256,15 +258,17 @@ impl RaftRpc for RaftService {
     }
 }
 
-/// The gRPC service through which followers have the leader apply their batches.
+/// The gRPC service through which followers have the leader apply their batches,
+/// members change the membership and other nodes read this one's figures.
 pub struct AdminService {
     raft: Raft,
+    stats: StatsSlot,
 }
 
 impl AdminService {
-    /// A tonic server for `raft`.
-    pub fn server(raft: Raft) -> AdminServer<AdminService> {
-        AdminServer::new(AdminService { raft }).max_decoding_message_size(64 * 1024 * 1024)
+    /// A tonic server for `raft`, answering figures from `stats` once it is set.
+    pub fn server(raft: Raft, stats: StatsSlot) -> AdminServer<AdminService> {
+        AdminServer::new(AdminService { raft, stats }).max_decoding_message_size(64 * 1024 * 1024)
     }
 }
 
@@ -301,6 +305,32 @@ impl AdminRpc for AdminService {
         let outcome: Result<String, String> = membership::change(&self.raft, change).await;
         reply(&outcome)
     }
+
+    async fn node_stats(
+        &self,
+        _request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        match self.stats.get() {
+            Some(source) => reply(&source.node_stats()),
+            None => Err(Status::unavailable("the node is starting")),
+        }
+    }
+}
+
+/// Read the figures of the node at `addr`.
+pub async fn node_stats(addr: &str, timeout: Duration) -> Result<NodeStats, String> {
+    let endpoint = super::tls::endpoint(addr)?.connect_timeout(timeout);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+    let mut request = Request::new(RaftPayload::default());
+    request.set_timeout(timeout);
+    let reply = AdminClient::new(channel)
+        .node_stats(request)
+        .await
+        .map_err(|s| format!("{addr}: {}", s.message()))?;
+    decode(reply.get_ref()).map_err(|e| e.to_string())
 }
 
 /// Ask the node at `addr` to apply a membership change (it passes it to the leader).
