@@ -343,6 +343,11 @@ pub struct MqttConfig {
     pub shared_subscription_available: bool,
     /// round_robin, random, sticky, hash_client_id, hash_topic or local_first.
     pub shared_subscription_strategy: SharedStrategyConfig,
+    /// How long a persistent member of a shared group may be offline before the
+    /// messages queued for it as the group's member go to connected members of the
+    /// group ("0s": they wait for it until its session expires).
+    #[serde(with = "dur")]
+    pub shared_redistribute_after: Duration,
     /// The longest session expiry granted; empty for no cap.
     #[serde(with = "opt_dur")]
     pub max_session_expiry: Option<Duration>,
@@ -486,6 +491,7 @@ impl Default for MqttConfig {
             subscription_identifier_available: true,
             shared_subscription_available: true,
             shared_subscription_strategy: SharedStrategyConfig::RoundRobin,
+            shared_redistribute_after: Duration::from_secs(60),
             max_session_expiry: None,
             allow_anonymous: Anonymous::Auto,
             password_file: None,
@@ -1250,6 +1256,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("mqtt.subscription_identifier_available", "Whether subscription identifiers are supported."),
         ("mqtt.shared_subscription_available", "Whether shared subscriptions are supported."),
         ("mqtt.shared_subscription_strategy", "round_robin, random, sticky, hash_client_id, hash_topic or local_first."),
+        ("mqtt.shared_redistribute_after", "How long a persistent member of a shared group may be offline before the messages queued for it as the group's member go to connected members of the group (\"0s\": they wait for it until its session expires)."),
         ("mqtt.max_session_expiry", "The longest session expiry granted; empty for no cap."),
         ("mqtt.allow_anonymous", "Whether clients may connect without credentials: true, false, \"auto\" (as Mosquitto 2 does: allowed while every MQTT listener is on a loopback address, refused once one binds beyond it), or the listeners that allow it, e.g. [\"tcp\", \"ws\"] (FLOCKMQ_MQTT__ALLOW_ANONYMOUS=tcp,ws)."),
         ("mqtt.password_file", "A Mosquitto-format password file (username:$7$... lines, as written by `broker-node passwd` or mosquitto_passwd); empty for none. Reloaded on SIGHUP."),

@@ -610,3 +610,60 @@ fn a_qos2_identifier_refused_with_0x97_can_be_used_again_at_once() {
         vec![("q/1".to_owned(), "again".to_owned())]
     );
 }
+
+#[test]
+fn messages_queued_for_an_offline_shared_member_go_to_a_connected_one_after_shared_redistribute_after(
+) {
+    // Worker a is a persistent member of the group and offline; worker b is connected.
+    // Round robin queues about half of the jobs for a; once a has been away for
+    // `shared_redistribute_after`, b gets them too, and a's queue is empty.
+    let node = Node::start_with_config(
+        "[mqtt]\nshared_redistribute_after = \"4s\"\nshared_subscription_strategy = \"round_robin\"\n",
+    );
+    let (mut a, _) = connect_v5(&node, "worker-a", true, Some(600), None);
+    assert_eq!(
+        subscribe(&mut a, "$share/w/jobs/#", QoS::AtLeastOnce),
+        vec![ReasonCode::GrantedQoS1]
+    );
+    a.send(&Packet::Disconnect(Disconnect {
+        reason_code: ReasonCode::Success,
+        properties: Default::default(),
+    }));
+    assert!(a.is_closed(T));
+    let (mut b, _) = connect_v5(&node, "worker-b", true, Some(600), None);
+    assert_eq!(
+        subscribe(&mut b, "$share/w/jobs/#", QoS::AtLeastOnce),
+        vec![ReasonCode::GrantedQoS1]
+    );
+    let (mut p, _) = RawClient::connect(node.mqtt_addr(), V5, "dispatcher", true, 60);
+    for i in 1..=10u16 {
+        publish_acked(
+            &mut p,
+            publish(
+                &format!("jobs/{i}"),
+                &i.to_string(),
+                QoS::AtLeastOnce,
+                false,
+                i,
+            ),
+        );
+    }
+    let queued_for_a = |node: &Node| {
+        node.api("GET", "/sessions/worker-a", None)
+            .expect("session")["mqueue_len"]
+            .as_u64()
+            .expect("mqueue_len")
+    };
+    assert!(
+        queued_for_a(&node) > 0,
+        "round robin queued some for worker a"
+    );
+    let mut got: Vec<String> = receive_acked(&mut b, 10, Duration::from_secs(30))
+        .into_iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    got.sort_by_key(|n| n.parse::<u32>().unwrap_or(0));
+    let all: Vec<String> = (1..=10).map(|i: u32| i.to_string()).collect();
+    assert_eq!(got, all, "worker b did every job");
+    assert_eq!(queued_for_a(&node), 0);
+}

@@ -65,7 +65,7 @@ impl Broker {
                         });
                     }
                 }
-                Event::SharedWill {
+                Event::SharedDelivery {
                     client_id,
                     node,
                     message,
@@ -167,7 +167,8 @@ impl Broker {
     }
 
     /// Propose an expiry sweep every `interval` (wills with a delay, session expiry,
-    /// message expiry), while this node leads.
+    /// message expiry), and the redistribution of offline shared-group members'
+    /// queues, while this node leads.
     pub async fn run_expiry(self: Arc<Self>, interval: Duration) {
         let mut ticks = self.ticks(interval);
         while ticks.next().await {
@@ -175,16 +176,23 @@ impl Broker {
                 continue;
             }
             let now_ms = unix_ms();
-            if !self.read_state(|st| st.expiry_due(now_ms)) {
-                continue;
+            if self.read_state(|st| st.expiry_due(now_ms)) {
+                let _ = self
+                    .proposer
+                    .propose(Command::Expire {
+                        node: self.node_id,
+                        now_ms,
+                    })
+                    .await;
             }
-            let _ = self
-                .proposer
-                .propose(Command::Expire {
-                    node: self.node_id,
-                    now_ms,
-                })
-                .await;
+            let after = self.config.mqtt.shared_redistribute_after;
+            let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+            if !after.is_zero() && self.read_state(|st| st.redistribution_due(after_ms, now_ms)) {
+                let _ = self
+                    .proposer
+                    .propose(Command::Redistribute { after_ms, now_ms })
+                    .await;
+            }
         }
     }
 

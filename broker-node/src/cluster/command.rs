@@ -324,6 +324,17 @@ pub enum Command {
     /// committed before it was proposed (a node catching up after a restart waits for
     /// one before it trusts what it reads).
     Barrier,
+    /// Messages queued for persistent shared-group members that have been offline for
+    /// `after_ms` or longer, as members of their groups, go to connected members of the
+    /// same groups (format 3). A QoS 2 message that may have been sent to the member
+    /// before it went away stays: its delivery must be completed to that member
+    /// [MQTT-4.8.2].
+    Redistribute {
+        /// How long a member must have been offline (the proposer's setting).
+        after_ms: u64,
+        /// Unix ms at the proposing node.
+        now_ms: u64,
+    },
 }
 
 /// The result of one command, in the order of the batch.
@@ -425,6 +436,7 @@ impl Request {
                 }
                 Command::CloseSession { now_ms, .. }
                 | Command::Expire { now_ms, .. }
+                | Command::Redistribute { now_ms, .. }
                 | Command::NodeLost { now_ms, .. } => shift(now_ms),
                 Command::Enqueue {
                     entries, retained, ..

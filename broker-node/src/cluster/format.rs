@@ -15,6 +15,11 @@
 //! carries the inbound QoS 2 record of its publish; a snapshot carries the table of
 //! proposers' applied sequences.
 //!
+//! Format 3 (entries only): format 2's layout, with [`Command::Redistribute`] added at
+//! the end of the command enum; an entry of format 2 is read as it is. A node of the
+//! previous release refuses an entry of format 3 by its version instead of failing on
+//! an unknown command.
+//!
 //! This module only encodes and decodes: no clock, no I/O.
 
 use std::fmt;
@@ -34,7 +39,7 @@ pub const MARKER: u64 = 0xF10C_0000_0000_0000;
 const MARKER_MASK: u64 = 0xFFFF_FFFF_FFFF_0000;
 
 /// The entry format this release writes, and the newest it reads.
-pub const ENTRY_FORMAT: u16 = 2;
+pub const ENTRY_FORMAT: u16 = 3;
 /// The snapshot format this release writes, and the newest it reads.
 pub const SNAPSHOT_FORMAT: u16 = 2;
 
@@ -117,14 +122,16 @@ impl<'de> Visitor<'de> for RequestVisitor {
                     sent_at_ms: 0,
                 })
             }
-            Some(2) => {
-                let body: RequestBody = seq
-                    .next_element()?
-                    .ok_or_else(|| de::Error::custom("entry of format 2 without a body"))?;
+            // Format 3 is format 2's layout with one more command
+            // ([`Command::Redistribute`]), which format 2 never holds.
+            Some(v @ (2 | 3)) => {
+                let body: RequestBody = seq.next_element()?.ok_or_else(|| {
+                    de::Error::custom(format!("entry of format {v} without a body"))
+                })?;
                 if body.origin.is_some() && body.seqs.len() != body.commands.len() {
-                    return Err(de::Error::custom(
-                        "entry of format 2 with a sequence number count unlike its commands'",
-                    ));
+                    return Err(de::Error::custom(format!(
+                        "entry of format {v} with a sequence number count unlike its commands'"
+                    )));
                 }
                 Ok(Request {
                     origin: body.origin,
@@ -330,19 +337,34 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_of_format_2_round_trips_with_its_origin() {
+    fn an_entry_of_format_3_round_trips_with_its_origin_and_format_2_reads_alike() {
+        let mut commands = sample();
+        commands.push(Command::Redistribute {
+            after_ms: 60_000,
+            now_ms: 1_700_000_000_000,
+        });
         let request = Request {
             origin: Some(Origin {
                 node: 3,
                 incarnation: 42,
             }),
-            commands: sample(),
-            seqs: vec![5, 6, 7],
+            seqs: vec![5, 6, 7, 8],
+            commands,
             sent_at_ms: 1_700_000_000_000,
         };
-        let bytes = bincode::serialize(&request).expect("encode");
-        assert_eq!(&bytes[..8], &marker(2).to_le_bytes());
+        let mut bytes = bincode::serialize(&request).expect("encode");
+        assert_eq!(&bytes[..8], &marker(3).to_le_bytes());
         let back: Request = bincode::deserialize(&bytes).expect("decode");
+        assert_eq!(back, request);
+        // Format 2 is the same layout without the last command.
+        let request = Request {
+            commands: sample(),
+            seqs: vec![5, 6, 7],
+            ..request
+        };
+        bytes = bincode::serialize(&request).expect("encode");
+        bytes[..8].copy_from_slice(&marker(2).to_le_bytes());
+        let back: Request = bincode::deserialize(&bytes).expect("decode format 2");
         assert_eq!(back, request);
     }
 

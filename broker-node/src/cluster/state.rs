@@ -24,6 +24,7 @@ use super::command::{
 };
 use super::format;
 use super::sparse::Sparse;
+use crate::mqtt::topic::topic_matches;
 use crate::router::{RetainedIndex, SubscriptionTrie};
 
 /// Something the local node should react to, emitted while applying.
@@ -82,14 +83,15 @@ pub enum Event {
     /// covers emitted no events here, so the node reconciles its live connections
     /// with the state (closes the superseded, feeds the queues).
     Restored,
-    /// A due will goes to `client_id`, connected on `node` with a clean session, as
-    /// its shared group's member chosen by the state machine.
-    SharedWill {
+    /// A message (a due will, or one redistributed from an offline member's queue) goes
+    /// to `client_id`, connected on `node` and taking it live (a clean session, or QoS
+    /// 0), as its shared group's member chosen by the state machine.
+    SharedDelivery {
         /// The chosen member.
         client_id: Arc<str>,
-        /// The node it is connected to, which hands the will over.
+        /// The node it is connected to, which hands the message over.
         node: NodeId,
-        /// The will.
+        /// The message.
         message: Arc<Message>,
         /// Delivery QoS.
         qos: u8,
@@ -131,6 +133,13 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash = Fnv::new();
     let _ = std::io::Write::write_all(&mut hash, bytes);
     hash.0
+}
+
+/// One of `n` (> 0) chosen by `key`, the same on every node. From the hash's high bits:
+/// FNV-1a's low bits are poor (modulo 4, keys that differ in two equal digits all fall
+/// on one index).
+fn pick(key: &str, n: usize) -> usize {
+    ((u128::from(fnv1a(key.as_bytes())) * n as u128) >> 64) as usize
 }
 
 /// One session as the cluster knows it.
@@ -220,6 +229,16 @@ pub struct ProposerRecord {
     pub applied: u64,
     /// The results of the last batch, by sequence number.
     pub last: Vec<(u64, CommandResult)>,
+}
+
+/// One message a [`Command::Redistribute`] moves from an offline shared-group member's
+/// queue to another member.
+struct Move {
+    from: Arc<str>,
+    seq: u64,
+    to: Arc<str>,
+    group: Arc<str>,
+    options: SubscriptionOptions,
 }
 
 /// The serialized form of [`BrokerState`] in snapshots (format 2, after its marker),
@@ -492,6 +511,10 @@ impl BrokerState {
                 _ => CommandResult::NoSession,
             },
             Command::Barrier => CommandResult::Done,
+            Command::Redistribute { after_ms, now_ms } => {
+                self.redistribute(*after_ms, *now_ms);
+                CommandResult::Done
+            }
             Command::Expire { node, now_ms } => {
                 self.expire(*node, *now_ms);
                 CommandResult::Done
@@ -660,7 +683,7 @@ impl BrokerState {
     /// every persistent session that subscribed to its topic at QoS ≥ 1, under the
     /// queue limits of the last `Enqueue`; each shared group's member is chosen here
     /// too (a persistent one queues it, a connected clean one gets it from its node,
-    /// [`Event::SharedWill`]); and every node hands it to its own connected clean
+    /// [`Event::SharedDelivery`]); and every node hands it to its own connected clean
     /// sessions outside shared groups ([`Event::PublishWill`]).
     fn will_due(&mut self, mut message: Message, now_ms: u64, publisher: NodeId) {
         message.received_at_ms = now_ms;
@@ -705,26 +728,23 @@ impl BrokerState {
         // node makes the same choice and none has to live on for it: among the members
         // that can take it (persistent, or connected), the one a hash of the group and
         // the topic names.
-        let mut picks: Vec<(Arc<str>, Arc<str>, SubscriptionOptions)> = Vec::new();
-        let sessions = &self.sessions;
+        let mut groups: Vec<String> = Vec::new();
         self.routes
-            .for_each_shared_match(&message.topic, |group, members| {
-                let able: Vec<&(Arc<str>, SubscriptionOptions)> = members
-                    .iter()
-                    .filter(|(c, _)| {
-                        sessions
-                            .get(c)
-                            .is_some_and(|s| s.connected || s.is_persistent())
-                    })
-                    .collect();
-                if able.is_empty() {
-                    return;
-                }
-                let key = format!("{group}\u{0}{}", message.topic);
-                let index = (fnv1a(key.as_bytes()) % able.len() as u64) as usize;
-                let (client, options) = able[index];
-                picks.push((Arc::from(group), client.clone(), options.clone()));
+            .for_each_shared_match(&message.topic, |group, _| groups.push(group.to_owned()));
+        groups.sort();
+        groups.dedup();
+        let mut picks: Vec<(Arc<str>, Arc<str>, SubscriptionOptions)> = Vec::new();
+        for group in groups {
+            let able = self.shared_members(&message.topic, &group, |_, s| {
+                s.connected || s.is_persistent()
             });
+            if able.is_empty() {
+                continue;
+            }
+            let key = format!("{group}\u{0}{}", message.topic);
+            let (client, options) = &able[pick(&key, able.len())];
+            picks.push((Arc::from(group), client.clone(), options.clone()));
+        }
         let mut shared_live = Vec::new();
         for (group, client, options) in picks {
             let Some(session) = self.sessions.get(&client) else {
@@ -741,7 +761,7 @@ impl BrokerState {
                     subscription_ids,
                 });
             } else if session.connected {
-                shared_live.push(Event::SharedWill {
+                shared_live.push(Event::SharedDelivery {
                     node: session.node,
                     client_id: client,
                     message: message.clone(),
@@ -915,18 +935,19 @@ impl BrokerState {
     }
 
     fn remove_queued(session: &mut SessionRecord, seq: u64) -> bool {
+        Self::take_queued(session, seq).is_some()
+    }
+
+    /// Take the message at queue position `seq` out of `session`'s queue.
+    fn take_queued(session: &mut SessionRecord, seq: u64) -> Option<QueuedMessage> {
         let index = if session.queue.front().is_some_and(|m| m.seq == seq) {
             Some(0)
         } else {
             session.queue.binary_search_by_key(&seq, |m| m.seq).ok()
         };
-        match index.and_then(|i| session.queue.if_any()?.remove(i)) {
-            Some(m) => {
-                session.queued_bytes -= m.message.weight();
-                true
-            }
-            None => false,
-        }
+        let taken = index.and_then(|i| session.queue.if_any()?.remove(i))?;
+        session.queued_bytes -= taken.message.weight();
+        Some(taken)
     }
 
     fn expire(&mut self, node: NodeId, now_ms: u64) {
@@ -975,6 +996,148 @@ impl BrokerState {
         self.retained.retain(|_, m| !m.is_expired(now_ms));
         for message in wills {
             self.will_due(message, now_ms, node);
+        }
+    }
+
+    /// The members of `group` that match `topic` and can take a message now or keep
+    /// it (`able`), in client-id order (the trie's own order depends on the order
+    /// subscriptions were made in, which a node restored from a snapshot does not
+    /// share), each once.
+    fn shared_members(
+        &self,
+        topic: &str,
+        group: &str,
+        able: impl Fn(&Arc<str>, &SessionRecord) -> bool,
+    ) -> Vec<(Arc<str>, SubscriptionOptions)> {
+        let mut found: Vec<(Arc<str>, SubscriptionOptions)> = Vec::new();
+        self.routes.for_each_shared_match(topic, |g, members| {
+            if g != group {
+                return;
+            }
+            for (client, options) in members {
+                if self.sessions.get(client).is_some_and(|s| able(client, s)) {
+                    found.push((client.clone(), options.clone()));
+                }
+            }
+        });
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found.dedup_by(|a, b| a.0 == b.0);
+        found
+    }
+
+    /// The moves a [`Command::Redistribute`] at `now_ms` makes: for each persistent
+    /// session offline for `after_ms` or longer, each queued message it holds only as
+    /// a member of a shared group (no other subscription of its matches the topic)
+    /// goes to a connected member of that group, the one a hash of the group, topic
+    /// and queue position names. A QoS 2 message that arrived before the member went
+    /// away may have been sent to it, and stays [MQTT-4.8.2]; so does a message whose
+    /// PUBREC arrived.
+    fn redistribution_plan(&self, after_ms: u64, now_ms: u64) -> Vec<Move> {
+        let mut moves = Vec::new();
+        for (client, session) in &self.sessions {
+            if session.connected || !session.is_persistent() || session.queue.is_empty() {
+                continue;
+            }
+            let Some(since) = session.disconnected_at_ms else {
+                continue;
+            };
+            if since.saturating_add(after_ms) > now_ms {
+                continue;
+            }
+            let mut shared: Vec<(&str, &str)> = Vec::new();
+            let mut direct: Vec<&str> = Vec::new();
+            for filter in session.subscriptions.keys() {
+                // A group is named by its whole `$share/{name}/{filter}`, as the route
+                // table keys it.
+                match crate::mqtt::topic::parse_shared(filter) {
+                    Some((_, f)) => shared.push((filter, f)),
+                    None => direct.push(filter),
+                }
+            }
+            if shared.is_empty() {
+                continue;
+            }
+            for q in session.queue.iter() {
+                let topic = &*q.message.topic;
+                if session.awaiting_pubcomp.contains(&q.seq)
+                    || (q.qos == 2 && q.message.received_at_ms <= since)
+                    || direct.iter().any(|f| topic_matches(f, topic))
+                {
+                    continue;
+                }
+                let Some((group, _)) = shared.iter().find(|(_, f)| topic_matches(f, topic)) else {
+                    continue;
+                };
+                let able = self.shared_members(topic, group, |c, s| c != client && s.connected);
+                if able.is_empty() {
+                    continue;
+                }
+                let key = format!("{group}\u{0}{topic}\u{0}{}", q.seq);
+                let (to, options) = &able[pick(&key, able.len())];
+                moves.push(Move {
+                    from: client.clone(),
+                    seq: q.seq,
+                    to: to.clone(),
+                    group: Arc::from(*group),
+                    options: options.clone(),
+                });
+            }
+        }
+        moves
+    }
+
+    /// Whether a [`Command::Redistribute`] at `now_ms` would move anything (the leader
+    /// proposes one only then).
+    pub fn redistribution_due(&self, after_ms: u64, now_ms: u64) -> bool {
+        !self.redistribution_plan(after_ms, now_ms).is_empty()
+    }
+
+    fn redistribute(&mut self, after_ms: u64, now_ms: u64) {
+        let moves = self.redistribution_plan(after_ms, now_ms);
+        let mut entries = Vec::new();
+        let mut live = Vec::new();
+        for m in moves {
+            let Some(q) = self
+                .sessions
+                .get_mut(&m.from)
+                .and_then(|s| Self::take_queued(s, m.seq))
+            else {
+                continue;
+            };
+            if let Some(s) = self.sessions.get_mut(&m.from) {
+                s.queue.tidy();
+            }
+            let Some(target) = self.sessions.get(&m.to) else {
+                continue;
+            };
+            let (qos, retain) = m.options.grant(&q.message);
+            let subscription_ids: Vec<u32> = m.options.subscription_id.into_iter().collect();
+            if target.is_persistent() && qos > 0 {
+                entries.push(EnqueueEntry {
+                    client_id: m.to,
+                    message: q.message,
+                    qos,
+                    retain,
+                    subscription_ids,
+                });
+            } else {
+                live.push(Event::SharedDelivery {
+                    node: target.node,
+                    client_id: m.to,
+                    message: q.message,
+                    qos,
+                    retain,
+                    subscription_ids,
+                    group: m.group,
+                });
+            }
+        }
+        for event in live {
+            self.emit(event);
+        }
+        if !entries.is_empty() {
+            let limits = self.queue_limits;
+            self.enqueue(&entries, &limits);
         }
     }
 
