@@ -520,7 +520,8 @@ pub fn converged(nodes: &[&Node]) -> String {
                 )
             })
             .collect::<Vec<_>>();
-        if last.windows(2).all(|w| w[0] == w[1]) && last[0].0.is_some() {
+        // (A node whose state changed under every attempt answers no digest.)
+        if last.windows(2).all(|w| w[0] == w[1]) && last[0].0.is_some() && last[0].1.is_some() {
             return last[0].1.clone().unwrap_or_default();
         }
         std::thread::sleep(Duration::from_millis(20));

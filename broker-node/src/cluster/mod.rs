@@ -37,6 +37,11 @@ use self::raft::{Raft, TypeConfig};
 use self::state::{BrokerState, Event};
 use crate::config::Config;
 
+/// Records hashed per step of [`StateHandle::digest`].
+const DIGEST_STEP: usize = 1024;
+/// Walks [`StateHandle::digest`] starts before it gives up on a changing state.
+const DIGEST_ATTEMPTS: usize = 8;
+
 /// The broker's state as `storage` sees it: apply a batch, snapshot, restore.
 pub struct BrokerMachine {
     /// The state.
@@ -140,26 +145,42 @@ impl StateHandle {
         self.metrics.clone()
     }
 
-    /// The state's digest and the log index it reflects, read together. It streams
-    /// the whole state through a hash under the state's read lock (no copy is made):
-    /// call it off the async runtime (`spawn_blocking`). A digest of an index already
-    /// digested is answered from a cache.
-    pub fn digest(&self) -> (u64, u64) {
+    /// The state's digest and the log index it reflects, read together; `None` when
+    /// the state kept changing under every attempt. The whole state streams through a
+    /// hash (no copy is made) in steps of [`DIGEST_STEP`] records, each under the
+    /// state's read lock and released in between, so that applying entries never
+    /// waits for more than one step: call it off the async runtime
+    /// (`spawn_blocking`). A step that finds the applied index moved starts the walk
+    /// again. A digest of an index already digested is answered from a cache.
+    pub fn digest(&self) -> Option<(u64, u64)> {
         let cached = *self.digest_cache.lock().unwrap_or_else(|e| e.into_inner());
-        let result = self.machine.read_at(|m, applied| {
-            let index = applied.map(|l| l.index).unwrap_or(0);
-            match cached {
-                Some((at, digest)) if at == index => (index, digest),
-                _ => (index, m.state.digest()),
-            }
-        });
-        match result {
-            Ok(r) => {
+        for _ in 0..DIGEST_ATTEMPTS {
+            let mut walk = state::DigestWalk::default();
+            let mut at: Option<u64> = None;
+            let done = loop {
+                let step = self.machine.read_at(|m, applied| {
+                    let index = applied.map(|l| l.index).unwrap_or(0);
+                    if *at.get_or_insert(index) != index {
+                        return Err(());
+                    }
+                    match cached {
+                        Some((i, digest)) if i == index => Ok(Some(digest)),
+                        _ => Ok(m.state.digest_step(&mut walk, DIGEST_STEP)),
+                    }
+                });
+                match step {
+                    Ok(Ok(Some(digest))) => break at.map(|index| (index, digest)),
+                    Ok(Ok(None)) => continue,
+                    Ok(Err(())) => break None,
+                    Err(e) => panic!("replicated state unreadable: {e}"),
+                }
+            };
+            if let Some(r) = done {
                 *self.digest_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                r
+                return Some(r);
             }
-            Err(e) => panic!("replicated state unreadable: {e}"),
         }
+        None
     }
 
     /// How many committed log entries this node has not applied yet, when known.

@@ -349,7 +349,8 @@ async fn cluster_status(State(state): State<ApiState>) -> ApiResult {
     let api = api(&state)?;
     // Off the async runtime: the digest walks the whole state.
     let state_handle = api.broker.state.clone();
-    let (applied_index, digest) = tokio::task::spawn_blocking(move || state_handle.digest())
+    // `None` while the state changes faster than a walk completes.
+    let digested = tokio::task::spawn_blocking(move || state_handle.digest())
         .await
         .map_err(|e| {
             ApiError(
@@ -383,8 +384,8 @@ async fn cluster_status(State(state): State<ApiState>) -> ApiResult {
         "term": metrics.current_term,
         "last_log_index": metrics.last_log_index,
         "last_applied_index": metrics.last_applied.map(|l| l.index),
-        "digest_index": applied_index,
-        "digest": format!("{digest:016x}"),
+        "digest_index": digested.map(|(index, _)| index),
+        "digest": digested.map(|(_, digest)| format!("{digest:016x}")),
         "members": nodes,
         "sessions": api.broker.read_state(|s| s.sessions().count()),
         "connections_here": api.broker.local_client_count(),
