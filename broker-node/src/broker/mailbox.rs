@@ -338,8 +338,14 @@ mod tests {
         // Stalled: the next senders give up at once, however long they would wait.
         let started = std::time::Instant::now();
         assert_eq!(tx.send_timeout(5, long).await, Err(TrySendError::Full(5)));
-        assert_eq!(tx.clone().send_timeout(6, long).await, Err(TrySendError::Full(6)));
-        assert!(started.elapsed() < Duration::from_secs(5), "no wait while stalled");
+        assert_eq!(
+            tx.clone().send_timeout(6, long).await,
+            Err(TrySendError::Full(6))
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no wait while stalled"
+        );
         // Taking one makes room for one, and the stall goes on.
         assert_eq!(rx.try_recv(), Some(0));
         assert_eq!(tx.send_timeout(7, long).await, Ok(()));
