@@ -947,14 +947,16 @@ where
         let outcome = broker.dispatch(&message);
         // Slow subscribers: wait for room (backpressure on this publisher), except for
         // this very client, whose channel only this task drains.
+        let mut others = Vec::new();
         for b in outcome.blocked {
             if b.client_id == *s.m.client_id() {
                 let now = unix_ms();
                 s.m.deliver(*b.delivery, now, &mut self.node(s.m.version(), more));
             } else {
-                b.wait(&broker.stats).await;
+                others.push(b);
             }
         }
+        super::dispatch::Blocked::wait_all(others, &broker.stats).await;
         let forwarded = broker.forward(outcome.forward, message.qos != 0).await;
         let queued = outcome.enqueue.len();
         let replicated = if queued == 0 && inbound.is_none() && retained.is_none() {
