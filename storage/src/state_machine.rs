@@ -47,6 +47,13 @@ pub trait Machine<C: RaftTypeConfig>: Send + Sync + 'static {
     /// response openraft hands back to the proposer. No clock, no randomness, no I/O.
     fn apply(&mut self, log_id: &LogId<C::NodeId>, cmd: &C::D) -> C::R;
 
+    /// How long to hold back a batch holding `cmd` before applying it, without the
+    /// state's lock (so that readers meanwhile see the state without it): a fault hook
+    /// for tests, a follower applying late. None by default.
+    fn apply_delay(_cmd: &C::D) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Serializes the whole state; called while building a snapshot.
     fn snapshot(&self) -> Result<Vec<u8>, Self::Error>;
 
@@ -369,6 +376,17 @@ where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<C::Entry> = entries.into_iter().collect();
+        let delay = entries
+            .iter()
+            .filter_map(|e| match &e.payload {
+                EntryPayload::Normal(cmd) => M::apply_delay(cmd),
+                _ => None,
+            })
+            .max();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         let mut applied = self
             .shared
             .write()

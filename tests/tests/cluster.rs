@@ -800,3 +800,80 @@ fn a_node_whose_clock_is_ten_minutes_behind_expires_nothing_early() {
     let queued = flockmq_tests::mqtt::next_publish(&mut back, T).expect("the queued message");
     assert_eq!(queued.payload, "queued");
 }
+
+#[test]
+fn a_session_resumed_on_a_lagging_follower_knows_its_own_qos2_identifiers() {
+    // Node 3 applies every entry holding an Enqueue 1.5 s late (a test hook of debug
+    // builds). A persistent publisher's QoS 2 message is committed through node 1 and
+    // PUBRECed; the publisher loses its connection before PUBREL, resumes its session
+    // on node 3 at once and sends the PUBLISH again with DUP, as a client that never
+    // saw the PUBREC would. Node 3 answers CONNACK only once it has applied the entry
+    // that opened the session (and so the Enqueue before it), so it knows identifier 7
+    // is held: the message is not delivered again. A clean subscriber shows it: live
+    // deliveries do not pass the state machine's own deduplication.
+    let nodes = Node::cluster_with_node_env(3, &[], |id| {
+        if id == 3 {
+            vec![("TEST_FLOCKMQ_DELAY_ENQUEUE_APPLY_MS".into(), "1500".into())]
+        } else {
+            Vec::new()
+        }
+    });
+    let v5 = ProtocolVersion::V5;
+    let (mut watcher, _) = RawClient::connect(nodes[0].mqtt_addr(), v5, "watcher", true, 60);
+    watcher.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            "orders/#".into(),
+            SubscriptionOptions {
+                qos: QoS::ExactlyOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            },
+        )],
+        properties: SubscribeProperties::default(),
+    }));
+    assert!(matches!(watcher.recv(T), Some(Packet::SubAck(_))));
+    nodes[2].wait_subscribed("watcher", "orders/#");
+    let order = |dup: bool| {
+        Packet::Publish(Publish {
+            dup,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            topic: "orders/1".into(),
+            packet_id: Some(7),
+            properties: PublishProperties::default(),
+            payload: Bytes::from_static(b"one"),
+        })
+    };
+    // A v3.1.1 publisher with Clean Session 0: a persistent session.
+    let v3 = ProtocolVersion::V3_1_1;
+    let (mut till, _) = RawClient::connect(nodes[0].mqtt_addr(), v3, "till", false, 60);
+    till.send(&order(false));
+    assert!(
+        matches!(till.recv(T), Some(Packet::PubRec(r)) if r.packet_id == 7 && !r.reason_code.is_error())
+    );
+    drop(till);
+    let (mut till, ack) = RawClient::connect(nodes[2].mqtt_addr(), v3, "till", false, 60);
+    assert!(ack.session_present, "{ack:?}");
+    till.send(&order(true));
+    match till.recv(T) {
+        Some(Packet::PubRec(r)) if r.packet_id == 7 => {
+            till.send(&Packet::PubRel(broker_node::mqtt::PubRel::new(
+                7,
+                ReasonCode::Success,
+            )));
+        }
+        other => panic!("PUBREC expected, got {other:?}"),
+    }
+    assert!(matches!(till.recv(T), Some(Packet::PubComp(_))));
+    let first = flockmq_tests::mqtt::receive_acked(&mut watcher, 1, T);
+    assert_eq!(first[0].payload, Bytes::from_static(b"one"));
+    // Any second copy would have been forwarded by now: node 3 has acknowledged the
+    // resend, and node 1 answered the forward first.
+    let again = watcher.recv(Duration::from_secs(2));
+    assert!(
+        !matches!(again, Some(Packet::Publish(_))),
+        "delivered twice: {again:?}"
+    );
+}

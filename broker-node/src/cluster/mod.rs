@@ -75,6 +75,11 @@ impl storage::Machine<TypeConfig> for BrokerMachine {
         response
     }
 
+    #[cfg(debug_assertions)]
+    fn apply_delay(request: &Request) -> Option<Duration> {
+        test_hooks::apply_delay(request)
+    }
+
     fn recovering(&mut self, committed: Option<&LogId<NodeId>>) {
         self.replayed_up_to = committed.map_or(0, |c| c.index);
         if self.replayed_up_to > 0 {
@@ -91,6 +96,35 @@ impl storage::Machine<TypeConfig> for BrokerMachine {
 
     fn restore(&mut self, data: &[u8]) -> Result<(), Self::Error> {
         self.state.restore(data)
+    }
+}
+
+/// Fault hooks for tests, compiled into debug builds only (the tests run those) and
+/// idle unless their environment variable is set.
+#[cfg(debug_assertions)]
+mod test_hooks {
+    use std::sync::LazyLock;
+    use std::time::Duration;
+
+    use super::command::{Command, Request};
+
+    /// `TEST_FLOCKMQ_DELAY_ENQUEUE_APPLY_MS`: this node holds back every batch of
+    /// entries holding an `Enqueue` that long before applying it, its state readable
+    /// meanwhile (a follower lagging at the worst moment).
+    static DELAY_ENQUEUE: LazyLock<Option<Duration>> = LazyLock::new(|| {
+        std::env::var("TEST_FLOCKMQ_DELAY_ENQUEUE_APPLY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    });
+
+    pub(super) fn apply_delay(request: &Request) -> Option<Duration> {
+        let delay = (*DELAY_ENQUEUE)?;
+        request
+            .commands
+            .iter()
+            .any(|c| matches!(c, Command::Enqueue { .. }))
+            .then_some(delay)
     }
 }
 
