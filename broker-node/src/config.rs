@@ -426,6 +426,10 @@ pub struct ClusterConfig {
     /// empty checks that host.
     #[serde(with = "opt_string")]
     pub tls_server_name: Option<String>,
+    /// Whether the cluster address may be served beyond loopback without cluster
+    /// TLS; without it such a node refuses to start. Only on a network where every
+    /// process that can reach the port is trusted.
+    pub allow_insecure: bool,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -527,6 +531,7 @@ impl Default for ClusterConfig {
             tls_key_file: None,
             tls_ca_file: None,
             tls_server_name: None,
+            allow_insecure: false,
         }
     }
 }
@@ -705,6 +710,19 @@ impl Config {
             return Err(invalid(
                 "cluster.tls_cert_file",
                 "cluster TLS needs all of cluster.tls_cert_file, cluster.tls_key_file and cluster.tls_ca_file",
+            ));
+        }
+        if !self.cluster_addr.ip().is_loopback() && cluster_tls[0].is_none() && !c.allow_insecure {
+            return Err(invalid(
+                "cluster_addr",
+                format!(
+                    "{} is reachable beyond loopback and cluster TLS is off: any process that \
+                     reaches it could speak Raft to this node and write to the cluster; set \
+                     cluster.tls_cert_file, cluster.tls_key_file and cluster.tls_ca_file \
+                     (`broker-node cluster-certs` makes them), or cluster.allow_insecure = true \
+                     if every process that can reach it is trusted",
+                    self.cluster_addr
+                ),
             ));
         }
         if self.tls_identity_as_username != TlsIdentity::Off && self.tls_ca_file.is_none() {
@@ -1270,6 +1288,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("cluster.tls_key_file", "The private key (PEM) of cluster.tls_cert_file."),
         ("cluster.tls_ca_file", "The CA (PEM) every node's certificate must be signed by."),
         ("cluster.tls_server_name", "The name every node's certificate holds, checked instead of the host of the address a node is reached at (so that one certificate may serve every node); empty checks that host."),
+        ("cluster.allow_insecure", "Whether the cluster address may be served beyond loopback without cluster TLS; without it such a node refuses to start. Only on a network where every process that can reach the port is trusted."),
         ("cluster.node_lost_after", "How long the leader tolerates not reaching a node before it ends the sessions connected there, as if their connections broke (wills are published, persistent sessions start to expire and queue); 0s disables it."),
     ]
 }
@@ -1426,6 +1445,38 @@ mod tests {
             Config::load(None, env(&[("FLOCKMQ_NODE_ID", "x")]), &RunArgs::default()).unwrap_err();
         assert!(
             matches!(&e, ConfigError::Invalid { key, .. } if key == "node_id"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_cluster_address_beyond_loopback_needs_tls_or_allow_insecure() {
+        // `broker-node` with no arguments: a single node whose cluster port is loopback.
+        let default = Config::default();
+        assert!(default.cluster_addr.ip().is_loopback());
+        assert_eq!(default.validate(), Ok(()));
+        let open = |extra: &[(&str, &str)]| {
+            let mut vars = vec![("FLOCKMQ_CLUSTER_ADDR", "0.0.0.0:7000")];
+            vars.extend_from_slice(extra);
+            Config::load(None, env(&vars), &RunArgs::default())
+        };
+        let e = open(&[]).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, reason } if key == "cluster_addr"
+                && reason.contains("cluster.allow_insecure = true")
+                && reason.contains("cluster.tls_cert_file")),
+            "{e}"
+        );
+        assert!(open(&[("FLOCKMQ_CLUSTER__ALLOW_INSECURE", "true")]).is_ok());
+        let tls = [
+            ("FLOCKMQ_CLUSTER__TLS_CERT_FILE", "/etc/flockmq/node.pem"),
+            ("FLOCKMQ_CLUSTER__TLS_KEY_FILE", "/etc/flockmq/node.key"),
+            ("FLOCKMQ_CLUSTER__TLS_CA_FILE", "/etc/flockmq/ca.pem"),
+        ];
+        assert!(open(&tls).is_ok());
+        let e = Config::from_toml("cluster_addr = \"10.1.2.3:7000\"").unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, .. } if key == "cluster_addr"),
             "{e}"
         );
     }

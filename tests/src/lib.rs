@@ -205,6 +205,8 @@ impl Node {
                     .collect();
                 if let Some(token) = &api_token {
                     extra_env.push(("FLOCKMQ_API_TOKEN".into(), token.clone()));
+                    // Beyond loopback, but on the test's own private network.
+                    extra_env.push(("FLOCKMQ_CLUSTER__ALLOW_INSECURE".into(), "true".into()));
                 }
                 extra_env.extend(env_of(id));
                 Node {

@@ -6,6 +6,7 @@
 //! invariant: apply is deterministic (no clock, no randomness: both travel inside the
 //! commands), so every node applying the same log holds the same state.
 
+pub mod certs;
 pub mod command;
 pub mod format;
 pub mod forward;
