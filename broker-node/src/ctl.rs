@@ -49,6 +49,9 @@ pub enum CtlCommand {
     /// Retained messages.
     #[command(subcommand)]
     Retained(RetainedCmd),
+    /// This node's log filter.
+    #[command(subcommand)]
+    Log(LogCmd),
     /// Exit 0 when the node is ready (`GET /readyz` answers 200), else print why
     /// and exit 1: for container health checks.
     Health,
@@ -90,6 +93,17 @@ pub enum ClusterCmd {
     Remove {
         /// The node to remove.
         id: u64,
+    },
+}
+
+/// `ctl log ...`
+#[derive(Subcommand, Debug)]
+pub enum LogCmd {
+    /// Print the node's log filter, or set it (e.g. `debug`, or
+    /// `info,broker_node::cluster=debug`) without a restart.
+    Level {
+        /// The new filter; without it, the one in force is printed.
+        filter: Option<String>,
     },
 }
 
@@ -193,6 +207,16 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
             client.call("DELETE", &format!("/cluster/members/{id}"), None)?,
             &[],
         ),
+        CtlCommand::Log(LogCmd::Level { filter }) => {
+            let v = match filter {
+                Some(f) => client.call("PUT", "/log/level", Some(json!({ "level": f })))?,
+                None => client.call("GET", "/log/level", None)?,
+            };
+            if args.json {
+                return Ok(pretty(&v));
+            }
+            return Ok(format!("{}\n", cell(&v["level"])));
+        }
         CtlCommand::Clients(ClientsCmd::List { node }) => {
             let path = match node {
                 Some(n) => format!("/clients?limit=10000&node={n}"),

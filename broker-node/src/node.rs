@@ -120,6 +120,7 @@ pub async fn run(
             .clone()
             .run_state_gauges(raft.clone(), Duration::from_secs(1)),
     );
+    tracker.spawn(broker.clone().run_leader_watch(raft.clone()));
     if !config.mqtt.sys_interval.is_zero() {
         tracker.spawn(broker.clone().run_sys(config.mqtt.sys_interval));
     }

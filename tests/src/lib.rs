@@ -293,6 +293,14 @@ impl Node {
         self.child = Some(child);
     }
 
+    /// Publish a retained QoS 1 message with `mosquitto_pub`; panics if it fails.
+    pub fn publish_retained(&self, topic: &str, payload: &str) {
+        let port = self.mqtt_port.to_string();
+        let args = ["-p", &port, "-t", topic, "-m", payload, "-r", "-q", "1"];
+        let r = run("mosquitto_pub", &args, Duration::from_secs(10));
+        assert_eq!(r.code, Some(0), "{r:?}");
+    }
+
     /// Wait until the MQTT port accepts connections (it opens once a leader is known).
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -13,22 +13,7 @@ use flockmq_tests::{converged, run, running, wait_for, wait_until, Node, RawClie
 const T: Duration = Duration::from_secs(10);
 
 fn retain(node: &Node, topic: &str, payload: &str) {
-    let r = run(
-        "mosquitto_pub",
-        &[
-            "-p",
-            &node.mqtt_port.to_string(),
-            "-t",
-            topic,
-            "-m",
-            payload,
-            "-r",
-            "-q",
-            "1",
-        ],
-        T,
-    );
-    assert_eq!(r.code, Some(0), "{r:?}");
+    node.publish_retained(topic, payload);
 }
 
 fn read_retained(node: &Node, filter: &str, count: usize) -> Vec<String> {

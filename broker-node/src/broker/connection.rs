@@ -1506,7 +1506,7 @@ where
         } else {
             broker.proposer.propose(cmd).await
         };
-        let reason_codes = match result {
+        let reason_codes: Vec<ReasonCode> = match result {
             Ok(CommandResult::Unsubscribed(removed)) => removed
                 .into_iter()
                 .map(|r| {
@@ -1519,6 +1519,14 @@ where
                 .collect(),
             _ => vec![ReasonCode::UnspecifiedError; unsub.filters.len()],
         };
+        for code in &reason_codes {
+            let result = match code {
+                ReasonCode::Success => "removed",
+                ReasonCode::NoSubscriptionExisted => "not_found",
+                _ => "failed",
+            };
+            metrics::counter!("flockmq_unsubscribe_filters_total", "result" => result).increment(1);
+        }
         self.queue_packet(
             &Packet::UnsubAck(UnsubAck {
                 packet_id: unsub.packet_id,
@@ -1842,6 +1850,17 @@ fn subscribe_reason_codes(
     existed: Option<&[bool]>,
 ) -> Vec<ReasonCode> {
     let mut granted = entries.iter();
+    // Called once per SUBSCRIBE, with its final outcome: counted here, per filter.
+    for c in codes {
+        let result = match c {
+            None if existed.is_some() => "granted",
+            None => "failed",
+            Some(ReasonCode::NotAuthorized) => "denied",
+            Some(ReasonCode::QuotaExceeded) => "quota_exceeded",
+            Some(_) => "invalid",
+        };
+        metrics::counter!("flockmq_subscribe_filters_total", "result" => result).increment(1);
+    }
     codes
         .iter()
         .map(|c| match c {

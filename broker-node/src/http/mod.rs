@@ -5,6 +5,7 @@
 //! | `GET /metrics` | Prometheus text format of every `flockmq_` metric |
 //! | `GET /healthz` | 200 `ok` while the process serves requests (liveness) |
 //! | `GET /readyz` | 200 `ready`, or 503 with the reasons: MQTT listener not bound, storage not open, no Raft leader, this node not caught up with the committed log |
+//! | `/api/v1/...` | the admin API ([`api`]), this node's log filter at `/api/v1/log/level` included |
 //!
 //! Readiness is computed from real facts on every request; nothing here caches it.
 //! The metrics are recorded into [`crate::telemetry`]; this server only renders them.
