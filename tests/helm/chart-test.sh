@@ -14,6 +14,8 @@
 #    environment through the real configuration loader (`broker-node check-config`)
 #    and the init container's script making a real password file;
 #  - NOTES.txt, values the chart must refuse, and that every value in values.yaml is used;
+#  - the PrometheusRule's alerts with `promtool check rules` and `promtool test rules`
+#    (tests/helm/alerts-test.yaml), every alert with a test where it fires;
 #  - with a Docker engine and a FlockMQ image (flockmq:dev, else flockmq:e2e, or
 #    CHART_TEST_IMAGE): the rendered pods run as containers with their pod DNS names;
 #    the cluster forms, MQTT crosses pods, a scale-up pod joins, a removed one leaves,
@@ -122,7 +124,7 @@ FACTS[inline]="--replicas 3 --initial 3 --service-type NodePort --client-ports m
     $RELEASE-cluster-tls= --no-test-pod"
 VALUES[operator]="$HERE/values/operator.yaml"
 FACTS[operator]="--replicas 3 --initial 3 --client-ports mqtt mqtts --cluster-tls $RELEASE-cluster-tls
-  --monitoring PodMonitor --existing flockmq-auth --env TZ FLOCKMQ_API_TOKEN
+  --monitoring PodMonitor PrometheusRule --existing flockmq-auth --env TZ FLOCKMQ_API_TOKEN
   --secret-keys $RELEASE-cluster-tls= $RELEASE-tls="
 CASES=(default single scaled five inline operator)
 
@@ -283,6 +285,30 @@ refuses "a cluster port without TLS unless said to be trusted" "cluster.allowIns
   render default --set cluster.tls.enabled=false
 refuses "a cert-manager Certificate without an issuer" "issuerRef.name is empty" \
   render default --set cluster.tls.certManager.enabled=true
+
+echo "== the PrometheusRule's alerts (promtool)"
+# The rule groups of the operator render (release flockmq, namespace iot) as a rules
+# file, checked and unit-tested by promtool against tests/helm/alerts-test.yaml.
+alerts() {
+  command -v promtool >/dev/null || { echo "promtool missing: run scripts/install-test-deps.sh"; return 1; }
+  mkdir -p "$tmp/alerts"
+  python3 - "$tmp/operator.yaml" "$tmp/alerts/rules.yaml" <<'EOF'
+import sys, yaml
+rule = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PrometheusRule")
+yaml.safe_dump({"groups": rule["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)
+EOF
+  cp "$HERE/alerts-test.yaml" "$tmp/alerts/" &&
+    promtool check rules "$tmp/alerts/rules.yaml" && promtool test rules "$tmp/alerts/alerts-test.yaml"
+}
+check "every alert fires when it should and not before (promtool test rules)" alerts
+check "every alert has a promtool test where it fires" python3 - "$tmp/operator.yaml" "$HERE/alerts-test.yaml" <<'EOF'
+import sys, yaml
+rule = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PrometheusRule")
+alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+tested = {t["alertname"] for case in yaml.safe_load(open(sys.argv[2]))["tests"] for t in case["alert_rule_test"]
+          if t.get("exp_alerts")}
+sys.exit(f"alerts without a firing test: {sorted(alerts - tested)}" if alerts - tested else 0)
+EOF
 
 echo "== every value in values.yaml is used by a template"
 check "values.yaml has no unused keys" python3 - "$CHART" <<'EOF'
