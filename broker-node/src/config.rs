@@ -366,6 +366,12 @@ pub struct MqttConfig {
     /// to disk (true), or deliver to connected ones from memory (false: faster, a
     /// crash of their node loses messages in flight).
     pub durable_sessions: bool,
+    /// Every node's public MQTT address, ID=HOST:PORT comma separated (the same list
+    /// on every node): a v5 client that a node cut off from the majority cannot
+    /// serve gets 0x9C Use another server with the address of the node it last knew
+    /// leading (or another); empty: 0x88 Server unavailable. v3 clients get 3.
+    #[serde(with = "opt_string")]
+    pub server_references: Option<String>,
 }
 
 /// Logging.
@@ -496,6 +502,7 @@ impl Default for MqttConfig {
             acl_file: None,
             sys_interval: Duration::from_secs(10),
             durable_sessions: true,
+            server_references: None,
         }
     }
 }
@@ -762,6 +769,9 @@ impl Config {
         if m.max_queued_messages == 0 {
             return Err(invalid("mqtt.max_queued_messages", "must be at least 1"));
         }
+        if let Some(refs) = &m.server_references {
+            parse_members(refs).map_err(|e| invalid("mqtt.server_references", e))?;
+        }
         let c = &self.cluster;
         if c.election_timeout_min >= c.election_timeout_max {
             return Err(invalid(
@@ -807,6 +817,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The nodes' public MQTT addresses of `mqtt.server_references` (empty if unset).
+    pub fn server_references(&self) -> Vec<ClusterMember> {
+        self.mqtt
+            .server_references
+            .as_deref()
+            .and_then(|refs| parse_members(refs).ok())
+            .unwrap_or_default()
     }
 
     /// The address other nodes reach this node's cluster service at.
@@ -904,6 +923,7 @@ const KNOWN_OPTIONAL: &[&str] = &[
     "api_password_file",
     "mqtt.server_keep_alive",
     "mqtt.max_session_expiry",
+    "mqtt.server_references",
     "log.level",
     "cluster.tls_cert_file",
     "cluster.tls_key_file",
@@ -1274,6 +1294,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("mqtt.acl_file", "A Mosquitto-format ACL file (user / topic / pattern lines); empty lets every client publish and subscribe anywhere. Reloaded on SIGHUP."),
         ("mqtt.sys_interval", "How often $SYS topics are published; 0s disables them."),
         ("mqtt.durable_sessions", "Acknowledge QoS 1/2 publishes to persistent sessions only once they are committed to disk (true), or deliver to connected ones from memory (false: faster, a crash of their node loses messages in flight)."),
+        ("mqtt.server_references", "Every node's public MQTT address, ID=HOST:PORT comma separated (the same list on every node): a v5 client that a node cut off from the majority cannot serve gets 0x9C Use another server with the address of the node it last knew leading (or another); empty: 0x88 Server unavailable. v3 clients get 3."),
         ("log.format", "human or json."),
         ("log.level", "A tracing filter used when RUST_LOG is not set (e.g. \"info,broker_node=debug\"); empty means info."),
         ("cluster.heartbeat_interval", "How often the leader sends heartbeats."),
@@ -1441,6 +1462,22 @@ mod tests {
             matches!(&e, ConfigError::Invalid { key, .. } if key == "mqtt.max_qos"),
             "{e}"
         );
+        let e = Config::from_toml("[mqtt]\nserver_references = \"mqtt1:1883\"").unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, .. } if key == "mqtt.server_references"),
+            "{e}"
+        );
+        let refs = Config::load(
+            None,
+            env(&[(
+                "FLOCKMQ_MQTT__SERVER_REFERENCES",
+                "1=mqtt1:1883,2=10.0.0.2:1883",
+            )]),
+            &RunArgs::default(),
+        )
+        .expect("a list of ID=HOST:PORT");
+        assert_eq!(refs.server_references().len(), 2);
+        assert_eq!(refs.server_references()[1].addr, "10.0.0.2:1883");
         let e =
             Config::load(None, env(&[("FLOCKMQ_NODE_ID", "x")]), &RunArgs::default()).unwrap_err();
         assert!(

@@ -526,11 +526,22 @@ where
         version: ProtocolVersion,
         code: ReasonCode,
     ) -> Option<(Box<Session>, u64)> {
+        self.refuse_with(version, code, ConnAckProperties::default())
+            .await
+    }
+
+    /// [`Self::refuse`] with CONNACK properties (a v5 Server Reference).
+    async fn refuse_with(
+        &mut self,
+        version: ProtocolVersion,
+        code: ReasonCode,
+        properties: ConnAckProperties,
+    ) -> Option<(Box<Session>, u64)> {
         metrics::counter!("flockmq_connack_total", "reason" => reason_label(code)).increment(1);
         let connack = Packet::ConnAck(ConnAck {
             session_present: false,
             reason_code: code,
-            properties: ConnAckProperties::default(),
+            properties,
         });
         self.queue_packet(&connack, version);
         self.flush().await;
@@ -685,7 +696,25 @@ where
                 tracing::warn!(client_id = %client_id, error = %e, "cannot open session");
                 broker.unregister(&client_id, connection_id);
                 broker.remember_refused_open(connection_id);
-                return self.refuse(version, ReasonCode::ServerUnavailable).await;
+                // Cut off from the majority: a v5 client may be sent to a node that can
+                // serve it (DESIGN invariant 6 allows 0x9C as well as 0x88).
+                let reference = match e {
+                    crate::cluster::proposer::ProposeError::Unavailable(_) if v5 => {
+                        broker.server_reference()
+                    }
+                    _ => None,
+                };
+                return match reference {
+                    Some(addr) => {
+                        let properties = ConnAckProperties {
+                            server_reference: Some(addr),
+                            ..ConnAckProperties::default()
+                        };
+                        self.refuse_with(version, ReasonCode::UseAnotherServer, properties)
+                            .await
+                    }
+                    None => self.refuse(version, ReasonCode::ServerUnavailable).await,
+                };
             }
         };
 

@@ -320,7 +320,8 @@ impl Broker {
 
     /// Count the changes of leader this node sees (`flockmq_raft_leader_changes_total`):
     /// every change of the leader it knows, a leader lost included, as Raft's metrics
-    /// report them, until shutdown.
+    /// report them, until shutdown; and remember the last leader known
+    /// ([`Broker::server_reference`]).
     pub async fn run_leader_watch(self: Arc<Self>, raft: crate::cluster::raft::Raft) {
         let changes = metrics::counter!("flockmq_raft_leader_changes_total");
         let mut watch = raft.metrics();
@@ -331,6 +332,9 @@ impl Broker {
             if now != leader {
                 changes.increment(1);
                 leader = now;
+            }
+            if let Some(l) = now {
+                self.stats.last_leader.store(l, Ordering::Relaxed);
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
