@@ -417,6 +417,11 @@ pub struct ClusterConfig {
     /// zero disables it.
     #[serde(with = "dur")]
     pub node_lost_after: Duration,
+    /// How long the leader tolerates not reaching a node before it removes it from
+    /// the cluster (a scaled-down or lost node); a removed node that runs again asks
+    /// to be added back. Zero disables both (membership changes only by hand).
+    #[serde(with = "dur")]
+    pub autoclean_after: Duration,
     /// This node's certificate (PEM) for the cluster's gRPC, server and client side;
     /// with tls_key_file and tls_ca_file set, nodes speak mutually authenticated TLS.
     #[serde(with = "opt_string")]
@@ -534,6 +539,7 @@ impl Default for ClusterConfig {
             // Several failovers long: a node restarting (or a network blip) keeps its
             // clients' sessions; a node that stays away does not.
             node_lost_after: Duration::from_secs(15),
+            autoclean_after: Duration::ZERO,
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,
@@ -1309,6 +1315,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("cluster.tls_key_file", "The private key (PEM) of cluster.tls_cert_file."),
         ("cluster.tls_ca_file", "The CA (PEM) every node's certificate must be signed by."),
         ("cluster.tls_server_name", "The name every node's certificate holds, checked instead of the host of the address a node is reached at (so that one certificate may serve every node); empty checks that host."),
+        ("cluster.autoclean_after", "How long the leader tolerates not reaching a node before it removes it from the cluster (a scaled-down or lost node); a removed node that runs again asks to be added back. 0s disables both (membership changes only by hand)."),
         ("cluster.allow_insecure", "Whether the cluster address may be served beyond loopback without cluster TLS; without it such a node refuses to start. Only on a network where every process that can reach the port is trusted."),
         ("cluster.node_lost_after", "How long the leader tolerates not reaching a node before it ends the sessions connected there, as if their connections broke (wills are published, persistent sessions start to expire and queue); 0s disables it."),
     ]

@@ -114,6 +114,7 @@ pub async fn run(
         raft.clone(),
         contacts,
         config.cluster.node_lost_after,
+        config.cluster.autoclean_after,
     ));
     tracker.spawn(
         broker

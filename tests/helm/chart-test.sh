@@ -18,7 +18,8 @@
 #    (tests/helm/alerts-test.yaml), every alert with a test where it fires;
 #  - with a Docker engine and a FlockMQ image (flockmq:dev, else flockmq:e2e, or
 #    CHART_TEST_IMAGE): the rendered pods run as containers with their pod DNS names;
-#    the cluster forms, MQTT crosses pods, a scale-up pod joins, a removed one leaves,
+#    the cluster forms, MQTT crosses pods, a scale-up pod joins, a scaled-down one is
+#    removed by the leader (cluster.autocleanAfter) and rejoins when it returns,
 #    restarts keep the state. CHART_TEST_DOCKER=0 skips this stage.
 # It ends with one line: "chart-test: N passed, M failed" (exit 1 if M > 0).
 #
@@ -479,7 +480,10 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
     grep -q "leader" <<<"$out" || { echo "$out"; return 1; }
     echo "$out"
   }
-  removed() { docker exec "$net-$RELEASE-0" broker-node ctl cluster remove "$1" && docker rm -f "$net-$RELEASE-$(($1 - 1))" >/dev/null; }
+  # Scaling down stops the pod and keeps its claim; scaling up again starts it on it.
+  stopped() { local n; for n in "$@"; do docker stop "$net-$RELEASE-$n" >/dev/null || return 1; done; }
+  scaled_up() { start_pod scaled 3 && start_pod scaled 4; }
+  back() { docker start "$net-$RELEASE-$1" >/dev/null && ready "$1"; }
   restarted() { docker restart "$net-$RELEASE-$1" >/dev/null && ready "$1"; }
 
   # replaced ORDINAL: the pod comes back on an empty volume (a lost disk).
@@ -503,10 +507,15 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
   check "MQTT: an anonymous client is refused" anonymous_refused
   check "cluster port: a client without the cluster's certificate is refused" cluster_port_refuses
   check "helm test: pub/sub through the client Service, every replica a voter" helm_test
-  check "scale up: pod 3 of the 5-replica render starts" start_pod scaled 3
-  check "scale up: pod 3 joins through pod 0 and becomes ready" ready 3
-  check "scale up: nodes 1-4 are the voters" voters 0 "1 2 3 4"
-  check "scale down: ctl cluster remove 4, then pod 3 goes" removed 4
+  # helm upgrade --set replicaCount=5, then =3, then =4 and =3 again: no command typed.
+  check "scale up to 5: pods 3 and 4 of the 5-replica render start" scaled_up
+  check "scale up: pods 3 and 4 join through pod 0 and become ready" ready 3 4
+  check "scale up: nodes 1-5 are the voters" voters 0 "1 2 3 4 5"
+  check "scale down to 3: pods 3 and 4 stop, their volumes stay" stopped 3 4
+  check "scale down: the leader removes nodes 4 and 5 after cluster.autocleanAfter, no command typed" voters 1 "1 2 3"
+  check "scale up to 4 again: pod 3 starts on its old volume, asks to rejoin, is ready" back 3
+  check "scale up: nodes 1-4 are the voters again" voters 0 "1 2 3 4"
+  check "scale down to 3 again: pod 3 stops" stopped 3
   check "scale down: nodes 1-3 are the voters again" voters 1 "1 2 3"
   check "pod 1 restarted with its data is ready again" restarted 1
   check "a retained message published on pod 0" retained 0 publish

@@ -136,6 +136,10 @@ pub fn register() {
             "Nodes the leader declared lost, ending their clients' sessions.",
         ),
         (
+            "flockmq_nodes_removed_total",
+            "Nodes the leader removed from the cluster after cluster.autoclean_after without reaching them.",
+        ),
+        (
             "flockmq_raft_snapshots_total",
             "Raft snapshots built or installed, by kind.",
         ),
@@ -272,6 +276,7 @@ pub fn register() {
         "flockmq_bytes_sent_total",
         "flockmq_nodes_lost_total",
         "flockmq_raft_leader_changes_total",
+        "flockmq_nodes_removed_total",
     ] {
         metrics::counter!(name).increment(0);
     }

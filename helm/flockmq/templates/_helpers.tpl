@@ -196,7 +196,7 @@ random password that an upgrade keeps (read back from the existing Secret).
 
 {{/* Settings the chart owns: refused in .Values.config. */}}
 {{- define "flockmq.reservedKeys" -}}
-node_id data_dir mqtt_addr tls_addr ws_addr wss_addr http_addr cluster_addr advertise_addr initial_cluster join api_token tls_cert_file tls_key_file tls_ca_file tls_require_client_cert mqtt.allow_anonymous mqtt.password_file mqtt.acl_file cluster.tls_cert_file cluster.tls_key_file cluster.tls_ca_file cluster.tls_server_name cluster.allow_insecure
+node_id data_dir mqtt_addr tls_addr ws_addr wss_addr http_addr cluster_addr advertise_addr initial_cluster join api_token tls_cert_file tls_key_file tls_ca_file tls_require_client_cert mqtt.allow_anonymous mqtt.password_file mqtt.acl_file cluster.tls_cert_file cluster.tls_key_file cluster.tls_ca_file cluster.tls_server_name cluster.allow_insecure cluster.autoclean_after
 {{- end }}
 
 {{/* .Values.config as FLOCKMQ_ variables (section keys joined with a double underscore). */}}
