@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod check;
 pub mod clock;
 pub mod cluster;
 pub mod config;

@@ -32,6 +32,7 @@ use openraft::{
 };
 
 use crate::codec::{self, KEY_SNAPSHOT_DATA, KEY_SNAPSHOT_META};
+use crate::commit_clock::CommitClock;
 use crate::error::{Error, ResultExt};
 
 /// The broker's replicated state, as storage sees it: apply commands, serialize, restore.
@@ -156,6 +157,8 @@ fn persist_snapshot<C: RaftTypeConfig, M>(
 pub struct StateMachineStore<C: RaftTypeConfig, M> {
     /// Shared with snapshot builders and [`MachineHandle`]s.
     shared: Arc<Shared<C, M>>,
+    /// When the entries it applies were committed (the log store notes it).
+    clock: CommitClock,
 }
 
 /// Read access to the broker's machine, cheap to clone, shared with the state-machine store.
@@ -229,6 +232,7 @@ where
         snapshots: sled::Tree,
         mut machine: M,
         committed: Option<LogId<C::NodeId>>,
+        clock: CommitClock,
     ) -> Result<Self, StorageError<C::NodeId>> {
         let mut last_applied = None;
         let mut last_membership = StoredMembership::default();
@@ -256,6 +260,7 @@ where
                 persist_lock: Mutex::new(()),
                 db,
             }),
+            clock,
         })
     }
 
@@ -405,6 +410,12 @@ where
             };
             applied.last_applied = Some(entry.log_id);
             responses.push(response);
+        }
+        if let Some(last) = &applied.last_applied {
+            let lag = metrics::histogram!("flockmq_raft_commit_to_apply_seconds");
+            for waited in self.clock.applied(last.index) {
+                lag.record(waited.as_secs_f64());
+            }
         }
         Ok(responses)
     }

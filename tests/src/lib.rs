@@ -206,6 +206,8 @@ impl Node {
                     .collect();
                 if let Some(token) = &api_token {
                     extra_env.push(("FLOCKMQ_API_TOKEN".into(), token.clone()));
+                    // Beyond loopback, but on the test's own private network.
+                    extra_env.push(("FLOCKMQ_CLUSTER__ALLOW_INSECURE".into(), "true".into()));
                 }
                 extra_env.extend(env_of(id));
                 Node {
@@ -290,6 +292,14 @@ impl Node {
             .spawn()
             .expect("start broker-node");
         self.child = Some(child);
+    }
+
+    /// Publish a retained QoS 1 message with `mosquitto_pub`; panics if it fails.
+    pub fn publish_retained(&self, topic: &str, payload: &str) {
+        let port = self.mqtt_port.to_string();
+        let args = ["-p", &port, "-t", topic, "-m", payload, "-r", "-q", "1"];
+        let r = run("mosquitto_pub", &args, Duration::from_secs(10));
+        assert_eq!(r.code, Some(0), "{r:?}");
     }
 
     /// Wait until the MQTT port accepts connections (it opens once a leader is known).

@@ -6,6 +6,7 @@
 //! invariant: apply is deterministic (no clock, no randomness: both travel inside the
 //! commands), so every node applying the same log holds the same state.
 
+pub mod certs;
 pub mod command;
 pub mod format;
 pub mod forward;
@@ -386,8 +387,10 @@ impl Cluster {
             if let Some(seed) = &config.join {
                 tokio::spawn(membership::join_through(
                     seed.clone(),
-                    config.node_id,
-                    advertise.clone(),
+                    membership::Myself {
+                        id: config.node_id,
+                        addr: advertise.clone(),
+                    },
                     shutdown.clone(),
                 ));
             } else if start == membership::EmptyStart::Fresh
@@ -398,6 +401,26 @@ impl Cluster {
                     tracing::info!(error = %e, "cluster already initialized");
                 }
             }
+        }
+
+        // Membership that follows the deployment: a node the leader removed while it
+        // was away asks to be added back (the leader removes, `broker/liveness.rs`).
+        if !c.autoclean_after.is_zero() {
+            let seeds: Vec<String> = config
+                .join
+                .iter()
+                .cloned()
+                .chain(config.initial_cluster.iter().map(|m| m.addr.clone()))
+                .collect();
+            tokio::spawn(membership::stay_member(
+                raft.clone(),
+                seeds,
+                membership::Myself {
+                    id: config.node_id,
+                    addr: advertise.clone(),
+                },
+                shutdown.clone(),
+            ));
         }
 
         let mut metrics = raft.metrics();

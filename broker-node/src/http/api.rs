@@ -1,6 +1,7 @@
 //! The admin REST API under `/api/v1`: cluster status and membership, every node's
 //! live figures, clients, sessions, subscriptions and shared groups, retained
-//! messages and publishing. JSON throughout; lists are paged in EMQX's
+//! messages, publishing, and this node's log filter (`GET`/`PUT /log/level`, changed
+//! without a restart). JSON throughout; lists are paged in EMQX's
 //! `{"data": [...], "meta": {"page", "limit", "count"}}` shape.
 //!
 //! | route | answer |
@@ -224,8 +225,28 @@ pub fn router(slot: ApiSlot, access: ApiAccess) -> Router {
             get(retained_get).delete(retained_delete),
         )
         .route("/publish", post(publish))
+        .route("/log/level", get(log_level).put(set_log_level))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
+}
+
+/// `GET /log/level`: this node's log filter, `{"level": "info,openraft=warn"}`.
+async fn log_level() -> ApiResult {
+    let level = crate::logging::filter().map_err(unavailable)?;
+    Ok(Json(json!({ "level": level })).into_response())
+}
+
+/// `PUT /log/level` with `{"level": "debug"}` (any tracing filter): in force on this
+/// node at once, until the next change or restart.
+async fn set_log_level(Json(body): Json<Value>) -> ApiResult {
+    let Some(text) = body["level"].as_str() else {
+        return Err(bad_request("want {\"level\": \"<filter>\"}"));
+    };
+    let level = crate::logging::set_filter(text).map_err(|e| match e {
+        crate::logging::LogError::Invalid(..) => bad_request(e.to_string()),
+        crate::logging::LogError::NotInstalled => unavailable(e),
+    })?;
+    Ok(Json(json!({ "level": level })).into_response())
 }
 
 /// An API error: a status and a message, as `{"code", "message"}`.
