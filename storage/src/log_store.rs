@@ -278,7 +278,10 @@ where
             .apply_batch(batch)
             .sto(ErrorSubject::Logs, ErrorVerb::Write)?;
         tracing::trace!(last = ?last, "log entries written, flushing");
-        match self.logs.flush_async().await {
+        let started = std::time::Instant::now();
+        let flushed = self.logs.flush_async().await;
+        metrics::histogram!("flockmq_storage_sync_seconds").record(started.elapsed().as_secs_f64());
+        match flushed {
             Ok(_) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())

@@ -42,6 +42,9 @@ use tokio::net::TcpStream;
 /// Capacity of the channel through which the node hands deliveries to a connection.
 const CHANNEL_CAPACITY: usize = 1024;
 
+/// One delivery in this many has its publish-to-delivery latency measured.
+const LATENCY_SAMPLE: u32 = 16;
+
 type AckFuture = Pin<Box<dyn Future<Output = (Slot, Resolution)> + Send>>;
 
 /// What the machine waits for, in the order it asked. The queue exists only while
@@ -314,9 +317,18 @@ impl World for Node<'_> {
         self.actions.push(action);
     }
 
-    fn sent(&mut self, qos: u8) {
+    fn sent(&mut self, message: &Message, qos: u8) {
         Stats::add(&self.broker.stats.messages_sent, 1);
         telemetry::hot().messages_sent[usize::from(qos).min(2)].increment(1);
+        // Publish to delivery, for one delivery in LATENCY_SAMPLE (a clock read each
+        // would cost the hot path more than the figure is worth).
+        static SEEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        if SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % LATENCY_SAMPLE == 0
+            && message.received_at_ms > 0
+        {
+            let ms = unix_ms().saturating_sub(message.received_at_ms);
+            metrics::histogram!("flockmq_delivery_latency_seconds").record(ms as f64 / 1000.0);
+        }
     }
 
     fn dropped(&mut self, reason: &'static str) {

@@ -305,7 +305,24 @@ impl Broker {
                 metrics::gauge!("flockmq_raft_members", "role" => "voter").set(voters as f64);
                 metrics::gauge!("flockmq_raft_members", "role" => "learner")
                     .set(nodes.saturating_sub(voters) as f64);
+                // How far each follower is behind the leader's log (the leader only
+                // knows; elsewhere 0, so that a former leader's figures do not linger).
+                let last = m.last_log_index.unwrap_or(0);
+                let replication = m.replication.as_ref();
+                for id in membership
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .filter(|id| *id != m.id)
+                {
+                    let lag = replication.and_then(|r| r.get(&id)).map_or(0, |matched| {
+                        last.saturating_sub(matched.as_ref().map_or(0, |l| l.index))
+                    });
+                    metrics::gauge!("flockmq_raft_replication_lag_entries", "peer" => id.to_string())
+                        .set(lag as f64);
+                }
             }
+            metrics::gauge!("flockmq_storage_disk_bytes")
+                .set(dir_size(&self.config.data_dir) as f64);
             let sizes = if self.state.is_leader() {
                 let limits = (
                     self.config.mqtt.max_queued_messages,
@@ -475,4 +492,20 @@ impl StateSizes {
         }
         sizes
     }
+}
+
+/// The bytes of the files under `dir` (the node's data directory: the Raft log,
+/// snapshots and the parts of the state kept on disk); 0 where unreadable.
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }

@@ -70,8 +70,9 @@ pub trait World {
     fn send(&mut self, packet: &Packet);
     /// Run `action` (after the actions asked for before it).
     fn act(&mut self, action: Action);
-    /// A message went to the client at `qos` (counted).
-    fn sent(&mut self, qos: u8);
+    /// `message` went to the client at `qos` (counted, and its latency since it was
+    /// published measured).
+    fn sent(&mut self, message: &Message, qos: u8);
     /// A message meant for the client was dropped for `reason` (counted).
     fn dropped(&mut self, reason: &'static str);
     /// Whether the ACL lets the client publish to `topic`.
@@ -1463,7 +1464,7 @@ impl Machine {
             return false;
         }
         self.out_aliases.commit(&m.topic, alias);
-        world.sent(d.qos);
+        world.sent(m, d.qos);
         world.send(&packet);
         true
     }

@@ -259,6 +259,25 @@ pub fn register() {
     );
     describe_histogram!("flockmq_raft_batch_commands", "Commands per Raft entry.");
     describe_histogram!(
+        "flockmq_delivery_latency_seconds",
+        Unit::Seconds,
+        "From a message's publish (its node's clock) to its PUBLISH to a subscriber here, one delivery in 16."
+    );
+    describe_histogram!(
+        "flockmq_storage_sync_seconds",
+        Unit::Seconds,
+        "Time to fsync appended Raft log entries."
+    );
+    describe_gauge!(
+        "flockmq_storage_disk_bytes",
+        Unit::Bytes,
+        "Bytes of the files in this node's data directory."
+    );
+    describe_gauge!(
+        "flockmq_raft_replication_lag_entries",
+        "Log entries each follower is behind the leader, by peer (the leader reports; other nodes 0)."
+    );
+    describe_histogram!(
         "flockmq_raft_commit_to_apply_seconds",
         Unit::Seconds,
         "From this node learning that log entries are committed to their apply to its state machine."

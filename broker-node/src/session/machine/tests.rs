@@ -43,7 +43,7 @@ impl World for Recorder {
     fn act(&mut self, action: Action) {
         self.actions.push(action);
     }
-    fn sent(&mut self, _qos: u8) {}
+    fn sent(&mut self, _message: &Message, _qos: u8) {}
     fn dropped(&mut self, reason: &'static str) {
         self.dropped.push(reason);
     }
