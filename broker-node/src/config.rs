@@ -546,8 +546,8 @@ impl Default for ClusterConfig {
 /// The overrides given on the command line (each `None` when not given).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct RunArgs {
-    /// A TOML configuration file.
-    #[arg(long, value_name = "FILE")]
+    /// A TOML configuration file (or the variable FLOCKMQ_CONFIG).
+    #[arg(long, value_name = "FILE", env = "FLOCKMQ_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's id.
     #[arg(long)]

@@ -1,0 +1,439 @@
+//! Bridges (issue 24): a FlockMQ node bridged to a real Mosquitto and to another
+//! FlockMQ, real processes over loopback: messages both ways with prefixes rewritten,
+//! no loop with `both`, QoS 1 messages queued while the remote is down and across a
+//! restart of the bridging node, and the bridge moving with the leader of a cluster.
+
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use broker_node::mqtt::{
+    Packet, ProtocolVersion, PubAck, Publish, PublishProperties, QoS, ReasonCode,
+};
+use bytes::Bytes;
+use flockmq_tests::mqtt::{opts, publish, subscribe, subscribe_with};
+use flockmq_tests::{free_port, wait_for, wait_until, Node, RawClient};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A Mosquitto broker on a free loopback port, killed (by its own pid) when dropped.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        wait_until("mosquitto to listen", T, || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        });
+        Mosquitto {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `[[bridges]]` table named `name` towards `port` speaking `protocol`, with quick
+/// reconnections, and `topics` (TOML of its `[[bridges.topics]]`).
+fn bridge_toml(name: &str, port: u16, protocol: &str, topics: &str) -> String {
+    format!(
+        "[[bridges]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\nprotocol = \"{protocol}\"\n\
+         keep_alive = \"5s\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\n{topics}"
+    )
+}
+
+fn topic_toml(filter: &str, direction: &str, local_prefix: &str, remote_prefix: &str) -> String {
+    format!(
+        "[[bridges.topics]]\nfilter = \"{filter}\"\ndirection = \"{direction}\"\nqos = 1\n\
+         local_prefix = \"{local_prefix}\"\nremote_prefix = \"{remote_prefix}\"\n"
+    )
+}
+
+/// The bridge `name` as `node`'s admin API lists it.
+fn bridge(node: &Node, name: &str) -> Result<serde_json::Value, String> {
+    let v = node.api("GET", "/bridges", None)?;
+    v["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|b| b["name"] == name).cloned())
+        .ok_or_else(|| format!("no bridge {name} in {v}"))
+}
+
+fn wait_bridge(node: &Node, name: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    wait_for(what, T, || match bridge(node, name) {
+        Ok(b) if ok(&b) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+}
+
+/// Publish at QoS 1 and wait for the PUBACK.
+fn publish_acked(c: &mut RawClient, topic: &str, payload: &str, id: u16) {
+    c.send(&publish(topic, payload, QoS::AtLeastOnce, false, id));
+    wait_for(&format!("PUBACK of {topic}"), T, || match c.recv(T) {
+        Some(Packet::PubAck(a)) if a.packet_id == id => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+}
+
+/// Receive PUBLISHes (acknowledging QoS 1) until one on `last` arrives; all of them.
+fn receive_until(c: &mut RawClient, last: &str) -> Vec<Publish> {
+    let deadline = Instant::now() + T;
+    let mut got = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.recv(left) {
+            Some(Packet::Publish(p)) => {
+                if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
+                    c.send(&Packet::PubAck(PubAck::new(id, ReasonCode::Success)));
+                }
+                let done = p.topic == last;
+                got.push(p);
+                if done {
+                    return got;
+                }
+            }
+            Some(_) => {}
+            None => panic!(
+                "no message on {last}; got {:?}",
+                got.iter().map(|p| &p.topic).collect::<Vec<_>>()
+            ),
+        }
+    }
+}
+
+fn count(got: &[Publish], topic: &str, payload: &str) -> usize {
+    got.iter()
+        .filter(|p| p.topic == topic && p.payload == payload.as_bytes())
+        .count()
+}
+
+/// Publish `probe` on `publisher` until `subscriber` receives it: the bridge's
+/// subscriptions on the far side are in place.
+fn probe_until_received(
+    publisher: &mut RawClient,
+    subscriber: &mut RawClient,
+    sent: &str,
+    seen: &str,
+) {
+    wait_for(&format!("{sent} to arrive as {seen}"), T, || {
+        publisher.send(&publish(sent, "probe", QoS::AtMostOnce, false, 0));
+        match flockmq_tests::mqtt::next_publish(subscriber, Duration::from_millis(300)) {
+            Some(p) if p.topic == seen => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+}
+
+#[test]
+fn a_bridge_to_mosquitto_carries_messages_both_ways_with_prefixes_and_no_loop() {
+    let mosquitto = Mosquitto::start();
+    let topics = [
+        topic_toml("fleet/#", "out", "", "site-3/"),
+        topic_toml("cmd/#", "in", "", "cloud/site-3/"),
+        topic_toml("sync/#", "both", "", "site-3/"),
+    ]
+    .concat();
+    let edge = Node::start_with_config(&bridge_toml("mosq", mosquitto.port, "3.1.1", &topics));
+    wait_bridge(&edge, "mosq", "the bridge to connect", |b| {
+        b["connected"] == true
+    });
+    edge.wait_subscribed("$bridge/mosq", "sync/#");
+
+    let (mut local_sub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "local-sub", true, 60);
+    subscribe(&mut local_sub, "#", QoS::AtLeastOnce);
+    let (mut local_pub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "local-pub", true, 60);
+    let (mut remote_sub, _) = RawClient::connect(
+        mosquitto.addr(),
+        ProtocolVersion::V5,
+        "remote-sub",
+        true,
+        60,
+    );
+    subscribe(&mut remote_sub, "site-3/#", QoS::AtLeastOnce);
+    let (mut remote_pub, _) = RawClient::connect(
+        mosquitto.addr(),
+        ProtocolVersion::V5,
+        "remote-pub",
+        true,
+        60,
+    );
+    probe_until_received(
+        &mut remote_pub,
+        &mut local_sub,
+        "cloud/site-3/cmd/probe",
+        "cmd/probe",
+    );
+
+    // Out, and both ways from this side.
+    publish_acked(&mut local_pub, "fleet/truck/1", "f1", 1);
+    publish_acked(&mut local_pub, "sync/a", "s1", 2);
+    // In, and both ways from the remote side.
+    publish_acked(&mut remote_pub, "cloud/site-3/cmd/reboot", "c1", 1);
+    publish_acked(&mut remote_pub, "site-3/sync/b", "s2", 2);
+    // Sentinels behind them on each path: anything looping would arrive before.
+    publish_acked(&mut local_pub, "fleet/end", "end", 3);
+    publish_acked(&mut remote_pub, "cloud/site-3/cmd/end", "end", 3);
+
+    let remote_got = receive_until(&mut remote_sub, "site-3/fleet/end");
+    assert_eq!(
+        count(&remote_got, "site-3/fleet/truck/1", "f1"),
+        1,
+        "{remote_got:?}"
+    );
+    assert_eq!(
+        count(&remote_got, "site-3/sync/a", "s1"),
+        1,
+        "{remote_got:?}"
+    );
+    assert_eq!(
+        count(&remote_got, "site-3/sync/b", "s2"),
+        1,
+        "sent back out: {remote_got:?}"
+    );
+    let local_got = receive_until(&mut local_sub, "cmd/end");
+    assert_eq!(count(&local_got, "cmd/reboot", "c1"), 1, "{local_got:?}");
+    assert_eq!(count(&local_got, "sync/b", "s2"), 1, "{local_got:?}");
+    assert_eq!(
+        count(&local_got, "sync/a", "s1"),
+        1,
+        "echoed back in: {local_got:?}"
+    );
+    assert!(
+        local_got.iter().all(|p| !p.topic.starts_with("site-3/")),
+        "{local_got:?}"
+    );
+
+    let b = bridge(&edge, "mosq").expect("bridge listed");
+    assert!(b["messages_out"].as_u64() >= Some(3), "{b}");
+    assert!(b["messages_in"].as_u64() >= Some(3), "{b}");
+    let metrics = edge.metrics();
+    assert!(
+        metrics.contains("flockmq_bridge_connected{bridge=\"mosq\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_bridge_to_flockmq_v5_keeps_properties_and_queues_qos1_through_an_outage_and_a_restart() {
+    let mut cloud = Node::start();
+    let topics = [
+        topic_toml("fleet/#", "out", "", "site-3/"),
+        topic_toml("cmd/#", "both", "", "cloud/"),
+    ]
+    .concat();
+    let mut edge = Node::start_with_config(&bridge_toml("cloud", cloud.mqtt_port, "5", &topics));
+    wait_bridge(&edge, "cloud", "the bridge to connect", |b| {
+        b["connected"] == true
+    });
+    edge.wait_subscribed("$bridge/cloud", "fleet/#");
+    cloud.wait_subscribed("flockmq-bridge-cloud", "cloud/cmd/#");
+
+    // v5 properties and the retain flag cross over.
+    let (mut live, _) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V5,
+        "cloud-live",
+        true,
+        60,
+    );
+    let mut o = opts(QoS::AtLeastOnce);
+    o.retain_as_published = true;
+    subscribe_with(&mut live, "site-3/#", o, 1);
+    let (mut local_pub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "edge-pub", true, 60);
+    local_pub.send(&Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        topic: "fleet/status".into(),
+        packet_id: Some(1),
+        properties: PublishProperties {
+            content_type: Some("text/plain".into()),
+            user_properties: vec![("site".into(), "3".into())],
+            ..PublishProperties::default()
+        },
+        payload: Bytes::from_static(b"up"),
+    }));
+    let got = receive_until(&mut live, "site-3/fleet/status");
+    let p = got.last().expect("a message");
+    assert!(p.retain, "{p:?}");
+    assert_eq!(p.properties.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        p.properties.user_properties,
+        vec![("site".to_owned(), "3".to_owned())]
+    );
+    drop(live);
+
+    // A persistent subscriber on the cloud, away while the messages travel.
+    let (mut sub, _) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V3_1_1,
+        "cloud-sub",
+        false,
+        60,
+    );
+    subscribe(&mut sub, "site-3/fleet/+", QoS::AtLeastOnce);
+    drop(sub);
+    cloud.wait_connected("cloud-sub", false);
+
+    cloud.kill();
+    wait_bridge(&edge, "cloud", "the bridge to see the remote gone", |b| {
+        b["connected"] == false
+    });
+    for i in 0..20u16 {
+        publish_acked(
+            &mut local_pub,
+            &format!("fleet/m{i}"),
+            &format!("m{i}"),
+            10 + i,
+        );
+    }
+    wait_bridge(&edge, "cloud", "20 messages queued", |b| b["queued"] == 20);
+    drop(local_pub);
+    // The queue is in the replicated state: a kill -9 of the bridging node keeps it.
+    edge.restart();
+    wait_bridge(&edge, "cloud", "20 messages still queued", |b| {
+        b["queued"] == 20
+    });
+
+    cloud.restart();
+    wait_bridge(&edge, "cloud", "the queue to drain", |b| {
+        b["connected"] == true && b["queued"] == 0
+    });
+    let (mut sub, ack) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V3_1_1,
+        "cloud-sub",
+        false,
+        60,
+    );
+    assert!(ack.session_present);
+    let got = receive_until(&mut sub, "site-3/fleet/m19");
+    for i in 0..20 {
+        assert!(
+            count(&got, &format!("site-3/fleet/m{i}"), &format!("m{i}")) >= 1,
+            "m{i} lost: {:?}",
+            got.iter().map(|p| &p.topic).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn in_a_cluster_the_bridge_runs_on_the_leader_and_moves_when_it_is_killed() {
+    let cloud = Node::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        bridge_toml(
+            "cloud",
+            cloud.mqtt_port,
+            "5",
+            &topic_toml("fleet/#", "out", "", "site-3/"),
+        ),
+    )
+    .expect("write config");
+    let path = config.to_str().expect("utf-8 path");
+    let mut edge = Node::cluster_with_env(3, &[("FLOCKMQ_CONFIG", path)]);
+    let (mut sub, _) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V3_1_1,
+        "cloud-sub",
+        false,
+        60,
+    );
+    subscribe(&mut sub, "site-3/fleet/+", QoS::AtLeastOnce);
+
+    let runner = |nodes: &[Node]| -> Result<usize, String> {
+        let running: Vec<usize> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| {
+                bridge(n, "cloud").is_ok_and(|b| b["running"] == true && b["connected"] == true)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        match running.as_slice() {
+            [one] => Ok(*one),
+            other => Err(format!("running on {other:?}")),
+        }
+    };
+    let first = wait_for("the bridge to run on one node", T, || runner(&edge));
+    let leader = edge[first].status()["leader"].as_u64();
+    assert_eq!(
+        leader,
+        Some(first as u64 + 1),
+        "the bridge runs on the leader"
+    );
+
+    let other = (first + 1) % 3;
+    let (mut p, _) = RawClient::connect(
+        edge[other].mqtt_addr(),
+        ProtocolVersion::V5,
+        "edge-pub",
+        true,
+        60,
+    );
+    publish_acked(&mut p, "fleet/before", "b", 1);
+    receive_until(&mut sub, "site-3/fleet/before");
+
+    edge[first].kill();
+    let started = Instant::now();
+    let alive: Vec<usize> = (0..3).filter(|i| *i != first).collect();
+    wait_for("the bridge to move to a surviving node", T, || {
+        let up: Vec<usize> = alive
+            .iter()
+            .copied()
+            .filter(|i| {
+                bridge(&edge[*i], "cloud")
+                    .is_ok_and(|b| b["running"] == true && b["connected"] == true)
+            })
+            .collect();
+        match up.as_slice() {
+            [_] => Ok(()),
+            other => Err(format!("running on {other:?}")),
+        }
+    });
+    eprintln!("bridge moved in {:?}", started.elapsed());
+    let (mut p, _) = RawClient::connect(
+        edge[other].mqtt_addr(),
+        ProtocolVersion::V5,
+        "edge-pub",
+        true,
+        60,
+    );
+    publish_acked(&mut p, "fleet/after", "a", 1);
+    receive_until(&mut sub, "site-3/fleet/after");
+}
