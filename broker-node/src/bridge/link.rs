@@ -95,9 +95,9 @@ async fn pump(
                     RemoteEvent::Sent(0) => {}
                     RemoteEvent::Sent(remote_id) => {
                         // A publish sent again after a reconnection keeps its identifier.
-                        if !by_remote_id.contains_key(&remote_id) {
+                        if let std::collections::hash_map::Entry::Vacant(slot) = by_remote_id.entry(remote_id) {
                             if let Some(p) = unnumbered.pop_front() {
-                                by_remote_id.insert(remote_id, p);
+                                slot.insert(p);
                             }
                         }
                     }
@@ -112,7 +112,7 @@ async fn pump(
                         }
                     }
                     RemoteEvent::Message(m) => {
-                        incoming(m, maps, remote, local, &mut inbound, &mut echoes, v311, status).await?;
+                        incoming(*m, maps, remote, local, &mut inbound, &mut echoes, v311, status).await?;
                     }
                 }
             }
@@ -138,10 +138,8 @@ async fn pump(
                 Packet::PubRel(r) => {
                     local.send(Packet::PubComp(PubComp::new(r.packet_id, ReasonCode::Success))).await?;
                 }
-                Packet::SubAck(s) => {
-                    if s.reason_codes.iter().any(|c| c.is_error()) {
-                        tracing::warn!(bridge = %cfg.name, codes = ?s.reason_codes, "bridge: a local subscription was refused");
-                    }
+                Packet::SubAck(s) if s.reason_codes.iter().any(|c| c.is_error()) => {
+                    tracing::warn!(bridge = %cfg.name, codes = ?s.reason_codes, "bridge: a local subscription was refused");
                 }
                 Packet::Disconnect(d) => {
                     return Err(BridgeError::Local(format!("disconnected by the broker: {:?}", d.reason_code)));

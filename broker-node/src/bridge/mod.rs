@@ -230,7 +230,7 @@ async fn supervise(handler: Connections, status: Arc<BridgeStatus>, cancel: Canc
         }
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(backoff.next()) => {}
+            _ = tokio::time::sleep(backoff.next_wait()) => {}
         }
     }
     status.running.store(false, Ordering::Relaxed);

@@ -59,7 +59,7 @@ pub enum RemoteEvent {
     /// CONNACK accepted.
     Connected,
     /// A message arrived.
-    Message(Incoming),
+    Message(Box<Incoming>),
     /// A publish left with this packet identifier (again, after a reconnection).
     Sent(u16),
     /// The remote took the publish with this packet identifier (PUBACK for QoS 1,
@@ -268,7 +268,7 @@ impl Backoff {
     }
 
     /// The wait before the next attempt.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         let base = self
             .min
             .saturating_mul(1u32 << self.failures.min(20))
@@ -309,14 +309,14 @@ async fn run_v4(
                 backoff.reset();
                 RemoteEvent::Connected
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => RemoteEvent::Message(Incoming {
+            Ok(Event::Incoming(Packet::Publish(p))) => RemoteEvent::Message(Box::new(Incoming {
                 topic: p.topic.clone(),
                 qos: p.qos as u8,
                 retain: p.retain,
                 payload: p.payload.clone(),
                 properties: PublishProperties::default(),
                 ack: AckToken::V4(p),
-            }),
+            })),
             Ok(Event::Incoming(Packet::PubAck(a))) => RemoteEvent::Done(a.pkid),
             Ok(Event::Incoming(Packet::PubComp(a))) => RemoteEvent::Done(a.pkid),
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => RemoteEvent::Sent(pkid),
@@ -325,7 +325,7 @@ async fn run_v4(
                 if events.send(RemoteEvent::Lost(e.to_string())).is_err() {
                     return;
                 }
-                if !pause(backoff.next(), &cancel).await {
+                if !pause(backoff.next_wait(), &cancel).await {
                     return;
                 }
                 continue;
@@ -355,14 +355,14 @@ async fn run_v5(
                 backoff.reset();
                 RemoteEvent::Connected
             }
-            Ok(Event::Incoming(In::Publish(p))) => RemoteEvent::Message(Incoming {
+            Ok(Event::Incoming(In::Publish(p))) => RemoteEvent::Message(Box::new(Incoming {
                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
                 qos: p.qos as u8,
                 retain: p.retain,
                 payload: p.payload.clone(),
                 properties: from_v5(p.properties.clone()),
                 ack: AckToken::V5(p),
-            }),
+            })),
             Ok(Event::Incoming(In::PubAck(a))) => RemoteEvent::Done(a.pkid),
             Ok(Event::Incoming(In::PubComp(a))) => RemoteEvent::Done(a.pkid),
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => RemoteEvent::Sent(pkid),
@@ -371,7 +371,7 @@ async fn run_v5(
                 if events.send(RemoteEvent::Lost(e.to_string())).is_err() {
                     return;
                 }
-                if !pause(backoff.next(), &cancel).await {
+                if !pause(backoff.next_wait(), &cancel).await {
                     return;
                 }
                 continue;
@@ -391,7 +391,7 @@ mod tests {
     fn backoff_doubles_with_jitter_up_to_the_maximum_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         for base in [100u64, 200, 400, 800, 1000, 1000] {
-            let d = b.next();
+            let d = b.next_wait();
             assert!(
                 d >= Duration::from_millis(base / 2) && d <= Duration::from_millis(base),
                 "{d:?} outside [{}ms, {base}ms]",
@@ -399,6 +399,6 @@ mod tests {
             );
         }
         b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
+        assert!(b.next_wait() <= Duration::from_millis(100));
     }
 }

@@ -257,3 +257,87 @@ pub const EXAMPLE: &str = "
 # local_prefix = \"\"
 # remote_prefix = \"site-3/\"      # local fleet/x is published remotely as site-3/fleet/x
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::super::{default_config_toml, Config, ConfigError};
+    use super::*;
+
+    const BRIDGE: &str = r#"
+[[bridges]]
+name = "cloud"
+address = "mqtt.example.com:8883"
+protocol = "3.1.1"
+tls = true
+username = "edge"
+password = "secret"
+
+[[bridges.topics]]
+filter = "fleet/#"
+direction = "out"
+remote_prefix = "site-3/"
+
+[[bridges.topics]]
+filter = "cmd/#"
+direction = "in"
+qos = 2
+"#;
+
+    #[test]
+    fn a_bridge_table_reads_with_its_defaults() {
+        let c = Config::from_toml(BRIDGE).expect("valid");
+        let b = &c.bridges[0];
+        assert_eq!(b.protocol, BridgeProtocol::V311);
+        assert_eq!(b.remote_client_id(), "flockmq-bridge-cloud");
+        assert_eq!(b.local_client_id(), "$bridge/cloud");
+        assert_eq!(b.keep_alive, Duration::from_secs(60));
+        assert!(!b.clean_start);
+        assert_eq!(b.topics[0].qos, 1);
+        assert_eq!(b.topics[0].remote_prefix, "site-3/");
+        assert_eq!(b.topics[1].direction, Direction::In);
+        assert_eq!(b.topics[1].qos, 2);
+    }
+
+    #[test]
+    fn the_printed_defaults_hold_no_bridge_and_read_back() {
+        let c = Config::from_toml(&default_config_toml()).expect("defaults read back");
+        assert!(c.bridges.is_empty());
+    }
+
+    #[test]
+    fn bad_bridges_are_refused_naming_the_key() {
+        let cases = [
+            (
+                BRIDGE.replace("fleet/#", "fleet/#/x"),
+                "bridges.cloud.topics.filter",
+            ),
+            (
+                BRIDGE.replace("remote_prefix = \"site-3/\"", "remote_prefix = \"+/\""),
+                "bridges.cloud.topics",
+            ),
+            (
+                BRIDGE.replace("mqtt.example.com:8883", "nowhere"),
+                "bridges.cloud.address",
+            ),
+            (
+                BRIDGE.replace("qos = 2", "qos = 3"),
+                "bridges.cloud.topics.qos",
+            ),
+            (
+                BRIDGE.replace("name = \"cloud\"", "name = \"a b\""),
+                "bridges.name",
+            ),
+            (format!("{BRIDGE}{BRIDGE}"), "bridges.name"),
+        ];
+        for (text, key) in cases {
+            match Config::from_toml(&text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("expected an invalid {key}, got {other:?}"),
+            }
+        }
+        assert!(
+            Config::from_toml(&BRIDGE.replace("tls = true", "tls = true\nsni = \"x\"")).is_err(),
+            "unknown keys are refused"
+        );
+    }
+}
