@@ -13,6 +13,7 @@ pub mod config;
 pub mod ctl;
 pub mod http;
 pub mod logging;
+pub mod mosquitto_conf;
 pub mod mqtt;
 pub mod node;
 pub mod router;
