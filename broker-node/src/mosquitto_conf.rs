@@ -31,6 +31,7 @@ struct Bridge {
     client_id: Option<String>,
     username: Option<String>,
     password: Option<String>,
+    local_username: Option<String>,
     keep_alive: Option<String>,
     clean_start: Option<bool>,
     ca: Option<String>,
@@ -182,8 +183,12 @@ pub fn import(text: &str) -> Imported {
                     skip("FlockMQ bridges always carry the retain flag");
                     true
                 }
-                "local_clientid" | "local_username" | "local_password" => {
-                    skip("a FlockMQ bridge's local session is internal ($bridge/NAME) and needs no credentials");
+                "local_username" => {
+                    b.local_username = Some(rest.clone());
+                    true
+                }
+                "local_clientid" | "local_password" => {
+                    skip("a FlockMQ bridge's local session is internal ($bridge/NAME) and needs no password");
                     true
                 }
                 k if k.starts_with("bridge_")
@@ -319,6 +324,7 @@ pub fn import(text: &str) -> Imported {
             ("client_id", &b.client_id),
             ("username", &b.username),
             ("password", &b.password),
+            ("local_username", &b.local_username),
             ("keep_alive", &b.keep_alive),
             ("tls_ca_file", &b.ca),
             ("tls_cert_file", &b.cert),

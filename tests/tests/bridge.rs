@@ -437,3 +437,75 @@ fn in_a_cluster_the_bridge_runs_on_the_leader_and_moves_when_it_is_killed() {
     publish_acked(&mut p, "fleet/after", "a", 1);
     receive_until(&mut sub, "site-3/fleet/after");
 }
+
+#[test]
+fn a_bridge_over_tls_verifies_the_remote_by_name_and_presents_a_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    flockmq_tests::pki::make_pki(dir.path());
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let tls_port = free_port();
+    // The remote requires a client certificate and takes its name as the username.
+    let cloud = Node::start_with_config(&format!(
+        "tls_addr = \"127.0.0.1:{tls_port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+         tls_ca_file = \"{}\"\ntls_require_client_cert = true\ntls_identity_as_username = \"cn\"\n",
+        p("server.pem"),
+        p("server.key"),
+        p("ca.pem")
+    ));
+    let tls = format!(
+        "tls = true\ntls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+         tls_server_name = \"localhost\"\n",
+        p("ca.pem"),
+        p("client.pem"),
+        p("client.key")
+    );
+    // A second bridge expects another name on the remote's certificate.
+    let wrong = tls.replace("\"localhost\"", "\"elsewhere.example\"");
+    let edge = Node::start_with_config(&format!(
+        "{}{}",
+        bridge_toml(
+            "secure",
+            tls_port,
+            "5",
+            &format!("{tls}{}", topic_toml("fleet/#", "out", "", "site-3/")),
+        ),
+        bridge_toml(
+            "wrong",
+            tls_port,
+            "5",
+            &format!("{wrong}{}", topic_toml("other/#", "out", "", "")),
+        )
+    ));
+    wait_bridge(&edge, "secure", "the bridge to connect over TLS", |b| {
+        b["connected"] == true
+    });
+    cloud.wait_connected("flockmq-bridge-secure", true);
+    wait_bridge(
+        &edge,
+        "wrong",
+        "the other bridge to refuse the certificate",
+        |b| b["connected"] == false && b["reconnects"].as_u64() >= Some(1),
+    );
+    let refused = bridge(&edge, "wrong").expect("listed");
+    assert!(
+        refused["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("certificate")),
+        "{refused}"
+    );
+
+    let (mut sub, _) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V5,
+        "cloud-sub",
+        true,
+        60,
+    );
+    subscribe(&mut sub, "site-3/#", QoS::AtLeastOnce);
+    edge.wait_subscribed("$bridge/secure", "fleet/#");
+    let (mut publisher, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "edge-pub", true, 60);
+    publish_acked(&mut publisher, "fleet/x", "over tls", 1);
+    let got = receive_until(&mut sub, "site-3/fleet/x");
+    assert_eq!(count(&got, "site-3/fleet/x", "over tls"), 1);
+}

@@ -42,8 +42,13 @@ pub async fn run(
     let _stop_remote = cancel.clone().drop_guard();
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let remote = Remote::start(cfg, events_tx, cancel.clone())?;
-    let (mut local, session_present) =
-        Local::connect(handler, &cfg.local_client_id(), &maps.local_subscriptions()).await?;
+    let (mut local, session_present) = Local::connect(
+        handler,
+        &cfg.local_client_id(),
+        cfg.local_username.as_deref(),
+        &maps.local_subscriptions(),
+    )
+    .await?;
     tracing::info!(bridge = %cfg.name, session_present, "bridge: local session open");
 
     // A publish towards an unreachable remote waits for room in rumqttc's queue:

@@ -46,6 +46,7 @@ impl Local {
     pub async fn connect(
         handler: &Connections,
         client_id: &str,
+        username: Option<&str>,
         subscriptions: &[Needed],
     ) -> Result<(Local, bool), BridgeError> {
         let (client_end, server_end) = tokio::io::duplex(STREAM_BUFFER);
@@ -54,7 +55,7 @@ impl Local {
             server_end,
             peer,
             "bridge",
-            Vouched::Internal,
+            Vouched::Internal(username.map(Arc::from)),
             Admitted::new(Arc::new(AtomicUsize::new(0))),
         );
         tokio::spawn(serving);

@@ -88,6 +88,10 @@ pub struct BridgeConfig {
     /// The password on the remote broker; empty for none.
     #[serde(default, with = "opt_string")]
     pub password: Option<String>,
+    /// The username the ACL (mqtt.acl_file) sees the bridge's local session as; empty:
+    /// anonymous. No password is asked: the session is inside the node.
+    #[serde(default, with = "opt_string")]
+    pub local_username: Option<String>,
     /// The keep alive towards the remote broker.
     #[serde(default = "default_keep_alive", with = "dur")]
     pub keep_alive: Duration,
@@ -239,6 +243,7 @@ pub const EXAMPLE: &str = "
 # client_id = \"\"                 # empty: flockmq-bridge-NAME
 # username = \"\"
 # password = \"\"
+# local_username = \"\"           # whom the ACL sees the bridge's local session as
 # keep_alive = \"60s\"
 # clean_start = false            # false: the remote keeps the bridge's session
 # session_expiry = \"1h\"          # asked of a v5 remote

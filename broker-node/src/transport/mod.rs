@@ -80,8 +80,9 @@ pub enum Vouched {
     /// certificate with such a name. The certificate is the credential.
     CertificateUser(Option<Arc<str>>),
     /// A client inside this node (a bridge's local side, over an in-memory stream):
-    /// no credentials are asked; the ACL applies as to an anonymous client.
-    Internal,
+    /// no credentials are asked; the ACL applies to the username given (anonymous
+    /// without one).
+    Internal(Option<Arc<str>>),
 }
 
 /// What a listener hands each byte stream to once its transport is up.
