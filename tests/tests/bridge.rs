@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use broker_node::mqtt::{
-    Packet, ProtocolVersion, PubAck, Publish, PublishProperties, QoS, ReasonCode,
+    Packet, ProtocolVersion, PubAck, PubComp, PubRec, Publish, PublishProperties, QoS, ReasonCode,
 };
 use bytes::Bytes;
 use flockmq_tests::mqtt::{opts, publish, subscribe, subscribe_with};
@@ -113,8 +113,14 @@ fn receive_until(c: &mut RawClient, last: &str) -> Vec<Publish> {
         let left = deadline.saturating_duration_since(Instant::now());
         match c.recv(left) {
             Some(Packet::Publish(p)) => {
-                if let (QoS::AtLeastOnce, Some(id)) = (p.qos, p.packet_id) {
-                    c.send(&Packet::PubAck(PubAck::new(id, ReasonCode::Success)));
+                match (p.qos, p.packet_id) {
+                    (QoS::AtLeastOnce, Some(id)) => {
+                        c.send(&Packet::PubAck(PubAck::new(id, ReasonCode::Success)))
+                    }
+                    (QoS::ExactlyOnce, Some(id)) => {
+                        c.send(&Packet::PubRec(PubRec::new(id, ReasonCode::Success)))
+                    }
+                    _ => {}
                 }
                 let done = p.topic == last;
                 got.push(p);
@@ -122,6 +128,10 @@ fn receive_until(c: &mut RawClient, last: &str) -> Vec<Publish> {
                     return got;
                 }
             }
+            Some(Packet::PubRel(r)) => c.send(&Packet::PubComp(PubComp::new(
+                r.packet_id,
+                ReasonCode::Success,
+            ))),
             Some(_) => {}
             None => panic!(
                 "no message on {last}; got {:?}",
@@ -246,10 +256,11 @@ fn a_bridge_to_mosquitto_carries_messages_both_ways_with_prefixes_and_no_loop() 
 }
 
 #[test]
-fn a_bridge_to_flockmq_v5_keeps_properties_and_queues_qos1_through_an_outage_and_a_restart() {
+fn a_bridge_to_flockmq_v5_keeps_properties_qos2_and_no_loop_and_queues_qos1_through_an_outage_and_a_restart(
+) {
     let mut cloud = Node::start();
     let topics = [
-        topic_toml("fleet/#", "out", "", "site-3/"),
+        topic_toml("fleet/#", "out", "", "site-3/").replace("qos = 1", "qos = 2"),
         topic_toml("cmd/#", "both", "", "cloud/"),
     ]
     .concat();
@@ -268,7 +279,7 @@ fn a_bridge_to_flockmq_v5_keeps_properties_and_queues_qos1_through_an_outage_and
         true,
         60,
     );
-    let mut o = opts(QoS::AtLeastOnce);
+    let mut o = opts(QoS::ExactlyOnce);
     o.retain_as_published = true;
     subscribe_with(&mut live, "site-3/#", o, 1);
     let (mut local_pub, _) =
@@ -293,6 +304,61 @@ fn a_bridge_to_flockmq_v5_keeps_properties_and_queues_qos1_through_an_outage_and
     assert_eq!(
         p.properties.user_properties,
         vec![("site".to_owned(), "3".to_owned())]
+    );
+
+    // QoS 2 out: the remote's PUBCOMP releases the local PUBREC; both ways on a v5
+    // remote: no-local there, so nothing comes back.
+    local_pub.send(&publish("fleet/q2", "two", QoS::ExactlyOnce, false, 2));
+    wait_for("PUBREC of the QoS 2 publish", T, || {
+        match local_pub.recv(T) {
+            Some(Packet::PubRec(r)) if r.packet_id == 2 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    local_pub.send(&Packet::PubRel(broker_node::mqtt::PubRel::new(
+        2,
+        ReasonCode::Success,
+    )));
+    let (mut local_sub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "edge-sub", true, 60);
+    subscribe(&mut local_sub, "cmd/#", QoS::AtLeastOnce);
+    let (mut cloud_pub, _) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V5,
+        "cloud-pub",
+        true,
+        60,
+    );
+    let mut o = opts(QoS::AtLeastOnce);
+    o.no_local = true;
+    subscribe_with(&mut cloud_pub, "cloud/cmd/#", o, 1);
+    publish_acked(&mut local_pub, "fleet/end", "end", 4);
+    let got = receive_until(&mut live, "site-3/fleet/end");
+    let q2 = got
+        .iter()
+        .find(|p| p.topic == "site-3/fleet/q2")
+        .expect("the QoS 2 message");
+    assert_eq!(q2.qos, QoS::ExactlyOnce);
+    publish_acked(&mut cloud_pub, "cloud/cmd/stop", "from-cloud", 3);
+    let edge_got = receive_until(&mut local_sub, "cmd/stop");
+    assert_eq!(
+        count(&edge_got, "cmd/stop", "from-cloud"),
+        1,
+        "{edge_got:?}"
+    );
+    // The cloud sees the edge's cmd/start once and never its own cmd/stop back.
+    publish_acked(&mut local_pub, "cmd/start", "from-edge", 5);
+    publish_acked(&mut local_pub, "cmd/end", "end", 6);
+    let cloud_got = receive_until(&mut cloud_pub, "cloud/cmd/end");
+    assert_eq!(
+        count(&cloud_got, "cloud/cmd/start", "from-edge"),
+        1,
+        "{cloud_got:?}"
+    );
+    assert_eq!(
+        count(&cloud_got, "cloud/cmd/stop", "from-cloud"),
+        0,
+        "{cloud_got:?}"
     );
     drop(live);
 
