@@ -4,6 +4,7 @@
 //! restart of the bridging node, and the bridge moving with the leader of a cluster.
 
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,18 +25,37 @@ struct Mosquitto {
 }
 
 impl Mosquitto {
-    fn start() -> Mosquitto {
+    /// Mosquitto keeping its sessions in a file when `persistent` (saved on SIGTERM).
+    fn start(persistent: bool) -> Mosquitto {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
+        let persistence = if persistent {
+            // Run as root, Mosquitto would drop to a user that cannot write here.
+            format!(
+                "persistence true\npersistence_location {}/\nuser root\n",
+                dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_owned()
+        };
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}"),
         )
         .expect("write mosquitto.conf");
+        let child = Self::spawn(&conf, port);
+        Mosquitto {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn spawn(conf: &Path, port: u16) -> Child {
         let child = Command::new("mosquitto")
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -45,11 +65,20 @@ impl Mosquitto {
         wait_until("mosquitto to listen", T, || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
         });
-        Mosquitto {
-            child,
-            port,
-            _dir: dir,
-        }
+        child
+    }
+
+    /// SIGTERM (Mosquitto saves its sessions) and wait for the exit.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port and files.
+    fn start_again(&mut self) {
+        self.child = Self::spawn(&self._dir.path().join("mosquitto.conf"), self.port);
     }
 
     fn addr(&self) -> std::net::SocketAddr {
@@ -166,7 +195,7 @@ fn probe_until_received(
 
 #[test]
 fn a_bridge_to_mosquitto_carries_messages_both_ways_with_prefixes_and_no_loop() {
-    let mosquitto = Mosquitto::start();
+    let mosquitto = Mosquitto::start(false);
     let topics = [
         topic_toml("fleet/#", "out", "", "site-3/"),
         topic_toml("cmd/#", "in", "", "cloud/site-3/"),
@@ -574,4 +603,68 @@ fn a_bridge_over_tls_verifies_the_remote_by_name_and_presents_a_client_certifica
     publish_acked(&mut publisher, "fleet/x", "over tls", 1);
     let got = receive_until(&mut sub, "site-3/fleet/x");
     assert_eq!(count(&got, "site-3/fleet/x", "over tls"), 1);
+}
+
+#[test]
+fn qos1_messages_for_a_stopped_mosquitto_queue_and_arrive_when_it_is_back() {
+    let mut mosquitto = Mosquitto::start(true);
+    let edge = Node::start_with_config(&bridge_toml(
+        "mosq5",
+        mosquitto.port,
+        "5",
+        &topic_toml("fleet/#", "out", "", "site-3/"),
+    ));
+    wait_bridge(&edge, "mosq5", "the bridge to connect", |b| {
+        b["connected"] == true
+    });
+    edge.wait_subscribed("$bridge/mosq5", "fleet/#");
+    // A persistent subscriber; Mosquitto saves its session when stopped.
+    let (mut sub, _) = RawClient::connect(
+        mosquitto.addr(),
+        ProtocolVersion::V3_1_1,
+        "cloud-sub",
+        false,
+        60,
+    );
+    subscribe(&mut sub, "site-3/fleet/+", QoS::AtLeastOnce);
+    let (mut local_pub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "edge-pub", true, 60);
+    publish_acked(&mut local_pub, "fleet/first", "first", 1);
+    receive_until(&mut sub, "site-3/fleet/first");
+
+    mosquitto.stop();
+    drop(sub);
+    wait_bridge(&edge, "mosq5", "the bridge to see Mosquitto gone", |b| {
+        b["connected"] == false
+    });
+    for i in 0..20u16 {
+        publish_acked(
+            &mut local_pub,
+            &format!("fleet/m{i}"),
+            &format!("m{i}"),
+            10 + i,
+        );
+    }
+    wait_bridge(&edge, "mosq5", "20 messages queued", |b| b["queued"] == 20);
+
+    mosquitto.start_again();
+    wait_bridge(&edge, "mosq5", "the queue to drain", |b| {
+        b["connected"] == true && b["queued"] == 0
+    });
+    let (mut sub, ack) = RawClient::connect(
+        mosquitto.addr(),
+        ProtocolVersion::V3_1_1,
+        "cloud-sub",
+        false,
+        60,
+    );
+    assert!(ack.session_present);
+    let got = receive_until(&mut sub, "site-3/fleet/m19");
+    for i in 0..20 {
+        assert!(
+            count(&got, &format!("site-3/fleet/m{i}"), &format!("m{i}")) >= 1,
+            "m{i} lost: {:?}",
+            got.iter().map(|p| &p.topic).collect::<Vec<_>>()
+        );
+    }
 }
