@@ -38,10 +38,9 @@ pub async fn run(
 ) -> Result<(), BridgeError> {
     let cfg = &status.config;
     let maps = Mappings::new(cfg.topics.clone());
-    // The remote client's event loop stops with this run.
-    let _stop_remote = cancel.clone().drop_guard();
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let remote = Remote::start(cfg, events_tx, cancel.clone())?;
+    // The local session first: opening it commits through Raft, so a leader cut off
+    // from the majority (which may not know yet that it is no longer leader) cannot
+    // run the bridge beside the new leader's.
     let (mut local, session_present) = Local::connect(
         handler,
         &cfg.local_client_id(),
@@ -50,6 +49,10 @@ pub async fn run(
     )
     .await?;
     tracing::info!(bridge = %cfg.name, session_present, "bridge: local session open");
+    // The remote client's event loop stops with this run.
+    let _stop_remote = cancel.clone().drop_guard();
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let remote = Remote::start(cfg, events_tx, cancel.clone())?;
 
     // A publish towards an unreachable remote waits for room in rumqttc's queue:
     // cancellation must not wait for it.

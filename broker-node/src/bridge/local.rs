@@ -35,8 +35,18 @@ const MAX_PACKET: u32 = 268_435_455;
 pub struct Local {
     writer: WriteHalf<DuplexStream>,
     packets: mpsc::UnboundedReceiver<Result<Packet, String>>,
+    /// The task decoding what the broker sends; it holds the stream's read half, so
+    /// it is stopped when the bridge lets go of the connection (the broker then sees
+    /// the stream end).
+    reader: tokio::task::JoinHandle<()>,
     out: BytesMut,
     next_id: u16,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl Local {
@@ -61,10 +71,11 @@ impl Local {
         tokio::spawn(serving);
         let (reader, writer) = tokio::io::split(client_end);
         let (tx, packets) = mpsc::unbounded_channel();
-        tokio::spawn(read_packets(reader, tx));
+        let reader = tokio::spawn(read_packets(reader, tx));
         let mut local = Local {
             writer,
             packets,
+            reader,
             out: BytesMut::new(),
             next_id: 0,
         };
