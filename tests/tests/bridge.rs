@@ -282,6 +282,24 @@ fn a_bridge_to_mosquitto_carries_messages_both_ways_with_prefixes_and_no_loop() 
         metrics.contains("flockmq_bridge_connected{bridge=\"mosq\"} 1"),
         "{metrics}"
     );
+    let url = format!("http://127.0.0.1:{}", edge.http_port);
+    let bin = flockmq_tests::broker_binary();
+    let listed = flockmq_tests::run(
+        bin.to_str().expect("utf-8 path"),
+        &["ctl", "--url", &url, "bridges"],
+        T,
+    );
+    assert_eq!(listed.code, Some(0), "{listed:?}");
+    let row = listed
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("mosq "))
+        .unwrap_or_else(|| panic!("no row for the bridge: {listed:?}"));
+    assert!(
+        row.contains(&format!("127.0.0.1:{}", mosquitto.port)),
+        "{row}"
+    );
+    assert!(row.contains("true"), "{row}");
 }
 
 #[test]
@@ -667,4 +685,40 @@ fn qos1_messages_for_a_stopped_mosquitto_queue_and_arrive_when_it_is_back() {
             got.iter().map(|p| &p.topic).collect::<Vec<_>>()
         );
     }
+}
+
+#[test]
+fn a_topic_removed_from_the_configuration_is_unsubscribed_at_the_next_start() {
+    let cloud = Node::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("edge.toml");
+    let write = |topics: &[&str]| {
+        let topics: String = topics
+            .iter()
+            .map(|t| topic_toml(t, "out", "", "site-3/"))
+            .collect();
+        std::fs::write(&config, bridge_toml("cloud", cloud.mqtt_port, "5", &topics))
+            .expect("write config");
+    };
+    write(&["a/#", "b/#"]);
+    let mut edge = Node::start_with(&["--config", config.to_str().expect("utf-8 path")]);
+    edge.wait_subscribed("$bridge/cloud", "b/#");
+    write(&["a/#"]);
+    edge.restart();
+    let path = format!(
+        "/subscriptions?clientid={}",
+        flockmq_tests::url_encode("$bridge/cloud")
+    );
+    wait_for("b/# to be unsubscribed", T, || {
+        let v = edge.api("GET", &path, None)?;
+        let topics: Vec<&str> = v["data"]
+            .as_array()
+            .map(|d| d.iter().filter_map(|s| s["topic"].as_str()).collect())
+            .unwrap_or_default();
+        if topics == ["a/#"] {
+            Ok(())
+        } else {
+            Err(format!("{topics:?}"))
+        }
+    });
 }

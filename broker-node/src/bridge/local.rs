@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::broker::Connections;
 use crate::mqtt::{
     self, Connect, ConnectProperties, Packet, ProtocolVersion, QoS, RetainHandling, Subscribe,
-    SubscribeProperties, SubscriptionOptions,
+    SubscribeProperties, SubscriptionOptions, Unsubscribe, UnsubscribeProperties,
 };
 use crate::transport::{Admitted, ConnectionHandler, Vouched};
 
@@ -127,6 +127,28 @@ impl Local {
                     packet_id,
                     filters,
                     properties: SubscribeProperties::default(),
+                }))
+                .await?;
+        }
+        // Subscriptions of topics since removed from the configuration go.
+        let wanted: Vec<&str> = subscriptions.iter().map(|n| n.filter.as_str()).collect();
+        let stale: Vec<String> = handler.0.state.read(|s| {
+            s.session(client_id).map_or_else(Vec::new, |r| {
+                r.subscriptions
+                    .keys()
+                    .filter(|f| !wanted.contains(&f.as_str()))
+                    .cloned()
+                    .collect()
+            })
+        });
+        if !stale.is_empty() {
+            tracing::info!(client_id, filters = ?stale, "bridge: dropping subscriptions no longer configured");
+            let packet_id = local.next_packet_id();
+            local
+                .send(Packet::Unsubscribe(Unsubscribe {
+                    packet_id,
+                    filters: stale,
+                    properties: UnsubscribeProperties::default(),
                 }))
                 .await?;
         }

@@ -410,6 +410,7 @@ async fn bridges_list(State(state): State<ApiState>) -> ApiResult {
             let c = &b.config;
             json!({
                 "name": c.name,
+                "node": api.broker.node_id,
                 "address": c.address,
                 "protocol": c.protocol,
                 "tls": c.tls,
