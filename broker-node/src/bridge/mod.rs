@@ -79,12 +79,42 @@ pub struct BridgeStatus {
     pub queued: AtomicU64,
     /// The last failure, for `ctl bridges`.
     pub last_error: Mutex<Option<String>>,
+    /// Its metric handles, registered once (bumped per message).
+    meters: Meters,
+}
+
+/// One bridge's metric handles.
+struct Meters {
+    connected: metrics::Gauge,
+    queued: metrics::Gauge,
+    reconnects: metrics::Counter,
+    /// Messages and bytes, out then in.
+    messages: [metrics::Counter; 2],
+    bytes: [metrics::Counter; 2],
+}
+
+impl Meters {
+    fn new(name: &str) -> Meters {
+        let counter = |metric: &'static str, direction: &'static str| metrics::counter!(metric, "bridge" => name.to_owned(), "direction" => direction);
+        Meters {
+            connected: metrics::gauge!("flockmq_bridge_connected", "bridge" => name.to_owned()),
+            queued: metrics::gauge!("flockmq_bridge_queued_messages", "bridge" => name.to_owned()),
+            reconnects: metrics::counter!("flockmq_bridge_reconnects_total", "bridge" => name.to_owned()),
+            messages: [
+                counter("flockmq_bridge_messages_total", "out"),
+                counter("flockmq_bridge_messages_total", "in"),
+            ],
+            bytes: [
+                counter("flockmq_bridge_bytes_total", "out"),
+                counter("flockmq_bridge_bytes_total", "in"),
+            ],
+        }
+    }
 }
 
 impl BridgeStatus {
     fn new(config: BridgeConfig) -> BridgeStatus {
         BridgeStatus {
-            config,
             running: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             messages_out: AtomicU64::new(0),
@@ -94,40 +124,37 @@ impl BridgeStatus {
             reconnects: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            meters: Meters::new(&config.name),
+            config,
         }
-    }
-
-    fn name(&self) -> String {
-        self.config.name.clone()
     }
 
     fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
-        metrics::gauge!("flockmq_bridge_connected", "bridge" => self.name()).set(if up {
-            1.0
-        } else {
-            0.0
-        });
+        self.meters.connected.set(if up { 1.0 } else { 0.0 });
     }
 
     fn count(&self, outgoing: bool, bytes: usize) {
-        let (direction, messages, total) = if outgoing {
-            ("out", &self.messages_out, &self.bytes_out)
+        let (i, messages, total) = if outgoing {
+            (0, &self.messages_out, &self.bytes_out)
         } else {
-            ("in", &self.messages_in, &self.bytes_in)
+            (1, &self.messages_in, &self.bytes_in)
         };
         messages.fetch_add(1, Ordering::Relaxed);
         total.fetch_add(bytes as u64, Ordering::Relaxed);
-        metrics::counter!("flockmq_bridge_messages_total", "bridge" => self.name(), "direction" => direction)
-            .increment(1);
-        metrics::counter!("flockmq_bridge_bytes_total", "bridge" => self.name(), "direction" => direction)
-            .increment(bytes as u64);
+        self.meters.messages[i].increment(1);
+        self.meters.bytes[i].increment(bytes as u64);
+    }
+
+    fn set_queued(&self, queued: u64) {
+        self.queued.store(queued, Ordering::Relaxed);
+        self.meters.queued.set(queued as f64);
     }
 
     fn lost(&self, why: String) {
         self.set_connected(false);
         self.reconnects.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("flockmq_bridge_reconnects_total", "bridge" => self.name()).increment(1);
+        self.meters.reconnects.increment(1);
         self.failed(why);
     }
 
@@ -151,14 +178,14 @@ impl Bridges {
             .iter()
             .map(|c| Arc::new(BridgeStatus::new(c.clone())))
             .collect();
+        // Every series exists from the first scrape.
         for b in &list {
             b.set_connected(false);
-            for direction in ["out", "in"] {
-                metrics::counter!("flockmq_bridge_messages_total", "bridge" => b.name(), "direction" => direction).absolute(0);
-                metrics::counter!("flockmq_bridge_bytes_total", "bridge" => b.name(), "direction" => direction).absolute(0);
+            b.set_queued(0);
+            for c in b.meters.messages.iter().chain(&b.meters.bytes) {
+                c.increment(0);
             }
-            metrics::counter!("flockmq_bridge_reconnects_total", "bridge" => b.name()).absolute(0);
-            metrics::gauge!("flockmq_bridge_queued_messages", "bridge" => b.name()).set(0.0);
+            b.meters.reconnects.increment(0);
         }
         Arc::new(Bridges { list })
     }
@@ -198,9 +225,7 @@ impl Bridges {
                     s.session(&status.config.local_client_id())
                         .map_or(0, |r| r.queue.len() as u64)
                 });
-                status.queued.store(queued, Ordering::Relaxed);
-                metrics::gauge!("flockmq_bridge_queued_messages", "bridge" => status.name())
-                    .set(queued as f64);
+                status.set_queued(queued);
             }
         }
         if let Some(token) = running {
