@@ -34,6 +34,8 @@ struct Bridge {
     local_username: Option<String>,
     keep_alive: Option<String>,
     clean_start: Option<bool>,
+    notifications: Option<bool>,
+    notification_topic: Option<String>,
     ca: Option<String>,
     cert: Option<String>,
     key: Option<String>,
@@ -175,8 +177,16 @@ pub fn import(text: &str) -> Imported {
                     skip("not needed: FlockMQ bridges avoid loops by no-local subscriptions (v5) or by dropping their own echoes (3.1.1)");
                     true
                 }
-                "notifications" | "notification_topic" | "notifications_local_only" => {
-                    skip("bridge notifications are not offered: watch flockmq_bridge_connected or `broker-node ctl bridges`");
+                "notifications" => {
+                    b.notifications = boolean(arg);
+                    true
+                }
+                "notification_topic" => {
+                    b.notification_topic = Some(rest.clone());
+                    true
+                }
+                "notifications_local_only" => {
+                    skip("notifications go to both sides");
                     true
                 }
                 "bridge_outgoing_retain" => {
@@ -329,12 +339,15 @@ pub fn import(text: &str) -> Imported {
             ("tls_ca_file", &b.ca),
             ("tls_cert_file", &b.cert),
             ("tls_key_file", &b.key),
+            ("notification_topic", &b.notification_topic),
         ];
         for (k, v) in strings {
             if let Some(v) = v {
                 let _ = writeln!(out, "{k} = {}", s(v));
             }
         }
+        // Mosquitto notifies by default.
+        let _ = writeln!(out, "notifications = {}", b.notifications.unwrap_or(true));
         // Mosquitto's default is a persistent remote session.
         let _ = writeln!(out, "clean_start = {}", b.clean_start.unwrap_or(false));
         if b.ca.is_some() {
@@ -440,11 +453,11 @@ topic sync/# both
             (Direction::In, "local/")
         );
         assert_eq!((t[2].direction, t[2].qos), (Direction::Both, 0));
+        assert!(!b.notifications);
         let skipped = imported.not_carried.join("\n");
         for line in [
             "persistence true",
             "backup.example.com",
-            "notifications false",
             "try_private true",
             "bridge_outgoing_retain false",
         ] {

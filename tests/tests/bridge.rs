@@ -197,6 +197,7 @@ fn probe_until_received(
 fn a_bridge_to_mosquitto_carries_messages_both_ways_with_prefixes_and_no_loop() {
     let mosquitto = Mosquitto::start(false);
     let topics = [
+        "notifications = true\n".to_owned(),
         topic_toml("fleet/#", "out", "", "site-3/"),
         topic_toml("cmd/#", "in", "", "cloud/site-3/"),
         topic_toml("sync/#", "both", "", "site-3/"),
@@ -273,6 +274,16 @@ fn a_bridge_to_mosquitto_carries_messages_both_ways_with_prefixes_and_no_loop() 
         local_got.iter().all(|p| !p.topic.starts_with("site-3/")),
         "{local_got:?}"
     );
+
+    // Notifications: the bridge's state, retained, on both sides.
+    let state = "$SYS/broker/connection/flockmq-bridge-mosq/state";
+    for addr in [edge.mqtt_addr(), mosquitto.addr()] {
+        let (mut c, _) = RawClient::connect(addr, ProtocolVersion::V5, "state-watch", true, 60);
+        subscribe(&mut c, state, QoS::AtLeastOnce);
+        let got = receive_until(&mut c, state);
+        assert_eq!(got[0].payload, "1", "{got:?}");
+        assert!(got[0].retain);
+    }
 
     let b = bridge(&edge, "mosq").expect("bridge listed");
     assert!(b["messages_out"].as_u64() >= Some(3), "{b}");
@@ -630,7 +641,10 @@ fn qos1_messages_for_a_stopped_mosquitto_queue_and_arrive_when_it_is_back() {
         "mosq5",
         mosquitto.port,
         "5",
-        &topic_toml("fleet/#", "out", "", "site-3/"),
+        &format!(
+            "notifications = true\nnotification_topic = \"bridges/mosq5\"\n{}",
+            topic_toml("fleet/#", "out", "", "site-3/")
+        ),
     ));
     wait_bridge(&edge, "mosq5", "the bridge to connect", |b| {
         b["connected"] == true
@@ -655,6 +669,16 @@ fn qos1_messages_for_a_stopped_mosquitto_queue_and_arrive_when_it_is_back() {
     wait_bridge(&edge, "mosq5", "the bridge to see Mosquitto gone", |b| {
         b["connected"] == false
     });
+    let (mut watch, _) = RawClient::connect(
+        edge.mqtt_addr(),
+        ProtocolVersion::V5,
+        "state-watch",
+        true,
+        60,
+    );
+    subscribe(&mut watch, "bridges/mosq5", QoS::AtLeastOnce);
+    let got = receive_until(&mut watch, "bridges/mosq5");
+    assert_eq!(got[0].payload, "0", "{got:?}");
     for i in 0..20u16 {
         publish_acked(
             &mut local_pub,

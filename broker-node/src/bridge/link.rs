@@ -91,6 +91,9 @@ async fn pump(
                         tracing::info!(bridge = %cfg.name, address = %cfg.address, "bridge: connected to the remote");
                         status.set_connected(true);
                         remote.subscribe(&maps.remote_subscriptions()).await?;
+                        if cfg.notifications {
+                            notify(status, remote, local, true).await?;
+                        }
                     }
                     RemoteEvent::Lost(why) => {
                         if status.connected.load(std::sync::atomic::Ordering::Relaxed) {
@@ -99,6 +102,9 @@ async fn pump(
                             tracing::debug!(bridge = %cfg.name, error = %why, "bridge: cannot reach the remote");
                         }
                         status.lost(why);
+                        if cfg.notifications {
+                            notify(status, remote, local, false).await?;
+                        }
                     }
                     RemoteEvent::Sent(0) => {}
                     RemoteEvent::Sent(remote_id) => {
@@ -156,6 +162,35 @@ async fn pump(
             },
         }
     }
+}
+
+/// Publish the bridge's state, retained, at QoS 0 (so that no acknowledgement of it
+/// is awaited or taken for a bridged message's): locally, and on the remote once
+/// connected (the remote publishes the will "0" itself when the connection breaks).
+async fn notify(
+    status: &BridgeStatus,
+    remote: &Remote,
+    local: &mut Local,
+    up: bool,
+) -> Result<(), BridgeError> {
+    let topic = status.config.notification_topic();
+    let payload = bytes::Bytes::from_static(if up { b"1" } else { b"0" });
+    if up {
+        remote
+            .publish(topic.clone(), 0, true, payload.clone(), &Default::default())
+            .await?;
+    }
+    local
+        .send(Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: true,
+            topic,
+            packet_id: None,
+            properties: Default::default(),
+            payload,
+        }))
+        .await
 }
 
 /// Whether the local broker's answer to a bridged message lets the bridge acknowledge

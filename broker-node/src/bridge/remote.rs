@@ -132,6 +132,14 @@ impl Remote {
                 if let Some(user) = &config.username {
                     o.set_credentials(user, config.password.clone().unwrap_or_default());
                 }
+                if config.notifications {
+                    o.set_last_will(rumqttc::LastWill::new(
+                        config.notification_topic(),
+                        "0",
+                        qos4(1),
+                        true,
+                    ));
+                }
                 let (client, eventloop) = rumqttc::AsyncClient::new(o, REQUEST_CAPACITY);
                 tokio::spawn(run_v4(eventloop, events, backoff, cancel));
                 Ok(Remote::V4(client))
@@ -149,6 +157,15 @@ impl Remote {
                     .set_max_packet_size(Some(super::MAX_PACKET));
                 if let Some(user) = &config.username {
                     o.set_credentials(user, config.password.clone().unwrap_or_default());
+                }
+                if config.notifications {
+                    o.set_last_will(m5::LastWill::new(
+                        config.notification_topic(),
+                        "0",
+                        qos5(1),
+                        true,
+                        None,
+                    ));
                 }
                 let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, REQUEST_CAPACITY);
                 tokio::spawn(run_v5(eventloop, events, backoff, cancel));

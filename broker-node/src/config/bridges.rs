@@ -120,6 +120,14 @@ pub struct BridgeConfig {
     /// `address`.
     #[serde(default, with = "opt_string")]
     pub tls_server_name: Option<String>,
+    /// Publish the bridge's state, retained: "1" once connected, "0" when the
+    /// connection is lost (locally; on the remote as a will), on notification_topic.
+    #[serde(default)]
+    pub notifications: bool,
+    /// The topic of the notifications; empty: `$SYS/broker/connection/CLIENT_ID/state`
+    /// (CLIENT_ID: the remote client id), as Mosquitto does.
+    #[serde(default, with = "opt_string")]
+    pub notification_topic: Option<String>,
     /// The first wait before reconnecting; it doubles on each failure (with jitter).
     #[serde(default = "default_reconnect_min", with = "dur")]
     pub reconnect_min: Duration,
@@ -157,6 +165,13 @@ impl BridgeConfig {
         self.client_id
             .clone()
             .unwrap_or_else(|| format!("flockmq-bridge-{}", self.name))
+    }
+
+    /// The topic of its connection-state notifications.
+    pub fn notification_topic(&self) -> String {
+        self.notification_topic
+            .clone()
+            .unwrap_or_else(|| format!("$SYS/broker/connection/{}/state", self.remote_client_id()))
     }
 
     /// The client identifier of the bridge's session in this cluster.
@@ -252,6 +267,8 @@ pub const EXAMPLE: &str = "
 # tls_cert_file = \"\"             # a client certificate, with tls_key_file
 # tls_key_file = \"\"
 # tls_server_name = \"\"           # empty: the host of address
+# notifications = false          # retained 1/0 on notification_topic, both sides
+# notification_topic = \"\"       # empty: $SYS/broker/connection/CLIENT_ID/state
 # reconnect_min = \"1s\"           # backoff doubles from here, with jitter
 # reconnect_max = \"60s\"
 #
