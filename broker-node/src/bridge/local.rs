@@ -33,13 +33,18 @@ const MAX_PACKET: u32 = 268_435_455;
 
 /// The bridge's connection to its own broker.
 pub struct Local {
+    /// Where packets to the broker are written.
     writer: WriteHalf<DuplexStream>,
+    /// What the broker sent, decoded by `reader` (bounded by the receive maximum the
+    /// bridge announces, plus acknowledgements).
     packets: mpsc::UnboundedReceiver<Result<Packet, String>>,
     /// The task decoding what the broker sends; it holds the stream's read half, so
     /// it is stopped when the bridge lets go of the connection (the broker then sees
     /// the stream end).
     reader: tokio::task::JoinHandle<()>,
+    /// The encoding buffer, reused.
     out: BytesMut,
+    /// The last packet identifier the bridge used.
     next_id: u16,
 }
 
