@@ -92,7 +92,7 @@ pub struct BridgeConfig {
     /// anonymous. No password is asked: the session is inside the node.
     #[serde(default, with = "opt_string")]
     pub local_username: Option<String>,
-    /// The keep alive towards the remote broker.
+    /// The keep alive towards the remote broker (at least 5s are used).
     #[serde(default = "default_keep_alive", with = "dur")]
     pub keep_alive: Duration,
     /// Clean start (v5) / clean session (3.1.1) on the remote broker: false keeps the
@@ -208,6 +208,9 @@ pub fn validate(bridges: &[BridgeConfig]) -> Result<(), ConfigError> {
                 &key("tls_cert_file"),
                 "tls_cert_file and tls_key_file go together",
             ));
+        }
+        if b.client_id.as_ref().is_some_and(|id| id.starts_with(' ')) {
+            return Err(invalid(&key("client_id"), "may not start with a space"));
         }
         if b.keep_alive.as_secs() > u64::from(u16::MAX) {
             return Err(invalid(&key("keep_alive"), "at most 65535s"));
