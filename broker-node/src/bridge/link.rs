@@ -75,8 +75,9 @@ async fn pump(
     // (rumqttc reports them in the order they were given), then by that identifier.
     let mut unnumbered: VecDeque<Pending> = VecDeque::new();
     let mut by_remote_id: HashMap<u16, Pending> = HashMap::new();
-    // Remote messages published locally, by local packet identifier.
-    let mut inbound: HashMap<u16, AckToken> = HashMap::new();
+    // Remote messages published locally and their payload sizes, by local packet
+    // identifier, until the local broker answers.
+    let mut inbound: HashMap<u16, (AckToken, usize)> = HashMap::new();
     let mut echoes = Echoes::default();
     let v311 = cfg.protocol == BridgeProtocol::V311;
 
@@ -135,15 +136,17 @@ async fn pump(
                     outgoing(p, maps, remote, local, &mut unnumbered, &mut echoes, v311, status).await?;
                 }
                 Packet::PubAck(a) => {
-                    if let Some(token) = inbound.remove(&a.packet_id) {
-                        accepted(status, a.reason_code)?;
+                    if let Some((token, bytes)) = inbound.remove(&a.packet_id) {
+                        if accepted(status, a.reason_code)? {
+                            status.count(false, bytes);
+                        }
                         remote.ack(&token).await?;
                     }
                 }
                 Packet::PubRec(a) => {
-                    if let Some(token) = inbound.remove(&a.packet_id) {
-                        accepted(status, a.reason_code)?;
-                        if !a.reason_code.is_error() {
+                    if let Some((token, bytes)) = inbound.remove(&a.packet_id) {
+                        if accepted(status, a.reason_code)? {
+                            status.count(false, bytes);
                             local.send(Packet::PubRel(PubRel::new(a.packet_id, ReasonCode::Success))).await?;
                         }
                         remote.ack(&token).await?;
@@ -196,10 +199,11 @@ async fn notify(
 /// Whether the local broker's answer to a bridged message lets the bridge acknowledge
 /// it to the remote: yes when accepted, and when refused for good (ACL, invalid: it
 /// would be refused again); a refusal that may pass later (unavailable, quota) ends
-/// the run unacknowledged, so that the remote sends the message again.
-fn accepted(status: &BridgeStatus, code: ReasonCode) -> Result<(), BridgeError> {
+/// the run unacknowledged, so that the remote sends the message again. `Ok(true)`:
+/// accepted; `Ok(false)`: refused for good.
+fn accepted(status: &BridgeStatus, code: ReasonCode) -> Result<bool, BridgeError> {
     if !code.is_error() {
-        return Ok(());
+        return Ok(true);
     }
     match code {
         ReasonCode::UnspecifiedError
@@ -211,7 +215,7 @@ fn accepted(status: &BridgeStatus, code: ReasonCode) -> Result<(), BridgeError> 
         ))),
         _ => {
             tracing::warn!(bridge = %status.config.name, ?code, "bridge: a message from the remote was refused locally and is dropped");
-            Ok(())
+            Ok(false)
         }
     }
 }
@@ -223,7 +227,7 @@ async fn incoming(
     maps: &Mappings,
     remote: &Remote,
     local: &mut Local,
-    inbound: &mut HashMap<u16, AckToken>,
+    inbound: &mut HashMap<u16, (AckToken, usize)>,
     echoes: &mut Echoes,
     v311: bool,
     status: &BridgeStatus,
@@ -242,7 +246,7 @@ async fn incoming(
         }
         Some(id)
     };
-    status.count(false, m.payload.len());
+    let bytes = m.payload.len();
     local
         .send(Packet::Publish(Publish {
             dup: false,
@@ -256,10 +260,13 @@ async fn incoming(
         .await?;
     match packet_id {
         Some(id) => {
-            inbound.insert(id, m.ack);
+            inbound.insert(id, (m.ack, bytes));
             Ok(())
         }
-        None => remote.ack(&m.ack).await,
+        None => {
+            status.count(false, bytes);
+            remote.ack(&m.ack).await
+        }
     }
 }
 
