@@ -18,15 +18,17 @@ ARG RUST_IMAGE=rust:1-bookworm
 # ---- runtime base: a non-root user, data volume, ports, health check ----
 FROM ${RUNTIME_IMAGE} AS base
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/flockmq --shell /usr/sbin/nologin flockmq \
- && mkdir -p /var/lib/flockmq/data \
+ && mkdir -p /var/lib/flockmq/data /var/lib/flockmq/certs \
  && chown -R flockmq:flockmq /var/lib/flockmq
 WORKDIR /var/lib/flockmq
 # In a container the node listens on every interface (the host decides what to
-# publish); data lives in the volume.
+# publish); data lives in the volume. The cluster port stays on loopback: a single
+# node needs no peers, and a node serving it beyond loopback must have cluster TLS
+# (or cluster.allow_insecure). docker-compose.yml and the Helm chart set both.
 ENV FLOCKMQ_DATA_DIR=/var/lib/flockmq/data \
     FLOCKMQ_MQTT_ADDR=0.0.0.0:1883 \
     FLOCKMQ_HTTP_ADDR=0.0.0.0:8080 \
-    FLOCKMQ_CLUSTER_ADDR=0.0.0.0:7000 \
+    FLOCKMQ_CLUSTER_ADDR=127.0.0.1:7000 \
     FLOCKMQ_WS_ADDR=off \
     FLOCKMQ_LOG__FORMAT=json
 VOLUME ["/var/lib/flockmq/data"]

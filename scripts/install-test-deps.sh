@@ -14,7 +14,8 @@ command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
-command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+# Prometheus for the metrics tests; its promtool tests the chart's alerts.
+{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 # A node whose wall clock is off (tests/tests/cluster.rs): libfaketime preloaded.

@@ -376,6 +376,12 @@ pub struct MqttConfig {
     /// to disk (true), or deliver to connected ones from memory (false: faster, a
     /// crash of their node loses messages in flight).
     pub durable_sessions: bool,
+    /// Every node's public MQTT address, ID=HOST:PORT comma separated (the same list
+    /// on every node): a v5 client that a node cut off from the majority cannot
+    /// serve gets 0x9C Use another server with the address of the node it last knew
+    /// leading (or another); empty: 0x88 Server unavailable. v3 clients get 3.
+    #[serde(with = "opt_string")]
+    pub server_references: Option<String>,
 }
 
 /// Logging.
@@ -421,6 +427,11 @@ pub struct ClusterConfig {
     /// zero disables it.
     #[serde(with = "dur")]
     pub node_lost_after: Duration,
+    /// How long the leader tolerates not reaching a node before it removes it from
+    /// the cluster (a scaled-down or lost node); a removed node that runs again asks
+    /// to be added back. Zero disables both (membership changes only by hand).
+    #[serde(with = "dur")]
+    pub autoclean_after: Duration,
     /// This node's certificate (PEM) for the cluster's gRPC, server and client side;
     /// with tls_key_file and tls_ca_file set, nodes speak mutually authenticated TLS.
     #[serde(with = "opt_string")]
@@ -436,6 +447,10 @@ pub struct ClusterConfig {
     /// empty checks that host.
     #[serde(with = "opt_string")]
     pub tls_server_name: Option<String>,
+    /// Whether the cluster address may be served beyond loopback without cluster
+    /// TLS; without it such a node refuses to start. Only on a network where every
+    /// process that can reach the port is trusted.
+    pub allow_insecure: bool,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -504,6 +519,7 @@ impl Default for MqttConfig {
             acl_file: None,
             sys_interval: Duration::from_secs(10),
             durable_sessions: true,
+            server_references: None,
         }
     }
 }
@@ -535,10 +551,12 @@ impl Default for ClusterConfig {
             // Several failovers long: a node restarting (or a network blip) keeps its
             // clients' sessions; a node that stays away does not.
             node_lost_after: Duration::from_secs(15),
+            autoclean_after: Duration::ZERO,
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,
             tls_server_name: None,
+            allow_insecure: false,
         }
     }
 }
@@ -719,6 +737,19 @@ impl Config {
                 "cluster TLS needs all of cluster.tls_cert_file, cluster.tls_key_file and cluster.tls_ca_file",
             ));
         }
+        if !self.cluster_addr.ip().is_loopback() && cluster_tls[0].is_none() && !c.allow_insecure {
+            return Err(invalid(
+                "cluster_addr",
+                format!(
+                    "{} is reachable beyond loopback and cluster TLS is off: any process that \
+                     reaches it could speak Raft to this node and write to the cluster; set \
+                     cluster.tls_cert_file, cluster.tls_key_file and cluster.tls_ca_file \
+                     (`broker-node cluster-certs` makes them), or cluster.allow_insecure = true \
+                     if every process that can reach it is trusted",
+                    self.cluster_addr
+                ),
+            ));
+        }
         if self.tls_identity_as_username != TlsIdentity::Off && self.tls_ca_file.is_none() {
             return Err(invalid(
                 "tls_identity_as_username",
@@ -755,6 +786,9 @@ impl Config {
         }
         if m.max_queued_messages == 0 {
             return Err(invalid("mqtt.max_queued_messages", "must be at least 1"));
+        }
+        if let Some(refs) = &m.server_references {
+            parse_members(refs).map_err(|e| invalid("mqtt.server_references", e))?;
         }
         let c = &self.cluster;
         if c.election_timeout_min >= c.election_timeout_max {
@@ -801,6 +835,15 @@ impl Config {
             }
         }
         bridges::validate(&self.bridges)
+    }
+
+    /// The nodes' public MQTT addresses of `mqtt.server_references` (empty if unset).
+    pub fn server_references(&self) -> Vec<ClusterMember> {
+        self.mqtt
+            .server_references
+            .as_deref()
+            .and_then(|refs| parse_members(refs).ok())
+            .unwrap_or_default()
     }
 
     /// The address other nodes reach this node's cluster service at.
@@ -898,6 +941,7 @@ const KNOWN_OPTIONAL: &[&str] = &[
     "api_password_file",
     "mqtt.server_keep_alive",
     "mqtt.max_session_expiry",
+    "mqtt.server_references",
     "log.level",
     "cluster.tls_cert_file",
     "cluster.tls_key_file",
@@ -1270,6 +1314,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("mqtt.acl_file", "A Mosquitto-format ACL file (user / topic / pattern lines); empty lets every client publish and subscribe anywhere. Reloaded on SIGHUP."),
         ("mqtt.sys_interval", "How often $SYS topics are published; 0s disables them."),
         ("mqtt.durable_sessions", "Acknowledge QoS 1/2 publishes to persistent sessions only once they are committed to disk (true), or deliver to connected ones from memory (false: faster, a crash of their node loses messages in flight)."),
+        ("mqtt.server_references", "Every node's public MQTT address, ID=HOST:PORT comma separated (the same list on every node): a v5 client that a node cut off from the majority cannot serve gets 0x9C Use another server with the address of the node it last knew leading (or another); empty: 0x88 Server unavailable. v3 clients get 3."),
         ("log.format", "human or json."),
         ("log.level", "A tracing filter used when RUST_LOG is not set (e.g. \"info,broker_node=debug\"); empty means info."),
         ("cluster.heartbeat_interval", "How often the leader sends heartbeats."),
@@ -1284,6 +1329,8 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("cluster.tls_key_file", "The private key (PEM) of cluster.tls_cert_file."),
         ("cluster.tls_ca_file", "The CA (PEM) every node's certificate must be signed by."),
         ("cluster.tls_server_name", "The name every node's certificate holds, checked instead of the host of the address a node is reached at (so that one certificate may serve every node); empty checks that host."),
+        ("cluster.autoclean_after", "How long the leader tolerates not reaching a node before it removes it from the cluster (a scaled-down or lost node); a removed node that runs again asks to be added back. 0s disables both (membership changes only by hand)."),
+        ("cluster.allow_insecure", "Whether the cluster address may be served beyond loopback without cluster TLS; without it such a node refuses to start. Only on a network where every process that can reach the port is trusted."),
         ("cluster.node_lost_after", "How long the leader tolerates not reaching a node before it ends the sessions connected there, as if their connections broke (wills are published, persistent sessions start to expire and queue); 0s disables it."),
     ]
 }
@@ -1436,10 +1483,58 @@ mod tests {
             matches!(&e, ConfigError::Invalid { key, .. } if key == "mqtt.max_qos"),
             "{e}"
         );
+        let e = Config::from_toml("[mqtt]\nserver_references = \"mqtt1:1883\"").unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, .. } if key == "mqtt.server_references"),
+            "{e}"
+        );
+        let refs = Config::load(
+            None,
+            env(&[(
+                "FLOCKMQ_MQTT__SERVER_REFERENCES",
+                "1=mqtt1:1883,2=10.0.0.2:1883",
+            )]),
+            &RunArgs::default(),
+        )
+        .expect("a list of ID=HOST:PORT");
+        assert_eq!(refs.server_references().len(), 2);
+        assert_eq!(refs.server_references()[1].addr, "10.0.0.2:1883");
         let e =
             Config::load(None, env(&[("FLOCKMQ_NODE_ID", "x")]), &RunArgs::default()).unwrap_err();
         assert!(
             matches!(&e, ConfigError::Invalid { key, .. } if key == "node_id"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_cluster_address_beyond_loopback_needs_tls_or_allow_insecure() {
+        // `broker-node` with no arguments: a single node whose cluster port is loopback.
+        let default = Config::default();
+        assert!(default.cluster_addr.ip().is_loopback());
+        assert_eq!(default.validate(), Ok(()));
+        let open = |extra: &[(&str, &str)]| {
+            let mut vars = vec![("FLOCKMQ_CLUSTER_ADDR", "0.0.0.0:7000")];
+            vars.extend_from_slice(extra);
+            Config::load(None, env(&vars), &RunArgs::default())
+        };
+        let e = open(&[]).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, reason } if key == "cluster_addr"
+                && reason.contains("cluster.allow_insecure = true")
+                && reason.contains("cluster.tls_cert_file")),
+            "{e}"
+        );
+        assert!(open(&[("FLOCKMQ_CLUSTER__ALLOW_INSECURE", "true")]).is_ok());
+        let tls = [
+            ("FLOCKMQ_CLUSTER__TLS_CERT_FILE", "/etc/flockmq/node.pem"),
+            ("FLOCKMQ_CLUSTER__TLS_KEY_FILE", "/etc/flockmq/node.key"),
+            ("FLOCKMQ_CLUSTER__TLS_CA_FILE", "/etc/flockmq/ca.pem"),
+        ];
+        assert!(open(&tls).is_ok());
+        let e = Config::from_toml("cluster_addr = \"10.1.2.3:7000\"").unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, .. } if key == "cluster_addr"),
             "{e}"
         );
     }

@@ -52,6 +52,9 @@ pub enum CtlCommand {
     /// The configured bridges: running here (bridges run on the leader), connected,
     /// messages and bytes each way, queue depth, reconnects.
     Bridges,
+    /// This node's log filter.
+    #[command(subcommand)]
+    Log(LogCmd),
     /// Exit 0 when the node is ready (`GET /readyz` answers 200), else print why
     /// and exit 1: for container health checks.
     Health,
@@ -74,7 +77,12 @@ pub enum CtlCommand {
 #[derive(Subcommand, Debug)]
 pub enum ClusterCmd {
     /// Leader, term, applied index, digest and members.
-    Status,
+    Status {
+        /// Exit 1 unless a leader is known and the members are exactly N voters (the
+        /// leader among them): for `helm test` and scripts.
+        #[arg(long, value_name = "N")]
+        expect_voters: Option<usize>,
+    },
     /// Add node ID at cluster address ADDR (HOST:PORT).
     Join {
         /// The new node's id.
@@ -88,6 +96,17 @@ pub enum ClusterCmd {
     Remove {
         /// The node to remove.
         id: u64,
+    },
+}
+
+/// `ctl log ...`
+#[derive(Subcommand, Debug)]
+pub enum LogCmd {
+    /// Print the node's log filter, or set it (e.g. `debug`, or
+    /// `info,broker_node::cluster=debug`) without a restart.
+    Level {
+        /// The new filter; without it, the one in force is printed.
+        filter: Option<String>,
     },
 }
 
@@ -164,12 +183,17 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
         user: args.user.clone().filter(|u| !u.is_empty()),
     };
     let (value, columns): (Value, &[&str]) = match &args.command {
-        CtlCommand::Cluster(ClusterCmd::Status) => {
+        CtlCommand::Cluster(ClusterCmd::Status { expect_voters }) => {
             let v = client.call("GET", "/cluster", None)?;
-            if args.json {
-                return Ok(pretty(&v));
+            let out = if args.json {
+                pretty(&v)
+            } else {
+                cluster_table(&v)
+            };
+            if let Some(n) = expect_voters {
+                check_voters(&v, *n).map_err(|why| format!("{why}\n{out}"))?;
             }
-            return Ok(cluster_table(&v));
+            return Ok(out);
         }
         CtlCommand::Cluster(ClusterCmd::Join { id, addr }) => (
             client.call(
@@ -186,6 +210,16 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
             client.call("DELETE", &format!("/cluster/members/{id}"), None)?,
             &[],
         ),
+        CtlCommand::Log(LogCmd::Level { filter }) => {
+            let v = match filter {
+                Some(f) => client.call("PUT", "/log/level", Some(json!({ "level": f })))?,
+                None => client.call("GET", "/log/level", None)?,
+            };
+            if args.json {
+                return Ok(pretty(&v));
+            }
+            return Ok(format!("{}\n", cell(&v["level"])));
+        }
         CtlCommand::Clients(ClientsCmd::List { node }) => {
             let path = match node {
                 Some(n) => format!("/clients?limit=10000&node={n}"),
@@ -433,6 +467,25 @@ fn table(columns: &[&str], rows: &[Value]) -> String {
     out
 }
 
+/// Whether the status `v` shows a leader and exactly `n` members, every one a voter.
+fn check_voters(v: &Value, n: usize) -> Result<(), String> {
+    if v["leader"].is_null() {
+        return Err("no leader is known".to_owned());
+    }
+    let members = v["members"].as_array().cloned().unwrap_or_default();
+    let voters = members
+        .iter()
+        .filter(|m| matches!(m["role"].as_str(), Some("voter" | "leader")))
+        .count();
+    if members.len() != n || voters != n {
+        return Err(format!(
+            "{voters} voters among {} members, expected {n} voters",
+            members.len()
+        ));
+    }
+    Ok(())
+}
+
 fn cluster_table(v: &Value) -> String {
     let mut out = format!(
         "node {}  state {}  leader {}  term {}  applied {}  digest {} (at index {})\n\n",
@@ -463,6 +516,29 @@ mod tests {
             table(&["clientid", "node"], &rows),
             "clientid  node\nrobot-7   1\na         -\n"
         );
+    }
+
+    #[test]
+    fn expect_voters_wants_a_leader_and_exactly_that_many_voters() {
+        let status = |leader: Value, roles: &[&str]| {
+            let members: Vec<Value> = roles
+                .iter()
+                .enumerate()
+                .map(|(i, r)| json!({"id": i + 1, "role": r}))
+                .collect();
+            json!({"leader": leader, "members": members})
+        };
+        assert_eq!(
+            check_voters(&status(json!(1), &["leader", "voter", "voter"]), 3),
+            Ok(())
+        );
+        assert!(check_voters(&status(json!(1), &["leader", "voter", "learner"]), 3).is_err());
+        assert!(check_voters(&status(json!(1), &["leader", "voter"]), 3).is_err());
+        assert!(
+            check_voters(&status(json!(1), &["leader", "voter", "voter", "voter"]), 3).is_err()
+        );
+        let no_leader = check_voters(&status(Value::Null, &["voter", "voter", "voter"]), 3);
+        assert_eq!(no_leader, Err("no leader is known".to_owned()));
     }
 
     #[test]

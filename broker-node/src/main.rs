@@ -74,6 +74,37 @@ enum Cmd {
     },
     /// Operate a running node through its admin API.
     Ctl(broker_node::ctl::CtlArgs),
+    /// Check a broker end to end as a client: subscribe on one connection, publish
+    /// a QoS 1 message on another, and wait for it (exit 1 if it does not arrive).
+    CheckPubsub {
+        /// The MQTT listener, HOST:PORT (e.g. a Service in front of every node).
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        addr: String,
+        /// The username, if clients must log in.
+        #[arg(long)]
+        username: Option<String>,
+        /// A file holding the password (its first line).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<std::path::PathBuf>,
+        /// How long each step may take, e.g. 10s.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Make a CA for one cluster and a node certificate it signs (ca.pem, ca.key,
+    /// node.pem, node.key in DIR) for cluster.tls_*; a DIR that already holds them
+    /// is kept as it is.
+    ClusterCerts {
+        /// Where to write them.
+        #[arg(long, value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// A host name, IP address or wildcard (*.svc.example) the nodes are reached
+        /// at; repeat it for each.
+        #[arg(long = "host", value_name = "HOST", required = true)]
+        hosts: Vec<String>,
+        /// How long the certificates are valid, e.g. 825d or 10y.
+        #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+        valid_for: std::time::Duration,
+    },
     /// Add a user to a password file, or change their password (the file is created
     /// if missing; same format as mosquitto_passwd). Reads the password from stdin
     /// unless --password is given.
@@ -143,6 +174,58 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Some(Cmd::CheckPubsub {
+            addr,
+            username,
+            password_file,
+            timeout,
+        }) => {
+            let password = match password_file.map(std::fs::read_to_string).transpose() {
+                Ok(p) => p.map(|p| p.lines().next().unwrap_or_default().to_owned()),
+                Err(e) => {
+                    eprintln!("broker-node check-pubsub: cannot read the password file: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let target = broker_node::check::Target {
+                addr,
+                username,
+                password,
+                timeout,
+            };
+            match broker_node::check::pubsub(&target) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("broker-node check-pubsub: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Cmd::ClusterCerts {
+            dir,
+            hosts,
+            valid_for,
+        }) => match broker_node::cluster::certs::make(&dir, &hosts, valid_for) {
+            Ok(made) => {
+                let what = match made {
+                    broker_node::cluster::certs::Made::Created => {
+                        "made a new cluster CA and node certificate in"
+                    }
+                    broker_node::cluster::certs::Made::Kept => {
+                        "kept the cluster CA and node certificate already in"
+                    }
+                };
+                println!("{what} {}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("broker-node cluster-certs: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Cmd::PrintDefaultConfig) => {
             print!("{}", default_config_toml());
             ExitCode::SUCCESS

@@ -122,12 +122,14 @@ pub async fn run(
         raft.clone(),
         contacts,
         config.cluster.node_lost_after,
+        config.cluster.autoclean_after,
     ));
     tracker.spawn(
         broker
             .clone()
             .run_state_gauges(raft.clone(), Duration::from_secs(1)),
     );
+    tracker.spawn(broker.clone().run_leader_watch(raft.clone()));
     if !config.mqtt.sys_interval.is_zero() {
         tracker.spawn(broker.clone().run_sys(config.mqtt.sys_interval));
     }

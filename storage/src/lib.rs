@@ -23,6 +23,7 @@
 #![allow(clippy::result_large_err)]
 
 mod codec;
+mod commit_clock;
 mod error;
 mod log_store;
 mod state_machine;
@@ -71,10 +72,11 @@ where
         .open_tree(codec::SNAPSHOT_TREE)
         .sto(ErrorSubject::Snapshot(None), ErrorVerb::Read)?;
     tracing::info!(path = %path.display(), entries = logs.len(), "storage opened");
-    let log_store = LogStore::new(logs, meta);
+    let clock = commit_clock::CommitClock::default();
+    let log_store = LogStore::new(logs, meta, clock.clone());
     let committed = log_store
         .committed_at_open()
         .sto(ErrorSubject::Store, ErrorVerb::Read)?;
-    let state_machine = StateMachineStore::open(db, snapshots, machine, committed)?;
+    let state_machine = StateMachineStore::open(db, snapshots, machine, committed, clock)?;
     Ok((log_store, state_machine))
 }

@@ -27,6 +27,7 @@ use openraft::{
 };
 
 use crate::codec::{self, KEY_COMMITTED, KEY_LAST_PURGED, KEY_VOTE};
+use crate::commit_clock::CommitClock;
 use crate::error::{Error, ResultExt};
 
 /// The sled-backed Raft log of one node.
@@ -38,6 +39,8 @@ pub struct LogStore<C: RaftTypeConfig> {
     logs: sled::Tree,
     /// Vote, committed log id and last purged log id.
     meta: sled::Tree,
+    /// When each committed index became known, for the state machine's apply lag.
+    clock: CommitClock,
     /// The type config only shapes the encoded records.
     _config: PhantomData<C>,
 }
@@ -47,6 +50,7 @@ impl<C: RaftTypeConfig> Clone for LogStore<C> {
         Self {
             logs: self.logs.clone(),
             meta: self.meta.clone(),
+            clock: self.clock.clone(),
             _config: PhantomData,
         }
     }
@@ -65,10 +69,11 @@ where
     C: RaftTypeConfig<Entry = Entry<C>>,
 {
     /// Wraps the two trees of an open database.
-    pub(crate) fn new(logs: sled::Tree, meta: sled::Tree) -> Self {
+    pub(crate) fn new(logs: sled::Tree, meta: sled::Tree, clock: CommitClock) -> Self {
         Self {
             logs,
             meta,
+            clock,
             _config: PhantomData,
         }
     }
@@ -233,6 +238,9 @@ where
         &mut self,
         committed: Option<LogId<C::NodeId>>,
     ) -> Result<(), StorageError<C::NodeId>> {
+        if let Some(id) = &committed {
+            self.clock.committed(id.index);
+        }
         // Not flushed on purpose: see the module documentation.
         self.write_meta(KEY_COMMITTED, "committed log id", &committed)
             .sto(ErrorSubject::Store, ErrorVerb::Write)

@@ -32,6 +32,7 @@ use openraft::{
 };
 
 use crate::codec::{self, KEY_SNAPSHOT_DATA, KEY_SNAPSHOT_META};
+use crate::commit_clock::CommitClock;
 use crate::error::{Error, ResultExt};
 
 /// The broker's replicated state, as storage sees it: apply commands, serialize, restore.
@@ -46,6 +47,13 @@ pub trait Machine<C: RaftTypeConfig>: Send + Sync + 'static {
     /// Applies one normal entry's command, committed at `log_id`, and returns the
     /// response openraft hands back to the proposer. No clock, no randomness, no I/O.
     fn apply(&mut self, log_id: &LogId<C::NodeId>, cmd: &C::D) -> C::R;
+
+    /// How long to hold back a batch holding `cmd` before applying it, without the
+    /// state's lock (so that readers meanwhile see the state without it): a fault hook
+    /// for tests, a follower applying late. None by default.
+    fn apply_delay(_cmd: &C::D) -> Option<std::time::Duration> {
+        None
+    }
 
     /// Serializes the whole state; called while building a snapshot.
     fn snapshot(&self) -> Result<Vec<u8>, Self::Error>;
@@ -149,6 +157,8 @@ fn persist_snapshot<C: RaftTypeConfig, M>(
 pub struct StateMachineStore<C: RaftTypeConfig, M> {
     /// Shared with snapshot builders and [`MachineHandle`]s.
     shared: Arc<Shared<C, M>>,
+    /// When the entries it applies were committed (the log store notes it).
+    clock: CommitClock,
 }
 
 /// Read access to the broker's machine, cheap to clone, shared with the state-machine store.
@@ -222,6 +232,7 @@ where
         snapshots: sled::Tree,
         mut machine: M,
         committed: Option<LogId<C::NodeId>>,
+        clock: CommitClock,
     ) -> Result<Self, StorageError<C::NodeId>> {
         let mut last_applied = None;
         let mut last_membership = StoredMembership::default();
@@ -249,6 +260,7 @@ where
                 persist_lock: Mutex::new(()),
                 db,
             }),
+            clock,
         })
     }
 
@@ -369,6 +381,17 @@ where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<C::Entry> = entries.into_iter().collect();
+        let delay = entries
+            .iter()
+            .filter_map(|e| match &e.payload {
+                EntryPayload::Normal(cmd) => M::apply_delay(cmd),
+                _ => None,
+            })
+            .max();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         let mut applied = self
             .shared
             .write()
@@ -387,6 +410,12 @@ where
             };
             applied.last_applied = Some(entry.log_id);
             responses.push(response);
+        }
+        if let Some(last) = &applied.last_applied {
+            let lag = metrics::histogram!("flockmq_raft_commit_to_apply_seconds");
+            for waited in self.clock.applied(last.index) {
+                lag.record(waited.as_secs_f64());
+            }
         }
         Ok(responses)
     }

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end test of the image and docker-compose.yml on this machine's Docker
-# engine: build the image offline, start the three-node cluster, publish and
+# engine: build the image offline, start the three-node cluster (ports on
+# 127.0.0.1 only, mutual TLS between nodes: a client without the cluster's
+# certificate is refused, and a node with an open cluster port and no TLS does not
+# start), publish and
 # subscribe across nodes with mosquitto clients, kill a node (service and a
 # persistent session survive), cut a node off its network (it refuses control-plane
 # writes, the majority publishes the will of a client connected to it) and reconnect
@@ -44,6 +47,24 @@ wait_healthy() {
   done
 }
 wait_healthy node1 node2 node3
+
+step "published ports on 127.0.0.1 only; the cluster port wants the cluster's certificate"
+for n in node1 node2 node3; do
+  for p in 1883 8080; do
+    bound="$(docker port "$(container $n)" $p/tcp)"
+    [[ "$bound" == 127.0.0.1:* ]] || fail "$n publishes $p on '$bound', not on 127.0.0.1 only"
+  done
+  [[ -z "$(docker port "$(container $n)" 7000/tcp 2>/dev/null)" ]] || fail "$n publishes its cluster port"
+done
+node1_ip="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$(container node1)")"
+# A client without a certificate: the node ends the handshake with an alert. (With
+# -ign_eof s_client waits for the node to close, so it ends on that alert.)
+refused="$(openssl s_client -connect "$node1_ip:7000" -servername node1 -ign_eof </dev/null 2>&1 || true)"
+grep -q "alert certificate required" <<<"$refused" || fail "cluster port took a client without a certificate: $refused"
+# The same image with its cluster port beyond loopback and no TLS refuses to start.
+insecure="$(timeout 30 docker run --rm --pull never -e FLOCKMQ_CLUSTER_ADDR=0.0.0.0:7000 "$FLOCKMQ_IMAGE" 2>&1)" \
+  && fail "a node with an open cluster port and no TLS started"
+grep -q "cluster.allow_insecure" <<<"$insecure" || fail "no reason given: $insecure"
 
 step "publish on node 2, subscribers on nodes 1 and 3"
 mosquitto_sub -p "$NODE1_MQTT_PORT" -t 'fleet/#' -C 1 -W 20 -v >/tmp/$PROJECT.sub1 &

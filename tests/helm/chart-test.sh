@@ -14,9 +14,12 @@
 #    environment through the real configuration loader (`broker-node check-config`)
 #    and the init container's script making a real password file;
 #  - NOTES.txt, values the chart must refuse, and that every value in values.yaml is used;
+#  - the PrometheusRule's alerts with `promtool check rules` and `promtool test rules`
+#    (tests/helm/alerts-test.yaml), every alert with a test where it fires;
 #  - with a Docker engine and a FlockMQ image (flockmq:dev, else flockmq:e2e, or
 #    CHART_TEST_IMAGE): the rendered pods run as containers with their pod DNS names;
-#    the cluster forms, MQTT crosses pods, a scale-up pod joins, a removed one leaves,
+#    the cluster forms, MQTT crosses pods, a scale-up pod joins, a scaled-down one is
+#    removed by the leader (cluster.autocleanAfter) and rejoins when it returns,
 #    restarts keep the state. CHART_TEST_DOCKER=0 skips this stage.
 # It ends with one line: "chart-test: N passed, M failed" (exit 1 if M > 0).
 #
@@ -91,19 +94,22 @@ fi
 # ---- the value sets: VALUES[case] is its values file ("" for the defaults), FACTS[case]
 # what `chart_checks.py facts` expects of its render ----
 declare -A VALUES FACTS
-VALUES[default]=""
-FACTS[default]="--replicas 3 --initial 3
-  --env FLOCKMQ_MQTT__PASSWORD_FILE --no-env FLOCKMQ_API_TOKEN FLOCKMQ_MQTT__ACL_FILE FLOCKMQ_TLS_CERT_FILE
+VALUES[default]="$HERE/values/default.yaml"
+FACTS[default]="--replicas 3 --initial 3 --cluster-tls $RELEASE-cluster-tls
+  --env FLOCKMQ_MQTT__PASSWORD_FILE FLOCKMQ_API_TOKEN --no-env FLOCKMQ_MQTT__ACL_FILE FLOCKMQ_TLS_CERT_FILE
   --env-value FLOCKMQ_MQTT__ALLOW_ANONYMOUS=false FLOCKMQ_TLS_ADDR=off FLOCKMQ_WS_ADDR=off
-  --config FLOCKMQ_LOG__FORMAT=json --secret-keys $RELEASE-users=flockmq"
+  --config FLOCKMQ_LOG__FORMAT=json
+  --secret-keys $RELEASE-users=flockmq $RELEASE-cluster-tls=ca.crt,tls.crt,tls.key $RELEASE-auth=api-token"
 VALUES[single]="$HERE/values/single.yaml"
-FACTS[single]="--replicas 1 --initial 1"
+FACTS[single]="--replicas 1 --initial 1 --cluster-tls $RELEASE-cluster-tls"
 VALUES[scaled]="$HERE/values/scaled.yaml"
-FACTS[scaled]="--replicas 5 --initial 3"
+FACTS[scaled]="--replicas 5 --initial 3 --cluster-tls $RELEASE-cluster-tls"
 VALUES[five]="$HERE/values/five.yaml"
 FACTS[five]="--replicas 5 --initial 5 --service-type LoadBalancer
   --client-ports mqtt mqtts ws wss http --anti-affinity hard --storage 20Gi --storage-class fast-ssd
-  --service-monitor --existing flockmq-certs flockmq-auth
+  --monitoring ServiceMonitor --cluster-tls flockmq-cluster-certs
+  --existing flockmq-certs flockmq-auth flockmq-cluster-certs
+  --secret-keys $RELEASE-cluster-tls= $RELEASE-tls=
   --env FLOCKMQ_API_TOKEN FLOCKMQ_MQTT__PASSWORD_FILE FLOCKMQ_TLS_CA_FILE
   --env-value FLOCKMQ_TLS_ADDR=0.0.0.0:8883 FLOCKMQ_WS_ADDR=0.0.0.0:8083 FLOCKMQ_WSS_ADDR=0.0.0.0:8084
     FLOCKMQ_TLS_CERT_FILE=/etc/flockmq/tls/tls.crt FLOCKMQ_TLS_REQUIRE_CLIENT_CERT=false
@@ -115,8 +121,13 @@ FACTS[inline]="--replicas 3 --initial 3 --service-type NodePort --client-ports m
   --env FLOCKMQ_API_TOKEN FLOCKMQ_MQTT__PASSWORD_FILE
   --env-value FLOCKMQ_TLS_REQUIRE_CLIENT_CERT=true FLOCKMQ_TLS_CA_FILE=/etc/flockmq/tls/ca.crt
     FLOCKMQ_MQTT__ACL_FILE=/etc/flockmq/secret/acl
-  --secret-keys $RELEASE-auth=passwd,acl,api-token $RELEASE-tls=tls.crt,tls.key,ca.crt $RELEASE-users="
-CASES=(default single scaled five inline)
+  --secret-keys $RELEASE-auth=passwd,acl,api-token $RELEASE-tls=tls.crt,tls.key,ca.crt $RELEASE-users=
+    $RELEASE-cluster-tls= --no-test-pod"
+VALUES[operator]="$HERE/values/operator.yaml"
+FACTS[operator]="--replicas 3 --initial 3 --client-ports mqtt mqtts --cluster-tls $RELEASE-cluster-tls
+  --monitoring PodMonitor PrometheusRule --existing flockmq-auth --env TZ FLOCKMQ_API_TOKEN
+  --secret-keys $RELEASE-cluster-tls= $RELEASE-tls="
+CASES=(default single scaled five inline operator)
 
 values_args() { if [[ -n "${VALUES[$1]}" ]]; then echo "-f ${VALUES[$1]}"; fi; }
 render() { # render CASE [extra helm args...]
@@ -269,12 +280,42 @@ refuses "TLS without a certificate" "need a certificate" render default --set li
 refuses "client certificates without a CA" "needs the CA" render inline --set tls.ca=
 refuses "a setting the chart owns in config" "set by the chart" render default --set config.node_id=7
 refuses "a username a Secret key cannot hold" "auth.users" render default --set 'auth.users[0].username=a b' --set 'auth.users[0].password=x'
+refuses "no MQTT credentials: no made-up password, says what to set" "set auth.users" \
+  "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE"
+refuses "a cluster port without TLS unless said to be trusted" "cluster.allowInsecure=true" \
+  render default --set cluster.tls.enabled=false
+refuses "a cert-manager Certificate without an issuer" "issuerRef.name is empty" \
+  render default --set cluster.tls.certManager.enabled=true
+
+echo "== the PrometheusRule's alerts (promtool)"
+# The rule groups of the operator render (release flockmq, namespace iot) as a rules
+# file, checked and unit-tested by promtool against tests/helm/alerts-test.yaml.
+alerts() {
+  command -v promtool >/dev/null || { echo "promtool missing: run scripts/install-test-deps.sh"; return 1; }
+  mkdir -p "$tmp/alerts"
+  python3 - "$tmp/operator.yaml" "$tmp/alerts/rules.yaml" <<'EOF'
+import sys, yaml
+rule = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PrometheusRule")
+yaml.safe_dump({"groups": rule["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)
+EOF
+  cp "$HERE/alerts-test.yaml" "$tmp/alerts/" &&
+    promtool check rules "$tmp/alerts/rules.yaml" && promtool test rules "$tmp/alerts/alerts-test.yaml"
+}
+check "every alert fires when it should and not before (promtool test rules)" alerts
+check "every alert has a promtool test where it fires" python3 - "$tmp/operator.yaml" "$HERE/alerts-test.yaml" <<'EOF'
+import sys, yaml
+rule = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PrometheusRule")
+alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+tested = {t["alertname"] for case in yaml.safe_load(open(sys.argv[2]))["tests"] for t in case["alert_rule_test"]
+          if t.get("exp_alerts")}
+sys.exit(f"alerts without a firing test: {sorted(alerts - tested)}" if alerts - tested else 0)
+EOF
 
 echo "== every value in values.yaml is used by a template"
 check "values.yaml has no unused keys" python3 - "$CHART" <<'EOF'
 import pathlib, re, sys, yaml
 chart = pathlib.Path(sys.argv[1])
-text = "\n".join(p.read_text() for p in (chart / "templates").iterdir())
+text = "\n".join(p.read_text() for p in (chart / "templates").rglob("*") if p.is_file())
 # .Values.a.b, and the `with .Values.a` blocks whose body reads .b (one level).
 used = set(re.findall(r"\.Values((?:\.[A-Za-z0-9_]+)+)", text))
 for block, body in re.findall(r"with \.Values((?:\.[A-Za-z0-9_]+)+)\s*\}\}(.*?)\{\{-? end", text, re.S):
@@ -323,6 +364,11 @@ docker_stage() {
     local c="$1" n="$2" dir="$tmp/$1-docker$2" pod="$RELEASE-$2"
     local -a common cmd
     checks pod "$tmp/$c.yaml" "$n" "$dir" >/dev/null
+    # On `helm upgrade` the chart reads its cluster CA back (lookup); each `helm
+    # template` here made a new one, so pods of a later render get the first one's.
+    if [[ "$c" != default && -d "$dir/volumes/cluster-tls" ]]; then
+      cp "$tmp/default-docker0/volumes/cluster-tls/"* "$dir/volumes/cluster-tls/"
+    fi
     grep -v '^HOSTNAME=' "$dir/env" >"$dir/env.docker"
     docker volume create --label "flockmq-chart-test=$net" "$net-data-$n" >/dev/null
     common=(--label "flockmq-chart-test=$net" --user 10001:10001 --group-add 10001 --read-only
@@ -337,6 +383,7 @@ docker_stage() {
     # shellcheck disable=SC2046
     docker run -d --pull never --name "$net-$pod" --hostname "$pod" --network "$net" \
       --network-alias "$pod.$RELEASE-headless.$NAMESPACE.svc.cluster.local" \
+      --network-alias "$RELEASE.$NAMESPACE.svc.cluster.local" \
       -p 127.0.0.1::1883 -p 127.0.0.1::8080 "${common[@]}" $(mount_args "$dir" flockmq "$n") \
       --entrypoint "${cmd[0]}" "$IMAGE" "${cmd[@]:1}" >/dev/null
   }
@@ -410,7 +457,33 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
     [[ "$got" == north ]] || { echo "got '$got'"; return 1; }
   }
   anonymous_refused() { ! mosquitto_pub -h 127.0.0.1 -p "$(port 0 1883)" -t fleet/x -m 1 -q 1 2>/dev/null; }
-  removed() { docker exec "$net-$RELEASE-0" broker-node ctl cluster remove "$1" && docker rm -f "$net-$RELEASE-$(($1 - 1))" >/dev/null; }
+  # The cluster port, reached on the pods' network, ends the handshake of a client
+  # without the cluster's certificate (s_client waits for the node to close).
+  cluster_port_refuses() {
+    local ip out
+    ip="$(docker inspect -f "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}" "$net-$RELEASE-0")"
+    out="$(openssl s_client -connect "$ip:7000" -servername "$(host 0 | sed 's/:7000$//')" -ign_eof </dev/null 2>&1 || true)"
+    grep -q "alert certificate required" <<<"$out" || { echo "$out" | tail -15; return 1; }
+  }
+  # The `helm test` Pod, run as the kubelet would with the client Service's name
+  # resolving to the pods: MQTT through it, then `ctl cluster status` from pod 0.
+  helm_test() {
+    local dir="$tmp/helm-test" out
+    checks test-pod "$tmp/default.yaml" "$dir" >/dev/null
+    local -a cmd
+    mapfile -d '' -t cmd <"$dir/command"
+    # shellcheck disable=SC2046
+    out="$(docker run --rm --pull never --label "flockmq-chart-test=$net" --network "$net" --user 10001:10001 \
+      --group-add 10001 --read-only --cap-drop ALL --security-opt no-new-privileges --env-file "$dir/env" \
+      $(mount_args "$dir" check 0) --entrypoint "${cmd[0]}" "$IMAGE" "${cmd[@]:1}" 2>&1)" || { echo "$out"; return 1; }
+    [[ "$(grep -c 'reached its subscriber' <<<"$out")" == 3 ]] || { echo "$out"; return 1; }
+    grep -q "leader" <<<"$out" || { echo "$out"; return 1; }
+    echo "$out"
+  }
+  # Scaling down stops the pod and keeps its claim; scaling up again starts it on it.
+  stopped() { local n; for n in "$@"; do docker stop "$net-$RELEASE-$n" >/dev/null || return 1; done; }
+  scaled_up() { start_pod scaled 3 && start_pod scaled 4; }
+  back() { docker start "$net-$RELEASE-$1" >/dev/null && ready "$1"; }
   restarted() { docker restart "$net-$RELEASE-$1" >/dev/null && ready "$1"; }
 
   # replaced ORDINAL: the pod comes back on an empty volume (a lost disk).
@@ -432,10 +505,17 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
   check "cluster status: nodes 1-3 are the voters, at their pods' DNS names" voters 0 "1 2 3"
   check "MQTT: published on pod 2, received on pod 0, as the generated user" pubsub 0 2
   check "MQTT: an anonymous client is refused" anonymous_refused
-  check "scale up: pod 3 of the 5-replica render starts" start_pod scaled 3
-  check "scale up: pod 3 joins through pod 0 and becomes ready" ready 3
-  check "scale up: nodes 1-4 are the voters" voters 0 "1 2 3 4"
-  check "scale down: ctl cluster remove 4, then pod 3 goes" removed 4
+  check "cluster port: a client without the cluster's certificate is refused" cluster_port_refuses
+  check "helm test: pub/sub through the client Service, every replica a voter" helm_test
+  # helm upgrade --set replicaCount=5, then =3, then =4 and =3 again: no command typed.
+  check "scale up to 5: pods 3 and 4 of the 5-replica render start" scaled_up
+  check "scale up: pods 3 and 4 join through pod 0 and become ready" ready 3 4
+  check "scale up: nodes 1-5 are the voters" voters 0 "1 2 3 4 5"
+  check "scale down to 3: pods 3 and 4 stop, their volumes stay" stopped 3 4
+  check "scale down: the leader removes nodes 4 and 5 after cluster.autocleanAfter, no command typed" voters 1 "1 2 3"
+  check "scale up to 4 again: pod 3 starts on its old volume, asks to rejoin, is ready" back 3
+  check "scale up: nodes 1-4 are the voters again" voters 0 "1 2 3 4"
+  check "scale down to 3 again: pod 3 stops" stopped 3
   check "scale down: nodes 1-3 are the voters again" voters 1 "1 2 3"
   check "pod 1 restarted with its data is ready again" restarted 1
   check "a retained message published on pod 0" retained 0 publish

@@ -12,7 +12,10 @@
         envFrom and fieldRef are resolved), OUT_DIR/command (the shell wrapper, then
         its $0 and args, NUL separated), OUT_DIR/init-command (the init container's),
         OUT_DIR/volumes/NAME (rendered Secrets as files, emptyDirs) and
-        OUT_DIR/mounts-CONTAINER (NAME PATH ro|rw per line)
+        OUT_DIR/mounts-CONTAINER (NAME PATH ro|rw per line); a secretKeyRef is the
+        rendered Secret's value, or a placeholder for the user's own Secrets
+    chart_checks.py test-pod RENDERED.yaml OUT_DIR
+        the same for the `helm test` hook Pod (its container `check`)
     chart_checks.py wrapper-env ENV_OUTPUT --node-id N --advertise A (--initial-cluster C | --join J | --single)
         the environment the wrapper handed to broker-node, as printed by `env`
 
@@ -54,6 +57,15 @@ def one(docs, kind, name=None):
 
 # ---- validate ----
 
+def check_endpoints(kind, endpoints, ports):
+    """A monitor's scrape endpoints: /metrics on a port that exists, no other keys."""
+    for ep in endpoints:
+        expect(ep.get("port") in ports, f"{kind} port {ep.get('port')} not in {ports}")
+        expect(ep.get("path") == "/metrics", f"{kind} path is /metrics")
+        for key in ep:
+            expect(key in {"port", "path", "interval", "scrapeTimeout"}, f"{kind} endpoint key {key}")
+
+
 def check_service_monitor(sm, docs):
     """The ServiceMonitor fields the chart sets, and that it selects a real Service port."""
     spec = sm.get("spec", {})
@@ -62,14 +74,53 @@ def check_service_monitor(sm, docs):
     services = [d for d in docs if d["kind"] == "Service"
                 and all(d["metadata"].get("labels", {}).get(k) == v for k, v in labels.items())]
     if expect(len(services) == 1, f"ServiceMonitor selects {len(services)} Services, want 1"):
-        ports = {p["name"] for p in services[0]["spec"]["ports"]}
-        for ep in spec.get("endpoints", []):
-            expect(ep.get("port") in ports, f"ServiceMonitor port {ep.get('port')} not in {ports}")
-            expect(ep.get("path") == "/metrics", "ServiceMonitor path is /metrics")
-            for key in ep:
-                expect(key in {"port", "path", "interval", "scrapeTimeout"}, f"ServiceMonitor endpoint key {key}")
+        check_endpoints("ServiceMonitor", spec.get("endpoints", []), {p["name"] for p in services[0]["spec"]["ports"]})
     expect(spec.get("endpoints"), "ServiceMonitor has endpoints")
     expect(spec.get("namespaceSelector", {}).get("matchNames"), "ServiceMonitor namespaceSelector")
+
+
+def check_pod_monitor(pm, docs):
+    """The PodMonitor selects the StatefulSet's pods on their http port."""
+    spec = pm.get("spec", {})
+    expect(pm.get("apiVersion") == "monitoring.coreos.com/v1", "PodMonitor apiVersion")
+    sts = one(docs, "StatefulSet")
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    labels = spec.get("selector", {}).get("matchLabels", {})
+    expect(labels and all(pod_labels.get(k) == v for k, v in labels.items()), "PodMonitor selects the pods")
+    ports = {p["name"] for c in sts["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    check_endpoints("PodMonitor", spec.get("podMetricsEndpoints", []), ports)
+    expect(spec.get("podMetricsEndpoints"), "PodMonitor has endpoints")
+
+
+def check_certificate(cert, docs):
+    """A cert-manager Certificate: the fields the chart sets, writing a Secret the pods mount."""
+    spec = cert.get("spec", {})
+    expect(cert.get("apiVersion") == "cert-manager.io/v1", "Certificate apiVersion")
+    for key in spec:
+        expect(key in {"secretName", "dnsNames", "usages", "duration", "renewBefore", "privateKey", "issuerRef"},
+               f"Certificate key {key}")
+    expect(spec.get("dnsNames") and spec.get("issuerRef", {}).get("name"), "Certificate has names and an issuer")
+    valid = {"server auth", "client auth", "digital signature", "key encipherment"}
+    expect(set(spec.get("usages", [])) <= valid, f"Certificate usages {spec.get('usages')}")
+    pod = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    mounted = {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    expect(spec.get("secretName") in mounted, f"Certificate Secret {spec.get('secretName')} is mounted")
+
+
+def check_prometheus_rule(rule, docs):
+    """The PrometheusRule's groups; promtool checks the rules themselves."""
+    expect(rule.get("apiVersion") == "monitoring.coreos.com/v1", "PrometheusRule apiVersion")
+    groups = rule.get("spec", {}).get("groups", [])
+    expect(groups and all(g.get("rules") for g in groups), "PrometheusRule has rule groups")
+    for g in groups:
+        for r in g["rules"]:
+            expect(r.get("alert") and r.get("expr") and r.get("annotations", {}).get("summary"),
+                   f"rule {r.get('alert')} has a name, an expression and a summary")
+
+
+# Custom resources kubernetes-validate has no schema for: checked by hand.
+CUSTOM = {"ServiceMonitor": check_service_monitor, "PodMonitor": check_pod_monitor,
+          "Certificate": check_certificate, "PrometheusRule": check_prometheus_rule}
 
 
 def cmd_validate(args):
@@ -79,8 +130,8 @@ def cmd_validate(args):
     checked = 0
     for doc in docs:
         name = f"{doc['kind']}/{doc['metadata']['name']}"
-        if doc["kind"] == "ServiceMonitor":
-            check_service_monitor(doc, docs)
+        if doc["kind"] in CUSTOM:
+            CUSTOM[doc["kind"]](doc, docs)
             continue
         for version in args.versions:
             try:
@@ -188,6 +239,8 @@ def cmd_facts(args):
 
     # Every Secret and ConfigMap the pod refers to is rendered or named as existing.
     rendered = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    # ... or written by a cert-manager Certificate the chart renders.
+    rendered |= {("Secret", d["spec"]["secretName"]) for d in docs if d["kind"] == "Certificate"}
     refs = [("ConfigMap", e["configMapRef"]["name"]) for e in container.get("envFrom", [])]
     refs += [("Secret", v["secret"]["secretName"]) for v in pod.get("volumes", []) if "secret" in v]
     refs += [("Secret", e["valueFrom"]["secretKeyRef"]["name"]) for e in container.get("env", [])
@@ -203,8 +256,27 @@ def cmd_facts(args):
     annotations = spec["template"]["metadata"].get("annotations", {})
     expect(annotations.get("prometheus.io/scrape") == "true" and annotations.get("prometheus.io/port") == "8080",
            "prometheus.io scrape annotations")
-    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
-    expect(len(monitors) == (1 if args.service_monitor else 0), f"{len(monitors)} ServiceMonitor")
+    for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
+        found = [d for d in docs if d["kind"] == kind]
+        expect(len(found) == (1 if kind in args.monitoring else 0), f"{len(found)} {kind}")
+
+    # The cluster port: mutual TLS from a mounted Secret, or insecure only when said so.
+    if args.cluster_tls:
+        want = {"FLOCKMQ_CLUSTER__TLS_CERT_FILE": "/etc/flockmq/cluster-tls/tls.crt",
+                "FLOCKMQ_CLUSTER__TLS_KEY_FILE": "/etc/flockmq/cluster-tls/tls.key",
+                "FLOCKMQ_CLUSTER__TLS_CA_FILE": "/etc/flockmq/cluster-tls/ca.crt"}
+        for name, value in want.items():
+            expect(env.get(name, {}).get("value") == value, f"{name}={value}")
+        expect(mounts.get("/etc/flockmq/cluster-tls") == "cluster-tls", "cluster TLS Secret mounted")
+        secret = next(v["secret"]["secretName"] for v in pod["volumes"] if v["name"] == "cluster-tls")
+        expect(secret == args.cluster_tls, f"cluster TLS Secret is {args.cluster_tls} (got {secret})")
+        expect("FLOCKMQ_CLUSTER__ALLOW_INSECURE" not in env, "no FLOCKMQ_CLUSTER__ALLOW_INSECURE with TLS")
+    else:
+        expect(env.get("FLOCKMQ_CLUSTER__ALLOW_INSECURE", {}).get("value") == "true",
+               "without cluster TLS the chart says the network is trusted")
+    tests = [d for d in docs if d["kind"] == "Pod"
+             and d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    expect(len(tests) == (0 if args.no_test_pod else 1), f"{len(tests)} helm test Pods")
 
     for name in args.env:
         expect(name in env, f"container env has {name}")
@@ -233,7 +305,23 @@ def cmd_pod(args):
     pod = sts["spec"]["template"]["spec"]
     pod_name = f"{sts['metadata']['name']}-{args.ordinal}"
     container = next(c for c in pod["containers"] if c["name"] == "flockmq")
+    materialize(docs, sts, pod, container, pod_name, args.out)
+
+
+def cmd_test_pod(args):
+    docs = load(args.rendered)
+    test = next(d for d in docs if d["kind"] == "Pod"
+                and d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test")
+    pod = test["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "check")
+    materialize(docs, test, pod, container, test["metadata"]["name"], args.out)
+
+
+def materialize(docs, owner, pod, container, pod_name, out):
+    """OUT/env, OUT/command, OUT/init-command, OUT/volumes/*, OUT/mounts-* for one pod."""
+    sts = owner
     configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    secrets = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "Secret"}
 
     # As the kubelet does: envFrom first, then env (which wins), $(VAR) not used here.
     env = {"HOSTNAME": pod_name}
@@ -248,36 +336,43 @@ def cmd_pod(args):
                 field = ref["fieldRef"]["fieldPath"]
                 env[e["name"]] = {"metadata.name": pod_name, "metadata.namespace": sts["metadata"].get("namespace", "")}[field]
             elif "secretKeyRef" in ref:
-                env[e["name"]] = f"secret-{ref['secretKeyRef']['name']}-{ref['secretKeyRef']['key']}"
+                name, key = ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"]
+                if key in secrets.get(name, {}):
+                    env[e["name"]] = base64.b64decode(secrets[name][key]).decode()
+                else:
+                    env[e["name"]] = f"secret-{name}-{key}"
             else:
                 raise SystemExit(f"env {e['name']}: unsupported valueFrom {ref}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "env"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "env"), "w") as f:
         for k, v in sorted(env.items()):
             expect("\n" not in v and "\0" not in v, f"env {k} is one line")
             f.write(f"{k}={v}\n")
     argv = list(container.get("command", [])) + list(container.get("args", []))
-    with open(os.path.join(args.out, "command"), "w") as f:
+    with open(os.path.join(out, "command"), "w") as f:
         f.write("\0".join(argv))
     init = [c for c in pod.get("initContainers", []) if c["name"] == "passwd"]
     if init:
-        with open(os.path.join(args.out, "init-command"), "w") as f:
+        with open(os.path.join(out, "init-command"), "w") as f:
             f.write("\0".join(init[0]["command"]))
     # The pod's volumes, as the kubelet would make them: OUT_DIR/volumes/NAME, with
     # rendered Secrets as one file per key (the user's own Secrets stay empty) and
     # emptyDirs writable by all; OUT_DIR/mounts-CONTAINER lists NAME PATH ro|rw.
-    secrets = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "Secret"}
-    for volume in pod.get("volumes", []):
-        target = os.path.join(args.out, "volumes", volume["name"])
+    for volume in pod.get("volumes") or []:
+        target = os.path.join(out, "volumes", volume["name"])
         os.makedirs(target, exist_ok=True)
         if "emptyDir" in volume:
             os.chmod(target, 0o777)
         secret = volume.get("secret")
-        for key, value in secrets.get(secret["secretName"], {}).items() if secret else []:
-            with open(os.path.join(target, key), "wb") as f:
-                f.write(base64.b64decode(value))
+        data = secrets.get(secret["secretName"], {}) if secret else {}
+        # `items` maps keys to paths; without it every key is a file.
+        paths = {i["key"]: i["path"] for i in secret.get("items", [])} if secret and "items" in secret else None
+        for key, value in data.items():
+            if paths is None or key in paths:
+                with open(os.path.join(target, paths[key] if paths else key), "wb") as f:
+                    f.write(base64.b64decode(value))
     for c in pod["containers"] + pod.get("initContainers", []):
-        with open(os.path.join(args.out, f"mounts-{c['name']}"), "w") as f:
+        with open(os.path.join(out, f"mounts-{c['name']}"), "w") as f:
             for m in c.get("volumeMounts", []):
                 f.write(f"{m['name']} {m['mountPath']} {'ro' if m.get('readOnly') else 'rw'}\n")
 
@@ -312,11 +407,13 @@ def main():
     f.add_argument("--replicas", type=int, required=True)
     f.add_argument("--initial", type=int, required=True)
     f.add_argument("--service-type", default="ClusterIP")
-    f.add_argument("--client-ports", nargs="+", default=["mqtt", "http"])
+    f.add_argument("--client-ports", nargs="+", default=["mqtt"])
     f.add_argument("--anti-affinity", default="soft")
     f.add_argument("--storage", default="8Gi")
     f.add_argument("--storage-class")
-    f.add_argument("--service-monitor", action="store_true")
+    f.add_argument("--monitoring", nargs="*", default=[], help="ServiceMonitor, PodMonitor, PrometheusRule rendered")
+    f.add_argument("--cluster-tls", help="the Secret of the cluster's mutual TLS; absent: insecure")
+    f.add_argument("--no-test-pod", action="store_true")
     f.add_argument("--existing", nargs="*", default=[], help="Secrets the user provides")
     f.add_argument("--env", nargs="*", default=[])
     f.add_argument("--no-env", nargs="*", default=[])
@@ -327,6 +424,9 @@ def main():
     pd.add_argument("rendered")
     pd.add_argument("ordinal", type=int)
     pd.add_argument("out")
+    tp = sub.add_parser("test-pod")
+    tp.add_argument("rendered")
+    tp.add_argument("out")
     w = sub.add_parser("wrapper-env")
     w.add_argument("output")
     w.add_argument("--node-id", required=True)
@@ -335,7 +435,8 @@ def main():
     w.add_argument("--join")
     w.add_argument("--single", action="store_true")
     args = p.parse_args()
-    {"validate": cmd_validate, "facts": cmd_facts, "pod": cmd_pod, "wrapper-env": cmd_wrapper_env}[args.cmd](args)
+    {"validate": cmd_validate, "facts": cmd_facts, "pod": cmd_pod, "test-pod": cmd_test_pod,
+     "wrapper-env": cmd_wrapper_env}[args.cmd](args)
     sys.exit(1 if failures else 0)
 
 

@@ -206,6 +206,8 @@ impl Node {
                     .collect();
                 if let Some(token) = &api_token {
                     extra_env.push(("FLOCKMQ_API_TOKEN".into(), token.clone()));
+                    // Beyond loopback, but on the test's own private network.
+                    extra_env.push(("FLOCKMQ_CLUSTER__ALLOW_INSECURE".into(), "true".into()));
                 }
                 extra_env.extend(env_of(id));
                 Node {
@@ -290,6 +292,14 @@ impl Node {
             .spawn()
             .expect("start broker-node");
         self.child = Some(child);
+    }
+
+    /// Publish a retained QoS 1 message with `mosquitto_pub`; panics if it fails.
+    pub fn publish_retained(&self, topic: &str, payload: &str) {
+        let port = self.mqtt_port.to_string();
+        let args = ["-p", &port, "-t", topic, "-m", payload, "-r", "-q", "1"];
+        let r = run("mosquitto_pub", &args, Duration::from_secs(10));
+        assert_eq!(r.code, Some(0), "{r:?}");
     }
 
     /// Wait until the MQTT port accepts connections (it opens once a leader is known).
@@ -520,7 +530,8 @@ pub fn converged(nodes: &[&Node]) -> String {
                 )
             })
             .collect::<Vec<_>>();
-        if last.windows(2).all(|w| w[0] == w[1]) && last[0].0.is_some() {
+        // (A node whose state changed under every attempt answers no digest.)
+        if last.windows(2).all(|w| w[0] == w[1]) && last[0].0.is_some() && last[0].1.is_some() {
             return last[0].1.clone().unwrap_or_default();
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -558,6 +569,47 @@ pub fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> b
             .then_some(())
             .ok_or_else(|| "not yet".to_owned())
     })
+}
+
+/// A seeded generator (splitmix64): small, and the same on every platform and
+/// release, so that a printed seed replays a fault schedule or a fuzzer's input.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo)
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        self.range(0, n as u64) as usize
+    }
+
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+
+    /// One of `items`.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+
+    /// `n` random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
 }
 
 /// `s` percent-encoded for a URL path segment or query value.

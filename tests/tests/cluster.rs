@@ -13,22 +13,7 @@ use flockmq_tests::{converged, run, running, wait_for, wait_until, Node, RawClie
 const T: Duration = Duration::from_secs(10);
 
 fn retain(node: &Node, topic: &str, payload: &str) {
-    let r = run(
-        "mosquitto_pub",
-        &[
-            "-p",
-            &node.mqtt_port.to_string(),
-            "-t",
-            topic,
-            "-m",
-            payload,
-            "-r",
-            "-q",
-            "1",
-        ],
-        T,
-    );
-    assert_eq!(r.code, Some(0), "{r:?}");
+    node.publish_retained(topic, payload);
 }
 
 fn read_retained(node: &Node, filter: &str, count: usize) -> Vec<String> {
@@ -384,50 +369,7 @@ fn nodes_speak_mutual_tls_when_configured() {
     ];
     let nodes = Node::cluster_with_env(3, &env);
     // Raft formed the cluster over TLS; a publish on node 3 is forwarded to node 1.
-    let sub = flockmq_tests::Background::spawn(
-        "mosquitto_sub",
-        &[
-            "-p",
-            &nodes[0].mqtt_port.to_string(),
-            "-t",
-            "fleet/#",
-            "-q",
-            "1",
-            "-C",
-            "1",
-            "-v",
-            "-W",
-            "15",
-        ],
-    );
-    let deadline = std::time::Instant::now() + T;
-    while nodes[2]
-        .api("GET", "/subscriptions", None)
-        .map_or(true, |s| s["meta"]["count"] != 1)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "subscription not replicated"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let r = run(
-        "mosquitto_pub",
-        &[
-            "-p",
-            &nodes[2].mqtt_port.to_string(),
-            "-t",
-            "fleet/r1/pose",
-            "-m",
-            "x",
-            "-q",
-            "1",
-        ],
-        T,
-    );
-    assert_eq!(r.code, Some(0), "{r:?}");
-    let got = sub.finish(T);
-    assert_eq!(got.stdout.trim(), "fleet/r1/pose x", "{got:?}");
+    forwarded(&nodes[0], &nodes[2]);
     converged(&running(&nodes));
 
     // The cluster port speaks TLS with a certificate from the CA, and wants one back.
@@ -447,15 +389,50 @@ fn nodes_speak_mutual_tls_when_configured() {
         with_cert.stdout.contains("Verify return code: 0 (ok)"),
         "{with_cert:?}"
     );
-    // A peer without a certificate is turned away: s_client keeps the connection
-    // until the node closes it (-ign_eof), so it ends on the node's alert.
+    refused_without_a_certificate(&nodes[0], &ca, Some("flockmq-node"));
+}
+
+/// A QoS 1 publish on `publisher` reaches a subscriber on `subscriber`.
+fn forwarded(subscriber: &Node, publisher: &Node) {
+    let sub = flockmq_tests::Background::spawn(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &subscriber.mqtt_port.to_string(),
+            "-i",
+            "watcher",
+            "-t",
+            "fleet/#",
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-v",
+            "-W",
+            "15",
+        ],
+    );
+    publisher.wait_subscribed("watcher", "fleet/#");
+    let port = publisher.mqtt_port.to_string();
+    let args = ["-p", &port, "-t", "fleet/r1/pose", "-m", "x", "-q", "1"];
+    let r = run("mosquitto_pub", &args, T);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let got = sub.finish(T);
+    assert_eq!(got.stdout.trim(), "fleet/r1/pose x", "{got:?}");
+}
+
+/// A peer without a certificate is turned away from `node`'s cluster port:
+/// s_client keeps the connection until the node closes it (-ign_eof), so it ends
+/// on the node's alert.
+fn refused_without_a_certificate(node: &Node, ca: &str, server_name: Option<&str>) {
+    let addr = format!("127.0.0.1:{}", node.cluster_port);
+    let name = server_name.map_or(String::new(), |n| format!("-servername {n}"));
     let without = run(
         "sh",
         &[
             "-c",
             &format!(
-                "openssl s_client -connect {addr} -CAfile {ca} \
-                 -servername flockmq-node -ign_eof </dev/null 2>&1"
+                "openssl s_client -connect {addr} -CAfile {ca} {name} -ign_eof </dev/null 2>&1"
             ),
         ],
         T,
@@ -464,6 +441,91 @@ fn nodes_speak_mutual_tls_when_configured() {
         without.stdout.contains("alert certificate required"),
         "{without:?}"
     );
+}
+
+#[test]
+fn a_node_whose_cluster_port_is_beyond_loopback_without_tls_refuses_to_start() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let start = |extra: &[&str]| {
+        let mut args = vec![
+            "--data-dir",
+            data.path().to_str().expect("utf-8"),
+            "--cluster-addr",
+            "0.0.0.0:0",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(flockmq_tests::broker_binary())
+            .args(&args)
+            .output()
+            .expect("run broker-node")
+    };
+    let refused = start(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cluster_addr")
+            && stderr.contains("cluster TLS is off")
+            && stderr.contains("cluster.allow_insecure = true"),
+        "{stderr}"
+    );
+    assert!(
+        !data.path().join("raft").exists()
+            && std::fs::read_dir(data.path()).is_ok_and(|d| d.count() == 0),
+        "a refused node must not touch its data directory"
+    );
+}
+
+#[test]
+fn certificates_from_cluster_certs_secure_a_cluster_and_check_pubsub_sees_it_work() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = dir.path().join("certs");
+    let made = run(
+        flockmq_tests::broker_binary().to_str().expect("utf-8"),
+        &[
+            "cluster-certs",
+            "--dir",
+            certs.to_str().expect("utf-8"),
+            "--host",
+            "127.0.0.1",
+            "--valid-for",
+            "2d",
+        ],
+        T,
+    );
+    assert_eq!(made.code, Some(0), "{made:?}");
+    let p = |name: &str| certs.join(name).display().to_string();
+    let (cert, key, ca) = (p("node.pem"), p("node.key"), p("ca.pem"));
+    let env = [
+        ("FLOCKMQ_CLUSTER__TLS_CERT_FILE", cert.as_str()),
+        ("FLOCKMQ_CLUSTER__TLS_KEY_FILE", key.as_str()),
+        ("FLOCKMQ_CLUSTER__TLS_CA_FILE", ca.as_str()),
+    ];
+    let nodes = Node::cluster_with_env(2, &env);
+    wait_until("both nodes to see each other as voters", T, || {
+        nodes[1].status()["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 2)
+    });
+    let check = |node: &Node| {
+        run(
+            flockmq_tests::broker_binary().to_str().expect("utf-8"),
+            &["check-pubsub", "--addr", &node.mqtt_addr().to_string()],
+            T,
+        )
+    };
+    // check-pubsub on each node, then a subscriber on node 1 and the publisher on
+    // node 2: forwarded over mutual TLS; and a peer without a certificate refused.
+    for node in &nodes {
+        let r = check(node);
+        assert_eq!(r.code, Some(0), "{r:?}");
+        assert!(r.stdout.contains("reached its subscriber"), "{r:?}");
+    }
+    forwarded(&nodes[0], &nodes[1]);
+    refused_without_a_certificate(&nodes[0], &ca, None);
 }
 
 #[test]
@@ -799,4 +861,81 @@ fn a_node_whose_clock_is_ten_minutes_behind_expires_nothing_early() {
     assert!(ack.session_present, "the session did not expire early");
     let queued = flockmq_tests::mqtt::next_publish(&mut back, T).expect("the queued message");
     assert_eq!(queued.payload, "queued");
+}
+
+#[test]
+fn a_session_resumed_on_a_lagging_follower_knows_its_own_qos2_identifiers() {
+    // Node 3 applies every entry holding an Enqueue 1.5 s late (a test hook of debug
+    // builds). A persistent publisher's QoS 2 message is committed through node 1 and
+    // PUBRECed; the publisher loses its connection before PUBREL, resumes its session
+    // on node 3 at once and sends the PUBLISH again with DUP, as a client that never
+    // saw the PUBREC would. Node 3 answers CONNACK only once it has applied the entry
+    // that opened the session (and so the Enqueue before it), so it knows identifier 7
+    // is held: the message is not delivered again. A clean subscriber shows it: live
+    // deliveries do not pass the state machine's own deduplication.
+    let nodes = Node::cluster_with_node_env(3, &[], |id| {
+        if id == 3 {
+            vec![("TEST_FLOCKMQ_DELAY_ENQUEUE_APPLY_MS".into(), "1500".into())]
+        } else {
+            Vec::new()
+        }
+    });
+    let v5 = ProtocolVersion::V5;
+    let (mut watcher, _) = RawClient::connect(nodes[0].mqtt_addr(), v5, "watcher", true, 60);
+    watcher.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            "orders/#".into(),
+            SubscriptionOptions {
+                qos: QoS::ExactlyOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            },
+        )],
+        properties: SubscribeProperties::default(),
+    }));
+    assert!(matches!(watcher.recv(T), Some(Packet::SubAck(_))));
+    nodes[2].wait_subscribed("watcher", "orders/#");
+    let order = |dup: bool| {
+        Packet::Publish(Publish {
+            dup,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            topic: "orders/1".into(),
+            packet_id: Some(7),
+            properties: PublishProperties::default(),
+            payload: Bytes::from_static(b"one"),
+        })
+    };
+    // A v3.1.1 publisher with Clean Session 0: a persistent session.
+    let v3 = ProtocolVersion::V3_1_1;
+    let (mut till, _) = RawClient::connect(nodes[0].mqtt_addr(), v3, "till", false, 60);
+    till.send(&order(false));
+    assert!(
+        matches!(till.recv(T), Some(Packet::PubRec(r)) if r.packet_id == 7 && !r.reason_code.is_error())
+    );
+    drop(till);
+    let (mut till, ack) = RawClient::connect(nodes[2].mqtt_addr(), v3, "till", false, 60);
+    assert!(ack.session_present, "{ack:?}");
+    till.send(&order(true));
+    match till.recv(T) {
+        Some(Packet::PubRec(r)) if r.packet_id == 7 => {
+            till.send(&Packet::PubRel(broker_node::mqtt::PubRel::new(
+                7,
+                ReasonCode::Success,
+            )));
+        }
+        other => panic!("PUBREC expected, got {other:?}"),
+    }
+    assert!(matches!(till.recv(T), Some(Packet::PubComp(_))));
+    let first = flockmq_tests::mqtt::receive_acked(&mut watcher, 1, T);
+    assert_eq!(first[0].payload, Bytes::from_static(b"one"));
+    // Any second copy would have been forwarded by now: node 3 has acknowledged the
+    // resend, and node 1 answered the forward first.
+    let again = watcher.recv(Duration::from_secs(2));
+    assert!(
+        !matches!(again, Some(Packet::Publish(_))),
+        "delivered twice: {again:?}"
+    );
 }

@@ -1,5 +1,7 @@
 //! Operating a three-node cluster through the admin API and `broker-node ctl`:
-//! status, membership changes (a fourth node joins, one leaves), kicking a client
+//! status, membership changes (a fourth node joins, one leaves; with
+//! `cluster.autoclean_after` a node away too long is removed and rejoins when it
+//! returns), kicking a client
 //! connected to another node, retained messages and publishing.
 
 use std::time::Duration;
@@ -185,6 +187,62 @@ fn a_dead_node_is_removed_and_the_rest_keep_a_majority() {
     );
     assert_eq!(r.code, Some(0), "{r:?}");
     converged(&running(&nodes));
+}
+
+/// The voters in `node`'s view (every member that is not a learner), sorted.
+fn voter_ids(node: &Node) -> Vec<u64> {
+    node.status()["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter(|m| m["role"] != "learner")
+        .filter_map(|m| m["id"].as_u64())
+        .collect()
+}
+
+#[test]
+fn with_autoclean_a_node_away_too_long_is_removed_and_rejoins_when_it_returns() {
+    // The membership follows what runs: no `ctl cluster remove`, no `join`.
+    let mut nodes = Node::cluster_with_env(3, &[("FLOCKMQ_CLUSTER__AUTOCLEAN_AFTER", "3s")]);
+    nodes[1].publish_retained("site/name", "north");
+    nodes[2].kill();
+    flockmq_tests::wait_for("node 3 to be removed", Duration::from_secs(30), || {
+        match member_ids(&nodes[0].status()) == [1, 2] && member_ids(&nodes[1].status()) == [1, 2] {
+            true => Ok(()),
+            false => Err(nodes[0].status().to_string()),
+        }
+    });
+    // Two voters, both up: writes go on, and a later failure of either would stop
+    // them (as it would with 3 voters and one gone).
+    nodes[0].publish_retained("site/name", "south");
+    // Node 3 comes back with its data and the flags it had: it finds itself left out
+    // and asks to be added back.
+    nodes[2].restart();
+    flockmq_tests::wait_for(
+        "node 3 to be a voter again",
+        Duration::from_secs(60),
+        || match voter_ids(&nodes[0]) == [1, 2, 3] {
+            true => Ok(()),
+            false => Err(nodes[0].status().to_string()),
+        },
+    );
+    converged(&running(&nodes));
+    let shown = ctl_json(&nodes[2], &["retained", "show", "site/name"]);
+    assert_eq!(
+        shown["payload"], "south",
+        "node 3 caught up with what it missed"
+    );
+    let removed: f64 = nodes
+        .iter()
+        .map(|n| {
+            n.metrics()
+                .lines()
+                .find_map(|l| l.strip_prefix("flockmq_nodes_removed_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(removed, 1.0, "one removal, by the leader");
 }
 
 #[test]

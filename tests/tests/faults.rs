@@ -58,7 +58,7 @@ use broker_node::mqtt::{
     SubscriptionOptions,
 };
 use bytes::{Bytes, BytesMut};
-use flockmq_tests::{converged, running, Node};
+use flockmq_tests::{converged, running, Node, Rng};
 
 const NODES: usize = 3;
 const PUBLISHERS: usize = 4;
@@ -71,26 +71,6 @@ const PING_AFTER: Duration = Duration::from_secs(1);
 const DEAD_AFTER: Duration = Duration::from_secs(4);
 /// How long a client waits for CONNACK before trying the next node.
 const CONNACK_WAIT: Duration = Duration::from_secs(6);
-
-// ---------------------------------------------------------------------------------
-// A seeded generator (splitmix64): the schedule must replay from the printed seed.
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `lo..hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
-    }
-}
 
 // ---------------------------------------------------------------------------------
 // A connection that reports a broken socket instead of panicking.

@@ -1,6 +1,8 @@
 //! `/metrics` of a live node after real traffic: the naming rules of CONVENTIONS.md
-//! (prefix `flockmq_`, base units, counters ending in `_total`, no per-client or
-//! per-topic labels) and the presence of the state gauges.
+//! (prefix `flockmq_`, except the standard `process_` figures, base units, counters
+//! ending in `_total`, no per-client or per-topic labels), the presence of the state
+//! gauges, the counters of subscribes and the Raft figures; the cluster-wide gauges
+//! reported once per cluster; the log filter changed at runtime.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -83,8 +85,8 @@ fn metrics_follow_the_naming_rules_and_describe_the_node() {
 
     for (name, kind) in &types {
         assert!(
-            name.starts_with("flockmq_"),
-            "{name} lacks the flockmq_ prefix"
+            name.starts_with("flockmq_") || name.starts_with("process_"),
+            "{name} lacks the flockmq_ prefix (or process_, as every client library names them)"
         );
         if kind == "counter" {
             assert!(
@@ -114,9 +116,17 @@ fn metrics_follow_the_naming_rules_and_describe_the_node() {
         "flockmq_build_info",
         "flockmq_connections",
         "flockmq_connections_closed_total",
-        "flockmq_process_resident_memory_bytes",
-        "flockmq_process_open_fds",
-        "flockmq_process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_cpu_seconds_total",
+        "process_start_time_seconds",
+        "process_threads",
+        "flockmq_raft_leader_changes_total",
+        "flockmq_raft_commit_to_apply_seconds",
+        "flockmq_queue_fill_ratio",
+        "flockmq_subscribe_filters_total",
+        "flockmq_unsubscribe_filters_total",
         "flockmq_raft_log_entries",
         "flockmq_connections_opened_total",
         "flockmq_messages_received_total",
@@ -133,12 +143,27 @@ fn metrics_follow_the_naming_rules_and_describe_the_node() {
             "{expected} missing from:\n{body}"
         );
     }
-    assert_eq!(
-        types
-            .get("flockmq_raft_proposal_duration_seconds")
-            .map(String::as_str),
-        Some("histogram"),
-        "latencies are histograms, so that nodes can be aggregated"
+    for histogram in [
+        "flockmq_raft_proposal_duration_seconds",
+        "flockmq_raft_commit_to_apply_seconds",
+    ] {
+        assert_eq!(
+            types.get(histogram).map(String::as_str),
+            Some("histogram"),
+            "latencies are histograms, so that nodes can be aggregated"
+        );
+    }
+    // The node became leader once, and applied what it committed.
+    assert!(
+        body.contains("flockmq_raft_leader_changes_total 1"),
+        "{body}"
+    );
+    assert!(
+        body.lines().any(|l| l
+            .strip_prefix("flockmq_raft_commit_to_apply_seconds_count ")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)),
+        "{body}"
     );
     assert!(
         body.contains("flockmq_connections_closed_total{reason=\"disconnect\"} 2"),
@@ -353,11 +378,15 @@ fn a_real_prometheus_scrapes_the_node_and_sees_the_message_counter_rise() {
     assert!(queries > 30, "{queries} queries");
 }
 
-/// The `flockmq_...` metric names in a PromQL expression.
+/// The `flockmq_...` and `process_...` metric names in a PromQL expression.
 fn metric_names(expr: &str) -> Vec<String> {
     let mut names = Vec::new();
     let mut rest = expr;
-    while let Some(at) = rest.find("flockmq_") {
+    while let Some(at) = ["flockmq_", "process_"]
+        .iter()
+        .filter_map(|prefix| rest.find(prefix))
+        .min()
+    {
         let tail = &rest[at..];
         let end = tail
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -485,4 +514,155 @@ fn the_inflight_gauge_counts_unacknowledged_deliveries() {
         slow.send(&Packet::PubAck(PubAck::new(id, ReasonCode::Success)));
     }
     settled(0.0);
+}
+
+/// The value of the sample `line_prefix` (name and labels) in a scrape, 0 if absent.
+fn sample(body: &str, line_prefix: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(line_prefix)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn subscribes_unsubscribes_and_denials_are_counted_per_filter() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "topic read fleet/#\n").expect("write acl");
+    let node = Node::start_with_config(&format!(
+        "[mqtt]\nallow_anonymous = true\nacl_file = \"{}\"\n",
+        acl.display()
+    ));
+    let (mut c, _) = RawClient::connect(node.mqtt_addr(), ProtocolVersion::V5, "counted", true, 30);
+    let mut codes = Vec::new();
+    for (id, filter) in [(1, "fleet/#"), (2, "secret/#"), (3, "a/#/b")] {
+        codes.extend(flockmq_tests::mqtt::subscribe_with(
+            &mut c,
+            filter,
+            flockmq_tests::mqtt::opts(QoS::AtLeastOnce),
+            id,
+        ));
+    }
+    assert_eq!(
+        codes,
+        [
+            ReasonCode::GrantedQoS1,
+            ReasonCode::NotAuthorized,
+            ReasonCode::TopicFilterInvalid
+        ]
+    );
+    c.send(&Packet::Unsubscribe(broker_node::mqtt::Unsubscribe {
+        packet_id: 4,
+        filters: vec!["fleet/#".into(), "never/subscribed".into()],
+        properties: Default::default(),
+    }));
+    assert!(
+        matches!(c.recv(T), Some(Packet::UnsubAck(_))),
+        "no UNSUBACK"
+    );
+    let (_, _, body) = scrape(&node);
+    for (line, want) in [
+        ("flockmq_subscribe_filters_total{result=\"granted\"}", 1.0),
+        ("flockmq_subscribe_filters_total{result=\"denied\"}", 1.0),
+        ("flockmq_subscribe_filters_total{result=\"invalid\"}", 1.0),
+        (
+            "flockmq_subscribe_filters_total{result=\"quota_exceeded\"}",
+            0.0,
+        ),
+        ("flockmq_unsubscribe_filters_total{result=\"removed\"}", 1.0),
+        (
+            "flockmq_unsubscribe_filters_total{result=\"not_found\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&body, line), want, "{line} in:\n{body}");
+    }
+}
+
+#[test]
+fn cluster_wide_gauges_are_reported_once_per_cluster_and_leader_changes_counted() {
+    let mut nodes = Node::cluster(3);
+    nodes[1].publish_retained("site/name", "north");
+    // Summed over the nodes, as a dashboard does, the retained count is the cluster's:
+    // the leader reports it, the others 0.
+    let reported = |nodes: &[&Node]| -> Vec<(f64, f64)> {
+        nodes
+            .iter()
+            .map(|n| {
+                let (_, _, body) = scrape(n);
+                (
+                    sample(&body, "flockmq_retained_messages"),
+                    sample(&body, "flockmq_raft_is_leader"),
+                )
+            })
+            .collect()
+    };
+    let settled = |nodes: &[&Node]| {
+        wait_until(
+            "one node, the leader, to report the retained message",
+            T,
+            || {
+                let r = reported(nodes);
+                r.iter().map(|(retained, _)| retained).sum::<f64>() == 1.0
+                    && r.iter().all(|(retained, leader)| retained == leader)
+            },
+        )
+    };
+    settled(&nodes.iter().collect::<Vec<_>>());
+    let leader = nodes
+        .iter()
+        .position(|n| sample(&scrape(n).2, "flockmq_raft_is_leader") == 1.0)
+        .expect("a leader");
+    let changes = |n: &Node| sample(&scrape(n).2, "flockmq_raft_leader_changes_total");
+    let before: Vec<f64> = nodes.iter().map(changes).collect();
+    assert!(before.iter().all(|c| *c >= 1.0), "{before:?}");
+    nodes[leader].kill();
+    let survivors: Vec<usize> = (0..nodes.len()).filter(|i| *i != leader).collect();
+    wait_until("the survivors to count a change of leader", T, || {
+        survivors.iter().all(|&i| changes(&nodes[i]) > before[i])
+    });
+    let survivors: Vec<&Node> = survivors.iter().map(|&i| &nodes[i]).collect();
+    settled(&survivors);
+}
+
+#[test]
+fn the_log_filter_changes_at_runtime_through_ctl() {
+    let node = Node::start();
+    let url = format!("http://127.0.0.1:{}", node.http_port);
+    let bin = flockmq_tests::broker_binary();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--url", &url, "log", "level"];
+        all.extend_from_slice(args);
+        run(bin.to_str().expect("utf-8"), &all, T)
+    };
+    let initial = ctl(&[]);
+    assert_eq!(initial.code, Some(0), "{initial:?}");
+    let quiet = !initial.stdout.contains("debug") && !initial.stdout.contains("trace");
+    // "client connected" is a debug line.
+    let connect = |id: &str| {
+        let _ = RawClient::connect(node.mqtt_addr(), ProtocolVersion::V5, id, true, 30);
+    };
+    connect("before-the-change");
+    let set = ctl(&["debug"]);
+    assert_eq!(set.code, Some(0), "{set:?}");
+    assert_eq!(set.stdout.trim(), "debug");
+    assert_eq!(ctl(&[]).stdout.trim(), "debug");
+    connect("after-the-change");
+    wait_until("the debug line of the second client", T, || {
+        node.log().contains("after-the-change")
+    });
+    if quiet {
+        assert!(
+            !node.log().contains("before-the-change"),
+            "a debug line was logged under {initial:?}"
+        );
+    }
+    let bad = ctl(&["info,["]);
+    assert_eq!(bad.code, Some(1), "{bad:?}");
+    assert!(bad.stderr.contains("not a log filter"), "{bad:?}");
+    assert_eq!(
+        ctl(&[]).stdout.trim(),
+        "debug",
+        "a bad filter changes nothing"
+    );
 }

@@ -2,7 +2,8 @@
 //! node 3 cut off from its peers by the kernel (packets dropped both ways) while its
 //! clients still reach it. DESIGN.md invariant 6: the cut-off node keeps routing along
 //! the routes it knows, refuses control-plane writes within a bounded time with a
-//! reason code, never diverges, and rejoins cleanly once the network heals.
+//! reason code (a v5 client refused a session is sent to another node: 0x9C with a
+//! Server Reference), never diverges, and rejoins cleanly once the network heals.
 
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,11 @@ fn robot_9_persistent(node: &Node) -> (RawClient, ConnAck) {
 #[test]
 fn a_node_cut_off_by_the_network_refuses_writes_keeps_its_routes_and_rejoins() {
     let net = Network::new(3);
+    let public = |id: usize| format!("{}:1883", net.addr(id));
+    let references = (1..=3)
+        .map(|id| format!("{id}={}", public(id)))
+        .collect::<Vec<_>>()
+        .join(",");
     let nodes = Node::cluster_in(
         &net,
         3,
@@ -50,6 +56,7 @@ fn a_node_cut_off_by_the_network_refuses_writes_keeps_its_routes_and_rejoins() {
             ("FLOCKMQ_CLUSTER__WRITE_TIMEOUT", "3s"),
             // Off loopback, anonymous clients are refused unless allowed.
             ("FLOCKMQ_MQTT__ALLOW_ANONYMOUS", "true"),
+            ("FLOCKMQ_MQTT__SERVER_REFERENCES", &references),
         ],
     );
     let [n1, n2, n3] = [&nodes[0], &nodes[1], &nodes[2]];
@@ -58,6 +65,10 @@ fn a_node_cut_off_by_the_network_refuses_writes_keeps_its_routes_and_rejoins() {
     let (mut robot3, _) = RawClient::connect(n3.mqtt_addr(), V5, "robot-3", true, 60);
     let (mut admin1, _) = RawClient::connect(n1.mqtt_addr(), V5, "admin-1", true, 60);
     let before = converged(&running(&nodes));
+    // Where node 3 sends the clients it cannot serve: the leader it knew, or (if it
+    // led) the first other node.
+    let leader = nodes[2].status()["leader"].as_u64().expect("a leader");
+    let expected_reference = public(if leader == 3 { 1 } else { leader as usize });
 
     net.cut(3);
 
@@ -80,6 +91,22 @@ fn a_node_cut_off_by_the_network_refuses_writes_keeps_its_routes_and_rejoins() {
         ack.reason_code,
         ReasonCode::ServerUnavailable,
         "persistent CONNECT"
+    );
+    assert!(
+        started.elapsed() < bound,
+        "refused after {:?}",
+        started.elapsed()
+    );
+    // A v5 client is told where to go instead.
+    let started = Instant::now();
+    let (_, ack) = RawClient::connect(n3.mqtt_addr(), V5, "robot-10", false, 60);
+    assert_eq!(
+        (ack.reason_code, ack.properties.server_reference.as_deref()),
+        (
+            ReasonCode::UseAnotherServer,
+            Some(expected_reference.as_str())
+        ),
+        "v5 CONNECT on the cut-off node"
     );
     assert!(
         started.elapsed() < bound,

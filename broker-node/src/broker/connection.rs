@@ -30,7 +30,7 @@ use crate::cluster::command::{
     Command, CommandResult, InboundRecord, Message, QueuedMessage, SubscriptionOptions,
 };
 use crate::config::MqttConfig;
-use crate::mqtt::{self, Connect, Packet, ProtocolVersion, ReasonCode};
+use crate::mqtt::{self, ConnAckProperties, Connect, Packet, ProtocolVersion, ReasonCode};
 use crate::session::machine::{
     self, packet_kind, Action, AtRest, End, Machine, Opened, Resolution, Slot, World,
 };
@@ -473,9 +473,20 @@ where
         version: ProtocolVersion,
         code: ReasonCode,
     ) -> Option<(Box<Session>, u64)> {
+        self.refuse_with(version, code, ConnAckProperties::default())
+            .await
+    }
+
+    /// [`Self::refuse`] with CONNACK properties (a v5 Server Reference).
+    async fn refuse_with(
+        &mut self,
+        version: ProtocolVersion,
+        code: ReasonCode,
+        properties: ConnAckProperties,
+    ) -> Option<(Box<Session>, u64)> {
         metrics::counter!("flockmq_connack_total", "reason" => format!("0x{:02x}", u8::from(code)))
             .increment(1);
-        self.queue_packet(&machine::refusal(code), version);
+        self.queue_packet(&machine::refusal(code, properties), version);
         self.flush().await;
         None
     }
@@ -561,7 +572,25 @@ where
                 tracing::warn!(client_id = %client_id, error = %e, "cannot open session");
                 broker.unregister(&client_id, connection_id);
                 broker.remember_refused_open(connection_id);
-                return self.refuse(version, ReasonCode::ServerUnavailable).await;
+                // Cut off from the majority: a v5 client may be sent to a node that can
+                // serve it (DESIGN invariant 6 allows 0x9C as well as 0x88).
+                let reference = match e {
+                    crate::cluster::proposer::ProposeError::Unavailable(_) if version.is_v5() => {
+                        broker.server_reference()
+                    }
+                    _ => None,
+                };
+                return match reference {
+                    Some(addr) => {
+                        let properties = ConnAckProperties {
+                            server_reference: Some(addr),
+                            ..ConnAckProperties::default()
+                        };
+                        self.refuse_with(version, ReasonCode::UseAnotherServer, properties)
+                            .await
+                    }
+                    None => self.refuse(version, ReasonCode::ServerUnavailable).await,
+                };
             }
         };
 
@@ -948,14 +977,16 @@ where
         let outcome = broker.dispatch(&message);
         // Slow subscribers: wait for room (backpressure on this publisher), except for
         // this very client, whose channel only this task drains.
+        let mut others = Vec::new();
         for b in outcome.blocked {
             if b.client_id == *s.m.client_id() {
                 let now = unix_ms();
                 s.m.deliver(*b.delivery, now, &mut self.node(s.m.version(), more));
             } else {
-                b.wait(&broker.stats).await;
+                others.push(b);
             }
         }
+        super::dispatch::Blocked::wait_all(others, &broker.stats).await;
         let forwarded = broker.forward(outcome.forward, message.qos != 0).await;
         let queued = outcome.enqueue.len();
         let replicated = if queued == 0 && inbound.is_none() && retained.is_none() {

@@ -79,10 +79,19 @@ pub struct Blocked {
 
 /// How long a publisher waits for room in a slow subscriber's channel before the
 /// message is dropped (and counted). Waiting is the backpressure that slows a
-/// publisher to what its subscribers take, instead of losing messages under load.
+/// publisher to what its subscribers take, instead of losing messages under load. A
+/// channel that stayed full that long is stalled: later deliveries to it are dropped
+/// without waiting until its client has drained half of it (see `mailbox`), so a
+/// client that stops reading costs its publishers one wait, not one per message.
 pub const SLOW_CLIENT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Blocked {
+    /// Wait for room for each of `blocked` side by side (a message held up by several
+    /// slow subscribers waits once, not once for each).
+    pub async fn wait_all(blocked: Vec<Blocked>, stats: &Stats) {
+        futures::future::join_all(blocked.into_iter().map(|b| b.wait(stats))).await;
+    }
+
     /// Wait for room, or drop the delivery after [`SLOW_CLIENT_WAIT`].
     pub async fn wait(self, stats: &Stats) {
         let sent = self
@@ -531,9 +540,7 @@ impl Broker {
         };
         let outcome = self.dispatch(&message);
         Stats::add(&self.stats.messages_received, 1);
-        for b in outcome.blocked {
-            b.wait(&self.stats).await;
-        }
+        Blocked::wait_all(outcome.blocked, &self.stats).await;
         let acks = self.forward(outcome.forward, message.qos > 0).await;
         self.commit_enqueue(outcome.enqueue).await?;
         wait_forwarded(acks).await;

@@ -267,7 +267,9 @@ impl Broker {
     /// Refresh the gauges that describe state rather than count events, every
     /// `interval`: Raft's view (term, leader, indexes, members) and the replicated
     /// state's sizes (sessions online and offline, subscriptions, retained messages,
-    /// queued messages).
+    /// queued messages, the fullest queue). Every node holds the same replicated
+    /// state, so only the leader reports its sizes and the others report 0: `sum()`
+    /// over the nodes is the cluster's figure, not N times it.
     pub async fn run_state_gauges(
         self: Arc<Self>,
         raft: crate::cluster::raft::Raft,
@@ -304,31 +306,48 @@ impl Broker {
                 metrics::gauge!("flockmq_raft_members", "role" => "learner")
                     .set(nodes.saturating_sub(voters) as f64);
             }
-            let (online, offline, subscriptions, retained, queued) = self.read_state(|st| {
-                let (mut online, mut offline, mut queued) = (0usize, 0usize, 0usize);
-                for (_, s) in st.sessions() {
-                    if s.connected {
-                        online += 1;
-                    } else {
-                        offline += 1;
-                    }
-                    queued += s.queue.len();
-                }
-                (
-                    online,
-                    offline,
-                    st.routes().len(),
-                    st.retained().len(),
-                    queued,
-                )
-            });
-            metrics::gauge!("flockmq_sessions", "state" => "online").set(online as f64);
-            metrics::gauge!("flockmq_sessions", "state" => "offline").set(offline as f64);
-            metrics::gauge!("flockmq_subscriptions").set(subscriptions as f64);
-            metrics::gauge!("flockmq_retained_messages").set(retained as f64);
-            metrics::gauge!("flockmq_queued_messages").set(queued as f64);
+            let sizes = if self.state.is_leader() {
+                let limits = (
+                    self.config.mqtt.max_queued_messages,
+                    self.config.mqtt.max_queued_bytes,
+                );
+                self.read_state(|st| StateSizes::of(st, limits))
+            } else {
+                StateSizes::default()
+            };
+            metrics::gauge!("flockmq_sessions", "state" => "online").set(sizes.online as f64);
+            metrics::gauge!("flockmq_sessions", "state" => "offline").set(sizes.offline as f64);
+            metrics::gauge!("flockmq_subscriptions").set(sizes.subscriptions as f64);
+            metrics::gauge!("flockmq_retained_messages").set(sizes.retained as f64);
+            metrics::gauge!("flockmq_queued_messages").set(sizes.queued as f64);
+            metrics::gauge!("flockmq_queue_fill_ratio").set(sizes.fullest);
             metrics::gauge!("flockmq_inflight_messages")
                 .set(self.stats.messages_inflight.load(Ordering::Relaxed) as f64);
+        }
+    }
+
+    /// Count the changes of leader this node sees (`flockmq_raft_leader_changes_total`):
+    /// every change of the leader it knows, a leader lost included, as Raft's metrics
+    /// report them, until shutdown; and remember the last leader known
+    /// ([`Broker::server_reference`]).
+    pub async fn run_leader_watch(self: Arc<Self>, raft: crate::cluster::raft::Raft) {
+        let changes = metrics::counter!("flockmq_raft_leader_changes_total");
+        let mut watch = raft.metrics();
+        // From none known: the first leader this process learns of counts too.
+        let mut leader = None;
+        loop {
+            let now = watch.borrow_and_update().current_leader;
+            if now != leader {
+                changes.increment(1);
+                leader = now;
+            }
+            if let Some(l) = now {
+                self.stats.last_leader.store(l, Ordering::Relaxed);
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = watch.changed() => if changed.is_err() { return },
+            }
         }
     }
 
@@ -416,5 +435,44 @@ impl Broker {
                 }
             }
         }
+    }
+}
+
+/// The replicated state's sizes, for the gauges (see [`Broker::run_state_gauges`]).
+#[derive(Debug, Default)]
+struct StateSizes {
+    online: usize,
+    offline: usize,
+    subscriptions: usize,
+    retained: usize,
+    queued: usize,
+    /// The fullest persistent session's queue, as a fraction of its limit (messages
+    /// or bytes, whichever is nearer).
+    fullest: f64,
+}
+
+impl StateSizes {
+    /// Measure `st` against the queue limits (messages, bytes).
+    fn of(
+        st: &crate::cluster::state::BrokerState,
+        (max_messages, max_bytes): (usize, u64),
+    ) -> Self {
+        let mut sizes = StateSizes {
+            subscriptions: st.routes().len(),
+            retained: st.retained().len(),
+            ..StateSizes::default()
+        };
+        for (_, s) in st.sessions() {
+            if s.connected {
+                sizes.online += 1;
+            } else {
+                sizes.offline += 1;
+            }
+            sizes.queued += s.queue.len();
+            let fill = (s.queue.len() as f64 / max_messages.max(1) as f64)
+                .max(s.queued_bytes as f64 / max_bytes.max(1) as f64);
+            sizes.fullest = sizes.fullest.max(fill);
+        }
+        sizes
     }
 }

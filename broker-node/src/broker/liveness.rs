@@ -10,6 +10,12 @@
 //! (SIGSTOP: its kernel still accepts TCP connections, so a connect probe would call it
 //! alive) all stop answering. Only the leader watches (it holds a majority, so what it
 //! cannot reach is the minority), and a node is declared lost once per outage.
+//!
+//! With `cluster.autoclean_after`, a member the leader has not reached for that long
+//! is also removed from the cluster (one removal at a time, in a task of its own: a
+//! change waits for a majority), so that a scaled-down or lost node does not stay a
+//! voter that the majority must count; the node asks to be added back if it runs
+//! again (`cluster::membership::stay_member`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use super::{unix_ms, Broker};
 use crate::cluster::command::{Command, NodeId};
+use crate::cluster::membership::{self, MembershipChange};
 use crate::cluster::network::PeerContacts;
 
 /// How often the contacts are looked at.
@@ -27,17 +34,21 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 const SILENT_AFTER: Duration = Duration::from_secs(2);
 
 impl Broker {
-    /// Watch the other nodes while this node leads, until shutdown. `lost_after` of
-    /// zero disables the watch.
+    /// Watch the other nodes while this node leads, until shutdown: declare lost
+    /// those away for `lost_after`, remove from the cluster those away for
+    /// `autoclean_after` (zero disables either).
     pub async fn run_node_watch(
         self: Arc<Self>,
         raft: crate::cluster::raft::Raft,
         contacts: PeerContacts,
         lost_after: Duration,
+        autoclean_after: Duration,
     ) {
-        if lost_after.is_zero() {
+        if lost_after.is_zero() && autoclean_after.is_zero() {
             return;
         }
+        // The removal under way, if any.
+        let mut removal: Option<tokio::task::JoinHandle<()>> = None;
         // Since when each node has been unreachable, and those already declared lost.
         let mut unreachable_since: HashMap<NodeId, Instant> = HashMap::new();
         let mut declared: HashSet<NodeId> = HashSet::new();
@@ -96,7 +107,31 @@ impl Broker {
                     tracing::warn!(node, "node unreachable");
                     now
                 });
-                if now.duration_since(since) < lost_after
+                let away = now.duration_since(since);
+                if !autoclean_after.is_zero()
+                    && away >= autoclean_after
+                    && members.contains(&node)
+                    && removal.as_ref().is_none_or(|r| r.is_finished())
+                {
+                    tracing::warn!(
+                        node,
+                        after = ?autoclean_after,
+                        "node unreachable for cluster.autoclean_after: removing it from the cluster"
+                    );
+                    let raft = raft.clone();
+                    removal = Some(tokio::spawn(async move {
+                        match membership::change(&raft, MembershipChange::Remove { id: node }).await
+                        {
+                            Ok(outcome) => {
+                                metrics::counter!("flockmq_nodes_removed_total").increment(1);
+                                tracing::info!(node, "{outcome}");
+                            }
+                            Err(e) => tracing::warn!(node, error = %e, "cannot remove the node"),
+                        }
+                    }));
+                }
+                if lost_after.is_zero()
+                    || away < lost_after
                     || declared.contains(&node)
                     || !holding.contains(&node)
                 {

@@ -15,6 +15,13 @@
 //! before it sleeps, and a sender takes it under the same lock, so no wake-up is lost.
 //! That waker need not belong to a task: a parked connection's mailbox wakes the
 //! parking lot ([`Receiver::wake_on_arrival`]).
+//!
+//! A receiver that stops taking anything must not hold every sender back: once a
+//! sender has waited [`Sender::send_timeout`]'s whole timeout for room, the mailbox is
+//! *stalled* and further senders finding it full give up at once, until the receiver
+//! has drained it to half its capacity. A slow receiver thus costs its senders one
+//! wait per stall, not one per message (a subscriber to `#` that never read held
+//! every publisher of the node to one message per timeout).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -30,6 +37,7 @@ pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
         queue: Mutex::new(Queue {
             items: None,
             closed: false,
+            stalled: false,
             receiver: None,
         }),
         room: Notify::new(),
@@ -59,6 +67,10 @@ struct Queue<T> {
     items: Option<Box<VecDeque<T>>>,
     /// The receiver is gone or closed: nothing more is accepted.
     closed: bool,
+    /// A sender waited a whole timeout for room in vain, and the receiver has not
+    /// drained the queue to half its capacity since: senders that find it full do not
+    /// wait.
+    stalled: bool,
     /// Woken when something arrives or the last sender goes away.
     receiver: Option<Waker>,
 }
@@ -76,8 +88,13 @@ impl<T> Queue<T> {
         self.items.get_or_insert_with(Box::default).push_back(item);
     }
 
-    fn pop_front(&mut self) -> Option<T> {
-        self.items.as_mut()?.pop_front()
+    /// The first message, if any; taking the queue down to `half` ends a stall.
+    fn pop_front(&mut self, half: usize) -> Option<T> {
+        let msg = self.items.as_mut()?.pop_front();
+        if self.stalled && self.len() <= half {
+            self.stalled = false;
+        }
+        msg
     }
 
     /// The receiver's waker, if it waits, for waking once the lock is released.
@@ -90,6 +107,20 @@ impl<T> Shared<T> {
     fn lock(&self) -> MutexGuard<'_, Queue<T>> {
         // No code panics while holding the lock; a poisoned queue is still consistent.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The length a stalled queue must drain to before senders wait again.
+    fn half(&self) -> usize {
+        self.capacity as usize / 2
+    }
+
+    /// Take the first message, if any, and tell a sender waiting for room.
+    fn take(&self) -> Option<T> {
+        let msg = self.lock().pop_front(self.half());
+        if msg.is_some() {
+            self.room.notify_one();
+        }
+        msg
     }
 }
 
@@ -156,6 +187,8 @@ impl<T> Sender<T> {
     }
 
     /// Queue `msg`, waiting up to `timeout` for room; gives it back if it could not.
+    /// A full mailbox that is stalled (see the module's documentation) gives it back
+    /// at once, and one that stays full for the whole `timeout` becomes stalled.
     pub async fn send_timeout(&self, msg: T, timeout: Duration) -> Result<(), TrySendError<T>> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut msg = msg;
@@ -165,8 +198,15 @@ impl<T> Sender<T> {
                 Err(TrySendError::Full(back)) => msg = back,
                 done => return done,
             }
+            if self.shared.lock().stalled {
+                return Err(TrySendError::Full(msg));
+            }
             if tokio::time::timeout_at(deadline, room).await.is_err() {
-                return self.try_send(msg);
+                let sent = self.try_send(msg);
+                if matches!(sent, Err(TrySendError::Full(_))) {
+                    self.shared.lock().stalled = true;
+                }
+                return sent;
             }
         }
     }
@@ -187,7 +227,7 @@ impl<T> Receiver<T> {
     /// Poll for the next message, leaving `cx`'s waker to be woken when one arrives.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         let mut queue = self.shared.lock();
-        if let Some(msg) = queue.pop_front() {
+        if let Some(msg) = queue.pop_front(self.shared.half()) {
             drop(queue);
             self.shared.room.notify_one();
             return Poll::Ready(Some(msg));
@@ -224,11 +264,7 @@ impl<T> Receiver<T> {
 
     /// The next message if one is waiting.
     pub fn try_recv(&self) -> Option<T> {
-        let msg = self.shared.lock().pop_front();
-        if msg.is_some() {
-            self.shared.room.notify_one();
-        }
-        msg
+        self.shared.take()
     }
 
     /// Accept nothing more; what is queued can still be taken with
@@ -286,6 +322,48 @@ mod tests {
             Err(TrySendError::Full(6)),
             "no room within the timeout"
         );
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_takes_nothing_costs_its_senders_one_wait_until_it_drains_half() {
+        let (tx, rx) = channel(4);
+        for i in 0..4 {
+            tx.try_send(i).unwrap();
+        }
+        let short = Duration::from_millis(50);
+        let long = Duration::from_secs(30);
+        let started = std::time::Instant::now();
+        assert_eq!(tx.send_timeout(4, short).await, Err(TrySendError::Full(4)));
+        assert!(started.elapsed() >= short, "the first sender waits");
+        // Stalled: the next senders give up at once, however long they would wait.
+        let started = std::time::Instant::now();
+        assert_eq!(tx.send_timeout(5, long).await, Err(TrySendError::Full(5)));
+        assert_eq!(
+            tx.clone().send_timeout(6, long).await,
+            Err(TrySendError::Full(6))
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no wait while stalled"
+        );
+        // Taking one makes room for one, and the stall goes on.
+        assert_eq!(rx.try_recv(), Some(0));
+        assert_eq!(tx.send_timeout(7, long).await, Ok(()));
+        assert_eq!(tx.send_timeout(8, long).await, Err(TrySendError::Full(8)));
+        // Drained to half its capacity, the mailbox pushes back again: a sender waits
+        // for room, and gets it as the receiver takes the next message.
+        assert_eq!(rx.try_recv(), Some(1));
+        assert_eq!(rx.try_recv(), Some(2));
+        tx.try_send(9).unwrap();
+        tx.try_send(10).unwrap();
+        let waiting = {
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.send_timeout(11, Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "a sender waits for room again");
+        assert_eq!(rx.try_recv(), Some(3));
+        assert_eq!(waiting.await.unwrap(), Ok(()));
     }
 
     #[tokio::test]

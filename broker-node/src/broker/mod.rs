@@ -80,6 +80,9 @@ pub struct Stats {
     pub messages_dropped: AtomicU64,
     /// QoS 1/2 messages sent to clients here and not yet acknowledged.
     pub messages_inflight: AtomicU64,
+    /// The last leader this node knew (0: none yet), kept while no leader is known:
+    /// where a client this node cannot serve is sent (`mqtt.server_references`).
+    pub last_leader: AtomicU64,
 }
 
 impl Stats {
@@ -245,6 +248,20 @@ impl Broker {
     /// Whether connection `connection_id` was refused (forgetting it).
     pub fn take_refused_open(&self, connection_id: u64) -> bool {
         lock(&self.refused_opens).remove(&connection_id).is_some()
+    }
+
+    /// The public MQTT address of another node for a client this node cannot serve
+    /// (0x9C Use another server): the node it last knew leading, else the first other
+    /// node of `mqtt.server_references`; `None` when they name no other node.
+    pub fn server_reference(&self) -> Option<String> {
+        let refs = self.config.server_references();
+        let last = self.stats.last_leader.load(Ordering::Relaxed);
+        let other = |m: &&crate::config::ClusterMember| m.id != self.node_id;
+        refs.iter()
+            .filter(other)
+            .find(|m| m.id == last)
+            .or_else(|| refs.iter().find(other))
+            .map(|m| m.addr.clone())
     }
 
     /// Read the replicated state in a short synchronous section.

@@ -1,6 +1,9 @@
 //! Changing who is in the cluster: a node joins (added as a learner, promoted to voter
 //! once it has caught up) or is removed (it leaves, or an operator takes out a dead
-//! one). Changes run on the leader; any node accepts them and passes them on.
+//! one, or with `cluster.autoclean_after` the leader takes out one it has not reached
+//! for that long, `broker/liveness.rs`). Changes run on the leader; any node accepts
+//! them and passes them on. With `cluster.autoclean_after` a node also asks to be
+//! added back when it finds itself left out ([`stay_member`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -140,18 +143,29 @@ async fn apply_on_leader(raft: &Raft, change: MembershipChange) -> Result<String
     }
 }
 
+/// This node, as it asks to be added: its id and its cluster address.
+#[derive(Clone, Debug)]
+pub struct Myself {
+    /// This node's id.
+    pub id: NodeId,
+    /// The cluster address other nodes reach it at.
+    pub addr: String,
+}
+
+impl Myself {
+    /// The change that adds this node.
+    fn join(&self) -> MembershipChange {
+        MembershipChange::Join {
+            id: self.id,
+            addr: self.addr.clone(),
+        }
+    }
+}
+
 /// Keep asking the node at `seed` to add this node until it has (the `--join` flag).
 /// The seed may be any member: it passes the request to the leader.
-pub async fn join_through(
-    seed: String,
-    id: NodeId,
-    addr: String,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let change = MembershipChange::Join {
-        id,
-        addr: addr.clone(),
-    };
+pub async fn join_through(seed: String, me: Myself, shutdown: tokio_util::sync::CancellationToken) {
+    let change = me.join();
     let mut pause = Duration::from_millis(500);
     loop {
         match network::change_membership(&seed, &change, CHANGE_TIMEOUT).await {
@@ -205,6 +219,74 @@ pub async fn probe_empty_start(
         tokio::select! {
             _ = shutdown.cancelled() => return EmptyStart::Fresh,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+    }
+}
+
+/// How often a node checks that it is still a member (`cluster.autoclean_after`).
+const KEEP_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a node may know no leader before it asks to be added again: longer than
+/// an election, so that a member never asks during an ordinary failover (a member
+/// that asks is told at once that it is already a voter, so a late ask costs little).
+const ASK_AFTER: Duration = Duration::from_secs(6);
+
+/// With `cluster.autoclean_after`, the leader removes a node it has not reached for
+/// that long (a scaled-down pod, a lost machine). When such a node runs again, it
+/// asks to be added back: every [`KEEP_EVERY`], a node that has known no leader for
+/// [`ASK_AFTER`], or whose applied membership does not count it a voter, asks `seeds` (and the
+/// members it knows) to add `me`, as `--join` does. Runs until `shutdown`.
+pub async fn stay_member(
+    raft: Raft,
+    seeds: Vec<String>,
+    me: Myself,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let (id, change) = (me.id, me.join());
+    let mut leaderless_since: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(KEEP_EVERY) => {}
+        }
+        let (leader, voter, known) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            let known: Vec<String> = membership.nodes().map(|(_, n)| n.addr.clone()).collect();
+            let voter = membership.voter_ids().any(|v| v == id);
+            (m.current_leader, voter, known)
+        };
+        let ask = match leader {
+            Some(_) if voter => {
+                leaderless_since = None;
+                false
+            }
+            // Left out, or left a learner by a join that failed half way (a leader
+            // change while it was caught up): ask (again) to be a voter.
+            Some(_) => true,
+            None => {
+                let since = *leaderless_since.get_or_insert_with(std::time::Instant::now);
+                since.elapsed() >= ASK_AFTER
+            }
+        };
+        if !ask {
+            continue;
+        }
+        let mut asked: Vec<&String> = Vec::new();
+        for seed in seeds.iter().chain(known.iter()) {
+            if *seed == me.addr || asked.contains(&seed) {
+                continue;
+            }
+            asked.push(seed);
+            match network::change_membership(seed, &change, CHANGE_TIMEOUT).await {
+                Ok(outcome) => {
+                    tracing::info!(%seed, "{outcome}");
+                    leaderless_since = None;
+                    break;
+                }
+                Err(e) => tracing::debug!(%seed, error = %e, "cannot rejoin through it"),
+            }
         }
     }
 }

@@ -6,6 +6,7 @@
 //! invariant: apply is deterministic (no clock, no randomness: both travel inside the
 //! commands), so every node applying the same log holds the same state.
 
+pub mod certs;
 pub mod command;
 pub mod format;
 pub mod forward;
@@ -36,6 +37,11 @@ use self::proposer::{BatchSettings, Proposer};
 use self::raft::{Raft, TypeConfig};
 use self::state::{BrokerState, Event};
 use crate::config::Config;
+
+/// Records hashed per step of [`StateHandle::digest`].
+const DIGEST_STEP: usize = 1024;
+/// Walks [`StateHandle::digest`] starts before it gives up on a changing state.
+const DIGEST_ATTEMPTS: usize = 8;
 
 /// The broker's state as `storage` sees it: apply a batch, snapshot, restore.
 pub struct BrokerMachine {
@@ -70,6 +76,11 @@ impl storage::Machine<TypeConfig> for BrokerMachine {
         response
     }
 
+    #[cfg(debug_assertions)]
+    fn apply_delay(request: &Request) -> Option<Duration> {
+        test_hooks::apply_delay(request)
+    }
+
     fn recovering(&mut self, committed: Option<&LogId<NodeId>>) {
         self.replayed_up_to = committed.map_or(0, |c| c.index);
         if self.replayed_up_to > 0 {
@@ -86,6 +97,35 @@ impl storage::Machine<TypeConfig> for BrokerMachine {
 
     fn restore(&mut self, data: &[u8]) -> Result<(), Self::Error> {
         self.state.restore(data)
+    }
+}
+
+/// Fault hooks for tests, compiled into debug builds only (the tests run those) and
+/// idle unless their environment variable is set.
+#[cfg(debug_assertions)]
+mod test_hooks {
+    use std::sync::LazyLock;
+    use std::time::Duration;
+
+    use super::command::{Command, Request};
+
+    /// `TEST_FLOCKMQ_DELAY_ENQUEUE_APPLY_MS`: this node holds back every batch of
+    /// entries holding an `Enqueue` that long before applying it, its state readable
+    /// meanwhile (a follower lagging at the worst moment).
+    static DELAY_ENQUEUE: LazyLock<Option<Duration>> = LazyLock::new(|| {
+        std::env::var("TEST_FLOCKMQ_DELAY_ENQUEUE_APPLY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    });
+
+    pub(super) fn apply_delay(request: &Request) -> Option<Duration> {
+        let delay = (*DELAY_ENQUEUE)?;
+        request
+            .commands
+            .iter()
+            .any(|c| matches!(c, Command::Enqueue { .. }))
+            .then_some(delay)
     }
 }
 
@@ -140,26 +180,42 @@ impl StateHandle {
         self.metrics.clone()
     }
 
-    /// The state's digest and the log index it reflects, read together. It streams
-    /// the whole state through a hash under the state's read lock (no copy is made):
-    /// call it off the async runtime (`spawn_blocking`). A digest of an index already
-    /// digested is answered from a cache.
-    pub fn digest(&self) -> (u64, u64) {
+    /// The state's digest and the log index it reflects, read together; `None` when
+    /// the state kept changing under every attempt. The whole state streams through a
+    /// hash (no copy is made) in steps of [`DIGEST_STEP`] records, each under the
+    /// state's read lock and released in between, so that applying entries never
+    /// waits for more than one step: call it off the async runtime
+    /// (`spawn_blocking`). A step that finds the applied index moved starts the walk
+    /// again. A digest of an index already digested is answered from a cache.
+    pub fn digest(&self) -> Option<(u64, u64)> {
         let cached = *self.digest_cache.lock().unwrap_or_else(|e| e.into_inner());
-        let result = self.machine.read_at(|m, applied| {
-            let index = applied.map(|l| l.index).unwrap_or(0);
-            match cached {
-                Some((at, digest)) if at == index => (index, digest),
-                _ => (index, m.state.digest()),
-            }
-        });
-        match result {
-            Ok(r) => {
+        for _ in 0..DIGEST_ATTEMPTS {
+            let mut walk = state::DigestWalk::default();
+            let mut at: Option<u64> = None;
+            let done = loop {
+                let step = self.machine.read_at(|m, applied| {
+                    let index = applied.map(|l| l.index).unwrap_or(0);
+                    if *at.get_or_insert(index) != index {
+                        return Err(());
+                    }
+                    match cached {
+                        Some((i, digest)) if i == index => Ok(Some(digest)),
+                        _ => Ok(m.state.digest_step(&mut walk, DIGEST_STEP)),
+                    }
+                });
+                match step {
+                    Ok(Ok(Some(digest))) => break at.map(|index| (index, digest)),
+                    Ok(Ok(None)) => continue,
+                    Ok(Err(())) => break None,
+                    Err(e) => panic!("replicated state unreadable: {e}"),
+                }
+            };
+            if let Some(r) = done {
                 *self.digest_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-                r
+                return Some(r);
             }
-            Err(e) => panic!("replicated state unreadable: {e}"),
         }
+        None
     }
 
     /// How many committed log entries this node has not applied yet, when known.
@@ -331,8 +387,10 @@ impl Cluster {
             if let Some(seed) = &config.join {
                 tokio::spawn(membership::join_through(
                     seed.clone(),
-                    config.node_id,
-                    advertise.clone(),
+                    membership::Myself {
+                        id: config.node_id,
+                        addr: advertise.clone(),
+                    },
                     shutdown.clone(),
                 ));
             } else if start == membership::EmptyStart::Fresh
@@ -343,6 +401,26 @@ impl Cluster {
                     tracing::info!(error = %e, "cluster already initialized");
                 }
             }
+        }
+
+        // Membership that follows the deployment: a node the leader removed while it
+        // was away asks to be added back (the leader removes, `broker/liveness.rs`).
+        if !c.autoclean_after.is_zero() {
+            let seeds: Vec<String> = config
+                .join
+                .iter()
+                .cloned()
+                .chain(config.initial_cluster.iter().map(|m| m.addr.clone()))
+                .collect();
+            tokio::spawn(membership::stay_member(
+                raft.clone(),
+                seeds,
+                membership::Myself {
+                    id: config.node_id,
+                    addr: advertise.clone(),
+                },
+                shutdown.clone(),
+            ));
         }
 
         let mut metrics = raft.metrics();

@@ -13,6 +13,7 @@
 //! it through short synchronous sections and never across an `.await`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -229,6 +230,30 @@ pub struct ProposerRecord {
     pub applied: u64,
     /// The results of the last batch, by sequence number.
     pub last: Vec<(u64, CommandResult)>,
+}
+
+/// A [`BrokerState::digest`] under way in steps ([`BrokerState::digest_step`]).
+pub struct DigestWalk {
+    hash: Fnv,
+    stage: WalkStage,
+}
+
+impl Default for DigestWalk {
+    fn default() -> Self {
+        DigestWalk {
+            hash: Fnv::new(),
+            stage: WalkStage::Start,
+        }
+    }
+}
+
+/// Where a [`DigestWalk`] is: the canonical encoding's parts, in order.
+enum WalkStage {
+    Start,
+    /// Sessions after this client id (all, from the first, with `None`).
+    Sessions(Option<Arc<str>>),
+    /// Retained messages: every topic, sorted, and the next one to hash.
+    Retained(Vec<String>, usize),
 }
 
 /// One message a [`Command::Redistribute`] moves from an offline shared-group member's
@@ -1227,6 +1252,70 @@ impl BrokerState {
         }
         self.emit(Event::Restored);
         Ok(())
+    }
+
+    /// Go on with `walk`, a [`BrokerState::digest`] taken in steps of about `budget`
+    /// records each, so that the caller can release the state's lock between steps;
+    /// the digest once the walk is complete. The steps hash the bytes `digest` hashes
+    /// only if the state does not change in between: the caller checks that (the
+    /// applied index stays the same) and starts again otherwise.
+    pub fn digest_step(&self, walk: &mut DigestWalk, budget: usize) -> Option<u64> {
+        let budget = budget.max(1);
+        // Serializing into a hasher cannot fail.
+        let hash = &mut walk.hash;
+        loop {
+            match &mut walk.stage {
+                WalkStage::Start => {
+                    let head = (
+                        format::marker(format::SNAPSHOT_FORMAT),
+                        self.sessions.len() as u64,
+                    );
+                    let _ = bincode::serialize_into(&mut *hash, &head);
+                    walk.stage = WalkStage::Sessions(None);
+                }
+                WalkStage::Sessions(after) => {
+                    let range = match after.take() {
+                        Some(key) => self
+                            .sessions
+                            .range::<Arc<str>, _>((Excluded(key), Unbounded)),
+                        None => self.sessions.range::<Arc<str>, _>(..),
+                    };
+                    let mut last = None;
+                    for (key, session) in range.take(budget) {
+                        let _ = bincode::serialize_into(&mut *hash, &(key, &**session));
+                        last = Some(key.clone());
+                    }
+                    match last {
+                        Some(key) => {
+                            *after = Some(key);
+                            return None;
+                        }
+                        None => {
+                            let mut topics: Vec<String> =
+                                self.retained.iter().map(|(t, _)| t).collect();
+                            topics.sort();
+                            let _ = bincode::serialize_into(&mut *hash, &(topics.len() as u64));
+                            walk.stage = WalkStage::Retained(topics, 0);
+                        }
+                    }
+                }
+                WalkStage::Retained(topics, next) => {
+                    let end = (*next + budget).min(topics.len());
+                    for topic in &topics[*next..end] {
+                        if let Some(m) = self.retained.get(topic) {
+                            let _ = bincode::serialize_into(&mut *hash, &(topic, m));
+                        }
+                    }
+                    *next = end;
+                    if end < topics.len() {
+                        return None;
+                    }
+                    let _ =
+                        bincode::serialize_into(&mut *hash, &(&self.proposers, self.queue_limits));
+                    return Some(hash.0);
+                }
+            }
+        }
     }
 
     /// A digest of the state, equal on nodes that applied the same log.

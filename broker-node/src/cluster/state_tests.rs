@@ -38,7 +38,7 @@ use super::command::{
     Origin, QueueFullPolicy, QueueLimits, QueuedMessage, Request, SubscriptionOptions, Will,
 };
 use super::format;
-use super::state::{BrokerState, Event, RestoreError, SessionRecord};
+use super::state::{BrokerState, DigestWalk, Event, RestoreError, SessionRecord};
 
 // ---------------------------------------------------------------------------------
 // Helpers
@@ -3540,6 +3540,28 @@ proptest! {
         state.apply_command(&more);
         restored.apply_command(&more);
         prop_assert_eq!(restored.digest(), state.digest());
+    }
+
+    #[test]
+    fn a_digest_taken_in_steps_is_the_digest(steps in steps(), budget in 1usize..5) {
+        // The status endpoint takes the digest a few records at a time, releasing the
+        // state's lock in between (issue: a status request stalls the node).
+        let log = build_log(&steps);
+        let mut state = BrokerState::new(None);
+        apply_all(&mut state, &log);
+        let mut walk = DigestWalk::default();
+        let mut steps_taken = 0;
+        let digest = loop {
+            steps_taken += 1;
+            if let Some(d) = state.digest_step(&mut walk, budget) {
+                break d;
+            }
+        };
+        prop_assert_eq!(digest, state.digest());
+        // No step hashed more than `budget` sessions, nor more than `budget` retained
+        // messages.
+        let most = state.sessions().count().max(state.retained().iter().count());
+        prop_assert!(steps_taken >= most.div_ceil(budget), "{} steps for {} records", steps_taken, most);
     }
 
     #[test]

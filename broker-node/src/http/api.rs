@@ -1,6 +1,7 @@
 //! The admin REST API under `/api/v1`: cluster status and membership, every node's
 //! live figures, clients, sessions, subscriptions and shared groups, retained
-//! messages and publishing. JSON throughout; lists are paged in EMQX's
+//! messages, publishing, and this node's log filter (`GET`/`PUT /log/level`, changed
+//! without a restart). JSON throughout; lists are paged in EMQX's
 //! `{"data": [...], "meta": {"page", "limit", "count"}}` shape.
 //!
 //! | route | answer |
@@ -228,8 +229,28 @@ pub fn router(slot: ApiSlot, access: ApiAccess) -> Router {
         )
         .route("/publish", post(publish))
         .route("/bridges", get(bridges_list))
+        .route("/log/level", get(log_level).put(set_log_level))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
+}
+
+/// `GET /log/level`: this node's log filter, `{"level": "info,openraft=warn"}`.
+async fn log_level() -> ApiResult {
+    let level = crate::logging::filter().map_err(unavailable)?;
+    Ok(Json(json!({ "level": level })).into_response())
+}
+
+/// `PUT /log/level` with `{"level": "debug"}` (any tracing filter): in force on this
+/// node at once, until the next change or restart.
+async fn set_log_level(Json(body): Json<Value>) -> ApiResult {
+    let Some(text) = body["level"].as_str() else {
+        return Err(bad_request("want {\"level\": \"<filter>\"}"));
+    };
+    let level = crate::logging::set_filter(text).map_err(|e| match e {
+        crate::logging::LogError::Invalid(..) => bad_request(e.to_string()),
+        crate::logging::LogError::NotInstalled => unavailable(e),
+    })?;
+    Ok(Json(json!({ "level": level })).into_response())
 }
 
 /// An API error: a status and a message, as `{"code", "message"}`.
@@ -353,7 +374,8 @@ async fn cluster_status(State(state): State<ApiState>) -> ApiResult {
     let api = api(&state)?;
     // Off the async runtime: the digest walks the whole state.
     let state_handle = api.broker.state.clone();
-    let (applied_index, digest) = tokio::task::spawn_blocking(move || state_handle.digest())
+    // `None` while the state changes faster than a walk completes.
+    let digested = tokio::task::spawn_blocking(move || state_handle.digest())
         .await
         .map_err(|e| {
             ApiError(
@@ -387,8 +409,8 @@ async fn cluster_status(State(state): State<ApiState>) -> ApiResult {
         "term": metrics.current_term,
         "last_log_index": metrics.last_log_index,
         "last_applied_index": metrics.last_applied.map(|l| l.index),
-        "digest_index": applied_index,
-        "digest": format!("{digest:016x}"),
+        "digest_index": digested.map(|(index, _)| index),
+        "digest": digested.map(|(_, digest)| format!("{digest:016x}")),
         "members": nodes,
         "sessions": api.broker.read_state(|s| s.sessions().count()),
         "connections_here": api.broker.local_client_count(),

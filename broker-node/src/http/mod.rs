@@ -5,7 +5,7 @@
 //! | `GET /metrics` | Prometheus text format of every `flockmq_` metric |
 //! | `GET /healthz` | 200 `ok` while the process serves requests (liveness) |
 //! | `GET /readyz` | 200 `ready`, or 503 with the reasons: MQTT listener not bound, storage not open, no Raft leader, this node not caught up with the committed log |
-//! | `/api/v1/...` | the admin API ([`api`], which lists its routes) |
+//! | `/api/v1/...` | the admin API ([`api`], which lists its routes), this node's log filter at `/api/v1/log/level` included |
 //! | `GET /`, `/dashboard/...`, `POST /login`, `POST /logout` | the web dashboard ([`dashboard`]), behind the admin API's access rules |
 //!
 //! Readiness is computed from real facts on every request; nothing here caches it.

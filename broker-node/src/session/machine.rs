@@ -394,12 +394,13 @@ pub fn connack(
     })
 }
 
-/// The CONNACK refusing a connection with `code`.
-pub fn refusal(code: ReasonCode) -> Packet {
+/// The CONNACK refusing a connection with `code` (and, say, a v5 Server Reference in
+/// `properties`).
+pub fn refusal(code: ReasonCode, properties: ConnAckProperties) -> Packet {
     Packet::ConnAck(ConnAck {
         session_present: false,
         reason_code: code,
-        properties: ConnAckProperties::default(),
+        properties,
     })
 }
 
@@ -1141,7 +1142,7 @@ impl Machine {
                 AckSlot::Ready(suback, retained)
             }
             (Awaited::Unsubscribe { packet_id, filters }, Resolution::Committed(result)) => {
-                let reason_codes = match result {
+                let reason_codes: Vec<ReasonCode> = match result {
                     Some(CommandResult::Unsubscribed(removed)) => removed
                         .into_iter()
                         .map(|r| {
@@ -1154,6 +1155,15 @@ impl Machine {
                         .collect(),
                     _ => vec![ReasonCode::UnspecifiedError; filters],
                 };
+                for code in &reason_codes {
+                    let result = match code {
+                        ReasonCode::Success => "removed",
+                        ReasonCode::NoSubscriptionExisted => "not_found",
+                        _ => "failed",
+                    };
+                    metrics::counter!("flockmq_unsubscribe_filters_total", "result" => result)
+                        .increment(1);
+                }
                 AckSlot::Ready(
                     Packet::UnsubAck(UnsubAck {
                         packet_id,
@@ -1581,6 +1591,17 @@ fn subscribe_reason_codes(
     existed: Option<&[bool]>,
 ) -> Vec<ReasonCode> {
     let mut granted = entries.iter();
+    // Called once per SUBSCRIBE, with its final outcome: counted here, per filter.
+    for c in codes {
+        let result = match c {
+            None if existed.is_some() => "granted",
+            None => "failed",
+            Some(ReasonCode::NotAuthorized) => "denied",
+            Some(ReasonCode::QuotaExceeded) => "quota_exceeded",
+            Some(_) => "invalid",
+        };
+        metrics::counter!("flockmq_subscribe_filters_total", "result" => result).increment(1);
+    }
     codes
         .iter()
         .map(|c| match c {

@@ -20,6 +20,15 @@ pub const DROP_REASONS: &[&str] = &[
     "not_connected",
 ];
 
+/// The outcome of one filter of a SUBSCRIBE, as the `result` label of
+/// `flockmq_subscribe_filters_total`.
+pub const SUBSCRIBE_RESULTS: &[&str] =
+    &["granted", "denied", "quota_exceeded", "invalid", "failed"];
+
+/// The outcome of one filter of an UNSUBSCRIBE, as the `result` label of
+/// `flockmq_unsubscribe_filters_total`.
+pub const UNSUBSCRIBE_RESULTS: &[&str] = &["removed", "not_found", "failed"];
+
 /// How a client connection ended, as the `reason` label of
 /// `flockmq_connections_closed_total`.
 pub const CLOSE_REASONS: &[&str] = &["disconnect", "abrupt", "taken_over", "shutdown"];
@@ -149,8 +158,24 @@ pub fn register() {
             "Nodes the leader declared lost, ending their clients' sessions.",
         ),
         (
+            "flockmq_nodes_removed_total",
+            "Nodes the leader removed from the cluster after cluster.autoclean_after without reaching them.",
+        ),
+        (
             "flockmq_raft_snapshots_total",
             "Raft snapshots built or installed, by kind.",
+        ),
+        (
+            "flockmq_raft_leader_changes_total",
+            "Changes of the leader this node knows (a leader lost or a new one elected).",
+        ),
+        (
+            "flockmq_subscribe_filters_total",
+            "Filters of SUBSCRIBE packets, by result (granted, denied by the ACL, quota_exceeded, invalid or not supported, failed: not committed).",
+        ),
+        (
+            "flockmq_unsubscribe_filters_total",
+            "Filters of UNSUBSCRIBE packets, by result (removed, not_found, failed: not committed).",
         ),
     ] {
         describe_counter!(name, help);
@@ -214,16 +239,23 @@ pub fn register() {
         ("flockmq_raft_members", "Cluster members, by role."),
         (
             "flockmq_sessions",
-            "Sessions in the replicated state, by state (online, offline).",
+            "Sessions in the replicated state, by state (online, offline); reported by the leader, 0 on the other nodes, so that sum() over the nodes is the cluster's figure.",
         ),
         (
             "flockmq_subscriptions",
-            "Subscriptions in the replicated state.",
+            "Subscriptions in the replicated state; reported by the leader, 0 on the other nodes.",
         ),
-        ("flockmq_retained_messages", "Retained messages."),
+        (
+            "flockmq_retained_messages",
+            "Retained messages; reported by the leader, 0 on the other nodes.",
+        ),
         (
             "flockmq_queued_messages",
-            "Messages queued for persistent sessions.",
+            "Messages queued for persistent sessions; reported by the leader, 0 on the other nodes.",
+        ),
+        (
+            "flockmq_queue_fill_ratio",
+            "The fullest persistent session's queue as a fraction of its limit (mqtt.max_queued_messages or max_queued_bytes, whichever is nearer; 1: full, new messages are dropped); reported by the leader, 0 on the other nodes.",
         ),
         (
             "flockmq_inflight_messages",
@@ -248,6 +280,11 @@ pub fn register() {
         "From proposing a batch of commands to its commit."
     );
     describe_histogram!("flockmq_raft_batch_commands", "Commands per Raft entry.");
+    describe_histogram!(
+        "flockmq_raft_commit_to_apply_seconds",
+        Unit::Seconds,
+        "From this node learning that log entries are committed to their apply to its state machine."
+    );
 
     for name in [
         "flockmq_accept_errors_total",
@@ -260,8 +297,16 @@ pub fn register() {
         "flockmq_bytes_received_total",
         "flockmq_bytes_sent_total",
         "flockmq_nodes_lost_total",
+        "flockmq_raft_leader_changes_total",
+        "flockmq_nodes_removed_total",
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for &result in SUBSCRIBE_RESULTS {
+        metrics::counter!("flockmq_subscribe_filters_total", "result" => result).increment(0);
+    }
+    for &result in UNSUBSCRIBE_RESULTS {
+        metrics::counter!("flockmq_unsubscribe_filters_total", "result" => result).increment(0);
     }
     for qos in ["0", "1", "2"] {
         metrics::counter!("flockmq_messages_received_total", "qos" => qos).increment(0);

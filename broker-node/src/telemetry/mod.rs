@@ -121,12 +121,14 @@ pub fn refresh() {
     collect_allocator();
 }
 
-/// Process figures (RSS, CPU seconds, open and maximum file descriptors, threads),
-/// refreshed on every scrape.
+/// Process figures under the names every Prometheus client library exports
+/// (`process_resident_memory_bytes`, `process_cpu_seconds_total`, `process_open_fds`,
+/// `process_max_fds`, `process_start_time_seconds`, `process_threads`, ...), so that
+/// existing process dashboards and alerts work; refreshed on every scrape.
 fn process_collector() -> &'static metrics_process::Collector {
     static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
     COLLECTOR.get_or_init(|| {
-        let collector = metrics_process::Collector::new("flockmq_");
+        let collector = metrics_process::Collector::default();
         collector.describe();
         collector
     })

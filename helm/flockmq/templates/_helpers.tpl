@@ -91,6 +91,46 @@ Pods below it are the voters of FLOCKMQ_INITIAL_CLUSTER; pods at or above it joi
 {{- .Values.tls.existingSecret | default (printf "%s-tls" (include "flockmq.fullname" .)) }}
 {{- end }}
 
+{{/* The cluster TLS Secret (tls.crt, tls.key, ca.crt): the user's, or the one
+cert-manager or the chart writes. */}}
+{{- define "flockmq.clusterTlsSecret" -}}
+{{- .Values.cluster.tls.existingSecret | default (printf "%s-cluster-tls" (include "flockmq.fullname" .)) }}
+{{- end }}
+
+{{/* The names a node certificate holds: every pod behind the headless Service. */}}
+{{- define "flockmq.clusterDnsNames" -}}
+{{- $h := include "flockmq.headless" . }}
+{{- list (printf "*.%s.%s.svc.%s" $h .Release.Namespace .Values.clusterDomain) (printf "*.%s.%s.svc" $h .Release.Namespace) (printf "*.%s" $h) | toJson }}
+{{- end }}
+
+{{/* A cert-manager Certificate: .ctx the root context, .name, .secretName, .dnsNames,
+.usages and .spec (the values' certManager block). */}}
+{{- define "flockmq.certificate" -}}
+{{- if not .spec.issuerRef.name }}
+{{- fail (printf "%s: certManager.issuerRef.name is empty: name the Issuer or ClusterIssuer that signs it" .name) }}
+{{- end }}
+apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata:
+  name: {{ .name }}
+  labels:
+    {{- include "flockmq.labels" .ctx | nindent 4 }}
+spec:
+  secretName: {{ .secretName }}
+  dnsNames:
+    {{- toYaml .dnsNames | nindent 4 }}
+  usages:
+    {{- toYaml .usages | nindent 4 }}
+  duration: {{ .spec.duration }}
+  renewBefore: {{ .spec.renewBefore }}
+  privateKey:
+    algorithm: ECDSA
+    size: 256
+    rotationPolicy: Always
+  issuerRef:
+    {{- toYaml .spec.issuerRef | nindent 4 }}
+{{- end }}
+
 {{- define "flockmq.tlsNeeded" -}}
 {{- if or .Values.listeners.tls.enabled .Values.listeners.wss.enabled }}true{{ end }}
 {{- end }}
@@ -135,15 +175,16 @@ random password that an upgrade keeps (read back from the existing Secret).
 {{- $_ := set $users (toString .username) (toString .password) }}
 {{- end }}
 {{- if and (not .Values.auth.allowAnonymous) (not $users) (not (include "flockmq.passwdKey" .)) }}
-{{- $name := .Values.auth.defaultUsername }}
+{{- /* An install by an earlier chart version made a user with a random password:
+       an upgrade keeps it. Nothing is ever made up here. */}}
 {{- $existing := lookup "v1" "Secret" .Release.Namespace (printf "%s-users" (include "flockmq.fullname" .)) }}
-{{- $password := "" }}
-{{- if and $existing $existing.data (hasKey $existing.data $name) }}
-{{- $password = index $existing.data $name | b64dec }}
-{{- else }}
-{{- $password = randAlphaNum 24 }}
+{{- if and $existing $existing.data }}
+{{- range $name, $password := $existing.data }}
+{{- $_ := set $users $name (b64dec $password) }}
 {{- end }}
-{{- $_ := set $users $name $password }}
+{{- else }}
+{{- fail "MQTT clients must authenticate (auth.allowAnonymous=false) and no credentials are given: set auth.users (e.g. --set 'auth.users[0].username=flockmq' --set 'auth.users[0].password=...'), auth.passwordFile, or auth.existingSecret with a password file; or auth.allowAnonymous=true" }}
+{{- end }}
 {{- end }}
 {{- toJson $users }}
 {{- end }}
@@ -155,7 +196,7 @@ random password that an upgrade keeps (read back from the existing Secret).
 
 {{/* Settings the chart owns: refused in .Values.config. */}}
 {{- define "flockmq.reservedKeys" -}}
-node_id data_dir mqtt_addr tls_addr ws_addr wss_addr http_addr cluster_addr advertise_addr initial_cluster join api_token tls_cert_file tls_key_file tls_ca_file tls_require_client_cert mqtt.allow_anonymous mqtt.password_file mqtt.acl_file
+node_id data_dir mqtt_addr tls_addr ws_addr wss_addr http_addr cluster_addr advertise_addr initial_cluster join api_token tls_cert_file tls_key_file tls_ca_file tls_require_client_cert mqtt.allow_anonymous mqtt.password_file mqtt.acl_file cluster.tls_cert_file cluster.tls_key_file cluster.tls_ca_file cluster.tls_server_name cluster.allow_insecure cluster.autoclean_after
 {{- end }}
 
 {{/* .Values.config as FLOCKMQ_ variables (section keys joined with a double underscore). */}}
