@@ -16,6 +16,9 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
+pub mod bridges;
+pub use bridges::{BridgeConfig, BridgeProtocol, BridgeTopic, Direction};
+
 /// Why a configuration was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -40,7 +43,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
         reason: reason.into(),
@@ -177,6 +180,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Raft and inter-node settings.
     pub cluster: ClusterConfig,
+    /// Bridges to remote brokers (`[[bridges]]`).
+    pub bridges: Vec<BridgeConfig>,
 }
 
 /// The MQTT listeners, by the names settings use for them.
@@ -477,6 +482,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             log: LogConfig::default(),
             cluster: ClusterConfig::default(),
+            bridges: Vec::new(),
         }
     }
 }
@@ -558,8 +564,8 @@ impl Default for ClusterConfig {
 /// The overrides given on the command line (each `None` when not given).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct RunArgs {
-    /// A TOML configuration file.
-    #[arg(long, value_name = "FILE")]
+    /// A TOML configuration file (or the variable FLOCKMQ_CONFIG).
+    #[arg(long, value_name = "FILE", env = "FLOCKMQ_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's id.
     #[arg(long)]
@@ -828,7 +834,7 @@ impl Config {
                 check_host_port(key, v)?;
             }
         }
-        Ok(())
+        bridges::validate(&self.bridges)
     }
 
     /// The nodes' public MQTT addresses of `mqtt.server_references` (empty if unset).
@@ -848,7 +854,7 @@ impl Config {
     }
 }
 
-fn check_host_port(key: &str, v: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_host_port(key: &str, v: &str) -> Result<(), ConfigError> {
     match v.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
         _ => Err(invalid(key, format!("'{v}' is not HOST:PORT"))),
@@ -1044,7 +1050,7 @@ fn format_duration(d: Duration) -> String {
     }
 }
 
-mod dur {
+pub(crate) mod dur {
     use super::*;
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format_duration(*d))
@@ -1131,7 +1137,7 @@ mod opt_addr {
     }
 }
 
-mod opt_string {
+pub(crate) mod opt_string {
     use super::*;
     pub fn serialize<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(v.as_deref().unwrap_or(""))
@@ -1215,7 +1221,7 @@ pub fn default_config_toml() -> String {
     );
     let write_entries = |out: &mut String, prefix: &str, t: &toml::Table| {
         for (k, v) in t {
-            if v.is_table() {
+            if v.is_table() || k == "bridges" {
                 continue;
             }
             let key = if prefix.is_empty() {
@@ -1254,6 +1260,7 @@ pub fn default_config_toml() -> String {
             write_entries(&mut out, section, t);
         }
     }
+    out.push_str(bridges::EXAMPLE);
     out
 }
 

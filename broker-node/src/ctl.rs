@@ -49,6 +49,9 @@ pub enum CtlCommand {
     /// Retained messages.
     #[command(subcommand)]
     Retained(RetainedCmd),
+    /// The configured bridges: running here (bridges run on the leader), connected,
+    /// messages and bytes each way, queue depth, reconnects.
+    Bridges,
     /// This node's log filter.
     #[command(subcommand)]
     Log(LogCmd),
@@ -272,6 +275,22 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 &[],
             )
         }
+        CtlCommand::Bridges => (
+            client.call("GET", "/bridges", None)?,
+            &[
+                "name",
+                "address",
+                "running",
+                "connected",
+                "messages_out",
+                "messages_in",
+                "bytes_out",
+                "bytes_in",
+                "queued",
+                "reconnects",
+                "last_error",
+            ],
+        ),
         CtlCommand::Health => return health(client.base.trim_end_matches("/api/v1")),
         CtlCommand::Publish {
             topic,

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod bridge;
 pub mod broker;
 pub mod check;
 pub mod clock;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod ctl;
 pub mod http;
 pub mod logging;
+pub mod mosquitto_conf;
 pub mod mqtt;
 pub mod node;
 pub mod router;

@@ -60,6 +60,13 @@ struct Cli {
 enum Cmd {
     /// Print the documented default configuration (TOML).
     PrintDefaultConfig,
+    /// Print the FlockMQ configuration equivalent to a mosquitto.conf (listeners,
+    /// password and ACL files, bridges), ending with the lines it cannot carry over as
+    /// comments.
+    ImportMosquittoConf {
+        /// The mosquitto.conf.
+        file: std::path::PathBuf,
+    },
     /// Validate a configuration file and exit.
     CheckConfig {
         /// The TOML file.
@@ -148,6 +155,24 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Some(Cmd::ImportMosquittoConf { file }) => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let imported = broker_node::mosquitto_conf::import(&text);
+            print!("{}", imported.toml);
+            if !imported.not_carried.is_empty() {
+                println!("\n# Not carried over from {}:", file.display());
+                for line in &imported.not_carried {
+                    println!("#   {line}");
+                }
+            }
+            ExitCode::SUCCESS
         }
         Some(Cmd::CheckPubsub {
             addr,

@@ -108,9 +108,13 @@ pub async fn run(
     let source: Arc<dyn cluster::stats::StatsSource> = broker.clone();
     let _ = stats.set(source);
     tracker.spawn(broker.clone().run_rates());
+    // Bridges run on the leader; their local sessions are clients of this broker.
+    let bridges = crate::bridge::Bridges::new(&config.bridges);
+    tracker.spawn(bridges.clone().run(broker.clone(), root.child_token()));
     let _ = api.set(http::api::Api {
         broker: broker.clone(),
         raft: raft.clone(),
+        bridges,
     });
     tracker.spawn(broker.clone().run_events(events_rx));
     tracker.spawn(broker.clone().run_expiry(Duration::from_secs(1)));

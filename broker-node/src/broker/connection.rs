@@ -527,6 +527,7 @@ where
         let authenticated = match &self.vouched {
             Vouched::Nothing => broker.auth.authenticate(&connect, self.listener),
             Vouched::CertificateUser(Some(name)) => Ok(Some(name.clone())),
+            Vouched::Internal(name) => Ok(name.clone()),
             Vouched::CertificateUser(None) => {
                 tracing::info!(client_id = %client_id, peer = %self.peer, "connection refused: no client certificate with a name to use as the username");
                 Err(ReasonCode::NotAuthorized)

@@ -16,6 +16,7 @@
 //! | `GET /shared` | shared subscription groups with their members |
 //! | `GET /retained`, `GET /retained/{topic}`, `DELETE /retained/{topic}` | retained messages (`prefix`, `like`, paged) |
 //! | `POST /publish` | publish as the broker |
+//! | `GET /bridges` | the configured bridges: whether this node runs them, connected, messages and bytes each way, queue depth, reconnects, last error |
 //!
 //! Access ([`ApiAccess`]): with `api_token` or `api_password_file` set, every request
 //! needs `Authorization: Bearer <token>` or HTTP basic auth as a user of that file (or
@@ -52,6 +53,8 @@ pub struct Api {
     pub broker: Arc<Broker>,
     /// Raft, for status and membership changes.
     pub raft: Raft,
+    /// The configured bridges and their figures.
+    pub bridges: Arc<crate::bridge::Bridges>,
 }
 
 /// Where the router finds the [`Api`]; empty while the node starts.
@@ -225,6 +228,7 @@ pub fn router(slot: ApiSlot, access: ApiAccess) -> Router {
             get(retained_get).delete(retained_delete),
         )
         .route("/publish", post(publish))
+        .route("/bridges", get(bridges_list))
         .route("/log/level", get(log_level).put(set_log_level))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -416,6 +420,40 @@ async fn cluster_status(State(state): State<ApiState>) -> ApiResult {
 
 /// How long the figures of one peer are waited for.
 const PEER_STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn bridges_list(State(state): State<ApiState>) -> ApiResult {
+    use std::sync::atomic::Ordering::Relaxed;
+    let api = api(&state)?;
+    let data: Vec<Value> = api
+        .bridges
+        .list
+        .iter()
+        .map(|b| {
+            let c = &b.config;
+            json!({
+                "name": c.name,
+                "node": api.broker.node_id,
+                "address": c.address,
+                "protocol": c.protocol,
+                "tls": c.tls,
+                "running": b.running.load(Relaxed),
+                "connected": b.connected.load(Relaxed),
+                "messages_out": b.messages_out.load(Relaxed),
+                "bytes_out": b.bytes_out.load(Relaxed),
+                "messages_in": b.messages_in.load(Relaxed),
+                "bytes_in": b.bytes_in.load(Relaxed),
+                "queued": b.queued.load(Relaxed),
+                "reconnects": b.reconnects.load(Relaxed),
+                "last_error": b.last_error.lock().ok().and_then(|e| e.clone()),
+            })
+        })
+        .collect();
+    let count = data.len();
+    Ok(
+        Json(json!({ "data": data, "meta": { "page": 1, "limit": count, "count": count } }))
+            .into_response(),
+    )
+}
 
 async fn node_stats(State(state): State<ApiState>) -> ApiResult {
     let api = api(&state)?;

@@ -3,7 +3,8 @@
 //! alerts see its first increment, instead of a series that appears out of nowhere.
 //!
 //! Names follow CONVENTIONS.md: prefix `flockmq_`, base units, `_total` counters, and
-//! labels of bounded cardinality only (reason, QoS, listener, protocol, peer node id).
+//! labels of bounded cardinality only (reason, QoS, listener, protocol, peer node id,
+//! a configured bridge's name).
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
@@ -50,6 +51,27 @@ pub fn register() {
     describe_gauge!(
         "flockmq_allocator_bytes",
         "The memory allocator's figures: allocated (live allocations), active (pages holding them), resident (physically resident, metadata included), retained (unmapped, kept in reserve)."
+    );
+    describe_gauge!(
+        "flockmq_bridge_connected",
+        "1 while the bridge (label bridge) is connected to its remote broker from this node."
+    );
+    describe_gauge!(
+        "flockmq_bridge_queued_messages",
+        "Messages waiting in the bridge's local session for the remote (label bridge)."
+    );
+    describe_counter!(
+        "flockmq_bridge_messages_total",
+        "Messages carried by a bridge, by bridge and direction (out: acknowledged by the remote; in: published locally)."
+    );
+    describe_counter!(
+        "flockmq_bridge_bytes_total",
+        Unit::Bytes,
+        "Payload bytes carried by a bridge, by bridge and direction."
+    );
+    describe_counter!(
+        "flockmq_bridge_reconnects_total",
+        "Remote connections of a bridge lost or refused (each followed by a reconnection after a backoff)."
     );
     describe_gauge!(
         "flockmq_connections_parked",

@@ -79,6 +79,10 @@ pub enum Vouched {
     /// (`tls_identity_as_username`): this client's, if it presented a verified
     /// certificate with such a name. The certificate is the credential.
     CertificateUser(Option<Arc<str>>),
+    /// A client inside this node (a bridge's local side, over an in-memory stream):
+    /// no credentials are asked; the ACL applies to the username given (anonymous
+    /// without one).
+    Internal(Option<Arc<str>>),
 }
 
 /// What a listener hands each byte stream to once its transport is up.
@@ -151,6 +155,9 @@ impl Drop for Admitted {
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for tokio_rustls::server::TlsStream<S> {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for ws::WsStream<S> {}
+
+/// The in-memory stream of a client inside the node (a bridge).
+impl ClientStream for tokio::io::DuplexStream {}
 
 /// What a listener speaks above TCP.
 #[derive(Clone)]

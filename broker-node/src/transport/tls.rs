@@ -13,7 +13,7 @@ use rustls::{RootCertStore, ServerConfig};
 
 use crate::config::{Config, TlsIdentity};
 
-fn certs(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn certs(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {path}"))?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(file))
         .collect::<Result<Vec<_>, _>>()
@@ -22,7 +22,7 @@ fn certs(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn key(path: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
+pub(crate) fn key(path: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {path}"))?;
     rustls_pemfile::private_key(&mut BufReader::new(file))
         .with_context(|| format!("cannot read the private key from {path}"))?

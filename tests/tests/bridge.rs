@@ -1,0 +1,748 @@
+//! Bridges (issue 24): a FlockMQ node bridged to a real Mosquitto and to another
+//! FlockMQ, real processes over loopback: messages both ways with prefixes rewritten,
+//! no loop with `both`, QoS 1 messages queued while the remote is down and across a
+//! restart of the bridging node, and the bridge moving with the leader of a cluster.
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use broker_node::mqtt::{
+    Packet, ProtocolVersion, PubAck, PubComp, PubRec, Publish, PublishProperties, QoS, ReasonCode,
+};
+use bytes::Bytes;
+use flockmq_tests::mqtt::{opts, publish, subscribe, subscribe_with};
+use flockmq_tests::{free_port, wait_for, wait_until, Node, RawClient};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A Mosquitto broker on a free loopback port, killed (by its own pid) when dropped.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Mosquitto keeping its sessions in a file when `persistent` (saved on SIGTERM).
+    fn start(persistent: bool) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        let persistence = if persistent {
+            // Run as root, Mosquitto would drop to a user that cannot write here.
+            format!(
+                "persistence true\npersistence_location {}/\nuser root\n",
+                dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_owned()
+        };
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}"),
+        )
+        .expect("write mosquitto.conf");
+        let child = Self::spawn(&conf, port);
+        Mosquitto {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn spawn(conf: &Path, port: u16) -> Child {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        wait_until("mosquitto to listen", T, || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        });
+        child
+    }
+
+    /// SIGTERM (Mosquitto saves its sessions) and wait for the exit.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port and files.
+    fn start_again(&mut self) {
+        self.child = Self::spawn(&self._dir.path().join("mosquitto.conf"), self.port);
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `[[bridges]]` table named `name` towards `port` speaking `protocol`, with quick
+/// reconnections, and `topics` (TOML of its `[[bridges.topics]]`).
+fn bridge_toml(name: &str, port: u16, protocol: &str, topics: &str) -> String {
+    format!(
+        "[[bridges]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\nprotocol = \"{protocol}\"\n\
+         keep_alive = \"5s\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\n{topics}"
+    )
+}
+
+fn topic_toml(filter: &str, direction: &str, local_prefix: &str, remote_prefix: &str) -> String {
+    format!(
+        "[[bridges.topics]]\nfilter = \"{filter}\"\ndirection = \"{direction}\"\nqos = 1\n\
+         local_prefix = \"{local_prefix}\"\nremote_prefix = \"{remote_prefix}\"\n"
+    )
+}
+
+/// The bridge `name` as `node`'s admin API lists it.
+fn bridge(node: &Node, name: &str) -> Result<serde_json::Value, String> {
+    let v = node.api("GET", "/bridges", None)?;
+    v["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|b| b["name"] == name).cloned())
+        .ok_or_else(|| format!("no bridge {name} in {v}"))
+}
+
+fn wait_bridge(node: &Node, name: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    wait_for(what, T, || match bridge(node, name) {
+        Ok(b) if ok(&b) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+}
+
+/// Publish at QoS 1 and wait for the PUBACK.
+fn publish_acked(c: &mut RawClient, topic: &str, payload: &str, id: u16) {
+    c.send(&publish(topic, payload, QoS::AtLeastOnce, false, id));
+    wait_for(&format!("PUBACK of {topic}"), T, || match c.recv(T) {
+        Some(Packet::PubAck(a)) if a.packet_id == id => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+}
+
+/// Receive PUBLISHes (acknowledging QoS 1) until one on `last` arrives; all of them.
+fn receive_until(c: &mut RawClient, last: &str) -> Vec<Publish> {
+    let deadline = Instant::now() + T;
+    let mut got = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.recv(left) {
+            Some(Packet::Publish(p)) => {
+                match (p.qos, p.packet_id) {
+                    (QoS::AtLeastOnce, Some(id)) => {
+                        c.send(&Packet::PubAck(PubAck::new(id, ReasonCode::Success)))
+                    }
+                    (QoS::ExactlyOnce, Some(id)) => {
+                        c.send(&Packet::PubRec(PubRec::new(id, ReasonCode::Success)))
+                    }
+                    _ => {}
+                }
+                let done = p.topic == last;
+                got.push(p);
+                if done {
+                    return got;
+                }
+            }
+            Some(Packet::PubRel(r)) => c.send(&Packet::PubComp(PubComp::new(
+                r.packet_id,
+                ReasonCode::Success,
+            ))),
+            Some(_) => {}
+            None => panic!(
+                "no message on {last}; got {:?}",
+                got.iter().map(|p| &p.topic).collect::<Vec<_>>()
+            ),
+        }
+    }
+}
+
+fn count(got: &[Publish], topic: &str, payload: &str) -> usize {
+    got.iter()
+        .filter(|p| p.topic == topic && p.payload == payload.as_bytes())
+        .count()
+}
+
+/// Publish `probe` on `publisher` until `subscriber` receives it: the bridge's
+/// subscriptions on the far side are in place.
+fn probe_until_received(
+    publisher: &mut RawClient,
+    subscriber: &mut RawClient,
+    sent: &str,
+    seen: &str,
+) {
+    wait_for(&format!("{sent} to arrive as {seen}"), T, || {
+        publisher.send(&publish(sent, "probe", QoS::AtMostOnce, false, 0));
+        match flockmq_tests::mqtt::next_publish(subscriber, Duration::from_millis(300)) {
+            Some(p) if p.topic == seen => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+}
+
+#[test]
+fn a_bridge_to_mosquitto_carries_messages_both_ways_with_prefixes_and_no_loop() {
+    let mosquitto = Mosquitto::start(false);
+    let topics = [
+        "notifications = true\n".to_owned(),
+        topic_toml("fleet/#", "out", "", "site-3/"),
+        topic_toml("cmd/#", "in", "", "cloud/site-3/"),
+        topic_toml("sync/#", "both", "", "site-3/"),
+    ]
+    .concat();
+    let edge = Node::start_with_config(&bridge_toml("mosq", mosquitto.port, "3.1.1", &topics));
+    wait_bridge(&edge, "mosq", "the bridge to connect", |b| {
+        b["connected"] == true
+    });
+    edge.wait_subscribed("$bridge/mosq", "sync/#");
+
+    let (mut local_sub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "local-sub", true, 60);
+    subscribe(&mut local_sub, "#", QoS::AtLeastOnce);
+    let (mut local_pub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "local-pub", true, 60);
+    let (mut remote_sub, _) = RawClient::connect(
+        mosquitto.addr(),
+        ProtocolVersion::V5,
+        "remote-sub",
+        true,
+        60,
+    );
+    subscribe(&mut remote_sub, "site-3/#", QoS::AtLeastOnce);
+    let (mut remote_pub, _) = RawClient::connect(
+        mosquitto.addr(),
+        ProtocolVersion::V5,
+        "remote-pub",
+        true,
+        60,
+    );
+    probe_until_received(
+        &mut remote_pub,
+        &mut local_sub,
+        "cloud/site-3/cmd/probe",
+        "cmd/probe",
+    );
+
+    // Out, and both ways from this side.
+    publish_acked(&mut local_pub, "fleet/truck/1", "f1", 1);
+    publish_acked(&mut local_pub, "sync/a", "s1", 2);
+    // In, and both ways from the remote side.
+    publish_acked(&mut remote_pub, "cloud/site-3/cmd/reboot", "c1", 1);
+    publish_acked(&mut remote_pub, "site-3/sync/b", "s2", 2);
+    // Sentinels behind them on each path: anything looping would arrive before.
+    publish_acked(&mut local_pub, "fleet/end", "end", 3);
+    publish_acked(&mut remote_pub, "cloud/site-3/cmd/end", "end", 3);
+
+    let remote_got = receive_until(&mut remote_sub, "site-3/fleet/end");
+    assert_eq!(
+        count(&remote_got, "site-3/fleet/truck/1", "f1"),
+        1,
+        "{remote_got:?}"
+    );
+    assert_eq!(
+        count(&remote_got, "site-3/sync/a", "s1"),
+        1,
+        "{remote_got:?}"
+    );
+    assert_eq!(
+        count(&remote_got, "site-3/sync/b", "s2"),
+        1,
+        "sent back out: {remote_got:?}"
+    );
+    let local_got = receive_until(&mut local_sub, "cmd/end");
+    assert_eq!(count(&local_got, "cmd/reboot", "c1"), 1, "{local_got:?}");
+    assert_eq!(count(&local_got, "sync/b", "s2"), 1, "{local_got:?}");
+    assert_eq!(
+        count(&local_got, "sync/a", "s1"),
+        1,
+        "echoed back in: {local_got:?}"
+    );
+    assert!(
+        local_got.iter().all(|p| !p.topic.starts_with("site-3/")),
+        "{local_got:?}"
+    );
+
+    // Notifications: the bridge's state, retained, on both sides.
+    let state = "$SYS/broker/connection/flockmq-bridge-mosq/state";
+    for addr in [edge.mqtt_addr(), mosquitto.addr()] {
+        let (mut c, _) = RawClient::connect(addr, ProtocolVersion::V5, "state-watch", true, 60);
+        subscribe(&mut c, state, QoS::AtLeastOnce);
+        let got = receive_until(&mut c, state);
+        assert_eq!(got[0].payload, "1", "{got:?}");
+        assert!(got[0].retain);
+    }
+
+    let b = bridge(&edge, "mosq").expect("bridge listed");
+    assert!(b["messages_out"].as_u64() >= Some(3), "{b}");
+    assert!(b["messages_in"].as_u64() >= Some(3), "{b}");
+    let metrics = edge.metrics();
+    assert!(
+        metrics.contains("flockmq_bridge_connected{bridge=\"mosq\"} 1"),
+        "{metrics}"
+    );
+    let url = format!("http://127.0.0.1:{}", edge.http_port);
+    let bin = flockmq_tests::broker_binary();
+    let listed = flockmq_tests::run(
+        bin.to_str().expect("utf-8 path"),
+        &["ctl", "--url", &url, "bridges"],
+        T,
+    );
+    assert_eq!(listed.code, Some(0), "{listed:?}");
+    let row = listed
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("mosq "))
+        .unwrap_or_else(|| panic!("no row for the bridge: {listed:?}"));
+    assert!(
+        row.contains(&format!("127.0.0.1:{}", mosquitto.port)),
+        "{row}"
+    );
+    assert!(row.contains("true"), "{row}");
+}
+
+#[test]
+fn a_bridge_to_flockmq_v5_keeps_properties_qos2_and_no_loop_and_queues_qos1_through_an_outage_and_a_restart(
+) {
+    let mut cloud = Node::start();
+    let topics = [
+        topic_toml("fleet/#", "out", "", "site-3/").replace("qos = 1", "qos = 2"),
+        topic_toml("cmd/#", "both", "", "cloud/"),
+    ]
+    .concat();
+    let mut edge = Node::start_with_config(&bridge_toml("cloud", cloud.mqtt_port, "5", &topics));
+    wait_bridge(&edge, "cloud", "the bridge to connect", |b| {
+        b["connected"] == true
+    });
+    edge.wait_subscribed("$bridge/cloud", "fleet/#");
+    cloud.wait_subscribed("flockmq-bridge-cloud", "cloud/cmd/#");
+
+    // v5 properties and the retain flag cross over.
+    let (mut live, _) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V5,
+        "cloud-live",
+        true,
+        60,
+    );
+    let mut o = opts(QoS::ExactlyOnce);
+    o.retain_as_published = true;
+    subscribe_with(&mut live, "site-3/#", o, 1);
+    let (mut local_pub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "edge-pub", true, 60);
+    local_pub.send(&Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        topic: "fleet/status".into(),
+        packet_id: Some(1),
+        properties: PublishProperties {
+            content_type: Some("text/plain".into()),
+            user_properties: vec![("site".into(), "3".into())],
+            ..PublishProperties::default()
+        },
+        payload: Bytes::from_static(b"up"),
+    }));
+    let got = receive_until(&mut live, "site-3/fleet/status");
+    let p = got.last().expect("a message");
+    assert!(p.retain, "{p:?}");
+    assert_eq!(p.properties.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        p.properties.user_properties,
+        vec![("site".to_owned(), "3".to_owned())]
+    );
+
+    // QoS 2 out: the remote's PUBCOMP releases the local PUBREC; both ways on a v5
+    // remote: no-local there, so nothing comes back.
+    local_pub.send(&publish("fleet/q2", "two", QoS::ExactlyOnce, false, 2));
+    wait_for("PUBREC of the QoS 2 publish", T, || {
+        match local_pub.recv(T) {
+            Some(Packet::PubRec(r)) if r.packet_id == 2 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    local_pub.send(&Packet::PubRel(broker_node::mqtt::PubRel::new(
+        2,
+        ReasonCode::Success,
+    )));
+    let (mut local_sub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "edge-sub", true, 60);
+    subscribe(&mut local_sub, "cmd/#", QoS::AtLeastOnce);
+    let (mut cloud_pub, _) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V5,
+        "cloud-pub",
+        true,
+        60,
+    );
+    let mut o = opts(QoS::AtLeastOnce);
+    o.no_local = true;
+    subscribe_with(&mut cloud_pub, "cloud/cmd/#", o, 1);
+    publish_acked(&mut local_pub, "fleet/end", "end", 4);
+    let got = receive_until(&mut live, "site-3/fleet/end");
+    let q2 = got
+        .iter()
+        .find(|p| p.topic == "site-3/fleet/q2")
+        .expect("the QoS 2 message");
+    assert_eq!(q2.qos, QoS::ExactlyOnce);
+    publish_acked(&mut cloud_pub, "cloud/cmd/stop", "from-cloud", 3);
+    let edge_got = receive_until(&mut local_sub, "cmd/stop");
+    assert_eq!(
+        count(&edge_got, "cmd/stop", "from-cloud"),
+        1,
+        "{edge_got:?}"
+    );
+    // The cloud sees the edge's cmd/start once and never its own cmd/stop back.
+    publish_acked(&mut local_pub, "cmd/start", "from-edge", 5);
+    publish_acked(&mut local_pub, "cmd/end", "end", 6);
+    let cloud_got = receive_until(&mut cloud_pub, "cloud/cmd/end");
+    assert_eq!(
+        count(&cloud_got, "cloud/cmd/start", "from-edge"),
+        1,
+        "{cloud_got:?}"
+    );
+    assert_eq!(
+        count(&cloud_got, "cloud/cmd/stop", "from-cloud"),
+        0,
+        "{cloud_got:?}"
+    );
+    drop(live);
+
+    // A persistent subscriber on the cloud, away while the messages travel.
+    let (mut sub, _) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V3_1_1,
+        "cloud-sub",
+        false,
+        60,
+    );
+    subscribe(&mut sub, "site-3/fleet/+", QoS::AtLeastOnce);
+    drop(sub);
+    cloud.wait_connected("cloud-sub", false);
+
+    cloud.kill();
+    wait_bridge(&edge, "cloud", "the bridge to see the remote gone", |b| {
+        b["connected"] == false
+    });
+    for i in 0..20u16 {
+        publish_acked(
+            &mut local_pub,
+            &format!("fleet/m{i}"),
+            &format!("m{i}"),
+            10 + i,
+        );
+    }
+    wait_bridge(&edge, "cloud", "20 messages queued", |b| b["queued"] == 20);
+    drop(local_pub);
+    // The queue is in the replicated state: a kill -9 of the bridging node keeps it.
+    edge.restart();
+    wait_bridge(&edge, "cloud", "20 messages still queued", |b| {
+        b["queued"] == 20
+    });
+
+    cloud.restart();
+    wait_bridge(&edge, "cloud", "the queue to drain", |b| {
+        b["connected"] == true && b["queued"] == 0
+    });
+    let (mut sub, ack) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V3_1_1,
+        "cloud-sub",
+        false,
+        60,
+    );
+    assert!(ack.session_present);
+    let got = receive_until(&mut sub, "site-3/fleet/m19");
+    for i in 0..20 {
+        assert!(
+            count(&got, &format!("site-3/fleet/m{i}"), &format!("m{i}")) >= 1,
+            "m{i} lost: {:?}",
+            got.iter().map(|p| &p.topic).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn in_a_cluster_the_bridge_runs_on_the_leader_and_moves_when_it_is_killed() {
+    let cloud = Node::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        bridge_toml(
+            "cloud",
+            cloud.mqtt_port,
+            "5",
+            &topic_toml("fleet/#", "out", "", "site-3/"),
+        ),
+    )
+    .expect("write config");
+    let path = config.to_str().expect("utf-8 path");
+    let mut edge = Node::cluster_with_env(3, &[("FLOCKMQ_CONFIG", path)]);
+    let (mut sub, _) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V3_1_1,
+        "cloud-sub",
+        false,
+        60,
+    );
+    subscribe(&mut sub, "site-3/fleet/+", QoS::AtLeastOnce);
+
+    let runner = |nodes: &[Node]| -> Result<usize, String> {
+        let running: Vec<usize> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| {
+                bridge(n, "cloud").is_ok_and(|b| b["running"] == true && b["connected"] == true)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        match running.as_slice() {
+            [one] => Ok(*one),
+            other => Err(format!("running on {other:?}")),
+        }
+    };
+    let first = wait_for("the bridge to run on one node", T, || runner(&edge));
+    let leader = edge[first].status()["leader"].as_u64();
+    assert_eq!(
+        leader,
+        Some(first as u64 + 1),
+        "the bridge runs on the leader"
+    );
+
+    let other = (first + 1) % 3;
+    let (mut p, _) = RawClient::connect(
+        edge[other].mqtt_addr(),
+        ProtocolVersion::V5,
+        "edge-pub",
+        true,
+        60,
+    );
+    publish_acked(&mut p, "fleet/before", "b", 1);
+    receive_until(&mut sub, "site-3/fleet/before");
+
+    edge[first].kill();
+    let started = Instant::now();
+    let alive: Vec<usize> = (0..3).filter(|i| *i != first).collect();
+    wait_for("the bridge to move to a surviving node", T, || {
+        let up: Vec<usize> = alive
+            .iter()
+            .copied()
+            .filter(|i| {
+                bridge(&edge[*i], "cloud")
+                    .is_ok_and(|b| b["running"] == true && b["connected"] == true)
+            })
+            .collect();
+        match up.as_slice() {
+            [_] => Ok(()),
+            other => Err(format!("running on {other:?}")),
+        }
+    });
+    eprintln!("bridge moved in {:?}", started.elapsed());
+    let (mut p, _) = RawClient::connect(
+        edge[other].mqtt_addr(),
+        ProtocolVersion::V5,
+        "edge-pub",
+        true,
+        60,
+    );
+    publish_acked(&mut p, "fleet/after", "a", 1);
+    receive_until(&mut sub, "site-3/fleet/after");
+}
+
+#[test]
+fn a_bridge_over_tls_verifies_the_remote_by_name_and_presents_a_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    flockmq_tests::pki::make_pki(dir.path());
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let tls_port = free_port();
+    // The remote requires a client certificate and takes its name as the username.
+    let cloud = Node::start_with_config(&format!(
+        "tls_addr = \"127.0.0.1:{tls_port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+         tls_ca_file = \"{}\"\ntls_require_client_cert = true\ntls_identity_as_username = \"cn\"\n",
+        p("server.pem"),
+        p("server.key"),
+        p("ca.pem")
+    ));
+    let tls = format!(
+        "tls = true\ntls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+         tls_server_name = \"localhost\"\n",
+        p("ca.pem"),
+        p("client.pem"),
+        p("client.key")
+    );
+    // A second bridge expects another name on the remote's certificate.
+    let wrong = tls.replace("\"localhost\"", "\"elsewhere.example\"");
+    let edge = Node::start_with_config(&format!(
+        "{}{}",
+        bridge_toml(
+            "secure",
+            tls_port,
+            "5",
+            &format!("{tls}{}", topic_toml("fleet/#", "out", "", "site-3/")),
+        ),
+        bridge_toml(
+            "wrong",
+            tls_port,
+            "5",
+            &format!("{wrong}{}", topic_toml("other/#", "out", "", "")),
+        )
+    ));
+    wait_bridge(&edge, "secure", "the bridge to connect over TLS", |b| {
+        b["connected"] == true
+    });
+    cloud.wait_connected("flockmq-bridge-secure", true);
+    wait_bridge(
+        &edge,
+        "wrong",
+        "the other bridge to refuse the certificate",
+        |b| b["connected"] == false && b["reconnects"].as_u64() >= Some(1),
+    );
+    let refused = bridge(&edge, "wrong").expect("listed");
+    assert!(
+        refused["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("certificate")),
+        "{refused}"
+    );
+
+    let (mut sub, _) = RawClient::connect(
+        cloud.mqtt_addr(),
+        ProtocolVersion::V5,
+        "cloud-sub",
+        true,
+        60,
+    );
+    subscribe(&mut sub, "site-3/#", QoS::AtLeastOnce);
+    edge.wait_subscribed("$bridge/secure", "fleet/#");
+    let (mut publisher, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "edge-pub", true, 60);
+    publish_acked(&mut publisher, "fleet/x", "over tls", 1);
+    let got = receive_until(&mut sub, "site-3/fleet/x");
+    assert_eq!(count(&got, "site-3/fleet/x", "over tls"), 1);
+}
+
+#[test]
+fn qos1_messages_for_a_stopped_mosquitto_queue_and_arrive_when_it_is_back() {
+    let mut mosquitto = Mosquitto::start(true);
+    let edge = Node::start_with_config(&bridge_toml(
+        "mosq5",
+        mosquitto.port,
+        "5",
+        &format!(
+            "notifications = true\nnotification_topic = \"bridges/mosq5\"\n{}",
+            topic_toml("fleet/#", "out", "", "site-3/")
+        ),
+    ));
+    wait_bridge(&edge, "mosq5", "the bridge to connect", |b| {
+        b["connected"] == true
+    });
+    edge.wait_subscribed("$bridge/mosq5", "fleet/#");
+    // A persistent subscriber; Mosquitto saves its session when stopped.
+    let (mut sub, _) = RawClient::connect(
+        mosquitto.addr(),
+        ProtocolVersion::V3_1_1,
+        "cloud-sub",
+        false,
+        60,
+    );
+    subscribe(&mut sub, "site-3/fleet/+", QoS::AtLeastOnce);
+    let (mut local_pub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "edge-pub", true, 60);
+    publish_acked(&mut local_pub, "fleet/first", "first", 1);
+    receive_until(&mut sub, "site-3/fleet/first");
+
+    mosquitto.stop();
+    drop(sub);
+    wait_bridge(&edge, "mosq5", "the bridge to see Mosquitto gone", |b| {
+        b["connected"] == false
+    });
+    let (mut watch, _) = RawClient::connect(
+        edge.mqtt_addr(),
+        ProtocolVersion::V5,
+        "state-watch",
+        true,
+        60,
+    );
+    subscribe(&mut watch, "bridges/mosq5", QoS::AtLeastOnce);
+    let got = receive_until(&mut watch, "bridges/mosq5");
+    assert_eq!(got[0].payload, "0", "{got:?}");
+    for i in 0..20u16 {
+        publish_acked(
+            &mut local_pub,
+            &format!("fleet/m{i}"),
+            &format!("m{i}"),
+            10 + i,
+        );
+    }
+    wait_bridge(&edge, "mosq5", "20 messages queued", |b| b["queued"] == 20);
+
+    mosquitto.start_again();
+    wait_bridge(&edge, "mosq5", "the queue to drain", |b| {
+        b["connected"] == true && b["queued"] == 0
+    });
+    let (mut sub, ack) = RawClient::connect(
+        mosquitto.addr(),
+        ProtocolVersion::V3_1_1,
+        "cloud-sub",
+        false,
+        60,
+    );
+    assert!(ack.session_present);
+    let got = receive_until(&mut sub, "site-3/fleet/m19");
+    for i in 0..20 {
+        assert!(
+            count(&got, &format!("site-3/fleet/m{i}"), &format!("m{i}")) >= 1,
+            "m{i} lost: {:?}",
+            got.iter().map(|p| &p.topic).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn a_topic_removed_from_the_configuration_is_unsubscribed_at_the_next_start() {
+    let cloud = Node::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("edge.toml");
+    let write = |topics: &[&str]| {
+        let topics: String = topics
+            .iter()
+            .map(|t| topic_toml(t, "out", "", "site-3/"))
+            .collect();
+        std::fs::write(&config, bridge_toml("cloud", cloud.mqtt_port, "5", &topics))
+            .expect("write config");
+    };
+    write(&["a/#", "b/#"]);
+    let mut edge = Node::start_with(&["--config", config.to_str().expect("utf-8 path")]);
+    edge.wait_subscribed("$bridge/cloud", "b/#");
+    write(&["a/#"]);
+    edge.restart();
+    let path = format!(
+        "/subscriptions?clientid={}",
+        flockmq_tests::url_encode("$bridge/cloud")
+    );
+    wait_for("b/# to be unsubscribed", T, || {
+        let v = edge.api("GET", &path, None)?;
+        let topics: Vec<&str> = v["data"]
+            .as_array()
+            .map(|d| d.iter().filter_map(|s| s["topic"].as_str()).collect())
+            .unwrap_or_default();
+        if topics == ["a/#"] {
+            Ok(())
+        } else {
+            Err(format!("{topics:?}"))
+        }
+    });
+}
