@@ -114,6 +114,13 @@ impl Browser {
     /// Send a DevTools command and return its result, keeping the events that come
     /// before it.
     pub fn call(&mut self, method: &str, params: Value) -> Value {
+        self.try_call(method, params)
+            .unwrap_or_else(|error| panic!("{method} failed: {error}"))
+    }
+
+    /// [`Browser::call`], with the browser's error answer as an `Err` (a command that
+    /// raced a navigation, say).
+    pub fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
         self.next_id += 1;
         let id = self.next_id;
         let request = json!({ "id": id, "method": method, "params": params });
@@ -131,9 +138,9 @@ impl Browser {
             let v: Value = serde_json::from_str(text.as_str()).expect("DevTools JSON");
             if v["id"] == id {
                 if let Some(error) = v.get("error") {
-                    panic!("{method} failed: {error}");
+                    return Err(error.clone());
                 }
-                return v["result"].clone();
+                return Ok(v["result"].clone());
             }
             self.note_event(&v);
         }
@@ -203,7 +210,18 @@ impl Browser {
     /// 0 or ""), and return it; panic after `within` naming `what`.
     pub fn wait_for_js(&mut self, what: &str, within: Duration, expression: &str) -> Value {
         wait_for(what, within, || {
-            let v = self.eval(expression);
+            // A page still navigating ("Inspected target navigated or closed") has no
+            // answer yet: ask again.
+            let result = self
+                .try_call(
+                    "Runtime.evaluate",
+                    json!({ "expression": expression, "awaitPromise": true, "returnByValue": true }),
+                )
+                .map_err(|error| format!("{expression}: {error}"))?;
+            if let Some(details) = result.get("exceptionDetails") {
+                panic!("{expression} threw: {details}");
+            }
+            let v = result["result"]["value"].clone();
             let truthy = match &v {
                 Value::Null => false,
                 Value::Bool(b) => *b,

@@ -363,7 +363,13 @@ fn a_real_prometheus_scrapes_the_node_and_sees_the_message_counter_rise() {
                     .iter()
                     .find_map(|s| name.strip_suffix(s))
                     .unwrap_or(&name);
-                let later = base.starts_with("flockmq_forward_") || base.contains("snapshot");
+                // Forwarding, replication lag and snapshots appear once there are
+                // peers or snapshots, the delivery latency once a sampled delivery
+                // happened.
+                let later = base.starts_with("flockmq_forward_")
+                    || base.contains("snapshot")
+                    || base == "flockmq_raft_replication_lag_entries"
+                    || base == "flockmq_delivery_latency_seconds";
                 assert!(
                     later
                         || exported
