@@ -154,6 +154,9 @@ pub struct Config {
     pub wss_addr: Option<SocketAddr>,
     /// HTTP: /metrics, /healthz, /readyz and the admin API.
     pub http_addr: SocketAddr,
+    /// Serve http_addr as HTTPS, with tls_cert_file and tls_key_file (reloaded on
+    /// SIGHUP like the MQTT listeners').
+    pub http_tls: bool,
     /// Cluster gRPC (Raft and forwarding).
     pub cluster_addr: SocketAddr,
     /// The host:port other nodes reach this node's cluster address at; empty means
@@ -473,6 +476,7 @@ impl Default for Config {
             tls_identity_as_username: TlsIdentity::Off,
             wss_addr: None,
             http_addr: addr("127.0.0.1:8080"),
+            http_tls: false,
             cluster_addr: addr("127.0.0.1:7000"),
             advertise_addr: None,
             initial_cluster: Vec::new(),
@@ -728,6 +732,9 @@ impl Config {
         if self.wss_addr.is_some() && (self.tls_cert_file.is_none() || self.tls_key_file.is_none())
         {
             return Err(invalid("wss_addr", "needs tls_cert_file and tls_key_file"));
+        }
+        if self.http_tls && (self.tls_cert_file.is_none() || self.tls_key_file.is_none()) {
+            return Err(invalid("http_tls", "needs tls_cert_file and tls_key_file"));
         }
         let c = &self.cluster;
         let cluster_tls = [&c.tls_cert_file, &c.tls_key_file, &c.tls_ca_file];
@@ -1279,6 +1286,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("tls_identity_as_username", "What a TLS client's certificate stands for: \"off\" (nothing: the CONNECT's username and password count), \"cn\" (its subject common name is the username and no password is asked) or \"san\" (its first DNS, e-mail or URI subject alternative name is). With \"cn\" or \"san\", TLS clients without a certificate are refused."),
         ("wss_addr", "MQTT over secure WebSocket (path /mqtt), e.g. 127.0.0.1:8084; \"off\" disables it. Uses tls_cert_file and tls_key_file."),
         ("http_addr", "HTTP: /metrics, /healthz, /readyz and the admin API."),
+        ("http_tls", "Serve http_addr as HTTPS, with tls_cert_file and tls_key_file (reloaded on SIGHUP like the MQTT listeners')."),
         ("cluster_addr", "Cluster gRPC (Raft and forwarding)."),
         ("advertise_addr", "The host:port other nodes reach this node's cluster address at; empty means cluster_addr."),
         ("initial_cluster", "The voters a fresh cluster starts with (ID=HOST:PORT each, comma separated); empty for a single node."),

@@ -5,7 +5,9 @@
 //! The node is found at `--url` (default: `http://` + `FLOCKMQ_HTTP_ADDR`, else
 //! `http://127.0.0.1:8080`); the token comes from `--token` or `FLOCKMQ_API_TOKEN`,
 //! the same variable the node reads, and basic-auth credentials (a user of the node's
-//! `api_password_file`) from `--user USER:PASSWORD` or `FLOCKMQ_CTL_USER`.
+//! `api_password_file`) from `--user USER:PASSWORD` or `FLOCKMQ_CTL_USER`. An
+//! `https://` URL is verified against the system's roots, or the CA certificates of
+//! `--cacert FILE` (`FLOCKMQ_CTL_CACERT`) for a node with its own CA.
 
 use base64::Engine;
 use clap::{Args, Subcommand};
@@ -23,6 +25,9 @@ pub struct CtlArgs {
     /// Basic-auth credentials, USER:PASSWORD (a user of the node's api_password_file).
     #[arg(long, global = true, env = "FLOCKMQ_CTL_USER", hide_env_values = true)]
     pub user: Option<String>,
+    /// PEM CA certificates to verify an https:// node with (else the system's roots).
+    #[arg(long, global = true, env = "FLOCKMQ_CTL_CACERT")]
+    pub cacert: Option<String>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -178,6 +183,7 @@ pub type CtlError = String;
 pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
     let base = base_url(args.url.as_deref());
     let client = Client {
+        agent: agent(args.cacert.as_deref())?,
         base,
         token: args.token.clone().filter(|t| !t.is_empty()),
         user: args.user.clone().filter(|u| !u.is_empty()),
@@ -291,7 +297,9 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 "last_error",
             ],
         ),
-        CtlCommand::Health => return health(client.base.trim_end_matches("/api/v1")),
+        CtlCommand::Health => {
+            return health(&client.agent, client.base.trim_end_matches("/api/v1"))
+        }
         CtlCommand::Publish {
             topic,
             payload,
@@ -320,9 +328,10 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
 }
 
 /// `GET /readyz`: Ok when the node is ready.
-fn health(root: &str) -> Result<String, CtlError> {
+fn health(agent: &ureq::Agent, root: &str) -> Result<String, CtlError> {
     let url = format!("{root}/readyz");
-    match ureq::get(&url)
+    match agent
+        .get(&url)
         .timeout(std::time::Duration::from_secs(3))
         .call()
     {
@@ -379,7 +388,37 @@ fn encode_topic(topic: &str) -> String {
     topic.split('/').map(encode).collect::<Vec<_>>().join("/")
 }
 
+/// An HTTP agent that verifies https:// nodes against `cacert`'s certificates, or the
+/// system's roots without it.
+fn agent(cacert: Option<&str>) -> Result<ureq::Agent, CtlError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match cacert {
+        Some(path) => {
+            for cert in crate::transport::tls::certs(path).map_err(|e| format!("{e:#}"))? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("bad CA certificate in {path}: {e}"))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(ureq::AgentBuilder::new()
+        .tls_config(std::sync::Arc::new(tls))
+        .build())
+}
+
 struct Client {
+    agent: ureq::Agent,
     base: String,
     token: Option<String>,
     user: Option<String>,
@@ -388,7 +427,10 @@ struct Client {
 impl Client {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, CtlError> {
         let url = format!("{}{path}", self.base);
-        let mut request = ureq::request(method, &url).timeout(std::time::Duration::from_secs(130));
+        let mut request = self
+            .agent
+            .request(method, &url)
+            .timeout(std::time::Duration::from_secs(130));
         if let Some(t) = &self.token {
             request = request.set("Authorization", &format!("Bearer {t}"));
         } else if let Some(user) = &self.user {

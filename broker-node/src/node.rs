@@ -39,6 +39,7 @@ pub async fn run(
     };
     let tls = tls_slot(config.tls_addr, "tls")?;
     let wss = tls_slot(config.wss_addr, "wss")?;
+    let https = tls_slot(config.http_tls.then_some(config.http_addr), "https")?;
     let auth_rules = auth::Rules::load(&config).context("cannot load authentication files")?;
     let api_access = http::api::ApiAccess::load(
         config.api_token.as_deref(),
@@ -60,6 +61,7 @@ pub async fn run(
     let api = http::api::ApiSlot::default();
     tracker.spawn(http::serve(
         http_listener,
+        https.clone(),
         metrics,
         readiness.clone(),
         api.clone(),
@@ -101,7 +103,12 @@ pub async fn run(
         lot.clone(),
     );
     tracker.spawn(parking.run(lot, broker.clone(), tracker.clone()));
-    let tls_slots = tls.iter().chain(wss.iter()).cloned().collect();
+    let tls_slots = tls
+        .iter()
+        .chain(wss.iter())
+        .chain(https.iter())
+        .cloned()
+        .collect();
     tracker.spawn(reload_on_sighup(broker.clone(), tls_slots, api_access));
     let sink: Arc<dyn ForwardSink> = broker.clone();
     let _ = forward_sink.set(sink);

@@ -171,6 +171,19 @@ fn a_required_client_certificate_is_checked() {
 }
 
 /// `mosquitto_pub` over TLS to `port`, trusting `ca`, with `extra` arguments.
+/// A new CA and server certificate (the returned directory holds the CA) copied over
+/// the server's files in `dir`, then SIGHUP to `node`.
+fn replace_server_certificate(dir: &Path, node: &Node) -> tempfile::TempDir {
+    let fresh = tempfile::tempdir().expect("temp dir");
+    make_pki(fresh.path());
+    for file in ["server.pem", "server.key"] {
+        std::fs::copy(fresh.path().join(file), dir.join(file)).expect("copy");
+    }
+    let r = run("kill", &["-HUP", &node.pid().to_string()], T);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    fresh
+}
+
 fn tls_pub(port: u16, ca: &str, extra: &[&str]) -> flockmq_tests::Ran {
     let port = port.to_string();
     let mut args = vec!["-h", "127.0.0.1", "-p", &port, "--cafile", ca, "-q", "1"];
@@ -343,13 +356,7 @@ fn sighup_reloads_the_certificates_and_keeps_connections() {
     assert_eq!(before.code, Some(0), "{before:?}");
 
     // A new CA and server certificate over the same files, then SIGHUP.
-    let fresh = tempfile::tempdir().expect("temp dir");
-    make_pki(fresh.path());
-    for file in ["server.pem", "server.key"] {
-        std::fs::copy(fresh.path().join(file), dir.path().join(file)).expect("copy");
-    }
-    let r = run("kill", &["-HUP", &node.pid().to_string()], T);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    let fresh = replace_server_certificate(dir.path(), &node);
     let deadline = std::time::Instant::now() + T;
     while !node
         .log()
@@ -429,5 +436,88 @@ fn a_client_that_stalls_in_the_tls_handshake_is_closed_on_time() {
         started.elapsed() >= Duration::from_millis(900),
         "closed before the timeout: {:?}",
         started.elapsed()
+    );
+}
+
+#[test]
+fn the_admin_api_serves_https_with_the_listener_certificate_reloaded_on_sighup_and_ctl_verifies_it()
+{
+    let dir = tempfile::tempdir().expect("temp dir");
+    make_pki(dir.path());
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let node = Node::start_with_config(&format!(
+        "http_tls = true\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\napi_token = \"t0k\"\n",
+        p("server.pem"),
+        p("server.key")
+    ));
+    let url = format!("https://127.0.0.1:{}", node.http_port);
+    let old_ca = dir.path().join("old-ca.pem");
+    std::fs::copy(dir.path().join("ca.pem"), &old_ca).expect("copy");
+    let old_ca = old_ca.display().to_string();
+    let curl = |ca: &str, path: &str| {
+        run(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                "--cacert",
+                ca,
+                &format!("{url}{path}"),
+            ],
+            T,
+        )
+    };
+    let ready = curl(&old_ca, "/readyz");
+    assert_eq!(ready.code, Some(0), "{ready:?}");
+    assert!(ready.stdout.contains("ready"), "{ready:?}");
+    let plain = run(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://127.0.0.1:{}/readyz", node.http_port),
+        ],
+        T,
+    );
+    assert!(
+        plain.code != Some(0) || !plain.stdout.contains("ready"),
+        "plain HTTP is not served: {plain:?}"
+    );
+    let broker = flockmq_tests::broker_binary();
+    let broker = broker.to_str().expect("utf-8");
+    let ctl = |extra: &[&str]| {
+        let mut args = vec!["ctl", "--url", &url, "--token", "t0k"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["cluster", "status"]);
+        run(broker, &args, T)
+    };
+    let status = ctl(&["--cacert", &old_ca]);
+    assert_eq!(status.code, Some(0), "{status:?}");
+    assert!(status.stdout.contains("leader"), "{status:?}");
+    let unverified = ctl(&[]);
+    assert_ne!(
+        unverified.code,
+        Some(0),
+        "a certificate of an unknown CA is refused: {unverified:?}"
+    );
+
+    // A new CA and server certificate over the same files, then SIGHUP: new
+    // handshakes get the new certificate.
+    let fresh = replace_server_certificate(dir.path(), &node);
+    let new_ca = fresh.path().join("ca.pem").display().to_string();
+    flockmq_tests::wait_for("the new certificate served", T, || {
+        let r = curl(&new_ca, "/readyz");
+        if r.code == Some(0) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    assert_ne!(
+        curl(&old_ca, "/readyz").code,
+        Some(0),
+        "the old certificate is gone"
     );
 }

@@ -18,8 +18,9 @@ pub mod dashboard;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::StateHandle;
 use crate::telemetry;
+use crate::transport::tls::TlsSlot;
 
 /// Facts readiness is computed from.
 #[derive(Clone)]
@@ -90,10 +92,11 @@ struct AppState {
     readiness: Readiness,
 }
 
-/// Serve the HTTP routes on `listener` until `shutdown`; the admin API answers once
-/// `api` is set.
+/// Serve the HTTP routes on `listener` (HTTPS with `tls`) until `shutdown`; the admin
+/// API answers once `api` is set.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<TlsSlot>>,
     metrics: PrometheusHandle,
     readiness: Readiness,
     api: api::ApiSlot,
@@ -107,6 +110,10 @@ pub async fn serve(
         .with_state(AppState { metrics, readiness })
         .merge(dashboard::router(access.clone()))
         .nest("/api/v1", api::router(api, access));
+    if let Some(tls) = tls {
+        serve_tls(listener, tls, app, shutdown).await;
+        return;
+    }
     let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -115,6 +122,64 @@ pub async fn serve(
     .await;
     if let Err(e) = served {
         tracing::error!(error = %e, "HTTP server failed");
+    }
+}
+
+/// Longest a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`serve`] over TLS: each connection's handshake and requests in a task of their
+/// own (a slow handshake holds up no one else), with the certificate in force when it
+/// connected; the peer's address reaches the handlers as `ConnectInfo`, as over plain
+/// HTTP. In-flight requests are not waited for at shutdown.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<TlsSlot>,
+    app: Router,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTPS accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = tls.acceptor();
+        let app = app.clone().layer(axum::Extension(ConnectInfo(peer)));
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "HTTPS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "HTTPS handshake timed out");
+                        return;
+                    }
+                };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let connection = builder
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                served = connection => {
+                    if let Err(e) = served {
+                        tracing::debug!(%peer, error = %e, "HTTPS connection ended");
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -30,7 +30,8 @@ pub(crate) fn key(path: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
 }
 
 /// The server configuration of the MQTT/TLS or secure WebSocket `listener` ("tls",
-/// "wss"), from `config`'s TLS files.
+/// "wss"), or of the HTTPS admin listener ("https": HTTP/1.1, no client certificates,
+/// the API has its own credentials), from `config`'s TLS files.
 pub fn server_config(config: &Config, listener: &str) -> anyhow::Result<Arc<ServerConfig>> {
     let cert_file = config
         .tls_cert_file
@@ -44,7 +45,9 @@ pub fn server_config(config: &Config, listener: &str) -> anyhow::Result<Arc<Serv
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
+    let https = listener == "https";
     let builder = match config.tls_ca_file.as_deref() {
+        _ if https => builder.with_no_client_auth(),
         None => builder.with_no_client_auth(),
         Some(ca_file) => {
             let mut roots = RootCertStore::empty();
@@ -68,7 +71,11 @@ pub fn server_config(config: &Config, listener: &str) -> anyhow::Result<Arc<Serv
         .with_context(|| {
             format!("{cert_file} and {key_file} do not make a certificate and its key")
         })?;
-    server.alpn_protocols = vec![b"mqtt".to_vec()];
+    server.alpn_protocols = vec![if https {
+        b"http/1.1".to_vec()
+    } else {
+        b"mqtt".to_vec()
+    }];
     Ok(Arc::new(server))
 }
 
@@ -80,7 +87,7 @@ pub struct TlsSlot {
 }
 
 impl TlsSlot {
-    /// The slot of `listener` ("tls" or "wss"), loaded from `config`'s files.
+    /// The slot of `listener` ("tls", "wss" or "https"), loaded from `config`'s files.
     pub fn load(config: &Config, listener: &'static str) -> anyhow::Result<Self> {
         Ok(TlsSlot {
             listener,
