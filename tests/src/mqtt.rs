@@ -90,10 +90,22 @@ pub fn disconnect_reason(c: &mut RawClient, timeout: Duration) -> Option<ReasonC
 /// Receive `n` PUBLISHes within `timeout`, acknowledging them as a client does
 /// (PUBACK, PUBREC then PUBCOMP for PUBREL); panics with what arrived if they do not.
 pub fn receive_acked(c: &mut RawClient, n: usize, timeout: Duration) -> Vec<Publish> {
+    receive_acked_until(c, timeout, &format!("{n} messages"), |got| got.len() >= n)
+}
+
+/// Receive PUBLISHes within `timeout`, acknowledging them as [`receive_acked`] does,
+/// until `done` says of those received so far that they are enough (`what`, in the
+/// panic when they do not arrive in time).
+pub fn receive_acked_until(
+    c: &mut RawClient,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&[Publish]) -> bool,
+) -> Vec<Publish> {
     use broker_node::mqtt::{PubAck, PubComp, PubRec};
     let mut got = Vec::new();
     let deadline = Instant::now() + timeout;
-    while got.len() < n {
+    while !done(&got) {
         let left = deadline.saturating_duration_since(Instant::now());
         match c.recv(left) {
             Some(Packet::Publish(p)) => {
@@ -114,8 +126,7 @@ pub fn receive_acked(c: &mut RawClient, n: usize, timeout: Duration) -> Vec<Publ
             ))),
             Some(_) => {}
             None => panic!(
-                "{} of {n} messages arrived: {:?}",
-                got.len(),
+                "not {what} in {timeout:?}; got {:?}",
                 got.iter().map(|p| &p.topic).collect::<Vec<_>>()
             ),
         }

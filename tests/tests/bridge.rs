@@ -8,11 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use broker_node::mqtt::{
-    Packet, ProtocolVersion, PubAck, PubComp, PubRec, Publish, PublishProperties, QoS, ReasonCode,
-};
+use broker_node::mqtt::{Packet, ProtocolVersion, Publish, PublishProperties, QoS, ReasonCode};
 use bytes::Bytes;
-use flockmq_tests::mqtt::{opts, publish, subscribe, subscribe_with};
+use flockmq_tests::mqtt::{opts, publish, receive_acked_until, subscribe, subscribe_with};
 use flockmq_tests::{free_port, wait_for, wait_until, Node, RawClient};
 
 const T: Duration = Duration::from_secs(20);
@@ -134,39 +132,26 @@ fn publish_acked(c: &mut RawClient, topic: &str, payload: &str, id: u16) {
     });
 }
 
-/// Receive PUBLISHes (acknowledging QoS 1) until one on `last` arrives; all of them.
+/// Receive PUBLISHes (acknowledging them) until one on `last` arrives; all of them.
 fn receive_until(c: &mut RawClient, last: &str) -> Vec<Publish> {
-    let deadline = Instant::now() + T;
-    let mut got = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match c.recv(left) {
-            Some(Packet::Publish(p)) => {
-                match (p.qos, p.packet_id) {
-                    (QoS::AtLeastOnce, Some(id)) => {
-                        c.send(&Packet::PubAck(PubAck::new(id, ReasonCode::Success)))
-                    }
-                    (QoS::ExactlyOnce, Some(id)) => {
-                        c.send(&Packet::PubRec(PubRec::new(id, ReasonCode::Success)))
-                    }
-                    _ => {}
-                }
-                let done = p.topic == last;
-                got.push(p);
-                if done {
-                    return got;
-                }
-            }
-            Some(Packet::PubRel(r)) => c.send(&Packet::PubComp(PubComp::new(
-                r.packet_id,
-                ReasonCode::Success,
-            ))),
-            Some(_) => {}
-            None => panic!(
-                "no message on {last}; got {:?}",
-                got.iter().map(|p| &p.topic).collect::<Vec<_>>()
-            ),
-        }
+    receive_acked_until(c, T, &format!("a message on {last}"), |got| {
+        got.last().is_some_and(|p| p.topic == last)
+    })
+}
+
+/// Once the bridge drained its queue: a persistent subscriber of `remote`, subscribed
+/// before, finds every one of the 20 messages m0..m19 under `site-3/fleet/`.
+fn assert_the_twenty_arrived(remote: std::net::SocketAddr) {
+    let (mut sub, ack) =
+        RawClient::connect(remote, ProtocolVersion::V3_1_1, "cloud-sub", false, 60);
+    assert!(ack.session_present);
+    let got = receive_until(&mut sub, "site-3/fleet/m19");
+    for i in 0..20 {
+        assert!(
+            count(&got, &format!("site-3/fleet/m{i}"), &format!("m{i}")) >= 1,
+            "m{i} lost: {:?}",
+            got.iter().map(|p| &p.topic).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -456,22 +441,7 @@ fn a_bridge_to_flockmq_v5_keeps_properties_qos2_and_no_loop_and_queues_qos1_thro
     wait_bridge(&edge, "cloud", "the queue to drain", |b| {
         b["connected"] == true && b["queued"] == 0
     });
-    let (mut sub, ack) = RawClient::connect(
-        cloud.mqtt_addr(),
-        ProtocolVersion::V3_1_1,
-        "cloud-sub",
-        false,
-        60,
-    );
-    assert!(ack.session_present);
-    let got = receive_until(&mut sub, "site-3/fleet/m19");
-    for i in 0..20 {
-        assert!(
-            count(&got, &format!("site-3/fleet/m{i}"), &format!("m{i}")) >= 1,
-            "m{i} lost: {:?}",
-            got.iter().map(|p| &p.topic).collect::<Vec<_>>()
-        );
-    }
+    assert_the_twenty_arrived(cloud.mqtt_addr());
 }
 
 #[test]
@@ -693,22 +663,7 @@ fn qos1_messages_for_a_stopped_mosquitto_queue_and_arrive_when_it_is_back() {
     wait_bridge(&edge, "mosq5", "the queue to drain", |b| {
         b["connected"] == true && b["queued"] == 0
     });
-    let (mut sub, ack) = RawClient::connect(
-        mosquitto.addr(),
-        ProtocolVersion::V3_1_1,
-        "cloud-sub",
-        false,
-        60,
-    );
-    assert!(ack.session_present);
-    let got = receive_until(&mut sub, "site-3/fleet/m19");
-    for i in 0..20 {
-        assert!(
-            count(&got, &format!("site-3/fleet/m{i}"), &format!("m{i}")) >= 1,
-            "m{i} lost: {:?}",
-            got.iter().map(|p| &p.topic).collect::<Vec<_>>()
-        );
-    }
+    assert_the_twenty_arrived(mosquitto.addr());
 }
 
 #[test]

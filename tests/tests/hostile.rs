@@ -319,11 +319,8 @@ fn receive_payload(
                 return Ok(())
             }
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                // rumqttc reconnects on the next poll.
-                std::thread::sleep(Duration::from_millis(100));
-                return Err(format!("subscriber connection: {e}"));
-            }
+            // A failure; rumqttc reconnects on the next poll.
+            Ok(Err(e)) => return Err(format!("subscriber connection: {e}")),
             Err(_) => {}
         }
     }

@@ -141,7 +141,7 @@ impl Remote {
                     ));
                 }
                 let (client, eventloop) = rumqttc::AsyncClient::new(o, REQUEST_CAPACITY);
-                tokio::spawn(run_v4(eventloop, events, backoff, cancel));
+                tokio::spawn(run(eventloop, events, backoff, cancel));
                 Ok(Remote::V4(client))
             }
             BridgeProtocol::V5 => {
@@ -168,7 +168,7 @@ impl Remote {
                     ));
                 }
                 let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, REQUEST_CAPACITY);
-                tokio::spawn(run_v5(eventloop, events, backoff, cancel));
+                tokio::spawn(run(eventloop, events, backoff, cancel));
                 Ok(Remote::V5(client))
             }
         }
@@ -309,83 +309,81 @@ async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
     }
 }
 
-async fn run_v4(
-    mut eventloop: rumqttc::EventLoop,
-    events: mpsc::UnboundedSender<RemoteEvent>,
-    mut backoff: Backoff,
-    cancel: CancellationToken,
-) {
-    use rumqttc::{Event, Outgoing, Packet};
-    loop {
-        let polled = tokio::select! {
-            _ = cancel.cancelled() => return,
-            polled = eventloop.poll() => polled,
-        };
-        let event = match polled {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
-                RemoteEvent::Connected
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => RemoteEvent::Message(Box::new(Incoming {
-                topic: p.topic.clone(),
-                qos: p.qos as u8,
-                retain: p.retain,
-                payload: p.payload.clone(),
-                properties: PublishProperties::default(),
-                ack: AckToken::V4(p),
-            })),
-            Ok(Event::Incoming(Packet::PubAck(a))) => RemoteEvent::Done(a.pkid),
-            Ok(Event::Incoming(Packet::PubComp(a))) => RemoteEvent::Done(a.pkid),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => RemoteEvent::Sent(pkid),
-            Ok(_) => continue,
-            Err(e) => {
-                if events.send(RemoteEvent::Lost(e.to_string())).is_err() {
-                    return;
-                }
-                if !pause(backoff.next_wait(), &cancel).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        if events.send(event).is_err() {
-            return;
-        }
+/// One of rumqttc's event loops (3.1.1 or 5), its events in the bridge's terms.
+trait EventLoop: Send + 'static {
+    /// The next event the bridge cares about (`None` for one it does not), or the
+    /// connection's failure.
+    fn next(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<RemoteEvent>, String>> + Send;
+}
+
+impl EventLoop for rumqttc::EventLoop {
+    async fn next(&mut self) -> Result<Option<RemoteEvent>, String> {
+        use rumqttc::{Event, Outgoing, Packet};
+        Ok(Some(
+            match self.poll().await.map_err(|e| e.to_string())? {
+                Event::Incoming(Packet::ConnAck(_)) => RemoteEvent::Connected,
+                Event::Incoming(Packet::Publish(p)) => RemoteEvent::Message(Box::new(Incoming {
+                    topic: p.topic.clone(),
+                    qos: p.qos as u8,
+                    retain: p.retain,
+                    payload: p.payload.clone(),
+                    properties: PublishProperties::default(),
+                    ack: AckToken::V4(p),
+                })),
+                Event::Incoming(Packet::PubAck(a)) => RemoteEvent::Done(a.pkid),
+                Event::Incoming(Packet::PubComp(a)) => RemoteEvent::Done(a.pkid),
+                Event::Outgoing(Outgoing::Publish(pkid)) => RemoteEvent::Sent(pkid),
+                _ => return Ok(None),
+            },
+        ))
     }
 }
 
-async fn run_v5(
-    mut eventloop: rumqttc::v5::EventLoop,
+impl EventLoop for rumqttc::v5::EventLoop {
+    async fn next(&mut self) -> Result<Option<RemoteEvent>, String> {
+        use rumqttc::v5::{Event, Incoming as In};
+        use rumqttc::Outgoing;
+        Ok(Some(
+            match self.poll().await.map_err(|e| e.to_string())? {
+                Event::Incoming(In::ConnAck(_)) => RemoteEvent::Connected,
+                Event::Incoming(In::Publish(p)) => RemoteEvent::Message(Box::new(Incoming {
+                    topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                    qos: p.qos as u8,
+                    retain: p.retain,
+                    payload: p.payload.clone(),
+                    properties: from_v5(p.properties.clone()),
+                    ack: AckToken::V5(p),
+                })),
+                Event::Incoming(In::PubAck(a)) => RemoteEvent::Done(a.pkid),
+                Event::Incoming(In::PubComp(a)) => RemoteEvent::Done(a.pkid),
+                Event::Outgoing(Outgoing::Publish(pkid)) => RemoteEvent::Sent(pkid),
+                _ => return Ok(None),
+            },
+        ))
+    }
+}
+
+/// Drive `eventloop` (rumqttc reconnects on the next poll after a failure), reporting
+/// its events on `events` and waiting `backoff` after each failure, until `cancel` or
+/// until nobody listens.
+async fn run(
+    mut eventloop: impl EventLoop,
     events: mpsc::UnboundedSender<RemoteEvent>,
     mut backoff: Backoff,
     cancel: CancellationToken,
 ) {
-    use rumqttc::v5::{Event, Incoming as In};
-    use rumqttc::Outgoing;
     loop {
         let polled = tokio::select! {
             _ = cancel.cancelled() => return,
-            polled = eventloop.poll() => polled,
+            polled = eventloop.next() => polled,
         };
         let event = match polled {
-            Ok(Event::Incoming(In::ConnAck(_))) => {
-                backoff.reset();
-                RemoteEvent::Connected
-            }
-            Ok(Event::Incoming(In::Publish(p))) => RemoteEvent::Message(Box::new(Incoming {
-                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                qos: p.qos as u8,
-                retain: p.retain,
-                payload: p.payload.clone(),
-                properties: from_v5(p.properties.clone()),
-                ack: AckToken::V5(p),
-            })),
-            Ok(Event::Incoming(In::PubAck(a))) => RemoteEvent::Done(a.pkid),
-            Ok(Event::Incoming(In::PubComp(a))) => RemoteEvent::Done(a.pkid),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => RemoteEvent::Sent(pkid),
-            Ok(_) => continue,
+            Ok(Some(event)) => event,
+            Ok(None) => continue,
             Err(e) => {
-                if events.send(RemoteEvent::Lost(e.to_string())).is_err() {
+                if events.send(RemoteEvent::Lost(e)).is_err() {
                     return;
                 }
                 if !pause(backoff.next_wait(), &cancel).await {
@@ -394,6 +392,9 @@ async fn run_v5(
                 continue;
             }
         };
+        if matches!(event, RemoteEvent::Connected) {
+            backoff.reset();
+        }
         if events.send(event).is_err() {
             return;
         }

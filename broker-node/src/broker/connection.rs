@@ -321,11 +321,17 @@ impl World for Node<'_> {
         Stats::add(&self.broker.stats.messages_sent, 1);
         telemetry::hot().messages_sent[usize::from(qos).min(2)].increment(1);
         // Publish to delivery, for one delivery in LATENCY_SAMPLE (a clock read each
-        // would cost the hot path more than the figure is worth).
-        static SEEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        if SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % LATENCY_SAMPLE == 0
-            && message.received_at_ms > 0
-        {
+        // would cost the hot path more than the figure is worth), counted per thread
+        // (a shared counter would be a cache line every delivery fights over).
+        thread_local! {
+            static SEEN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        }
+        let seen = SEEN.with(|n| {
+            let seen = n.get();
+            n.set(seen.wrapping_add(1));
+            seen
+        });
+        if seen % LATENCY_SAMPLE == 0 && message.received_at_ms > 0 {
             let ms = unix_ms().saturating_sub(message.received_at_ms);
             metrics::histogram!("flockmq_delivery_latency_seconds").record(ms as f64 / 1000.0);
         }
@@ -635,7 +641,7 @@ where
             unix_ms(),
             &mut self.node(version, &mut actions),
         );
-        if let Some(end) = self.run(&mut session, actions).await {
+        if let Some(end) = self.run(&mut session, &mut actions).await {
             Box::pin(end_session(&broker, session, connection_id, end)).await;
             return None;
         }
@@ -825,7 +831,7 @@ where
             s.m.commit_acks(&mut self.node(version, &mut actions));
             if !actions.is_empty() {
                 // Boxed: an idle connection's future must not carry this one inline.
-                if let Some(end) = Box::pin(self.run(s, actions)).await {
+                if let Some(end) = Box::pin(self.run(s, &mut actions)).await {
                     return end;
                 }
             }
@@ -881,8 +887,7 @@ where
                         return Some(end);
                     }
                     if !actions.is_empty() {
-                        let batch = std::mem::take(&mut actions);
-                        if let Some(end) = self.run(s, batch).await {
+                        if let Some(end) = self.run(s, &mut actions).await {
                             return Some(end);
                         }
                     }
@@ -896,10 +901,12 @@ where
         }
     }
 
-    /// Run what the machine asked for, in order (and what that asks for in turn).
-    async fn run(&mut self, s: &mut Session, actions: Vec<Action>) -> Option<End> {
+    /// Run what the machine asked for, in order (and what that asks for in turn),
+    /// leaving `actions` empty with its buffer for the next packet's (a publish asks for
+    /// one action: no allocation per publish).
+    async fn run(&mut self, s: &mut Session, actions: &mut Vec<Action>) -> Option<End> {
         let version = s.m.version();
-        let mut queue = std::collections::VecDeque::from(actions);
+        let mut queue = std::collections::VecDeque::from(std::mem::take(actions));
         while let Some(action) = queue.pop_front() {
             let mut more = Vec::new();
             match action {
@@ -970,6 +977,7 @@ where
             }
             queue.extend(more);
         }
+        *actions = Vec::from(queue);
         None
     }
 

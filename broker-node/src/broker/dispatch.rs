@@ -364,7 +364,6 @@ impl Broker {
         fault.map_or(Ok(()), Err)
     }
 
-    /// Hand a delivery to a local connection; a full channel returns it as blocked.
     /// Hand `delivery` to `client`'s connection here, if it is connected here; a full
     /// mailbox gives the delivery back to wait for room.
     pub fn deliver_to_local(&self, client: &Arc<str>, delivery: Delivery) -> Option<Blocked> {
@@ -372,6 +371,7 @@ impl Broker {
         hand_over(client.clone(), handle, Box::new(delivery)).err()
     }
 
+    /// Hand a delivery to a local connection; a full channel returns it as blocked.
     fn deliver_local(
         &self,
         client: &Arc<str>,

@@ -213,6 +213,24 @@ fn publish_slot(world: &mut Recorder) -> Slot {
     }
 }
 
+/// The command and slot of the single proposal asked for.
+fn proposal(world: &mut Recorder) -> (Command, Option<Slot>) {
+    let mut actions = world.take_actions();
+    match (actions.pop(), actions.is_empty()) {
+        (Some(Action::Propose { command, slot, .. }), true) => (command, slot),
+        (last, _) => panic!("expected one proposal, got {actions:?} and {last:?}"),
+    }
+}
+
+/// What `slot` waited for committed.
+fn done(m: &mut Machine, slot: Slot, world: &mut Recorder) {
+    m.resolve(
+        slot,
+        Resolution::Committed(Some(CommandResult::Done)),
+        world,
+    );
+}
+
 fn published(matched: usize) -> Resolution {
     Resolution::Published {
         matched,
@@ -520,22 +538,14 @@ fn a_persistent_session_s_pubcomp_waits_for_the_release_to_commit() {
         world.sent.is_empty(),
         "no PUBCOMP before the release commits"
     );
-    let slot = match world.take_actions().as_slice() {
-        [Action::Propose {
-            command: Command::InboundQos2 { released, .. },
-            slot: Some(slot),
-            ..
-        }] => {
-            assert_eq!(released, &vec![3]);
-            *slot
+    let slot = match proposal(&mut world) {
+        (Command::InboundQos2 { released, .. }, Some(slot)) => {
+            assert_eq!(released, vec![3]);
+            slot
         }
         other => panic!("{other:?}"),
     };
-    m.resolve(
-        slot,
-        Resolution::Committed(Some(CommandResult::Done)),
-        &mut world,
-    );
+    done(&mut m, slot, &mut world);
     assert_eq!(reason_of(&world.take_sent()[0]), ReasonCode::Success);
 }
 
@@ -1067,22 +1077,14 @@ fn a_queued_qos2_message_s_pubrel_waits_for_its_pubrec_to_commit() {
     );
     assert!(world.sent.is_empty(), "no PUBREL yet");
     m.commit_acks(&mut world);
-    let slot = match world.take_actions().as_slice() {
-        [Action::Propose {
-            command: Command::Ack { received, .. },
-            slot: Some(slot),
-            ..
-        }] => {
-            assert_eq!(received, &vec![0]);
-            *slot
+    let slot = match proposal(&mut world) {
+        (Command::Ack { received, .. }, Some(slot)) => {
+            assert_eq!(received, vec![0]);
+            slot
         }
         other => panic!("{other:?}"),
     };
-    m.resolve(
-        slot,
-        Resolution::Committed(Some(CommandResult::Done)),
-        &mut world,
-    );
+    done(&mut m, slot, &mut world);
     assert_eq!(
         world.take_sent(),
         vec![Packet::PubRel(PubRel::new(id, ReasonCode::Success))]
