@@ -1,17 +1,41 @@
-//! The wall clock: the one place the node reads the time of day.
+//! The clocks: the one place the node reads the time of day, and where its protocol
+//! timers read the time.
 //!
 //! Wall-clock time enters the replicated state only inside commands (apply never reads
 //! a clock), and crosses nodes only as ages (see `cluster::frame`), so that a node whose
 //! clock is off cannot make another node expire sessions or messages early or late.
-//! Protocol timers use `Instant`, passed in as arguments. This module depends on
-//! nothing else in the crate.
+//! Protocol timers use `Instant`, read from [`now`] and passed in as arguments. This
+//! module depends on nothing else in the crate.
+//!
+//! Both follow the runtime's clock when a simulation drives it: [`now`] reads tokio's
+//! clock (the system's monotonic clock unless a simulation paused it), and a
+//! simulation installs the time of day with [`install_wall_clock`].
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+static WALL: OnceLock<fn() -> u64> = OnceLock::new();
 
 /// Unix time in milliseconds (0 if the clock is before 1970).
 pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    match WALL.get() {
+        Some(wall) => wall(),
+        None => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    }
+}
+
+/// Read the time of day from `wall` (Unix milliseconds) instead of the system's
+/// clock, for the rest of the process: a simulated clock. Only the first call takes
+/// effect; it says whether this one did.
+pub fn install_wall_clock(wall: fn() -> u64) -> bool {
+    WALL.set(wall).is_ok()
+}
+
+/// The monotonic time, as the runtime sees it: what protocol timers (keep alive,
+/// idle connections) count from.
+pub fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }

@@ -16,6 +16,7 @@ pub mod http;
 pub mod logging;
 pub mod mosquitto_conf;
 pub mod mqtt;
+pub mod net;
 pub mod node;
 pub mod router;
 pub mod session;

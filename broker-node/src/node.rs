@@ -142,7 +142,7 @@ pub async fn run(
     }
     tracker.spawn(broker.clone().close_orphaned_sessions());
 
-    let mqtt = transport::bind(config.mqtt_addr).await?;
+    let mqtt = crate::net::bind(config.mqtt_addr).await?;
     tracing::info!(addr = %mqtt.local_addr()?, node_id = config.node_id, "MQTT listener ready");
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // The listeners hand every stream they accept to the broker's connection tasks.
@@ -178,7 +178,7 @@ pub async fn run(
         let (Some(addr), Some(security)) = (addr, security) else {
             continue;
         };
-        let listener = transport::bind(addr).await?;
+        let listener = crate::net::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "{name} listener ready");
         tracker.spawn(transport::serve(
             listener,

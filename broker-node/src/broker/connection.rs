@@ -522,7 +522,11 @@ where
             Err(code) => return self.refuse(version, code).await,
         };
         // An address with recent failures waits before its credentials are checked.
-        let Some(attempt) = broker.auth.failures.begin(self.peer.ip(), Instant::now()) else {
+        let Some(attempt) = broker
+            .auth
+            .failures
+            .begin(self.peer.ip(), crate::clock::now())
+        else {
             metrics::counter!("flockmq_auth_failures_total").increment(1);
             tracing::info!(client_id = %client_id, peer = %self.peer, "connection refused unchecked: too many attempts under way from a failing address");
             return self.refuse(version, ReasonCode::NotAuthorized).await;
@@ -543,7 +547,7 @@ where
             Ok(username) => username,
             Err(code) => {
                 metrics::counter!("flockmq_auth_failures_total").increment(1);
-                attempt.failed(Instant::now());
+                attempt.failed(crate::clock::now());
                 return self.refuse(version, code).await;
             }
         };
@@ -628,7 +632,7 @@ where
             inbound_qos2: broker.inbound_qos2_of(&client_id, session_present),
             resend_below,
         };
-        let m = Machine::new(&connect, &negotiated, cfg, opened, Instant::now());
+        let m = Machine::new(&connect, &negotiated, cfg, opened, crate::clock::now());
         let mut session = Box::new(Session {
             m,
             rx,
@@ -734,7 +738,7 @@ where
         // Parking: plain TCP only, unless switched off.
         let park_after =
             Some(self.broker.config.mqtt.park_after).filter(|d| S::PARKABLE && !d.is_zero());
-        let mut active_at = Instant::now();
+        let mut active_at = crate::clock::now();
         // Packets that arrived with the CONNECT (clients pipeline a SUBSCRIBE or a
         // PUBLISH behind it without waiting for CONNACK) are already in the buffer:
         // handle them now, not once the client happens to send more.
@@ -780,14 +784,14 @@ where
                     return end;
                 }
                 Some((slot, resolution)) = s.acks.next(), if !s.acks.is_empty() => {
-                    active_at = Instant::now();
+                    active_at = crate::clock::now();
                     let mut node = self.node(version, &mut actions);
                     if let Some(end) = s.m.resolve(slot, resolution, &mut node) {
                         return end;
                     }
                 }
                 msg = s.rx.recv() => {
-                    active_at = Instant::now();
+                    active_at = crate::clock::now();
                     let Some(msg) = msg else { return End::Abrupt };
                     if let Some(end) = self.on_message(s, msg, &mut actions) {
                         return end;
@@ -804,7 +808,7 @@ where
                     if !filled {
                         return End::Abrupt;
                     }
-                    active_at = Instant::now();
+                    active_at = crate::clock::now();
                     s.m.seen(active_at);
                     // Boxed: handling packets (proposals, forwarding) needs KiBs of
                     // future state that an idle connection should not carry inline.
@@ -813,7 +817,7 @@ where
                     }
                 }
                 _ = sleep => {
-                    let now = Instant::now();
+                    let now = crate::clock::now();
                     if let Some(end) = s.m.timeout(now, &mut self.node(version, &mut actions)) {
                         self.flush().await;
                         return end;

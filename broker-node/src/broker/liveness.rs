@@ -82,7 +82,7 @@ impl Broker {
                 .chain(holding.iter().copied())
                 .filter(|n| *n != self.node_id)
                 .collect();
-            let now = Instant::now();
+            let now = crate::clock::now();
             let probes: Vec<(NodeId, bool)> = watched
                 .iter()
                 .map(|node| {

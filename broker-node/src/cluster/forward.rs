@@ -408,7 +408,7 @@ async fn pump(
                 Some(acked) => {
                     while pending.front().is_some_and(|(s, _, _)| *s <= acked) {
                         if let Some((_, sent_at, waiters)) = pending.pop_front() {
-                            ack_latency.record(sent_at.elapsed().as_secs_f64());
+                            ack_latency.record(crate::clock::now().saturating_duration_since(sent_at).as_secs_f64());
                             for w in waiters {
                                 let _ = w.send(());
                             }
@@ -448,7 +448,7 @@ async fn pump(
                 if frames.send(seq, own, entries.into()).await.is_err() {
                     return Ended::Broken;
                 }
-                pending.push_back((seq, Instant::now(), waiters));
+                pending.push_back((seq, crate::clock::now(), waiters));
             }
         }
     }

@@ -266,8 +266,9 @@ pub async fn stay_member(
             // change while it was caught up): ask (again) to be a voter.
             Some(_) => true,
             None => {
-                let since = *leaderless_since.get_or_insert_with(std::time::Instant::now);
-                since.elapsed() >= ASK_AFTER
+                let now = crate::clock::now();
+                let since = *leaderless_since.get_or_insert(now);
+                now.saturating_duration_since(since) >= ASK_AFTER
             }
         };
         if !ask {

@@ -304,10 +304,10 @@ impl Cluster {
                 .tls_config(server_tls)
                 .context("cannot set up cluster TLS")?;
         }
-        let listener = tokio::net::TcpListener::bind(config.cluster_addr)
+        let incoming = crate::net::bind(config.cluster_addr)
             .await
-            .with_context(|| format!("cannot listen on {} (cluster)", config.cluster_addr))?;
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            .context("cannot open the cluster port")?
+            .incoming();
         let votes = network::Votes::default();
         let fresh_disk = !raft.is_initialized().await?;
         if fresh_disk && config.join.is_none() && config.initial_cluster.len() > 1 {

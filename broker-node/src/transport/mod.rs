@@ -16,11 +16,12 @@ use std::time::Duration;
 use std::future::Future;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TlsIdentity};
+use crate::net::{Accepted, Listener};
 
 pub mod tls;
 pub mod ws;
@@ -187,7 +188,7 @@ impl Security {
 /// connection tasks are spawned on `tracker` so that shutdown can wait for them.
 /// `open` counts connections across every listener, for `mqtt.max_connections`.
 pub async fn serve<H: ConnectionHandler>(
-    listener: TcpListener,
+    listener: Listener,
     security: Security,
     handler: H,
     limits: Limits,
@@ -220,68 +221,83 @@ pub async fn serve<H: ConnectionHandler>(
             drop(stream);
             continue;
         }
-        let _ = stream.set_nodelay(true);
         let admitted = Admitted::new(open.clone());
-        let listening = listening.clone();
-        let security = security.clone();
+        let conn = match stream {
+            Accepted::Os(tcp) => connection(tcp, peer, &security, &listening, admitted),
+            Accepted::Other(conn) => connection(conn, peer, &security, &listening, admitted),
+        };
         tracker.spawn(async move {
             metrics::counter!("flockmq_connections_opened_total", "listener" => label).increment(1);
-            // Handshakes count against the CONNECT timeout: a client that never
-            // finishes one is closed like one that never sends CONNECT.
-            let timeout = listening.limits.connect_timeout;
-            let max_packet = listening.limits.max_packet_size;
-            // Each kind of stream's connection future is boxed on its own: inline, every
-            // task would be as large as the largest (a TLS handshake inside WebSocket
-            // state, KiBs), and a plain TCP connection would pay for it.
-            let identity = listening.limits.tls_identity;
-            let conn: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match security {
-                Security::Plain => Box::pin(listening.handler.serve(
-                    stream,
-                    peer,
-                    label,
-                    Vouched::Nothing,
-                    admitted,
-                )),
-                Security::Tls(slot) => Box::pin(async move {
-                    let handshake = slot.acceptor().accept(stream);
-                    if let Some(tls) = upgrade("TLS", peer, timeout, handshake).await {
-                        let vouched = vouched(tls.get_ref().1, identity);
-                        listening
-                            .handler
-                            .serve(tls, peer, label, vouched, admitted)
-                            .await;
-                    }
-                }),
-                Security::Ws => Box::pin(async move {
-                    if let Some(ws) =
-                        upgrade("WebSocket", peer, timeout, ws::accept(stream, max_packet)).await
-                    {
-                        listening
-                            .handler
-                            .serve(ws, peer, label, Vouched::Nothing, admitted)
-                            .await;
-                    }
-                }),
-                Security::Wss(slot) => Box::pin(async move {
-                    let secured = async {
-                        let tls = slot.acceptor().accept(stream).await?;
-                        let vouched = vouched(tls.get_ref().1, identity);
-                        Ok((ws::accept(tls, max_packet).await?, vouched))
-                    };
-                    if let Some((ws, vouched)) =
-                        upgrade("TLS WebSocket", peer, timeout, secured).await
-                    {
-                        listening
-                            .handler
-                            .serve(ws, peer, label, vouched, admitted)
-                            .await;
-                    }
-                }),
-            };
             // A parked connection's task ends here while the connection lives on in the
             // parking lot, holding its `Admitted` place.
             conn.await;
         });
+    }
+}
+
+/// The whole life of one accepted connection: its transport's handshake, then the
+/// handler's service.
+fn connection<S, H>(
+    stream: S,
+    peer: SocketAddr,
+    security: &Security,
+    listening: &Arc<Listening<H>>,
+    admitted: Admitted,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    S: ClientStream + 'static,
+    H: ConnectionHandler,
+{
+    let label = security.label();
+    let listening = listening.clone();
+    // Handshakes count against the CONNECT timeout: a client that never finishes one
+    // is closed like one that never sends CONNECT.
+    let timeout = listening.limits.connect_timeout;
+    let max_packet = listening.limits.max_packet_size;
+    // Each kind of stream's connection future is boxed on its own: inline, every task
+    // would be as large as the largest (a TLS handshake inside WebSocket state, KiBs),
+    // and a plain TCP connection would pay for it.
+    let identity = listening.limits.tls_identity;
+    match security.clone() {
+        Security::Plain => Box::pin(async move {
+            listening
+                .handler
+                .serve(stream, peer, label, Vouched::Nothing, admitted)
+                .await
+        }),
+        Security::Tls(slot) => Box::pin(async move {
+            let handshake = slot.acceptor().accept(stream);
+            if let Some(tls) = upgrade("TLS", peer, timeout, handshake).await {
+                let vouched = vouched(tls.get_ref().1, identity);
+                listening
+                    .handler
+                    .serve(tls, peer, label, vouched, admitted)
+                    .await;
+            }
+        }),
+        Security::Ws => Box::pin(async move {
+            if let Some(ws) =
+                upgrade("WebSocket", peer, timeout, ws::accept(stream, max_packet)).await
+            {
+                listening
+                    .handler
+                    .serve(ws, peer, label, Vouched::Nothing, admitted)
+                    .await;
+            }
+        }),
+        Security::Wss(slot) => Box::pin(async move {
+            let secured = async {
+                let tls = slot.acceptor().accept(stream).await?;
+                let vouched = vouched(tls.get_ref().1, identity);
+                Ok((ws::accept(tls, max_packet).await?, vouched))
+            };
+            if let Some((ws, vouched)) = upgrade("TLS WebSocket", peer, timeout, secured).await {
+                listening
+                    .handler
+                    .serve(ws, peer, label, vouched, admitted)
+                    .await;
+            }
+        }),
     }
 }
 
@@ -314,11 +330,4 @@ async fn upgrade<T>(
             None
         }
     }
-}
-
-/// Bind a TCP listener, naming the address in the error.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }

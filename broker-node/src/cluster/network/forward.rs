@@ -145,8 +145,7 @@ pub async fn open(addr: &str, window: usize) -> Result<(FrameSender, Acks), Stri
         .initial_connection_window_size(CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
-    let channel = endpoint
-        .connect()
+    let channel = crate::net::dial(endpoint)
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let (frames, frames_rx) = mpsc::channel(window);

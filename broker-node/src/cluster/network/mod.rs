@@ -85,9 +85,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         let channel = super::tls::endpoint(&node.addr).map(|e| {
-            e.connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true)
-                .connect_lazy()
+            crate::net::dial_lazy(e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true))
         });
         PeerClient {
             target,
@@ -164,7 +162,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let answer = self.call(Rpc::Append, &rpc, option.hard_ttl()).await;
         if answer.is_ok() {
             // Any answer (success or conflict) is the peer's Raft at work.
-            self.contacts.answered(self.target, Instant::now());
+            self.contacts.answered(self.target, crate::clock::now());
         }
         answer
     }
@@ -320,8 +318,7 @@ impl AdminRpc for AdminService {
 /// Read the figures of the node at `addr`.
 pub async fn node_stats(addr: &str, timeout: Duration) -> Result<NodeStats, String> {
     let endpoint = super::tls::endpoint(addr)?.connect_timeout(timeout);
-    let channel = endpoint
-        .connect()
+    let channel = crate::net::dial(endpoint)
         .await
         .map_err(|e| format!("cannot reach {addr}: {e}"))?;
     let mut request = Request::new(RaftPayload::default());
@@ -340,8 +337,7 @@ pub async fn change_membership(
     timeout: Duration,
 ) -> Result<String, String> {
     let endpoint = super::tls::endpoint(addr)?.connect_timeout(Duration::from_secs(2));
-    let channel = endpoint
-        .connect()
+    let channel = crate::net::dial(endpoint)
         .await
         .map_err(|e| format!("cannot reach {addr}: {e}"))?;
     let payload = encode(change).map_err(|e| e.to_string())?;
@@ -409,10 +405,11 @@ impl LeaderForwarder {
             let endpoint = super::tls::endpoint(addr)
                 .map_err(ForwardError::NotSent)?
                 .connect_timeout(Duration::from_secs(2));
-            self.client = Some((
-                addr.to_owned(),
-                AdminClient::new(endpoint.connect_with_connector_lazy(discarding_connector())),
-            ));
+            let channel = match crate::net::dialer() {
+                None => endpoint.connect_with_connector_lazy(discarding_connector()),
+                Some(dialer) => endpoint.connect_with_connector_lazy(dialer),
+            };
+            self.client = Some((addr.to_owned(), AdminClient::new(channel)));
         }
         let Some((_, client)) = self.client.as_mut() else {
             return Err(ForwardError::NotSent("no leader client".to_owned()));
