@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# A campaign of the deterministic simulation (tests/tests/simulation.rs): the whole
+# three-node cluster in one process on turmoil's network and clock, seeded faults, a
+# history checker. Runs unattended; prints one line per seed and the failing seeds.
+#
+#   scripts/simulate.sh --seeds 1000                 # seeds 1..1000, 20 s of faults each
+#   scripts/simulate.sh --seeds 500 --first 7000 --seconds 40
+#   scripts/simulate.sh --seed 1234                  # replay one seed, with its history
+#   SIM_LOG=broker_node=info scripts/simulate.sh --seed 1234   # and the nodes' logs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SEEDS=100 FIRST=1 SECONDS_FAULTY=20 THREADS=$(nproc) ONE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seeds) SEEDS=$2; shift 2 ;;
+    --first) FIRST=$2; shift 2 ;;
+    --seconds) SECONDS_FAULTY=$2; shift 2 ;;
+    --threads) THREADS=$2; shift 2 ;;
+    --seed) ONE=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+export SIM_SECONDS=$SECONDS_FAULTY SIM_THREADS=$THREADS
+if [ -n "$ONE" ]; then
+  export SIM_SEED=$ONE
+else
+  export SIM_SEEDS=$SEEDS SIM_FIRST_SEED=$FIRST
+fi
+exec cargo test -q -p flockmq-tests --test simulation -- --nocapture --exact seeds_of_faults_keep_every_guarantee
