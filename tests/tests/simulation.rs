@@ -113,7 +113,7 @@ fn node_name(i: usize) -> String {
 /// Node `i`'s configuration. Its election timeout is fixed per seed (openraft draws
 /// one at random between the minimum and the maximum with a generator of its own):
 /// `election_ms` apart per node, so that elections still race, as the seed says.
-fn node_config(i: usize, dir: &std::path::Path, election_ms: u64) -> Config {
+fn node_config(i: usize, dir: &std::path::Path, election_ms: u64, http_port: u16) -> Config {
     let members: Vec<String> = (0..NODES)
         .map(|j| format!("{}={}:7000", j + 1, node_name(j)))
         .collect();
@@ -122,7 +122,7 @@ fn node_config(i: usize, dir: &std::path::Path, election_ms: u64) -> Config {
 node_id = {id}
 data_dir = "{dir}"
 mqtt_addr = "0.0.0.0:1883"
-http_addr = "127.0.0.1:0"
+http_addr = "127.0.0.1:{http_port}"
 cluster_addr = "0.0.0.0:7000"
 advertise_addr = "{name}:7000"
 initial_cluster = "{members}"
@@ -160,6 +160,9 @@ struct History {
     retained_unsure: BTreeMap<usize, BTreeSet<u64>>,
     /// Per node, what a late subscriber found retained: topic → value.
     retained_seen: Vec<BTreeMap<usize, u64>>,
+    /// Per node, once the faults stopped: (applied index, state digest) from its admin
+    /// API, the last reading of each.
+    digests: Vec<(Option<u64>, Option<String>)>,
     /// Things a client saw that the checker must report (lost sessions).
     anomalies: Vec<String>,
     /// Connections made, connections lost, by all clients.
@@ -688,6 +691,55 @@ async fn retained_writer(
     Ok(())
 }
 
+/// Once the faults have stopped (`check_after`), read each node's applied index and
+/// state digest from its admin API until they agree (or 20 s pass).
+async fn read_digests(
+    http_ports: Vec<u16>,
+    check_after: Duration,
+    history: Shared,
+) -> turmoil::Result {
+    let start = tokio::time::Instant::now() - turmoil::elapsed();
+    tokio::time::sleep_until(start + check_after).await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut readings = Vec::new();
+        for &port in &http_ports {
+            readings.push(cluster_digest(port).await.unwrap_or((None, None)));
+        }
+        let agree = readings.windows(2).all(|w| w[0] == w[1])
+            && readings[0].0.is_some()
+            && readings[0].1.is_some();
+        history.borrow_mut().digests = readings;
+        if agree || tokio::time::Instant::now() >= until {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `GET /api/v1/cluster` of the node whose admin API is on `port`: its applied index
+/// and digest.
+async fn cluster_digest(port: u16) -> io::Result<(Option<u64>, Option<String>)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(b"GET /api/v1/cluster HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .map_err(|_| io::Error::other("no answer"))??;
+    let text = String::from_utf8_lossy(&response);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .ok_or_else(|| io::Error::other("no body"))?;
+    let status: serde_json::Value = serde_json::from_str(body).map_err(io::Error::other)?;
+    Ok((
+        status["digest_index"].as_u64(),
+        status["digest"].as_str().map(str::to_owned),
+    ))
+}
+
 /// What the checker found wrong, one line each.
 fn check(h: &History) -> Vec<String> {
     let mut problems = h.anomalies.clone();
@@ -729,12 +781,12 @@ fn check(h: &History) -> Vec<String> {
             let last_acked = h.retained_acked.get(&topic).and_then(|v| v.last()).copied();
             let unsure = h.retained_unsure.get(&topic);
             let holds = seen.get(&topic).copied();
-            // Unacknowledged writes after the last acknowledged one may or may not
-            // have taken effect.
-            let allowed = |v: u64| {
-                Some(v) == last_acked
-                    || unsure.is_some_and(|u| u.contains(&v) && last_acked.is_none_or(|a| v > a))
-            };
+            // A write never acknowledged is concurrent with everything after it was
+            // sent (as in a linearizability check): it may take effect at any later
+            // instant, even after a later acknowledged write (its PUBLISH waited on a
+            // node cut off from the leader while the writer moved on: seed 4). An
+            // acknowledged write older than the last acknowledged one may not.
+            let allowed = |v: u64| Some(v) == last_acked || unsure.is_some_and(|u| u.contains(&v));
             let fine = match holds {
                 Some(v) => allowed(v),
                 None => last_acked.is_none(),
@@ -746,6 +798,15 @@ fn check(h: &History) -> Vec<String> {
                 ));
             }
         }
+    }
+    let digests_agree = h.digests.len() == NODES
+        && h.digests.windows(2).all(|w| w[0] == w[1])
+        && h.digests[0].1.is_some();
+    if !digests_agree {
+        problems.push(format!(
+            "nodes' (applied index, digest) differ after the faults stopped: {:?}",
+            h.digests
+        ));
     }
     if h.retained_seen.len() == NODES && h.retained_seen.iter().any(|s| *s != h.retained_seen[0]) {
         problems.push(format!(
@@ -781,6 +842,14 @@ fn clients() -> Vec<String> {
         .map(|i| format!("sub{i}"))
         .chain((0..PUBLISHERS).map(|i| format!("pub{i}")))
         .chain(["retainer".to_owned()])
+        .collect()
+}
+
+/// Every host that must finish.
+fn finishers() -> Vec<String> {
+    clients()
+        .into_iter()
+        .chain(["auditor".to_owned()])
         .collect()
 }
 
@@ -902,8 +971,10 @@ fn run_seed(seed: u64, faulty: Duration) -> Outcome {
         .max_message_latency(Duration::from_millis(5))
         .enable_tokio_io()
         .build();
-    for i in 0..NODES {
-        let config = node_config(i, dir.path(), rng.range(800, 1600));
+    // The admin API listens on the real loopback (it is not simulated).
+    let http_ports: Vec<u16> = (0..NODES).map(|_| flockmq_tests::free_port()).collect();
+    for (i, &http_port) in http_ports.iter().enumerate() {
+        let config = node_config(i, dir.path(), rng.range(800, 1600), http_port);
         sim.host(node_name(i), move || {
             let config = config.clone();
             async move {
@@ -946,6 +1017,13 @@ fn run_seed(seed: u64, faulty: Duration) -> Outcome {
         r
     });
 
+    let h = history.clone();
+    sim.client("auditor", async move {
+        let r = read_digests(http_ports, faulty + settle, h.clone()).await;
+        h.borrow_mut().finished.insert("auditor".to_owned());
+        r
+    });
+
     let mut pending: VecDeque<Scheduled> = plan.into();
     let mut active: Vec<(Duration, Fault)> = Vec::new();
     let mut error = None;
@@ -980,7 +1058,7 @@ fn run_seed(seed: u64, faulty: Duration) -> Outcome {
     let h = history.borrow();
     let mut problems = check(&h);
     if let Some(e) = error {
-        let unfinished: Vec<String> = clients()
+        let unfinished: Vec<String> = finishers()
             .into_iter()
             .filter(|c| !h.finished.contains(c))
             .collect();
@@ -991,11 +1069,13 @@ fn run_seed(seed: u64, faulty: Duration) -> Outcome {
     }
     let delivered: usize = h.delivered.iter().map(Vec::len).sum();
     let summary = format!(
-        "seed {seed}: {} faults, {} acknowledged, {delivered} delivered, {} connections, {} drops, {:?} simulated",
+        "seed {seed}: {} faults, {} acknowledged, {delivered} delivered, {} connections, {} drops, \
+         digest {:?}, {:?} simulated",
         h.faults.len(),
         h.acknowledged.len(),
         h.connects,
         h.drops,
+        h.digests.first(),
         sim.elapsed(),
     );
     Outcome { problems, summary }
