@@ -12,6 +12,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod ctl;
+pub mod hash;
 pub mod http;
 pub mod logging;
 pub mod mosquitto_conf;

@@ -959,6 +959,7 @@ struct Outcome {
 
 fn run_seed(seed: u64, faulty: Duration) -> Outcome {
     install_once();
+    broker_node::hash::fix_seed(seed);
     let dir = tempfile::tempdir().expect("temp dir");
     let mut rng = Rng(seed);
     let plan = schedule(&mut rng, faulty);

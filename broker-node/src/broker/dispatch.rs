@@ -117,8 +117,7 @@ impl Broker {
     /// Route `message` to the subscribers `reach` leaves to this node.
     pub fn dispatch_to(&self, message: &Arc<Message>, reach: Reach) -> DispatchOutcome {
         let publisher = message.origin_client.as_deref();
-        let mut targets: HashMap<Arc<str>, Target, foldhash::fast::RandomState> =
-            HashMap::default();
+        let mut targets: HashMap<Arc<str>, Target, crate::hash::State> = HashMap::default();
         let mut shared: Vec<(String, Members)> = Vec::new();
         let mut matched = 0usize;
         let durable = self.config.mqtt.durable_sessions;
@@ -615,7 +614,7 @@ pub async fn wait_forwarded(acks: Vec<tokio::sync::oneshot::Receiver<()>>) {
 /// granted QoS wins, every subscription identifier is carried, and Retain As
 /// Published on any matching subscription keeps the RETAIN flag.
 fn merge_target(
-    targets: &mut HashMap<Arc<str>, Target, foldhash::fast::RandomState>,
+    targets: &mut HashMap<Arc<str>, Target, crate::hash::State>,
     client: &Arc<str>,
     options: &SubscriptionOptions,
     message: &Message,

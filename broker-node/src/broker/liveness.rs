@@ -18,6 +18,8 @@
 //! again (`cluster::membership::stay_member`).
 
 use std::collections::{HashMap, HashSet};
+
+use crate::hash::State;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,8 +52,8 @@ impl Broker {
         // The removal under way, if any.
         let mut removal: Option<tokio::task::JoinHandle<()>> = None;
         // Since when each node has been unreachable, and those already declared lost.
-        let mut unreachable_since: HashMap<NodeId, Instant> = HashMap::new();
-        let mut declared: HashSet<NodeId> = HashSet::new();
+        let mut unreachable_since: HashMap<NodeId, Instant, State> = HashMap::default();
+        let mut declared: HashSet<NodeId, State> = HashSet::default();
         let mut ticks = self.ticks(PROBE_EVERY);
         while ticks.next().await {
             if !self.state.is_leader() {
@@ -60,7 +62,7 @@ impl Broker {
                 declared.clear();
                 continue;
             }
-            let members: HashSet<NodeId> = raft
+            let members: HashSet<NodeId, State> = raft
                 .metrics()
                 .borrow()
                 .membership_config
@@ -70,13 +72,13 @@ impl Broker {
                 .collect();
             // Nodes that hold connected sessions, members or not (a removed node's
             // clients must not stay connected either).
-            let holding: HashSet<NodeId> = self.read_state(|st| {
+            let holding: HashSet<NodeId, State> = self.read_state(|st| {
                 st.sessions()
                     .filter(|(_, s)| s.connected)
                     .map(|(_, s)| s.node)
                     .collect()
             });
-            let watched: HashSet<NodeId> = members
+            let watched: HashSet<NodeId, State> = members
                 .iter()
                 .copied()
                 .chain(holding.iter().copied())

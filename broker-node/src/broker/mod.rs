@@ -119,7 +119,7 @@ pub struct Broker {
     /// Authentication and ACLs.
     pub auth: crate::auth::Auth,
     /// Clients connected to this node.
-    registry: DashMap<Arc<str>, ConnHandle, foldhash::fast::RandomState>,
+    registry: DashMap<Arc<str>, ConnHandle, crate::hash::State>,
     /// Shared-subscription selection state (round-robin positions, sticky choices),
     /// in [`SELECTOR_SHARDS`] shards by group name: a group's state lives in one
     /// shard, and publishes to different groups do not meet on one lock.
@@ -219,8 +219,8 @@ impl Broker {
     /// still uncertain.
     pub fn remember_refused_open(&self, connection_id: u64) {
         let mut refused = lock(&self.refused_opens);
-        let now = Instant::now();
-        refused.retain(|_, at| now.duration_since(*at) < REFUSED_OPEN_TTL);
+        let now = crate::clock::now();
+        refused.retain(|_, at| now.saturating_duration_since(*at) < REFUSED_OPEN_TTL);
         if refused.len() >= REFUSED_OPENS_KEPT {
             if let Some(oldest) = refused.iter().min_by_key(|(_, at)| **at).map(|(id, _)| *id) {
                 refused.remove(&oldest);

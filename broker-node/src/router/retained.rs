@@ -7,14 +7,14 @@ use std::collections::HashMap;
 
 #[derive(Debug)]
 struct Node<M> {
-    children: HashMap<Box<str>, Node<M>>,
+    children: HashMap<Box<str>, Node<M>, crate::hash::State>,
     message: Option<(Box<str>, M)>,
 }
 
 impl<M> Default for Node<M> {
     fn default() -> Self {
         Node {
-            children: HashMap::new(),
+            children: HashMap::default(),
             message: None,
         }
     }

@@ -20,7 +20,7 @@ type Members<K, V> = Vec<(K, V)>;
 
 /// A hash map keyed by topic levels, with a fast hasher seeded per process (topic
 /// names come from clients, so the seed matters; SipHash's cost does not pay here).
-type LevelMap<T> = HashMap<Box<str>, T, foldhash::fast::RandomState>;
+type LevelMap<T> = HashMap<Box<str>, T, crate::hash::State>;
 
 #[derive(Debug)]
 struct Node<K, V> {
