@@ -188,7 +188,8 @@ fi # OFFLINE_ONLY = 0
 OFFLINE_SESSIONS=${OFFLINE_SESSIONS:-1000}
 OFFLINE_MESSAGES=${OFFLINE_MESSAGES:-200}
 OFFLINE_INFLIGHT=${OFFLINE_INFLIGHT:-16}
-[ $SMOKE = 1 ] && OFFLINE_SESSIONS=20 && OFFLINE_MESSAGES=10
+OFFLINE_SETTLED=${OFFLINE_SETTLED:-20}
+[ $SMOKE = 1 ] && OFFLINE_SESSIONS=20 && OFFLINE_MESSAGES=10 && OFFLINE_SETTLED=3
 mkdir -p "$WORK/mosquitto-data"
 cat > "$WORK/mosquitto-persist.conf" <<CONF
 listener $PORT 127.0.0.1
@@ -204,37 +205,43 @@ for broker in flockmq mosquitto; do
   unset MOSQUITTO_CONF
   line=$("$BIN/flockmq-bench" --scenario offline --clients "$OFFLINE_SESSIONS" \
     --count "$OFFLINE_MESSAGES" --payload 1024 --inflight "$OFFLINE_INFLIGHT" --duration 600s \
-    --broker-pid "$BROKER_PID" --brokers 127.0.0.1:$PORT --label $broker)
+    --broker-pid "$BROKER_PID" --settled-after "${OFFLINE_SETTLED}s" \
+    --brokers 127.0.0.1:$PORT --label $broker)
   echo "$broker offline: $line" >&2
   python3 -c 'import json,sys; r=json.loads(sys.argv[1])
 print("\t".join(str(x) for x in [sys.argv[2], r["sessions"], r["sent"], r["rss_growth_bytes"],
-      r["bytes_per_queued_delivery"], r["publish_rate"], r["kept_for_one_session"], r["errors"]]))' \
+      r["bytes_per_queued_delivery"], r["bytes_per_queued_delivery_settled"], r["publish_rate"],
+      r["kept_for_one_session"], r["errors"]]))' \
     "$line" "$broker" >> "$WORK/offline.tsv"
   stop_broker
 done
 
 RUMQTTD=$RUMQTTD IDLE=$IDLE IDLE_SETTLE=$IDLE_SETTLE OFFLINE_ONLY=$OFFLINE_ONLY \
-OFFLINE_MESSAGES=$OFFLINE_MESSAGES OFFLINE_INFLIGHT=$OFFLINE_INFLIGHT \
+OFFLINE_MESSAGES=$OFFLINE_MESSAGES OFFLINE_INFLIGHT=$OFFLINE_INFLIGHT OFFLINE_SETTLED=$OFFLINE_SETTLED \
 python3 - "$RESULTS" "$WORK/idle.tsv" "$OUT" "$REPS" "$DURATION" "$WORK/latency.tsv" "$half" "${SCENARIOS[-1]%%|*}" "$WORK/offline.tsv" <<'PY'
 import collections, os, platform, statistics, subprocess, sys
 results, idle, out, reps, duration, latency, half, pairs_name, offline = sys.argv[1:]
 # The offline-queues table, between markers so that `--offline` replaces it alone.
 runs = [line.rstrip("\n").split("\t") for line in open(offline)]
-per_delivery_of = {r[0]: float(r[4]) for r in runs if r[4] != "None"}
+def num(v): return float(v) if v != "None" else 0.0
+base = {r[0]: (num(r[4]), num(r[5])) for r in runs}.get("mosquitto", (0.0, 0.0))
+def against(v, b): return f"{v / b:.2f}×" if b > 0 else "–"
 block = ["<!-- offline: scripts/bench-compare.sh (alone: --offline) -->",
          f"Queues of offline sessions: {runs[0][1] if runs else 0} persistent sessions subscribed "
          f"to `fleet/all/#` at QoS 1 are offline while {os.environ['OFFLINE_MESSAGES']} QoS 1 "
          f"messages of 1 KB are published to `fleet/all/cmd` ({os.environ['OFFLINE_INFLIGHT']} "
          "in flight), each queued for every session; Mosquitto with `persistence true`. RSS growth "
-         "from before the publishes to 2 s after the last acknowledgement.", "",
-         "| broker | RSS growth MiB | bytes per queued delivery | against Mosquitto | publish msg/s | kept for one session | errors |",
-         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-for broker, sessions, sent, growth, per_delivery, rate, kept, errors in runs:
-    base = per_delivery_of.get("mosquitto", 0)
-    mib = int(growth) / 2**20 if growth != "None" else 0
-    pd = float(per_delivery) if per_delivery != "None" else 0
-    block.append(f"| {broker} | {mib:,.1f} | {pd:,.0f} | {pd / base if base > 0 else 0:.2f}× | "
-                 f"{float(rate):,.0f} | {kept} of {sent} | {errors} |")
+         "from before the publishes to 2 s after the last acknowledgement, and per queued delivery "
+         f"then and {os.environ['OFFLINE_SETTLED']} s after (once the allocator has returned "
+         "what it freed).", "",
+         "| broker | RSS growth MiB | bytes per queued delivery | against Mosquitto | "
+         f"bytes per delivery at {os.environ['OFFLINE_SETTLED']} s | against Mosquitto | "
+         "publish msg/s | kept for one session | errors |",
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+for broker, sessions, sent, growth, per_delivery, settled, rate, kept, errors in runs:
+    pd, ps = num(per_delivery), num(settled)
+    block.append(f"| {broker} | {num(growth) / 2**20:,.1f} | {pd:,.0f} | {against(pd, base[0])} | "
+                 f"{ps:,.0f} | {against(ps, base[1])} | {float(rate):,.0f} | {kept} of {sent} | {errors} |")
 block.append("<!-- /offline -->")
 if os.environ["OFFLINE_ONLY"] == "1":
     try:

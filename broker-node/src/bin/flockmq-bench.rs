@@ -100,6 +100,10 @@ struct Args {
     /// /proc before and after the publishes.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Offline: read the broker's VmRSS once more this long after the last
+    /// acknowledgement (an allocator returns freed pages over seconds); 0: not.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    settled_after: Duration,
 }
 
 /// Counters shared by all tasks.
@@ -907,6 +911,12 @@ async fn offline(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
     let publish_secs = start.elapsed().as_secs_f64();
     tokio::time::sleep(SETTLE).await;
     let rss_after = args.broker_pid.and_then(rss_bytes);
+    let rss_settled = if args.settled_after > SETTLE {
+        tokio::time::sleep(args.settled_after - SETTLE).await;
+        args.broker_pid.and_then(rss_bytes)
+    } else {
+        None
+    };
     // One session back: how many of the messages its queue held.
     let mut conn = Conn::connect_with(
         args.brokers[0],
@@ -927,9 +937,13 @@ async fn offline(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
     }
     let sent = totals.sent.load(Ordering::Relaxed);
     let deliveries = sent * args.clients as u64;
-    let growth = rss_before
-        .zip(rss_after)
-        .map(|(before, after)| after as i64 - before as i64);
+    let growth_to = |after: Option<u64>| {
+        rss_before
+            .zip(after)
+            .map(|(before, after)| after as i64 - before as i64)
+    };
+    let (growth, settled_growth) = (growth_to(rss_after), growth_to(rss_settled));
+    let per_delivery = |growth: Option<i64>| growth.map(|g| g as f64 / deliveries.max(1) as f64);
     let out = serde_json::json!({
         "label": args.label,
         "scenario": "offline",
@@ -946,7 +960,10 @@ async fn offline(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
         "rss_before_bytes": rss_before,
         "rss_after_bytes": rss_after,
         "rss_growth_bytes": growth,
-        "bytes_per_queued_delivery": growth.map(|g| g as f64 / deliveries.max(1) as f64),
+        "bytes_per_queued_delivery": per_delivery(growth),
+        "settled_after_seconds": args.settled_after.as_secs_f64(),
+        "rss_settled_bytes": rss_settled,
+        "bytes_per_queued_delivery_settled": per_delivery(settled_growth),
     });
     println!("{out}");
     Ok(())

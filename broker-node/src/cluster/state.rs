@@ -916,7 +916,7 @@ impl BrokerState {
                 message: message.clone(),
                 qos: entry.qos,
                 retain: entry.retain,
-                subscription_ids: entry.subscription_ids.clone(),
+                subscription_ids: Sparse::from(entry.subscription_ids.clone()),
             });
             accepted += 1;
             if session.connected && !grew.iter().any(|(c, _)| c == &entry.client_id) {

@@ -144,7 +144,7 @@ fn session_form<'a>(s: &'a SessionRecord, table: &MessageTable<'_>) -> SessionFo
                 message: table.of(&q.message),
                 qos: q.qos,
                 retain: q.retain,
-                subscription_ids: Cow::Borrowed(&q.subscription_ids),
+                subscription_ids: Cow::Borrowed(q.subscription_ids.as_slice()),
             })
             .collect(),
         awaiting_pubcomp: Cow::Borrowed(&s.awaiting_pubcomp),
@@ -174,7 +174,7 @@ fn session_record(
                 message: message.clone(),
                 qos: q.qos,
                 retain: q.retain,
-                subscription_ids: q.subscription_ids.into_owned(),
+                subscription_ids: Sparse::from(q.subscription_ids.into_owned()),
             })
         })
         .collect::<Result<VecDeque<_>, RestoreError>>()?;
