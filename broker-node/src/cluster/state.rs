@@ -10,7 +10,9 @@
 //! result, and acted upon by the node.
 //!
 //! The state is held by `storage`'s state-machine store behind a lock; the broker reads
-//! it through short synchronous sections and never across an `.await`.
+//! it through short synchronous sections and never across an `.await`. Its snapshots
+//! (each queued message once, however many queues hold it) are written and read by
+//! the `snapshot` module.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound::{Excluded, Unbounded};
@@ -25,10 +27,10 @@ use super::command::{
 };
 use super::format;
 use super::sparse::Sparse;
-
-mod snapshot;
 use crate::mqtt::topic::topic_matches;
 use crate::router::{RetainedIndex, SubscriptionTrie};
+
+mod snapshot;
 
 /// Something the local node should react to, emitted while applying.
 #[derive(Clone, Debug, PartialEq, Eq)]
