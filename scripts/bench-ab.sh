@@ -4,8 +4,10 @@
 #
 #   scripts/bench-ab.sh OLD_BROKER_NODE NEW_BROKER_NODE FLOCKMQ_BENCH
 #
-# prints one line per run (scenario, build, repetition, received msg/s, p99 ms) and the
-# RSS growth per idle connection (IDLE connections, 20 s after they connected).
+# prints one line per run (scenario, build, repetition, received msg/s, p99 ms), the
+# RSS growth per idle connection (IDLE connections, 20 s after they connected) and the
+# offline-queues figures (bench-compare.sh's step: OFFLINE_SESSIONS sessions away while
+# OFFLINE_MESSAGES 1 KB QoS 1 messages are queued for each; Mosquitto with persistence).
 set -euo pipefail
 OLD=$1; NEW=$2; BENCH=$3; REPS=${REPS:-3}; DURATION=${DURATION:-5s}
 WORK=$(mktemp -d); PORT=18930
@@ -23,7 +25,7 @@ start() {
       rm -rf "$WORK/data"
       "$bin" --data-dir "$WORK/data" --mqtt-addr 127.0.0.1:$PORT --http-addr 127.0.0.1:18981 \
         --cluster-addr 127.0.0.1:18982 --ws-addr off >"$WORK/$1.log" 2>&1 & ;;
-    mosquitto) mosquitto -c "$WORK/mosquitto.conf" >"$WORK/m.log" 2>&1 & ;;
+    mosquitto) mosquitto -c "${MOSQUITTO_CONF:-$WORK/mosquitto.conf}" >"$WORK/m.log" 2>&1 & ;;
   esac
   PID=$!
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return 0; sleep 0.1; done
@@ -54,5 +56,25 @@ for b in old new mosquitto; do
   after=$(rss_kb $PID)
   wait $bp || true
   echo "idle $b bytes_per_conn $(( (after - before) * 1024 / IDLE ))"
+  stop
+done
+OFFLINE_SESSIONS=${OFFLINE_SESSIONS:-1000}; OFFLINE_MESSAGES=${OFFLINE_MESSAGES:-200}
+mkdir -p "$WORK/mosquitto-data"
+cat > "$WORK/mosquitto-persist.conf" <<CONF
+listener $PORT 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location $WORK/mosquitto-data/
+max_queued_messages 1000
+CONF
+for b in old new mosquitto; do
+  MOSQUITTO_CONF="$WORK/mosquitto-persist.conf" start $b
+  line=$("$BENCH" --scenario offline --clients "$OFFLINE_SESSIONS" --count "$OFFLINE_MESSAGES" \
+    --payload 1024 --inflight 16 --duration 600s --broker-pid "$PID" --settled-after 20s \
+    --brokers 127.0.0.1:$PORT --label $b)
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1])
+print("offline", sys.argv[2], "bytes_per_delivery", round(r["bytes_per_queued_delivery"]),
+      "at_20s", round(r["bytes_per_queued_delivery_settled"]), "msg/s", round(r["publish_rate"]),
+      "kept", r["kept_for_one_session"])' "$line" $b
   stop
 done

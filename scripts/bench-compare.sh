@@ -7,6 +7,7 @@
 #   scripts/bench-compare.sh            # full run (a few minutes)
 #   REPS=1 DURATION=2s scripts/bench-compare.sh --smoke   # CI smoke: proves it works
 #   RUMQTTD=/path/to/rumqttd scripts/bench-compare.sh    # rumqttd as a second peer
+#   scripts/bench-compare.sh --offline  # only the offline-queues step, its table replaced
 #
 # rumqttd (`cargo install rumqttd`) is the optional second peer: taken when RUMQTTD
 # names its binary or `rumqttd` is on PATH, and reported as a FlockMQ/rumqttd ratio.
@@ -17,7 +18,9 @@ REPS=${REPS:-3}
 DURATION=${DURATION:-10s}
 OUT=${OUT:-docs/benchmarks.md}
 SMOKE=0
+OFFLINE_ONLY=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
+[ "${1:-}" = "--offline" ] && OFFLINE_ONLY=1
 
 command -v mosquitto >/dev/null || { apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; }
 TARGET=${CARGO_TARGET_DIR:-target}
@@ -75,7 +78,7 @@ start_broker() { # name → sets BROKER_PID
         >"$WORK/flockmq.log" 2>&1 &
       ;;
     mosquitto)
-      mosquitto -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
+      mosquitto -c "${MOSQUITTO_CONF:-$WORK/mosquitto.conf}" >"$WORK/mosquitto.log" 2>&1 &
       ;;
     rumqttd)
       "$RUMQTTD" -c "$WORK/rumqttd.toml" >"$WORK/rumqttd.log" 2>&1 &
@@ -103,7 +106,14 @@ SCENARIOS=(
 [ $SMOKE = 1 ] && SCENARIOS=("${SCENARIOS[0]}" "pairs qos1 (5)|--scenario pairs --clients 5 --qos 1")
 
 RESULTS="$WORK/results.tsv"
-: > "$RESULTS"
+: > "$RESULTS"; : > "$WORK/latency.tsv"; : > "$WORK/idle.tsv"
+half=0
+IDLE=${IDLE:-10000}
+IDLE_SETTLE=${IDLE_SETTLE:-40}
+[ $SMOKE = 1 ] && IDLE=200 && IDLE_SETTLE=1
+
+# The throughput, latency and idle-connection steps (not run with --offline).
+if [ $OFFLINE_ONLY = 0 ]; then
 for rep in $(seq "$REPS"); do
   for s in "${SCENARIOS[@]}"; do
     name=${s%%|*}; args=${s#*|}
@@ -130,7 +140,6 @@ rates = [float(l.split("\t")[3]) for l in open(sys.argv[1])
          if l.startswith("pairs qos1") and l.split("\t")[1] == "mosquitto"]
 print(int(statistics.median(rates) / 2) if rates else 0)' "$RESULTS")
 pairs_args=${SCENARIOS[-1]#*|}
-: > "$WORK/latency.tsv"
 if [ "$half" -gt 0 ]; then
   for rep in $(seq "$REPS"); do
     for broker in "${BROKERS[@]}"; do
@@ -151,9 +160,6 @@ fi
 # have been idle for IDLE_SETTLE seconds (FlockMQ parks a connection idle for
 # mqtt.park_after, 10 s by default, and its allocator returns the freed pages over the
 # next seconds; Mosquitto is measured the same way).
-IDLE=${IDLE:-10000}
-IDLE_SETTLE=${IDLE_SETTLE:-40}
-[ $SMOKE = 1 ] && IDLE=200 && IDLE_SETTLE=1
 for broker in "${BROKERS[@]}"; do
   start_broker $broker
   sleep 0.5
@@ -170,9 +176,91 @@ for broker in "${BROKERS[@]}"; do
   stop_broker
 done
 
-RUMQTTD=$RUMQTTD IDLE=$IDLE IDLE_SETTLE=$IDLE_SETTLE python3 - "$RESULTS" "$WORK/idle.tsv" "$OUT" "$REPS" "$DURATION" "$WORK/latency.tsv" "$half" "${SCENARIOS[-1]%%|*}" <<'PY'
+fi # OFFLINE_ONLY = 0
+
+# Queues of offline sessions (issue 22): OFFLINE_SESSIONS persistent sessions
+# subscribed to fleet/all/# at QoS 1 are away while OFFLINE_MESSAGES QoS 1 messages of
+# 1 KB go to fleet/all/cmd (OFFLINE_INFLIGHT outstanding), so each is queued for every
+# session. Reported: the broker's RSS growth over the publishes (VmRSS, read by
+# flockmq-bench from /proc), that per queued delivery, and the publish rate. Mosquitto
+# keeps its sessions on disk too (persistence true) and holds up to 1000 messages a
+# client, as FlockMQ's default mqtt.max_queued_messages does.
+OFFLINE_SESSIONS=${OFFLINE_SESSIONS:-1000}
+OFFLINE_MESSAGES=${OFFLINE_MESSAGES:-200}
+OFFLINE_INFLIGHT=${OFFLINE_INFLIGHT:-16}
+OFFLINE_SETTLED=${OFFLINE_SETTLED:-20}
+[ $SMOKE = 1 ] && OFFLINE_SESSIONS=20 && OFFLINE_MESSAGES=10 && OFFLINE_SETTLED=3
+mkdir -p "$WORK/mosquitto-data"
+cat > "$WORK/mosquitto-persist.conf" <<CONF
+listener $PORT 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location $WORK/mosquitto-data/
+max_queued_messages 1000
+CONF
+: > "$WORK/offline.tsv"
+for broker in flockmq mosquitto; do
+  MOSQUITTO_CONF="$WORK/mosquitto-persist.conf"
+  start_broker $broker
+  unset MOSQUITTO_CONF
+  line=$("$BIN/flockmq-bench" --scenario offline --clients "$OFFLINE_SESSIONS" \
+    --count "$OFFLINE_MESSAGES" --payload 1024 --inflight "$OFFLINE_INFLIGHT" --duration 600s \
+    --broker-pid "$BROKER_PID" --settled-after "${OFFLINE_SETTLED}s" \
+    --brokers 127.0.0.1:$PORT --label $broker)
+  echo "$broker offline: $line" >&2
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1])
+print("\t".join(str(x) for x in [sys.argv[2], r["sessions"], r["sent"], r["rss_growth_bytes"],
+      r["bytes_per_queued_delivery"], r["bytes_per_queued_delivery_settled"], r["publish_rate"],
+      r["kept_for_one_session"], r["errors"]]))' \
+    "$line" "$broker" >> "$WORK/offline.tsv"
+  stop_broker
+done
+
+RUMQTTD=$RUMQTTD IDLE=$IDLE IDLE_SETTLE=$IDLE_SETTLE OFFLINE_ONLY=$OFFLINE_ONLY \
+OFFLINE_MESSAGES=$OFFLINE_MESSAGES OFFLINE_INFLIGHT=$OFFLINE_INFLIGHT OFFLINE_SETTLED=$OFFLINE_SETTLED \
+python3 - "$RESULTS" "$WORK/idle.tsv" "$OUT" "$REPS" "$DURATION" "$WORK/latency.tsv" "$half" "${SCENARIOS[-1]%%|*}" "$WORK/offline.tsv" <<'PY'
 import collections, os, platform, statistics, subprocess, sys
-results, idle, out, reps, duration, latency, half, pairs_name = sys.argv[1:]
+results, idle, out, reps, duration, latency, half, pairs_name, offline = sys.argv[1:]
+# The offline-queues table, between markers so that `--offline` replaces it alone.
+runs = [line.rstrip("\n").split("\t") for line in open(offline)]
+def num(v): return float(v) if v != "None" else 0.0
+base = {r[0]: (num(r[4]), num(r[5])) for r in runs}.get("mosquitto", (0.0, 0.0))
+def against(v, b): return f"{v / b:.2f}×" if b > 0 else "–"
+block = ["<!-- offline: scripts/bench-compare.sh (alone: --offline) -->",
+         f"Queues of offline sessions: {runs[0][1] if runs else 0} persistent sessions subscribed "
+         f"to `fleet/all/#` at QoS 1 are offline while {os.environ['OFFLINE_MESSAGES']} QoS 1 "
+         f"messages of 1 KB are published to `fleet/all/cmd` ({os.environ['OFFLINE_INFLIGHT']} "
+         "in flight), each queued for every session; Mosquitto with `persistence true`. RSS growth "
+         "from before the publishes to 2 s after the last acknowledgement, and per queued delivery "
+         f"then and {os.environ['OFFLINE_SETTLED']} s after (once the allocator has returned "
+         "what it freed).", "",
+         "| broker | RSS growth MiB | bytes per queued delivery | against Mosquitto | "
+         f"bytes per delivery at {os.environ['OFFLINE_SETTLED']} s | against Mosquitto | "
+         "publish msg/s | kept for one session | errors |",
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+for broker, sessions, sent, growth, per_delivery, settled, rate, kept, errors in runs:
+    pd, ps = num(per_delivery), num(settled)
+    block.append(f"| {broker} | {num(growth) / 2**20:,.1f} | {pd:,.0f} | {against(pd, base[0])} | "
+                 f"{ps:,.0f} | {against(ps, base[1])} | {float(rate):,.0f} | {kept} of {sent} | {errors} |")
+block.append("<!-- /offline -->")
+if os.environ["OFFLINE_ONLY"] == "1":
+    try:
+        previous = open(out).read()
+    except OSError:
+        previous = ""
+    start, end = "<!-- offline:", "<!-- /offline -->"
+    if start in previous:
+        a = previous.index(start)
+        b = previous.index(end) + len(end)
+        text = previous[:a] + "\n".join(block) + previous[b:]
+    elif "## Reading the figures" in previous:
+        a = previous.index("## Reading the figures")
+        text = previous[:a] + "\n".join(block) + "\n\n" + previous[a:]
+    else:
+        text = previous + "\n".join(block) + "\n"
+    open(out, "w").write(text)
+    print("\n".join(block))
+    sys.exit(0)
 rows = collections.defaultdict(lambda: collections.defaultdict(list))
 order = []
 for line in open(results):
@@ -227,6 +315,7 @@ for line in open(idle):
 for broker, per in per_conn.items():
     base = per_conn.get("mosquitto", 0)
     lines.append(f"| {broker} | {per:,} | {per / base if base > 0 else 0:.2f}× |")
+lines += [""] + block
 # Everything from "## Reading the figures" on is written by hand (profiles, targets,
 # the 100,000-connection measurement): kept as it is.
 try:

@@ -5,8 +5,9 @@
 //! S subscribers), `pairs` (N publisher/subscriber pairs on their own topics), `storm`
 //! (C idle connections held for T seconds), and two for the control plane, `subscribes`
 //! (SUBSCRIBEs per second through Raft) and `sessions` (fill the replicated state with
-//! persistent sessions and retained messages) — each against one or several broker
-//! addresses (cluster mode spreads clients round robin over them). Every payload
+//! persistent sessions and retained messages), and `offline` (messages queued for
+//! persistent sessions that are away: publish rate and the broker's memory per queued
+//! delivery) — each against one or several broker addresses (cluster mode spreads clients round robin over them). Every payload
 //! carries the publisher id, a sequence number and a send timestamp, so the subscribers
 //! measure loss, duplicates and latency. The run is bounded by duration and message
 //! count and prints one JSON line. The generator's own CPU share is reported, so a
@@ -42,6 +43,12 @@ enum Scenario {
     /// Control plane: `clients` persistent sessions, each with one subscription and one
     /// retained message of its own, then disconnected (state to replicate and catch up).
     Sessions,
+    /// Queues of offline sessions: `clients` persistent sessions subscribe to
+    /// `fleet/all/#` at QoS 1 and disconnect, then one publisher sends `count` QoS 1
+    /// messages of `payload` bytes to `fleet/all/cmd` (`inflight` outstanding), each
+    /// queued for every session. Measures the publish rate and, given `broker_pid`,
+    /// the broker's resident memory before and after the publishes.
+    Offline,
 }
 
 #[derive(Parser, Debug)]
@@ -89,6 +96,14 @@ struct Args {
     /// Storm: a file created once every connection is up (for measuring the broker then).
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
+    /// Offline: the broker's process id (same machine), whose VmRSS is read from
+    /// /proc before and after the publishes.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Offline: read the broker's VmRSS once more this long after the last
+    /// acknowledgement (an allocator returns freed pages over seconds); 0: not.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    settled_after: Duration,
 }
 
 /// Counters shared by all tasks.
@@ -257,6 +272,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Scenario::Storm => return storm(&args, version).await,
         Scenario::Subscribes => return subscribes(&args, version).await,
         Scenario::Sessions => return sessions(&args, version).await,
+        Scenario::Offline => return offline(&args, version).await,
         _ => {}
     }
 
@@ -278,7 +294,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .map(|i| format!("bench/pair/{i}"))
                 .collect(),
         ),
-        Scenario::Storm | Scenario::Subscribes | Scenario::Sessions => {
+        Scenario::Storm | Scenario::Subscribes | Scenario::Sessions | Scenario::Offline => {
             unreachable!("handled above")
         }
     };
@@ -813,6 +829,141 @@ async fn sessions(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
         "failed": failed,
         "seconds": secs,
         "sessions_per_second": ok as f64 / secs,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// Persistent sessions `{label}offline-<i>` for `i` in `0..clients` (`concurrency` at
+/// a time), each subscribed to `fleet/all/#` at QoS 1, then disconnected.
+async fn offline_sessions(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let brokers = args.brokers.clone();
+    let made = futures::stream::iter(0..args.clients)
+        .map(|i| {
+            let addr = brokers[i % brokers.len()];
+            let id = format!("{}offline-{i}", args.label);
+            async move {
+                let mut conn = Conn::connect_with(addr, &id, version, false).await?;
+                conn.subscribe("fleet/all/#", QoS::AtLeastOnce).await?;
+                conn.send(&Packet::Disconnect(Disconnect {
+                    reason_code: ReasonCode::Success,
+                    properties: Default::default(),
+                }))
+                .await?;
+                // The broker closes the connection: the session is offline from then.
+                while conn.recv().await.is_ok() {}
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(args.concurrency.max(1));
+    let results: Vec<anyhow::Result<()>> = made.collect().await;
+    match results.into_iter().find_map(Result::err) {
+        Some(e) => Err(e.context("making the offline sessions")),
+        None => Ok(()),
+    }
+}
+
+/// The resident memory of process `pid` in bytes (VmRSS), if it can be read.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// How long the broker is left alone before its memory is read: sessions just closed,
+/// publishes just acknowledged, and what they free or apply settles.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// `count` QoS 1 messages to `fleet/all/cmd` while `clients` persistent sessions
+/// subscribed to it are offline, so that each is queued for every one of them; then
+/// one session comes back and reads its queue, to show what the broker kept.
+async fn offline(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
+    if args.count == 0 {
+        bail!("--count must say how many messages to queue");
+    }
+    offline_sessions(args, version).await?;
+    tokio::time::sleep(SETTLE).await;
+    let rss_before = args.broker_pid.and_then(rss_bytes);
+    let totals = Arc::new(Totals::default());
+    let conn = Conn::connect(
+        args.brokers[0],
+        &format!("{}offline-pub", args.label),
+        version,
+    )
+    .await?;
+    let start = Instant::now();
+    publisher(
+        conn,
+        0,
+        "fleet/all/cmd".to_owned(),
+        QoS::AtLeastOnce,
+        args.payload,
+        0.0,
+        args.count,
+        args.inflight.max(1),
+        args.duration,
+        start,
+        totals.clone(),
+    )
+    .await;
+    let publish_secs = start.elapsed().as_secs_f64();
+    tokio::time::sleep(SETTLE).await;
+    let rss_after = args.broker_pid.and_then(rss_bytes);
+    let rss_settled = if args.settled_after > SETTLE {
+        tokio::time::sleep(args.settled_after - SETTLE).await;
+        args.broker_pid.and_then(rss_bytes)
+    } else {
+        None
+    };
+    // One session back: how many of the messages its queue held.
+    let mut conn = Conn::connect_with(
+        args.brokers[0],
+        &format!("{}offline-0", args.label),
+        version,
+        false,
+    )
+    .await?;
+    let mut kept = 0u64;
+    while let Ok(Ok(packet)) = tokio::time::timeout(Duration::from_secs(2), conn.recv()).await {
+        if let Packet::Publish(p) = packet {
+            kept += 1;
+            if let Some(id) = p.packet_id {
+                conn.send(&Packet::PubAck(PubAck::new(id, ReasonCode::Success)))
+                    .await?;
+            }
+        }
+    }
+    let sent = totals.sent.load(Ordering::Relaxed);
+    let deliveries = sent * args.clients as u64;
+    let growth_to = |after: Option<u64>| {
+        rss_before
+            .zip(after)
+            .map(|(before, after)| after as i64 - before as i64)
+    };
+    let (growth, settled_growth) = (growth_to(rss_after), growth_to(rss_settled));
+    let per_delivery = |growth: Option<i64>| growth.map(|g| g as f64 / deliveries.max(1) as f64);
+    let out = serde_json::json!({
+        "label": args.label,
+        "scenario": "offline",
+        "brokers": args.brokers.len(),
+        "sessions": args.clients,
+        "payload_bytes": args.payload,
+        "inflight": args.inflight,
+        "sent": sent,
+        "errors": totals.errors.load(Ordering::Relaxed),
+        "publish_seconds": publish_secs,
+        "publish_rate": sent as f64 / publish_secs,
+        "queued_deliveries": deliveries,
+        "kept_for_one_session": kept,
+        "rss_before_bytes": rss_before,
+        "rss_after_bytes": rss_after,
+        "rss_growth_bytes": growth,
+        "bytes_per_queued_delivery": per_delivery(growth),
+        "settled_after_seconds": args.settled_after.as_secs_f64(),
+        "rss_settled_bytes": rss_settled,
+        "bytes_per_queued_delivery_settled": per_delivery(settled_growth),
     });
     println!("{out}");
     Ok(())

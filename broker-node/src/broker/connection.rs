@@ -997,7 +997,6 @@ where
         more: &mut Vec<Action>,
     ) -> Option<End> {
         let broker = self.broker.clone();
-        let retained = message.retain.then(|| message.clone());
         let outcome = broker.dispatch(&message);
         // Slow subscribers: wait for room (backpressure on this publisher), except for
         // this very client, whose channel only this task drains.
@@ -1012,12 +1011,15 @@ where
         }
         super::dispatch::Blocked::wait_all(others, &broker.stats).await;
         let forwarded = broker.forward(outcome.forward, message.qos != 0).await;
-        let queued = outcome.enqueue.len();
+        let mut appends = outcome.enqueue;
+        let queued = appends.len();
+        // The retained message is the one the queues get: named, not written again.
+        let retained = message.retain.then(|| appends.add_message(&message));
         let replicated = if queued == 0 && inbound.is_none() && retained.is_none() {
             None
         } else {
             let cmd = Command::Enqueue {
-                entries: outcome.enqueue,
+                appends,
                 limits: broker.queue_limits(),
                 inbound,
                 retained,
@@ -1116,7 +1118,7 @@ async fn end_session(
     if session.m.persistent() {
         // A persistent session keeps them in its replicated queue, to be resent on
         // reconnect (they are here only with durable_sessions off).
-        let entries: Vec<_> = unacked
+        let appends = unacked
             .into_iter()
             .map(|d| crate::cluster::command::EnqueueEntry {
                 client_id: client_id.clone(),
@@ -1126,7 +1128,7 @@ async fn end_session(
                 subscription_ids: d.subscription_ids,
             })
             .collect();
-        if let Err(e) = Box::pin(broker.commit_enqueue(entries)).await {
+        if let Err(e) = Box::pin(broker.commit_enqueue(appends)).await {
             tracing::warn!(client_id = %client_id, error = %e, "in-flight messages not queued");
         }
     } else {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::{lock, Broker, ConnHandle, ConnMsg, Delivery, Stats};
 use crate::cluster::command::NodeId;
 use crate::cluster::command::{
-    Command, CommandResult, EnqueueEntry, Message, QueueFullPolicy, QueueLimits,
+    Appends, Command, CommandResult, EnqueueEntry, Message, QueueFullPolicy, QueueLimits,
     SubscriptionOptions,
 };
 use crate::cluster::forward::{ForwardSink, ForwardTarget, Forwarded};
@@ -56,8 +56,8 @@ pub struct DispatchOutcome {
     /// replicated queue.
     pub delivered: usize,
     /// Messages for persistent sessions that must be committed before the publisher is
-    /// acknowledged.
-    pub enqueue: Vec<EnqueueEntry>,
+    /// acknowledged (the message once, however many queues it goes to).
+    pub enqueue: Appends,
     /// Local deliveries whose client's channel was full: the publisher waits for room
     /// (up to [`SLOW_CLIENT_WAIT`]) instead of the message being dropped at once.
     pub blocked: Vec<Blocked>,
@@ -215,7 +215,7 @@ impl Broker {
         let mut outcome = DispatchOutcome {
             matched,
             delivered: 0,
-            enqueue: Vec::new(),
+            enqueue: Appends::default(),
             blocked: Vec::new(),
             forward: Vec::new(),
         };
@@ -458,7 +458,7 @@ impl Broker {
                 retain: target.retain,
                 subscription_ids: target.subscription_ids,
             };
-            if let Err(e) = self.commit_enqueue(vec![entry]).await {
+            if let Err(e) = self.commit_enqueue(Appends::from_iter([entry])).await {
                 tracing::warn!(client_id = %client, error = %e, "shared message not queued for its new member");
             }
         } else if node == Some(self.node_id) {
@@ -483,15 +483,15 @@ impl Broker {
     }
 
     /// Commit appends to persistent sessions' queues (one batched command).
-    pub async fn commit_enqueue(&self, entries: Vec<EnqueueEntry>) -> Result<(), ProposeError> {
-        if entries.is_empty() {
+    pub async fn commit_enqueue(&self, appends: Appends) -> Result<(), ProposeError> {
+        if appends.is_empty() {
             return Ok(());
         }
         let limits = self.queue_limits();
         match self
             .proposer
             .propose(Command::Enqueue {
-                entries,
+                appends,
                 limits,
                 inbound: None,
                 retained: None,

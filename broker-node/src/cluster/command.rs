@@ -12,11 +12,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::sparse::Sparse;
+
 /// A node's identity in the cluster.
 pub type NodeId = u64;
 
 /// The v5 properties of an application message that travel end to end unchanged.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MessageProperties {
     /// Payload Format Indicator (0 bytes, 1 UTF-8).
     pub payload_format_indicator: Option<u8>,
@@ -34,7 +36,7 @@ pub struct MessageProperties {
 
 /// An application message as the broker keeps it: what a publisher sent, plus where and
 /// when it entered the cluster. Shared by reference between every queue it lands in.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Message {
     /// Topic name (never an alias: aliases are resolved on the way in).
     pub topic: Arc<str>,
@@ -127,11 +129,14 @@ pub struct QueuedMessage {
     pub qos: u8,
     /// The RETAIN flag it is delivered with.
     pub retain: bool,
-    /// The identifiers of every subscription of this session that matched.
-    pub subscription_ids: Vec<u32>,
+    /// The identifiers of every subscription of this session that matched: [`Sparse`],
+    /// a pointer while there are none (a queued delivery then takes 32 bytes, not 48).
+    pub subscription_ids: Sparse<Vec<u32>>,
 }
 
-/// A message to append to one session's queue (the state machine gives it its `seq`).
+/// A message to append to one session's queue (the state machine gives it its `seq`),
+/// as the publish path builds it; [`Appends`] collects them with each message once.
+/// (Entries of formats 1 to 3 carried this, a copy of the message in every one.)
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnqueueEntry {
     /// The session the message is for.
@@ -144,6 +149,129 @@ pub struct EnqueueEntry {
     pub retain: bool,
     /// Matching subscription identifiers.
     pub subscription_ids: Vec<u32>,
+}
+
+/// One append of an [`Appends`]: an [`EnqueueEntry`] naming its message by index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Append {
+    /// The session the message is for.
+    pub client_id: Arc<str>,
+    /// The message's index in its [`Appends`]' messages.
+    pub message: u32,
+    /// Delivery QoS.
+    pub qos: u8,
+    /// Delivery RETAIN flag.
+    pub retain: bool,
+    /// Matching subscription identifiers.
+    pub subscription_ids: Vec<u32>,
+}
+
+/// Appends to persistent sessions' queues, each message held once however many queues
+/// it goes to (DESIGN, "a message is data, stored once"): a publish to a thousand
+/// offline sessions carries one payload, in memory and in its Raft entry, and every
+/// node that decodes the entry shares one `Arc` between the queues.
+///
+/// Built only by [`Appends::push`] (or collected from [`EnqueueEntry`]s) and by
+/// decoding, which refuses an index beyond the messages: every [`Append`] names a
+/// message that is there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "AppendsForm")]
+pub struct Appends {
+    /// Each message once.
+    messages: Vec<Arc<Message>>,
+    /// The appends, in order.
+    entries: Vec<Append>,
+}
+
+/// [`Appends`] as decoded, before its indexes are checked.
+#[derive(Deserialize)]
+struct AppendsForm {
+    messages: Vec<Arc<Message>>,
+    entries: Vec<Append>,
+}
+
+impl TryFrom<AppendsForm> for Appends {
+    type Error = String;
+
+    fn try_from(form: AppendsForm) -> Result<Self, String> {
+        let count = form.messages.len();
+        match form.entries.iter().find(|e| e.message as usize >= count) {
+            Some(e) => Err(format!("an append names message {} of {count}", e.message)),
+            None => Ok(Appends {
+                messages: form.messages,
+                entries: form.entries,
+            }),
+        }
+    }
+}
+
+impl Appends {
+    /// The index of `message` among the messages, added unless it is the last one
+    /// already (the same `Arc`, or an equal message: entries of formats 1 to 3 decode
+    /// into one copy per entry). The entries of one message are pushed one after
+    /// another, so comparing with the last is enough to hold each once.
+    pub fn add_message(&mut self, message: &Arc<Message>) -> u32 {
+        // `Arc`'s `==` compares the pointers first.
+        match self.messages.last() {
+            Some(last) if last == message => {}
+            _ => self.messages.push(message.clone()),
+        }
+        (self.messages.len() - 1) as u32
+    }
+
+    /// Append `entry`'s message to its session's queue.
+    pub fn push(&mut self, entry: EnqueueEntry) {
+        let message = self.add_message(&entry.message);
+        self.entries.push(Append {
+            client_id: entry.client_id,
+            message,
+            qos: entry.qos,
+            retain: entry.retain,
+            subscription_ids: entry.subscription_ids,
+        });
+    }
+
+    /// The message at `index`, if there is one.
+    pub fn message(&self, index: u32) -> Option<&Arc<Message>> {
+        self.messages.get(index as usize)
+    }
+
+    /// The messages, each once.
+    pub fn messages(&self) -> &[Arc<Message>] {
+        &self.messages
+    }
+
+    /// The messages, to change in place (the leader's restamping).
+    pub(crate) fn messages_mut(&mut self) -> &mut [Arc<Message>] {
+        &mut self.messages
+    }
+
+    /// The appends, in order, each with its message.
+    pub fn iter(&self) -> impl Iterator<Item = (&Append, &Arc<Message>)> {
+        self.entries
+            .iter()
+            .map(|e| (e, &self.messages[e.message as usize]))
+    }
+
+    /// How many appends there are.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl FromIterator<EnqueueEntry> for Appends {
+    fn from_iter<I: IntoIterator<Item = EnqueueEntry>>(entries: I) -> Self {
+        let mut appends = Appends::default();
+        for entry in entries {
+            appends.push(entry);
+        }
+        appends
+    }
 }
 
 /// An inbound QoS 2 packet identifier to record with the messages of its publish.
@@ -257,17 +385,18 @@ pub enum Command {
     /// What a publish changes in the replicated state: appends to persistent
     /// sessions' queues, the retained message, the publisher's QoS 2 identifier.
     Enqueue {
-        /// The messages, in order.
-        entries: Vec<EnqueueEntry>,
+        /// The messages, each once, and the queues they are appended to, in order.
+        appends: Appends,
         /// The limits to apply.
         limits: QueueLimits,
         /// The inbound QoS 2 packet identifier of the publish these messages came from,
         /// recorded in the same step as the messages are queued (a persistent
         /// publisher's resend is then recognised, and nothing is queued twice).
         inbound: Option<InboundRecord>,
-        /// The publish's message as its topic's retained message (an empty payload
-        /// clears it), when it had the RETAIN flag: set in the same step.
-        retained: Option<Arc<Message>>,
+        /// The publish's message (its index in `appends`' messages) as its topic's
+        /// retained message (an empty payload clears it), when it had the RETAIN flag:
+        /// set in the same step.
+        retained: Option<u32>,
     },
     /// A client acknowledged messages: PUBACK, or PUBCOMP for QoS 2 (`seqs` are removed),
     /// or PUBREC (`received` move to the awaiting-PUBCOMP set).
@@ -438,13 +567,8 @@ impl Request {
                 | Command::Expire { now_ms, .. }
                 | Command::Redistribute { now_ms, .. }
                 | Command::NodeLost { now_ms, .. } => shift(now_ms),
-                Command::Enqueue {
-                    entries, retained, ..
-                } => {
-                    for e in entries.iter_mut() {
-                        restamp_message(&mut e.message);
-                    }
-                    if let Some(m) = retained {
+                Command::Enqueue { appends, .. } => {
+                    for m in appends.messages_mut() {
                         restamp_message(m);
                     }
                 }

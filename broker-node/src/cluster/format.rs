@@ -20,6 +20,15 @@
 //! previous release refuses an entry of format 3 by its version instead of failing on
 //! an unknown command.
 //!
+//! Format 4 (entries): an `Enqueue` holds its messages once ([`Appends`]) and names
+//! them by index from each queue append and as the retained message; formats 2 and 3
+//! gave every append a copy of its message, so a publish to a thousand queues wrote a
+//! thousand payloads. They are read into the new command, equal messages of one
+//! command folded into one.
+//!
+//! Snapshot format 3: the queued and retained messages once, in a table ahead of the
+//! sessions, whose queues name them by index (the layout is [`super::state`]'s).
+//!
 //! This module only encodes and decodes: no clock, no I/O.
 
 use std::fmt;
@@ -30,8 +39,8 @@ use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::command::{
-    Command, EnqueueEntry, Message, NodeId, Origin, QueueLimits, Request, SubscriptionOptions,
-    Will, ANY_CONNECTION,
+    Appends, Command, EnqueueEntry, InboundRecord, Message, NodeId, Origin, QueueLimits, Request,
+    SubscriptionOptions, Will, ANY_CONNECTION,
 };
 
 /// The high bits of a format marker word ("F10C" for FlockMQ).
@@ -39,9 +48,14 @@ pub const MARKER: u64 = 0xF10C_0000_0000_0000;
 const MARKER_MASK: u64 = 0xFFFF_FFFF_FFFF_0000;
 
 /// The entry format this release writes, and the newest it reads.
-pub const ENTRY_FORMAT: u16 = 3;
+pub const ENTRY_FORMAT: u16 = 4;
 /// The snapshot format this release writes, and the newest it reads.
-pub const SNAPSHOT_FORMAT: u16 = 2;
+pub const SNAPSHOT_FORMAT: u16 = 3;
+/// The layout a state digest hashes: snapshot format 2's, every queued message written
+/// out where it is queued. A digest so depends on what the state holds, not on which
+/// queues share one `Arc` (a node that decoded entries of format 3 holds copies where
+/// the leader shared one), and nodes that applied the same log agree.
+pub const DIGEST_LAYOUT: u16 = 2;
 
 /// The version a leading word announces: `None` for format 1 (no marker).
 pub fn version_of(word: u64) -> Option<u16> {
@@ -53,7 +67,7 @@ pub fn marker(version: u16) -> u64 {
     MARKER | u64::from(version)
 }
 
-/// Format 2's body of an entry.
+/// The body of an entry of format 2 and later.
 #[derive(Serialize)]
 struct RequestBodyRef<'a> {
     origin: &'a Option<Origin>,
@@ -62,12 +76,47 @@ struct RequestBodyRef<'a> {
     sent_at_ms: u64,
 }
 
+/// [`RequestBodyRef`] as read, its commands of format 4 (`C` = [`Command`]) or of
+/// formats 2 and 3 ([`v2::Command`]).
 #[derive(Deserialize)]
-struct RequestBody {
+struct RequestBody<C> {
     origin: Option<Origin>,
-    commands: Vec<Command>,
+    commands: Vec<C>,
     seqs: Vec<u64>,
     sent_at_ms: u64,
+}
+
+impl<C: Into<Command>> RequestBody<C> {
+    /// The request the body of an entry of format `v` holds.
+    fn into_request<E: de::Error>(self, v: u16) -> Result<Request, E> {
+        if self.origin.is_some() && self.seqs.len() != self.commands.len() {
+            return Err(E::custom(format!(
+                "entry of format {v} with a sequence number count unlike its commands'"
+            )));
+        }
+        let commands: Vec<Command> = self.commands.into_iter().map(Into::into).collect();
+        for command in &commands {
+            if let Command::Enqueue {
+                appends,
+                retained: Some(index),
+                ..
+            } = command
+            {
+                if appends.message(*index).is_none() {
+                    return Err(E::custom(format!(
+                        "entry of format {v} retains message {index} of {}",
+                        appends.messages().len()
+                    )));
+                }
+            }
+        }
+        Ok(Request {
+            origin: self.origin,
+            commands,
+            seqs: self.seqs,
+            sent_at_ms: self.sent_at_ms,
+        })
+    }
 }
 
 impl Serialize for Request {
@@ -125,20 +174,16 @@ impl<'de> Visitor<'de> for RequestVisitor {
             // Format 3 is format 2's layout with one more command
             // ([`Command::Redistribute`]), which format 2 never holds.
             Some(v @ (2 | 3)) => {
-                let body: RequestBody = seq.next_element()?.ok_or_else(|| {
+                let body: RequestBody<v2::Command> = seq.next_element()?.ok_or_else(|| {
                     de::Error::custom(format!("entry of format {v} without a body"))
                 })?;
-                if body.origin.is_some() && body.seqs.len() != body.commands.len() {
-                    return Err(de::Error::custom(format!(
-                        "entry of format {v} with a sequence number count unlike its commands'"
-                    )));
-                }
-                Ok(Request {
-                    origin: body.origin,
-                    commands: body.commands,
-                    seqs: body.seqs,
-                    sent_at_ms: body.sent_at_ms,
-                })
+                body.into_request(v)
+            }
+            Some(v @ ENTRY_FORMAT) => {
+                let body: RequestBody<Command> = seq.next_element()?.ok_or_else(|| {
+                    de::Error::custom(format!("entry of format {v} without a body"))
+                })?;
+                body.into_request(v)
             }
             Some(v) => Err(de::Error::custom(format!(
                 "Raft entry of format {v}: this release reads formats 1 to {ENTRY_FORMAT}; \
@@ -260,7 +305,7 @@ pub(super) mod v1 {
                 },
                 Command::SetRetained { topic, message } => C::SetRetained { topic, message },
                 Command::Enqueue { entries, limits } => C::Enqueue {
-                    entries,
+                    appends: entries.into_iter().collect(),
                     limits,
                     inbound: None,
                     retained: None,
@@ -301,10 +346,197 @@ pub(super) mod v1 {
     }
 }
 
+/// The layouts of formats 2 and 3, kept to read what earlier releases wrote: today's
+/// commands but for `Enqueue`, whose every entry carried its message.
+pub(super) mod v2 {
+    use super::*;
+
+    /// A command as formats 2 and 3 laid it out (variant order and fields matter).
+    #[derive(Deserialize)]
+    pub enum Command {
+        OpenSession {
+            client_id: Arc<str>,
+            node: NodeId,
+            connection_id: u64,
+            protocol: u8,
+            clean_start: bool,
+            expiry_secs: u32,
+            will: Option<Will>,
+            now_ms: u64,
+        },
+        CloseSession {
+            client_id: Arc<str>,
+            connection_id: u64,
+            graceful: bool,
+            expiry_secs: Option<u32>,
+            now_ms: u64,
+        },
+        Subscribe {
+            client_id: Arc<str>,
+            connection_id: u64,
+            entries: Vec<(String, SubscriptionOptions)>,
+        },
+        Unsubscribe {
+            client_id: Arc<str>,
+            connection_id: u64,
+            filters: Vec<String>,
+        },
+        SetRetained {
+            topic: Arc<str>,
+            message: Option<Arc<Message>>,
+        },
+        Enqueue {
+            entries: Vec<EnqueueEntry>,
+            limits: QueueLimits,
+            inbound: Option<InboundRecord>,
+            retained: Option<Arc<Message>>,
+        },
+        Ack {
+            client_id: Arc<str>,
+            connection_id: u64,
+            completed: Vec<u64>,
+            received: Vec<u64>,
+        },
+        InboundQos2 {
+            client_id: Arc<str>,
+            connection_id: u64,
+            received: Vec<u16>,
+            released: Vec<u16>,
+        },
+        Expire {
+            node: NodeId,
+            now_ms: u64,
+        },
+        Kick {
+            client_id: Arc<str>,
+        },
+        NodeLost {
+            node: NodeId,
+            publisher: NodeId,
+            now_ms: u64,
+        },
+        Barrier,
+        Redistribute {
+            after_ms: u64,
+            now_ms: u64,
+        },
+    }
+
+    impl From<Command> for super::Command {
+        fn from(c: Command) -> Self {
+            use super::Command as C;
+            match c {
+                Command::Enqueue {
+                    entries,
+                    limits,
+                    inbound,
+                    retained,
+                } => {
+                    let mut appends: Appends = entries.into_iter().collect();
+                    let retained = retained.map(|m| appends.add_message(&m));
+                    C::Enqueue {
+                        appends,
+                        limits,
+                        inbound,
+                        retained,
+                    }
+                }
+                Command::OpenSession {
+                    client_id,
+                    node,
+                    connection_id,
+                    protocol,
+                    clean_start,
+                    expiry_secs,
+                    will,
+                    now_ms,
+                } => C::OpenSession {
+                    client_id,
+                    node,
+                    connection_id,
+                    protocol,
+                    clean_start,
+                    expiry_secs,
+                    will,
+                    now_ms,
+                },
+                Command::CloseSession {
+                    client_id,
+                    connection_id,
+                    graceful,
+                    expiry_secs,
+                    now_ms,
+                } => C::CloseSession {
+                    client_id,
+                    connection_id,
+                    graceful,
+                    expiry_secs,
+                    now_ms,
+                },
+                Command::Subscribe {
+                    client_id,
+                    connection_id,
+                    entries,
+                } => C::Subscribe {
+                    client_id,
+                    connection_id,
+                    entries,
+                },
+                Command::Unsubscribe {
+                    client_id,
+                    connection_id,
+                    filters,
+                } => C::Unsubscribe {
+                    client_id,
+                    connection_id,
+                    filters,
+                },
+                Command::SetRetained { topic, message } => C::SetRetained { topic, message },
+                Command::Ack {
+                    client_id,
+                    connection_id,
+                    completed,
+                    received,
+                } => C::Ack {
+                    client_id,
+                    connection_id,
+                    completed,
+                    received,
+                },
+                Command::InboundQos2 {
+                    client_id,
+                    connection_id,
+                    received,
+                    released,
+                } => C::InboundQos2 {
+                    client_id,
+                    connection_id,
+                    received,
+                    released,
+                },
+                Command::Expire { node, now_ms } => C::Expire { node, now_ms },
+                Command::Kick { client_id } => C::Kick { client_id },
+                Command::NodeLost {
+                    node,
+                    publisher,
+                    now_ms,
+                } => C::NodeLost {
+                    node,
+                    publisher,
+                    now_ms,
+                },
+                Command::Barrier => C::Barrier,
+                Command::Redistribute { after_ms, now_ms } => C::Redistribute { after_ms, now_ms },
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::command::{QueueFullPolicy, QueueLimits};
+    use crate::cluster::command::{Append, QueueFullPolicy, QueueLimits};
+    use crate::cluster::state::BrokerState;
 
     fn sample() -> Vec<Command> {
         vec![
@@ -323,7 +555,7 @@ mod tests {
                 )],
             },
             Command::Enqueue {
-                entries: vec![],
+                appends: Appends::default(),
                 limits: QueueLimits {
                     max_messages: 10,
                     max_bytes: 100,
@@ -336,36 +568,282 @@ mod tests {
         ]
     }
 
+    /// A 1 KB QoS 1 message as a publish to `fleet/all/cmd` carries it.
+    fn kilobyte(retain: bool) -> Arc<Message> {
+        Arc::new(Message {
+            topic: Arc::from("fleet/all/cmd"),
+            payload: bytes::Bytes::from(vec![b'x'; 1024]),
+            qos: 1,
+            retain,
+            properties: Default::default(),
+            received_at_ms: 1_700_000_000_000,
+            origin_client: Some(Arc::from("commander")),
+        })
+    }
+
+    /// `message` for each of `clients`, as the publish path builds the entries.
+    fn entries_for(clients: &[String], message: &Arc<Message>) -> Vec<EnqueueEntry> {
+        clients
+            .iter()
+            .map(|c| EnqueueEntry {
+                client_id: Arc::from(c.as_str()),
+                message: message.clone(),
+                qos: 1,
+                retain: false,
+                subscription_ids: vec![],
+            })
+            .collect()
+    }
+
+    fn limits() -> QueueLimits {
+        QueueLimits {
+            max_messages: 1000,
+            max_bytes: 1 << 20,
+            policy: QueueFullPolicy::DropNewest,
+        }
+    }
+
+    /// A state with persistent, offline sessions `clients`.
+    fn offline_sessions(clients: &[String]) -> BrokerState {
+        let mut state = BrokerState::new(None);
+        for (i, c) in clients.iter().enumerate() {
+            let client_id: Arc<str> = Arc::from(c.as_str());
+            state.apply_command(&Command::OpenSession {
+                client_id: client_id.clone(),
+                node: 1,
+                connection_id: i as u64 + 1,
+                protocol: 4,
+                clean_start: false,
+                expiry_secs: u32::MAX,
+                will: None,
+                now_ms: 1_000,
+            });
+            state.apply_command(&Command::CloseSession {
+                client_id,
+                connection_id: i as u64 + 1,
+                graceful: true,
+                expiry_secs: None,
+                now_ms: 2_000,
+            });
+        }
+        state
+    }
+
+    /// Whether every queue of `state` holds its messages (in order) in the same `Arc`s
+    /// as every other queue.
+    fn queues_share_one_arc_per_message(state: &BrokerState) -> bool {
+        let queues: Vec<Vec<&Arc<Message>>> = state
+            .sessions()
+            .map(|(_, s)| s.queue.iter().map(|q| &q.message).collect())
+            .collect();
+        queues.iter().all(|q| {
+            q.len() == queues[0].len() && q.iter().zip(&queues[0]).all(|(a, b)| Arc::ptr_eq(a, b))
+        })
+    }
+
     #[test]
-    fn an_entry_of_format_3_round_trips_with_its_origin_and_format_2_reads_alike() {
+    fn an_entry_of_format_4_round_trips_with_its_origin() {
         let mut commands = sample();
         commands.push(Command::Redistribute {
             after_ms: 60_000,
             now_ms: 1_700_000_000_000,
+        });
+        let clients: Vec<String> = (0..3).map(|i| format!("c{i}")).collect();
+        let mut appends: Appends = entries_for(&clients, &kilobyte(true)).into_iter().collect();
+        let retained = Some(appends.add_message(&kilobyte(true)));
+        commands.push(Command::Enqueue {
+            appends,
+            limits: limits(),
+            inbound: Some(InboundRecord {
+                client_id: Arc::from("commander"),
+                connection_id: 4,
+                packet_id: 77,
+            }),
+            retained,
         });
         let request = Request {
             origin: Some(Origin {
                 node: 3,
                 incarnation: 42,
             }),
-            seqs: vec![5, 6, 7, 8],
+            seqs: vec![5, 6, 7, 8, 9],
             commands,
             sent_at_ms: 1_700_000_000_000,
         };
-        let mut bytes = bincode::serialize(&request).expect("encode");
-        assert_eq!(&bytes[..8], &marker(3).to_le_bytes());
+        let bytes = bincode::serialize(&request).expect("encode");
+        assert_eq!(&bytes[..8], &marker(4).to_le_bytes());
         let back: Request = bincode::deserialize(&bytes).expect("decode");
         assert_eq!(back, request);
-        // Format 2 is the same layout without the last command.
+    }
+
+    #[test]
+    fn an_entry_of_format_4_holds_a_message_once_however_many_queues_it_goes_to() {
+        let clients: Vec<String> = (0..1000).map(|i| format!("device-{i:04}")).collect();
+        let message = kilobyte(false);
         let request = Request {
-            commands: sample(),
-            seqs: vec![5, 6, 7],
-            ..request
+            origin: None,
+            commands: vec![Command::Enqueue {
+                appends: entries_for(&clients, &message).into_iter().collect(),
+                limits: limits(),
+                inbound: None,
+                retained: None,
+            }],
+            seqs: vec![],
+            sent_at_ms: 0,
         };
-        bytes = bincode::serialize(&request).expect("encode");
-        bytes[..8].copy_from_slice(&marker(2).to_le_bytes());
-        let back: Request = bincode::deserialize(&bytes).expect("decode format 2");
-        assert_eq!(back, request);
+        let bytes = bincode::serialize(&request).expect("encode");
+        // One payload, and per queue its client id and a few bytes (format 3 wrote
+        // 1,000 payloads: over a megabyte).
+        let per_queue = (bytes.len() - message.payload.len()) / clients.len();
+        assert!(
+            per_queue <= 40,
+            "{} bytes, {per_queue} a queue",
+            bytes.len()
+        );
+        // Decoded (as a follower does, or the leader reading its log), then applied:
+        // every queue holds the same `Arc`.
+        let decoded: Request = bincode::deserialize(&bytes).expect("decode");
+        let mut state = offline_sessions(&clients);
+        state.apply_request(&decoded);
+        assert_eq!(state.session("device-0999").map(|s| s.queue.len()), Some(1));
+        assert!(queues_share_one_arc_per_message(&state));
+        let Command::Enqueue { appends, .. } = &decoded.commands[0] else {
+            unreachable!()
+        };
+        let first = &state.session("device-0000").expect("session").queue[0].message;
+        assert!(Arc::ptr_eq(first, &appends.messages()[0]));
+    }
+
+    #[test]
+    fn an_entry_of_format_3_is_read_with_each_message_once_and_applies_alike() {
+        // Format 3 bytes, laid out by hand as the previous release wrote them: the
+        // marker, the body, its commands in the layout of formats 2 and 3 (`Enqueue`
+        // is variant 5, a copy of the message in every entry).
+        #[derive(Serialize)]
+        enum OldCommand {
+            _OpenSession,
+            _CloseSession,
+            _Subscribe,
+            _Unsubscribe,
+            _SetRetained,
+            Enqueue {
+                entries: Vec<EnqueueEntry>,
+                limits: QueueLimits,
+                inbound: Option<InboundRecord>,
+                retained: Option<Arc<Message>>,
+            },
+        }
+        #[derive(Serialize)]
+        struct OldBody {
+            origin: Option<Origin>,
+            commands: Vec<OldCommand>,
+            seqs: Vec<u64>,
+            sent_at_ms: u64,
+        }
+        let clients: Vec<String> = (0..50).map(|i| format!("device-{i:02}")).collect();
+        let (first, second) = (kilobyte(true), kilobyte(false));
+        // An earlier message for ten of them, then the publish's (retained).
+        let mut entries = entries_for(&clients[..10], &second);
+        entries.extend(entries_for(&clients, &first));
+        let origin = Some(Origin {
+            node: 2,
+            incarnation: 9,
+        });
+        let old = bincode::serialize(&(
+            marker(3),
+            OldBody {
+                origin,
+                commands: vec![OldCommand::Enqueue {
+                    entries: entries.clone(),
+                    limits: limits(),
+                    inbound: None,
+                    retained: Some(first.clone()),
+                }],
+                seqs: vec![1],
+                sent_at_ms: 5,
+            },
+        ))
+        .expect("encode");
+        assert!(old.len() > 60 * 1024, "format 3 wrote a copy per entry");
+        let read: Request = bincode::deserialize(&old).expect("format 3 is read");
+        // The same command as this release builds: the two messages once each, the
+        // retained one named by index.
+        let mut appends: Appends = entries.into_iter().collect();
+        let retained = Some(appends.add_message(&first));
+        assert_eq!(appends.messages().len(), 2);
+        let now = Request {
+            origin,
+            commands: vec![Command::Enqueue {
+                appends,
+                limits: limits(),
+                inbound: None,
+                retained,
+            }],
+            seqs: vec![1],
+            sent_at_ms: 5,
+        };
+        assert_eq!(read, now);
+        // Applied, both give the same state; the one read from format 3 shares one
+        // `Arc` per message between its queues too.
+        let mut from_old = offline_sessions(&clients);
+        let mut from_new = offline_sessions(&clients);
+        assert_eq!(from_old.apply_request(&read), from_new.apply_request(&now));
+        assert_eq!(from_old.digest(), from_new.digest());
+        assert_eq!(from_old.to_snapshot(), from_new.to_snapshot());
+        let queued = |state: &BrokerState, client: &str| {
+            state.session(client).expect("session").queue.clone()
+        };
+        let (a, b) = (
+            queued(&from_old, "device-00"),
+            queued(&from_old, "device-09"),
+        );
+        assert_eq!(a.len(), 2);
+        assert!(a
+            .iter()
+            .zip(b.iter())
+            .all(|(x, y)| Arc::ptr_eq(&x.message, &y.message)));
+        let retained = from_old.retained().get("fleet/all/cmd").expect("retained");
+        assert!(Arc::ptr_eq(retained, &a[1].message));
+        let last = queued(&from_old, "device-49");
+        assert!(Arc::ptr_eq(retained, &last[0].message));
+    }
+
+    #[test]
+    fn an_entry_naming_a_message_it_does_not_hold_is_refused() {
+        #[derive(Serialize)]
+        struct Form {
+            messages: Vec<Arc<Message>>,
+            entries: Vec<Append>,
+        }
+        let append = |message| Append {
+            client_id: Arc::from("c"),
+            message,
+            qos: 1,
+            retain: false,
+            subscription_ids: vec![],
+        };
+        let bytes = bincode::serialize(&Form {
+            messages: vec![kilobyte(false)],
+            entries: vec![append(0), append(1)],
+        })
+        .expect("encode");
+        let err = bincode::deserialize::<Appends>(&bytes).expect_err("refused");
+        assert!(err.to_string().contains("message 1 of 1"), "{err}");
+        // A retained message out of range, in a whole entry.
+        let request = Request {
+            origin: None,
+            commands: vec![Command::Enqueue {
+                appends: Appends::default(),
+                limits: limits(),
+                inbound: None,
+                retained: Some(0),
+            }],
+            seqs: vec![],
+            sent_at_ms: 0,
+        };
+        let bytes = bincode::serialize(&request).expect("encode");
+        let err = bincode::deserialize::<Request>(&bytes).expect_err("refused");
+        assert!(err.to_string().contains("retains message 0 of 0"), "{err}");
     }
 
     #[test]
@@ -438,7 +916,6 @@ mod tests {
 
     #[test]
     fn the_leader_moves_a_forwarded_requests_times_onto_its_clock() {
-        use crate::cluster::command::{EnqueueEntry, QueueFullPolicy};
         // The proposer's clock is ten minutes behind the leader's.
         let behind = 600_000;
         let message = Arc::new(Message {
@@ -457,6 +934,8 @@ mod tests {
             retain: false,
             subscription_ids: vec![],
         };
+        let mut appends: Appends = [entry("a"), entry("b")].into_iter().collect();
+        let retained = Some(appends.add_message(&message));
         let mut request = Request {
             origin: None,
             commands: vec![
@@ -468,14 +947,14 @@ mod tests {
                     now_ms: 1_000_000 - 2,
                 },
                 Command::Enqueue {
-                    entries: vec![entry("a"), entry("b")],
+                    appends,
                     limits: QueueLimits {
                         max_messages: 9,
                         max_bytes: 99,
                         policy: QueueFullPolicy::DropNewest,
                     },
                     inbound: None,
-                    retained: None,
+                    retained,
                 },
             ],
             seqs: vec![],
@@ -486,14 +965,15 @@ mod tests {
             unreachable!()
         };
         assert_eq!(*now_ms, 1_000_000 - 2 + behind);
-        let Command::Enqueue { entries, .. } = &request.commands[1] else {
+        let Command::Enqueue {
+            appends, retained, ..
+        } = &request.commands[1]
+        else {
             unreachable!()
         };
-        assert_eq!(entries[0].message.received_at_ms, 1_000_000 - 5 + behind);
-        assert!(
-            Arc::ptr_eq(&entries[0].message, &entries[1].message),
-            "a message shared by two queues stays one message"
-        );
+        assert_eq!(appends.messages().len(), 1, "a shared message stays one");
+        assert_eq!(appends.messages()[0].received_at_ms, 1_000_000 - 5 + behind);
+        assert_eq!(*retained, Some(0));
         assert_eq!(request.sent_at_ms, 1_000_000 + behind);
     }
 

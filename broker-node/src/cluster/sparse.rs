@@ -1,7 +1,8 @@
 //! [`Sparse`]: a collection that is almost always empty, held behind a pointer.
 //!
 //! Every session record holds its subscriptions, a message queue and two sets of
-//! packet identifiers, and in a fleet of idle devices nearly all of them are empty. Inline, they cost their
+//! packet identifiers, and in a fleet of idle devices nearly all of them are empty;
+//! every queued message holds its subscription identifiers, nearly always none. Inline, they cost their
 //! full size (32 and 24 bytes) in every record of the session map; as a `Sparse`, an
 //! empty one costs 8 bytes and no allocation. It serializes exactly as the collection
 //! itself, so snapshots and commands read the same on nodes with either layout.
@@ -21,6 +22,13 @@ pub trait Collection: Default + 'static {
 
 impl<T: 'static> Collection for VecDeque<T> {
     const EMPTY: &'static Self = &VecDeque::new();
+    fn holds_nothing(&self) -> bool {
+        self.is_empty()
+    }
+}
+
+impl<T: 'static> Collection for Vec<T> {
+    const EMPTY: &'static Self = &Vec::new();
     fn holds_nothing(&self) -> bool {
         self.is_empty()
     }
@@ -55,6 +63,11 @@ impl<T: Collection> Sparse<T> {
     /// The collection, to change or take from, if it holds anything.
     pub fn if_any(&mut self) -> Option<&mut T> {
         self.0.as_deref_mut()
+    }
+
+    /// The collection, taken out (empty if none was allocated).
+    pub fn into_inner(self) -> T {
+        self.0.map_or_else(T::default, |b| *b)
     }
 
     /// Give the allocation back if the collection is empty.
@@ -138,5 +151,13 @@ mod tests {
         // bytes when this was written (184 with the collections inline).
         let record = std::mem::size_of::<crate::cluster::state::SessionRecord>();
         assert!(record <= 112, "session record: {record} bytes");
+    }
+
+    #[test]
+    fn a_queued_message_stays_small() {
+        // One in a queue for every delivery to an offline session: a message published
+        // to a thousand of them is a thousand of these (and one message).
+        let queued = std::mem::size_of::<crate::cluster::command::QueuedMessage>();
+        assert!(queued <= 32, "queued message: {queued} bytes");
     }
 }

@@ -10,7 +10,9 @@
 //! result, and acted upon by the node.
 //!
 //! The state is held by `storage`'s state-machine store behind a lock; the broker reads
-//! it through short synchronous sections and never across an `.await`.
+//! it through short synchronous sections and never across an `.await`. Its snapshots
+//! (each queued message once, however many queues hold it) are written and read by
+//! the `snapshot` module.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound::{Excluded, Unbounded};
@@ -20,13 +22,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::command::{
-    Command, CommandResult, EnqueueEntry, InboundRecord, Message, NodeId, QueueFullPolicy,
+    Appends, Command, CommandResult, EnqueueEntry, InboundRecord, Message, NodeId, QueueFullPolicy,
     QueueLimits, QueuedMessage, Request, SubscriptionOptions, Will, ANY_CONNECTION,
 };
 use super::format;
 use super::sparse::Sparse;
 use crate::mqtt::topic::topic_matches;
 use crate::router::{RetainedIndex, SubscriptionTrie};
+
+mod snapshot;
 
 /// Something the local node should react to, emitted while applying.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,23 +270,6 @@ struct Move {
     options: SubscriptionOptions,
 }
 
-/// The serialized form of [`BrokerState`] in snapshots (format 2, after its marker),
-/// as read; `write_canonical` writes the same layout from borrowed parts.
-#[derive(Deserialize)]
-struct SnapshotForm {
-    sessions: Vec<(Arc<str>, Box<SessionRecord>)>,
-    retained: Vec<(Arc<str>, RetainedMessage)>,
-    proposers: Vec<(NodeId, ProposerRecord)>,
-    queue_limits: QueueLimits,
-}
-
-/// A snapshot of format 1 (no marker, no proposers).
-#[derive(Deserialize)]
-struct SnapshotFormV1 {
-    sessions: Vec<(Arc<str>, Box<SessionRecord>)>,
-    retained: Vec<(Arc<str>, RetainedMessage)>,
-}
-
 /// Why a snapshot could not be restored.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -296,6 +283,14 @@ pub enum RestoreError {
         max = format::SNAPSHOT_FORMAT
     )]
     Format(u16),
+    /// A queue or a retained message names a message the snapshot does not hold.
+    #[error("broker state snapshot names message {index} of {count}")]
+    MessageIndex {
+        /// The index named.
+        index: u32,
+        /// How many messages the snapshot holds.
+        count: usize,
+    },
 }
 
 impl BrokerState {
@@ -469,7 +464,7 @@ impl BrokerState {
                 CommandResult::Done
             }
             Command::Enqueue {
-                entries,
+                appends,
                 limits,
                 inbound,
                 retained,
@@ -494,11 +489,11 @@ impl BrokerState {
                         };
                     }
                 }
-                if let Some(m) = retained {
+                if let Some(m) = retained.and_then(|i| appends.message(i)) {
                     self.set_retained(&m.topic, Some(m));
                 }
                 self.queue_limits = *limits;
-                self.enqueue(entries, limits)
+                self.enqueue(appends, limits)
             }
             Command::Ack {
                 client_id,
@@ -739,7 +734,7 @@ impl BrokerState {
                 entry.retain |= retain;
                 entry.subscription_ids.extend(options.subscription_id);
             });
-        let mut entries: Vec<EnqueueEntry> = targets
+        let mut appends: Appends = targets
             .into_values()
             .filter(|e| {
                 e.qos > 0
@@ -778,7 +773,7 @@ impl BrokerState {
             let (qos, retain) = options.grant(&message);
             let subscription_ids: Vec<u32> = options.subscription_id.into_iter().collect();
             if session.is_persistent() && qos > 0 {
-                entries.push(EnqueueEntry {
+                appends.push(EnqueueEntry {
                     client_id: client,
                     message: message.clone(),
                     qos,
@@ -801,9 +796,9 @@ impl BrokerState {
         for event in shared_live {
             self.emit(event);
         }
-        if !entries.is_empty() {
+        if !appends.is_empty() {
             let limits = self.queue_limits;
-            self.enqueue(&entries, &limits);
+            self.enqueue(&appends, &limits);
         }
     }
 
@@ -872,16 +867,16 @@ impl BrokerState {
         CommandResult::Unsubscribed(removed)
     }
 
-    fn enqueue(&mut self, entries: &[EnqueueEntry], limits: &QueueLimits) -> CommandResult {
+    fn enqueue(&mut self, appends: &Appends, limits: &QueueLimits) -> CommandResult {
         let mut accepted = 0u32;
         let mut dropped = 0u32;
         let mut grew: Vec<(Arc<str>, NodeId)> = Vec::new();
-        for entry in entries {
+        for (entry, message) in appends.iter() {
             let Some(session) = self.sessions.get_mut(&entry.client_id) else {
                 dropped += 1;
                 continue;
             };
-            let weight = entry.message.weight();
+            let weight = message.weight();
             if weight > limits.max_bytes {
                 // It would not fit even in an empty queue: drop it, and evict nothing
                 // for it (mqtt.max_queued_bytes may be below mqtt.max_packet_size).
@@ -920,10 +915,10 @@ impl BrokerState {
             session.queued_bytes += weight;
             session.queue.make_mut().push_back(QueuedMessage {
                 seq,
-                message: entry.message.clone(),
+                message: message.clone(),
                 qos: entry.qos,
                 retain: entry.retain,
-                subscription_ids: entry.subscription_ids.clone(),
+                subscription_ids: Sparse::from(entry.subscription_ids.clone()),
             });
             accepted += 1;
             if session.connected && !grew.iter().any(|(c, _)| c == &entry.client_id) {
@@ -1119,7 +1114,7 @@ impl BrokerState {
 
     fn redistribute(&mut self, after_ms: u64, now_ms: u64) {
         let moves = self.redistribution_plan(after_ms, now_ms);
-        let mut entries = Vec::new();
+        let mut appends = Appends::default();
         let mut live = Vec::new();
         for m in moves {
             let Some(q) = self
@@ -1138,7 +1133,7 @@ impl BrokerState {
             let (qos, retain) = m.options.grant(&q.message);
             let subscription_ids: Vec<u32> = m.options.subscription_id.into_iter().collect();
             if target.is_persistent() && qos > 0 {
-                entries.push(EnqueueEntry {
+                appends.push(EnqueueEntry {
                     client_id: m.to,
                     message: q.message,
                     qos,
@@ -1160,9 +1155,9 @@ impl BrokerState {
         for event in live {
             self.emit(event);
         }
-        if !entries.is_empty() {
+        if !appends.is_empty() {
             let limits = self.queue_limits;
-            self.enqueue(&entries, &limits);
+            self.enqueue(&appends, &limits);
         }
     }
 
@@ -1187,18 +1182,12 @@ impl BrokerState {
             || self.retained.iter().any(|(_, m)| m.is_expired(now_ms))
     }
 
-    /// Serialize the whole state for a snapshot, in a canonical order.
-    pub fn to_snapshot(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.write_canonical(&mut out);
-        out
-    }
-
-    /// The snapshot encoding written into `out`, from borrowed records (nothing is
-    /// cloned: a digest of a large state streams through a hasher instead of building
-    /// a copy of the state and a buffer while the state is locked).
+    /// The state in the layout a digest hashes ([`format::DIGEST_LAYOUT`], snapshot
+    /// format 2's) written into `out`, from borrowed records (nothing is cloned: a
+    /// digest of a large state streams through a hasher instead of building a copy of
+    /// the state and a buffer while the state is locked).
     fn write_canonical(&self, out: &mut impl std::io::Write) {
-        /// [`SnapshotForm`] over borrowed parts: the same bytes.
+        /// Snapshot format 2's body over borrowed parts.
         #[derive(Serialize)]
         struct FormRef<'a> {
             sessions: Vec<(&'a Arc<str>, &'a SessionRecord)>,
@@ -1215,43 +1204,7 @@ impl BrokerState {
             queue_limits: self.queue_limits,
         };
         // Plain data into a Vec or a hasher cannot fail.
-        let _ = bincode::serialize_into(out, &(format::marker(format::SNAPSHOT_FORMAT), form));
-    }
-
-    /// Replace the whole state from a snapshot; the route table is rebuilt. A snapshot
-    /// of format 1 (an earlier release) is read too; an unknown format is refused and
-    /// the state left as it was.
-    pub fn restore(&mut self, data: &[u8]) -> Result<(), RestoreError> {
-        let head: u64 = bincode::deserialize(data)?;
-        let form = match format::version_of(head) {
-            None => {
-                let old: SnapshotFormV1 = bincode::deserialize(data)?;
-                SnapshotForm {
-                    sessions: old.sessions,
-                    retained: old.retained,
-                    proposers: Vec::new(),
-                    queue_limits: QueueLimits::default(),
-                }
-            }
-            Some(2) => bincode::deserialize::<(u64, SnapshotForm)>(data)?.1,
-            Some(v) => return Err(RestoreError::Format(v)),
-        };
-        let events = self.events.take();
-        *self = BrokerState::new(events);
-        self.proposers = form.proposers.into_iter().collect();
-        self.queue_limits = form.queue_limits;
-        for (client_id, session) in form.sessions {
-            for (filter, options) in session.subscriptions.iter() {
-                self.routes
-                    .insert(filter, client_id.clone(), options.clone());
-            }
-            self.sessions.insert(client_id, session);
-        }
-        for (topic, message) in form.retained {
-            self.retained.insert(&topic, message);
-        }
-        self.emit(Event::Restored);
-        Ok(())
+        let _ = bincode::serialize_into(out, &(format::marker(format::DIGEST_LAYOUT), form));
     }
 
     /// Go on with `walk`, a [`BrokerState::digest`] taken in steps of about `budget`
@@ -1267,7 +1220,7 @@ impl BrokerState {
             match &mut walk.stage {
                 WalkStage::Start => {
                     let head = (
-                        format::marker(format::SNAPSHOT_FORMAT),
+                        format::marker(format::DIGEST_LAYOUT),
                         self.sessions.len() as u64,
                     );
                     let _ = bincode::serialize_into(&mut *hash, &head);

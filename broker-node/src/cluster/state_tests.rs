@@ -34,11 +34,12 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use serde::Serialize;
 
 use super::command::{
-    Command, CommandResult, EnqueueEntry, InboundRecord, Message, MessageProperties, NodeId,
-    Origin, QueueFullPolicy, QueueLimits, QueuedMessage, Request, SubscriptionOptions, Will,
+    Appends, Command, CommandResult, EnqueueEntry, InboundRecord, Message, MessageProperties,
+    NodeId, Origin, QueueFullPolicy, QueueLimits, QueuedMessage, Request, SubscriptionOptions,
+    Will,
 };
 use super::format;
-use super::state::{BrokerState, DigestWalk, Event, RestoreError, SessionRecord};
+use super::state::{BrokerState, DigestWalk, Event, ProposerRecord, RestoreError, SessionRecord};
 
 // ---------------------------------------------------------------------------------
 // Helpers
@@ -147,7 +148,7 @@ fn entry(client: &str, message: &Arc<Message>) -> EnqueueEntry {
 
 fn enqueue(entries: Vec<EnqueueEntry>, limits: QueueLimits) -> Command {
     Command::Enqueue {
-        entries,
+        appends: entries.into_iter().collect(),
         limits,
         inbound: None,
         retained: None,
@@ -2042,8 +2043,10 @@ fn publish(
     inbound: Option<(&str, u64, u16)>,
     retained: Option<Arc<Message>>,
 ) -> Command {
+    let mut appends: Appends = entries.into_iter().collect();
+    let retained = retained.map(|m| appends.add_message(&m));
     Command::Enqueue {
-        entries,
+        appends,
         limits: ROOMY,
         inbound: inbound.map(|(client, connection_id, packet_id)| InboundRecord {
             client_id: Arc::from(client),
@@ -2201,15 +2204,167 @@ fn an_enqueue_sets_or_clears_the_retained_message_like_set_retained() {
 // ---------------------------------------------------------------------------------
 
 #[test]
-fn a_snapshot_starts_with_the_marker_of_format_2() {
+fn a_snapshot_starts_with_the_marker_of_format_3() {
     let mut h = subscriber_and_publisher();
     h.state
         .apply_request(&request(1, 1, &[1], vec![subscribe("p", &["t/#"])]));
     let snapshot = h.state.to_snapshot();
-    assert_eq!(&snapshot[..8], &format::marker(2).to_le_bytes());
-    assert_eq!(format::SNAPSHOT_FORMAT, 2);
+    assert_eq!(&snapshot[..8], &format::marker(3).to_le_bytes());
+    assert_eq!(format::SNAPSHOT_FORMAT, 3);
     let empty = BrokerState::new(None).to_snapshot();
-    assert_eq!(&empty[..8], &format::marker(2).to_le_bytes());
+    assert_eq!(&empty[..8], &format::marker(3).to_le_bytes());
+}
+
+/// `n` persistent sessions `s000`.. subscribed to `fleet/all/#`, offline, and one 1 KB
+/// message published to `fleet/all/cmd` with the RETAIN flag, queued for all of them
+/// (one `Arc`) and retained.
+fn fleet_with_one_queued_message(n: usize) -> (Harness, Arc<Message>) {
+    let mut h = Harness::new();
+    let clients: Vec<String> = (0..n).map(|i| format!("s{i:03}")).collect();
+    for (i, c) in clients.iter().enumerate() {
+        h.setup(&[
+            open(c, 1, i as u64 + 1, false, 3_600, None, T0),
+            subscribe(c, &["fleet/all/#"]),
+            close(c, i as u64 + 1, true, None, T0 + 1),
+        ]);
+    }
+    let mut m = (*message("fleet/all/cmd", &[b'x'; 1024], None, T0 + 2)).clone();
+    m.retain = true;
+    let m = Arc::new(m);
+    let entries = clients.iter().map(|c| entry(c, &m)).collect();
+    h.apply(&publish(entries, None, Some(m.clone())));
+    (h, m)
+}
+
+/// Whether every queued message of `state` and its retained message of `topic` are
+/// one and the same `Arc`.
+fn one_arc_everywhere(state: &BrokerState, topic: &str) -> bool {
+    let retained = state.retained().get(topic).expect("retained");
+    state
+        .sessions()
+        .flat_map(|(_, s)| s.queue.iter())
+        .all(|q| Arc::ptr_eq(&q.message, retained))
+}
+
+#[test]
+fn a_snapshot_holds_a_message_queued_for_many_sessions_once_and_restores_it_shared() {
+    let (h, m) = fleet_with_one_queued_message(100);
+    assert!(one_arc_everywhere(&h.state, "fleet/all/cmd"));
+    let snapshot = h.state.to_snapshot();
+    // One copy of the message, and per session its record (under 200 bytes here);
+    // format 2 wrote 101 copies, over 100 KB.
+    assert!(
+        snapshot.len() < m.payload.len() + 100 * 200,
+        "{} bytes",
+        snapshot.len()
+    );
+    let mut restored = BrokerState::new(None);
+    restored.restore(&snapshot).expect("restores");
+    assert!(one_arc_everywhere(&restored, "fleet/all/cmd"));
+    assert_eq!(restored.digest(), h.state.digest());
+    assert_eq!(restored.to_snapshot(), snapshot);
+    assert_same_observable(&restored, &h.state);
+}
+
+#[test]
+fn a_snapshot_naming_a_message_it_does_not_hold_is_refused_and_the_state_kept() {
+    let (h, m) = fleet_with_one_queued_message(3);
+    let snapshot = h.state.to_snapshot();
+    // The marker, then the message table: its length and the one message. Without
+    // the message, the queues and the retained topic name message 0 of 0.
+    let size = bincode::serialized_size(&*m).expect("size") as usize;
+    assert_eq!(&snapshot[8..16], &1u64.to_le_bytes());
+    let mut bad = snapshot[..8].to_vec();
+    bad.extend_from_slice(&0u64.to_le_bytes());
+    bad.extend_from_slice(&snapshot[16 + size..]);
+    let (mut state, _) = fleet_with_one_queued_message(3);
+    let digest = state.state.digest();
+    match state.state.restore(&bad) {
+        Err(e @ RestoreError::MessageIndex { index: 0, count: 0 }) => {
+            assert!(e.to_string().contains("message 0 of 0"), "{e}")
+        }
+        other => panic!("restored: {other:?}"),
+    }
+    assert_eq!(state.state.digest(), digest);
+}
+
+#[test]
+fn the_digest_is_the_same_whichever_queues_share_a_message() {
+    // One node queued one `Arc` for both sessions; another decoded two equal copies
+    // (as from entries of format 3, one per command here).
+    let (shared, m) = fleet_with_one_queued_message(2);
+    let mut copies = Harness::new();
+    for (i, c) in ["s000", "s001"].iter().enumerate() {
+        copies.setup(&[
+            open(c, 1, i as u64 + 1, false, 3_600, None, T0),
+            subscribe(c, &["fleet/all/#"]),
+            close(c, i as u64 + 1, true, None, T0 + 1),
+        ]);
+    }
+    for c in ["s000", "s001"] {
+        let copy = Arc::new((*m).clone());
+        copies.apply(&publish(vec![entry(c, &copy)], None, Some(copy.clone())));
+    }
+    assert!(!one_arc_everywhere(&copies.state, "fleet/all/cmd"));
+    assert_eq!(copies.state.digest(), shared.state.digest());
+    // Their snapshots differ (two messages in the table, one), and each restores to
+    // the digest.
+    assert_ne!(copies.state.to_snapshot(), shared.state.to_snapshot());
+    for h in [&copies, &shared] {
+        let mut restored = BrokerState::new(None);
+        restored.restore(&h.state.to_snapshot()).expect("restores");
+        assert_eq!(restored.digest(), shared.state.digest());
+    }
+}
+
+#[test]
+fn a_snapshot_of_format_2_is_restored_with_equal_messages_shared() {
+    // Format 2, as the previous release wrote it: the marker, then every session with
+    // a copy of each queued message in its queue.
+    #[derive(Serialize)]
+    struct SnapshotFormV2 {
+        sessions: Vec<(Arc<str>, Box<SessionRecord>)>,
+        retained: Vec<(Arc<str>, Arc<Message>)>,
+        proposers: Vec<(NodeId, ProposerRecord)>,
+        queue_limits: QueueLimits,
+    }
+    let (mut h, _) = fleet_with_one_queued_message(20);
+    h.state
+        .apply_request(&request(2, 7, &[1], vec![subscribe("s000", &["z"])]));
+    let mut retained: Vec<(Arc<str>, Arc<Message>)> = h
+        .state
+        .retained()
+        .iter()
+        .map(|(t, m)| (Arc::from(t), m.clone()))
+        .collect();
+    retained.sort_by(|a, b| a.0.cmp(&b.0));
+    let old = bincode::serialize(&(
+        format::marker(2),
+        SnapshotFormV2 {
+            sessions: h
+                .state
+                .sessions()
+                .map(|(c, s)| (c.clone(), Box::new(s.clone())))
+                .collect(),
+            retained,
+            proposers: h
+                .state
+                .proposers()
+                .iter()
+                .map(|(n, p)| (*n, p.clone()))
+                .collect(),
+            queue_limits: ROOMY,
+        },
+    ))
+    .expect("encode");
+    assert!(old.len() > 21 * 1024, "format 2 holds a copy per queue");
+    let mut restored = BrokerState::new(None);
+    restored.restore(&old).expect("format 2 is read");
+    assert_eq!(restored.digest(), h.state.digest());
+    assert_eq!(restored.proposers(), h.state.proposers());
+    assert_same_observable(&restored, &h.state);
+    assert!(one_arc_everywhere(&restored, "fleet/all/cmd"));
+    assert!(restored.to_snapshot().len() < 4 * 1024);
 }
 
 /// The state of [`a_snapshot_of_format_1_is_restored`]: sessions with subscriptions,
@@ -2293,10 +2448,10 @@ fn a_snapshot_of_a_newer_format_is_refused_and_the_state_kept() {
     let digest = h.state.digest();
     let snapshot = h.state.to_snapshot();
     // A newer release's snapshot: the marker, then a body this one cannot know.
-    let mut newer = format::marker(3).to_le_bytes().to_vec();
+    let mut newer = format::marker(4).to_le_bytes().to_vec();
     newer.extend_from_slice(&snapshot[8..]);
     for (bytes, version) in [
-        (newer, 3u16),
+        (newer, 4u16),
         (
             bincode::serialize(&(format::marker(u16::MAX), 0u8)).unwrap(),
             u16::MAX,
@@ -2312,7 +2467,7 @@ fn a_snapshot_of_a_newer_format_is_refused_and_the_state_kept() {
         assert_eq!(h.state.digest(), digest);
         assert_eq!(h.state.to_snapshot(), snapshot);
     }
-    // A truncated snapshot of format 2 is refused too, and changes nothing.
+    // A truncated snapshot of format 3 is refused too, and changes nothing.
     for cut in [0, 4, 8, snapshot.len() / 2, snapshot.len() - 1] {
         assert!(h.state.restore(&snapshot[..cut]).is_err(), "cut at {cut}");
         assert_eq!(h.state.digest(), digest);
@@ -2671,7 +2826,7 @@ impl Model {
                 CommandResult::Done
             }
             Command::Enqueue {
-                entries,
+                appends,
                 limits,
                 inbound,
                 retained,
@@ -2689,19 +2844,19 @@ impl Model {
                         };
                     }
                 }
-                if let Some(m) = retained {
+                if let Some(m) = retained.and_then(|i| appends.message(i)) {
                     self.set_retained(&m.topic, Some(m));
                 }
                 self.limits = *limits;
-                let queued: Vec<(String, String, u64, u8, Option<u64>)> = entries
+                let queued: Vec<(String, String, u64, u8, Option<u64>)> = appends
                     .iter()
-                    .map(|e| {
+                    .map(|(e, m)| {
                         (
                             e.client_id.to_string(),
-                            e.message.topic.to_string(),
-                            (e.message.topic.len() + e.message.payload.len()) as u64,
+                            m.topic.to_string(),
+                            (m.topic.len() + m.payload.len()) as u64,
                             e.qos,
-                            e.message.expires_at_ms(),
+                            m.expires_at_ms(),
                         )
                     })
                     .collect();
@@ -3211,37 +3366,48 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                 drop_oldest,
                 inbound,
                 retained,
-            } => Command::Enqueue {
-                entries: entries
-                    .iter()
-                    .map(|(c, t, len, qos, expiry)| EnqueueEntry {
+            } => {
+                // Entries of one topic, size and expiry share one message, as a
+                // publish's queues do.
+                let mut made = std::collections::HashMap::new();
+                let mut appends = Appends::default();
+                for (c, t, len, qos, expiry) in entries {
+                    let shared = made
+                        .entry((*t, *len, *expiry))
+                        .or_insert_with(|| message(TOPICS[*t], &vec![b'm'; *len], *expiry, now))
+                        .clone();
+                    appends.push(EnqueueEntry {
                         client_id: client_id(c),
-                        message: message(TOPICS[*t], &vec![b'm'; *len], *expiry, now),
+                        message: shared,
                         qos: *qos,
                         retain: false,
                         subscription_ids: Vec::new(),
-                    })
-                    .collect(),
-                limits: QueueLimits {
-                    max_messages: *max_messages,
-                    max_bytes: *max_bytes,
-                    policy: if *drop_oldest {
-                        QueueFullPolicy::DropOldest
-                    } else {
-                        QueueFullPolicy::DropNewest
-                    },
-                },
-                inbound: inbound.map(|(c, conn, packet_id)| InboundRecord {
-                    client_id: client_id(&c),
-                    connection_id: connection(&c, &conn),
-                    packet_id,
-                }),
-                retained: retained.map(|(t, len)| {
+                    });
+                }
+                let retained = retained.map(|(t, len)| {
                     let mut m = (*message(TOPICS[t], &vec![b'p'; len], None, now)).clone();
                     m.retain = true;
-                    Arc::new(m)
-                }),
-            },
+                    appends.add_message(&Arc::new(m))
+                });
+                Command::Enqueue {
+                    appends,
+                    limits: QueueLimits {
+                        max_messages: *max_messages,
+                        max_bytes: *max_bytes,
+                        policy: if *drop_oldest {
+                            QueueFullPolicy::DropOldest
+                        } else {
+                            QueueFullPolicy::DropNewest
+                        },
+                    },
+                    inbound: inbound.map(|(c, conn, packet_id)| InboundRecord {
+                        client_id: client_id(&c),
+                        connection_id: connection(&c, &conn),
+                        packet_id,
+                    }),
+                    retained,
+                }
+            }
             Op::Ack {
                 client,
                 conn,

@@ -1518,7 +1518,7 @@ impl Machine {
                 message: q.message,
                 qos: q.qos,
                 retain: q.retain,
-                subscription_ids: q.subscription_ids,
+                subscription_ids: q.subscription_ids.into_inner(),
             };
             let dup = q.seq < self.resend_below;
             if !self.send_publish(&d, Some(id), dup, now_ms, world) {

@@ -1054,7 +1054,7 @@ fn queued(seq: u64, topic: &str) -> QueuedMessage {
         message: Arc::new(message(topic)),
         qos: 2,
         retain: false,
-        subscription_ids: vec![],
+        subscription_ids: Default::default(),
     }
 }
 
