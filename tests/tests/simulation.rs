@@ -258,6 +258,23 @@ fn publish(topic: String, payload: Vec<u8>, qos: QoS, retain: bool, id: u16, dup
     })
 }
 
+/// A SUBSCRIBE to `filter` at `qos`, retained messages sent.
+fn subscribe(filter: &str, qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            filter.to_owned(),
+            SubscriptionOptions {
+                qos,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            },
+        )],
+        properties: SubscribeProperties::default(),
+    })
+}
+
 /// A message's payload: who published it, its sequence number and the publisher's
 /// connection it was (re)sent on.
 fn payload_of(publisher: usize, seq: u64, connection: u64) -> Vec<u8> {
@@ -488,19 +505,7 @@ async fn subscriber(
                 .push(format!("{client_id}: session lost"));
         }
         if !subscribed {
-            let sub = Packet::Subscribe(Subscribe {
-                packet_id: 1,
-                filters: vec![(
-                    "sim/#".to_owned(),
-                    SubscriptionOptions {
-                        qos: QoS::ExactlyOnce,
-                        no_local: false,
-                        retain_as_published: false,
-                        retain_handling: RetainHandling::SendAtSubscribe,
-                    },
-                )],
-                properties: SubscribeProperties::default(),
-            });
+            let sub = subscribe("sim/#", QoS::ExactlyOnce);
             if c.send(&sub).await.is_err() {
                 continue;
             }
@@ -653,19 +658,7 @@ async fn retained_writer(
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             };
-            let sub = Packet::Subscribe(Subscribe {
-                packet_id: 1,
-                filters: vec![(
-                    "sim/r/#".to_owned(),
-                    SubscriptionOptions {
-                        qos: QoS::AtMostOnce,
-                        no_local: false,
-                        retain_as_published: false,
-                        retain_handling: RetainHandling::SendAtSubscribe,
-                    },
-                )],
-                properties: SubscribeProperties::default(),
-            });
+            let sub = subscribe("sim/r/#", QoS::AtMostOnce);
             if c.send(&sub).await.is_err() {
                 continue;
             }
