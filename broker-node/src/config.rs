@@ -461,6 +461,10 @@ fn addr(s: &str) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
+/// The largest `mqtt.max_packet_size`: half the cluster's gRPC message limit
+/// (`cluster::network::RPC_MESSAGE_LIMIT`).
+pub const MAX_PACKET_SIZE: u32 = 32 << 20;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -770,10 +774,13 @@ impl Config {
             ));
         }
         let m = &self.mqtt;
-        if m.max_packet_size == 0 || m.max_packet_size > 268_435_455 {
+        // A message crosses the cluster whole, in one gRPC message of at most 64 MiB
+        // (a Raft entry, a forward frame): half of it leaves room for the rest.
+        if m.max_packet_size == 0 || m.max_packet_size > MAX_PACKET_SIZE {
             return Err(invalid(
                 "mqtt.max_packet_size",
-                "must be 1 to 268435455 bytes",
+                "must be 1 byte to 32 MiB (a message is replicated whole, in one gRPC message \
+                 of at most 64 MiB)",
             ));
         }
         if m.receive_maximum == 0 {
@@ -1293,7 +1300,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("join", "The cluster address of a running node to join; empty for none."),
         ("api_token", "The bearer token the admin API (/api/v1) requires; with neither it nor api_password_file set, the API answers only requests from loopback addresses."),
         ("api_password_file", "A Mosquitto-format password file whose users may call the admin API with HTTP basic auth (alone or besides api_token); empty for none."),
-        ("mqtt.max_packet_size", "Largest packet accepted (and announced in CONNACK), at most 268435455 bytes."),
+        ("mqtt.max_packet_size", "Largest packet accepted (and announced in CONNACK), at most 32 MiB (a message is replicated whole in one gRPC message)."),
         ("mqtt.max_connections", "Most client connections at once on this node (0: unlimited)."),
         ("mqtt.connect_timeout", "How long a new connection may take to send CONNECT."),
         ("mqtt.park_after", "How long a plain-TCP connection must be idle before it is parked: its task and buffers are given up and the socket waits in the node's parking lot until the client sends something or a message arrives for it (\"0s\": never)."),
@@ -1472,6 +1479,16 @@ mod tests {
         assert!(e.to_string().contains("udp"), "{e}");
         let e = Config::from_toml("[mqtt]\nallow_anonymous = \"sometimes\"").unwrap_err();
         assert!(e.to_string().contains("mqtt.allow_anonymous"), "{e}");
+    }
+
+    #[test]
+    fn a_packet_size_the_cluster_cannot_replicate_is_refused() {
+        Config::from_toml("[mqtt]\nmax_packet_size = \"32MiB\"").expect("32 MiB replicates");
+        let e = Config::from_toml("[mqtt]\nmax_packet_size = \"33MiB\"").unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Invalid { key, .. } if key == "mqtt.max_packet_size"),
+            "{e}"
+        );
     }
 
     #[test]

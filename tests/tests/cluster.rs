@@ -939,3 +939,65 @@ fn a_session_resumed_on_a_lagging_follower_knows_its_own_qos2_identifiers() {
         "delivered twice: {again:?}"
     );
 }
+
+#[test]
+fn a_burst_of_large_messages_for_an_offline_session_replicates_and_converges() {
+    // 24 QoS 1 messages of 2 MiB (48 MiB, within the default 64 MiB queue) for a
+    // persistent session that is offline: each becomes an Enqueue, and a batch of them
+    // used to become one Raft entry of up to 48 MiB. No follower answered such an append within openraft's append timeout
+    // (the 200 ms heartbeat interval), and it went again, whole, every time: nothing
+    // after it ever committed. Batches now stop at 1 MiB (a larger command goes alone)
+    // and appends carry at most 2 MiB of entries (a larger entry goes alone).
+    let nodes = Node::cluster_with_env(3, &[("FLOCKMQ_MQTT__MAX_PACKET_SIZE", "4MiB")]);
+    let v3 = ProtocolVersion::V3_1_1;
+    let (mut robot, _) = RawClient::connect(nodes[1].mqtt_addr(), v3, "robot", false, 60);
+    robot.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            "fleet/#".into(),
+            SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            },
+        )],
+        properties: SubscribeProperties::default(),
+    }));
+    assert!(matches!(robot.recv(T), Some(Packet::SubAck(_))));
+    drop(robot);
+    nodes[0].wait_subscribed("robot", "fleet/#");
+    let (mut control, _) = RawClient::connect(nodes[0].mqtt_addr(), v3, "control", true, 60);
+    let count = 24u16;
+    for id in 1..=count {
+        let mut payload = vec![b'x'; 2 << 20];
+        payload[..2].copy_from_slice(&id.to_be_bytes());
+        control.send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "fleet/all/firmware".into(),
+            packet_id: Some(id),
+            properties: PublishProperties::default(),
+            payload: Bytes::from(payload),
+        }));
+    }
+    let mut acked = 0;
+    while acked < count {
+        match control.recv(Duration::from_secs(30)) {
+            Some(Packet::PubAck(a)) if !a.reason_code.is_error() => acked += 1,
+            other => panic!("after {acked} PUBACKs: {other:?}"),
+        }
+    }
+    converged(&running(&nodes));
+    // The robot comes back on the third node and gets every message, in order.
+    let (mut robot, ack) = RawClient::connect(nodes[2].mqtt_addr(), v3, "robot", false, 60);
+    assert!(ack.session_present);
+    let got =
+        flockmq_tests::mqtt::receive_acked(&mut robot, count as usize, Duration::from_secs(60));
+    let ids: Vec<u16> = got
+        .iter()
+        .map(|p| u16::from_be_bytes([p.payload[0], p.payload[1]]))
+        .collect();
+    assert_eq!(ids, (1..=count).collect::<Vec<_>>());
+}

@@ -447,6 +447,7 @@ impl Cluster {
             raft.clone(),
             BatchSettings {
                 max_commands: c.batch_max_commands,
+                max_bytes: proposer::MAX_BATCH_BYTES,
                 max_delay: c.batch_max_delay,
                 write_timeout: c.write_timeout,
                 max_in_flight: 16,

@@ -28,7 +28,7 @@ pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// HTTP/2 flow-control window of a whole peer connection.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest frame either side decodes.
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+const MAX_MESSAGE_BYTES: usize = super::RPC_MESSAGE_LIMIT;
 
 /// What takes the frames of peers' forward streams.
 pub trait FrameHandler: Clone + Send + Sync + 'static {

@@ -38,6 +38,17 @@ use super::membership::{self, MembershipChange};
 use super::raft::{Raft, TypeConfig};
 use super::stats::{NodeStats, StatsSlot};
 
+/// The largest gRPC message a node takes from a peer (Raft, administration,
+/// forwarding). Every Raft entry fits: a batch of commands stays within
+/// `proposer::MAX_BATCH_BYTES` unless one command is larger, and one command holds at
+/// most one message of `mqtt.max_packet_size` (at most 32 MiB).
+pub const RPC_MESSAGE_LIMIT: usize = 64 << 20;
+
+/// The most bytes of entries this node sends in one append (a single larger entry goes
+/// alone): openraft waits one heartbeat interval for the answer and sends a timed-out
+/// append again whole, so appends stay small enough to be answered in time.
+const APPEND_LIMIT: usize = 2 << 20;
+
 fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, bincode::Error> {
     Ok(RaftPayload {
         data: bincode::serialize(value)?,
@@ -130,6 +141,20 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.send(which, payload, timeout).await
+    }
+
+    async fn send<Resp, E>(
+        &mut self,
+        which: Rpc,
+        payload: RaftPayload,
+        timeout: Duration,
+    ) -> Result<Resp, RpcErr<E>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let client = match &mut self.client {
             Ok(c) => c,
             Err(e) => {
@@ -138,7 +163,6 @@ impl PeerClient {
                 )))
             }
         };
-        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = Request::new(payload);
         request.set_timeout(timeout);
         let reply = match which {
@@ -172,7 +196,17 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<openraft::error::Infallible>> {
-        let answer = self.call(Rpc::Append, &rpc, option.hard_ttl()).await;
+        let payload = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let size = payload.data.len();
+        if size > APPEND_LIMIT && rpc.entries.len() > 1 {
+            // Raft sends again, whole, an append that failed or timed out: ask openraft
+            // for fewer entries instead.
+            let fit = (rpc.entries.len() as u64 * APPEND_LIMIT as u64 / size as u64).max(1);
+            return Err(RPCError::PayloadTooLarge(
+                openraft::error::PayloadTooLarge::new_entries_hint(fit),
+            ));
+        }
+        let answer = self.send(Rpc::Append, payload, option.hard_ttl()).await;
         if answer.is_ok() {
             // Any answer (success or conflict) is the peer's Raft at work.
             self.contacts.answered(self.target, crate::clock::now());
@@ -223,7 +257,7 @@ impl Votes {
 impl RaftService {
     /// A tonic server for `raft`, voting as `votes` says.
     pub fn server(raft: Raft, votes: Votes) -> RaftServer<RaftService> {
-        RaftServer::new(RaftService { raft, votes }).max_decoding_message_size(64 * 1024 * 1024)
+        RaftServer::new(RaftService { raft, votes }).max_decoding_message_size(RPC_MESSAGE_LIMIT)
     }
 }
 
@@ -279,7 +313,7 @@ pub struct AdminService {
 impl AdminService {
     /// A tonic server for `raft`, answering figures from `stats` once it is set.
     pub fn server(raft: Raft, stats: StatsSlot) -> AdminServer<AdminService> {
-        AdminServer::new(AdminService { raft, stats }).max_decoding_message_size(64 * 1024 * 1024)
+        AdminServer::new(AdminService { raft, stats }).max_decoding_message_size(RPC_MESSAGE_LIMIT)
     }
 }
 
