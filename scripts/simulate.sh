@@ -5,12 +5,13 @@
 #
 #   scripts/simulate.sh --seeds 1000                 # seeds 1..1000, 20 s of faults each
 #   scripts/simulate.sh --seeds 500 --first 7000 --seconds 40
-#   scripts/simulate.sh --seed 1234                  # replay one seed, with its history
+#   scripts/simulate.sh --seeds 200 --nodes 5        # five-node clusters
+#   scripts/simulate.sh --seed 1234                  # replay one seed
 #   SIM_LOG=broker_node=info scripts/simulate.sh --seed 1234   # and the nodes' logs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SEEDS=100 FIRST=1 SECONDS_FAULTY=20 THREADS=$(nproc) ONE=""
+SEEDS=100 FIRST=1 SECONDS_FAULTY=20 THREADS=$(nproc) ONE="" NODES=3
 while [ $# -gt 0 ]; do
   case "$1" in
     --seeds) SEEDS=$2; shift 2 ;;
@@ -18,11 +19,12 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_FAULTY=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --seed) ONE=$2; shift 2 ;;
+    --nodes) NODES=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 
-export SIM_SECONDS=$SECONDS_FAULTY SIM_THREADS=$THREADS
+export SIM_SECONDS=$SECONDS_FAULTY SIM_THREADS=$THREADS SIM_NODES=$NODES
 if [ -n "$ONE" ]; then
   export SIM_SEED=$ONE
 else

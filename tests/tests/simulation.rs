@@ -1,5 +1,5 @@
 //! The whole cluster inside one process under a simulated network and clock (turmoil):
-//! three `broker-node`s, each the production `node::run` with its own data directory,
+//! three (or five) `broker-node`s, each the production `node::run` with its own data directory,
 //! Raft, forwarding and MQTT listener, and MQTT clients, all on turmoil's network.
 //! A seed picks the clients' choices and the faults (partitions, one-way cuts,
 //! crashes and restarts from the node's own storage, held links, latency); every
@@ -15,7 +15,8 @@
 //!   last one whose publish was acknowledged.
 //!
 //! `SIM_SEED=<seed>` replays one seed; `SIM_SEEDS=<n>` runs n seeds from
-//! `SIM_FIRST_SEED` (default 1); `SIM_SECONDS` sets the length of the faulty part.
+//! `SIM_FIRST_SEED` (default 1) of `SIM_NODES` nodes (default 3), and the five-node
+//! test `SIM_FIVE_SEEDS` (default 2); `SIM_SECONDS` sets the length of the faulty part.
 //! `scripts/simulate.sh` runs long campaigns. A seed fixes the fault schedule, every
 //! client's choices, turmoil's network (latencies, losses) and each node's election
 //! timeout; it does not yet fix the interleaving (tokio's `select!` draws from a
@@ -43,7 +44,16 @@ use flockmq_tests::Rng;
 use futures::future::BoxFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const NODES: usize = 3;
+thread_local! {
+    /// The number of nodes of the cluster this thread simulates (a simulation runs on
+    /// one thread).
+    static NODES: Cell<usize> = const { Cell::new(3) };
+}
+
+/// The number of nodes of the cluster being simulated.
+fn nodes() -> usize {
+    NODES.with(Cell::get)
+}
 const PUBLISHERS: usize = 3;
 const SUBSCRIBERS: usize = 2;
 /// Messages each publisher's window holds unacknowledged.
@@ -114,7 +124,7 @@ fn node_name(i: usize) -> String {
 /// one at random between the minimum and the maximum with a generator of its own):
 /// `election_ms` apart per node, so that elections still race, as the seed says.
 fn node_config(i: usize, dir: &std::path::Path, election_ms: u64, http_port: u16) -> Config {
-    let members: Vec<String> = (0..NODES)
+    let members: Vec<String> = (0..nodes())
         .map(|j| format!("{}={}:7000", j + 1, node_name(j)))
         .collect();
     let toml = format!(
@@ -295,7 +305,7 @@ fn parse_payload(p: &[u8]) -> Option<(usize, u64, u64)> {
 /// Connect to some node of the cluster, trying others until one answers.
 async fn connect_somewhere(rng: &mut Rng, client_id: &str, history: &Shared) -> (Client, bool) {
     loop {
-        let node = node_name(rng.below(NODES));
+        let node = node_name(rng.below(nodes()));
         let attempt = tokio::time::timeout(
             Duration::from_secs(3),
             Client::connect(&node, client_id, 30),
@@ -647,7 +657,7 @@ async fn retained_writer(
     let now = tokio::time::Instant::now();
     let start = now - turmoil::elapsed();
     tokio::time::sleep_until(start + check_after).await;
-    for n in 0..NODES {
+    for n in 0..nodes() {
         let seen = loop {
             let Ok(Ok((mut c, _))) = tokio::time::timeout(
                 Duration::from_secs(3),
@@ -792,7 +802,7 @@ fn check(h: &History) -> Vec<String> {
             }
         }
     }
-    let digests_agree = h.digests.len() == NODES
+    let digests_agree = h.digests.len() == nodes()
         && h.digests.windows(2).all(|w| w[0] == w[1])
         && h.digests[0].1.is_some();
     if !digests_agree {
@@ -801,7 +811,8 @@ fn check(h: &History) -> Vec<String> {
             h.digests
         ));
     }
-    if h.retained_seen.len() == NODES && h.retained_seen.iter().any(|s| *s != h.retained_seen[0]) {
+    if h.retained_seen.len() == nodes() && h.retained_seen.iter().any(|s| *s != h.retained_seen[0])
+    {
         problems.push(format!(
             "nodes disagree on retained messages: {:?}",
             h.retained_seen
@@ -856,7 +867,7 @@ fn schedule(rng: &mut Rng, faulty: Duration) -> Vec<Scheduled> {
     let mut out = Vec::new();
     let mut t = Duration::from_secs(3);
     while t < faulty {
-        let node = rng.below(NODES);
+        let node = rng.below(nodes());
         let fault = match rng.below(13) {
             0..=2 => Fault::Isolate(node),
             3 => Fault::MuteOutbound(node),
@@ -878,7 +889,7 @@ fn schedule(rng: &mut Rng, faulty: Duration) -> Vec<Scheduled> {
 }
 
 fn others(n: usize) -> Vec<String> {
-    (0..NODES).filter(|&j| j != n).map(node_name).collect()
+    (0..nodes()).filter(|&j| j != n).map(node_name).collect()
 }
 
 fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault) {
@@ -901,8 +912,8 @@ fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault) {
         }
         Fault::Slow(ms) => sim.set_max_message_latency(Duration::from_millis(ms)),
         Fault::SplitAll => {
-            for a in 0..NODES {
-                for b in a + 1..NODES {
+            for a in 0..nodes() {
+                for b in a + 1..nodes() {
                     sim.partition(node_name(a), node_name(b));
                 }
             }
@@ -935,8 +946,8 @@ fn undo(sim: &mut turmoil::Sim<'_>, fault: &Fault) {
             }
         }
         Fault::SplitAll => {
-            for a in 0..NODES {
-                for b in a + 1..NODES {
+            for a in 0..nodes() {
+                for b in a + 1..nodes() {
                     sim.repair(node_name(a), node_name(b));
                 }
             }
@@ -950,8 +961,9 @@ struct Outcome {
     summary: String,
 }
 
-fn run_seed(seed: u64, faulty: Duration) -> Outcome {
+fn run_seed(seed: u64, faulty: Duration, nodes: usize) -> Outcome {
     install_once();
+    NODES.with(|n| n.set(nodes));
     broker_node::hash::fix_seed(seed);
     let dir = tempfile::tempdir().expect("temp dir");
     let mut rng = Rng(seed);
@@ -966,7 +978,7 @@ fn run_seed(seed: u64, faulty: Duration) -> Outcome {
         .enable_tokio_io()
         .build();
     // The admin API listens on the real loopback (it is not simulated).
-    let http_ports: Vec<u16> = (0..NODES).map(|_| flockmq_tests::free_port()).collect();
+    let http_ports: Vec<u16> = (0..nodes).map(|_| flockmq_tests::free_port()).collect();
     for (i, &http_port) in http_ports.iter().enumerate() {
         let config = node_config(i, dir.path(), rng.range(800, 1600), http_port);
         sim.host(node_name(i), move || {
@@ -1081,12 +1093,25 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[test]
 fn seeds_of_faults_keep_every_guarantee() {
+    let nodes = env_u64("SIM_NODES").unwrap_or(3) as usize;
+    campaign(nodes, env_u64("SIM_SEEDS").unwrap_or(8));
+}
+
+#[test]
+fn five_nodes_keep_every_guarantee() {
+    campaign(5, env_u64("SIM_FIVE_SEEDS").unwrap_or(2));
+}
+
+/// Run `count` seeds (from `SIM_FIRST_SEED`, or the one `SIM_SEED`) of a cluster of
+/// `nodes`, `SIM_SECONDS` of faults each, over `SIM_THREADS` threads; fail naming
+/// every failing seed.
+fn campaign(nodes: usize, count: u64) {
     let seconds = env_u64("SIM_SECONDS").unwrap_or(20);
     let seeds: Vec<u64> = match env_u64("SIM_SEED") {
         Some(seed) => vec![seed],
         None => {
             let first = env_u64("SIM_FIRST_SEED").unwrap_or(1);
-            (first..first + env_u64("SIM_SEEDS").unwrap_or(8)).collect()
+            (first..first + count).collect()
         }
     };
     // A simulation runs on one thread; the seeds share out over `SIM_THREADS`.
@@ -1098,11 +1123,16 @@ fn seeds_of_faults_keep_every_guarantee() {
             scope.spawn(move || {
                 for &seed in seeds.iter().skip(t).step_by(threads) {
                     let started = std::time::Instant::now();
-                    let outcome = run_seed(seed, Duration::from_secs(seconds));
-                    eprintln!("{} in {:?}", outcome.summary, started.elapsed());
+                    let outcome = run_seed(seed, Duration::from_secs(seconds), nodes);
+                    eprintln!(
+                        "{nodes} nodes, {} in {:?}",
+                        outcome.summary,
+                        started.elapsed()
+                    );
                     if !outcome.problems.is_empty() {
                         let mut report = format!(
-                            "seed {seed} FAILED (replay: SIM_SEED={seed} SIM_SECONDS={seconds}):"
+                            "seed {seed} FAILED (replay: SIM_NODES={nodes} SIM_SEED={seed} \
+                             SIM_SECONDS={seconds}):"
                         );
                         for p in outcome.problems.iter().take(20) {
                             report.push_str(&format!("\n  {p}"));
@@ -1115,5 +1145,8 @@ fn seeds_of_faults_keep_every_guarantee() {
         }
     });
     let failed = failed.into_inner().unwrap();
-    assert!(failed.is_empty(), "failing seeds: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "{nodes} nodes, failing seeds: {failed:?}"
+    );
 }
