@@ -838,6 +838,10 @@ enum Fault {
     SplitAll,
     /// A node cut off from every client, still talking to its peers.
     CutClients(usize),
+    /// Everything to and from a node (peers and clients) held back, then delivered at
+    /// once: a paused process as the others see it (its own timers run on, unlike a
+    /// process stopped by SIGSTOP, which `tests/tests/faults.rs` covers).
+    Stall(usize),
 }
 
 /// The client hosts' names.
@@ -868,13 +872,14 @@ fn schedule(rng: &mut Rng, faulty: Duration) -> Vec<Scheduled> {
     let mut t = Duration::from_secs(3);
     while t < faulty {
         let node = rng.below(nodes());
-        let fault = match rng.below(13) {
+        let fault = match rng.below(14) {
             0..=2 => Fault::Isolate(node),
             3 => Fault::MuteOutbound(node),
             4..=6 => Fault::Crash(node),
             7..=8 => Fault::Hold(node),
             9..=10 => Fault::Slow(rng.range(20, 400)),
             11 => Fault::CutClients(node),
+            12 => Fault::Stall(node),
             _ => Fault::SplitAll,
         };
         let length = Duration::from_millis(rng.range(500, 6_000));
@@ -923,6 +928,11 @@ fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault) {
                 sim.partition(node_name(n), c);
             }
         }
+        Fault::Stall(n) => {
+            for o in others(n).into_iter().chain(clients()) {
+                sim.hold(node_name(n), o);
+            }
+        }
     }
 }
 
@@ -940,6 +950,11 @@ fn undo(sim: &mut turmoil::Sim<'_>, fault: &Fault) {
             }
         }
         Fault::Slow(_) => sim.set_max_message_latency(Duration::from_millis(5)),
+        Fault::Stall(n) => {
+            for o in others(n).into_iter().chain(clients()) {
+                sim.release(node_name(n), o);
+            }
+        }
         Fault::CutClients(n) => {
             for c in clients() {
                 sim.repair(node_name(n), c);
