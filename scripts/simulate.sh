@@ -11,20 +11,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SEEDS=100 FIRST=1 SECONDS_FAULTY=20 THREADS=$(nproc) ONE="" NODES=3
+SEEDS=100 FIRST=1 SECONDS_FAULTY=20 ONE="" NODES=3
 while [ $# -gt 0 ]; do
   case "$1" in
     --seeds) SEEDS=$2; shift 2 ;;
     --first) FIRST=$2; shift 2 ;;
     --seconds) SECONDS_FAULTY=$2; shift 2 ;;
-    --threads) THREADS=$2; shift 2 ;;
     --seed) ONE=$2; shift 2 ;;
     --nodes) NODES=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 
-export SIM_SECONDS=$SECONDS_FAULTY SIM_THREADS=$THREADS SIM_NODES=$NODES
+export SIM_SECONDS=$SECONDS_FAULTY SIM_NODES=$NODES
 if [ -n "$ONE" ]; then
   export SIM_SEED=$ONE
 else

@@ -1118,8 +1118,8 @@ fn five_nodes_keep_every_guarantee() {
 }
 
 /// Run `count` seeds (from `SIM_FIRST_SEED`, or the one `SIM_SEED`) of a cluster of
-/// `nodes`, `SIM_SECONDS` of faults each, over `SIM_THREADS` threads; fail naming
-/// every failing seed.
+/// `nodes`, `SIM_SECONDS` of faults each, one after the other; fail naming every
+/// failing seed.
 fn campaign(nodes: usize, count: u64) {
     let seconds = env_u64("SIM_SECONDS").unwrap_or(20);
     let seeds: Vec<u64> = match env_u64("SIM_SEED") {
@@ -1129,35 +1129,36 @@ fn campaign(nodes: usize, count: u64) {
             (first..first + count).collect()
         }
     };
-    // A simulation runs on one thread; the seeds share out over `SIM_THREADS`.
-    let threads = env_u64("SIM_THREADS").unwrap_or(2).max(1) as usize;
+    // One simulation at a time in the process: sled's concurrency control is one lock
+    // for every database of the process, and two simulations on two threads, each
+    // dropping a crashed node's database while the other writes, have deadlocked on it.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let failed = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
-        for t in 0..threads {
-            let (seeds, failed) = (&seeds, &failed);
-            scope.spawn(move || {
-                for &seed in seeds.iter().skip(t).step_by(threads) {
-                    let started = std::time::Instant::now();
-                    let outcome = run_seed(seed, Duration::from_secs(seconds), nodes);
-                    eprintln!(
-                        "{nodes} nodes, {} in {:?}",
-                        outcome.summary,
-                        started.elapsed()
-                    );
-                    if !outcome.problems.is_empty() {
-                        let mut report = format!(
-                            "seed {seed} FAILED (replay: SIM_NODES={nodes} SIM_SEED={seed} \
+        let (seeds, failed) = (&seeds, &failed);
+        scope.spawn(move || {
+            for &seed in seeds.iter() {
+                let started = std::time::Instant::now();
+                let outcome = run_seed(seed, Duration::from_secs(seconds), nodes);
+                eprintln!(
+                    "{nodes} nodes, {} in {:?}",
+                    outcome.summary,
+                    started.elapsed()
+                );
+                if !outcome.problems.is_empty() {
+                    let mut report = format!(
+                        "seed {seed} FAILED (replay: SIM_NODES={nodes} SIM_SEED={seed} \
                              SIM_SECONDS={seconds}):"
-                        );
-                        for p in outcome.problems.iter().take(20) {
-                            report.push_str(&format!("\n  {p}"));
-                        }
-                        eprintln!("{report}");
-                        failed.lock().unwrap().push(seed);
+                    );
+                    for p in outcome.problems.iter().take(20) {
+                        report.push_str(&format!("\n  {p}"));
                     }
+                    eprintln!("{report}");
+                    failed.lock().unwrap().push(seed);
                 }
-            });
-        }
+            }
+        });
     });
     let failed = failed.into_inner().unwrap();
     assert!(
