@@ -3,7 +3,7 @@
 //! itself). Acknowledgements cross over: a local message is acknowledged locally once
 //! the remote took it, a remote one remotely once the local broker accepted it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -15,7 +15,8 @@ use crate::mqtt::{Packet, PubAck, PubComp, PubRec, PubRel, Publish, QoS, ReasonC
 
 use super::echo::Echoes;
 use super::local::Local;
-use super::remote::{AckToken, Incoming, Remote, RemoteEvent};
+use super::remote::{Incoming, Remote, RemoteEvent};
+use super::session::{Ack, Outgoing};
 use super::topics::Mappings;
 use super::{BridgeError, BridgeStatus};
 
@@ -52,10 +53,10 @@ pub async fn run(
     // The remote client's event loop stops with this run.
     let _stop_remote = cancel.clone().drop_guard();
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let remote = Remote::start(cfg, events_tx, cancel.clone())?;
+    let remote = Remote::start(cfg, maps.remote_subscriptions(), events_tx, cancel.clone())?;
 
-    // A publish towards an unreachable remote waits for room in rumqttc's queue:
-    // cancellation must not wait for it.
+    // A request to the remote client waits for room in its queue: cancellation must
+    // not wait for it.
     tokio::select! {
         _ = cancel.cancelled() => Ok(()),
         r = pump(status, &maps, &remote, &mut local, &mut events) => r,
@@ -71,13 +72,11 @@ async fn pump(
     events: &mut mpsc::UnboundedReceiver<RemoteEvent>,
 ) -> Result<(), BridgeError> {
     let cfg = &status.config;
-    // Local messages given to rumqttc whose remote packet identifier is not known yet
-    // (rumqttc reports them in the order they were given), then by that identifier.
-    let mut unnumbered: VecDeque<Pending> = VecDeque::new();
-    let mut by_remote_id: HashMap<u16, Pending> = HashMap::new();
+    // Local messages given to the remote client, by ticket, until the remote took them.
+    let mut outbound = Outbound::default();
     // Remote messages published locally and their payload sizes, by local packet
     // identifier, until the local broker answers.
-    let mut inbound: HashMap<u16, (AckToken, usize)> = HashMap::new();
+    let mut inbound: HashMap<u16, (Ack, usize)> = HashMap::new();
     let mut echoes = Echoes::default();
     let v311 = cfg.protocol == BridgeProtocol::V311;
 
@@ -88,10 +87,9 @@ async fn pump(
                     return Err(BridgeError::Remote("client stopped".into()));
                 };
                 match event {
-                    RemoteEvent::Connected => {
-                        tracing::info!(bridge = %cfg.name, address = %cfg.address, "bridge: connected to the remote");
+                    RemoteEvent::Connected { session_present } => {
+                        tracing::info!(bridge = %cfg.name, address = %cfg.address, session_present, "bridge: connected to the remote");
                         status.set_connected(true);
-                        remote.subscribe(&maps.remote_subscriptions()).await?;
                         if cfg.notifications {
                             notify(status, remote, local, true).await?;
                         }
@@ -107,18 +105,12 @@ async fn pump(
                             notify(status, remote, local, false).await?;
                         }
                     }
-                    RemoteEvent::Sent(0) => {}
-                    RemoteEvent::Sent(remote_id) => {
-                        // A publish sent again after a reconnection keeps its identifier.
-                        if let std::collections::hash_map::Entry::Vacant(slot) = by_remote_id.entry(remote_id) {
-                            if let Some(p) = unnumbered.pop_front() {
-                                slot.insert(p);
+                    RemoteEvent::Done { ticket, refused } => {
+                        if let Some(p) = outbound.by_ticket.remove(&ticket) {
+                            match refused {
+                                None => status.count(true, p.bytes),
+                                Some(code) => tracing::warn!(bridge = %cfg.name, ?code, "bridge: the remote refused a message; it is dropped"),
                             }
-                        }
-                    }
-                    RemoteEvent::Done(remote_id) => {
-                        if let Some(p) = by_remote_id.remove(&remote_id) {
-                            status.count(true, p.bytes);
                             let ack = match p.qos {
                                 QoS::ExactlyOnce => Packet::PubRec(PubRec::new(p.local_id, ReasonCode::Success)),
                                 _ => Packet::PubAck(PubAck::new(p.local_id, ReasonCode::Success)),
@@ -133,23 +125,23 @@ async fn pump(
             }
             packet = local.recv() => match packet? {
                 Packet::Publish(p) => {
-                    outgoing(p, maps, remote, local, &mut unnumbered, &mut echoes, v311, status).await?;
+                    outgoing(p, maps, remote, local, &mut outbound, &mut echoes, v311, status).await?;
                 }
                 Packet::PubAck(a) => {
-                    if let Some((token, bytes)) = inbound.remove(&a.packet_id) {
+                    if let Some((ack, bytes)) = inbound.remove(&a.packet_id) {
                         if accepted(status, a.reason_code)? {
                             status.count(false, bytes);
                         }
-                        remote.ack(&token).await?;
+                        remote.ack(ack).await?;
                     }
                 }
                 Packet::PubRec(a) => {
-                    if let Some((token, bytes)) = inbound.remove(&a.packet_id) {
+                    if let Some((ack, bytes)) = inbound.remove(&a.packet_id) {
                         if accepted(status, a.reason_code)? {
                             status.count(false, bytes);
                             local.send(Packet::PubRel(PubRel::new(a.packet_id, ReasonCode::Success))).await?;
                         }
-                        remote.ack(&token).await?;
+                        remote.ack(ack).await?;
                     }
                 }
                 Packet::PubRel(r) => {
@@ -180,7 +172,14 @@ async fn notify(
     let payload = bytes::Bytes::from_static(if up { b"1" } else { b"0" });
     if up {
         remote
-            .publish(topic.clone(), 0, true, payload.clone(), &Default::default())
+            .publish(Outgoing {
+                topic: topic.clone(),
+                qos: QoS::AtMostOnce,
+                retain: true,
+                payload: payload.clone(),
+                properties: Default::default(),
+                ticket: None,
+            })
             .await?;
     }
     local
@@ -227,17 +226,17 @@ async fn incoming(
     maps: &Mappings,
     remote: &Remote,
     local: &mut Local,
-    inbound: &mut HashMap<u16, (AckToken, usize)>,
+    inbound: &mut HashMap<u16, (Ack, usize)>,
     echoes: &mut Echoes,
     v311: bool,
     status: &BridgeStatus,
 ) -> Result<(), BridgeError> {
-    let local_topic = match maps.to_local(&m.topic) {
-        Some(t) if !(v311 && echoes.is_echo(&m.topic, &m.payload, Instant::now())) => t,
-        _ => return remote.ack(&m.ack).await,
+    let Incoming { publish: p, ack } = m;
+    let local_topic = match maps.to_local(&p.topic) {
+        Some(t) if !(v311 && echoes.is_echo(&p.topic, &p.payload, Instant::now())) => t,
+        _ => return remote.ack(ack).await,
     };
-    let qos = QoS::try_from(m.qos).unwrap_or(QoS::AtLeastOnce);
-    let packet_id = if qos == QoS::AtMostOnce {
+    let packet_id = if p.qos == QoS::AtMostOnce {
         None
     } else {
         let mut id = local.next_packet_id();
@@ -246,38 +245,49 @@ async fn incoming(
         }
         Some(id)
     };
-    let bytes = m.payload.len();
+    let bytes = p.payload.len();
+    let mut properties = p.properties;
+    // Topic aliases and subscription identifiers belong to the remote connection.
+    properties.topic_alias = None;
+    properties.subscription_identifiers.clear();
     local
         .send(Packet::Publish(Publish {
             dup: false,
-            qos,
-            retain: m.retain,
+            qos: p.qos,
+            retain: p.retain,
             topic: local_topic,
             packet_id,
-            properties: m.properties,
-            payload: m.payload,
+            properties,
+            payload: p.payload,
         }))
         .await?;
     match packet_id {
         Some(id) => {
-            inbound.insert(id, (m.ack, bytes));
+            inbound.insert(id, (ack, bytes));
             Ok(())
         }
         None => {
             status.count(false, bytes);
-            remote.ack(&m.ack).await
+            remote.ack(ack).await
         }
     }
+}
+
+/// The local messages handed to the remote client and not yet taken by the remote.
+#[derive(Default)]
+struct Outbound {
+    by_ticket: HashMap<u64, Pending>,
+    last_ticket: u64,
 }
 
 /// A message of the local session: published on the remote under its remote name.
 #[allow(clippy::too_many_arguments)]
 async fn outgoing(
-    p: Publish,
+    mut p: Publish,
     maps: &Mappings,
     remote: &Remote,
     local: &mut Local,
-    unnumbered: &mut VecDeque<Pending>,
+    outbound: &mut Outbound,
     echoes: &mut Echoes,
     v311: bool,
     status: &BridgeStatus,
@@ -301,22 +311,36 @@ async fn outgoing(
     if v311 && maps.echoes(&remote_topic) {
         echoes.sent(&remote_topic, &p.payload, Instant::now());
     }
-    if let (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(local_id)) = (p.qos, p.packet_id) {
-        unnumbered.push_back(Pending {
-            local_id,
-            qos: p.qos,
-            bytes: p.payload.len(),
-        });
-    } else {
-        status.count(true, p.payload.len());
-    }
+    let ticket = match (p.qos, p.packet_id) {
+        (QoS::AtLeastOnce | QoS::ExactlyOnce, Some(local_id)) => {
+            outbound.last_ticket += 1;
+            let ticket = outbound.last_ticket;
+            outbound.by_ticket.insert(
+                ticket,
+                Pending {
+                    local_id,
+                    qos: p.qos,
+                    bytes: p.payload.len(),
+                },
+            );
+            Some(ticket)
+        }
+        _ => {
+            status.count(true, p.payload.len());
+            None
+        }
+    };
+    // Topic aliases and subscription identifiers belong to the local connection.
+    p.properties.topic_alias = None;
+    p.properties.subscription_identifiers.clear();
     remote
-        .publish(
-            remote_topic,
-            p.qos as u8,
-            p.retain,
-            p.payload,
-            &p.properties,
-        )
+        .publish(Outgoing {
+            topic: remote_topic,
+            qos: p.qos,
+            retain: p.retain,
+            payload: p.payload,
+            properties: p.properties,
+            ticket,
+        })
         .await
 }

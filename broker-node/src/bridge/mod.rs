@@ -5,8 +5,9 @@
 //! MQTT 5 session served by the broker's own connection task over an in-memory
 //! stream, persistent in the replicated state, subscribed (no-local) to the `out`
 //! topics, so its undelivered QoS 1/2 messages queue in the cluster under the normal
-//! queue limits and survive restarts and moves. Remotely it is rumqttc's client
-//! (`remote.rs`, TLS in `tls.rs`). `link` moves messages between them: a local message
+//! queue limits and survive restarts and moves. Remotely it is a client of our own
+//! (`remote.rs`, TLS in `tls.rs`) whose session state (`session.rs`) outlives each
+//! connection, so a remote hop is exactly once for QoS 2 across reconnections. `link` moves messages between them: a local message
 //! is acknowledged locally only once the remote acknowledged it (PUBACK for QoS 1,
 //! PUBCOMP for QoS 2), and a remote message only once the local broker accepted it.
 //!
@@ -26,6 +27,7 @@ mod echo;
 mod link;
 pub mod local;
 pub mod remote;
+mod session;
 mod tls;
 pub mod topics;
 
