@@ -7,6 +7,7 @@ pub mod browser;
 pub mod mqtt;
 pub mod netns;
 pub mod pki;
+pub mod relay;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -701,3 +701,280 @@ fn a_topic_removed_from_the_configuration_is_unsubscribed_at_the_next_start() {
         }
     });
 }
+
+/// Receive on `c` (acknowledging as a client does) until `n` distinct messages whose
+/// topic starts with `prefix` arrived, then for `settle` more to catch late copies;
+/// every one of them, copies included.
+fn collect(c: &mut RawClient, prefix: &str, n: usize, settle: Duration) -> Vec<Publish> {
+    let distinct = |got: &[Publish]| {
+        got.iter()
+            .filter(|p| p.topic.starts_with(prefix))
+            .map(|p| p.topic.clone())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    let mut got = receive_acked_until(
+        c,
+        Duration::from_secs(90),
+        &format!("{n} on {prefix}"),
+        |got| distinct(got) >= n,
+    );
+    let until = Instant::now() + settle;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match c.recv(left) {
+            Some(Packet::Publish(p)) => {
+                if let Some(id) = p.packet_id {
+                    c.send(&Packet::PubRec(broker_node::mqtt::PubRec::new(
+                        id,
+                        ReasonCode::Success,
+                    )));
+                }
+                got.push(p);
+            }
+            Some(Packet::PubRel(r)) => c.send(&Packet::PubComp(broker_node::mqtt::PubComp::new(
+                r.packet_id,
+                ReasonCode::Success,
+            ))),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    got.retain(|p| p.topic.starts_with(prefix));
+    got
+}
+
+/// Publish `n` QoS 2 messages `{prefix}{i}` one after the other, each through its
+/// whole flow (PUBREC, PUBREL, PUBCOMP).
+fn publish_qos2(c: &mut RawClient, prefix: &str, n: u16) {
+    for i in 0..n {
+        let id = i + 1;
+        c.send(&publish(
+            &format!("{prefix}{i}"),
+            &i.to_string(),
+            QoS::ExactlyOnce,
+            false,
+            id,
+        ));
+        wait_for(
+            &format!("PUBREC of {prefix}{i}"),
+            Duration::from_secs(60),
+            || match c.recv(T) {
+                Some(Packet::PubRec(r)) if r.packet_id == id => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+        c.send(&Packet::PubRel(broker_node::mqtt::PubRel::new(
+            id,
+            ReasonCode::Success,
+        )));
+        wait_for(&format!("PUBCOMP of {prefix}{i}"), T, || match c.recv(T) {
+            Some(Packet::PubComp(r)) if r.packet_id == id => Ok(()),
+            other => Err(format!("{other:?}")),
+        });
+    }
+}
+
+/// QoS 2 both ways between `edge` and a remote at `remote` (protocol `protocol`),
+/// through a relay that cuts the bridge's connection every 50–300 ms while the
+/// messages flow: each message arrives exactly once on the far side.
+fn qos2_through_a_flaky_link(
+    remote: std::net::SocketAddr,
+    protocol: &str,
+    remote_version: ProtocolVersion,
+) {
+    const N: u16 = 60;
+    let relay = flockmq_tests::relay::Relay::start(remote);
+    let topics = [
+        topic_toml("out/#", "out", "", "").replace("qos = 1", "qos = 2"),
+        topic_toml("in/#", "in", "", "").replace("qos = 1", "qos = 2"),
+    ]
+    .concat();
+    let edge = Node::start_with_config(&bridge_toml(
+        "flaky",
+        relay.addr().port(),
+        protocol,
+        &topics,
+    ));
+    wait_bridge(&edge, "flaky", "the bridge to connect", |b| {
+        b["connected"] == true
+    });
+    edge.wait_subscribed("$bridge/flaky", "out/#");
+
+    // Far ends that do not go through the relay: a subscriber and a publisher on each
+    // side.
+    let (mut remote_sub, _) = RawClient::connect(remote, remote_version, "far-sub", true, 60);
+    subscribe(&mut remote_sub, "out/#", QoS::ExactlyOnce);
+    let (mut edge_sub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "edge-sub", true, 60);
+    subscribe(&mut edge_sub, "in/#", QoS::ExactlyOnce);
+    let (mut remote_pub, _) = RawClient::connect(remote, remote_version, "far-pub", true, 60);
+    let (mut edge_pub, _) =
+        RawClient::connect(edge.mqtt_addr(), ProtocolVersion::V5, "edge-pub", true, 60);
+    probe_until_received(&mut remote_pub, &mut edge_sub, "in/probe", "in/probe");
+    probe_until_received(&mut edge_pub, &mut remote_sub, "out/probe", "out/probe");
+
+    let cutting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let cutter = {
+        let cutting = cutting.clone();
+        std::thread::spawn(move || {
+            let mut rng = flockmq_tests::Rng(24);
+            while cutting.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(rng.range(50, 300)));
+                relay.cut();
+            }
+            relay.cuts()
+        })
+    };
+    let ins = std::thread::spawn(move || {
+        publish_qos2(&mut remote_pub, "in/m", N);
+        collect(&mut edge_sub, "in/m", N.into(), Duration::from_secs(2))
+    });
+    publish_qos2(&mut edge_pub, "out/m", N);
+    let outs = collect(&mut remote_sub, "out/m", N.into(), Duration::from_secs(2));
+    let ins = ins.join().expect("the incoming side");
+    cutting.store(false, std::sync::atomic::Ordering::Relaxed);
+    let cuts = cutter.join().expect("the cutter");
+
+    for (side, got, prefix) in [("remote", &outs, "out/m"), ("edge", &ins, "in/m")] {
+        for i in 0..N {
+            let topic = format!("{prefix}{i}");
+            assert_eq!(
+                count(got, &topic, &i.to_string()),
+                1,
+                "{topic} on the {side} side: {:?}",
+                got.iter().map(|p| &p.topic).collect::<Vec<_>>()
+            );
+        }
+        assert!(got.iter().all(|p| p.qos == QoS::ExactlyOnce), "{got:?}");
+    }
+    let b = bridge(&edge, "flaky").expect("listed");
+    let reconnects = b["reconnects"].as_u64().unwrap_or(0);
+    eprintln!("{protocol}: {cuts} cuts, {reconnects} reconnections, {N} QoS 2 messages each way");
+    assert!(reconnects >= 3, "the link was hardly cut: {b}");
+}
+
+#[test]
+fn qos2_crosses_a_link_cut_again_and_again_exactly_once_both_ways_with_mosquitto() {
+    let mosquitto = Mosquitto::start(false);
+    qos2_through_a_flaky_link(mosquitto.addr(), "3.1.1", ProtocolVersion::V3_1_1);
+}
+
+#[test]
+fn qos2_crosses_a_link_cut_again_and_again_exactly_once_both_ways_with_flockmq_v5() {
+    let cloud = Node::start();
+    qos2_through_a_flaky_link(cloud.mqtt_addr(), "5", ProtocolVersion::V5);
+}
+
+/// An s_server from openssl that refuses (fatal unrecognized_name alert) a TLS client
+/// whose SNI is not `name`. It is no MQTT broker: it sends what its standard input
+/// holds, here one v5 CONNACK (success) for the first client it accepts. Stopped when
+/// dropped.
+struct SniServer {
+    child: Child,
+    port: u16,
+}
+
+impl SniServer {
+    fn start(dir: &Path, name: &str) -> SniServer {
+        use std::io::Write;
+        let port = free_port();
+        let p = |f: &str| dir.join(f).display().to_string();
+        let (cert, key) = (p("server.pem"), p("server.key"));
+        let mut child = Command::new("openssl")
+            .args([
+                "s_server",
+                "-accept",
+                &port.to_string(),
+                "-cert",
+                &cert,
+                "-key",
+                &key,
+            ])
+            .args([
+                "-cert2",
+                &cert,
+                "-key2",
+                &key,
+                "-servername",
+                name,
+                "-servername_fatal",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        // CONNACK: type 2, remaining length 3, no session present, success, no
+        // properties. s_server stops at the end of its input: the pipe stays open.
+        child
+            .stdin
+            .as_mut()
+            .expect("stdin")
+            .write_all(&[0x20, 0x03, 0x00, 0x00, 0x00])
+            .expect("write to s_server");
+        // No probe of the port: s_server would take it for its client. The bridge
+        // retries until it listens.
+        SniServer { child, port }
+    }
+}
+
+impl Drop for SniServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_tls_bridge_sends_its_configured_server_name_as_sni() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    flockmq_tests::pki::make_pki(dir.path());
+    // Both servers answer only to SNI "localhost"; the address is an IP either way.
+    let wants_localhost = SniServer::start(dir.path(), "localhost");
+    let refuses = SniServer::start(dir.path(), "localhost");
+    let tls = |name: &str| {
+        format!(
+            "tls = true\ntls_ca_file = \"{}\"\ntls_server_name = \"{name}\"\n",
+            dir.path().join("ca.pem").display()
+        )
+    };
+    let edge = Node::start_with_config(&format!(
+        "{}{}",
+        bridge_toml(
+            "named",
+            wants_localhost.port,
+            "5",
+            &format!("{}{}", tls("localhost"), topic_toml("a/#", "out", "", "")),
+        ),
+        bridge_toml(
+            "misnamed",
+            refuses.port,
+            "5",
+            &format!(
+                "{}{}",
+                tls("elsewhere.example"),
+                topic_toml("b/#", "out", "", "")
+            ),
+        ),
+    ));
+    // The first server took the handshake under the configured name (its certificate
+    // verified against that name too) and the bridge its CONNACK.
+    wait_bridge(&edge, "named", "the named bridge to connect", |b| {
+        b["connected"] == true
+    });
+    // The second refused the name before any certificate was sent.
+    wait_bridge(
+        &edge,
+        "misnamed",
+        "the misnamed bridge to be refused by name",
+        |b| {
+            b["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("UnrecognisedName"))
+        },
+    );
+    assert_eq!(
+        bridge(&edge, "misnamed").expect("listed")["connected"],
+        false
+    );
+}

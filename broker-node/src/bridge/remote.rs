@@ -26,7 +26,7 @@ use crate::mqtt::{
     RetainHandling, Subscribe, SubscriptionOptions,
 };
 
-use super::session::{Ack, Output, Outgoing, Session, INFLIGHT};
+use super::session::{Ack, Outgoing, Output, Session, INFLIGHT};
 use super::topics::Needed;
 use super::BridgeError;
 
@@ -65,7 +65,7 @@ pub enum RemoteEvent {
 }
 
 enum Request {
-    Publish(Outgoing),
+    Publish(Box<Outgoing>),
     Ack(Ack),
 }
 
@@ -110,7 +110,7 @@ impl Remote {
     /// Publish a message on the remote; `ticket` comes back in
     /// [`RemoteEvent::Done`].
     pub async fn publish(&self, message: Outgoing) -> Result<(), BridgeError> {
-        self.send(Request::Publish(message)).await
+        self.send(Request::Publish(Box::new(message))).await
     }
 
     /// Acknowledge a message from the remote.
@@ -183,7 +183,10 @@ impl Target {
             .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_owned(), p.parse().ok()?)))
             .ok_or_else(|| BridgeError::Config(format!("'{}' is not HOST:PORT", config.address)))?;
         let tls = if config.tls {
-            let name = config.tls_server_name.clone().unwrap_or_else(|| host.clone());
+            let name = config
+                .tls_server_name
+                .clone()
+                .unwrap_or_else(|| host.clone());
             let name = ServerName::try_from(name)
                 .map_err(|e| BridgeError::Config(format!("TLS server name: {e}")))?;
             let connector = tokio_rustls::TlsConnector::from(super::tls::client_config(config)?);
@@ -308,18 +311,19 @@ impl Client {
     /// Take a request; what it asks to send.
     fn request(&mut self, r: Request) -> Vec<Output> {
         match r {
-            Request::Publish(o) => self.session.publish(o),
+            Request::Publish(o) => self.session.publish(*o),
             Request::Ack(a) => self.session.ack(a),
         }
     }
 
     /// Connect and serve one connection; why it ended.
     async fn connection(&mut self, backoff: &mut Backoff) -> String {
-        let (mut wire, connack) = match tokio::time::timeout(CONNECT_TIMEOUT, self.handshake()).await {
-            Ok(Ok(connected)) => connected,
-            Ok(Err(e)) => return e,
-            Err(_) => return format!("no CONNACK within {CONNECT_TIMEOUT:?}"),
-        };
+        let (mut wire, connack) =
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.handshake()).await {
+                Ok(Ok(connected)) => connected,
+                Ok(Err(e)) => return e,
+                Err(_) => return format!("no CONNACK within {CONNECT_TIMEOUT:?}"),
+            };
         backoff.reset();
         match self.serve(&mut wire, &connack).await {
             Ok(()) => "events closed".into(),
@@ -362,7 +366,8 @@ impl Client {
         }
         self.output(wire, out).await?;
 
-        let mut ping = keep_alive.map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
+        let mut ping =
+            keep_alive.map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
         let mut heard = true;
         loop {
             tokio::select! {

@@ -70,7 +70,7 @@ pub enum Output {
 #[derive(Debug)]
 enum Stage {
     /// PUBLISH sent; PUBACK or PUBREC awaited. Kept whole to be sent again.
-    Published(Publish),
+    Published(Box<Publish>),
     /// PUBREC received, PUBREL sent; PUBCOMP awaited.
     Released,
 }
@@ -154,7 +154,7 @@ impl Session {
                 out.push(Output::Send(match &mut f.stage {
                     Stage::Published(p) => {
                         p.dup = true;
-                        Packet::Publish(p.clone())
+                        Packet::Publish((**p).clone())
                     }
                     Stage::Released => {
                         Packet::PubRel(PubRel::new(f.packet_id, ReasonCode::Success))
@@ -361,7 +361,8 @@ impl Session {
                 payload: o.payload,
             };
             if let Some(max) = self.limits.maximum_packet_size {
-                let size = Packet::Publish(publish.clone()).encoded_len(crate::mqtt::ProtocolVersion::V5);
+                let size =
+                    Packet::Publish(publish.clone()).encoded_len(crate::mqtt::ProtocolVersion::V5);
                 if size > max as usize {
                     done(o.ticket, ReasonCode::PacketTooLarge, out);
                     continue;
@@ -378,7 +379,7 @@ impl Session {
             self.inflight.push_back(InFlight {
                 packet_id,
                 ticket: o.ticket,
-                stage: Stage::Published(publish),
+                stage: Stage::Published(Box::new(publish)),
             });
         }
     }
@@ -509,14 +510,20 @@ mod tests {
         let out = s
             .received(Packet::PubRec(PubRec::new(id1, ReasonCode::Success)))
             .unwrap();
-        assert_eq!(sent(&out), vec![Packet::PubRel(PubRel::new(id1, ReasonCode::Success))]);
+        assert_eq!(
+            sent(&out),
+            vec![Packet::PubRel(PubRel::new(id1, ReasonCode::Success))]
+        );
         s.disconnected();
         // Nothing goes while offline.
         assert!(s.publish(message(3, QoS::AtLeastOnce)).is_empty());
 
         let again = sent(&s.connected(&connack(true)));
         assert_eq!(again.len(), 3, "{again:?}");
-        assert_eq!(again[0], Packet::PubRel(PubRel::new(id1, ReasonCode::Success)));
+        assert_eq!(
+            again[0],
+            Packet::PubRel(PubRel::new(id1, ReasonCode::Success))
+        );
         match &again[1] {
             Packet::Publish(p) => {
                 assert!(p.dup);
@@ -564,12 +571,16 @@ mod tests {
     fn a_qos2_message_sent_again_is_handed_over_once_across_reconnections() {
         let mut s = Session::default();
         s.connected(&connack(false));
-        let out = s.received(remote_publish(7, QoS::ExactlyOnce, false)).unwrap();
+        let out = s
+            .received(remote_publish(7, QoS::ExactlyOnce, false))
+            .unwrap();
         assert_eq!(delivered(&out), 1);
         // The connection breaks before the link acknowledges; the remote sends it again.
         s.disconnected();
         s.connected(&connack(true));
-        let out = s.received(remote_publish(7, QoS::ExactlyOnce, true)).unwrap();
+        let out = s
+            .received(remote_publish(7, QoS::ExactlyOnce, true))
+            .unwrap();
         assert_eq!(delivered(&out), 0);
         let ack = Ack {
             packet_id: 7,
@@ -582,7 +593,9 @@ mod tests {
         // PUBREC lost with the connection: the remote sends the PUBLISH again.
         s.disconnected();
         s.connected(&connack(true));
-        let out = s.received(remote_publish(7, QoS::ExactlyOnce, true)).unwrap();
+        let out = s
+            .received(remote_publish(7, QoS::ExactlyOnce, true))
+            .unwrap();
         assert_eq!(delivered(&out), 0);
         assert_eq!(
             sent(&out),
@@ -596,7 +609,9 @@ mod tests {
             vec![Packet::PubComp(PubComp::new(7, ReasonCode::Success))]
         );
         // The identifier is free again: a new message with it is new.
-        let out = s.received(remote_publish(7, QoS::ExactlyOnce, false)).unwrap();
+        let out = s
+            .received(remote_publish(7, QoS::ExactlyOnce, false))
+            .unwrap();
         assert_eq!(delivered(&out), 1);
     }
 
@@ -604,7 +619,13 @@ mod tests {
     fn a_qos1_acknowledgement_owed_while_offline_answers_the_copy_sent_again() {
         let mut s = Session::default();
         s.connected(&connack(false));
-        assert_eq!(delivered(&s.received(remote_publish(3, QoS::AtLeastOnce, false)).unwrap()), 1);
+        assert_eq!(
+            delivered(
+                &s.received(remote_publish(3, QoS::AtLeastOnce, false))
+                    .unwrap()
+            ),
+            1
+        );
         s.disconnected();
         let ack = Ack {
             packet_id: 3,
@@ -612,7 +633,9 @@ mod tests {
         };
         assert!(s.ack(ack).is_empty());
         s.connected(&connack(true));
-        let out = s.received(remote_publish(3, QoS::AtLeastOnce, true)).unwrap();
+        let out = s
+            .received(remote_publish(3, QoS::AtLeastOnce, true))
+            .unwrap();
         assert_eq!(delivered(&out), 0);
         assert_eq!(
             sent(&out),
@@ -629,7 +652,10 @@ mod tests {
         s.connected(&c);
         let out = s.publish(message(1, QoS::ExactlyOnce));
         assert!(matches!(&sent(&out)[0], Packet::Publish(p) if p.qos == QoS::AtLeastOnce));
-        assert!(s.publish(message(2, QoS::AtLeastOnce)).is_empty(), "window of one");
+        assert!(
+            s.publish(message(2, QoS::AtLeastOnce)).is_empty(),
+            "window of one"
+        );
         let out = s
             .received(Packet::PubAck(PubAck::new(1, ReasonCode::NotAuthorized)))
             .unwrap();
