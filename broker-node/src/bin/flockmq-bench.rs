@@ -7,7 +7,9 @@
 //! (SUBSCRIBEs per second through Raft) and `sessions` (fill the replicated state with
 //! persistent sessions and retained messages), and `offline` (messages queued for
 //! persistent sessions that are away: publish rate and the broker's memory per queued
-//! delivery) — each against one or several broker addresses (cluster mode spreads clients round robin over them). Every payload
+//! delivery), `wildcards` (S subscribers with distinct `+`/`#` filters, 4 publishers
+//! over S topics each routed to exactly one of them) and `retained` (N retained
+//! messages set, then one `#` subscriber receives them all) — each against one or several broker addresses (cluster mode spreads clients round robin over them). Every payload
 //! carries the publisher id, a sequence number and a send timestamp, so the subscribers
 //! measure loss, duplicates and latency. The run is bounded by duration and message
 //! count and prints one JSON line. The generator's own CPU share is reported, so a
@@ -49,6 +51,17 @@ enum Scenario {
     /// queued for every session. Measures the publish rate and, given `broker_pid`,
     /// the broker's resident memory before and after the publishes.
     Offline,
+    /// Routing through many wildcard filters: `clients` subscribers, subscriber i on
+    /// `bench/w/i/+`, `bench/w/+/i` or `bench/w/i/#` (i mod 3), and 4 publishers
+    /// cycling over the topics `bench/w/i/i`, each of which matches subscriber i's
+    /// filter alone.
+    Wildcards,
+    /// Retained messages: one publisher sets `clients` retained messages (QoS 1,
+    /// `inflight` outstanding) on distinct topics under `bench/r/`, then one subscriber
+    /// subscribes to `bench/r/#` and receives them all. Measures the set rate, the
+    /// delivery rate after SUBSCRIBE and the latency of each from the SUBSCRIBE, and
+    /// given `broker_pid` the broker's memory per retained message.
+    Retained,
 }
 
 #[derive(Parser, Debug)]
@@ -273,31 +286,62 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Scenario::Subscribes => return subscribes(&args, version).await,
         Scenario::Sessions => return sessions(&args, version).await,
         Scenario::Offline => return offline(&args, version).await,
+        Scenario::Retained => return retained(&args, version).await,
         _ => {}
     }
 
-    // Topics per scenario: (subscriber filters, publisher topics).
-    let (subs, pubs): (Vec<String>, Vec<String>) = match args.scenario {
+    // Topics per scenario: (subscriber filters, each publisher's topics).
+    let one = |t: String| -> Arc<[String]> { Arc::from(vec![t]) };
+    let (subs, pubs): (Vec<String>, Vec<Arc<[String]>>) = match args.scenario {
         Scenario::FanIn => (
             vec!["bench/in/+".to_owned()],
-            (0..args.clients).map(|i| format!("bench/in/{i}")).collect(),
+            (0..args.clients)
+                .map(|i| one(format!("bench/in/{i}")))
+                .collect(),
         ),
         Scenario::FanOut => (
             (0..args.clients).map(|_| "bench/out".to_owned()).collect(),
-            vec!["bench/out".to_owned()],
+            vec![one("bench/out".to_owned())],
         ),
         Scenario::Pairs => (
             (0..args.clients)
                 .map(|i| format!("bench/pair/{i}"))
                 .collect(),
             (0..args.clients)
-                .map(|i| format!("bench/pair/{i}"))
+                .map(|i| one(format!("bench/pair/{i}")))
                 .collect(),
         ),
-        Scenario::Storm | Scenario::Subscribes | Scenario::Sessions | Scenario::Offline => {
+        Scenario::Wildcards => {
+            const PUBLISHERS: usize = 4;
+            let filters = (0..args.clients)
+                .map(|i| match i % 3 {
+                    0 => format!("bench/w/{i}/+"),
+                    1 => format!("bench/w/+/{i}"),
+                    _ => format!("bench/w/{i}/#"),
+                })
+                .collect();
+            let topics = (0..PUBLISHERS)
+                .map(|k| {
+                    (k..args.clients)
+                        .step_by(PUBLISHERS)
+                        .map(|i| format!("bench/w/{i}/{i}"))
+                        .collect::<Vec<_>>()
+                        .into()
+                })
+                .collect();
+            (filters, topics)
+        }
+        Scenario::Storm
+        | Scenario::Subscribes
+        | Scenario::Sessions
+        | Scenario::Offline
+        | Scenario::Retained => {
             unreachable!("handled above")
         }
     };
+    if pubs.iter().any(|t| t.is_empty()) {
+        bail!("--clients is too small for this scenario");
+    }
     let expected_per_msg = match args.scenario {
         Scenario::FanOut => subs.len() as u64,
         _ => 1,
@@ -378,17 +422,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.count.div_ceil(pubs.len() as u64)
     };
     let mut pub_tasks = Vec::new();
-    for (i, topic) in pubs.iter().enumerate() {
+    for (i, topics) in pubs.iter().enumerate() {
         let conn = Conn::connect(addr(i), &format!("bench-pub-{i}"), version).await?;
         let totals = totals.clone();
-        let topic = topic.clone();
+        let topics = topics.clone();
         let payload_len = args.payload;
         let inflight = args.inflight.max(1);
         let duration = args.duration;
         pub_tasks.push(tokio::spawn(publisher(
             conn,
             i as u32,
-            topic,
+            topics,
+            false,
             qos,
             payload_len,
             per_pub_rate,
@@ -468,7 +513,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn publisher(
     mut conn: Conn,
     id: u32,
-    topic: String,
+    topics: Arc<[String]>,
+    retain: bool,
     qos: QoS,
     payload_len: usize,
     rate: f64,
@@ -510,8 +556,8 @@ async fn publisher(
             let p = Packet::Publish(Publish {
                 dup: false,
                 qos,
-                retain: false,
-                topic: topic.clone(),
+                retain,
+                topic: topics[(seq % topics.len() as u64) as usize].clone(),
                 packet_id,
                 properties: PublishProperties::default(),
                 payload: payload.freeze(),
@@ -897,7 +943,8 @@ async fn offline(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
     publisher(
         conn,
         0,
-        "fleet/all/cmd".to_owned(),
+        Arc::from(vec!["fleet/all/cmd".to_owned()]),
+        false,
         QoS::AtLeastOnce,
         args.payload,
         0.0,
@@ -964,6 +1011,126 @@ async fn offline(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
         "settled_after_seconds": args.settled_after.as_secs_f64(),
         "rss_settled_bytes": rss_settled,
         "bytes_per_queued_delivery_settled": per_delivery(settled_growth),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// `clients` retained messages set on distinct topics, then every one of them
+/// received by a subscriber to `bench/r/#`.
+async fn retained(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
+    let n = args.clients;
+    let topics: Arc<[String]> = (0..n)
+        .map(|i| format!("bench/r/{}/{}", i / 1000, i % 1000))
+        .collect::<Vec<_>>()
+        .into();
+    let rss_before = args.broker_pid.and_then(rss_bytes);
+    let totals = Arc::new(Totals::default());
+    let conn = Conn::connect(
+        args.brokers[0],
+        &format!("{}retained-pub", args.label),
+        version,
+    )
+    .await?;
+    let start = Instant::now();
+    publisher(
+        conn,
+        0,
+        topics,
+        true,
+        QoS::AtLeastOnce,
+        args.payload,
+        0.0,
+        n as u64,
+        args.inflight.max(1),
+        // Every message is set, however long it takes: the subscriber counts them.
+        Duration::MAX,
+        start,
+        totals.clone(),
+    )
+    .await;
+    let set_secs = start.elapsed().as_secs_f64();
+    let set = totals.sent.load(Ordering::Relaxed);
+    let errors = totals.errors.load(Ordering::Relaxed);
+    tokio::time::sleep(SETTLE).await;
+    let rss_after = args.broker_pid.and_then(rss_bytes);
+
+    // QoS 0: the retained messages come as fast as the broker sends them.
+    let mut conn = Conn::connect(
+        args.brokers[args.brokers.len() - 1],
+        &format!("{}retained-sub", args.label),
+        version,
+    )
+    .await?;
+    let subscribed = Instant::now();
+    conn.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            "bench/r/#".to_owned(),
+            SubscriptionOptions {
+                qos: QoS::AtMostOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            },
+        )],
+        properties: SubscribeProperties::default(),
+    }))
+    .await?;
+    let mut latencies_us: Vec<u32> = Vec::with_capacity(n);
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    let mut duplicates = 0u64;
+    while seen.len() < n {
+        match tokio::time::timeout(args.drain, conn.recv()).await {
+            Ok(Ok(Packet::Publish(p))) => {
+                latencies_us.push(subscribed.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                if !seen.insert(p.topic) {
+                    duplicates += 1;
+                }
+            }
+            Ok(Ok(_)) => {}
+            // Nothing more within `drain`, or the connection ended.
+            _ => break,
+        }
+    }
+    let receive_secs = subscribed.elapsed().as_secs_f64();
+    latencies_us.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies_us.is_empty() {
+            return 0.0;
+        }
+        let idx =
+            ((latencies_us.len() as f64 * p).ceil() as usize).clamp(1, latencies_us.len()) - 1;
+        f64::from(latencies_us[idx]) / 1000.0
+    };
+    let received = latencies_us.len() as u64;
+    let growth = rss_before
+        .zip(rss_after)
+        .map(|(before, after)| after as i64 - before as i64);
+    let out = serde_json::json!({
+        "label": args.label,
+        "scenario": "retained",
+        "brokers": args.brokers.len(),
+        "clients": n,
+        "qos": 1,
+        "payload_bytes": args.payload,
+        "sent": set,
+        "received": received,
+        "expected": n,
+        "lost": (n as u64).saturating_sub(seen.len() as u64),
+        "duplicates": duplicates,
+        "errors": errors,
+        "publish_seconds": set_secs,
+        "send_rate": set as f64 / set_secs,
+        // Retained messages delivered per second from the SUBSCRIBE to the last one.
+        "receive_rate": received as f64 / receive_secs.max(1e-9),
+        "receive_seconds": receive_secs,
+        // From the SUBSCRIBE to each retained message's arrival.
+        "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "p999": pct(0.999), "max": pct(1.0)},
+        "rss_growth_bytes": growth,
+        "bytes_per_retained": growth.map(|g| g as f64 / n.max(1) as f64),
+        "generator_cpu_share": 0.0,
+        "generator_saturated": false,
     });
     println!("{out}");
     Ok(())
