@@ -59,19 +59,12 @@ for b in old new mosquitto; do
   stop
 done
 OFFLINE_SESSIONS=${OFFLINE_SESSIONS:-1000}; OFFLINE_MESSAGES=${OFFLINE_MESSAGES:-200}
-mkdir -p "$WORK/mosquitto-data"
-cat > "$WORK/mosquitto-persist.conf" <<CONF
-listener $PORT 127.0.0.1
-allow_anonymous true
-persistence true
-persistence_location $WORK/mosquitto-data/
-max_queued_messages 1000
-CONF
+# shellcheck source=scripts/bench-offline.sh
+. "$(dirname "$0")/bench-offline.sh"
+mosquitto_persist_conf "$WORK" "$PORT"
 for b in old new mosquitto; do
   MOSQUITTO_CONF="$WORK/mosquitto-persist.conf" start $b
-  line=$("$BENCH" --scenario offline --clients "$OFFLINE_SESSIONS" --count "$OFFLINE_MESSAGES" \
-    --payload 1024 --inflight 16 --duration 600s --broker-pid "$PID" --settled-after 20s \
-    --brokers 127.0.0.1:$PORT --label $b)
+  line=$(offline_bench "$BENCH" "$PID" "$PORT" "$b" "$OFFLINE_SESSIONS" "$OFFLINE_MESSAGES" 16 20)
   python3 -c 'import json,sys; r=json.loads(sys.argv[1])
 print("offline", sys.argv[2], "bytes_per_delivery", round(r["bytes_per_queued_delivery"]),
       "at_20s", round(r["bytes_per_queued_delivery_settled"]), "msg/s", round(r["publish_rate"]),

@@ -197,23 +197,16 @@ OFFLINE_MESSAGES=${OFFLINE_MESSAGES:-200}
 OFFLINE_INFLIGHT=${OFFLINE_INFLIGHT:-16}
 OFFLINE_SETTLED=${OFFLINE_SETTLED:-20}
 [ $SMOKE = 1 ] && OFFLINE_SESSIONS=20 && OFFLINE_MESSAGES=10 && OFFLINE_SETTLED=3
-mkdir -p "$WORK/mosquitto-data"
-cat > "$WORK/mosquitto-persist.conf" <<CONF
-listener $PORT 127.0.0.1
-allow_anonymous true
-persistence true
-persistence_location $WORK/mosquitto-data/
-max_queued_messages 1000
-CONF
+# shellcheck source=scripts/bench-offline.sh
+. scripts/bench-offline.sh
+mosquitto_persist_conf "$WORK" "$PORT"
 : > "$WORK/offline.tsv"
 for broker in flockmq mosquitto; do
   MOSQUITTO_CONF="$WORK/mosquitto-persist.conf"
   start_broker $broker
   unset MOSQUITTO_CONF
-  line=$("$BIN/flockmq-bench" --scenario offline --clients "$OFFLINE_SESSIONS" \
-    --count "$OFFLINE_MESSAGES" --payload 1024 --inflight "$OFFLINE_INFLIGHT" --duration 600s \
-    --broker-pid "$BROKER_PID" --settled-after "${OFFLINE_SETTLED}s" \
-    --brokers 127.0.0.1:$PORT --label $broker)
+  line=$(offline_bench "$BIN/flockmq-bench" "$BROKER_PID" "$PORT" "$broker" \
+    "$OFFLINE_SESSIONS" "$OFFLINE_MESSAGES" "$OFFLINE_INFLIGHT" "$OFFLINE_SETTLED")
   echo "$broker offline: $line" >&2
   python3 -c 'import json,sys; r=json.loads(sys.argv[1])
 print("\t".join(str(x) for x in [sys.argv[2], r["sessions"], r["sent"], r["rss_growth_bytes"],

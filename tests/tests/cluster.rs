@@ -951,20 +951,8 @@ fn a_burst_of_large_messages_for_an_offline_session_replicates_and_converges() {
     let nodes = Node::cluster_with_env(3, &[("FLOCKMQ_MQTT__MAX_PACKET_SIZE", "4MiB")]);
     let v3 = ProtocolVersion::V3_1_1;
     let (mut robot, _) = RawClient::connect(nodes[1].mqtt_addr(), v3, "robot", false, 60);
-    robot.send(&Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        filters: vec![(
-            "fleet/#".into(),
-            SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                no_local: false,
-                retain_as_published: false,
-                retain_handling: RetainHandling::SendAtSubscribe,
-            },
-        )],
-        properties: SubscribeProperties::default(),
-    }));
-    assert!(matches!(robot.recv(T), Some(Packet::SubAck(_))));
+    let granted = flockmq_tests::mqtt::subscribe(&mut robot, "fleet/#", QoS::AtLeastOnce);
+    assert_eq!(granted, vec![ReasonCode::GrantedQoS1]);
     drop(robot);
     nodes[0].wait_subscribed("robot", "fleet/#");
     let (mut control, _) = RawClient::connect(nodes[0].mqtt_addr(), v3, "control", true, 60);
