@@ -328,6 +328,18 @@ pub struct MqttConfig {
     pub max_queued_bytes: u64,
     /// drop_oldest or drop_newest, when a session's queue is full.
     pub queue_full_policy: QueueFullPolicyConfig,
+    /// Most sessions in the cluster's state (every node holds them all); a CONNECT
+    /// that would add one more is refused with Quota exceeded (v5) or Server
+    /// unavailable (3.1.1). 0: no limit.
+    pub max_sessions: usize,
+    /// Most retained messages; a PUBLISH that would retain one on a new topic is
+    /// refused (v5 QoS 1/2: Quota exceeded; otherwise dropped). 0: no limit.
+    pub max_retained_messages: usize,
+    /// Most bytes all persistent queues hold together, as each counts them; past it,
+    /// messages for offline sessions are not queued (dropped, counted; a v5 publisher
+    /// whose message reached nobody hears Quota exceeded). 0: no limit.
+    #[serde(with = "size64")]
+    pub max_node_queued_bytes: u64,
     /// Longest topic name or filter, in bytes.
     pub max_topic_length: usize,
     /// Most levels in a topic name or filter.
@@ -508,6 +520,9 @@ impl Default for MqttConfig {
             max_inflight: 1024,
             max_queued_messages: 1000,
             max_queued_bytes: 64 * 1024 * 1024,
+            max_sessions: 0,
+            max_retained_messages: 0,
+            max_node_queued_bytes: 0,
             queue_full_policy: QueueFullPolicyConfig::DropNewest,
             max_topic_length: 65_535,
             max_topic_levels: 128,
@@ -1310,6 +1325,9 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("mqtt.max_inflight", "Unacknowledged QoS 1/2 messages the broker sends a client at once (capped by the client's Receive Maximum)."),
         ("mqtt.max_queued_messages", "Messages queued per session (offline, or waiting for room in flight)."),
         ("mqtt.max_queued_bytes", "Bytes queued per session."),
+        ("mqtt.max_sessions", "Most sessions in the cluster (every node holds them all); a CONNECT for one more is refused with Quota exceeded / Server unavailable (0: no limit)."),
+        ("mqtt.max_retained_messages", "Most retained messages; a publish retaining one on a new topic beyond it is refused with Quota exceeded / dropped (0: no limit)."),
+        ("mqtt.max_node_queued_bytes", "Most bytes in all persistent queues together (each queue counting its messages); beyond it messages for offline sessions are dropped (0: no limit)."),
         ("mqtt.queue_full_policy", "drop_oldest or drop_newest, when a session's queue is full."),
         ("mqtt.max_topic_length", "Longest topic name or filter, in bytes."),
         ("mqtt.max_topic_levels", "Most levels in a topic name or filter."),

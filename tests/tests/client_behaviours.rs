@@ -667,3 +667,79 @@ fn messages_queued_for_an_offline_shared_member_go_to_a_connected_one_after_shar
     assert_eq!(got, all, "worker b did every job");
     assert_eq!(queued_for_a(&node), 0);
 }
+
+/// Publish `packet` (QoS 1) and return its PUBACK's reason code.
+fn puback_code(c: &mut RawClient, packet: Packet) -> ReasonCode {
+    c.send(&packet);
+    loop {
+        match c.recv(T) {
+            Some(Packet::PubAck(a)) => return a.reason_code,
+            Some(_) => {}
+            None => panic!("no PUBACK"),
+        }
+    }
+}
+
+#[test]
+fn the_caps_on_sessions_retained_messages_and_queued_bytes_answer_quota_exceeded_and_are_counted() {
+    let node = Node::start_with_config(
+        "[mqtt]\nmax_sessions = 3\nmax_retained_messages = 2\nmax_node_queued_bytes = 1024\n",
+    );
+    // Sessions: three fit; a fourth client is refused, in each protocol's words; a
+    // client whose session exists comes back.
+    let (mut a, ack) = connect_v5(&node, "a", true, None, None);
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    let (mut b, _) = connect_v5(&node, "b", true, Some(3600), None);
+    subscribe(&mut b, "q/#", QoS::AtLeastOnce);
+    drop(b);
+    node.wait_connected("b", false);
+    let (_c, ack) = connect_v5(&node, "c", true, None, None);
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    let (_, ack) = connect_v5(&node, "d", true, None, None);
+    assert_eq!(ack.reason_code, ReasonCode::QuotaExceeded);
+    let (_, ack) = RawClient::connect(node.mqtt_addr(), V3, "e", true, 60);
+    assert_eq!(
+        ack.reason_code,
+        ReasonCode::ServerUnavailable,
+        "3.1.1 return code 3"
+    );
+
+    // Retained messages: two topics fit; a third is refused, the first replaced.
+    let retained =
+        |topic: &str, payload: &str, id: u16| publish(topic, payload, QoS::AtLeastOnce, true, id);
+    assert!(!puback_code(&mut a, retained("r/1", "1", 1)).is_error());
+    assert!(!puback_code(&mut a, retained("r/2", "2", 2)).is_error());
+    assert_eq!(
+        puback_code(&mut a, retained("r/3", "3", 3)),
+        ReasonCode::QuotaExceeded
+    );
+    assert!(!puback_code(&mut a, retained("r/1", "1b", 4)).is_error());
+
+    // Queued bytes: 300-byte messages for b, offline, until the node's queues hold
+    // 1 KiB; the next reaches nobody and is refused.
+    let big = "x".repeat(300);
+    for id in 10..14 {
+        let code = puback_code(&mut a, publish("q/x", &big, QoS::AtLeastOnce, false, id));
+        assert_eq!(code, ReasonCode::Success, "message {id}");
+    }
+    assert_eq!(
+        puback_code(&mut a, publish("q/x", &big, QoS::AtLeastOnce, false, 14)),
+        ReasonCode::QuotaExceeded
+    );
+    // b's session exists: it comes back, past the session cap, and gets the four.
+    let (mut b, ack) = connect_v5(&node, "b", false, Some(3600), None);
+    assert!(ack.session_present);
+    assert_eq!(receive(&mut b, 4).len(), 4);
+    assert!(next_publish(&mut b, Duration::from_millis(500)).is_none());
+
+    let metrics = node.metrics();
+    for (limit, at_least) in [("sessions", 2), ("retained", 1), ("node_queued_bytes", 1)] {
+        let line = format!("flockmq_quota_refusals_total{{limit=\"{limit}\"}}");
+        let value = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{line} not exported"));
+        assert!(value >= at_least as f64, "{line} {value}");
+    }
+}

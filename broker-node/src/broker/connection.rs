@@ -348,6 +348,10 @@ impl World for Node<'_> {
         self.broker.auth.may_publish(username, client_id, topic)
     }
 
+    fn retained_full(&self, topic: &str) -> bool {
+        self.broker.retained_full(topic)
+    }
+
     fn subscribe_access(
         &self,
         username: Option<&str>,
@@ -564,6 +568,10 @@ where
                 Err(code) => return self.refuse(version, code).await,
             };
 
+        if !matches!(self.vouched, Vouched::Internal(_)) && broker.sessions_full(&client_id) {
+            tracing::info!(client_id = %client_id, peer = %self.peer, "connection refused: mqtt.max_sessions reached");
+            return self.refuse(version, ReasonCode::QuotaExceeded).await;
+        }
         let connection_id = broker.next_connection_id();
         let (tx, rx) = super::mailbox::channel(CHANNEL_CAPACITY);
         if let Some(old) = broker.register(client_id.clone(), ConnHandle { connection_id, tx }) {
@@ -1012,6 +1020,12 @@ where
         super::dispatch::Blocked::wait_all(others, &broker.stats).await;
         let forwarded = broker.forward(outcome.forward, message.qos != 0).await;
         let mut appends = outcome.enqueue;
+        let refused = if !appends.is_empty() && broker.node_queues_full() {
+            broker.refuse_queueing(appends.len());
+            std::mem::take(&mut appends).len()
+        } else {
+            0
+        };
         let queued = appends.len();
         // The retained message is the one the queues get: named, not written again.
         let retained = message.retain.then(|| appends.add_message(&message));
@@ -1051,6 +1065,7 @@ where
                     matched,
                     delivered,
                     queued,
+                    refused,
                     committed,
                 },
             )

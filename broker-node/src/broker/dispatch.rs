@@ -509,6 +509,50 @@ impl Broker {
         }
     }
 
+    /// Whether a CONNECT of `client_id` would add a session past `mqtt.max_sessions`
+    /// (counted as refused when it would).
+    pub fn sessions_full(&self, client_id: &str) -> bool {
+        let max = self.config.mqtt.max_sessions;
+        let full = max > 0
+            && self.read_state(|st| st.session(client_id).is_none() && st.session_count() >= max);
+        if full {
+            metrics::counter!("flockmq_quota_refusals_total", "limit" => "sessions").increment(1);
+        }
+        full
+    }
+
+    /// Whether retaining a message on `topic` would add one past
+    /// `mqtt.max_retained_messages` (counted as refused when it would).
+    pub fn retained_full(&self, topic: &str) -> bool {
+        let max = self.config.mqtt.max_retained_messages;
+        let full = max > 0
+            && self
+                .read_state(|st| st.retained().len() >= max && st.retained().get(topic).is_none());
+        if full {
+            metrics::counter!("flockmq_quota_refusals_total", "limit" => "retained").increment(1);
+        }
+        full
+    }
+
+    /// Whether the persistent queues hold `mqtt.max_node_queued_bytes` or more.
+    pub fn node_queues_full(&self) -> bool {
+        let max = self.config.mqtt.max_node_queued_bytes;
+        max > 0 && self.read_state(|st| st.queued_bytes_total() >= max)
+    }
+
+    /// `appends` queue appends left out at `mqtt.max_node_queued_bytes`: counted.
+    pub fn refuse_queueing(&self, appends: usize) {
+        tracing::info!(
+            appends,
+            "messages for offline sessions not queued: mqtt.max_node_queued_bytes reached"
+        );
+        Stats::add(&self.stats.messages_dropped, appends as u64);
+        metrics::counter!("flockmq_quota_refusals_total", "limit" => "node_queued_bytes")
+            .increment(appends as u64);
+        metrics::counter!("flockmq_messages_dropped_total", "reason" => "node_queue_full")
+            .increment(appends as u64);
+    }
+
     /// The queue limits of this node's configuration, as carried by Enqueue commands.
     pub fn queue_limits(&self) -> QueueLimits {
         let mqtt = &self.config.mqtt;

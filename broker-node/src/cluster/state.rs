@@ -217,6 +217,9 @@ pub struct BrokerState {
     /// The queue limits of the last `Enqueue` applied: a will that becomes due is
     /// queued under them.
     queue_limits: QueueLimits,
+    /// Derived from `sessions`: the sum of their `queued_bytes`, for the node's cap
+    /// (`mqtt.max_node_queued_bytes`) without a walk of every session.
+    queued_total: u64,
     events: Option<UnboundedSender<Event>>,
     /// While set, applying emits no events (see [`BrokerState::set_muted`]).
     muted: bool,
@@ -326,6 +329,17 @@ impl BrokerState {
     /// All sessions, in client-id order.
     pub fn sessions(&self) -> impl Iterator<Item = (&Arc<str>, &SessionRecord)> {
         self.sessions.iter().map(|(c, s)| (c, &**s))
+    }
+
+    /// How many sessions there are.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The bytes every persistent queue holds, as each queue counts them (a message
+    /// queued for two sessions counts twice, though it is stored once).
+    pub fn queued_bytes_total(&self) -> u64 {
+        self.queued_total
     }
 
     /// The route table.
@@ -816,6 +830,7 @@ impl BrokerState {
 
     fn remove_session(&mut self, client_id: &Arc<str>) {
         if let Some(session) = self.sessions.remove(client_id) {
+            self.queued_total = self.queued_total.saturating_sub(session.queued_bytes);
             for filter in session.subscriptions.keys() {
                 self.routes.remove(filter, client_id);
             }
@@ -900,6 +915,8 @@ impl BrokerState {
                                 break;
                             };
                             session.queued_bytes -= old.message.weight();
+                            self.queued_total =
+                                self.queued_total.saturating_sub(old.message.weight());
                             dropped += 1;
                         }
                         if full(session) {
@@ -913,6 +930,7 @@ impl BrokerState {
             let seq = session.next_seq;
             session.next_seq += 1;
             session.queued_bytes += weight;
+            self.queued_total += weight;
             session.queue.make_mut().push_back(QueuedMessage {
                 seq,
                 message: message.clone(),
@@ -935,6 +953,7 @@ impl BrokerState {
         let Some(session) = self.sessions.get_mut(client_id) else {
             return CommandResult::NoSession;
         };
+        let before = session.queued_bytes;
         for seq in received {
             if Self::remove_queued(session, *seq) {
                 session.awaiting_pubcomp.make_mut().insert(*seq);
@@ -951,6 +970,9 @@ impl BrokerState {
         }
         session.queue.tidy();
         session.awaiting_pubcomp.tidy();
+        self.queued_total = self
+            .queued_total
+            .saturating_sub(before - session.queued_bytes);
         CommandResult::Done
     }
 
@@ -1007,6 +1029,7 @@ impl BrokerState {
                     keep
                 });
                 session.queued_bytes -= freed;
+                self.queued_total = self.queued_total.saturating_sub(freed);
                 session.queue.tidy();
             }
         }
@@ -1124,6 +1147,7 @@ impl BrokerState {
             else {
                 continue;
             };
+            self.queued_total = self.queued_total.saturating_sub(q.message.weight());
             if let Some(s) = self.sessions.get_mut(&m.from) {
                 s.queue.tidy();
             }

@@ -3676,6 +3676,8 @@ proptest! {
             let expected_events = std::mem::take(&mut model.events);
             prop_assert_eq!(events, expected_events, "events {}", context);
             assert_agrees(&h.state, &model, &context);
+            let summed: u64 = h.state.sessions().map(|(_, s)| s.queued_bytes).sum();
+            prop_assert_eq!(h.state.queued_bytes_total(), summed, "queued total {}", context);
         }
         let applied: BTreeMap<NodeId, (u64, u64)> = last
             .iter()
@@ -3701,6 +3703,7 @@ proptest! {
         prop_assert!(restored.restore(&state.to_snapshot()).is_ok());
         prop_assert_eq!(restored.digest(), state.digest());
         assert_same_observable(&state, &restored);
+        prop_assert_eq!(restored.queued_bytes_total(), state.queued_bytes_total());
         // And the copy goes on exactly like the original.
         let more = expire(1, last_time(&log) + 10_000);
         state.apply_command(&more);

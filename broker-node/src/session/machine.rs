@@ -77,6 +77,9 @@ pub trait World {
     fn dropped(&mut self, reason: &'static str);
     /// Whether the ACL lets the client publish to `topic`.
     fn may_publish(&self, username: Option<&str>, client_id: &str, topic: &str) -> bool;
+    /// Whether retaining a message on `topic` would add one retained message beyond
+    /// `mqtt.max_retained_messages` (a topic that holds one already replaces it).
+    fn retained_full(&self, topic: &str) -> bool;
     /// How the ACL treats a subscription to `filter`.
     fn subscribe_access(
         &self,
@@ -159,6 +162,9 @@ pub enum Resolution {
         delivered: usize,
         /// Appends to persistent queues in the command.
         queued: usize,
+        /// Appends left out because the node's queues were at
+        /// `mqtt.max_node_queued_bytes`.
+        refused: usize,
         /// The command's result (`Some(None)`: not committed), `None` if there was
         /// nothing to replicate.
         committed: Option<Option<CommandResult>>,
@@ -898,6 +904,24 @@ impl Machine {
             return self.violation(code, "topic over limits", world);
         }
 
+        if p.retain && !p.payload.is_empty() && world.retained_full(&topic) {
+            // Retaining it would pass mqtt.max_retained_messages: refused whole (not
+            // delivered either), with a code where the protocol has one.
+            tracing::info!(client_id = %self.client_id, %topic, "retained publish refused: mqtt.max_retained_messages reached");
+            world.dropped("retained_quota");
+            if p.qos == QoS::ExactlyOnce && v5 {
+                self.inbound_qos2.release(packet_id);
+            }
+            let code = if v5 {
+                ReasonCode::QuotaExceeded
+            } else {
+                ReasonCode::Success
+            };
+            if let Some(packet) = refuse(code) {
+                self.ready(packet, world);
+            }
+            return None;
+        }
         let message = Arc::new(Message {
             topic: Arc::from(topic),
             payload: p.payload,
@@ -1074,6 +1098,7 @@ impl Machine {
                     matched,
                     delivered,
                     queued,
+                    refused,
                     committed,
                 },
             ) => {
@@ -1088,8 +1113,9 @@ impl Machine {
                     ReasonCode::UnspecifiedError
                 } else if matched == 0 && v5 {
                     ReasonCode::NoMatchingSubscribers
-                } else if none_accepted && delivered == 0 && v5 {
-                    // Every subscriber's queue refused it (full, drop newest).
+                } else if (none_accepted || refused > 0) && delivered == 0 && v5 {
+                    // Every subscriber's queue refused it (full, drop newest), or the
+                    // node's queues were full.
                     ReasonCode::QuotaExceeded
                 } else {
                     ReasonCode::Success

@@ -18,7 +18,13 @@ pub const DROP_REASONS: &[&str] = &[
     "peer_down",
     "peer_slow",
     "not_connected",
+    "retained_quota",
+    "node_queue_full",
 ];
+
+/// Which cap refused something, as the `limit` label of
+/// `flockmq_quota_refusals_total`.
+pub const QUOTA_LIMITS: &[&str] = &["sessions", "retained", "node_queued_bytes"];
 
 /// The outcome of one filter of a SUBSCRIBE, as the `result` label of
 /// `flockmq_subscribe_filters_total`.
@@ -132,6 +138,10 @@ pub fn register() {
         (
             "flockmq_messages_dropped_total",
             "Messages dropped, by reason.",
+        ),
+        (
+            "flockmq_quota_refusals_total",
+            "Refusals at the node's caps, by limit: CONNECTs past mqtt.max_sessions, retained publishes past mqtt.max_retained_messages, messages not queued past mqtt.max_node_queued_bytes.",
         ),
         (
             "flockmq_forward_sent_total",
@@ -333,6 +343,9 @@ pub fn register() {
     }
     for &reason in DROP_REASONS {
         metrics::counter!("flockmq_messages_dropped_total", "reason" => reason).increment(0);
+    }
+    for &limit in QUOTA_LIMITS {
+        metrics::counter!("flockmq_quota_refusals_total", "limit" => limit).increment(0);
     }
     for &reason in CLOSE_REASONS {
         metrics::counter!("flockmq_connections_closed_total", "reason" => reason).increment(0);

@@ -316,6 +316,7 @@ impl BrokerState {
         for (topic, message) in form.retained {
             self.retained.insert(&topic, message);
         }
+        self.queued_total = self.sessions.values().map(|s| s.queued_bytes).sum();
         self.emit(super::Event::Restored);
         Ok(())
     }

@@ -27,6 +27,9 @@ struct Recorder {
     /// Topics (prefixes) the client may not read.
     deny_read: Vec<&'static str>,
     acl: bool,
+    /// Whether mqtt.max_retained_messages is reached; topics that hold one already.
+    retained_full: bool,
+    retained_topics: Vec<&'static str>,
     generation: u32,
     subscriptions: Vec<String>,
     queue: Vec<QueuedMessage>,
@@ -49,6 +52,9 @@ impl World for Recorder {
     }
     fn may_publish(&self, _: Option<&str>, _: &str, topic: &str) -> bool {
         !self.deny_publish.iter().any(|p| topic.starts_with(p))
+    }
+    fn retained_full(&self, topic: &str) -> bool {
+        self.retained_full && !self.retained_topics.contains(&topic)
     }
     fn subscribe_access(&self, _: Option<&str>, _: &str, filter: &str) -> SubscribeAccess {
         if self.deny_subscribe.contains(&filter) {
@@ -236,6 +242,7 @@ fn published(matched: usize) -> Resolution {
         matched,
         delivered: matched,
         queued: 0,
+        refused: 0,
         committed: None,
     }
 }
@@ -559,6 +566,7 @@ fn a_refused_qos2_commit_answers_an_error_and_frees_the_identifier() {
         matched: 1,
         delivered: 0,
         queued: 1,
+        refused: 0,
         committed: Some(None),
     };
     assert_eq!(m.resolve(slot, failed, &mut world), None);
@@ -591,6 +599,7 @@ fn a_v3_publisher_whose_message_cannot_be_committed_is_disconnected() {
         matched: 1,
         delivered: 0,
         queued: 1,
+        refused: 0,
         committed: Some(None),
     };
     assert_eq!(m.resolve(slot, failed, &mut world), Some(End::Abrupt));
@@ -614,6 +623,7 @@ fn v5_publish_reason_codes_say_no_subscribers_and_quota_exceeded() {
         matched: 2,
         delivered: 0,
         queued: 2,
+        refused: 0,
         committed: Some(Some(CommandResult::Enqueued {
             accepted: 0,
             dropped: 2,
@@ -1341,4 +1351,87 @@ fn a_refusal_waiting_behind_a_puback_does_not_count_as_an_answered_qos1_publish(
     m.handle(publish("a", QoS::AtLeastOnce, 4), 0, &mut world);
     assert_eq!(world.take_actions().len(), 2);
     assert!(world.sent.is_empty(), "no violation");
+}
+
+#[test]
+fn a_retained_publish_past_the_retained_limit_is_refused_with_quota_exceeded_in_v5_only() {
+    let mut world = Recorder {
+        retained_full: true,
+        retained_topics: vec!["kept"],
+        ..Recorder::default()
+    };
+    let mut m = v5_machine(&mut world);
+    let mut p = publish("new", QoS::AtLeastOnce, 1);
+    if let Packet::Publish(p) = &mut p {
+        p.retain = true;
+    }
+    m.handle(p, 0, &mut world);
+    assert!(
+        world
+            .actions
+            .iter()
+            .all(|a| !matches!(a, Action::Publish { .. })),
+        "not dispatched"
+    );
+    assert_eq!(reason_of(&world.take_sent()[0]), ReasonCode::QuotaExceeded);
+    assert_eq!(world.dropped, vec!["retained_quota"]);
+    // A topic that holds one already: replaced, as usual.
+    let mut p = publish("kept", QoS::AtLeastOnce, 2);
+    if let Packet::Publish(p) = &mut p {
+        p.retain = true;
+    }
+    m.handle(p, 0, &mut world);
+    publish_slot(&mut world);
+    // Not retained: delivered as usual.
+    m.handle(publish("new", QoS::AtLeastOnce, 3), 0, &mut world);
+    publish_slot(&mut world);
+
+    let mut world = Recorder {
+        retained_full: true,
+        ..Recorder::default()
+    };
+    let mut m = v3_machine(&mut world);
+    let mut p = publish("new", QoS::AtLeastOnce, 1);
+    if let Packet::Publish(p) = &mut p {
+        p.retain = true;
+    }
+    m.handle(p, 0, &mut world);
+    assert!(world
+        .actions
+        .iter()
+        .all(|a| !matches!(a, Action::Publish { .. })));
+    assert_eq!(
+        reason_of(&world.take_sent()[0]),
+        ReasonCode::Success,
+        "3.1.1 has no code for it"
+    );
+}
+
+#[test]
+fn a_message_the_full_node_queues_kept_from_everyone_is_quota_exceeded_in_v5() {
+    let mut world = Recorder::default();
+    let mut m = v5_machine(&mut world);
+    m.handle(publish("t", QoS::AtLeastOnce, 1), 0, &mut world);
+    let slot = publish_slot(&mut world);
+    let refused = Resolution::Published {
+        matched: 1,
+        delivered: 0,
+        queued: 0,
+        refused: 1,
+        committed: None,
+    };
+    m.resolve(slot, refused, &mut world);
+    assert_eq!(reason_of(&world.take_sent()[0]), ReasonCode::QuotaExceeded);
+    // Delivered to someone online: accepted.
+    m.handle(publish("t", QoS::AtLeastOnce, 2), 0, &mut world);
+    let slot = publish_slot(&mut world);
+    let partly = Resolution::Published {
+        matched: 2,
+        delivered: 1,
+        queued: 0,
+        refused: 1,
+        committed: None,
+    };
+    m.resolve(slot, partly, &mut world);
+    assert_eq!(reason_of(&world.take_sent()[0]), ReasonCode::Success);
 }
