@@ -978,11 +978,14 @@ impl Machine {
         }
         let max_qos = cfg.max_qos;
         let max_subscriptions = cfg.max_subscriptions_per_client;
-        let existing = if max_subscriptions > 0 {
-            world.subscriptions(&self.client_id).len()
+        // A filter the client holds already is replaced, not added: only new ones
+        // count against the maximum.
+        let existing: std::collections::HashSet<String> = if max_subscriptions > 0 {
+            world.subscriptions(&self.client_id).into_iter().collect()
         } else {
-            0
+            Default::default()
         };
+        let mut added = 0usize;
         let mut codes: Vec<Option<ReasonCode>> = Vec::with_capacity(sub.filters.len());
         let mut entries = Vec::new();
         for (filter, opts) in &sub.filters {
@@ -1005,8 +1008,16 @@ impl Machine {
             {
                 tracing::debug!(client_id = %self.client_id, %filter, "subscription denied by the ACL");
                 Some(ReasonCode::NotAuthorized)
-            } else if max_subscriptions > 0 && existing + entries.len() >= max_subscriptions {
-                Some(ReasonCode::QuotaExceeded)
+            } else if max_subscriptions > 0
+                && !existing.contains(filter)
+                && !entries.iter().any(|(f, _)| f == filter)
+            {
+                if existing.len() + added >= max_subscriptions {
+                    Some(ReasonCode::QuotaExceeded)
+                } else {
+                    added += 1;
+                    None
+                }
             } else {
                 None
             };

@@ -908,6 +908,42 @@ fn subscriptions_beyond_the_per_client_maximum_get_quota_exceeded() {
 }
 
 #[test]
+fn subscribing_again_to_a_filter_held_already_is_not_a_new_subscription_for_the_maximum() {
+    let mut world = Recorder {
+        subscriptions: vec!["x".into(), "a".into()],
+        ..Recorder::default()
+    };
+    world.cfg.max_subscriptions_per_client = 2;
+    let mut m = v5_machine(&mut world);
+    m.handle(
+        subscribe(
+            1,
+            &[
+                ("a", QoS::AtLeastOnce),
+                ("x", QoS::AtMostOnce),
+                ("b", QoS::AtMostOnce),
+            ],
+        ),
+        0,
+        &mut world,
+    );
+    let slot = match world.take_actions().as_slice() {
+        [Action::Subscribe { slot, .. }] => *slot,
+        other => panic!("{other:?}"),
+    };
+    let result = CommandResult::Subscribed(vec![true, true]);
+    m.resolve(slot, Resolution::Committed(Some(result)), &mut world);
+    assert_eq!(
+        suback_codes(&mut world),
+        vec![
+            ReasonCode::GrantedQoS1,
+            ReasonCode::GrantedQoS0,
+            ReasonCode::QuotaExceeded
+        ]
+    );
+}
+
+#[test]
 fn a_subscribe_that_does_not_commit_is_answered_with_failure() {
     let mut world = Recorder::default();
     let mut m = v5_machine(&mut world);
