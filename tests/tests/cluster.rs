@@ -361,13 +361,7 @@ fn nodes_speak_mutual_tls_when_configured() {
     );
     let p = |name: &str| dir.path().join(name).display().to_string();
     let (cert, key, ca) = (p("node.pem"), p("node.key"), p("ca.pem"));
-    let env = [
-        ("FLOCKMQ_CLUSTER__TLS_CERT_FILE", cert.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_KEY_FILE", key.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_CA_FILE", ca.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_SERVER_NAME", "flockmq-node"),
-    ];
-    let nodes = Node::cluster_with_env(3, &env);
+    let nodes = tls_cluster(3, dir.path(), Some("flockmq-node"));
     // Raft formed the cluster over TLS; a publish on node 3 is forwarded to node 1.
     forwarded(&nodes[0], &nodes[2]);
     converged(&running(&nodes));
@@ -390,6 +384,22 @@ fn nodes_speak_mutual_tls_when_configured() {
         "{with_cert:?}"
     );
     refused_without_a_certificate(&nodes[0], &ca, Some("flockmq-node"));
+}
+
+/// `n` nodes speaking mutual TLS with `dir`'s `node.pem`, `node.key` and `ca.pem`,
+/// checking `server_name` in their peers' certificates when given.
+fn tls_cluster(n: usize, dir: &std::path::Path, server_name: Option<&str>) -> Vec<Node> {
+    let p = |name: &str| dir.join(name).display().to_string();
+    let (cert, key, ca) = (p("node.pem"), p("node.key"), p("ca.pem"));
+    let mut env = vec![
+        ("FLOCKMQ_CLUSTER__TLS_CERT_FILE", cert.as_str()),
+        ("FLOCKMQ_CLUSTER__TLS_KEY_FILE", key.as_str()),
+        ("FLOCKMQ_CLUSTER__TLS_CA_FILE", ca.as_str()),
+    ];
+    if let Some(name) = server_name {
+        env.push(("FLOCKMQ_CLUSTER__TLS_SERVER_NAME", name));
+    }
+    Node::cluster_with_env(n, &env)
 }
 
 /// A QoS 1 publish on `publisher` reaches a subscriber on `subscriber`.
@@ -489,15 +499,7 @@ fn sighup_reloads_the_cluster_certificates_from_a_new_ca_and_the_cluster_keeps_r
         }
     };
     install(&old);
-    let p = |name: &str| live.join(name).display().to_string();
-    let (cert, key, ca) = (p("node.pem"), p("node.key"), p("ca.pem"));
-    let env = [
-        ("FLOCKMQ_CLUSTER__TLS_CERT_FILE", cert.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_KEY_FILE", key.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_CA_FILE", ca.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_SERVER_NAME", "flockmq-node"),
-    ];
-    let mut nodes = Node::cluster_with_env(3, &env);
+    let mut nodes = tls_cluster(3, &live, Some("flockmq-node"));
     forwarded_to(&nodes[0], &nodes[2], "before");
     assert!(cluster_handshake(&nodes[1], &old).0);
 
@@ -629,14 +631,8 @@ fn certificates_from_cluster_certs_secure_a_cluster_and_check_pubsub_sees_it_wor
         T,
     );
     assert_eq!(made.code, Some(0), "{made:?}");
-    let p = |name: &str| certs.join(name).display().to_string();
-    let (cert, key, ca) = (p("node.pem"), p("node.key"), p("ca.pem"));
-    let env = [
-        ("FLOCKMQ_CLUSTER__TLS_CERT_FILE", cert.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_KEY_FILE", key.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_CA_FILE", ca.as_str()),
-    ];
-    let nodes = Node::cluster_with_env(2, &env);
+    let ca = certs.join("ca.pem").display().to_string();
+    let nodes = tls_cluster(2, &certs, None);
     wait_until("both nodes to see each other as voters", T, || {
         nodes[1].status()["members"]
             .as_array()

@@ -76,22 +76,23 @@ fn host_path_of(container_path: &str) -> PathBuf {
     repo(&host).join(container_path[target.len()..].trim_start_matches('/'))
 }
 
-/// The provisioned data sources.
-fn datasources() -> Vec<Yaml> {
-    let file = host_path_of("/etc/grafana/provisioning/datasources");
+/// The `key` entries of every provisioning file in the container's `dir`, each file
+/// checked to be of `apiVersion: 1`.
+fn provisioned(dir: &str, key: &str) -> Vec<Yaml> {
+    let dir = host_path_of(dir);
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(&file).expect("the data sources directory") {
+    for entry in std::fs::read_dir(&dir).expect("the provisioning directory") {
         let path = entry.expect("entry").path();
         let doc = yaml(&path);
         assert_eq!(doc["apiVersion"], Yaml::from(1), "{}", path.display());
-        found.extend(
-            doc["datasources"]
-                .as_sequence()
-                .cloned()
-                .unwrap_or_default(),
-        );
+        found.extend(doc[key].as_sequence().cloned().unwrap_or_default());
     }
     found
+}
+
+/// The provisioned data sources.
+fn datasources() -> Vec<Yaml> {
+    provisioned("/etc/grafana/provisioning/datasources", "datasources")
 }
 
 fn dashboard() -> Json {
@@ -192,14 +193,7 @@ fn grafanas_data_source_is_the_compose_prometheus_under_the_uid_the_dashboard_se
 
 #[test]
 fn the_dashboard_provider_loads_the_flockmq_dashboard_from_its_mount() {
-    let dir = host_path_of("/etc/grafana/provisioning/dashboards");
-    let mut providers = Vec::new();
-    for entry in std::fs::read_dir(&dir).expect("the dashboards directory") {
-        let path = entry.expect("entry").path();
-        let doc = yaml(&path);
-        assert_eq!(doc["apiVersion"], Yaml::from(1), "{}", path.display());
-        providers.extend(doc["providers"].as_sequence().cloned().unwrap_or_default());
-    }
+    let providers = provisioned("/etc/grafana/provisioning/dashboards", "providers");
     assert_eq!(providers.len(), 1, "{providers:?}");
     let provider = &providers[0];
     assert_eq!(provider["type"], Yaml::from("file"));
