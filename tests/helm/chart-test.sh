@@ -23,8 +23,8 @@
 #    the cluster forms, MQTT crosses pods, a scale-up pod joins, a scaled-down one is
 #    removed by the leader (cluster.autocleanAfter) and rejoins when it returns,
 #    restarts keep the state; last, one pod with admin.tls and a certificate made
-#    here serves its probes' paths over HTTPS (curl --cacert). CHART_TEST_DOCKER=0
-#    skips this stage.
+#    here serves its probes' paths over HTTPS (curl --cacert) and the helm test
+#    pod's ctl verifies it (--cacert). CHART_TEST_DOCKER=0 skips this stage.
 # It ends with one line: "chart-test: N passed, M failed" (exit 1 if M > 0).
 #
 #   tests/helm/chart-test.sh          # needs: scripts/install-test-deps.sh
@@ -478,9 +478,9 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
   }
   # The `helm test` Pod, run as the kubelet would with the client Service's name
   # resolving to the pods: MQTT through it, then `ctl cluster status` from pod 0.
-  helm_test() {
-    local dir="$tmp/helm-test" out
-    checks test-pod "$tmp/default.yaml" "$dir" >/dev/null
+  helm_test() { # [CASE]: the test Pod of that render (default: the defaults')
+    local dir="$tmp/helm-test-${1:-default}" out
+    checks test-pod "$tmp/${1:-default}.yaml" "$dir" >/dev/null
     local -a cmd
     mapfile -d '' -t cmd <"$dir/command"
     # shellcheck disable=SC2046
@@ -562,7 +562,8 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
     openssl x509 -req -in "$pki/tls.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 2 \
       -extfile "$pki/ext" -out "$pki/tls.crt" 2>/dev/null || return 1
     render single --set admin.tls.enabled=true --set-file tls.cert="$pki/tls.crt" \
-      --set-file tls.key="$pki/tls.key" --set-file tls.ca="$pki/ca.crt" >"$tmp/admintls-docker.yaml" || return 1
+      --set-file tls.key="$pki/tls.key" --set-file tls.ca="$pki/ca.crt" \
+      --set auth.apiToken=chart-test-api-token >"$tmp/admintls-docker.yaml" || return 1
     docker rm -f "$net-$RELEASE-0" "$net-$RELEASE-1" "$net-$RELEASE-2" "$net-$RELEASE-3" "$net-$RELEASE-4" >/dev/null 2>&1
     docker volume rm "$net-data-0" >/dev/null 2>&1
     start_pod admintls-docker 0 || return 1
@@ -577,14 +578,15 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
       sleep 1
     done
     curl -fsS -o /dev/null --cacert "$pki/ca.crt" --resolve "$name:$p:127.0.0.1" "https://$name:$p/healthz" || return 1
-    curl -fsS --cacert "$pki/ca.crt" --resolve "$name:$p:127.0.0.1" "https://$name:$p/metrics" | grep -q '^flockmq_build_info' ||
-      { echo "no flockmq_build_info on https /metrics"; return 1; }
+    curl -fsS -o "$pki/metrics" --cacert "$pki/ca.crt" --resolve "$name:$p:127.0.0.1" "https://$name:$p/metrics" || return 1
+    grep -q '^flockmq_build_info' "$pki/metrics" || { echo "no flockmq_build_info on https /metrics"; return 1; }
     if curl -fsS -o /dev/null "http://127.0.0.1:$p/readyz" 2>/dev/null; then
       echo "the HTTP port still answers plain HTTP"
       return 1
     fi
   }
   check "admin.tls: the probes' /readyz and /healthz and /metrics answer over HTTPS (curl --cacert), not plain HTTP" admin_tls_pod
+  check "admin.tls: helm test's ctl verifies pod 0's HTTPS port with --cacert (the Secret's ca.crt)" helm_test admintls-docker
 }
 
 
