@@ -389,17 +389,24 @@ fn nodes_speak_mutual_tls_when_configured() {
 /// `n` nodes speaking mutual TLS with `dir`'s `node.pem`, `node.key` and `ca.pem`,
 /// checking `server_name` in their peers' certificates when given.
 fn tls_cluster(n: usize, dir: &std::path::Path, server_name: Option<&str>) -> Vec<Node> {
+    Node::cluster_with_node_env(n, &[], |_| tls_env(dir, server_name))
+}
+
+/// The settings of cluster TLS from `dir`'s `node.pem`, `node.key` and `ca.pem`.
+fn tls_env(dir: &std::path::Path, server_name: Option<&str>) -> Vec<(String, String)> {
     let p = |name: &str| dir.join(name).display().to_string();
-    let (cert, key, ca) = (p("node.pem"), p("node.key"), p("ca.pem"));
     let mut env = vec![
-        ("FLOCKMQ_CLUSTER__TLS_CERT_FILE", cert.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_KEY_FILE", key.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_CA_FILE", ca.as_str()),
+        ("FLOCKMQ_CLUSTER__TLS_CERT_FILE".to_owned(), p("node.pem")),
+        ("FLOCKMQ_CLUSTER__TLS_KEY_FILE".to_owned(), p("node.key")),
+        ("FLOCKMQ_CLUSTER__TLS_CA_FILE".to_owned(), p("ca.pem")),
     ];
     if let Some(name) = server_name {
-        env.push(("FLOCKMQ_CLUSTER__TLS_SERVER_NAME", name));
+        env.push((
+            "FLOCKMQ_CLUSTER__TLS_SERVER_NAME".to_owned(),
+            name.to_owned(),
+        ));
     }
-    Node::cluster_with_env(n, &env)
+    env
 }
 
 /// A QoS 1 publish on `publisher` reaches a subscriber on `subscriber`.
@@ -553,6 +560,70 @@ fn sighup_reloads_the_cluster_certificates_from_a_new_ca_and_the_cluster_keeps_r
         "the material in force stays after a failed reload: {said}"
     );
     forwarded_to(&nodes[2], &nodes[0], "after-failed");
+}
+
+#[test]
+fn a_ca_bundle_moves_the_cluster_to_a_new_ca_node_by_node_with_sighup_alone() {
+    // What the README tells operators: both CAs first, then each node's new
+    // certificate, then the new CA alone; every step a SIGHUP, and at every step a
+    // node that must open fresh connections (restarted) rejoins.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    let live = [dir.path().join("node1"), dir.path().join("node2")];
+    for d in [&old, &new, &live[0], &live[1]] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    cluster_pki(&old);
+    cluster_pki(&new);
+    let bundle = [
+        std::fs::read_to_string(old.join("ca.pem")).expect("old CA"),
+        std::fs::read_to_string(new.join("ca.pem")).expect("new CA"),
+    ]
+    .concat();
+    let put = |node: usize, from: &std::path::Path, ca: &str| {
+        for file in ["node.pem", "node.key"] {
+            std::fs::copy(from.join(file), live[node].join(file)).expect("copy");
+        }
+        std::fs::write(live[node].join("ca.pem"), ca).expect("write CA");
+    };
+    let old_ca = std::fs::read_to_string(old.join("ca.pem")).expect("old CA");
+    let new_ca = std::fs::read_to_string(new.join("ca.pem")).expect("new CA");
+    put(0, &old, &old_ca);
+    put(1, &old, &old_ca);
+    let mut nodes =
+        Node::cluster_with_node_env(2, &[], |id| tls_env(&live[id - 1], Some("flockmq-node")));
+    forwarded_to(&nodes[0], &nodes[1], "start");
+    let reloaded = "cluster TLS certificate, key and CA files reloaded";
+
+    // 1. Both CAs everywhere.
+    for (i, node) in nodes.iter().enumerate() {
+        put(i, &old, &bundle);
+        sighup_and_wait_for(node, reloaded);
+    }
+    // 2. Node 1 gets its certificate from the new CA: node 2, still on the old one,
+    //    rejoins it over fresh connections.
+    put(0, &new, &bundle);
+    sighup_and_wait_for(&nodes[0], reloaded);
+    nodes[1].restart();
+    converged(&running(&nodes));
+    forwarded_to(&nodes[0], &nodes[1], "mixed-1");
+    forwarded_to(&nodes[1], &nodes[0], "mixed-2");
+    // 3. Node 2 too, then the new CA alone everywhere: the old certificate is
+    //    refused, and node 1 rejoins over fresh connections.
+    put(1, &new, &bundle);
+    sighup_and_wait_for(&nodes[1], reloaded);
+    for (i, node) in nodes.iter().enumerate() {
+        put(i, &new, &new_ca);
+        sighup_and_wait_for(node, reloaded);
+    }
+    for node in &nodes {
+        assert!(cluster_handshake(node, &new).0);
+        assert!(!cluster_handshake(node, &old).0);
+    }
+    nodes[0].restart();
+    converged(&running(&nodes));
+    forwarded_to(&nodes[1], &nodes[0], "new-1");
+    forwarded_to(&nodes[0], &nodes[1], "new-2");
 }
 
 /// A peer without a certificate is turned away from `node`'s cluster port:
