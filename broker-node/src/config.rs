@@ -449,6 +449,7 @@ pub struct ClusterConfig {
     pub autoclean_after: Duration,
     /// This node's certificate (PEM) for the cluster's gRPC, server and client side;
     /// with tls_key_file and tls_ca_file set, nodes speak mutually authenticated TLS.
+    /// The three files are reloaded on SIGHUP (new cluster connections use them).
     #[serde(with = "opt_string")]
     pub tls_cert_file: Option<String>,
     /// The private key (PEM) of tls_cert_file.
@@ -1358,7 +1359,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("cluster.batch_max_delay", "Longest a command waits for others to share its Raft entry."),
         ("cluster.forward_buffer_messages", "Messages buffered per peer for forwarding."),
         ("cluster.write_timeout", "How long a control-plane write may wait for a majority before the client is refused (v5 0x88)."),
-        ("cluster.tls_cert_file", "This node's certificate (PEM) for the cluster's gRPC, server and client side; with tls_key_file and tls_ca_file set, nodes speak mutually authenticated TLS (every node must, and each presents a certificate signed by tls_ca_file)."),
+        ("cluster.tls_cert_file", "This node's certificate (PEM) for the cluster's gRPC, server and client side; with tls_key_file and tls_ca_file set, nodes speak mutually authenticated TLS (every node must, and each presents a certificate signed by tls_ca_file). The three files are reloaded on SIGHUP: new cluster connections, accepted and opened, use them; established ones carry on."),
         ("cluster.tls_key_file", "The private key (PEM) of cluster.tls_cert_file."),
         ("cluster.tls_ca_file", "The CA (PEM) every node's certificate must be signed by."),
         ("cluster.tls_server_name", "The name every node's certificate holds, checked instead of the host of the address a node is reached at (so that one certificate may serve every node); empty checks that host."),

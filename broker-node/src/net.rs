@@ -5,13 +5,12 @@
 //! carries every byte over turmoil's simulated network, so that the whole cluster
 //! (Raft, forwarding, the MQTT listeners and their clients) runs in one process under
 //! a simulated clock. The node's code is the same either way: it binds through
-//! [`bind`] and dials peers through [`dial`] / [`dial_lazy`], and only the byte
-//! streams differ. The admin HTTP listener always uses the operating system's TCP.
+//! [`bind`] and dials peers through [`connect`] (the cluster's TLS, when on, is
+//! layered over either by `cluster::tls`), and only the byte streams differ. The admin HTTP listener always uses the operating system's TCP.
 //!
 //! One network per process, like the cluster's TLS client side (`cluster::tls`): a
 //! process runs one node, or a simulation of several nodes on one network.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,7 +21,6 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::{Channel, Endpoint, Uri};
 
 /// A byte stream of another network.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -145,17 +143,17 @@ impl Listener {
         }
     }
 
-    /// Its connections as a stream for the cluster's gRPC server. Accept errors (out
-    /// of file descriptors, say) are logged and retried after a pause instead of
-    /// ending the server.
-    pub fn incoming(self) -> impl futures::Stream<Item = io::Result<Conn>> + Send + 'static {
+    /// Its connections and their peers' addresses, as a stream that never ends.
+    /// Accept errors (out of file descriptors, say) are logged and retried after a
+    /// pause instead of ending it.
+    pub fn accepted(self) -> impl futures::Stream<Item = (Conn, SocketAddr)> + Send + 'static {
         futures::stream::unfold(self, |listener| async move {
             loop {
                 match listener.accept().await {
-                    Ok((Accepted::Os(stream), _)) => {
-                        return Some((Ok(Conn::new(stream)), listener))
+                    Ok((Accepted::Os(stream), peer)) => {
+                        return Some(((Conn::new(stream), peer), listener))
                     }
-                    Ok((Accepted::Other(conn), _)) => return Some((Ok(conn), listener)),
+                    Ok((Accepted::Other(conn), peer)) => return Some(((conn, peer), listener)),
                     Err(e) => {
                         tracing::warn!(error = %e, "cluster accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -163,6 +161,11 @@ impl Listener {
                 }
             }
         })
+    }
+
+    /// Its connections as a stream for the cluster's gRPC server in plain text.
+    pub fn incoming(self) -> impl futures::Stream<Item = io::Result<Conn>> + Send + 'static {
+        futures::StreamExt::map(self.accepted(), |(conn, _)| Ok(conn))
     }
 }
 
@@ -176,49 +179,18 @@ pub async fn bind(addr: SocketAddr) -> io::Result<Listener> {
     bound.map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
-/// Dials a peer through the installed network: a connector for tonic's channels.
-#[derive(Clone)]
-pub struct Dialer(Arc<dyn Network>);
-
-impl tower::Service<Uri> for Dialer {
-    type Response = hyper_util::rt::TokioIo<Conn>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+/// Connect to `authority` (`host:port`), on the installed network or the operating
+/// system's TCP (Nagle's algorithm off; with `discard_unsent`, SO_LINGER 0, so that
+/// closing the connection discards what it has not delivered instead of the kernel
+/// sending it on later).
+pub async fn connect(authority: &str, discard_unsent: bool) -> io::Result<Conn> {
+    if let Some(network) = installed() {
+        return network.connect(authority.to_owned()).await;
     }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let network = self.0.clone();
-        Box::pin(async move {
-            let authority = uri
-                .authority()
-                .map(|a| a.as_str().to_owned())
-                .ok_or_else(|| io::Error::other(format!("no host in {uri}")))?;
-            let conn = network.connect(authority).await?;
-            Ok(hyper_util::rt::TokioIo::new(conn))
-        })
+    let stream = TcpStream::connect(authority).await?;
+    stream.set_nodelay(true)?;
+    if discard_unsent {
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
     }
-}
-
-/// The installed network's dialer, if another network is installed.
-pub fn dialer() -> Option<Dialer> {
-    installed().map(|n| Dialer(n.clone()))
-}
-
-/// A channel to `endpoint` that connects on first use.
-pub fn dial_lazy(endpoint: Endpoint) -> Channel {
-    match dialer() {
-        None => endpoint.connect_lazy(),
-        Some(d) => endpoint.connect_with_connector_lazy(d),
-    }
-}
-
-/// A channel to `endpoint`, connected now.
-pub async fn dial(endpoint: Endpoint) -> Result<Channel, tonic::transport::Error> {
-    match dialer() {
-        None => endpoint.connect().await,
-        Some(d) => endpoint.connect_with_connector(d).await,
-    }
+    Ok(Conn::new(stream))
 }

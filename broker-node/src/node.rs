@@ -81,6 +81,7 @@ pub async fn run(
         forward_sink,
         contacts,
         stats,
+        tls: cluster_tls,
     } = cluster;
     readiness.storage_open.store(true, Ordering::Release);
     let _ = readiness.state.set(state.clone());
@@ -109,7 +110,12 @@ pub async fn run(
         .chain(https.iter())
         .cloned()
         .collect();
-    tracker.spawn(reload_on_sighup(broker.clone(), tls_slots, api_access));
+    tracker.spawn(reload_on_sighup(
+        broker.clone(),
+        tls_slots,
+        cluster_tls,
+        api_access,
+    ));
     let sink: Arc<dyn ForwardSink> = broker.clone();
     let _ = forward_sink.set(sink);
     let source: Arc<dyn cluster::stats::StatsSource> = broker.clone();
@@ -215,11 +221,13 @@ pub async fn run(
 }
 
 /// Reload the password and ACL files on SIGHUP, as Mosquitto does, and the TLS
-/// certificate, key and CA files (new handshakes use them; established connections
-/// stay up). A file that does not load leaves what is in force unchanged.
+/// certificate, key and CA files of the listeners and of the cluster (new handshakes
+/// use them; established connections stay up). A file that does not load leaves what
+/// is in force unchanged.
 async fn reload_on_sighup(
     broker: Arc<Broker>,
     tls: Vec<Arc<transport::tls::TlsSlot>>,
+    cluster_tls: Option<Arc<cluster::tls::ClusterTls>>,
     api_access: http::api::ApiAccess,
 ) {
     #[cfg(unix)]
@@ -256,6 +264,17 @@ async fn reload_on_sighup(
                     Err(e) => tracing::error!(
                         error = format!("{e:#}"),
                         "SIGHUP: TLS reload failed, the previous certificates stay"
+                    ),
+                }
+            }
+            if let Some(cluster_tls) = &cluster_tls {
+                match cluster_tls.reload() {
+                    Ok(()) => {
+                        tracing::info!("SIGHUP: cluster TLS certificate, key and CA files reloaded")
+                    }
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "SIGHUP: cluster TLS reload failed, the previous certificates stay"
                     ),
                 }
             }

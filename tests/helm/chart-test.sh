@@ -16,11 +16,15 @@
 #  - NOTES.txt, values the chart must refuse, and that every value in values.yaml is used;
 #  - the PrometheusRule's alerts with `promtool check rules` and `promtool test rules`
 #    (tests/helm/alerts-test.yaml), every alert with a test where it fires;
+#  - admin.tls (the HTTP port as HTTPS): probes, ServiceMonitor / PodMonitor scrapes
+#    and the helm test pod's ctl follow, each verifying against the Secret's CA;
 #  - with a Docker engine and a FlockMQ image (flockmq:dev, else flockmq:e2e, or
 #    CHART_TEST_IMAGE): the rendered pods run as containers with their pod DNS names;
 #    the cluster forms, MQTT crosses pods, a scale-up pod joins, a scaled-down one is
 #    removed by the leader (cluster.autocleanAfter) and rejoins when it returns,
-#    restarts keep the state. CHART_TEST_DOCKER=0 skips this stage.
+#    restarts keep the state; last, one pod with admin.tls and a certificate made
+#    here serves its probes' paths over HTTPS (curl --cacert) and the helm test
+#    pod's ctl verifies it (--cacert). CHART_TEST_DOCKER=0 skips this stage.
 # It ends with one line: "chart-test: N passed, M failed" (exit 1 if M > 0).
 #
 #   tests/helm/chart-test.sh          # needs: scripts/install-test-deps.sh
@@ -127,7 +131,10 @@ VALUES[operator]="$HERE/values/operator.yaml"
 FACTS[operator]="--replicas 3 --initial 3 --client-ports mqtt mqtts --cluster-tls $RELEASE-cluster-tls
   --monitoring PodMonitor PrometheusRule --existing flockmq-auth --env TZ FLOCKMQ_API_TOKEN
   --secret-keys $RELEASE-cluster-tls= $RELEASE-tls="
-CASES=(default single scaled five inline operator)
+VALUES[admintls]="$HERE/values/admin-tls.yaml"
+FACTS[admintls]="--replicas 3 --initial 3 --cluster-tls $RELEASE-cluster-tls --monitoring ServiceMonitor PodMonitor
+  --admin-tls --env FLOCKMQ_API_TOKEN --env-value FLOCKMQ_TLS_ADDR=off"
+CASES=(default single scaled five inline operator admintls)
 
 values_args() { if [[ -n "${VALUES[$1]}" ]]; then echo "-f ${VALUES[$1]}"; fi; }
 render() { # render CASE [extra helm args...]
@@ -242,7 +249,7 @@ else
   printf '#!/bin/sh\nexec "%s" check-config /dev/null\n' "$BIN" >"$real/broker-node"
   chmod +x "$real/broker-node"
   accepted() { SHIM_PATH="$real" run_pod "$1" "$2" "$tmp/$1-$2.check" && grep -qx 'configuration ok' "$tmp/$1-$2.check"; }
-  for spec in default:0 default:2 single:0 scaled:3 scaled:4 five:0 five:4 inline:1; do
+  for spec in default:0 default:2 single:0 scaled:3 scaled:4 five:0 five:4 inline:1 admintls:0; do
     check "broker-node accepts the configuration of pod ${spec#*:} (${spec%:*})" accepted "${spec%:*}" "${spec#*:}"
   done
   # The init container's script with the Secrets it would mount, paths re-rooted.
@@ -278,6 +285,10 @@ refuses "service.type Ingress (schema)" "service.type" render default --set serv
 refuses "initialSize above replicaCount" "larger than replicaCount" render default --set cluster.initialSize=5
 refuses "TLS without a certificate" "need a certificate" render default --set listeners.tls.enabled=true
 refuses "client certificates without a CA" "needs the CA" render inline --set tls.ca=
+refuses "an HTTPS admin port without a certificate" "need a certificate" render default --set admin.tls.enabled=true
+refuses "an HTTPS admin port without the CA to verify it" "needs the CA that signed" \
+  render default --set admin.tls.enabled=true --set tls.cert=x --set tls.key=y
+refuses "http_tls in config (admin.tls owns it)" "set by the chart" render default --set config.http_tls=true
 refuses "a setting the chart owns in config" "set by the chart" render default --set config.node_id=7
 refuses "a username a Secret key cannot hold" "auth.users" render default --set 'auth.users[0].username=a b' --set 'auth.users[0].password=x'
 refuses "no MQTT credentials: no made-up password, says what to set" "set auth.users" \
@@ -467,9 +478,9 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
   }
   # The `helm test` Pod, run as the kubelet would with the client Service's name
   # resolving to the pods: MQTT through it, then `ctl cluster status` from pod 0.
-  helm_test() {
-    local dir="$tmp/helm-test" out
-    checks test-pod "$tmp/default.yaml" "$dir" >/dev/null
+  helm_test() { # [CASE]: the test Pod of that render (default: the defaults')
+    local dir="$tmp/helm-test-${1:-default}" out
+    checks test-pod "$tmp/${1:-default}.yaml" "$dir" >/dev/null
     local -a cmd
     mapfile -d '' -t cmd <"$dir/command"
     # shellcheck disable=SC2046
@@ -536,6 +547,46 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
     return 1
   }
   check "pod 1 back on an empty volume catches up (a lost disk)" lost_volume
+
+  # admin.tls: one pod of a single-node render with a certificate made here, for the
+  # name Prometheus checks (the client Service's) and pod 0's own; the probes' paths
+  # answer over HTTPS, verified against the CA in the Secret, and not in plain HTTP.
+  admin_tls_pod() {
+    local pki="$tmp/admin-pki" name="$RELEASE.$NAMESPACE.svc" p
+    mkdir -p "$pki"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+      -subj "/CN=chart-test CA" -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null || return 1
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$name" \
+      -keyout "$pki/tls.key" -out "$pki/tls.csr" 2>/dev/null || return 1
+    printf 'subjectAltName=DNS:%s,DNS:%s\nextendedKeyUsage=serverAuth\n' "$name" "$(host 0 | sed 's/:7000$//')" >"$pki/ext"
+    openssl x509 -req -in "$pki/tls.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 2 \
+      -extfile "$pki/ext" -out "$pki/tls.crt" 2>/dev/null || return 1
+    render single --set admin.tls.enabled=true --set-file tls.cert="$pki/tls.crt" \
+      --set-file tls.key="$pki/tls.key" --set-file tls.ca="$pki/ca.crt" \
+      --set auth.apiToken=chart-test-api-token >"$tmp/admintls-docker.yaml" || return 1
+    docker rm -f "$net-$RELEASE-0" "$net-$RELEASE-1" "$net-$RELEASE-2" "$net-$RELEASE-3" "$net-$RELEASE-4" >/dev/null 2>&1
+    docker volume rm "$net-data-0" >/dev/null 2>&1
+    start_pod admintls-docker 0 || return 1
+    p="$(port 0 8080)"
+    local deadline=$((SECONDS + 60))
+    until curl -fsS -o /dev/null --cacert "$pki/ca.crt" --resolve "$name:$p:127.0.0.1" "https://$name:$p/readyz" 2>/dev/null; do
+      if ((SECONDS >= deadline)); then
+        curl -sS --cacert "$pki/ca.crt" --resolve "$name:$p:127.0.0.1" "https://$name:$p/readyz" 2>&1
+        docker logs --tail 15 "$net-$RELEASE-0" 2>&1
+        return 1
+      fi
+      sleep 1
+    done
+    curl -fsS -o /dev/null --cacert "$pki/ca.crt" --resolve "$name:$p:127.0.0.1" "https://$name:$p/healthz" || return 1
+    curl -fsS -o "$pki/metrics" --cacert "$pki/ca.crt" --resolve "$name:$p:127.0.0.1" "https://$name:$p/metrics" || return 1
+    grep -q '^flockmq_build_info' "$pki/metrics" || { echo "no flockmq_build_info on https /metrics"; return 1; }
+    if curl -fsS -o /dev/null "http://127.0.0.1:$p/readyz" 2>/dev/null; then
+      echo "the HTTP port still answers plain HTTP"
+      return 1
+    fi
+  }
+  check "admin.tls: the probes' /readyz and /healthz and /metrics answer over HTTPS (curl --cacert), not plain HTTP" admin_tls_pod
+  check "admin.tls: helm test's ctl verifies pod 0's HTTPS port with --cacert (the Secret's ca.crt)" helm_test admintls-docker
 }
 
 

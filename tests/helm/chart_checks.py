@@ -58,12 +58,86 @@ def one(docs, kind, name=None):
 # ---- validate ----
 
 def check_endpoints(kind, endpoints, ports):
-    """A monitor's scrape endpoints: /metrics on a port that exists, no other keys."""
+    """A monitor's scrape endpoints: /metrics on a port that exists, http or https (with
+    a tlsConfig of the operator's SafeTLSConfig fields the chart sets), no other keys."""
     for ep in endpoints:
         expect(ep.get("port") in ports, f"{kind} port {ep.get('port')} not in {ports}")
         expect(ep.get("path") == "/metrics", f"{kind} path is /metrics")
         for key in ep:
-            expect(key in {"port", "path", "interval", "scrapeTimeout"}, f"{kind} endpoint key {key}")
+            expect(key in {"port", "path", "interval", "scrapeTimeout", "scheme", "tlsConfig"},
+                   f"{kind} endpoint key {key}")
+        expect(ep.get("scheme") in ("http", "https"), f"{kind} scheme {ep.get('scheme')!r}")
+        tls = ep.get("tlsConfig")
+        if tls is not None:
+            expect(ep.get("scheme") == "https", f"{kind} tlsConfig without scheme https")
+            for key in tls:
+                expect(key in {"ca", "serverName", "insecureSkipVerify"}, f"{kind} tlsConfig key {key}")
+            if "ca" in tls:
+                ref = tls["ca"].get("secret", {})
+                expect(set(tls["ca"]) == {"secret"} and set(ref) == {"name", "key"} and all(ref.values()),
+                       f"{kind} tlsConfig.ca is a Secret key reference: {tls['ca']}")
+                expect(isinstance(tls.get("serverName"), str) and tls["serverName"],
+                       f"{kind} tlsConfig names the server it verifies")
+            else:
+                expect(tls.get("insecureSkipVerify") is True, f"{kind} tlsConfig verifies against nothing")
+
+
+def check_admin_tls(docs, namespace, container, env, mounts, on, insecure):
+    """The HTTP port (probes, metrics, admin API): HTTPS with the listeners' certificate
+    when `on`, and everything that reaches it following: probes, scrapes (the CA of the
+    mounted certificate's Secret, unless `insecure`), the helm test pod's ctl."""
+    want = "HTTPS" if on else "HTTP"
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        got = container.get(probe, {}).get("httpGet", {}).get("scheme")
+        expect(got == want, f"{probe} scheme {got}, want {want}")
+    expect((env.get("FLOCKMQ_HTTP_TLS", {}).get("value") == "true") == on, f"FLOCKMQ_HTTP_TLS set: {on}")
+    sts = one(docs, "StatefulSet")
+    annotations = sts["spec"]["template"]["metadata"].get("annotations", {})
+    expect(annotations.get("prometheus.io/scheme", "http") == want.lower(), "prometheus.io/scheme annotation")
+    endpoints = [ep for d in docs if d["kind"] == "ServiceMonitor" for ep in d["spec"]["endpoints"]]
+    endpoints += [ep for d in docs if d["kind"] == "PodMonitor" for ep in d["spec"]["podMetricsEndpoints"]]
+    tls_secret = None
+    if on:
+        expect(env.get("FLOCKMQ_TLS_CERT_FILE", {}).get("value") == "/etc/flockmq/tls/tls.crt"
+               and env.get("FLOCKMQ_TLS_KEY_FILE", {}).get("value") == "/etc/flockmq/tls/tls.key",
+               "the HTTPS port's certificate and key are the mounted listeners' Secret")
+        volume = mounts.get("/etc/flockmq/tls")
+        pod = sts["spec"]["template"]["spec"]
+        tls_secret = next((v["secret"]["secretName"] for v in pod.get("volumes", []) if v["name"] == volume), None)
+        expect(tls_secret, "the listeners' TLS Secret is mounted at /etc/flockmq/tls")
+        # A certificate cert-manager writes holds the pods' names, for ctl.
+        full = sts["metadata"]["name"]
+        for cert in (d for d in docs if d["kind"] == "Certificate" and d["spec"]["secretName"] == tls_secret):
+            names = cert["spec"]["dnsNames"]
+            expect(f"*.{full}-headless.{namespace}.svc.cluster.local" in names,
+                   f"Certificate {cert['metadata']['name']} holds the pods' names: {names}")
+    for ep in endpoints:
+        expect(ep.get("scheme") == want.lower(), f"scrape scheme {ep.get('scheme')}, want {want.lower()}")
+        tls = ep.get("tlsConfig")
+        if not on:
+            expect(tls is None, "no tlsConfig for plain HTTP")
+        elif insecure:
+            expect(tls == {"insecureSkipVerify": True}, f"tlsConfig {tls}, want insecureSkipVerify only")
+        else:
+            expect(tls and tls.get("ca") == {"secret": {"name": tls_secret, "key": "ca.crt"}},
+                   f"scrapes verify against ca.crt of {tls_secret}: {tls}")
+    # The helm test pod's ctl verifies pod 0 against the same CA, mounted.
+    for test in (d for d in docs if d["kind"] == "Pod"):
+        spec = test["spec"]
+        check = next(c for c in spec["containers"] if c["name"] == "check")
+        script = "\n".join(check["command"])
+        if "broker-node ctl" not in script:
+            continue
+        if not on:
+            expect("ctl --url http://" in script and "--cacert" not in script, "helm test: ctl over http")
+            continue
+        expect("ctl --url https://" in script and "--cacert /etc/flockmq/tls-ca/ca.crt" in script,
+               "helm test: ctl over https with --cacert")
+        tmounts = {m["mountPath"]: m["name"] for m in check.get("volumeMounts", [])}
+        volume = next((v for v in spec.get("volumes", []) if v["name"] == tmounts.get("/etc/flockmq/tls-ca")), None)
+        expect(volume and volume["secret"]["secretName"] == tls_secret
+               and volume["secret"].get("items") == [{"key": "ca.crt", "path": "ca.crt"}],
+               f"helm test: ca.crt of {tls_secret} at /etc/flockmq/tls-ca: {volume}")
 
 
 def check_service_monitor(sm, docs):
@@ -260,6 +334,8 @@ def cmd_facts(args):
         found = [d for d in docs if d["kind"] == kind]
         expect(len(found) == (1 if kind in args.monitoring else 0), f"{len(found)} {kind}")
 
+    check_admin_tls(docs, args.namespace, container, env, mounts, args.admin_tls, args.admin_tls_insecure)
+
     # The cluster port: mutual TLS from a mounted Secret, or insecure only when said so.
     if args.cluster_tls:
         want = {"FLOCKMQ_CLUSTER__TLS_CERT_FILE": "/etc/flockmq/cluster-tls/tls.crt",
@@ -414,6 +490,8 @@ def main():
     f.add_argument("--monitoring", nargs="*", default=[], help="ServiceMonitor, PodMonitor, PrometheusRule rendered")
     f.add_argument("--cluster-tls", help="the Secret of the cluster's mutual TLS; absent: insecure")
     f.add_argument("--no-test-pod", action="store_true")
+    f.add_argument("--admin-tls", action="store_true", help="the HTTP port is HTTPS (admin.tls.enabled)")
+    f.add_argument("--admin-tls-insecure", action="store_true", help="scrapes skip verification")
     f.add_argument("--existing", nargs="*", default=[], help="Secrets the user provides")
     f.add_argument("--env", nargs="*", default=[])
     f.add_argument("--no-env", nargs="*", default=[])

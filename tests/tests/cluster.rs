@@ -361,13 +361,7 @@ fn nodes_speak_mutual_tls_when_configured() {
     );
     let p = |name: &str| dir.path().join(name).display().to_string();
     let (cert, key, ca) = (p("node.pem"), p("node.key"), p("ca.pem"));
-    let env = [
-        ("FLOCKMQ_CLUSTER__TLS_CERT_FILE", cert.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_KEY_FILE", key.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_CA_FILE", ca.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_SERVER_NAME", "flockmq-node"),
-    ];
-    let nodes = Node::cluster_with_env(3, &env);
+    let nodes = tls_cluster(3, dir.path(), Some("flockmq-node"));
     // Raft formed the cluster over TLS; a publish on node 3 is forwarded to node 1.
     forwarded(&nodes[0], &nodes[2]);
     converged(&running(&nodes));
@@ -386,21 +380,49 @@ fn nodes_speak_mutual_tls_when_configured() {
         T,
     );
     assert!(
-        with_cert.stdout.contains("Verify return code: 0 (ok)"),
+        with_cert.stdout.contains("Verification: OK"),
         "{with_cert:?}"
     );
     refused_without_a_certificate(&nodes[0], &ca, Some("flockmq-node"));
 }
 
+/// `n` nodes speaking mutual TLS with `dir`'s `node.pem`, `node.key` and `ca.pem`,
+/// checking `server_name` in their peers' certificates when given.
+fn tls_cluster(n: usize, dir: &std::path::Path, server_name: Option<&str>) -> Vec<Node> {
+    Node::cluster_with_node_env(n, &[], |_| tls_env(dir, server_name))
+}
+
+/// The settings of cluster TLS from `dir`'s `node.pem`, `node.key` and `ca.pem`.
+fn tls_env(dir: &std::path::Path, server_name: Option<&str>) -> Vec<(String, String)> {
+    let p = |name: &str| dir.join(name).display().to_string();
+    let mut env = vec![
+        ("FLOCKMQ_CLUSTER__TLS_CERT_FILE".to_owned(), p("node.pem")),
+        ("FLOCKMQ_CLUSTER__TLS_KEY_FILE".to_owned(), p("node.key")),
+        ("FLOCKMQ_CLUSTER__TLS_CA_FILE".to_owned(), p("ca.pem")),
+    ];
+    if let Some(name) = server_name {
+        env.push((
+            "FLOCKMQ_CLUSTER__TLS_SERVER_NAME".to_owned(),
+            name.to_owned(),
+        ));
+    }
+    env
+}
+
 /// A QoS 1 publish on `publisher` reaches a subscriber on `subscriber`.
 fn forwarded(subscriber: &Node, publisher: &Node) {
+    forwarded_to(subscriber, publisher, "watcher");
+}
+
+/// A QoS 1 publish on `publisher` reaches the subscriber `client_id` on `subscriber`.
+fn forwarded_to(subscriber: &Node, publisher: &Node, client_id: &str) {
     let sub = flockmq_tests::Background::spawn(
         "mosquitto_sub",
         &[
             "-p",
             &subscriber.mqtt_port.to_string(),
             "-i",
-            "watcher",
+            client_id,
             "-t",
             "fleet/#",
             "-q",
@@ -412,13 +434,206 @@ fn forwarded(subscriber: &Node, publisher: &Node) {
             "15",
         ],
     );
-    publisher.wait_subscribed("watcher", "fleet/#");
+    publisher.wait_subscribed(client_id, "fleet/#");
     let port = publisher.mqtt_port.to_string();
     let args = ["-p", &port, "-t", "fleet/r1/pose", "-m", "x", "-q", "1"];
     let r = run("mosquitto_pub", &args, T);
     assert_eq!(r.code, Some(0), "{r:?}");
     let got = sub.finish(T);
     assert_eq!(got.stdout.trim(), "fleet/r1/pose x", "{got:?}");
+}
+
+/// A CA in `dir` and a node certificate it signs, named `flockmq-node` (every node
+/// of the cluster uses it, as server and as client): `ca.pem`, `node.pem`, `node.key`.
+fn cluster_pki(dir: &std::path::Path) {
+    flockmq_tests::pki::make_pki(dir);
+    flockmq_tests::pki::issue(
+        dir,
+        "node",
+        "flockmq-node",
+        "subjectAltName=DNS:flockmq-node\nextendedKeyUsage=serverAuth,clientAuth\n",
+    );
+}
+
+/// A TLS 1.2 handshake with `node`'s cluster port presenting `dir`'s node certificate
+/// and trusting `dir`'s CA (1.2, so that the server's verdict on the client's
+/// certificate comes within the handshake). Whether it succeeded (the node's
+/// certificate verified, a session established, no alert from the node), and what
+/// openssl said. Not openssl's exit code: after a good handshake the node, finding no
+/// HTTP/2 preface, may close without a close_notify, which openssl reports as an
+/// error; nor its "Verify return code", which says 0 (ok) after a failed check too.
+fn cluster_handshake(node: &Node, dir: &std::path::Path) -> (bool, String) {
+    let p = |name: &str| dir.join(name).display().to_string();
+    let r = run(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "echo | openssl s_client -connect 127.0.0.1:{} -tls1_2 -CAfile {} \
+                 -verify_return_error -cert {} -key {} -servername flockmq-node 2>&1",
+                node.cluster_port,
+                p("ca.pem"),
+                p("node.pem"),
+                p("node.key"),
+            ),
+        ],
+        T,
+    );
+    let ok = r.stdout.contains("Verification: OK")
+        && r.stdout.contains("New, TLSv1.2")
+        && !r.stdout.contains("alert");
+    (ok, r.stdout)
+}
+
+/// SIGHUP to `node`, then wait until its log says `what` once more than before.
+fn sighup_and_wait_for(node: &Node, what: &str) {
+    let before = node.log().matches(what).count();
+    let r = run("kill", &["-HUP", &node.pid().to_string()], T);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    wait_until(what, T, || node.log().matches(what).count() > before);
+}
+
+#[test]
+fn sighup_reloads_the_cluster_certificates_from_a_new_ca_and_the_cluster_keeps_replicating() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (old, new, live) = (
+        dir.path().join("old"),
+        dir.path().join("new"),
+        dir.path().join("live"),
+    );
+    for d in [&old, &new, &live] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    cluster_pki(&old);
+    cluster_pki(&new);
+    let install = |from: &std::path::Path| {
+        for file in ["ca.pem", "node.pem", "node.key"] {
+            std::fs::copy(from.join(file), live.join(file)).expect("copy");
+        }
+    };
+    install(&old);
+    let mut nodes = tls_cluster(3, &live, Some("flockmq-node"));
+    forwarded_to(&nodes[0], &nodes[2], "before");
+    assert!(cluster_handshake(&nodes[1], &old).0);
+
+    // Every node's files now come from a new CA; SIGHUP every node.
+    install(&new);
+    let reloaded = "cluster TLS certificate, key and CA files reloaded";
+    for node in &nodes {
+        sighup_and_wait_for(node, reloaded);
+    }
+    // The connections made before the reload carry on.
+    forwarded_to(&nodes[0], &nodes[2], "established");
+    for node in &nodes {
+        let (ok, said) = cluster_handshake(node, &new);
+        assert!(ok, "the new certificate is accepted: {said}");
+        let (ok, said) = cluster_handshake(node, &old);
+        assert!(!ok, "the old certificate and CA are refused: {said}");
+    }
+    // The old certificate, even trusting the node's new one, is turned away by the
+    // node: its CA is no longer trusted.
+    let mixed = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(new.join("ca.pem"), mixed.path().join("ca.pem")).expect("copy");
+    for file in ["node.pem", "node.key"] {
+        std::fs::copy(old.join(file), mixed.path().join(file)).expect("copy");
+    }
+    let (ok, said) = cluster_handshake(&nodes[0], mixed.path());
+    assert!(!ok && said.contains("alert"), "{said}");
+
+    // A restarted node knows only the new files: its peers must open fresh
+    // connections to it, and it to them, with the new material on both sides.
+    nodes[1].restart();
+    converged(&running(&nodes));
+    forwarded_to(&nodes[1], &nodes[0], "after-1");
+    forwarded_to(&nodes[2], &nodes[1], "after-2");
+
+    // A broken key file, then a key that does not match the certificate: each reload
+    // fails, and the material in force stays.
+    let failed = "cluster TLS reload failed";
+    std::fs::write(live.join("node.key"), "not a key").expect("write");
+    sighup_and_wait_for(&nodes[0], failed);
+    std::fs::copy(old.join("node.key"), live.join("node.key")).expect("copy");
+    sighup_and_wait_for(&nodes[0], failed);
+    assert!(
+        nodes[0]
+            .log()
+            .contains("do not make a certificate and its key"),
+        "the mismatch is named"
+    );
+    let (ok, said) = cluster_handshake(&nodes[0], &new);
+    assert!(
+        ok,
+        "the material in force stays after a failed reload: {said}"
+    );
+    forwarded_to(&nodes[2], &nodes[0], "after-failed");
+}
+
+#[test]
+fn a_ca_bundle_moves_the_cluster_to_a_new_ca_node_by_node_with_sighup_alone() {
+    // What the README tells operators: both CAs first, then each node's new
+    // certificate, then the new CA alone; every step a SIGHUP, and at the steps
+    // where old and new certificates meet, a node that must open fresh connections
+    // (restarted) rejoins.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    let live: Vec<std::path::PathBuf> = (1..=3)
+        .map(|n| dir.path().join(format!("node{n}")))
+        .collect();
+    for d in [&old, &new].into_iter().chain(&live) {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    cluster_pki(&old);
+    cluster_pki(&new);
+    let ca = |from: &std::path::Path| std::fs::read_to_string(from.join("ca.pem")).expect("CA");
+    let (old_ca, new_ca) = (ca(&old), ca(&new));
+    let bundle = [old_ca.as_str(), new_ca.as_str()].concat();
+    let put = |node: usize, from: &std::path::Path, ca: &str| {
+        for file in ["node.pem", "node.key"] {
+            std::fs::copy(from.join(file), live[node].join(file)).expect("copy");
+        }
+        std::fs::write(live[node].join("ca.pem"), ca).expect("write CA");
+    };
+    for i in 0..3 {
+        put(i, &old, &old_ca);
+    }
+    let mut nodes =
+        Node::cluster_with_node_env(3, &[], |id| tls_env(&live[id - 1], Some("flockmq-node")));
+    forwarded_to(&nodes[0], &nodes[1], "start");
+    let reloaded = "cluster TLS certificate, key and CA files reloaded";
+
+    // 1. Both CAs everywhere.
+    for (i, node) in nodes.iter().enumerate() {
+        put(i, &old, &bundle);
+        sighup_and_wait_for(node, reloaded);
+    }
+    // 2. Node 1 gets its certificate from the new CA: node 2, still on the old one,
+    //    rejoins over fresh connections to node 1 (new) and node 3 (old).
+    put(0, &new, &bundle);
+    sighup_and_wait_for(&nodes[0], reloaded);
+    nodes[1].restart();
+    converged(&running(&nodes));
+    forwarded_to(&nodes[0], &nodes[1], "mixed-1");
+    forwarded_to(&nodes[1], &nodes[0], "mixed-2");
+    // 3. Nodes 2 and 3 too, then the new CA alone everywhere: the old certificate is
+    //    refused, and node 1 rejoins over fresh connections.
+    for (i, node) in nodes.iter().enumerate().skip(1) {
+        put(i, &new, &bundle);
+        sighup_and_wait_for(node, reloaded);
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        put(i, &new, &new_ca);
+        sighup_and_wait_for(node, reloaded);
+    }
+    for node in &nodes {
+        let (ok, said) = cluster_handshake(node, &new);
+        assert!(ok, "the new certificate is accepted: {said}");
+        let (ok, said) = cluster_handshake(node, &old);
+        assert!(!ok, "the old certificate is refused: {said}");
+    }
+    nodes[0].restart();
+    converged(&running(&nodes));
+    forwarded_to(&nodes[2], &nodes[0], "new-1");
+    forwarded_to(&nodes[0], &nodes[2], "new-2");
 }
 
 /// A peer without a certificate is turned away from `node`'s cluster port:
@@ -497,14 +712,8 @@ fn certificates_from_cluster_certs_secure_a_cluster_and_check_pubsub_sees_it_wor
         T,
     );
     assert_eq!(made.code, Some(0), "{made:?}");
-    let p = |name: &str| certs.join(name).display().to_string();
-    let (cert, key, ca) = (p("node.pem"), p("node.key"), p("ca.pem"));
-    let env = [
-        ("FLOCKMQ_CLUSTER__TLS_CERT_FILE", cert.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_KEY_FILE", key.as_str()),
-        ("FLOCKMQ_CLUSTER__TLS_CA_FILE", ca.as_str()),
-    ];
-    let nodes = Node::cluster_with_env(2, &env);
+    let ca = certs.join("ca.pem").display().to_string();
+    let nodes = tls_cluster(2, &certs, None);
     wait_until("both nodes to see each other as voters", T, || {
         nodes[1].status()["members"]
             .as_array()

@@ -242,6 +242,8 @@ pub struct Cluster {
     pub contacts: network::PeerContacts,
     /// Where this node's figures come from, once the broker runtime is set in it.
     pub stats: stats::StatsSlot,
+    /// The cluster's TLS material, to reload on SIGHUP; `None` in plain text.
+    pub tls: Option<Arc<tls::ClusterTls>>,
 }
 
 impl Cluster {
@@ -269,7 +271,7 @@ impl Cluster {
         .context("invalid raft timing settings")?;
 
         // Before Raft dials anyone: every peer connection must take the TLS side.
-        let server_tls = tls::install(&config.cluster).context("cannot set up cluster TLS")?;
+        let cluster_tls = tls::install(&config.cluster).context("cannot set up cluster TLS")?;
         let path = config.data_dir.join("raft");
         let machine = BrokerMachine::new(BrokerState::new(Some(events)));
         let (log_store, sm_store) = tokio::task::spawn_blocking(move || {
@@ -299,15 +301,10 @@ impl Cluster {
         let mut server = tonic::transport::Server::builder()
             .initial_stream_window_size(Some(network::forward::STREAM_WINDOW))
             .initial_connection_window_size(Some(network::forward::CONNECTION_WINDOW));
-        if let Some(server_tls) = server_tls {
-            server = server
-                .tls_config(server_tls)
-                .context("cannot set up cluster TLS")?;
-        }
-        let incoming = crate::net::bind(config.cluster_addr)
+        let listener = crate::net::bind(config.cluster_addr)
             .await
-            .context("cannot open the cluster port")?
-            .incoming();
+            .context("cannot open the cluster port")?;
+        let incoming = tls::incoming(listener, cluster_tls.clone());
         let votes = network::Votes::default();
         let fresh_disk = !raft.is_initialized().await?;
         if fresh_disk && config.join.is_none() && config.initial_cluster.len() > 1 {
@@ -472,6 +469,7 @@ impl Cluster {
             forward_sink,
             contacts,
             stats,
+            tls: cluster_tls,
         })
     }
 }

@@ -132,7 +132,27 @@ spec:
 {{- end }}
 
 {{- define "flockmq.tlsNeeded" -}}
-{{- if or .Values.listeners.tls.enabled .Values.listeners.wss.enabled }}true{{ end }}
+{{- if or .Values.listeners.tls.enabled .Values.listeners.wss.enabled .Values.admin.tls.enabled }}true{{ end }}
+{{- end }}
+
+{{/* How Prometheus scrapes the HTTP port: the endpoint fields of a ServiceMonitor or
+PodMonitor (scheme, and with admin.tls the CA of the listeners' Secret). */}}
+{{- define "flockmq.scrapeTls" -}}
+{{- if .Values.admin.tls.enabled }}
+scheme: https
+tlsConfig:
+  {{- if .Values.admin.tls.insecureSkipVerify }}
+  insecureSkipVerify: true
+  {{- else }}
+  ca:
+    secret:
+      name: {{ include "flockmq.tlsSecret" . }}
+      key: ca.crt
+  serverName: {{ .Values.admin.tls.serverName | default (printf "%s.%s.svc" (include "flockmq.fullname" .) .Release.Namespace) }}
+  {{- end }}
+{{- else }}
+scheme: http
+{{- end }}
 {{- end }}
 
 {{/* The Secret with the password file, ACL file and API token: the user's or the chart's. */}}
@@ -196,7 +216,7 @@ random password that an upgrade keeps (read back from the existing Secret).
 
 {{/* Settings the chart owns: refused in .Values.config. */}}
 {{- define "flockmq.reservedKeys" -}}
-node_id data_dir mqtt_addr tls_addr ws_addr wss_addr http_addr cluster_addr advertise_addr initial_cluster join api_token tls_cert_file tls_key_file tls_ca_file tls_require_client_cert mqtt.allow_anonymous mqtt.password_file mqtt.acl_file cluster.tls_cert_file cluster.tls_key_file cluster.tls_ca_file cluster.tls_server_name cluster.allow_insecure cluster.autoclean_after
+node_id data_dir mqtt_addr tls_addr ws_addr wss_addr http_addr http_tls cluster_addr advertise_addr initial_cluster join api_token tls_cert_file tls_key_file tls_ca_file tls_require_client_cert mqtt.allow_anonymous mqtt.password_file mqtt.acl_file cluster.tls_cert_file cluster.tls_key_file cluster.tls_ca_file cluster.tls_server_name cluster.allow_insecure cluster.autoclean_after
 {{- end }}
 
 {{/* .Values.config as FLOCKMQ_ variables (section keys joined with a double underscore). */}}

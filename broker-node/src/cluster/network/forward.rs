@@ -140,12 +140,11 @@ impl Acks {
 pub async fn open(addr: &str, window: usize) -> Result<(FrameSender, Acks), String> {
     let endpoint = crate::cluster::tls::endpoint(addr)?
         .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
-    let channel = crate::net::dial(endpoint)
+    let channel = crate::cluster::tls::dial(endpoint)
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let (frames, frames_rx) = mpsc::channel(window);

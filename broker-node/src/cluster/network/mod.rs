@@ -95,7 +95,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let channel = super::tls::endpoint(&node.addr).map(|e| crate::net::dial_lazy(alive(e)));
+        let channel = super::tls::endpoint(&node.addr).map(|e| super::tls::dial_lazy(alive(e)));
         PeerClient {
             target,
             contacts: self.contacts.clone(),
@@ -113,7 +113,6 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 fn alive(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
     endpoint
         .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
@@ -365,7 +364,7 @@ impl AdminRpc for AdminService {
 /// Read the figures of the node at `addr`.
 pub async fn node_stats(addr: &str, timeout: Duration) -> Result<NodeStats, String> {
     let endpoint = super::tls::endpoint(addr)?.connect_timeout(timeout);
-    let channel = crate::net::dial(endpoint)
+    let channel = super::tls::dial(endpoint)
         .await
         .map_err(|e| format!("cannot reach {addr}: {e}"))?;
     let mut request = Request::new(RaftPayload::default());
@@ -384,7 +383,7 @@ pub async fn change_membership(
     timeout: Duration,
 ) -> Result<String, String> {
     let endpoint = super::tls::endpoint(addr)?.connect_timeout(Duration::from_secs(2));
-    let channel = crate::net::dial(endpoint)
+    let channel = super::tls::dial(endpoint)
         .await
         .map_err(|e| format!("cannot reach {addr}: {e}"))?;
     let payload = encode(change).map_err(|e| e.to_string())?;
@@ -396,29 +395,6 @@ pub async fn change_membership(
         .map_err(|s| format!("{addr}: {}", s.message()))?;
     let outcome: Result<String, String> = decode(reply.get_ref()).map_err(|e| e.to_string())?;
     outcome
-}
-
-/// Dials the leader for [`LeaderForwarder`]: plain TCP (TLS, when configured, is
-/// layered on by tonic), no Nagle, and SO_LINGER 0, so that closing the connection
-/// discards what it has not delivered instead of the kernel sending it on later.
-fn discarding_connector() -> impl tower::Service<
-    tonic::transport::Uri,
-    Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>,
-    Error = std::io::Error,
-    Future = impl Send,
-> + Send
-       + Clone
-       + 'static {
-    tower::service_fn(|uri: tonic::transport::Uri| async move {
-        let authority = uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .ok_or_else(|| std::io::Error::other(format!("no host in {uri}")))?;
-        let stream = tokio::net::TcpStream::connect(authority).await?;
-        stream.set_nodelay(true)?;
-        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
-        Ok(hyper_util::rt::TokioIo::new(stream))
-    })
 }
 
 /// Sends batches to the leader when this node is a follower. One client per leader
@@ -450,10 +426,9 @@ impl LeaderForwarder {
     ) -> Result<super::command::Response, ForwardError> {
         if self.client.as_ref().map(|(a, _)| a.as_str()) != Some(addr) {
             let endpoint = alive(super::tls::endpoint(addr).map_err(ForwardError::NotSent)?);
-            let channel = match crate::net::dialer() {
-                None => endpoint.connect_with_connector_lazy(discarding_connector()),
-                Some(dialer) => endpoint.connect_with_connector_lazy(dialer),
-            };
+            // Closed with SO_LINGER 0: see the timeout below.
+            let connector = super::tls::PeerConnector::installed().discarding_unsent();
+            let channel = endpoint.connect_with_connector_lazy(connector);
             self.client = Some((addr.to_owned(), AdminClient::new(channel)));
         }
         let Some((_, client)) = self.client.as_mut() else {
