@@ -980,6 +980,7 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize) -> Outcome {
     install_once();
     NODES.with(|n| n.set(nodes));
     broker_node::hash::fix_seed(seed);
+    storage::io::run_inline_on_this_thread();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut rng = Rng(seed);
     let plan = schedule(&mut rng, faulty);
