@@ -103,17 +103,83 @@ fn sim_wall_clock() -> u64 {
 }
 
 fn install_once() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         broker_node::net::install(Arc::new(SimNetwork));
         broker_node::clock::install_wall_clock(sim_wall_clock);
-        if let Ok(filter) = std::env::var("SIM_LOG") {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter)
+        let log = std::env::var("SIM_LOG").ok().map(|filter| {
+            tracing_subscriber::fmt::layer()
                 .with_test_writer()
+                .with_filter(EnvFilter::new(filter))
+        });
+        let traced = std::env::var("SIM_TRACE")
+            .ok()
+            .map(|filter| TraceLayer.with_filter(EnvFilter::new(filter)));
+        if log.is_some() || traced.is_some() {
+            let _ = tracing_subscriber::registry()
+                .with(log)
+                .with(traced)
                 .try_init();
         }
     });
+}
+
+thread_local! {
+    /// The trace of the run this thread simulates, while one is recorded: a line per
+    /// client packet sent or received, fault and check reading (and, under
+    /// `SIM_TRACE=<filter>`, per node log event), each with its simulated time, in
+    /// the order they happened. Two runs of one seed must give the same trace.
+    static TRACE: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Add a line to the trace being recorded, if one is, at the simulated time of the
+/// host running.
+fn trace(line: impl FnOnce() -> String) {
+    trace_at(turmoil::sim_elapsed().unwrap_or_default(), line);
+}
+
+/// Add a line to the trace being recorded, if one is, at simulated time `at`.
+fn trace_at(at: Duration, line: impl FnOnce() -> String) {
+    TRACE.with(|t| {
+        if let Some(t) = t.borrow_mut().as_mut() {
+            t.push(format!("{:>7} {}", at.as_millis(), line()));
+        }
+    });
+}
+
+/// The nodes' log events (those `SIM_TRACE` selects) into the trace.
+struct TraceLayer;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for TraceLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields(String);
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                use std::fmt::Write;
+                let _ = write!(self.0, " {}={value:?}", field.name());
+            }
+        }
+        if TRACE.with(|t| t.borrow().is_none()) {
+            return;
+        }
+        // What a log line may differ in between two runs of one seed without the runs
+        // differing: real instants and times of day (openraft shows both), the data
+        // directory and the admin API's port (real ones).
+        static REAL: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+            regex::Regex::new(
+                r"Instant \{ tv_sec: \d+, tv_nsec: \d+ \}|\d\d:\d\d:\d\d\.\d{6}|/tmp/[^/]+/|127\.0\.0\.1:\d+",
+            )
+            .expect("regex")
+        });
+        let mut fields = Fields(String::new());
+        event.record(&mut fields);
+        let meta = event.metadata();
+        let fields = REAL.replace_all(&fields.0, "_");
+        trace(|| format!("[{} {}]{fields}", meta.level(), meta.target()));
+    }
 }
 
 fn node_name(i: usize) -> String {
@@ -193,6 +259,8 @@ type Shared = Rc<RefCell<History>>;
 struct Client {
     stream: turmoil::net::TcpStream,
     buf: BytesMut,
+    /// Who it is and where it connected, for the trace.
+    name: String,
 }
 
 const V4: ProtocolVersion = ProtocolVersion::V3_1_1;
@@ -201,10 +269,14 @@ impl Client {
     /// Connect to `node` as `client_id` with a persistent session (clean session 0).
     /// Returns the client and whether the broker had a session.
     async fn connect(node: &str, client_id: &str, keep_alive: u16) -> io::Result<(Client, bool)> {
-        let stream = turmoil::net::TcpStream::connect(format!("{node}:1883")).await?;
+        trace(|| format!("{client_id}@{node} connecting"));
+        let stream = turmoil::net::TcpStream::connect(format!("{node}:1883"))
+            .await
+            .inspect_err(|e| trace(|| format!("{client_id}@{node} cannot connect: {e}")))?;
         let mut c = Client {
             stream,
             buf: BytesMut::new(),
+            name: format!("{client_id}@{node}"),
         };
         c.send(&Packet::Connect(Box::new(Connect {
             protocol: V4,
@@ -226,9 +298,13 @@ impl Client {
     }
 
     async fn send(&mut self, packet: &Packet) -> io::Result<()> {
+        trace(|| format!("{} > {packet:?}", self.name));
         let mut out = BytesMut::new();
         mqtt::encode(packet, V4, &mut out).map_err(io::Error::other)?;
-        self.stream.write_all(&out).await
+        self.stream
+            .write_all(&out)
+            .await
+            .inspect_err(|e| trace(|| format!("{} send failed: {e}", self.name)))
     }
 
     async fn recv(&mut self) -> io::Result<Packet> {
@@ -236,11 +312,17 @@ impl Client {
             if let Some(p) =
                 mqtt::decode(&mut self.buf, Some(V4), 1 << 20).map_err(io::Error::other)?
             {
+                trace(|| format!("{} < {p:?}", self.name));
                 return Ok(p);
             }
             let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk).await?;
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .await
+                .inspect_err(|e| trace(|| format!("{} recv failed: {e}", self.name)))?;
             if n == 0 {
+                trace(|| format!("{} closed by the broker", self.name));
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             self.buf.extend_from_slice(&chunk[..n]);
@@ -712,6 +794,7 @@ async fn read_digests(
         let agree = readings.windows(2).all(|w| w[0] == w[1])
             && readings[0].0.is_some()
             && readings[0].1.is_some();
+        trace(|| format!("auditor reads {readings:?}"));
         history.borrow_mut().digests = readings;
         if agree || tokio::time::Instant::now() >= until {
             return Ok(());
@@ -974,10 +1057,13 @@ fn undo(sim: &mut turmoil::Sim<'_>, fault: &Fault) {
 struct Outcome {
     problems: Vec<String>,
     summary: String,
+    /// The run's trace, if it was recorded (see [`TRACE`]).
+    trace: Vec<String>,
 }
 
-fn run_seed(seed: u64, faulty: Duration, nodes: usize) -> Outcome {
+fn run_seed(seed: u64, faulty: Duration, nodes: usize, record: bool) -> Outcome {
     install_once();
+    TRACE.with(|t| *t.borrow_mut() = record.then(Vec::new));
     NODES.with(|n| n.set(nodes));
     broker_node::hash::fix_seed(seed);
     storage::io::run_inline_on_this_thread();
@@ -1018,6 +1104,7 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize) -> Outcome {
         let history = history.clone();
         sim.client(format!("sub{i}"), async move {
             let r = run.await;
+            trace(|| format!("sub{i} done"));
             history.borrow_mut().finished.insert(format!("sub{i}"));
             r
         });
@@ -1027,6 +1114,7 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize) -> Outcome {
         sim.client(format!("pub{i}"), async move {
             let r = publisher(i, seed, count, ready, history.clone()).await;
             done.set(done.get() + 1);
+            trace(|| format!("pub{i} done"));
             history.borrow_mut().finished.insert(format!("pub{i}"));
             r
         });
@@ -1053,6 +1141,7 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize) -> Outcome {
         let now = sim.elapsed();
         active.retain(|(until, fault)| {
             if now >= *until {
+                trace_at(now, || format!("fault {fault:?} over"));
                 undo(&mut sim, fault);
                 false
             } else {
@@ -1061,6 +1150,7 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize) -> Outcome {
         });
         while pending.front().is_some_and(|s| s.at <= now) {
             let s = pending.pop_front().expect("present");
+            trace_at(now, || format!("fault {:?} for {:?}", s.fault, s.length));
             history
                 .borrow_mut()
                 .faults
@@ -1100,7 +1190,13 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize) -> Outcome {
         h.digests.first(),
         sim.elapsed(),
     );
-    Outcome { problems, summary }
+    trace_at(sim.elapsed(), || summary.clone());
+    let trace = TRACE.with(|t| t.borrow_mut().take()).unwrap_or_default();
+    Outcome {
+        problems,
+        summary,
+        trace,
+    }
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -1118,6 +1214,14 @@ fn five_nodes_keep_every_guarantee() {
     campaign(5, env_u64("SIM_FIVE_SEEDS").unwrap_or(2));
 }
 
+/// One simulation at a time in the process: sled's concurrency control is one lock for
+/// every database of the process, and two simulations on two threads, each dropping a
+/// crashed node's database while the other writes, have deadlocked on it.
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Run `count` seeds (from `SIM_FIRST_SEED`, or the one `SIM_SEED`) of a cluster of
 /// `nodes`, `SIM_SECONDS` of faults each, one after the other; fail naming every
 /// failing seed.
@@ -1130,18 +1234,14 @@ fn campaign(nodes: usize, count: u64) {
             (first..first + count).collect()
         }
     };
-    // One simulation at a time in the process: sled's concurrency control is one lock
-    // for every database of the process, and two simulations on two threads, each
-    // dropping a crashed node's database while the other writes, have deadlocked on it.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = alone();
     let failed = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         let (seeds, failed) = (&seeds, &failed);
         scope.spawn(move || {
             for &seed in seeds.iter() {
                 let started = std::time::Instant::now();
-                let outcome = run_seed(seed, Duration::from_secs(seconds), nodes);
+                let outcome = run_seed(seed, Duration::from_secs(seconds), nodes, false);
                 eprintln!(
                     "{nodes} nodes, {} in {:?}",
                     outcome.summary,
@@ -1166,4 +1266,88 @@ fn campaign(nodes: usize, count: u64) {
         failed.is_empty(),
         "{nodes} nodes, failing seeds: {failed:?}"
     );
+}
+
+/// Run one seed twice, each time in a process of its own (this test binary, running
+/// [`record_one_run`]), as a failing seed is replayed; the first place where the two
+/// runs' traces part, if they do. `SIM_TRACE_OUT=<dir>` keeps both traces there
+/// (`<seed>-a.trace`, `<seed>-b.trace`) for a diff; `SIM_TRACE=<filter>` adds the
+/// nodes' log events to them.
+///
+/// A process of its own each, not twice in this one: tokio numbers tasks from one
+/// counter per process and a runtime being dropped (a crashed node) drops its tasks in
+/// an order that follows those numbers (its task list is sharded by them), so a second
+/// run in the same process closes the crashed node's connections in another order.
+fn replay_twice(seed: u64, seconds: u64, nodes: usize) -> Option<String> {
+    let _alone = alone();
+    let dir = match std::env::var("SIM_TRACE_OUT") {
+        Ok(dir) => std::path::PathBuf::from(dir),
+        Err(_) => std::env::temp_dir(),
+    };
+    let run = |name: &str| -> Vec<String> {
+        let path = dir.join(format!("{seed}-{name}.trace"));
+        let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "record_one_run", "--ignored", "--nocapture"])
+            .env("SIM_SEED", seed.to_string())
+            .env("SIM_SECONDS", seconds.to_string())
+            .env("SIM_NODES", nodes.to_string())
+            .env("SIM_TRACE_FILE", &path)
+            .status()
+            .expect("run the test binary");
+        assert!(
+            status.success(),
+            "run {name} of seed {seed} failed: {status}"
+        );
+        let text = std::fs::read_to_string(&path).expect("read the trace");
+        if std::env::var_os("SIM_TRACE_OUT").is_none() {
+            let _ = std::fs::remove_file(&path);
+        }
+        text.lines().map(str::to_owned).collect()
+    };
+    let (a, b) = (run("a"), run("b"));
+    eprintln!("seed {seed}: {} trace lines", a.len());
+    let at = a
+        .iter()
+        .zip(&b)
+        .position(|(x, y)| x != y)
+        .or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))?;
+    let mut report = format!("seed {seed}: the runs part at trace line {at}:\n");
+    for line in &a[at.saturating_sub(8)..at] {
+        report.push_str(&format!("    {line}\n"));
+    }
+    let none = String::from("(end of trace)");
+    report.push_str(&format!("  a {}\n", a.get(at).unwrap_or(&none)));
+    report.push_str(&format!("  b {}", b.get(at).unwrap_or(&none)));
+    Some(report)
+}
+
+/// One run of `SIM_SEED` whose trace goes to the file `SIM_TRACE_FILE`: what
+/// [`replay_twice`] runs in a process of its own.
+#[test]
+#[ignore = "run by a_seed_replays_the_same_run, in a process of its own"]
+fn record_one_run() {
+    let seed = env_u64("SIM_SEED").expect("SIM_SEED");
+    let seconds = env_u64("SIM_SECONDS").unwrap_or(20);
+    let nodes = env_u64("SIM_NODES").unwrap_or(3) as usize;
+    let path = std::env::var("SIM_TRACE_FILE").expect("SIM_TRACE_FILE");
+    let outcome = std::thread::scope(|scope| {
+        scope
+            .spawn(|| run_seed(seed, Duration::from_secs(seconds), nodes, true))
+            .join()
+            .expect("simulation thread")
+    });
+    eprintln!("{nodes} nodes, {}", outcome.summary);
+    std::fs::write(&path, outcome.trace.join("\n") + "\n").expect("write the trace");
+}
+
+/// A seed fully determines the run: the same seed run twice gives the same trace (every
+/// client packet, fault and reading, at the same simulated instants).
+#[test]
+fn a_seed_replays_the_same_run() {
+    let seed = env_u64("SIM_SEED").unwrap_or(5);
+    let seconds = env_u64("SIM_SECONDS").unwrap_or(20);
+    let nodes = env_u64("SIM_NODES").unwrap_or(3) as usize;
+    if let Some(report) = replay_twice(seed, seconds, nodes) {
+        panic!("{report}");
+    }
 }
