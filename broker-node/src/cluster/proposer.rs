@@ -196,6 +196,7 @@ async fn run(
         let first = match carried.take() {
             Some(p) => p,
             None => tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
                 first = rx.recv() => match first {
                     Some(p) => p,
