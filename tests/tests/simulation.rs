@@ -17,12 +17,19 @@
 //! `SIM_SEED=<seed>` replays one seed; `SIM_SEEDS=<n>` runs n seeds from
 //! `SIM_FIRST_SEED` (default 1) of `SIM_NODES` nodes (default 3), and the five-node
 //! test `SIM_FIVE_SEEDS` (default 2); `SIM_SECONDS` sets the length of the faulty part.
-//! `scripts/simulate.sh` runs long campaigns. A seed fixes the fault schedule, every
-//! client's choices, turmoil's network (latencies, losses) and each node's election
-//! timeout; it does not yet fix the interleaving (tokio's `select!` draws from a
-//! generator seeded only under `--cfg tokio_unstable`, and hash maps iterate in a
-//! per-process order), so a failing seed usually, not always, fails again: see
-//! docs/reliability.md.
+//! `scripts/simulate.sh` runs long campaigns. Every seed runs in a process of its own
+//! (this binary running the ignored test `one_seed`), so that it starts from the same
+//! process-wide state however it is run.
+//!
+//! A seed fixes the run: the fault schedule, every client's choices, turmoil's network
+//! (latencies, losses), each node's election timeout, the nodes' hash maps
+//! (`broker_node::hash`), and the interleaving, which needs storage's blocking work to
+//! take no simulated time (`storage::io` runs it inline here). Each run can record a
+//! trace (every client packet, fault and reading at its simulated time; under
+//! `SIM_TRACE=<filter>` also the nodes' log events), and `a_seed_replays_the_same_run`
+//! runs one seed twice and names the first line where the two traces part. What is
+//! still drawn outside the seed (tokio's `select!` without `biased;` in dependencies,
+//! unless built with `--cfg tokio_unstable`) is listed in docs/reliability.md.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -1214,9 +1221,8 @@ fn five_nodes_keep_every_guarantee() {
     campaign(5, env_u64("SIM_FIVE_SEEDS").unwrap_or(2));
 }
 
-/// One simulation at a time in the process: sled's concurrency control is one lock for
-/// every database of the process, and two simulations on two threads, each dropping a
-/// crashed node's database while the other writes, have deadlocked on it.
+/// One simulation at a time: each seed runs in a process of its own (see
+/// [`run_alone`]), one after the other, on a core of their own.
 fn alone() -> std::sync::MutexGuard<'static, ()> {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
@@ -1235,72 +1241,95 @@ fn campaign(nodes: usize, count: u64) {
         }
     };
     let _alone = alone();
-    let failed = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        let (seeds, failed) = (&seeds, &failed);
-        scope.spawn(move || {
-            for &seed in seeds.iter() {
-                let started = std::time::Instant::now();
-                let outcome = run_seed(seed, Duration::from_secs(seconds), nodes, false);
-                eprintln!(
-                    "{nodes} nodes, {} in {:?}",
-                    outcome.summary,
-                    started.elapsed()
-                );
-                if !outcome.problems.is_empty() {
-                    let mut report = format!(
-                        "seed {seed} FAILED (replay: SIM_NODES={nodes} SIM_SEED={seed} \
-                             SIM_SECONDS={seconds}):"
-                    );
-                    for p in outcome.problems.iter().take(20) {
-                        report.push_str(&format!("\n  {p}"));
-                    }
-                    eprintln!("{report}");
-                    failed.lock().unwrap().push(seed);
-                }
-            }
-        });
-    });
-    let failed = failed.into_inner().unwrap();
+    let failed: Vec<u64> = seeds
+        .into_iter()
+        .filter(|&seed| !run_alone(seed, seconds, nodes, None))
+        .collect();
     assert!(
         failed.is_empty(),
-        "{nodes} nodes, failing seeds: {failed:?}"
+        "{nodes} nodes, failing seeds: {failed:?} (replay one: SIM_NODES={nodes} \
+         SIM_SEED=<seed> SIM_SECONDS={seconds})"
     );
 }
 
-/// Run one seed twice, each time in a process of its own (this test binary, running
-/// [`record_one_run`]), as a failing seed is replayed; the first place where the two
-/// runs' traces part, if they do. `SIM_TRACE_OUT=<dir>` keeps both traces there
-/// (`<seed>-a.trace`, `<seed>-b.trace`) for a diff; `SIM_TRACE=<filter>` adds the
-/// nodes' log events to them.
+/// Run one seed in a process of its own (this test binary running [`one_seed`]), its
+/// trace to `trace` if given; whether it passed.
 ///
-/// A process of its own each, not twice in this one: tokio numbers tasks from one
-/// counter per process and a runtime being dropped (a crashed node) drops its tasks in
-/// an order that follows those numbers (its task list is sharded by them), so a second
-/// run in the same process closes the crashed node's connections in another order.
+/// A process of its own, so that a seed starts from the same process-wide state
+/// whether it is the first or the hundredth of a campaign, or replayed alone: tokio
+/// numbers tasks from one counter per process, and a runtime being dropped (a crashed
+/// node) drops its tasks in an order that follows those numbers (its task list is
+/// sharded by them), so the same seed run second in a process closed the crashed
+/// node's connections in another order than run first (seed 5 parted 3 ms after its
+/// first crash). And sled's concurrency control is one lock per process, on which two
+/// simulations in one process have deadlocked.
+fn run_alone(seed: u64, seconds: u64, nodes: usize, trace: Option<&std::path::Path>) -> bool {
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"));
+    child
+        .args(["--exact", "one_seed", "--ignored", "--nocapture", "--quiet"])
+        .env("SIM_SEED", seed.to_string())
+        .env("SIM_SECONDS", seconds.to_string())
+        .env("SIM_NODES", nodes.to_string())
+        .env_remove("SIM_TRACE_FILE");
+    if let Some(path) = trace {
+        child.env("SIM_TRACE_FILE", path);
+    }
+    child.status().expect("run the test binary").success()
+}
+
+/// One run of `SIM_SEED` (`SIM_NODES` nodes, `SIM_SECONDS` of faults), its trace to the
+/// file `SIM_TRACE_FILE` if set: what [`run_alone`] runs in a process of its own.
+#[test]
+#[ignore = "run by the campaigns, one process per seed"]
+fn one_seed() {
+    let seed = env_u64("SIM_SEED").expect("SIM_SEED");
+    let seconds = env_u64("SIM_SECONDS").unwrap_or(20);
+    let nodes = env_u64("SIM_NODES").unwrap_or(3) as usize;
+    let trace = std::env::var("SIM_TRACE_FILE").ok();
+    let started = std::time::Instant::now();
+    let outcome = run_seed(seed, Duration::from_secs(seconds), nodes, trace.is_some());
+    eprintln!(
+        "{nodes} nodes, {} in {:?}",
+        outcome.summary,
+        started.elapsed()
+    );
+    if let Some(path) = trace {
+        std::fs::write(&path, outcome.trace.join("\n") + "\n").expect("write the trace");
+    }
+    if !outcome.problems.is_empty() {
+        let mut report = format!(
+            "seed {seed} FAILED (replay: SIM_NODES={nodes} SIM_SEED={seed} SIM_SECONDS={seconds}):"
+        );
+        for p in outcome.problems.iter().take(20) {
+            report.push_str(&format!("\n  {p}"));
+        }
+        panic!("{report}");
+    }
+}
+
+/// Run one seed twice, each time in a process of its own, as a failing seed is
+/// replayed; the first place where the two runs' traces part, if they do.
+/// `SIM_TRACE_OUT=<dir>` keeps both traces there (`<seed>-a.trace`, `<seed>-b.trace`)
+/// for a diff; `SIM_TRACE=<filter>` adds the nodes' log events to them.
 fn replay_twice(seed: u64, seconds: u64, nodes: usize) -> Option<String> {
     let _alone = alone();
-    let dir = match std::env::var("SIM_TRACE_OUT") {
-        Ok(dir) => std::path::PathBuf::from(dir),
-        Err(_) => std::env::temp_dir(),
-    };
+    let kept = std::env::var("SIM_TRACE_OUT").ok();
+    let dir = kept
+        .as_ref()
+        .map_or_else(std::env::temp_dir, std::path::PathBuf::from);
     let run = |name: &str| -> Vec<String> {
-        let path = dir.join(format!("{seed}-{name}.trace"));
-        let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "record_one_run", "--ignored", "--nocapture"])
-            .env("SIM_SEED", seed.to_string())
-            .env("SIM_SECONDS", seconds.to_string())
-            .env("SIM_NODES", nodes.to_string())
-            .env("SIM_TRACE_FILE", &path)
-            .status()
-            .expect("run the test binary");
-        assert!(
-            status.success(),
-            "run {name} of seed {seed} failed: {status}"
-        );
-        let text = std::fs::read_to_string(&path).expect("read the trace");
-        if std::env::var_os("SIM_TRACE_OUT").is_none() {
-            let _ = std::fs::remove_file(&path);
+        let path = dir.join(format!("{seed}-{name}-{}.trace", std::process::id()));
+        // Whether the seed passes is the campaigns' business; the trace is written
+        // either way.
+        let _ = run_alone(seed, seconds, nodes, Some(&path));
+        let text = std::fs::read_to_string(&path).expect("the run wrote its trace");
+        match &kept {
+            Some(_) => {
+                let _ = std::fs::rename(&path, dir.join(format!("{seed}-{name}.trace")));
+            }
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
         }
         text.lines().map(str::to_owned).collect()
     };
@@ -1321,27 +1350,9 @@ fn replay_twice(seed: u64, seconds: u64, nodes: usize) -> Option<String> {
     Some(report)
 }
 
-/// One run of `SIM_SEED` whose trace goes to the file `SIM_TRACE_FILE`: what
-/// [`replay_twice`] runs in a process of its own.
-#[test]
-#[ignore = "run by a_seed_replays_the_same_run, in a process of its own"]
-fn record_one_run() {
-    let seed = env_u64("SIM_SEED").expect("SIM_SEED");
-    let seconds = env_u64("SIM_SECONDS").unwrap_or(20);
-    let nodes = env_u64("SIM_NODES").unwrap_or(3) as usize;
-    let path = std::env::var("SIM_TRACE_FILE").expect("SIM_TRACE_FILE");
-    let outcome = std::thread::scope(|scope| {
-        scope
-            .spawn(|| run_seed(seed, Duration::from_secs(seconds), nodes, true))
-            .join()
-            .expect("simulation thread")
-    });
-    eprintln!("{nodes} nodes, {}", outcome.summary);
-    std::fs::write(&path, outcome.trace.join("\n") + "\n").expect("write the trace");
-}
-
-/// A seed fully determines the run: the same seed run twice gives the same trace (every
-/// client packet, fault and reading, at the same simulated instants).
+/// A seed fully determines the run: the same seed run twice, each in a process of its
+/// own, gives the same trace (every client packet, fault and reading, at the same
+/// simulated instants).
 #[test]
 fn a_seed_replays_the_same_run() {
     let seed = env_u64("SIM_SEED").unwrap_or(5);
