@@ -140,12 +140,17 @@ thread_local! {
     /// `SIM_TRACE=<filter>`, per node log event), each with its simulated time, in
     /// the order they happened. Two runs of one seed must give the same trace.
     static TRACE: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+    /// The simulated time while the simulation's own loop runs (injecting a fault,
+    /// dropping a crashed node's tasks), outside every host: `turmoil::sim_elapsed()`
+    /// then measures from the last host's clock with the real one.
+    static LOOP_AT: Cell<Option<Duration>> = const { Cell::new(None) };
 }
 
 /// Add a line to the trace being recorded, if one is, at the simulated time of the
 /// host running.
 fn trace(line: impl FnOnce() -> String) {
-    trace_at(turmoil::sim_elapsed().unwrap_or_default(), line);
+    let at = LOOP_AT.with(Cell::get).or_else(turmoil::sim_elapsed);
+    trace_at(at.unwrap_or_default(), line);
 }
 
 /// Add a line to the trace being recorded, if one is, at simulated time `at`.
@@ -173,11 +178,11 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for TraceLayer {
             return;
         }
         // What a log line may differ in between two runs of one seed without the runs
-        // differing: real instants and times of day (openraft shows both), the data
-        // directory and the admin API's port (real ones).
+        // differing: real instants and times of day (openraft shows both), the temporary
+        // data directory's name and the admin API's port.
         static REAL: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
             regex::Regex::new(
-                r"Instant \{ tv_sec: \d+, tv_nsec: \d+ \}|\d\d:\d\d:\d\d\.\d{6}|/tmp/[^/]+/|127\.0\.0\.1:\d+",
+                r"Instant \{ tv_sec: \d+, tv_nsec: \d+ \}|\d\d:\d\d:\d\d\.\d{6}|\.tmp\w{6}|127\.0\.0\.1:\d+",
             )
             .expect("regex")
         });
@@ -1146,6 +1151,7 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize, record: bool) -> Outcome 
     let mut error = None;
     loop {
         let now = sim.elapsed();
+        LOOP_AT.with(|at| at.set(Some(now)));
         active.retain(|(until, fault)| {
             if now >= *until {
                 trace_at(now, || format!("fault {fault:?} over"));
@@ -1165,6 +1171,7 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize, record: bool) -> Outcome 
             inject(&mut sim, &s.fault);
             active.push((now + s.length, s.fault));
         }
+        LOOP_AT.with(|at| at.set(None));
         match sim.step() {
             Ok(true) => break,
             Ok(false) => {}
