@@ -7,11 +7,14 @@
 #   scripts/simulate.sh --seeds 500 --first 7000 --seconds 40
 #   scripts/simulate.sh --seeds 200 --nodes 5        # five-node clusters
 #   scripts/simulate.sh --seed 1234                  # replay one seed
+#   scripts/simulate.sh --seed 1234 --twice          # run it twice, compare the traces
+#   SIM_TRACE=openraft=debug,broker_node=debug SIM_TRACE_OUT=/tmp/tr \
+#     scripts/simulate.sh --seed 1234 --twice        # with the nodes' logs, both kept
 #   SIM_LOG=broker_node=info scripts/simulate.sh --seed 1234   # and the nodes' logs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SEEDS=100 FIRST=1 SECONDS_FAULTY=20 ONE="" NODES=3
+SEEDS=100 FIRST=1 SECONDS_FAULTY=20 ONE="" NODES=3 TEST=seeds_of_faults_keep_every_guarantee
 while [ $# -gt 0 ]; do
   case "$1" in
     --seeds) SEEDS=$2; shift 2 ;;
@@ -19,6 +22,7 @@ while [ $# -gt 0 ]; do
     --seconds) SECONDS_FAULTY=$2; shift 2 ;;
     --seed) ONE=$2; shift 2 ;;
     --nodes) NODES=$2; shift 2 ;;
+    --twice) TEST=a_seed_replays_the_same_run; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -29,4 +33,4 @@ if [ -n "$ONE" ]; then
 else
   export SIM_SEEDS=$SEEDS SIM_FIRST_SEED=$FIRST
 fi
-exec cargo test -q -p flockmq-tests --test simulation -- --nocapture --exact seeds_of_faults_keep_every_guarantee
+exec cargo test -q -p flockmq-tests --test simulation -- --nocapture --exact "$TEST"

@@ -239,6 +239,7 @@ async fn reload_on_sighup(
         };
         loop {
             tokio::select! {
+                biased;
                 _ = broker.shutdown.cancelled() => return,
                 got = hup.recv() => if got.is_none() { return },
             }

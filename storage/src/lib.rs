@@ -25,6 +25,7 @@
 mod codec;
 mod commit_clock;
 mod error;
+pub mod io;
 mod log_store;
 mod state_machine;
 
@@ -45,8 +46,8 @@ use crate::error::ResultExt;
 /// it before this returns, so the machine starts at that snapshot and openraft re-applies
 /// the committed log after it when `Raft::new` starts.
 ///
-/// Blocking (sled recovers its files here): call it at start-up, or from
-/// `tokio::task::spawn_blocking`. Only one process may have a directory open at a time.
+/// Blocking (sled recovers its files here): call it at start-up, or through
+/// [`io::blocking`]. Only one process may have a directory open at a time.
 #[allow(clippy::type_complexity)]
 pub fn open<C, M>(
     path: impl AsRef<Path>,

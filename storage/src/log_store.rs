@@ -82,8 +82,7 @@ where
     /// database) to disk. Call it at graceful shutdown, after `Raft::shutdown`; the
     /// database closes when this store, its clones and the state-machine store are dropped.
     pub async fn flush(&self) -> Result<(), StorageError<C::NodeId>> {
-        self.logs
-            .flush_async()
+        crate::io::flush(&self.logs)
             .await
             .sto(ErrorSubject::Store, ErrorVerb::Write)?;
         Ok(())
@@ -222,8 +221,7 @@ where
     async fn save_vote(&mut self, vote: &Vote<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
         self.write_meta(KEY_VOTE, "vote", vote)
             .sto(ErrorSubject::Vote, ErrorVerb::Write)?;
-        self.meta
-            .flush_async()
+        crate::io::flush(&self.meta)
             .await
             .sto(ErrorSubject::Vote, ErrorVerb::Write)?;
         Ok(())
@@ -279,7 +277,7 @@ where
             .sto(ErrorSubject::Logs, ErrorVerb::Write)?;
         tracing::trace!(last = ?last, "log entries written, flushing");
         let started = std::time::Instant::now();
-        let flushed = self.logs.flush_async().await;
+        let flushed = crate::io::flush(&self.logs).await;
         metrics::histogram!("flockmq_storage_sync_seconds").record(started.elapsed().as_secs_f64());
         match flushed {
             Ok(_) => {
@@ -301,8 +299,7 @@ where
             Bound::Unbounded,
         ))
         .sto(ErrorSubject::Log(log_id.clone()), ErrorVerb::Delete)?;
-        self.logs
-            .flush_async()
+        crate::io::flush(&self.logs)
             .await
             .sto(ErrorSubject::Log(log_id), ErrorVerb::Delete)?;
         Ok(())
@@ -319,8 +316,7 @@ where
             Bound::Included(codec::log_key(log_id.index)),
         ))
         .sto(ErrorSubject::Log(log_id.clone()), ErrorVerb::Delete)?;
-        self.logs
-            .flush_async()
+        crate::io::flush(&self.logs)
             .await
             .sto(ErrorSubject::Log(log_id), ErrorVerb::Delete)?;
         Ok(())

@@ -296,7 +296,7 @@ where
         let started = std::time::Instant::now();
         let shared = Arc::clone(&self.shared);
         // Serializing and fsyncing block: keep them off the async workers.
-        let stored = tokio::task::spawn_blocking(
+        let stored = crate::io::blocking(
             move || -> Result<StoredSnapshot<C>, StorageError<C::NodeId>> {
                 let (data, last_log_id, last_membership) = {
                     let applied = shared
@@ -444,7 +444,7 @@ where
             data: snapshot.into_inner(),
         };
         let shared = Arc::clone(&self.shared);
-        tokio::task::spawn_blocking(move || -> Result<(), StorageError<C::NodeId>> {
+        crate::io::blocking(move || -> Result<(), StorageError<C::NodeId>> {
             let signature = Some(stored.meta.signature());
             {
                 // Restore first: bytes the machine rejects are never persisted.

@@ -27,6 +27,7 @@ impl Broker {
             // The sender lives in the state machine, which stops only after every
             // task of the node has: stop at shutdown rather than at the channel's end.
             let event = tokio::select! {
+                biased;
                 _ = self.shutdown.cancelled() => return,
                 event = events.recv() => match event {
                     Some(event) => event,
@@ -362,6 +363,7 @@ impl Broker {
                 self.stats.last_leader.store(l, Ordering::Relaxed);
             }
             tokio::select! {
+                biased;
                 _ = self.shutdown.cancelled() => return,
                 changed = watch.changed() => if changed.is_err() { return },
             }

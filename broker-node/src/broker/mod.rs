@@ -334,6 +334,7 @@ impl Ticks {
     /// Wait for the next tick; `false` once the node shuts down.
     pub async fn next(&mut self) -> bool {
         tokio::select! {
+            biased;
             _ = self.shutdown.cancelled() => false,
             _ = self.interval.tick() => true,
         }

@@ -364,6 +364,7 @@ async fn run_peer(
         let until = tokio::time::Instant::now() + backoff;
         loop {
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep_until(until) => break,
                 item = rx.recv() => match item {
@@ -403,6 +404,7 @@ async fn pump(
     let mut seq = 0u64;
     loop {
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => return Ended::Stop,
             ack = acks.next() => match ack {
                 Some(acked) => {

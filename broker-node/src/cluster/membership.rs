@@ -176,6 +176,7 @@ pub async fn join_through(seed: String, me: Myself, shutdown: tokio_util::sync::
             Err(e) => tracing::warn!(%seed, error = %e, "cannot join yet, retrying"),
         }
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
@@ -217,6 +218,7 @@ pub async fn probe_empty_start(
             return EmptyStart::Fresh;
         }
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => return EmptyStart::Fresh,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
@@ -246,6 +248,7 @@ pub async fn stay_member(
     let mut leaderless_since: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(KEEP_EVERY) => {}
         }

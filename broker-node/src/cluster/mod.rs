@@ -274,7 +274,7 @@ impl Cluster {
         let cluster_tls = tls::install(&config.cluster).context("cannot set up cluster TLS")?;
         let path = config.data_dir.join("raft");
         let machine = BrokerMachine::new(BrokerState::new(Some(events)));
-        let (log_store, sm_store) = tokio::task::spawn_blocking(move || {
+        let (log_store, sm_store) = storage::io::blocking(move || {
             storage::open::<TypeConfig, BrokerMachine>(&path, machine).map_err(Box::new)
         })
         .await

@@ -8,7 +8,8 @@
 //! whether to retry elsewhere.
 //!
 //! State: the proposer owns its pending batch in its own task; submitters hold only a
-//! channel sender ([`Proposer`] is a cheap clone).
+//! channel sender ([`Proposer`] is a cheap clone). On a follower, batches the leader
+//! applied wait for this node's own apply in a second task, in forwarding order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -190,12 +191,15 @@ async fn run(
     };
     let mut next_seq = 0u64;
     let mut forwarder = LeaderForwarder::default();
+    let (applied_tx, applied_rx) = mpsc::unbounded_channel();
+    tokio::spawn(answer_once_applied(raft.clone(), applied_rx));
     // A command that did not fit in the last batch's byte budget: the next batch's first.
     let mut carried: Option<Pending> = None;
     loop {
         let first = match carried.take() {
             Some(p) => p,
             None => tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
                 first = rx.recv() => match first {
                     Some(p) => p,
@@ -257,31 +261,12 @@ async fn run(
                         // retained messages at SUBSCRIBE, its session), so the answer
                         // waits until this node has applied the entry, not only the leader.
                         Ok(response) if response.log_index > 0 => {
-                            let raft = raft.clone();
-                            let left = deadline
-                                .saturating_duration_since(tokio::time::Instant::now())
-                                .max(MIN_APPLY_WAIT);
-                            tokio::spawn(async move {
-                                let index = Some(response.log_index);
-                                let wait = raft.wait(Some(left));
-                                let applied = wait.applied_index_at_least(index, "forwarded write");
-                                if applied.await.is_err() {
-                                    // Committed, but this node cannot show it yet: its
-                                    // submitters would read state without their own
-                                    // write (a resumed session's queue and QoS 2 ids).
-                                    // They are told it is unavailable here instead.
-                                    tracing::info!(
-                                        index = response.log_index,
-                                        "forwarded write not applied here in time"
-                                    );
-                                    answer(
-                                        batch,
-                                        Err("committed, but not applied on this node in time"
-                                            .to_owned()),
-                                    );
-                                    return;
-                                }
-                                answer(batch, Ok(response));
+                            let until = deadline.max(tokio::time::Instant::now() + MIN_APPLY_WAIT);
+                            let _ = applied_tx.send(Applying {
+                                index: response.log_index,
+                                until,
+                                batch,
+                                response,
                             });
                         }
                         other => answer(batch, other),
@@ -437,6 +422,61 @@ async fn forward(
 
 /// The least a follower waits for its own state to apply a forwarded write.
 const MIN_APPLY_WAIT: Duration = Duration::from_millis(500);
+
+/// A forwarded batch the leader applied, waiting for this node to apply it too.
+struct Applying {
+    /// Its log entry's index.
+    index: u64,
+    /// When to give up waiting.
+    until: tokio::time::Instant,
+    batch: Vec<Pending>,
+    /// The leader's answer, handed over once this node has applied the entry.
+    response: Response,
+}
+
+/// Answer forwarded batches once this node has applied their entries (read your
+/// writes), or with an error at their deadline. One task for all of them, answering in
+/// the order they were forwarded, rather than a task each waiting on Raft's metrics:
+/// the waiters of one `watch` channel are woken in an order tokio draws at random
+/// (from a generator only `--cfg tokio_unstable` builds can seed), and two runs of one
+/// simulated seed answered two clients in either order.
+async fn answer_once_applied(raft: Raft, mut rx: mpsc::UnboundedReceiver<Applying>) {
+    let mut metrics = raft.metrics();
+    let mut waiting: Vec<Applying> = Vec::new();
+    let (mut open, mut raft_running) = (true, true);
+    while open || !waiting.is_empty() {
+        let applied = metrics.borrow().last_applied.map_or(0, |l| l.index);
+        let now = tokio::time::Instant::now();
+        for a in std::mem::take(&mut waiting) {
+            if a.index <= applied {
+                answer(a.batch, Ok(a.response));
+            } else if now >= a.until || !raft_running {
+                // Committed, but this node cannot show it yet: its submitters would
+                // read state without their own write (a resumed session's queue and
+                // QoS 2 ids). They are told it is unavailable here instead.
+                tracing::info!(index = a.index, "forwarded write not applied here in time");
+                answer(
+                    a.batch,
+                    Err("committed, but not applied on this node in time".to_owned()),
+                );
+            } else {
+                waiting.push(a);
+            }
+        }
+        let next_deadline = waiting.iter().map(|a| a.until).min();
+        tokio::select! {
+            biased;
+            item = rx.recv(), if open => match item {
+                Some(a) => waiting.push(a),
+                None => open = false,
+            },
+            changed = metrics.changed(), if raft_running => {
+                raft_running = changed.is_ok();
+            }
+            _ = tokio::time::sleep_until(next_deadline.unwrap_or(now)), if next_deadline.is_some() => {}
+        }
+    }
+}
 
 /// How long a follower waits for a new leader before retrying an unreachable one.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);

@@ -375,7 +375,7 @@ async fn cluster_status(State(state): State<ApiState>) -> ApiResult {
     // Off the async runtime: the digest walks the whole state.
     let state_handle = api.broker.state.clone();
     // `None` while the state changes faster than a walk completes.
-    let digested = tokio::task::spawn_blocking(move || state_handle.digest())
+    let digested = storage::io::blocking(move || state_handle.digest())
         .await
         .map_err(|e| {
             ApiError(

@@ -201,6 +201,7 @@ pub async fn serve<H: ConnectionHandler>(
     let listening = Arc::new(Listening { handler, limits });
     loop {
         let accepted = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
