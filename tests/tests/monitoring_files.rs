@@ -170,9 +170,18 @@ fn grafanas_data_source_is_the_compose_prometheus_under_the_uid_the_dashboard_se
             .any(|p| p.ends_with(&format!(":{port}"))),
         "Prometheus listens on {port} in its container"
     );
-    // What the dashboard's data source variable starts on is this one.
-    let uid = source["uid"].as_str().expect("a fixed uid");
+    // The dashboard's data source variable starts on the import's input
+    // (`${DS_PROMETHEUS}`, which Grafana's import replaces by the source the user
+    // picks). File provisioning replaces nothing: the variable finds no source of
+    // that uid or name and takes the first Prometheus source, here the only one.
     let dashboard = dashboard();
+    let input = dashboard["__inputs"]
+        .as_array()
+        .expect("import inputs")
+        .iter()
+        .find(|i| i["type"] == "datasource" && i["pluginId"] == "prometheus")
+        .expect("a Prometheus data source input");
+    let placeholder = format!("${{{}}}", input["name"].as_str().expect("its name"));
     let variable = dashboard["templating"]["list"]
         .as_array()
         .expect("template variables")
@@ -183,11 +192,15 @@ fn grafanas_data_source_is_the_compose_prometheus_under_the_uid_the_dashboard_se
         variable["query"], "prometheus",
         "it lists Prometheus sources"
     );
-    assert_eq!(variable["current"]["value"], uid, "{variable}");
     assert_eq!(
-        variable["current"]["text"].as_str(),
-        source["name"].as_str(),
+        variable["current"]["value"],
+        placeholder.as_str(),
         "{variable}"
+    );
+    let uid = source["uid"].as_str().expect("a fixed uid");
+    assert_ne!(
+        uid, placeholder,
+        "the provisioned source is not taken for the input"
     );
 }
 
@@ -269,9 +282,10 @@ fn every_panel_and_query_of_the_dashboard_names_its_data_source_through_the_vari
     for variable in variables.iter().filter(|v| v["type"] == "query") {
         assert_eq!(variable["datasource"], through_variable, "{variable}");
     }
-    // `${DS_...}` placeholders are for the import dialog only: declared in
-    // `__inputs` (so the file still imports), used nowhere a provisioned dashboard
-    // would keep them unresolved.
+    // `${DS_...}` placeholders are for the import dialog: declared in `__inputs`, and
+    // used only as the data source variable's starting value, which a provisioned
+    // dashboard (nothing replaced) does not find and so falls back from. Anywhere
+    // else they would stay unresolved.
     let inputs = dashboard["__inputs"].as_array().expect("__inputs");
     assert!(
         inputs
@@ -281,6 +295,14 @@ fn every_panel_and_query_of_the_dashboard_names_its_data_source_through_the_vari
     );
     let mut rest = dashboard.clone();
     rest.as_object_mut().expect("an object").remove("__inputs");
+    for v in rest["templating"]["list"]
+        .as_array_mut()
+        .expect("template variables")
+        .iter_mut()
+        .filter(|v| v["type"] == "datasource")
+    {
+        v.as_object_mut().expect("an object").remove("current");
+    }
     let text = rest.to_string();
     assert!(
         !text.contains("${DS_"),
