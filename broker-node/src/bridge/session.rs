@@ -201,8 +201,15 @@ impl Session {
         self.subscribe_id = None;
     }
 
-    /// Send `o` now if the window allows, else when it does.
+    /// Send `o` now if the window allows, else when it does. A QoS 0 message while
+    /// no connection is up is dropped (at most once): kept, such messages would pile
+    /// up without bound through an outage, as nothing acknowledges them.
     pub fn publish(&mut self, o: Outgoing) -> Vec<Output> {
+        if !self.online && o.qos == QoS::AtMostOnce {
+            let mut out = Vec::new();
+            done(o.ticket, ReasonCode::Success, &mut out);
+            return out;
+        }
         self.waiting.push_back(o);
         let mut out = Vec::new();
         self.pump(&mut out);
@@ -515,8 +522,9 @@ mod tests {
             vec![Packet::PubRel(PubRel::new(id1, ReasonCode::Success))]
         );
         s.disconnected();
-        // Nothing goes while offline.
+        // Nothing goes while offline; QoS 0 is not kept for later.
         assert!(s.publish(message(3, QoS::AtLeastOnce)).is_empty());
+        assert!(sent(&s.publish(message(4, QoS::AtMostOnce))).is_empty());
 
         let again = sent(&s.connected(&connack(true)));
         assert_eq!(again.len(), 3, "{again:?}");
