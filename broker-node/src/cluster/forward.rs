@@ -9,9 +9,15 @@
 //! Bounds: each peer has a channel of `cluster.forward_buffer_messages` messages and at most
 //! [`WINDOW`] unacknowledged frames. A full channel slows the publisher (up to
 //! [`SLOW_PEER_WAIT`], then the message is dropped and counted); a peer that cannot be
-//! reached is marked down and messages for it are dropped at once (counted), so a dead
-//! peer never makes anything grow. Messages for persistent sessions do not take this
-//! path: they go through the replicated queues and survive the peer.
+//! reached is marked down, and a message for it never makes its publisher wait: it is
+//! queued only if the channel has room, and it starts an attempt to reach the peer at
+//! once (at most one per [`MIN_RETRY`]), travelling if that attempt opens the stream
+//! and dropped (counted) if it fails, so a dead peer never makes anything grow. Without
+//! that attempt, a peer that came back while the stream to it backed off lost every
+//! message sent before the next scheduled attempt (up to [`MAX_BACKOFF`]), though its
+//! clients had connected and subscribed through Raft meanwhile. Messages for
+//! persistent sessions do not take this path: they go through the replicated queues
+//! and survive the peer.
 //!
 //! This module owns the forwarding logic over plain values (queues, windows, frames of
 //! encoded entries, acknowledged sequence numbers); the gRPC stream that carries them
@@ -43,8 +49,12 @@ const FRAME_MESSAGES: usize = 4096;
 const FRAME_BYTES: usize = 1024 * 1024;
 /// How long a publisher waits for room in a slow peer's channel.
 pub const SLOW_PEER_WAIT: Duration = Duration::from_secs(1);
-/// Longest pause between attempts to reach a peer that is down.
+/// Longest pause between attempts to reach a peer that is down while nothing is sent
+/// to it.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Shortest pause between attempts to reach a peer that is down when messages wait
+/// for it.
+const MIN_RETRY: Duration = Duration::from_millis(100);
 
 /// One client on the peer a message is addressed to, with what its subscriptions
 /// decided on the receiving node (QoS already downgraded, RETAIN as it is to be sent,
@@ -222,7 +232,9 @@ impl Forwarder {
     }
 
     /// Queue `item` for `node`. With `want_ack`, the returned receiver fires once the
-    /// peer has delivered it (it is dropped unfired if the peer fails first).
+    /// peer has delivered it (it is dropped unfired if the peer fails first). For a
+    /// peer that is down, the message waits for one attempt to reach it, or is dropped
+    /// at once when the channel is full.
     pub async fn send(
         &self,
         node: NodeId,
@@ -230,26 +242,25 @@ impl Forwarder {
         want_ack: bool,
     ) -> Result<Option<oneshot::Receiver<()>>, NotForwarded> {
         let (tx, link) = self.peer(node);
-        let outcome = if !link.up.load(Ordering::Acquire) {
-            Err(NotForwarded::PeerDown)
+        let (ack, rx) = if want_ack {
+            let (ack, rx) = oneshot::channel();
+            (Some(ack), Some(rx))
         } else {
-            let (ack, rx) = if want_ack {
-                let (ack, rx) = oneshot::channel();
-                (Some(ack), Some(rx))
-            } else {
-                (None, None)
-            };
-            let outgoing = Outgoing { item, ack };
-            let sent = match tx.try_send(outgoing) {
-                Ok(()) => Ok(()),
-                Err(mpsc::error::TrySendError::Full(outgoing)) => tx
-                    .send_timeout(outgoing, SLOW_PEER_WAIT)
-                    .await
-                    .map_err(|_| NotForwarded::PeerSlow),
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(NotForwarded::PeerDown),
-            };
-            sent.map(|()| rx)
+            (None, None)
         };
+        let outgoing = Outgoing { item, ack };
+        let sent = match tx.try_send(outgoing) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) if !link.up.load(Ordering::Acquire) => {
+                Err(NotForwarded::PeerDown)
+            }
+            Err(mpsc::error::TrySendError::Full(outgoing)) => tx
+                .send_timeout(outgoing, SLOW_PEER_WAIT)
+                .await
+                .map_err(|_| NotForwarded::PeerSlow),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(NotForwarded::PeerDown),
+        };
+        let outcome = sent.map(|()| rx);
         if let Err(why) = &outcome {
             let reason = match why {
                 NotForwarded::PeerDown => "peer_down",
@@ -325,6 +336,13 @@ async fn run_peer(
     let peer_up = metrics::gauge!("flockmq_forward_peer_up", "peer" => label.clone());
     let errors = |kind: &'static str| metrics::counter!("flockmq_forward_errors_total", "peer" => label.clone(), "kind" => kind);
     let dropped = metrics::counter!("flockmq_forward_dropped_total", "peer" => label.clone(), "reason" => "peer_down");
+    let lost = |n: u64| {
+        metrics::counter!("flockmq_messages_dropped_total", "reason" => "peer_down").increment(n);
+        dropped.increment(n);
+        link.dropped.fetch_add(n, Ordering::Relaxed);
+    };
+    // A message that came while the peer was down and waits for the next attempt.
+    let mut held: Option<Outgoing> = None;
     loop {
         let addr = metrics
             .borrow()
@@ -337,12 +355,12 @@ async fn run_peer(
             None => Err(format!("node {node} is not a member")),
         };
         match opened {
-            Ok((frames, acks)) => {
+            Ok(stream) => {
                 tracing::info!(peer = node, "forward stream open");
                 up.store(true, Ordering::Release);
                 peer_up.set(1.0);
                 backoff = Duration::from_millis(100);
-                let ended = pump(own, node, &mut rx, frames, acks, &link, &shutdown).await;
+                let ended = pump(own, node, &mut rx, held.take(), stream, &link, &shutdown).await;
                 up.store(false, Ordering::Release);
                 peer_up.set(0.0);
                 match ended {
@@ -358,37 +376,48 @@ async fn run_peer(
                 peer_up.set(0.0);
                 errors("connect").increment(1);
                 tracing::debug!(peer = node, error = %e, "peer unreachable");
+                // What waited for this attempt is lost with it, not kept for the next.
+                let mut n = u64::from(held.take().is_some());
+                while rx.try_recv().is_ok() {
+                    n += 1;
+                }
+                if n > 0 {
+                    lost(n);
+                }
             }
         }
-        // While the peer is down, what is already queued is dropped, not kept.
-        let until = tokio::time::Instant::now() + backoff;
-        loop {
+        // While nothing is sent to the peer, attempts back off; a message starts the
+        // next one at once, but not within MIN_RETRY of the last.
+        let now = tokio::time::Instant::now();
+        let until = now + backoff;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(until) => {}
+            item = rx.recv() => match item {
+                Some(o) => held = Some(o),
+                None => return,
+            },
+        }
+        if held.is_some() {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep_until(until) => break,
-                item = rx.recv() => match item {
-                    Some(_) => {
-                        metrics::counter!("flockmq_messages_dropped_total", "reason" => "peer_down").increment(1);
-                        dropped.increment(1);
-                        link.drop_one();
-                    }
-                    None => return,
-                },
+                _ = tokio::time::sleep_until(now + MIN_RETRY) => {}
             }
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// Move messages from the channel to the stream in frames and fire acknowledgements
-/// as the peer confirms frames.
+/// Move messages (`held` first) from the channel to the open `stream` in frames and
+/// fire acknowledgements as the peer confirms frames.
 async fn pump(
     own: NodeId,
     node: NodeId,
     rx: &mut mpsc::Receiver<Outgoing>,
-    frames: FrameSender,
-    mut acks: Acks,
+    mut held: Option<Outgoing>,
+    (frames, mut acks): (FrameSender, Acks),
     link: &Link,
     shutdown: &CancellationToken,
 ) -> Ended {
@@ -403,55 +432,60 @@ async fn pump(
     let mut pending: VecDeque<(u64, Instant, Vec<oneshot::Sender<()>>)> = VecDeque::new();
     let mut seq = 0u64;
     loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ended::Stop,
-            ack = acks.next() => match ack {
-                Some(acked) => {
-                    while pending.front().is_some_and(|(s, _, _)| *s <= acked) {
-                        if let Some((_, sent_at, waiters)) = pending.pop_front() {
-                            ack_latency.record(crate::clock::now().saturating_duration_since(sent_at).as_secs_f64());
-                            for w in waiters {
-                                let _ = w.send(());
+        let first = match held.take() {
+            Some(first) => first,
+            None => tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ended::Stop,
+                ack = acks.next() => match ack {
+                    Some(acked) => {
+                        while pending.front().is_some_and(|(s, _, _)| *s <= acked) {
+                            if let Some((_, sent_at, waiters)) = pending.pop_front() {
+                                ack_latency.record(crate::clock::now().saturating_duration_since(sent_at).as_secs_f64());
+                                for w in waiters {
+                                    let _ = w.send(());
+                                }
                             }
                         }
+                        continue;
                     }
-                }
-                None => return Ended::Broken,
+                    None => return Ended::Broken,
+                },
+                first = rx.recv(), if pending.len() < WINDOW => match first {
+                    Some(first) => first,
+                    None => return Ended::Stop,
+                },
             },
-            first = rx.recv(), if pending.len() < WINDOW => {
-                let Some(first) = first else { return Ended::Stop };
-                let mut items = Vec::with_capacity(16);
-                let mut waiters = Vec::new();
-                let mut bytes = 0;
-                let mut next = Some(first);
-                while let Some(o) = next.take() {
-                    bytes += o.item.message.payload.len() + o.item.message.topic.len();
-                    items.push(o.item);
-                    waiters.extend(o.ack);
-                    if items.len() < FRAME_MESSAGES && bytes < FRAME_BYTES {
-                        next = rx.try_recv().ok();
-                    }
-                }
-                let items_len = items.len() as u64;
-                let mut entries = Vec::with_capacity(super::frame::encoded_len(&items));
-                if let Err(e) = super::frame::encode(&items, crate::clock::unix_ms(), &mut entries) {
-                    // Limits are checked on the way in, so this is a bug: the frame is
-                    // lost, its publishers' acknowledgements are dropped unfired.
-                    tracing::error!(error = %e, "cannot encode forward frame");
-                    continue;
-                }
-                seq += 1;
-                frames_sent.increment(1);
-                sent.increment(items_len);
-                link.sent.fetch_add(items_len, Ordering::Relaxed);
-                frame_messages.record(items_len as f64);
-                bytes_sent.increment(entries.len() as u64);
-                if frames.send(seq, own, entries.into()).await.is_err() {
-                    return Ended::Broken;
-                }
-                pending.push_back((seq, crate::clock::now(), waiters));
+        };
+        let mut items = Vec::with_capacity(16);
+        let mut waiters = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(o) = next.take() {
+            bytes += o.item.message.payload.len() + o.item.message.topic.len();
+            items.push(o.item);
+            waiters.extend(o.ack);
+            if items.len() < FRAME_MESSAGES && bytes < FRAME_BYTES {
+                next = rx.try_recv().ok();
             }
         }
+        let items_len = items.len() as u64;
+        let mut entries = Vec::with_capacity(super::frame::encoded_len(&items));
+        if let Err(e) = super::frame::encode(&items, crate::clock::unix_ms(), &mut entries) {
+            // Limits are checked on the way in, so this is a bug: the frame is
+            // lost, its publishers' acknowledgements are dropped unfired.
+            tracing::error!(error = %e, "cannot encode forward frame");
+            continue;
+        }
+        seq += 1;
+        frames_sent.increment(1);
+        sent.increment(items_len);
+        link.sent.fetch_add(items_len, Ordering::Relaxed);
+        frame_messages.record(items_len as f64);
+        bytes_sent.increment(entries.len() as u64);
+        if frames.send(seq, own, entries.into()).await.is_err() {
+            return Ended::Broken;
+        }
+        pending.push_back((seq, crate::clock::now(), waiters));
     }
 }

@@ -27,6 +27,10 @@ use crate::cluster::command::NodeId;
 pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// HTTP/2 flow-control window of a whole peer connection.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// How long opening a stream may take: dialing, then the peer's answer to the call.
+/// A paused peer's kernel still accepts the connection; without this bound an attempt
+/// (and the messages that wait for it) would last until HTTP/2 keep-alive gave up.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest frame either side decodes.
 const MAX_MESSAGE_BYTES: usize = super::RPC_MESSAGE_LIMIT;
 
@@ -136,8 +140,14 @@ impl Acks {
 }
 
 /// Open a forward stream to the node at `addr`, with room for `window` frames
-/// queued on the way out.
+/// queued on the way out; fails after [`OPEN_TIMEOUT`].
 pub async fn open(addr: &str, window: usize) -> Result<(FrameSender, Acks), String> {
+    tokio::time::timeout(OPEN_TIMEOUT, open_now(addr, window))
+        .await
+        .map_err(|_| format!("peer {addr} did not open the forward stream in {OPEN_TIMEOUT:?}"))?
+}
+
+async fn open_now(addr: &str, window: usize) -> Result<(FrameSender, Acks), String> {
     let endpoint = crate::cluster::tls::endpoint(addr)?
         .connect_timeout(Duration::from_secs(2))
         .initial_stream_window_size(STREAM_WINDOW)
