@@ -2,11 +2,10 @@
 //! sockets of every relayed connection are shut down at once, as a broken network
 //! path looks to each end. New connections are relayed again right after.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// The relay; stops accepting and cuts everything when dropped.
 pub struct Relay {
@@ -25,7 +24,6 @@ impl Relay {
     /// Relay connections made to the returned relay's address to `to`.
     pub fn start(to: SocketAddr) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
-        listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("relay address");
         let shared = Arc::new(Shared {
             open: Mutex::new(Vec::new()),
@@ -33,14 +31,15 @@ impl Relay {
             stop: AtomicBool::new(false),
         });
         let s = shared.clone();
+        // Blocking accepts; dropping the relay wakes the last one with a connection
+        // of its own.
         std::thread::spawn(move || {
-            while !s.stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((inbound, _)) => relay(inbound, to, &s),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            for inbound in listener.incoming() {
+                if s.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Ok(inbound) = inbound {
+                    relay(inbound, to, &s);
                 }
             }
         });
@@ -74,12 +73,12 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
         self.cut();
     }
 }
 
 fn relay(inbound: TcpStream, to: SocketAddr, shared: &Shared) {
-    let _ = inbound.set_nonblocking(false);
     let Ok(outbound) = TcpStream::connect(to) else {
         let _ = inbound.shutdown(Shutdown::Both);
         return;

@@ -497,6 +497,14 @@ mod tests {
         })
     }
 
+    /// The connection breaks and comes back with the session; the remote sends
+    /// message `id` again.
+    fn resent_after_reconnection(s: &mut Session, id: u16, qos: QoS) -> Vec<Output> {
+        s.disconnected();
+        s.connected(&connack(true));
+        s.received(remote_publish(id, qos, true)).unwrap()
+    }
+
     fn delivered(out: &[Output]) -> usize {
         out.iter()
             .filter(|o| matches!(o, Output::Deliver(..)))
@@ -584,11 +592,7 @@ mod tests {
             .unwrap();
         assert_eq!(delivered(&out), 1);
         // The connection breaks before the link acknowledges; the remote sends it again.
-        s.disconnected();
-        s.connected(&connack(true));
-        let out = s
-            .received(remote_publish(7, QoS::ExactlyOnce, true))
-            .unwrap();
+        let out = resent_after_reconnection(&mut s, 7, QoS::ExactlyOnce);
         assert_eq!(delivered(&out), 0);
         let ack = Ack {
             packet_id: 7,
@@ -599,11 +603,7 @@ mod tests {
             vec![Packet::PubRec(PubRec::new(7, ReasonCode::Success))]
         );
         // PUBREC lost with the connection: the remote sends the PUBLISH again.
-        s.disconnected();
-        s.connected(&connack(true));
-        let out = s
-            .received(remote_publish(7, QoS::ExactlyOnce, true))
-            .unwrap();
+        let out = resent_after_reconnection(&mut s, 7, QoS::ExactlyOnce);
         assert_eq!(delivered(&out), 0);
         assert_eq!(
             sent(&out),
@@ -640,10 +640,7 @@ mod tests {
             qos: QoS::AtLeastOnce,
         };
         assert!(s.ack(ack).is_empty());
-        s.connected(&connack(true));
-        let out = s
-            .received(remote_publish(3, QoS::AtLeastOnce, true))
-            .unwrap();
+        let out = resent_after_reconnection(&mut s, 3, QoS::AtLeastOnce);
         assert_eq!(delivered(&out), 0);
         assert_eq!(
             sent(&out),

@@ -871,24 +871,9 @@ impl Machine {
             }
         };
         if !world.may_publish(self.username.as_deref(), &self.client_id, &topic) {
-            // v5 says so in the acknowledgement; v3 has no way to, and (like
-            // Mosquitto) acknowledges and drops.
             tracing::debug!(client_id = %self.client_id, %topic, "publish denied by the ACL");
-            metrics::counter!("flockmq_messages_dropped_total", "reason" => "acl").increment(1);
-            // A v5 PUBREC with an error ends a QoS 2 flow; in v3 the PUBREL that
-            // follows completes it as usual.
-            if p.qos == QoS::ExactlyOnce && v5 {
-                self.inbound_qos2.release(packet_id);
-            }
-            let code = if v5 {
-                ReasonCode::NotAuthorized
-            } else {
-                ReasonCode::Success
-            };
-            if let Some(packet) = refuse(code) {
-                self.ready(packet, world);
-            }
-            return None;
+            world.dropped("acl");
+            return self.acknowledge_dropped(p.qos, packet_id, ReasonCode::NotAuthorized, world);
         }
         if let Err(code) = check_topic_limits(world.config(), &topic) {
             tracing::info!(client_id = %self.client_id, %topic, "publish topic over limits");
@@ -906,21 +891,10 @@ impl Machine {
 
         if p.retain && !p.payload.is_empty() && world.retained_full(&topic) {
             // Retaining it would pass mqtt.max_retained_messages: refused whole (not
-            // delivered either), with a code where the protocol has one.
+            // delivered either).
             tracing::info!(client_id = %self.client_id, %topic, "retained publish refused: mqtt.max_retained_messages reached");
             world.dropped("retained_quota");
-            if p.qos == QoS::ExactlyOnce && v5 {
-                self.inbound_qos2.release(packet_id);
-            }
-            let code = if v5 {
-                ReasonCode::QuotaExceeded
-            } else {
-                ReasonCode::Success
-            };
-            if let Some(packet) = refuse(code) {
-                self.ready(packet, world);
-            }
-            return None;
+            return self.acknowledge_dropped(p.qos, packet_id, ReasonCode::QuotaExceeded, world);
         }
         let message = Arc::new(Message {
             topic: Arc::from(topic),
@@ -961,6 +935,31 @@ impl Machine {
             inbound,
             slot,
         });
+        None
+    }
+
+    /// Answer a publish that is dropped, not delivered: v5 says why with `code` in
+    /// its acknowledgement; 3.x has no way to, and (like Mosquitto) acknowledges it.
+    /// A v5 PUBREC with an error ends a QoS 2 flow; in 3.x the PUBREL that follows
+    /// completes it as usual.
+    fn acknowledge_dropped(
+        &mut self,
+        qos: QoS,
+        packet_id: u16,
+        code: ReasonCode,
+        world: &mut impl World,
+    ) -> Option<End> {
+        let v5 = self.version == ProtocolVersion::V5;
+        if qos == QoS::ExactlyOnce && v5 {
+            self.inbound_qos2.release(packet_id);
+        }
+        let code = if v5 { code } else { ReasonCode::Success };
+        let packet = match qos {
+            QoS::AtMostOnce => return None,
+            QoS::AtLeastOnce => Packet::PubAck(PubAck::new(packet_id, code)),
+            QoS::ExactlyOnce => Packet::PubRec(PubRec::new(packet_id, code)),
+        };
+        self.ready(packet, world);
         None
     }
 
