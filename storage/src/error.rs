@@ -31,6 +31,9 @@ pub(crate) enum Error {
         /// The decoder's complaint.
         source: bincode::Error,
     },
+    /// A snapshot file could not be created, written, read or renamed.
+    #[error("snapshot file: {0}")]
+    Io(#[from] std::io::Error),
     /// A key in the `logs` tree is not an 8-byte big-endian index.
     #[error("malformed log key of {0} bytes")]
     MalformedLogKey(usize),

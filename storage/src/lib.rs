@@ -27,14 +27,15 @@ mod commit_clock;
 mod error;
 pub mod io;
 mod log_store;
+mod snapshot_file;
 mod state_machine;
 
-use std::io::Cursor;
 use std::path::Path;
 
 use openraft::{Entry, ErrorSubject, ErrorVerb, RaftTypeConfig, StorageError};
 
 pub use log_store::LogStore;
+pub use snapshot_file::SnapshotFile;
 pub use state_machine::{Machine, MachineHandle, SnapshotBuilder, StateMachineStore};
 
 use crate::error::ResultExt;
@@ -54,7 +55,7 @@ pub fn open<C, M>(
     machine: M,
 ) -> Result<(LogStore<C>, StateMachineStore<C, M>), StorageError<C::NodeId>>
 where
-    C: RaftTypeConfig<Entry = Entry<C>, SnapshotData = Cursor<Vec<u8>>>,
+    C: RaftTypeConfig<Entry = Entry<C>, SnapshotData = SnapshotFile>,
     C::R: Default,
     M: Machine<C>,
 {
@@ -78,6 +79,6 @@ where
     let committed = log_store
         .committed_at_open()
         .sto(ErrorSubject::Store, ErrorVerb::Read)?;
-    let state_machine = StateMachineStore::open(db, snapshots, machine, committed, clock)?;
+    let state_machine = StateMachineStore::open(db, snapshots, path, machine, committed, clock)?;
     Ok((log_store, state_machine))
 }

@@ -6,8 +6,11 @@
 //! looks inside a command or a snapshot's bytes.
 //!
 //! Durability model ("persistent snapshot", in openraft's words): `apply` only changes
-//! memory; every snapshot is written to sled's `snapshot` tree (metadata and data in one
-//! atomic batch, only the latest kept) and fsynced before it is reported. At open the
+//! memory; every snapshot is written to a file of its own ([`crate::snapshot_file`]),
+//! fsynced, and then named in sled's `snapshot` tree (only the latest kept), before it is
+//! reported. The machine is serialized into that file and restored from it as a stream:
+//! no step (build, send, receive, install, load) holds the snapshot's bytes in memory
+//! whole. At open the
 //! machine is restored from that snapshot, and openraft re-applies the committed log
 //! after it (the log store persists the committed id), so after a crash, `kill -9`
 //! included, the machine converges back to the same state.
@@ -21,7 +24,7 @@
 //! anything else writing to it would break "the same log gives the same state".
 
 use std::fmt::Debug;
-use std::io::Cursor;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -34,6 +37,7 @@ use openraft::{
 use crate::codec::{self, KEY_SNAPSHOT_DATA, KEY_SNAPSHOT_META};
 use crate::commit_clock::CommitClock;
 use crate::error::{Error, ResultExt};
+use crate::snapshot_file::{SnapshotDir, SnapshotFile};
 
 /// The broker's replicated state, as storage sees it: apply commands, serialize, restore.
 ///
@@ -55,13 +59,17 @@ pub trait Machine<C: RaftTypeConfig>: Send + Sync + 'static {
         None
     }
 
-    /// Serializes the whole state; called while building a snapshot.
-    fn snapshot(&self) -> Result<Vec<u8>, Self::Error>;
+    /// Serializes the whole state into `out` (a buffered snapshot file) while building a
+    /// snapshot. Write it as a stream: the state may be larger than a second copy of
+    /// it in memory could be.
+    fn snapshot(&self, out: &mut dyn Write) -> Result<(), Self::Error>;
 
-    /// Replaces the whole state with the one serialized in `data` (from [`Machine::snapshot`],
-    /// possibly on another node). On error, leave the state as it was: the store then
+    /// Replaces the whole state with the one serialized in `input` (by
+    /// [`Machine::snapshot`], possibly on another node), read as a stream of `len`
+    /// bytes: no length read from it can be honest beyond that, so a decoder can refuse
+    /// one before allocating it. On error, leave the state as it was: the store then
     /// reports a storage error and keeps its old `last_applied` (openraft stops the node).
-    fn restore(&mut self, data: &[u8]) -> Result<(), Self::Error>;
+    fn restore(&mut self, input: &mut dyn Read, len: u64) -> Result<(), Self::Error>;
 
     /// Called once at open, after any snapshot is restored, with the committed log id the
     /// log store had saved before this process started: openraft is about to re-apply
@@ -82,12 +90,17 @@ struct Applied<C: RaftTypeConfig, M> {
     last_membership: StoredMembership<C::NodeId, C::Node>,
 }
 
+/// A snapshot's metadata under config `C`.
+type Meta<C> = SnapshotMeta<<C as RaftTypeConfig>::NodeId, <C as RaftTypeConfig>::Node>;
+
 /// Shared pieces of a [`StateMachineStore`]; its snapshot builders and handles hold the same.
 struct Shared<C: RaftTypeConfig, M> {
     /// The machine and its log pointers, under one lock so they never disagree.
     applied: RwLock<Applied<C, M>>,
-    /// The `snapshot` tree: keys `meta` and `data`, the latest snapshot only.
+    /// The `snapshot` tree: key `meta`, the latest snapshot's metadata.
     snapshots: sled::Tree,
+    /// The snapshot files; the one `meta` names is the latest snapshot.
+    files: SnapshotDir,
     /// Serializes snapshot writes so an older build never overwrites a newer install.
     persist_lock: Mutex<()>,
     /// Source of unique, restart-proof snapshot ids (`sled::Db::generate_id`).
@@ -102,51 +115,101 @@ impl<C: RaftTypeConfig, M> Shared<C, M> {
     fn write(&self) -> Result<RwLockWriteGuard<'_, Applied<C, M>>, Error> {
         self.applied.write().map_err(|_| Error::Poisoned)
     }
-}
 
-/// A persisted snapshot: its metadata and the machine's bytes.
-struct StoredSnapshot<C: RaftTypeConfig> {
-    meta: SnapshotMeta<C::NodeId, C::Node>,
-    data: Vec<u8>,
-}
-
-/// Reads the latest persisted snapshot, if any.
-fn load_snapshot<C: RaftTypeConfig>(tree: &sled::Tree) -> Result<Option<StoredSnapshot<C>>, Error> {
-    let meta = tree.get(KEY_SNAPSHOT_META)?;
-    let data = tree.get(KEY_SNAPSHOT_DATA)?;
-    match (meta, data) {
-        (None, None) => Ok(None),
-        (Some(meta), Some(data)) => Ok(Some(StoredSnapshot {
-            meta: codec::decode("snapshot meta", &meta)?,
-            data: data.to_vec(),
-        })),
-        (Some(_), None) => Err(Error::IncompleteSnapshot("metadata without data")),
-        (None, Some(_)) => Err(Error::IncompleteSnapshot("data without metadata")),
+    /// The latest persisted snapshot's metadata, if any.
+    fn current_meta(&self) -> Result<Option<Meta<C>>, Error> {
+        self.snapshots
+            .get(KEY_SNAPSHOT_META)?
+            .map(|meta| codec::decode("snapshot meta", &meta))
+            .transpose()
     }
 }
 
-/// Writes `snapshot` as the latest one and fsyncs, unless a newer one is already stored.
-/// Blocking: call it from `spawn_blocking`.
-fn persist_snapshot<C: RaftTypeConfig, M>(
-    shared: &Shared<C, M>,
-    snapshot: &StoredSnapshot<C>,
-) -> Result<(), Error> {
-    let _guard = shared.persist_lock.lock().map_err(|_| Error::Poisoned)?;
-    if let Some(current) = shared.snapshots.get(KEY_SNAPSHOT_META)? {
-        let current: SnapshotMeta<C::NodeId, C::Node> = codec::decode("snapshot meta", &current)?;
-        if current.last_log_id > snapshot.meta.last_log_id {
-            tracing::debug!(kept = %current, dropped = %snapshot.meta, "a newer snapshot is already stored");
-            return Ok(());
+impl<C: RaftTypeConfig<SnapshotData = SnapshotFile>, M> Shared<C, M> {
+    /// The latest persisted snapshot, its file open at the start.
+    fn current(&self) -> Result<Option<Snapshot<C>>, Error> {
+        match self.current_meta()? {
+            None => Ok(None),
+            Some(meta) => {
+                let file = self.files.read(&meta.snapshot_id)?;
+                Ok(Some(Snapshot {
+                    meta,
+                    snapshot: Box::new(file),
+                }))
+            }
         }
     }
-    let mut batch = sled::Batch::default();
-    batch.insert(
-        KEY_SNAPSHOT_META,
-        codec::encode("snapshot meta", &snapshot.meta)?,
-    );
-    batch.insert(KEY_SNAPSHOT_DATA, snapshot.data.as_slice());
-    shared.snapshots.apply_batch(batch)?;
-    shared.snapshots.flush()?;
+
+    /// Makes `file` the latest snapshot, `meta`: fsynced and renamed, then named in the
+    /// `snapshot` tree and flushed, then older files removed; unless a newer one is
+    /// already stored, when `file` is left partial (removed on drop). Blocking.
+    fn persist(
+        &self,
+        meta: &SnapshotMeta<C::NodeId, C::Node>,
+        file: &mut SnapshotFile,
+    ) -> Result<(), Error> {
+        let _guard = self.persist_lock.lock().map_err(|_| Error::Poisoned)?;
+        if let Some(current) = self.current_meta()? {
+            if current.last_log_id > meta.last_log_id {
+                tracing::debug!(kept = %current, dropped = %meta, "a newer snapshot is already stored");
+                return Ok(());
+            }
+        }
+        self.files.keep(file, &meta.snapshot_id)?;
+        self.snapshots
+            .insert(KEY_SNAPSHOT_META, codec::encode("snapshot meta", meta)?)?;
+        self.snapshots.flush()?;
+        self.files.remove_all_but(Some(&meta.snapshot_id))?;
+        Ok(())
+    }
+}
+
+/// Serializes `machine` into `file`, through a buffer. Blocking.
+fn write_machine<C: RaftTypeConfig, M: Machine<C>>(
+    machine: &M,
+    file: &mut SnapshotFile,
+) -> Result<(), Error> {
+    let mut out = BufWriter::with_capacity(1 << 16, file.file());
+    machine
+        .snapshot(&mut out)
+        .map_err(|e| Error::Machine(e.to_string()))?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Restores `machine` from `file`, from its start, through a buffer. Blocking.
+fn read_machine<C: RaftTypeConfig, M: Machine<C>>(
+    machine: &mut M,
+    file: &mut SnapshotFile,
+) -> Result<(), Error> {
+    let len = file.len()?;
+    file.file().seek(SeekFrom::Start(0))?;
+    let mut input = BufReader::with_capacity(1 << 16, file.file());
+    machine
+        .restore(&mut input, len)
+        .map_err(|e| Error::Machine(e.to_string()))
+}
+
+/// A store written by an earlier release kept the snapshot's bytes in the `snapshot`
+/// tree itself: move them into a file of their own (then out of the tree). Blocking.
+fn move_snapshot_out_of_tree<C: RaftTypeConfig>(
+    tree: &sled::Tree,
+    files: &SnapshotDir,
+    db: &sled::Db,
+) -> Result<(), Error> {
+    let Some(data) = tree.get(KEY_SNAPSHOT_DATA)? else {
+        return Ok(());
+    };
+    let meta: SnapshotMeta<C::NodeId, C::Node> = match tree.get(KEY_SNAPSHOT_META)? {
+        Some(meta) => codec::decode("snapshot meta", &meta)?,
+        None => return Err(Error::IncompleteSnapshot("data without metadata")),
+    };
+    let mut file = files.create(db.generate_id()?)?;
+    file.file().write_all(&data)?;
+    files.keep(&mut file, &meta.snapshot_id)?;
+    tree.remove(KEY_SNAPSHOT_DATA)?;
+    tree.flush()?;
+    tracing::info!(snapshot = %meta, bytes = data.len(), "snapshot moved from the store's tree into its own file");
     Ok(())
 }
 
@@ -221,45 +284,58 @@ impl<C: RaftTypeConfig, M> MachineHandle<C, M> {
 
 impl<C, M> StateMachineStore<C, M>
 where
-    C: RaftTypeConfig<Entry = Entry<C>, SnapshotData = Cursor<Vec<u8>>>,
+    C: RaftTypeConfig<Entry = Entry<C>, SnapshotData = SnapshotFile>,
     C::R: Default,
     M: Machine<C>,
 {
-    /// Builds the store over the `snapshot` tree, restoring `machine` from the persisted
-    /// snapshot if there is one. Blocking.
+    /// Builds the store over the `snapshot` tree and the snapshot files in `dir` (inside
+    /// the sled directory), restoring `machine` from the persisted snapshot if there is
+    /// one. Blocking.
     pub(crate) fn open(
         db: sled::Db,
         snapshots: sled::Tree,
-        mut machine: M,
+        dir: &std::path::Path,
+        machine: M,
         committed: Option<LogId<C::NodeId>>,
         clock: CommitClock,
     ) -> Result<Self, StorageError<C::NodeId>> {
-        let mut last_applied = None;
-        let mut last_membership = StoredMembership::default();
-        if let Some(snapshot) =
-            load_snapshot::<C>(&snapshots).sto(ErrorSubject::Snapshot(None), ErrorVerb::Read)?
-        {
-            let signature = Some(snapshot.meta.signature());
-            machine
-                .restore(&snapshot.data)
-                .map_err(|e| Error::Machine(e.to_string()))
-                .sto(ErrorSubject::Snapshot(signature), ErrorVerb::Read)?;
-            tracing::info!(snapshot = %snapshot.meta, "state machine restored from snapshot");
-            last_applied = snapshot.meta.last_log_id;
-            last_membership = snapshot.meta.last_membership;
-        }
-        machine.recovering(committed.as_ref());
-        Ok(Self {
-            shared: Arc::new(Shared {
-                applied: RwLock::new(Applied {
-                    machine,
-                    last_applied,
-                    last_membership,
-                }),
-                snapshots,
-                persist_lock: Mutex::new(()),
-                db,
+        let files = SnapshotDir::open(dir).sto(ErrorSubject::Snapshot(None), ErrorVerb::Read)?;
+        move_snapshot_out_of_tree::<C>(&snapshots, &files, &db)
+            .sto(ErrorSubject::Snapshot(None), ErrorVerb::Write)?;
+        let shared = Shared {
+            applied: RwLock::new(Applied {
+                machine,
+                last_applied: None,
+                last_membership: StoredMembership::default(),
             }),
+            snapshots,
+            files,
+            persist_lock: Mutex::new(()),
+            db,
+        };
+        let current = shared
+            .current()
+            .sto(ErrorSubject::Snapshot(None), ErrorVerb::Read)?;
+        shared
+            .files
+            .remove_all_but(current.as_ref().map(|c| c.meta.snapshot_id.as_str()))
+            .sto(ErrorSubject::Snapshot(None), ErrorVerb::Write)?;
+        {
+            let mut applied = shared
+                .write()
+                .sto(ErrorSubject::StateMachine, ErrorVerb::Write)?;
+            if let Some(mut snapshot) = current {
+                let signature = Some(snapshot.meta.signature());
+                read_machine::<C, M>(&mut applied.machine, &mut snapshot.snapshot)
+                    .sto(ErrorSubject::Snapshot(signature), ErrorVerb::Read)?;
+                tracing::info!(snapshot = %snapshot.meta, "state machine restored from snapshot");
+                applied.last_applied = snapshot.meta.last_log_id;
+                applied.last_membership = snapshot.meta.last_membership;
+            }
+            applied.machine.recovering(committed.as_ref());
+        }
+        Ok(Self {
+            shared: Arc::new(shared),
             clock,
         })
     }
@@ -288,7 +364,7 @@ pub struct SnapshotBuilder<C: RaftTypeConfig, M> {
 
 impl<C, M> RaftSnapshotBuilder<C> for SnapshotBuilder<C, M>
 where
-    C: RaftTypeConfig<Entry = Entry<C>, SnapshotData = Cursor<Vec<u8>>>,
+    C: RaftTypeConfig<Entry = Entry<C>, SnapshotData = SnapshotFile>,
     C::R: Default,
     M: Machine<C>,
 {
@@ -296,62 +372,65 @@ where
         let started = std::time::Instant::now();
         let shared = Arc::clone(&self.shared);
         // Serializing and fsyncing block: keep them off the async workers.
-        let stored = crate::io::blocking(
-            move || -> Result<StoredSnapshot<C>, StorageError<C::NodeId>> {
-                let (data, last_log_id, last_membership) = {
-                    let applied = shared
-                        .read()
-                        .sto(ErrorSubject::StateMachine, ErrorVerb::Read)?;
-                    let data = applied
-                        .machine
-                        .snapshot()
-                        .map_err(|e| Error::Machine(e.to_string()))
-                        .sto(ErrorSubject::StateMachine, ErrorVerb::Read)?;
-                    (
-                        data,
-                        applied.last_applied.clone(),
-                        applied.last_membership.clone(),
-                    )
-                };
+        let snapshot =
+            crate::io::blocking(move || -> Result<Snapshot<C>, StorageError<C::NodeId>> {
                 let id = shared
                     .db
                     .generate_id()
                     .sto(ErrorSubject::Snapshot(None), ErrorVerb::Write)?;
+                let mut file = shared
+                    .files
+                    .create(id)
+                    .sto(ErrorSubject::Snapshot(None), ErrorVerb::Write)?;
+                // Under the read lock: the file pairs with exactly `last_applied`. The
+                // writes land in the page cache; the fsync comes after the lock.
+                let (last_log_id, last_membership) = {
+                    let applied = shared
+                        .read()
+                        .sto(ErrorSubject::StateMachine, ErrorVerb::Read)?;
+                    write_machine::<C, M>(&applied.machine, &mut file)
+                        .sto(ErrorSubject::StateMachine, ErrorVerb::Read)?;
+                    (
+                        applied.last_applied.clone(),
+                        applied.last_membership.clone(),
+                    )
+                };
                 let snapshot_id = match &last_log_id {
                     Some(log_id) => format!("{}-{}-{id}", log_id.leader_id, log_id.index),
                     None => format!("none-{id}"),
                 };
-                let stored = StoredSnapshot {
-                    meta: SnapshotMeta {
-                        last_log_id,
-                        last_membership,
-                        snapshot_id,
-                    },
-                    data,
+                let meta = SnapshotMeta {
+                    last_log_id,
+                    last_membership,
+                    snapshot_id,
                 };
-                let signature = Some(stored.meta.signature());
-                persist_snapshot(&shared, &stored)
-                    .sto(ErrorSubject::Snapshot(signature), ErrorVerb::Write)?;
-                Ok(stored)
-            },
-        )
-        .await
-        .sto(ErrorSubject::Snapshot(None), ErrorVerb::Write)??;
+                let signature = Some(meta.signature());
+                shared
+                    .persist(&meta, &mut file)
+                    .sto(ErrorSubject::Snapshot(signature.clone()), ErrorVerb::Write)?;
+                file.file()
+                    .seek(SeekFrom::Start(0))
+                    .sto(ErrorSubject::Snapshot(signature), ErrorVerb::Read)?;
+                Ok(Snapshot {
+                    meta,
+                    snapshot: Box::new(file),
+                })
+            })
+            .await
+            .sto(ErrorSubject::Snapshot(None), ErrorVerb::Write)??;
+        let bytes = snapshot.snapshot.len().unwrap_or(0);
         metrics::counter!("flockmq_raft_snapshots_total", "kind" => "built").increment(1);
         metrics::histogram!("flockmq_raft_snapshot_duration_seconds", "kind" => "built")
             .record(started.elapsed().as_secs_f64());
-        metrics::gauge!("flockmq_raft_snapshot_bytes").set(stored.data.len() as f64);
-        tracing::info!(snapshot = %stored.meta, bytes = stored.data.len(), "snapshot built");
-        Ok(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
-        })
+        metrics::gauge!("flockmq_raft_snapshot_bytes").set(bytes as f64);
+        tracing::info!(snapshot = %snapshot.meta, bytes, "snapshot built");
+        Ok(snapshot)
     }
 }
 
 impl<C, M> RaftStateMachine<C> for StateMachineStore<C, M>
 where
-    C: RaftTypeConfig<Entry = Entry<C>, SnapshotData = Cursor<Vec<u8>>>,
+    C: RaftTypeConfig<Entry = Entry<C>, SnapshotData = SnapshotFile>,
     C::R: Default,
     M: Machine<C>,
 {
@@ -429,60 +508,59 @@ where
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<C::NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<SnapshotFile>, StorageError<C::NodeId>> {
+        let shared = Arc::clone(&self.shared);
+        let file = crate::io::blocking(move || -> Result<SnapshotFile, Error> {
+            Ok(shared.files.create(shared.db.generate_id()?)?)
+        })
+        .await
+        .sto(ErrorSubject::Snapshot(None), ErrorVerb::Write)?
+        .sto(ErrorSubject::Snapshot(None), ErrorVerb::Write)?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<C::NodeId, C::Node>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError<C::NodeId>> {
         let started = std::time::Instant::now();
-        let stored = StoredSnapshot::<C> {
-            meta: meta.clone(),
-            data: snapshot.into_inner(),
-        };
+        let meta = meta.clone();
         let shared = Arc::clone(&self.shared);
         crate::io::blocking(move || -> Result<(), StorageError<C::NodeId>> {
-            let signature = Some(stored.meta.signature());
+            let signature = Some(meta.signature());
             {
-                // Restore first: bytes the machine rejects are never persisted.
+                // Restore first: bytes the machine rejects are never persisted (the
+                // partial file goes with `snapshot`).
                 let mut applied = shared
                     .write()
                     .sto(ErrorSubject::StateMachine, ErrorVerb::Write)?;
-                applied
-                    .machine
-                    .restore(&stored.data)
-                    .map_err(|e| Error::Machine(e.to_string()))
+                read_machine::<C, M>(&mut applied.machine, &mut snapshot)
                     .sto(ErrorSubject::Snapshot(signature.clone()), ErrorVerb::Read)?;
-                applied.last_applied = stored.meta.last_log_id.clone();
-                applied.last_membership = stored.meta.last_membership.clone();
+                applied.last_applied = meta.last_log_id.clone();
+                applied.last_membership = meta.last_membership.clone();
             }
-            persist_snapshot(&shared, &stored)
+            shared
+                .persist(&meta, &mut snapshot)
                 .sto(ErrorSubject::Snapshot(signature), ErrorVerb::Write)?;
             metrics::counter!("flockmq_raft_snapshots_total", "kind" => "installed").increment(1);
             metrics::histogram!("flockmq_raft_snapshot_duration_seconds", "kind" => "installed")
                 .record(started.elapsed().as_secs_f64());
-            tracing::info!(snapshot = %stored.meta, "snapshot installed");
+            tracing::info!(snapshot = %meta, bytes = snapshot.len().unwrap_or(0), "snapshot installed");
             Ok(())
         })
         .await
-        .sto(
-            ErrorSubject::Snapshot(Some(meta.signature())),
-            ErrorVerb::Write,
-        )??;
+        .sto(ErrorSubject::Snapshot(None), ErrorVerb::Write)??;
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<C>>, StorageError<C::NodeId>> {
-        let stored = load_snapshot::<C>(&self.shared.snapshots)
-            .sto(ErrorSubject::Snapshot(None), ErrorVerb::Read)?;
-        Ok(stored.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        let shared = Arc::clone(&self.shared);
+        crate::io::blocking(move || shared.current())
+            .await
+            .sto(ErrorSubject::Snapshot(None), ErrorVerb::Read)?
+            .sto(ErrorSubject::Snapshot(None), ErrorVerb::Read)
     }
 }

@@ -8,18 +8,18 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::path::Path;
 
 use common::{
-    blank, crash_child_dir, crash_now, log_id, membership, run_crashing_child, set, KvConfig,
-    KvMachine,
+    blank, crash_child_dir, crash_now, log_id, membership, run_crashing_child, set, snapshot_bytes,
+    KvConfig, KvMachine,
 };
 use openraft::storage::{
     RaftLogReader, RaftLogStorage, RaftLogStorageExt, RaftSnapshotBuilder, RaftStateMachine,
 };
 use openraft::{Membership, SnapshotMeta, StoredMembership, Vote};
 use storage::{LogStore, StateMachineStore};
+use tokio::io::AsyncWriteExt;
 
 type Stores = (LogStore<KvConfig>, StateMachineStore<KvConfig, KvMachine>);
 
@@ -148,8 +148,10 @@ fn machine_restarts_at_the_last_snapshot_after_a_crash() {
             .unwrap()
             .expect("persisted snapshot");
         assert_eq!(current.meta.last_log_id, Some(log_id(1, 3)));
+        let mut file = current.snapshot;
         assert_eq!(
-            serde_json::from_slice::<BTreeMap<String, String>>(current.snapshot.get_ref()).unwrap(),
+            serde_json::from_slice::<BTreeMap<String, String>>(&snapshot_bytes(&mut file).await)
+                .unwrap(),
             kv(&[("a", "1"), ("b", "2")])
         );
     });
@@ -266,7 +268,7 @@ fn installed_snapshot_replaces_the_machine_and_survives_reopen() {
             .apply([membership(1, 1, &[1]), set(1, 2, "x", "leader")])
             .await
             .unwrap();
-        let snapshot = leader
+        let mut snapshot = leader
             .get_snapshot_builder()
             .await
             .build_snapshot()
@@ -280,7 +282,10 @@ fn installed_snapshot_replaces_the_machine_and_survives_reopen() {
             .unwrap();
         let handle = follower.machine();
         let mut receiving = follower.begin_receiving_snapshot().await.unwrap();
-        *receiving = *snapshot.snapshot;
+        // As openraft does, in chunks of the file.
+        for chunk in snapshot_bytes(&mut snapshot.snapshot).await.chunks(3) {
+            receiving.write_all(chunk).await.unwrap();
+        }
         follower
             .install_snapshot(&snapshot.meta, receiving)
             .await
@@ -319,11 +324,18 @@ fn snapshot_the_machine_cannot_restore_is_rejected_and_not_persisted() {
             last_membership: StoredMembership::default(),
             snapshot_id: "garbage".to_owned(),
         };
-        let result = sm
-            .install_snapshot(&meta, Box::new(Cursor::new(b"not json".to_vec())))
-            .await;
+        let mut garbage = sm.begin_receiving_snapshot().await.unwrap();
+        garbage.write_all(b"not json").await.unwrap();
+        let result = sm.install_snapshot(&meta, garbage).await;
         assert!(result.is_err(), "garbage snapshot was accepted");
         assert!(sm.get_current_snapshot().await.unwrap().is_none());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("db/raft-snapshots"))
+                .unwrap()
+                .count(),
+            0,
+            "the rejected snapshot's file is gone"
+        );
         assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 1)));
     });
 }
@@ -351,4 +363,52 @@ fn apply_answers_each_entry_and_the_handle_sees_the_result() {
         assert_eq!(data, kv(&[("k", "v2")]));
         assert_eq!(at, Some(log_id(1, 4)));
     });
+}
+
+/// A store of an earlier release kept the snapshot's bytes in the `snapshot` tree; the
+/// first open moves them into a file, restores from it, and the tree no longer holds them.
+#[test]
+fn a_snapshot_kept_in_the_tree_by_an_earlier_release_moves_into_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = SnapshotMeta::<u64, openraft::BasicNode> {
+        last_log_id: Some(log_id(2, 5)),
+        last_membership: StoredMembership::new(
+            Some(log_id(1, 1)),
+            Membership::new(vec![[1].into()], None),
+        ),
+        snapshot_id: "T2-N0-5-1".to_owned(),
+    };
+    {
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let tree = db.open_tree("snapshot").unwrap();
+        tree.insert("meta", bincode::serialize(&meta).unwrap())
+            .unwrap();
+        tree.insert(
+            "data",
+            serde_json::to_vec(&kv(&[("old", "release")])).unwrap(),
+        )
+        .unwrap();
+        db.flush().unwrap();
+    }
+    runtime().block_on(async {
+        let (_log, mut sm) = open(dir.path());
+        assert_eq!(
+            sm.machine().read(|m| m.data.clone()).unwrap(),
+            kv(&[("old", "release")])
+        );
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(2, 5)));
+        let mut current = sm.get_current_snapshot().await.unwrap().expect("snapshot");
+        assert_eq!(current.meta, meta);
+        assert_eq!(
+            snapshot_bytes(&mut current.snapshot).await,
+            serde_json::to_vec(&kv(&[("old", "release")])).unwrap()
+        );
+    });
+    let db = sled::open(dir.path().join("db")).unwrap();
+    let tree = db.open_tree("snapshot").unwrap();
+    assert!(
+        tree.get("data").unwrap().is_none(),
+        "the bytes left the tree"
+    );
+    assert!(tree.get("meta").unwrap().is_some());
 }

@@ -91,12 +91,12 @@ impl storage::Machine<TypeConfig> for BrokerMachine {
         }
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, Self::Error> {
-        Ok(self.state.to_snapshot())
+    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<(), Self::Error> {
+        self.state.write_snapshot(out)
     }
 
-    fn restore(&mut self, data: &[u8]) -> Result<(), Self::Error> {
-        self.state.restore(data)
+    fn restore(&mut self, input: &mut dyn std::io::Read, len: u64) -> Result<(), Self::Error> {
+        self.state.restore_from(input, len)
     }
 }
 

@@ -1,7 +1,5 @@
 //! The openraft type configuration and the Raft instance of a node.
 
-use std::io::Cursor;
-
 use super::command::{NodeId, Request, Response};
 
 openraft::declare_raft_types!(
@@ -12,7 +10,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = storage::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime
 );
 

@@ -279,6 +279,9 @@ pub enum RestoreError {
     /// The bytes do not decode.
     #[error("cannot decode broker state snapshot: {0}")]
     Decode(#[from] bincode::Error),
+    /// The snapshot could not be written out (its file refused the bytes).
+    #[error("cannot write broker state snapshot: {0}")]
+    Write(bincode::Error),
     /// A format this release does not know.
     #[error(
         "broker state snapshot of format {0}: this release reads formats 1 to {max}; \

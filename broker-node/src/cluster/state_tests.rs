@@ -1574,6 +1574,30 @@ fn a_garbled_snapshot_is_refused() {
     assert!(state.restore(&[0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
 }
 
+/// A snapshot is read from its file as a stream, so a length inside it is not checked
+/// against bytes in memory: the input's length bounds it, and a lie is refused before
+/// anything that large is allocated (the test would abort, out of memory, otherwise).
+#[test]
+fn a_snapshot_whose_lengths_lie_is_refused_without_allocating_them() {
+    let mut h = varied_state();
+    let digest = h.state.digest();
+    // Format 3: the marker, one message, whose topic claims 2^50 bytes.
+    let mut lie = format::marker(format::SNAPSHOT_FORMAT)
+        .to_le_bytes()
+        .to_vec();
+    lie.extend_from_slice(&1u64.to_le_bytes());
+    lie.extend_from_slice(&(1u64 << 50).to_le_bytes());
+    lie.extend_from_slice(b"topic");
+    let mut input = &lie[..];
+    match h.state.restore_from(&mut input, lie.len() as u64) {
+        Err(RestoreError::Decode(e)) => {
+            assert!(matches!(*e, bincode::ErrorKind::SizeLimit), "{e}")
+        }
+        other => panic!("a lying snapshot restored: {other:?}"),
+    }
+    assert_eq!(h.state.digest(), digest);
+}
+
 #[test]
 fn the_digest_depends_on_the_state_not_on_how_it_was_reached() {
     let mut a = BrokerState::new(None);

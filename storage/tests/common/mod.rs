@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
+use std::io::{Read, Write};
 
 use openraft::{Entry, EntryPayload, LogId};
 use serde::{Deserialize, Serialize};
@@ -31,7 +31,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<KvConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = storage::SnapshotFile,
 );
 
 /// A BTreeMap key-value machine; also records the last index it applied itself.
@@ -51,12 +51,12 @@ impl Machine<KvConfig> for KvMachine {
         }
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, Self::Error> {
-        serde_json::to_vec(&self.data)
+    fn snapshot(&self, out: &mut dyn Write) -> Result<(), Self::Error> {
+        serde_json::to_writer(out, &self.data)
     }
 
-    fn restore(&mut self, data: &[u8]) -> Result<(), Self::Error> {
-        self.data = serde_json::from_slice(data)?;
+    fn restore(&mut self, input: &mut dyn Read, _len: u64) -> Result<(), Self::Error> {
+        self.data = serde_json::from_reader(input)?;
         Ok(())
     }
 }
@@ -157,4 +157,12 @@ pub fn reopen(
             Err(e) => panic!("open storage: {e:?}"),
         }
     }
+}
+
+/// The whole of a snapshot's file, from where it stands.
+pub async fn snapshot_bytes(file: &mut storage::SnapshotFile) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).await.unwrap();
+    bytes
 }

@@ -8,6 +8,9 @@
 //! 2 wrote a copy of the message into every queue that held it; reading them, equal
 //! messages are folded into one `Arc`.
 //!
+//! Snapshots are written to and read from a stream (the snapshot's file): nothing here
+//! holds the encoded state whole, and a session is made a record as soon as it is read.
+//!
 //! This module only encodes and decodes the state; the digest hashes a layout of its own
 //! ([`super::format::DIGEST_LAYOUT`]) that does not depend on sharing.
 
@@ -15,6 +18,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use bincode::Options;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::{format, BrokerState, ProposerRecord, RestoreError, RetainedMessage, SessionRecord};
@@ -37,18 +41,6 @@ struct SnapshotForm {
 struct SnapshotFormV1 {
     sessions: Vec<(Arc<str>, Box<SessionRecord>)>,
     retained: Vec<(Arc<str>, RetainedMessage)>,
-}
-
-/// A snapshot of format 3 (after its marker), as read.
-#[derive(Deserialize)]
-struct SnapshotFormV3 {
-    /// Every queued or retained message once.
-    messages: Vec<Arc<Message>>,
-    sessions: Vec<(Arc<str>, SessionForm<'static>)>,
-    /// Topic and index of the message.
-    retained: Vec<(Arc<str>, u32)>,
-    proposers: Vec<(NodeId, ProposerRecord)>,
-    queue_limits: QueueLimits,
 }
 
 /// A session in a snapshot of format 3: [`SessionRecord`]'s fields in its order, the
@@ -221,6 +213,15 @@ fn share_equal_messages(form: &mut SnapshotForm) {
 impl BrokerState {
     /// Serialize the whole state for a snapshot (format 3), in a canonical order.
     pub fn to_snapshot(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        self.write_snapshot(&mut bytes)
+            .expect("a Vec takes every byte");
+        bytes
+    }
+
+    /// Write the whole state for a snapshot (format 3), in a canonical order, to `out`
+    /// as it is encoded: only the message table's index is built beside the state.
+    pub fn write_snapshot(&self, out: &mut dyn std::io::Write) -> Result<(), RestoreError> {
         let mut table = MessageTable::default();
         for session in self.sessions.values() {
             for q in session.queue.iter() {
@@ -247,18 +248,37 @@ impl BrokerState {
             &self.proposers,
             self.queue_limits,
         );
-        // Plain data, every sequence of known length, into a Vec: nothing can fail.
-        bincode::serialize(&form).expect("the state serializes")
+        bincode::serialize_into(out, &form).map_err(RestoreError::Write)
     }
 
-    /// Replace the whole state from a snapshot; the route table is rebuilt. Snapshots
-    /// of formats 1 and 2 (earlier releases) are read too; an unknown format is
-    /// refused, and on any error the state is left as it was.
-    pub fn restore(&mut self, data: &[u8]) -> Result<(), RestoreError> {
-        let head: u64 = bincode::deserialize(data)?;
+    /// Replace the whole state from a snapshot's bytes; see [`BrokerState::restore_from`].
+    pub fn restore(&mut self, mut data: &[u8]) -> Result<(), RestoreError> {
+        let len = data.len() as u64;
+        self.restore_from(&mut data, len)
+    }
+
+    /// Replace the whole state from a snapshot of `len` bytes read from `input` as a
+    /// stream; the route table is rebuilt. Snapshots of formats 1 and 2 (earlier
+    /// releases) are read too; an unknown format is refused, and on any error the state
+    /// is left as it was. A length inside the bytes larger than `len` is refused before
+    /// anything is allocated for it.
+    pub fn restore_from(
+        &mut self,
+        input: &mut dyn std::io::Read,
+        len: u64,
+    ) -> Result<(), RestoreError> {
+        // bincode 1's defaults (what `serialize_into` wrote), bounded by the input.
+        let options = bincode::DefaultOptions::new()
+            .with_fixint_encoding()
+            .allow_trailing_bytes()
+            .with_limit(len);
+        let head: u64 = options.deserialize_from(&mut *input)?;
         let form = match format::version_of(head) {
             None => {
-                let old: SnapshotFormV1 = bincode::deserialize(data)?;
+                // Format 1 has no marker: what was read is the start of its first field.
+                let head = head.to_le_bytes();
+                let old: SnapshotFormV1 =
+                    options.deserialize_from(std::io::Read::chain(&head[..], input))?;
                 let mut form = SnapshotForm {
                     sessions: old.sessions,
                     retained: old.retained,
@@ -269,13 +289,15 @@ impl BrokerState {
                 form
             }
             Some(2) => {
-                let mut form = bincode::deserialize::<(u64, SnapshotForm)>(data)?.1;
+                let mut form: SnapshotForm = options.deserialize_from(input)?;
                 share_equal_messages(&mut form);
                 form
             }
             Some(3) => {
-                let form = bincode::deserialize::<(u64, SnapshotFormV3)>(data)?.1;
-                let messages = form.messages;
+                // Field by field (bincode writes a tuple's fields one after another),
+                // and the sessions one at a time, each made a record as it is read: no
+                // second copy of every session's queue is ever held.
+                let messages: Vec<Arc<Message>> = options.deserialize_from(&mut *input)?;
                 let message = |index: u32| {
                     messages
                         .get(index as usize)
@@ -285,19 +307,22 @@ impl BrokerState {
                             count: messages.len(),
                         })
                 };
+                let count: u64 = options.deserialize_from(&mut *input)?;
+                let mut sessions = Vec::new();
+                for _ in 0..count {
+                    let (client_id, session): (Arc<str>, SessionForm<'static>) =
+                        options.deserialize_from(&mut *input)?;
+                    sessions.push((client_id, Box::new(session_record(session, &messages)?)));
+                }
+                let retained: Vec<(Arc<str>, u32)> = options.deserialize_from(&mut *input)?;
                 SnapshotForm {
-                    sessions: form
-                        .sessions
-                        .into_iter()
-                        .map(|(c, s)| Ok((c, Box::new(session_record(s, &messages)?))))
-                        .collect::<Result<_, RestoreError>>()?,
-                    retained: form
-                        .retained
+                    sessions,
+                    retained: retained
                         .into_iter()
                         .map(|(topic, index)| Ok((topic, message(index)?)))
                         .collect::<Result<_, RestoreError>>()?,
-                    proposers: form.proposers,
-                    queue_limits: form.queue_limits,
+                    proposers: options.deserialize_from(&mut *input)?,
+                    queue_limits: options.deserialize_from(input)?,
                 }
             }
             Some(v) => return Err(RestoreError::Format(v)),
