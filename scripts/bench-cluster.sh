@@ -10,10 +10,19 @@
 #   (the defaults) and off (one command per entry), against a single node and spread
 #   over the three;
 # - catch-up: a fourth node joins a cluster holding SESSIONS persistent sessions (one
-#   subscription each) and as many retained messages, timed until it reports the
-#   leader's state digest at the same applied index.
+#   subscription each) and as many retained messages, plus SESSIONS more offline
+#   persistent sessions with QUEUED QoS 1 messages queued for each (one copy of each
+#   message, SESSIONS × QUEUED queued deliveries), timed until it reports the leader's
+#   state digest at the same applied index; every node's RSS and the snapshot's size;
+# - offline queues per node: OFFLINE_SESSIONS persistent sessions, spread over the three
+#   nodes, away while OFFLINE_MESSAGES QoS 1 messages of 1 KB are published; the RSS
+#   growth of every node per queued delivery and the publish rate, beside Mosquitto
+#   (persistence on) measured the same way in the same run.
 #
-#   scripts/bench-cluster.sh                      # about ten minutes
+#   scripts/bench-cluster.sh                      # about fifteen minutes
+#   STEPS="offline catchup" scripts/bench-cluster.sh   # some steps (data failover
+#                                                      # control offline catchup); the
+#                                                      # report goes to stdout, not docs/
 #   REPS=1 DURATION=1s KILLS=1 SESSIONS=500 scripts/bench-cluster.sh --smoke   # CI
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,9 +33,15 @@ RATE=${RATE:-5000}
 KILLS=${KILLS:-10}
 SESSIONS=${SESSIONS:-100000}
 DRAIN=${DRAIN:-3s}
+ALL_STEPS="data failover control offline catchup"
+STEPS=${STEPS:-$ALL_STEPS}
+step() { [[ " $STEPS " == *" $1 "* ]]; }
+PARTIAL=0
+[ "$STEPS" != "$ALL_STEPS" ] && [ -z "${OUT:-}" ] && PARTIAL=1
 OUT=${OUT:-docs/benchmarks-cluster.md}
 SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
+QUEUED=${QUEUED:-$([ $SMOKE = 1 ] && echo 10 || echo 100)}
 
 TARGET=${CARGO_TARGET_DIR:-target}
 if [ $SMOKE = 1 ]; then
@@ -38,8 +53,9 @@ else
   BIN=$TARGET/release
 fi
 WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
-[ $SMOKE = 1 ] && OUT=$WORK/bench-cluster.md
+[ -n "${KEEP_WORK:-}" ] && echo "work directory (kept): $WORK" >&2
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
+[ $SMOKE = 1 ] || [ $PARTIAL = 1 ] && OUT=$WORK/bench-cluster.md
 
 INITIAL="1=127.0.0.1:17101,2=127.0.0.1:17102,3=127.0.0.1:17103"
 declare -A PID
@@ -87,7 +103,7 @@ RESULTS=$WORK/results.tsv
 : > "$RESULTS"
 CLIENTS=20
 [ $SMOKE = 1 ] && CLIENTS=4
-for rep in $(seq "$REPS"); do
+step data && for rep in $(seq "$REPS"); do
   for qos in 0 1; do
     for mode in full rate; do
       rate_arg=0
@@ -115,7 +131,7 @@ done
 # ---- failover ----
 FAILOVER=$WORK/failover.tsv
 : > "$FAILOVER"
-for k in $(seq "$KILLS"); do
+step failover && for k in $(seq "$KILLS"); do
   leader=""
   for _ in $(seq 100); do
     leader=$(leader_seen_by 1)
@@ -154,7 +170,7 @@ CONTROL=$WORK/control.tsv
 : > "$CONTROL"
 SUB_CLIENTS=20
 [ $SMOKE = 1 ] && SUB_CLIENTS=4
-for batching in on off; do
+step control && for batching in on off; do
   rm -rf "$WORK"/data?
   NODE_ENV=""
   [ $batching = off ] && NODE_ENV="FLOCKMQ_CLUSTER__BATCH_MAX_COMMANDS=1"
@@ -179,15 +195,63 @@ PY
 done
 NODE_ENV=""
 
+# ---- offline queues, per node of the cluster, beside Mosquitto ----
+source scripts/bench-offline.sh
+OFFLINE_SESSIONS=${OFFLINE_SESSIONS:-1000}
+OFFLINE_MESSAGES=${OFFLINE_MESSAGES:-200}
+[ $SMOKE = 1 ] && { OFFLINE_SESSIONS=50; OFFLINE_MESSAGES=10; }
+OFFLINE=$WORK/offline.tsv
+: > "$OFFLINE"
+if step offline; then
+if command -v mosquitto >/dev/null 2>&1; then
+  mosquitto_persist_conf "$WORK" 18999
+  mosquitto -c "$WORK/mosquitto-persist.conf" >"$WORK/mosquitto.log" 2>&1 &
+  MOSQ=$!
+  sleep 0.5
+  line=$(offline_bench "$BIN/flockmq-bench" "$MOSQ" 18999 mosquitto "$OFFLINE_SESSIONS" "$OFFLINE_MESSAGES" 16 0)
+  echo "offline mosquitto: $line" >&2
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("mosquitto", r["bytes_per_queued_delivery"], r["publish_rate"], sep="\t")' "$line" >>"$OFFLINE"
+  kill "$MOSQ"; wait "$MOSQ" 2>/dev/null || true
+fi
+rm -rf "$WORK"/data?
+for id in 1 2 3; do start_node "$id"; done
+wait_ready
+line=$("$BIN/flockmq-bench" --scenario offline --clients "$OFFLINE_SESSIONS" --count "$OFFLINE_MESSAGES" \
+  --payload 1024 --inflight 16 --duration 600s --brokers "$N1,$N2,$N3" --label flockmq \
+  --node-pids "${PID[1]},${PID[2]},${PID[3]}")
+echo "offline flockmq, 3 nodes: $line" >&2
+python3 -c 'import json,sys
+r = json.loads(sys.argv[1])
+print("flockmq", ",".join(f"{x:.1f}" for x in r["bytes_per_queued_delivery_per_node"]), r["publish_rate"], sep="\t")' \
+  "$line" >>"$OFFLINE"
+stop_all
+fi
+
 # ---- catch-up of a joining node ----
+CATCHUP=$WORK/catchup.tsv
+: > "$CATCHUP"
+if step catchup; then
 rm -rf "$WORK"/data?
 for id in 1 2 3; do start_node "$id"; done
 wait_ready
 fill=$("$BIN/flockmq-bench" --scenario sessions --clients "$SESSIONS" --concurrency 200 \
   --brokers "$N1,$N2,$N3" --payload 64)
 echo "filled: $fill" >&2
-leader=$(leader_seen_by 1)
+queued='{}'
+if [ "$QUEUED" -gt 0 ]; then
+  queued=$("$BIN/flockmq-bench" --scenario offline --clients "$SESSIONS" --count "$QUEUED" \
+    --concurrency 200 --inflight 8 --duration 600s --brokers "$N1,$N2,$N3" --payload 100 --label q)
+  echo "queued: $queued" >&2
+fi
+leader=""
+for _ in $(seq 300); do # a leader, even right after an election
+  leader=$(leader_seen_by 1)
+  [ -n "$leader" ] && break
+  sleep 0.1
+done
+[ -n "$leader" ] || { echo "no leader after the fill" >&2; exit 1; }
 sleep 2
+rss_nodes=$(for id in 1 2 3; do awk '/VmRSS/ {print $2}' "/proc/${PID[$id]}/status"; done | paste -sd,)
 target_index=$(field "$leader" digest_index)
 t0=$(date +%s.%N)
 start_node 4 --join 127.0.0.1:$((17100 + leader))
@@ -206,16 +270,18 @@ done
 t1=$(date +%s.%N)
 [ -n "$caught" ] || { echo "node 4 did not catch up in 600 s" >&2; tail -20 "$WORK/node4.log" >&2; exit 1; }
 snapshot_mb=$(du -sm "$WORK/data$leader" | cut -f1)
+snapshot_file_mb=$(du -sm "$WORK/data$leader/raft/raft-snapshots" 2>/dev/null | cut -f1)
 rss4=$(awk '/VmRSS/ {print $2}' "/proc/${PID[4]}/status")
-echo "catch-up: $(python3 -c "print(round($t1 - $t0, 2))") s to index $target_index" >&2
-CATCHUP=$WORK/catchup.tsv
-printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$(python3 -c "print($t1 - $t0)")" "$target_index" "$fill" \
-  "$snapshot_mb" "$rss4" "$(grep -c 'snapshot' "$WORK/node4.log" || true)" >"$CATCHUP"
+installed=$(grep -c 'snapshot installed' "$WORK/node4.log" || true)
+echo "catch-up: $(python3 -c "print(round($t1 - $t0, 2))") s to index $target_index; RSS of nodes 1-3 (KiB) $rss_nodes, node 4 $rss4; snapshots installed on node 4: $installed" >&2
+printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(python3 -c "print($t1 - $t0)")" "$target_index" "$fill" \
+  "$snapshot_mb" "$rss4" "$installed" "$queued" "$rss_nodes" "${snapshot_file_mb:-0}" >"$CATCHUP"
 stop_all
+fi
 
-python3 - "$RESULTS" "$FAILOVER" "$OUT" "$REPS" "$DURATION" "$RATE" "$CLIENTS" "$CONTROL" "$CATCHUP" "$SUB_CLIENTS" <<'PY'
+python3 - "$RESULTS" "$FAILOVER" "$OUT" "$REPS" "$DURATION" "$RATE" "$CLIENTS" "$CONTROL" "$CATCHUP" "$SUB_CLIENTS" "$OFFLINE" "$OFFLINE_SESSIONS" "$OFFLINE_MESSAGES" <<'PY'
 import collections, json, platform, statistics, subprocess, sys
-results, failover, out, reps, duration, rate, clients, control, catchup, sub_clients = sys.argv[1:]
+results, failover, out, reps, duration, rate, clients, control, catchup, sub_clients, offline, offline_sessions, offline_messages = sys.argv[1:]
 rows = collections.defaultdict(list)
 for line in open(results):
     qos, mode, placement, rr, p50, p99, lost, dups, sat = line.rstrip("\n").split("\t")
@@ -268,16 +334,47 @@ for batching in ("on", "off"):
         if r:
             lines.append(f"| {batching} | {name} | {med([x[0] for x in r]):,.0f} | {med([x[1] for x in r]):.2f} | "
                          f"{med([x[2] for x in r]):.2f} | {sum(x[3] for x in r)} |")
-seconds, index, fill, snapshot_mb, rss_kb, snapshot_lines = open(catchup).read().rstrip("\n").split("\t")
-fill = json.loads(fill)
-lines += ["", "## Control plane: a new node catching up", "",
-          f"`flockmq-bench --scenario sessions --clients {fill['sessions']}` fills a three-node cluster with "
-          f"{fill['sessions']:,} persistent sessions (one QoS 1 subscription each) and {fill['sessions']:,} retained "
-          f"messages of 64 bytes ({fill['sessions_per_second']:,.0f} sessions/s, {fill['failed']} failed). Then "
-          f"`broker-node --node-id 4 --join` starts; the clock runs from its start until it reports the leader's "
-          f"state digest at the same applied index ({index}).", "",
-          f"catch-up {float(seconds):.2f} s; the leader's data directory {snapshot_mb} MB; the new node's RSS "
-          f"{int(rss_kb) / 1024:.0f} MB after catching up.", ""]
+caught = open(catchup).read().rstrip("\n")
+if caught:
+  seconds, index, fill, snapshot_mb, rss_kb, installed, queued, rss_nodes, snapshot_file_mb = caught.split("\t")
+  fill, queued = json.loads(fill), json.loads(queued)
+  lines += ["", "## Control plane: a new node catching up", "",
+            f"`flockmq-bench --scenario sessions --clients {fill['sessions']}` fills a three-node cluster with "
+            f"{fill['sessions']:,} persistent sessions (one QoS 1 subscription each) and {fill['sessions']:,} retained "
+            f"messages of 64 bytes ({fill['sessions_per_second']:,.0f} sessions/s, {fill['failed']} failed)."]
+  if queued:
+      lines += ["", f"Then `flockmq-bench --scenario offline --clients {queued['sessions']:,} --count {queued['sent']}` "
+                f"adds {queued['sessions']:,} more persistent sessions subscribed to `fleet/all/#`, offline, and "
+                f"publishes {queued['sent']} QoS 1 messages of {queued['payload_bytes']} bytes to `fleet/all/cmd`: "
+                f"{queued['queued_deliveries']:,} queued deliveries ({queued['publish_rate']:,.0f} msg/s, "
+                f"{queued['errors']} errors; one session then reconnected and received "
+                f"{queued['kept_for_one_session']} of them)."]
+  lines += ["", f"Then `broker-node --node-id 4 --join` starts; the clock runs from its start until it reports the "
+            f"leader's state digest at the same applied index ({index}).", "",
+            "| | |", "| --- | ---: |",
+            f"| catch-up of node 4 | {float(seconds):.2f} s |",
+            f"| snapshots installed on node 4 | {installed} |",
+            f"| the leader's snapshot file | {snapshot_file_mb} MB |",
+            f"| the leader's data directory | {snapshot_mb} MB |"]
+  lines += [f"| RSS of node {i + 1} before the join | {int(kb) / 1024:,.0f} MB |"
+            for i, kb in enumerate(rss_nodes.split(","))]
+  lines += [f"| RSS of node 4 after catching up | {int(rss_kb) / 1024:,.0f} MB |", ""]
+rows = dict(line.rstrip("\n").split("\t", 1) for line in open(offline) if line.strip())
+if rows:
+  lines += ["## Offline queues, per node of the cluster", "",
+            f"{int(offline_sessions):,} persistent sessions subscribed to `fleet/all/#` at QoS 1 (spread over the "
+            f"three nodes for FlockMQ) are away while {offline_messages} QoS 1 messages of 1 KB go to `fleet/all/cmd`: "
+            "RSS growth per queued delivery, 2 s after the last PUBACK, of every node, and the publish rate. "
+            "Mosquitto (persistence on) is one node, measured the same way in the same run.", "",
+            "| broker | bytes per queued delivery | publish msg/s |", "| --- | ---: | ---: |"]
+  if "mosquitto" in rows:
+      per, rate_m = rows["mosquitto"].split("\t")
+      lines.append(f"| Mosquitto | {float(per):,.0f} | {float(rate_m):,.0f} |")
+  if "flockmq" in rows:
+      per, rate_f = rows["flockmq"].split("\t")
+      lines.append(f"| FlockMQ, nodes 1 / 2 / 3 | {' / '.join(f'{float(x):,.0f}' for x in per.split(','))} | {float(rate_f):,.0f} |")
+  lines.append("")
 open(out, "w").write("\n".join(lines) + "\n")
 print(f"wrote {out}")
 PY
+if [ $PARTIAL = 1 ]; then cat "$OUT"; fi

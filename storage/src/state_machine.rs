@@ -126,8 +126,10 @@ impl<C: RaftTypeConfig, M> Shared<C, M> {
 }
 
 impl<C: RaftTypeConfig<SnapshotData = SnapshotFile>, M> Shared<C, M> {
-    /// The latest persisted snapshot, its file open at the start.
+    /// The latest persisted snapshot, its file open at the start. Under the persist
+    /// lock: a snapshot persisted meanwhile would remove the file the metadata names.
     fn current(&self) -> Result<Option<Snapshot<C>>, Error> {
+        let _guard = self.persist_lock.lock().map_err(|_| Error::Poisoned)?;
         match self.current_meta()? {
             None => Ok(None),
             Some(meta) => {
@@ -227,7 +229,7 @@ pub struct StateMachineStore<C: RaftTypeConfig, M> {
 /// Read access to the broker's machine, cheap to clone, shared with the state-machine store.
 ///
 /// Reads take the machine's read lock for the duration of a closure; they wait for an
-/// `apply` batch in progress and never observe half of one.
+/// entry being applied and never observe half of one.
 pub struct MachineHandle<C: RaftTypeConfig, M> {
     /// The store's shared state.
     shared: Arc<Shared<C, M>>,
@@ -471,28 +473,39 @@ where
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
-        let mut applied = self
-            .shared
-            .write()
-            .sto(ErrorSubject::StateMachine, ErrorVerb::Write)?;
-        let applied = &mut *applied;
-        let mut responses = Vec::new();
-        for entry in entries {
-            let response = match &entry.payload {
-                EntryPayload::Blank => C::R::default(),
-                EntryPayload::Normal(cmd) => applied.machine.apply(&entry.log_id, cmd),
-                EntryPayload::Membership(membership) => {
-                    applied.last_membership =
-                        StoredMembership::new(Some(entry.log_id.clone()), membership.clone());
-                    C::R::default()
-                }
-            };
-            applied.last_applied = Some(entry.log_id);
-            responses.push(response);
-        }
-        if let Some(last) = &applied.last_applied {
+        // On the blocking pool, not on an async worker: an entry can be large (one
+        // message queued for 100,000 sessions takes a good part of a second), and while
+        // it is applied the node must go on answering Raft (appends time out after one
+        // heartbeat interval) and its clients. The lock is taken per entry, not for the
+        // whole batch: readers (the broker's tasks) wait at most for one entry, and
+        // between entries they see the state as of a whole entry.
+        let shared = Arc::clone(&self.shared);
+        let (responses, last) = crate::io::blocking(move || -> Result<_, Error> {
+            let mut responses = Vec::with_capacity(entries.len());
+            let mut last = None;
+            for entry in entries {
+                let mut applied = shared.write()?;
+                let response = match &entry.payload {
+                    EntryPayload::Blank => C::R::default(),
+                    EntryPayload::Normal(cmd) => applied.machine.apply(&entry.log_id, cmd),
+                    EntryPayload::Membership(membership) => {
+                        applied.last_membership =
+                            StoredMembership::new(Some(entry.log_id.clone()), membership.clone());
+                        C::R::default()
+                    }
+                };
+                last = Some(entry.log_id.index);
+                applied.last_applied = Some(entry.log_id);
+                responses.push(response);
+            }
+            Ok((responses, last))
+        })
+        .await
+        .sto(ErrorSubject::StateMachine, ErrorVerb::Write)?
+        .sto(ErrorSubject::StateMachine, ErrorVerb::Write)?;
+        if let Some(last) = last {
             let lag = metrics::histogram!("flockmq_raft_commit_to_apply_seconds");
-            for waited in self.clock.applied(last.index) {
+            for waited in self.clock.applied(last) {
                 lag.record(waited.as_secs_f64());
             }
         }

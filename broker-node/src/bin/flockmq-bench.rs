@@ -113,6 +113,10 @@ struct Args {
     /// /proc before and after the publishes.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Offline: more processes (every node of a cluster), whose VmRSS growth per queued
+    /// delivery is reported each, measured when `broker_pid`'s is.
+    #[arg(long, value_delimiter = ',')]
+    node_pids: Vec<u32>,
     /// Offline: read the broker's VmRSS once more this long after the last
     /// acknowledgement (an allocator returns freed pages over seconds); 0: not.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
@@ -166,6 +170,18 @@ fn version(p: u8) -> anyhow::Result<ProtocolVersion> {
     })
 }
 
+/// A CONNACK refusing the connection, with its reason.
+#[derive(Debug)]
+struct Refused(ReasonCode);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "connection refused: {:?}", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// A connected client: the codec over one TCP stream.
 struct Conn {
     read: OwnedReadHalf,
@@ -215,7 +231,34 @@ impl Conn {
         conn.send(&connect).await?;
         match conn.recv().await? {
             Packet::ConnAck(ack) if ack.reason_code == ReasonCode::Success => Ok(conn),
+            Packet::ConnAck(ack) => Err(Refused(ack.reason_code).into()),
             other => bail!("connection refused: {other:?}"),
+        }
+    }
+
+    /// [`Conn::connect_with`], trying again (every 250 ms, for up to 15 s) while the
+    /// broker answers "server unavailable" or "server busy": a cluster electing a
+    /// leader answers so for a moment, and a load that stopped there would measure the
+    /// election, not the broker.
+    async fn connect_patiently(
+        addr: SocketAddr,
+        id: &str,
+        version: ProtocolVersion,
+        clean_start: bool,
+    ) -> anyhow::Result<Conn> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match Conn::connect_with(addr, id, version, clean_start).await {
+                Err(e)
+                    if Instant::now() < deadline
+                        && e.downcast_ref::<Refused>().is_some_and(|r| {
+                            matches!(r.0, ReasonCode::ServerUnavailable | ReasonCode::ServerBusy)
+                        }) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                other => return other,
+            }
         }
     }
 
@@ -890,7 +933,7 @@ async fn offline_sessions(args: &Args, version: ProtocolVersion) -> anyhow::Resu
             let addr = brokers[i % brokers.len()];
             let id = format!("{}offline-{i}", args.label);
             async move {
-                let mut conn = Conn::connect_with(addr, &id, version, false).await?;
+                let mut conn = Conn::connect_patiently(addr, &id, version, false).await?;
                 conn.subscribe("fleet/all/#", QoS::AtLeastOnce).await?;
                 conn.send(&Packet::Disconnect(Disconnect {
                     reason_code: ReasonCode::Success,
@@ -932,6 +975,7 @@ async fn offline(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
     offline_sessions(args, version).await?;
     tokio::time::sleep(SETTLE).await;
     let rss_before = args.broker_pid.and_then(rss_bytes);
+    let nodes_before: Vec<Option<u64>> = args.node_pids.iter().map(|&p| rss_bytes(p)).collect();
     let totals = Arc::new(Totals::default());
     let conn = Conn::connect(
         args.brokers[0],
@@ -958,6 +1002,7 @@ async fn offline(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
     let publish_secs = start.elapsed().as_secs_f64();
     tokio::time::sleep(SETTLE).await;
     let rss_after = args.broker_pid.and_then(rss_bytes);
+    let nodes_after: Vec<Option<u64>> = args.node_pids.iter().map(|&p| rss_bytes(p)).collect();
     let rss_settled = if args.settled_after > SETTLE {
         tokio::time::sleep(args.settled_after - SETTLE).await;
         args.broker_pid.and_then(rss_bytes)
@@ -991,9 +1036,15 @@ async fn offline(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
     };
     let (growth, settled_growth) = (growth_to(rss_after), growth_to(rss_settled));
     let per_delivery = |growth: Option<i64>| growth.map(|g| g as f64 / deliveries.max(1) as f64);
+    let per_node: Vec<Option<f64>> = nodes_before
+        .iter()
+        .zip(&nodes_after)
+        .map(|(before, after)| per_delivery(before.zip(*after).map(|(b, a)| a as i64 - b as i64)))
+        .collect();
     let out = serde_json::json!({
         "label": args.label,
         "scenario": "offline",
+        "bytes_per_queued_delivery_per_node": per_node,
         "brokers": args.brokers.len(),
         "sessions": args.clients,
         "payload_bytes": args.payload,
