@@ -45,21 +45,7 @@ const CHANNEL_CAPACITY: usize = 1024;
 /// One delivery in this many has its publish-to-delivery latency measured.
 const LATENCY_SAMPLE: u32 = 16;
 
-type AckFuture = Pin<Box<dyn Future<Output = Pending> + Send>>;
-
-/// What one of the connection's awaited futures turned out as.
-enum Pending {
-    /// Something the machine waits for, resolved.
-    Resolved(Slot, Resolution),
-    /// A persistent publisher's QoS 2 identifier, recorded in the cluster (or not) before
-    /// its message goes anywhere: see [`Connection::record_then_publish`].
-    Recorded {
-        slot: Slot,
-        message: Arc<Message>,
-        /// The recording command's result; `None` if it did not commit.
-        result: Option<CommandResult>,
-    },
-}
+type AckFuture = Pin<Box<dyn Future<Output = (Slot, Resolution)> + Send>>;
 
 /// What the machine waits for, in the order it asked. The queue exists only while
 /// something waits: an idle connection holds none (its shared parts are allocated by
@@ -79,7 +65,7 @@ impl PendingAcks {
     }
 
     /// The next outcome in order, once ready.
-    async fn next(&mut self) -> Option<Pending> {
+    async fn next(&mut self) -> Option<(Slot, Resolution)> {
         let queue = self.0.as_mut()?;
         let next = queue.next().await;
         if queue.is_empty() {
@@ -805,23 +791,11 @@ where
                     self.flush().await;
                     return end;
                 }
-                Some(pending) = s.acks.next(), if !s.acks.is_empty() => {
+                Some((slot, resolution)) = s.acks.next(), if !s.acks.is_empty() => {
                     active_at = crate::clock::now();
-                    match pending {
-                        Pending::Resolved(slot, resolution) => {
-                            let mut node = self.node(version, &mut actions);
-                            if let Some(end) = s.m.resolve(slot, resolution, &mut node) {
-                                return end;
-                            }
-                        }
-                        Pending::Recorded { slot, message, result } => {
-                            // Boxed, as below: dispatching is a large future that an
-                            // idle connection should not carry inline.
-                            let recorded = self.recorded(s, slot, message, result, &mut actions);
-                            if let Some(end) = Box::pin(recorded).await {
-                                return end;
-                            }
-                        }
+                    let mut node = self.node(version, &mut actions);
+                    if let Some(end) = s.m.resolve(slot, resolution, &mut node) {
+                        return end;
                     }
                 }
                 msg = s.rx.recv() => {
@@ -982,7 +956,7 @@ where
                     s.acks.push_back(Box::pin(async move {
                         let result = submitted.wait().await.ok();
                         drop(tickets);
-                        Pending::Resolved(slot, Resolution::Committed(result))
+                        (slot, Resolution::Committed(result))
                     }));
                 }
                 Action::Propose {
@@ -1000,10 +974,7 @@ where
                     };
                     if let Some(slot) = slot {
                         s.acks.push_back(Box::pin(async move {
-                            Pending::Resolved(
-                                slot,
-                                Resolution::Committed(submitted.wait().await.ok()),
-                            )
+                            (slot, Resolution::Committed(submitted.wait().await.ok()))
                         }));
                     }
                 }
@@ -1033,9 +1004,6 @@ where
         slot: Option<Slot>,
         more: &mut Vec<Action>,
     ) -> Option<End> {
-        if let (Some(inbound), Some(slot)) = (inbound.clone(), slot) {
-            return self.record_then_publish(s, message, inbound, slot).await;
-        }
         let broker = self.broker.clone();
         let outcome = broker.dispatch(&message);
         // Slow subscribers: wait for room (backpressure on this publisher), except for
@@ -1091,7 +1059,7 @@ where
                 Some(r) => Some(r.wait().await.ok()),
             };
             wait_forwarded(forwarded).await;
-            Pending::Resolved(
+            (
                 slot,
                 Resolution::Published {
                     matched,
@@ -1103,86 +1071,6 @@ where
             )
         }));
         None
-    }
-
-    /// A persistent publisher's QoS 2 message: its packet identifier is recorded in the
-    /// cluster first, and the message goes to its subscribers only once that committed
-    /// as new [MQTT-4.3.3-9]. Dispatching at once and recording alongside (as QoS 1
-    /// does) handed a message over twice when the connection lost its session before the
-    /// record committed: the record was refused, no PUBREC went out, and the client sent
-    /// the message again through its next connection, elsewhere, which dispatched it
-    /// again (simulation seeds 240 and 473). Now a record refused because another
-    /// connection holds the session delivers nothing, and one that finds the identifier
-    /// already recorded (the same message, dispatched by an earlier connection) is
-    /// answered without dispatching. The cost: one commit before a persistent
-    /// publisher's QoS 2 message is delivered. The wait is queued with the connection's
-    /// other acknowledgements, so later packets are not held up, and these messages are
-    /// still dispatched in the order they arrived.
-    async fn record_then_publish(
-        &mut self,
-        s: &mut Session,
-        message: Arc<Message>,
-        inbound: InboundRecord,
-        slot: Slot,
-    ) -> Option<End> {
-        let command = Command::Enqueue {
-            appends: Default::default(),
-            limits: self.broker.queue_limits(),
-            inbound: Some(inbound),
-            retained: None,
-        };
-        let Ok(submitted) = self.broker.proposer.submit(command).await else {
-            return Some(End::Shutdown);
-        };
-        s.acks.push_back(Box::pin(async move {
-            Pending::Recorded {
-                slot,
-                message,
-                result: submitted.wait().await.ok(),
-            }
-        }));
-        None
-    }
-
-    /// The record of [`Connection::record_then_publish`] is in: dispatch the message if
-    /// it was new, answer the publish otherwise.
-    async fn recorded(
-        &mut self,
-        s: &mut Session,
-        slot: Slot,
-        message: Arc<Message>,
-        result: Option<CommandResult>,
-        actions: &mut Vec<Action>,
-    ) -> Option<End> {
-        let version = s.m.version();
-        let resolution = match result {
-            Some(CommandResult::Enqueued { .. }) => {
-                let mut more = Vec::new();
-                let end = self.publish(s, message, None, Some(slot), &mut more).await;
-                actions.extend(more);
-                return end;
-            }
-            Some(CommandResult::Duplicate) => Resolution::Published {
-                // Received before (an earlier connection dispatched it): PUBREC with
-                // success, as for any resend [MQTT-4.3.3-9]. Counted as matched so
-                // that a v5 client is not told there were no subscribers.
-                matched: 1,
-                delivered: 0,
-                queued: 0,
-                refused: 0,
-                committed: None,
-            },
-            // Not recorded: the session is another connection's now, or the command
-            // did not commit. The publish fails; the client sends it again.
-            other => Resolution::Published {
-                matched: 0,
-                delivered: 0,
-                queued: 0,
-                refused: 0,
-                committed: Some(other),
-            },
-        };
-        s.m.resolve(slot, resolution, &mut self.node(version, actions))
     }
 }
 

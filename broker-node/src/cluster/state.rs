@@ -499,9 +499,11 @@ impl BrokerState {
                     }
                     let session = self.sessions.get_mut(client_id).expect("owned");
                     if !session.inbound_qos2.make_mut().insert(*packet_id) {
-                        // A resend of a publish already received: nothing again, and
-                        // the node that asked does not dispatch it again either.
-                        return CommandResult::Duplicate;
+                        // A resend of a publish already queued: nothing again.
+                        return CommandResult::Enqueued {
+                            accepted: 0,
+                            dropped: 0,
+                        };
                     }
                 }
                 if let Some(m) = retained.and_then(|i| appends.message(i)) {

@@ -2104,14 +2104,19 @@ fn a_qos2_publish_queues_once_while_its_packet_id_is_held() {
         BTreeMap::from([("t/r".to_string(), Bytes::from_static(b"first"))])
     );
     // The retained message changes meanwhile; the publisher's resend (DUP) of packet 7
-    // queues nothing, does not set its retained message again, and is answered as a
-    // duplicate (the node that asked does not dispatch it either).
+    // queues nothing and does not set its retained message again.
     h.apply(&set_retained(
         "t/r",
         Some(message("t/r", b"later", None, T0)),
     ));
     let digest = h.state.digest();
-    assert_eq!(h.apply(&cmd), CommandResult::Duplicate);
+    assert_eq!(
+        h.apply(&cmd),
+        CommandResult::Enqueued {
+            accepted: 0,
+            dropped: 0
+        }
+    );
     assert_eq!(h.state.digest(), digest);
     assert_eq!(h.seqs("s"), vec![0]);
     assert_eq!(
@@ -2857,7 +2862,10 @@ impl Model {
                         return CommandResult::NoSession;
                     };
                     if !s.inbound.insert(r.packet_id) {
-                        return CommandResult::Duplicate;
+                        return CommandResult::Enqueued {
+                            accepted: 0,
+                            dropped: 0,
+                        };
                     }
                 }
                 if let Some(m) = retained.and_then(|i| appends.message(i)) {
