@@ -24,6 +24,7 @@ use futures::{Future, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::dispatch::wait_forwarded;
+use super::park;
 use super::{unix_ms, Broker, ConnHandle, ConnMsg, Delivery, Stats};
 use crate::auth::acl::SubscribeAccess;
 use crate::cluster::command::{
@@ -36,7 +37,8 @@ use crate::session::machine::{
 };
 use crate::session::KeepAlive;
 use crate::telemetry;
-use crate::transport::{Admitted, ClientStream, Vouched};
+use crate::transport::tls::ServerStream;
+use crate::transport::{Admitted, Bare, ClientStream, Vouched};
 use tokio::net::TcpStream;
 
 /// Capacity of the channel through which the node hands deliveries to a connection.
@@ -118,15 +120,35 @@ pub async fn serve<S>(
     conn.live(session, connection_id, tally).await;
 }
 
-/// Resume a parked connection (see [`super::park`]) in a task of its own.
-pub async fn resume(broker: Arc<Broker>, parked: Box<Parked>) {
+/// Resume a parked connection (see [`super::park`]), with its TLS session if it has
+/// one, in a task of its own.
+pub async fn resume(broker: Arc<Broker>, parked: Box<Parked>, tls: Option<park::Tls>) {
     let (session, socket, connection_id, tally) = parked.unpark(&broker.config.mqtt);
+    let bare = Bare { socket, tls };
+    if bare.tls.is_some() {
+        resume_on::<ServerStream<TcpStream>>(broker, session, bare, connection_id, tally).await;
+    } else {
+        resume_on::<TcpStream>(broker, session, bare, connection_id, tally).await;
+    }
+}
+
+/// [`resume`] on the stream `S` made again from `bare`.
+async fn resume_on<S: ClientStream>(
+    broker: Arc<Broker>,
+    session: Box<Session>,
+    bare: Bare,
+    connection_id: u64,
+    tally: Tally,
+) {
     // Not kept while parked (32 bytes a connection): the socket knows it, unless the
     // client has gone, and then only log lines would show it.
-    let peer = socket
+    let peer = bare
+        .socket
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    match TcpStream::from_socket(socket) {
+    // Only plain TCP and TLS connections are parked.
+    let listener = if bare.tls.is_some() { "tls" } else { "tcp" };
+    match S::from_socket(bare) {
         Ok(stream) => {
             let conn = Connection {
                 stream,
@@ -134,7 +156,7 @@ pub async fn resume(broker: Arc<Broker>, parked: Box<Parked>) {
                 wbuf: BytesMut::new(),
                 broker,
                 peer,
-                listener: PARKED_LISTENER,
+                listener,
                 vouched: Vouched::Nothing,
             };
             conn.live(session, connection_id, tally).await;
@@ -190,9 +212,6 @@ impl Drop for Tally {
         telemetry::connections(self.listener.into(), self.protocol.into()).decrement(1.0);
     }
 }
-
-/// Only plain TCP connections are parked.
-const PARKED_LISTENER: &str = "tcp";
 
 /// A parked connection: its socket and what its session needs to go on, without a
 /// task, buffers or timers (see [`super::park`]). Only what a machine [at
@@ -690,17 +709,17 @@ where
                     .await;
                     return;
                 }
-                Ok(Ok(socket)) => socket,
+                Ok(Ok(bare)) => bare,
             };
-            let parked = Box::new((*session).park(socket, tally));
-            match self.broker.lot.park(parked) {
+            let parked = Box::new((*session).park(socket.socket, tally));
+            match self.broker.lot.park(parked, socket.tls) {
                 Ok(()) => return,
-                Err(parked) => {
+                Err((parked, tls)) => {
                     // The node is shutting down (or the socket cannot be watched): go
                     // on here.
                     let socket;
                     (session, socket, _, tally) = parked.unpark(&self.broker.config.mqtt);
-                    match S::from_socket(socket) {
+                    match S::from_socket(Bare { socket, tls }) {
                         Ok(stream) => self.stream = stream,
                         Err(e) => {
                             tracing::warn!(client_id = %session.m.client_id(), error = %e, "cannot resume a connection");
@@ -743,7 +762,7 @@ where
     async fn session_loop(&mut self, s: &mut Session) -> End {
         let shutdown = self.broker.shutdown.clone();
         let version = s.m.version();
-        // Parking: plain TCP only, unless switched off.
+        // Parking: plain TCP and TLS over it, unless switched off.
         let park_after =
             Some(self.broker.config.mqtt.park_after).filter(|d| S::PARKABLE && !d.is_zero());
         let mut active_at = crate::clock::now();
