@@ -41,6 +41,14 @@ use crate::transport::tls::ServerStream;
 use crate::transport::{Admitted, Bare, ClientStream, Vouched};
 use tokio::net::TcpStream;
 
+/// How soon a connection parks that has been quiet since its CONNECT (unless
+/// `mqtt.park_after` is sooner still): devices reconnecting together (after a restart
+/// or a network outage) and then sitting idle park within this, instead of all holding
+/// a task for `mqtt.park_after` at once: that held the peak of a storm of 10,000
+/// connections at 4.9 times Mosquitto's. A client that publishes at once pays one
+/// extra park and wake; from its first packet on, `mqtt.park_after` applies.
+const PARK_QUIET_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Capacity of the channel through which the node hands deliveries to a connection.
 const CHANNEL_CAPACITY: usize = 1024;
 
@@ -117,7 +125,7 @@ pub async fn serve<S>(
     let Some((session, connection_id)) = Box::pin(conn.establish(connect)).await else {
         return;
     };
-    conn.live(session, connection_id, tally).await;
+    conn.live(session, connection_id, tally, true).await;
 }
 
 /// Resume a parked connection (see [`super::park`]), with its TLS session if it has
@@ -159,7 +167,7 @@ async fn resume_on<S: ClientStream>(
                 listener,
                 vouched: Vouched::Nothing,
             };
-            conn.live(session, connection_id, tally).await;
+            conn.live(session, connection_id, tally, false).await;
         }
         Err(e) => {
             tracing::warn!(client_id = %session.m.client_id(), error = %e, "cannot resume a parked connection");
@@ -680,12 +688,19 @@ where
     }
 
     /// Drive an established session until it ends, parking it whenever it has been
-    /// idle for `mqtt.park_after`.
+    /// idle for `mqtt.park_after` (a `fresh` one, just connected: see
+    /// [`PARK_QUIET_AFTER`]).
     /// The session is boxed: passed by value, it would sit in the caller's future as
     /// well as in this one (about 400 bytes twice for every connection).
-    async fn live(mut self, mut session: Box<Session>, connection_id: u64, mut tally: Tally) {
+    async fn live(
+        mut self,
+        mut session: Box<Session>,
+        connection_id: u64,
+        mut tally: Tally,
+        mut fresh: bool,
+    ) {
         let end = loop {
-            let end = self.session_loop(&mut session).await;
+            let end = self.session_loop(&mut session, &mut fresh).await;
             if end != End::Idle {
                 break end;
             }
@@ -759,7 +774,9 @@ where
         }
     }
 
-    async fn session_loop(&mut self, s: &mut Session) -> End {
+    /// Serve the session until it ends or is idle enough to park (`End::Idle`);
+    /// `quiet`: the client has sent nothing since its CONNECT (cleared once it does).
+    async fn session_loop(&mut self, s: &mut Session, quiet: &mut bool) -> End {
         let shutdown = self.broker.shutdown.clone();
         let version = s.m.version();
         // Parking: plain TCP and TLS over it, unless switched off.
@@ -770,6 +787,7 @@ where
         // PUBLISH behind it without waiting for CONNACK) are already in the buffer:
         // handle them now, not once the client happens to send more.
         if !self.rbuf.is_empty() {
+            *quiet = false;
             if let Some(end) = Box::pin(self.decode_all(s)).await {
                 return end;
             }
@@ -791,7 +809,14 @@ where
                 }
                 s.rx.release();
             }
-            let park_at = park_after.map(|after| active_at + after);
+            let park_at = park_after.map(|after| {
+                active_at
+                    + if *quiet {
+                        after.min(PARK_QUIET_AFTER)
+                    } else {
+                        after
+                    }
+            });
             let deadline = match (s.m.deadline(), park_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -819,6 +844,7 @@ where
                 }
                 msg = s.rx.recv() => {
                     active_at = crate::clock::now();
+                    *quiet = false;
                     let Some(msg) = msg else { return End::Abrupt };
                     if let Some(end) = self.on_message(s, msg, &mut actions) {
                         return end;
@@ -836,6 +862,7 @@ where
                         return End::Abrupt;
                     }
                     active_at = crate::clock::now();
+                    *quiet = false;
                     s.m.seen(active_at);
                     // Boxed: handling packets (proposals, forwarding) needs KiBs of
                     // future state that an idle connection should not carry inline.
