@@ -382,3 +382,19 @@ fn parked_tls_clients_that_send_garbage_are_closed_with_their_wills() {
     })));
     assert!(matches!(fresh.recv(T), Some(Packet::ConnAck(_))));
 }
+
+#[test]
+fn a_connection_quiet_since_its_connect_parks_soon_and_a_talking_one_after_park_after() {
+    // Default configuration: park_after is 10 s.
+    let node = Node::start();
+    let (_quiet, _) = RawClient::connect(node.mqtt_addr(), V5, "reconnected", false, 60);
+    wait_parked(&node, 1);
+    let (mut talking, _) = RawClient::connect(node.mqtt_addr(), V5, "subscriber", true, 60);
+    subscribe(&mut talking, "fleet/#", QoS::AtMostOnce);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        metric(&node, "flockmq_connections_parked", ""),
+        1.0,
+        "a client that has sent a packet since CONNECT waits for mqtt.park_after"
+    );
+}
