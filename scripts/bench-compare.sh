@@ -8,6 +8,8 @@
 #   REPS=1 DURATION=2s scripts/bench-compare.sh --smoke   # CI smoke: proves it works
 #   RUMQTTD=/path/to/rumqttd scripts/bench-compare.sh    # rumqttd as a second peer
 #   scripts/bench-compare.sh --offline  # only the offline-queues step, its table replaced
+#   scripts/bench-compare.sh --idle     # only the idle-connection steps, their table replaced
+#   BENCH_BIN=DIR scripts/bench-compare.sh ...  # broker-node and flockmq-bench from DIR, not built
 #
 # rumqttd (`cargo install rumqttd`) is the optional second peer: taken when RUMQTTD
 # names its binary or `rumqttd` is on PATH, and reported as a FlockMQ/rumqttd ratio.
@@ -19,12 +21,17 @@ DURATION=${DURATION:-10s}
 OUT=${OUT:-docs/benchmarks.md}
 SMOKE=0
 OFFLINE_ONLY=0
+IDLE_ONLY=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
 [ "${1:-}" = "--offline" ] && OFFLINE_ONLY=1
+[ "${1:-}" = "--idle" ] && IDLE_ONLY=1
 
 command -v mosquitto >/dev/null || { apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; }
 TARGET=${CARGO_TARGET_DIR:-target}
-if [ $SMOKE = 1 ]; then
+if [ -n "${BENCH_BIN:-}" ]; then
+  # Binaries built elsewhere (e.g. an older commit's, for a before/after comparison).
+  BIN=$BENCH_BIN
+elif [ $SMOKE = 1 ]; then
   # The smoke run proves the harness works; the debug build the tests made will do.
   cargo build -q -p broker-node --bins
   BIN=$TARGET/debug
@@ -38,6 +45,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 [ $SMOKE = 1 ] && OUT=${OUT_SMOKE:-$WORK/bench-smoke.md}
 
 PORT=18830
+TLS_PORT=18883
 BROKERS=(flockmq mosquitto)
 RUMQTTD=${RUMQTTD:-$(command -v rumqttd || true)}
 if [ -n "$RUMQTTD" ] && [ -x "$RUMQTTD" ]; then BROKERS+=(rumqttd); fi
@@ -73,7 +81,9 @@ start_broker() { # name → sets BROKER_PID
   case "$1" in
     flockmq)
       rm -rf "$WORK/data"
-      "$BIN/broker-node" --data-dir "$WORK/data" --mqtt-addr 127.0.0.1:$PORT \
+      # FLOCKMQ_FILE: a configuration file (the TLS listener's), when set. (Not named
+      # FLOCKMQ_*: the broker takes every FLOCKMQ_ variable for a configuration key.)
+      env ${FLOCKMQ_FILE:+FLOCKMQ_CONFIG=$FLOCKMQ_FILE} "$BIN/broker-node" --data-dir "$WORK/data" --mqtt-addr 127.0.0.1:$PORT \
         --http-addr 127.0.0.1:18080 --cluster-addr 127.0.0.1:17000 --ws-addr off \
         >"$WORK/flockmq.log" 2>&1 &
       ;;
@@ -89,7 +99,7 @@ start_broker() { # name → sets BROKER_PID
     (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return 0
     sleep 0.1
   done
-  echo "broker $1 did not start" >&2; return 1
+  echo "broker $1 did not start:" >&2; tail -5 "$WORK/$1.log" >&2; return 1
 }
 
 stop_broker() { kill "$BROKER_PID" 2>/dev/null || true; wait "$BROKER_PID" 2>/dev/null || true; }
@@ -113,14 +123,15 @@ SCENARIOS=(
   "pairs qos1 (5)|--scenario pairs --clients 5 --qos 1")
 
 RESULTS="$WORK/results.tsv"
-: > "$RESULTS"; : > "$WORK/latency.tsv"; : > "$WORK/idle.tsv"
+: > "$RESULTS"; : > "$WORK/latency.tsv"; : > "$WORK/idle.tsv"; : > "$WORK/offline.tsv"
 half=0
 IDLE=${IDLE:-10000}
+IDLE_TLS=${IDLE_TLS:-$IDLE}
 IDLE_SETTLE=${IDLE_SETTLE:-40}
-[ $SMOKE = 1 ] && IDLE=200 && IDLE_SETTLE=1
+[ $SMOKE = 1 ] && IDLE=200 && IDLE_TLS=50 && IDLE_SETTLE=1
 
-# The throughput, latency and idle-connection steps (not run with --offline).
-if [ $OFFLINE_ONLY = 0 ]; then
+# The throughput and latency steps (not run with --offline or --idle).
+if [ $OFFLINE_ONLY = 0 ] && [ $IDLE_ONLY = 0 ]; then
 for rep in $(seq "$REPS"); do
   for s in "${SCENARIOS[@]}"; do
     name=${s%%|*}; args=${s#*|}
@@ -163,29 +174,42 @@ print("\t".join([sys.argv[2], str(r["receive_rate"]), str(l["p50"]), str(l["p99"
   done
 fi
 
-# Memory per idle connection: RSS growth over N idle connections, measured once they
-# have been idle for IDLE_SETTLE seconds (FlockMQ parks a connection idle for
-# mqtt.park_after, 10 s by default, and its allocator returns the freed pages over the
-# next seconds; Mosquitto is measured the same way).
-for broker in "${BROKERS[@]}"; do
-  start_broker $broker
-  sleep 0.5
-  before=$(rss_kb $BROKER_PID)
-  rm -f "$WORK/ready"
-  "$BIN/flockmq-bench" --scenario storm --clients "$IDLE" --duration "$((IDLE_SETTLE + 4))s" \
-    --ready-file "$WORK/ready" --brokers 127.0.0.1:$PORT >/dev/null &
-  bench=$!
-  for _ in $(seq 600); do [ -f "$WORK/ready" ] && break; sleep 0.1; done
-  sleep "$IDLE_SETTLE"
-  after=$(rss_kb $BROKER_PID)
-  wait $bench || true
-  printf 'idle\t%s\t%s\n' "$broker" "$(( (after - before) * 1024 / IDLE ))" >> "$WORK/idle.tsv"
-  stop_broker
+fi # the throughput and latency steps
+
+# Memory per idle connection, plain and TLS: RSS growth over N idle connections,
+# measured once they have been idle for IDLE_SETTLE seconds (FlockMQ parks a connection
+# idle for mqtt.park_after, 10 s by default, and its allocator returns the freed pages
+# over the next seconds; Mosquitto is measured the same way); and the storm's peak: the
+# broker's RSS while the N clients connect (100 at a time), sampled, or its VmHWM.
+# rumqttd has no TLS listener here: plain only.
+# shellcheck source=scripts/bench-idle.sh
+. scripts/bench-idle.sh
+bench_pki "$WORK/pki"
+tls_confs "$WORK" "$PORT" "$TLS_PORT"
+if [ $OFFLINE_ONLY = 0 ]; then
+for kind in plain tls; do
+  for broker in "${BROKERS[@]}"; do
+    n=$IDLE; addr=127.0.0.1:$PORT; ca=""
+    if [ $kind = tls ]; then
+      [ $broker = rumqttd ] && continue
+      n=$IDLE_TLS; addr=127.0.0.1:$TLS_PORT; ca=$WORK/pki/ca.pem
+      FLOCKMQ_FILE=$WORK/flockmq-tls.toml MOSQUITTO_CONF=$WORK/mosquitto-tls.conf
+    fi
+    [ "$n" -gt 0 ] || continue
+    start_broker $broker
+    unset FLOCKMQ_FILE MOSQUITTO_CONF
+    sleep 0.5
+    read -r before peak after < <(idle_storm "$BIN/flockmq-bench" "$BROKER_PID" "$addr" "$n" \
+      "$IDLE_SETTLE" "$WORK/ready" "$ca")
+    echo "$broker idle $kind: $n connections, RSS before $before KiB, peak $peak KiB, after $after KiB" >&2
+    printf '%s\t%s\t%s\t%s\t%s\n' "$kind" "$broker" "$n" "$(( (after - before) * 1024 / n ))" \
+      "$(( (peak - before) * 1024 / n ))" >> "$WORK/idle.tsv"
+    stop_broker
+  done
 done
+fi
 
-fi # OFFLINE_ONLY = 0
-
-# Queues of offline sessions (issue 22): OFFLINE_SESSIONS persistent sessions
+# Queues of offline sessions (issue 22), not run with --idle: OFFLINE_SESSIONS persistent sessions
 # subscribed to fleet/all/# at QoS 1 are away while OFFLINE_MESSAGES QoS 1 messages of
 # 1 KB go to fleet/all/cmd (OFFLINE_INFLIGHT outstanding), so each is queued for every
 # session. Reported: the broker's RSS growth over the publishes (VmRSS, read by
@@ -200,8 +224,9 @@ OFFLINE_SETTLED=${OFFLINE_SETTLED:-20}
 # shellcheck source=scripts/bench-offline.sh
 . scripts/bench-offline.sh
 mosquitto_persist_conf "$WORK" "$PORT"
-: > "$WORK/offline.tsv"
-for broker in flockmq mosquitto; do
+OFFLINE_BROKERS=(flockmq mosquitto)
+[ $IDLE_ONLY = 1 ] && OFFLINE_BROKERS=()
+for broker in "${OFFLINE_BROKERS[@]}"; do
   MOSQUITTO_CONF="$WORK/mosquitto-persist.conf"
   start_broker $broker
   unset MOSQUITTO_CONF
@@ -216,7 +241,7 @@ print("\t".join(str(x) for x in [sys.argv[2], r["sessions"], r["sent"], r["rss_g
   stop_broker
 done
 
-RUMQTTD=$RUMQTTD IDLE=$IDLE IDLE_SETTLE=$IDLE_SETTLE OFFLINE_ONLY=$OFFLINE_ONLY \
+RUMQTTD=$RUMQTTD IDLE=$IDLE IDLE_SETTLE=$IDLE_SETTLE OFFLINE_ONLY=$OFFLINE_ONLY IDLE_ONLY=$IDLE_ONLY \
 OFFLINE_MESSAGES=$OFFLINE_MESSAGES OFFLINE_INFLIGHT=$OFFLINE_INFLIGHT OFFLINE_SETTLED=$OFFLINE_SETTLED \
 python3 - "$RESULTS" "$WORK/idle.tsv" "$OUT" "$REPS" "$DURATION" "$WORK/latency.tsv" "$half" "${SCENARIOS[-1]%%|*}" "$WORK/offline.tsv" <<'PY'
 import collections, os, platform, statistics, subprocess, sys
@@ -243,12 +268,32 @@ for broker, sessions, sent, growth, per_delivery, settled, rate, kept, errors in
     block.append(f"| {broker} | {num(growth) / 2**20:,.1f} | {pd:,.0f} | {against(pd, base[0])} | "
                  f"{ps:,.0f} | {against(ps, base[1])} | {float(rate):,.0f} | {kept} of {sent} | {errors} |")
 block.append("<!-- /offline -->")
-if os.environ["OFFLINE_ONLY"] == "1":
+# Idle connections, plain and TLS, and the storm's peak: rows of kind, broker,
+# connections, bytes per idle connection, bytes per connection at the peak.
+idle_rows = [line.split() for line in open(idle)]
+def idle_base(kind, col):
+    return next((int(r[col]) for r in idle_rows if r[0] == kind and r[1] == "mosquitto"), 0)
+idle_block = ["<!-- idle: scripts/bench-compare.sh (alone: --idle) -->",
+              f"Idle connections: N held, RSS growth per connection {os.environ['IDLE_SETTLE']} s "
+              "after the last one connected; and the storm's peak: the broker's highest RSS while "
+              "the N clients connected (100 at a time; sampled every 5 ms, or VmHWM if higher), "
+              "above its RSS before, per connection. TLS: TLS 1.3, an EC P-256 certificate, no "
+              "session resumption (every client a full handshake).", "",
+              "| connections | broker | N | bytes per idle connection | against Mosquitto | "
+              "storm peak bytes per connection | against Mosquitto |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+for kind, broker, n, per, peak in idle_rows:
+    b, bp = idle_base(kind, 3), idle_base(kind, 4)
+    idle_block.append(f"| {kind} | {broker} | {int(n):,} | {int(per):,} | {against(int(per), b)} | "
+                      f"{int(peak):,} | {against(int(peak), bp)} |")
+idle_block.append("<!-- /idle -->")
+def replace_block(marker, block):
+    """Put `block` in place of the one between its markers in `out`."""
     try:
         previous = open(out).read()
     except OSError:
         previous = ""
-    start, end = "<!-- offline:", "<!-- /offline -->"
+    start, end = f"<!-- {marker}:", f"<!-- /{marker} -->"
     if start in previous:
         a = previous.index(start)
         b = previous.index(end) + len(end)
@@ -260,6 +305,11 @@ if os.environ["OFFLINE_ONLY"] == "1":
         text = previous + "\n".join(block) + "\n"
     open(out, "w").write(text)
     print("\n".join(block))
+if os.environ["OFFLINE_ONLY"] == "1":
+    replace_block("offline", block)
+    sys.exit(0)
+if os.environ["IDLE_ONLY"] == "1":
+    replace_block("idle", idle_block)
     sys.exit(0)
 rows = collections.defaultdict(lambda: collections.defaultdict(list))
 order = []
@@ -309,17 +359,7 @@ if lat:
         v = lat[broker]
         lines.append(f"| {broker} | {med([x[0] for x in v]):,.0f} | {med([x[1] for x in v]):.2f} | "
                      f"{med([x[2] for x in v]):.2f} | {sum(x[3] for x in v)} |")
-lines += ["", f"Idle connections: {os.environ['IDLE']} held, RSS growth measured after "
-          f"{os.environ['IDLE_SETTLE']} s of idleness.", "",
-          "| idle connections | bytes of RSS per connection | against Mosquitto |", "| --- | ---: | ---: |"]
-per_conn = {}
-for line in open(idle):
-    _, broker, per = line.split()
-    per_conn[broker] = int(per)
-for broker, per in per_conn.items():
-    base = per_conn.get("mosquitto", 0)
-    lines.append(f"| {broker} | {per:,} | {per / base if base > 0 else 0:.2f}× |")
-lines += [""] + block
+lines += [""] + idle_block + [""] + block
 # Everything from "## Reading the figures" on is written by hand (profiles, targets,
 # the 100,000-connection measurement): kept as it is.
 try:

@@ -306,9 +306,11 @@ pub struct MqttConfig {
     /// How long a new connection may take to send CONNECT.
     #[serde(with = "dur")]
     pub connect_timeout: Duration,
-    /// How long a plain-TCP connection must be idle before it is parked: its task and
-    /// buffers are given up and the socket waits in the node's parking lot until the
-    /// client sends something or a message arrives for it ("0s": never).
+    /// How long a plain-TCP or TLS connection must be idle before it is parked: its
+    /// task and buffers are given up and the socket (and TLS session) waits in the
+    /// node's parking lot until the client sends something or a message arrives for
+    /// it; a connection that has sent nothing since its CONNECT parks after 200 ms if
+    /// that is sooner ("0s": never).
     #[serde(with = "dur")]
     pub park_after: Duration,
     /// A keep alive imposed on v5 clients (Server Keep Alive); empty honours the client's.
@@ -1319,7 +1321,7 @@ fn field_docs() -> Vec<(&'static str, &'static str)> {
         ("mqtt.max_packet_size", "Largest packet accepted (and announced in CONNACK), at most 32 MiB (a message is replicated whole in one gRPC message)."),
         ("mqtt.max_connections", "Most client connections at once on this node (0: unlimited)."),
         ("mqtt.connect_timeout", "How long a new connection may take to send CONNECT."),
-        ("mqtt.park_after", "How long a plain-TCP connection must be idle before it is parked: its task and buffers are given up and the socket waits in the node's parking lot until the client sends something or a message arrives for it (\"0s\": never)."),
+        ("mqtt.park_after", "How long a plain-TCP or TLS connection must be idle before it is parked: its task and buffers are given up and the socket (and TLS session) waits in the node's parking lot until the client sends something or a message arrives for it; a connection that has sent nothing since its CONNECT parks after 200 ms if that is sooner (\"0s\": never)."),
         ("mqtt.server_keep_alive", "A keep alive imposed on v5 clients (Server Keep Alive); empty honours the client's."),
         ("mqtt.max_keep_alive", "The longest keep alive a client may ask for, in seconds."),
         ("mqtt.receive_maximum", "Unacknowledged QoS 1/2 publishes a client may send at once (v5 Receive Maximum)."),

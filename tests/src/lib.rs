@@ -738,12 +738,52 @@ pub fn repo_root() -> PathBuf {
 /// A bare MQTT client over a blocking socket, speaking through FlockMQ's codec: for
 /// tests that must see exactly which packets the broker sends, and when.
 pub struct RawClient {
-    stream: TcpStream,
+    stream: Wire,
     buf: bytes::BytesMut,
     /// Bytes read from the socket.
     received: u64,
     /// The protocol version of this connection.
     pub version: broker_node::mqtt::ProtocolVersion,
+}
+
+/// A [`RawClient`]'s byte stream: plain TCP, or TLS over it.
+enum Wire {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Wire {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Wire::Plain(s) => s,
+            Wire::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl std::io::Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.read(buf),
+            Wire::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl std::io::Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.write(buf),
+            Wire::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Wire::Plain(s) => s.flush(),
+            Wire::Tls(t) => t.flush(),
+        }
+    }
 }
 
 impl RawClient {
@@ -752,11 +792,55 @@ impl RawClient {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_nodelay(true).expect("nodelay");
         RawClient {
-            stream,
+            stream: Wire::Plain(stream),
             buf: bytes::BytesMut::new(),
             received: 0,
             version,
         }
+    }
+
+    /// Open a TLS connection to a server certified for `localhost` by the CA
+    /// certificate in `ca_pem`, and finish the handshake (no CONNECT sent yet).
+    pub fn open_tls(
+        addr: SocketAddr,
+        version: broker_node::mqtt::ProtocolVersion,
+        ca_pem: &Path,
+    ) -> RawClient {
+        use std::io::Write;
+        let pem = std::fs::read(ca_pem).expect("CA certificate");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            roots.add(cert.expect("PEM")).expect("CA");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("TLS");
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        let mut tls = rustls::StreamOwned::new(conn, stream);
+        tls.flush().expect("TLS handshake");
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).expect("TLS handshake");
+        }
+        RawClient {
+            stream: Wire::Tls(Box::new(tls)),
+            buf: bytes::BytesMut::new(),
+            received: 0,
+            version,
+        }
+    }
+
+    /// Send raw bytes under TLS, on the socket itself (bytes that are no TLS record);
+    /// on a plain connection the same as [`RawClient::send_raw`].
+    pub fn send_raw_on_socket(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let mut socket = self.stream.socket();
+        socket.write_all(bytes).expect("write");
     }
 
     /// Open a connection and CONNECT with `client_id`; returns the client and CONNACK.
@@ -834,7 +918,10 @@ impl RawClient {
             if left.is_zero() {
                 return None;
             }
-            self.stream.set_read_timeout(Some(left)).expect("timeout");
+            self.stream
+                .socket()
+                .set_read_timeout(Some(left))
+                .expect("timeout");
             let mut chunk = [0u8; 4096];
             match self.stream.read(&mut chunk) {
                 Ok(0) => return None,
@@ -856,7 +943,10 @@ impl RawClient {
             if left.is_zero() {
                 return false;
             }
-            self.stream.set_read_timeout(Some(left)).expect("timeout");
+            self.stream
+                .socket()
+                .set_read_timeout(Some(left))
+                .expect("timeout");
             let mut chunk = [0u8; 4096];
             match self.stream.read(&mut chunk) {
                 Ok(0) => return true,
@@ -864,7 +954,15 @@ impl RawClient {
                     self.received += n as u64;
                     self.buf.extend_from_slice(&chunk[..n]);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                // (Under TLS: closed without a close_notify.)
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+                    ) =>
+                {
+                    return true
+                }
                 Err(_) => return false,
             }
         }

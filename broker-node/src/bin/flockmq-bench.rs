@@ -109,8 +109,13 @@ struct Args {
     /// Storm: a file created once every connection is up (for measuring the broker then).
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
-    /// Offline: the broker's process id (same machine), whose VmRSS is read from
-    /// /proc before and after the publishes.
+    /// Storm: connect over TLS, trusting the CA certificates in this PEM file (the
+    /// broker's certificate must name `localhost`).
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Offline and retained: the broker's process id (same machine), whose VmRSS is
+    /// read from /proc before and after the publishes; storm: sampled while the
+    /// clients connect, for the peak.
     #[arg(long)]
     broker_pid: Option<u32>,
     /// Offline: more processes (every node of a cluster), whose VmRSS growth per queued
@@ -214,21 +219,7 @@ impl Conn {
             rbuf: BytesMut::with_capacity(64 * 1024),
             version,
         };
-        let mut properties = ConnectProperties::default();
-        if !clean_start && version == ProtocolVersion::V5 {
-            properties.session_expiry_interval = Some(u32::MAX);
-        }
-        let connect = Packet::Connect(Box::new(Connect {
-            protocol: version,
-            clean_start,
-            keep_alive: 120,
-            client_id: id.to_owned(),
-            will: None,
-            username: None,
-            password: None,
-            properties,
-        }));
-        conn.send(&connect).await?;
+        conn.send(&connect_packet(id, version, clean_start)).await?;
         match conn.recv().await? {
             Packet::ConnAck(ack) if ack.reason_code == ReasonCode::Success => Ok(conn),
             Packet::ConnAck(ack) => Err(Refused(ack.reason_code).into()),
@@ -290,6 +281,83 @@ impl Conn {
                     bail!("subscription refused: {:?}", ack.reason_codes);
                 }
                 return Ok(());
+            }
+        }
+    }
+}
+
+/// A CONNECT with a keep alive of 120 s; `clean_start: false` makes a persistent
+/// session (v5: one that never expires).
+fn connect_packet(id: &str, version: ProtocolVersion, clean_start: bool) -> Packet {
+    let mut properties = ConnectProperties::default();
+    if !clean_start && version == ProtocolVersion::V5 {
+        properties.session_expiry_interval = Some(u32::MAX);
+    }
+    Packet::Connect(Box::new(Connect {
+        protocol: version,
+        clean_start,
+        keep_alive: 120,
+        client_id: id.to_owned(),
+        will: None,
+        username: None,
+        password: None,
+        properties,
+    }))
+}
+
+/// A TLS client configuration trusting the CA certificates in `ca_file`, without
+/// session resumption: every storm connection is a device of its own and makes a full
+/// handshake.
+fn tls_connector(ca_file: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let pem =
+        std::fs::read(ca_file).with_context(|| format!("cannot read {}", ca_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// An idle storm connection, held open and never read.
+#[allow(dead_code)] // held for its socket alone
+enum Held {
+    Plain(Conn),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Connect over TLS (the server named `localhost`), send CONNECT, wait for CONNACK.
+async fn tls_connect(
+    addr: SocketAddr,
+    id: &str,
+    version: ProtocolVersion,
+    connector: &tokio_rustls::TlsConnector,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let mut tls = connector.connect(name, tcp).await?;
+    let mut buf = BytesMut::new();
+    mqtt::encode(&connect_packet(id, version, true), version, &mut buf)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tls.write_all(&buf).await?;
+    tls.flush().await?;
+    let mut rbuf = BytesMut::with_capacity(64);
+    loop {
+        match mqtt::decode(&mut rbuf, Some(version), 1 << 16).map_err(|e| anyhow::anyhow!("{e}"))? {
+            Some(Packet::ConnAck(ack)) if ack.reason_code == ReasonCode::Success => return Ok(tls),
+            Some(other) => bail!("connection refused: {other:?}"),
+            None => {
+                if tls.read_buf(&mut rbuf).await? == 0 {
+                    bail!("connection closed by broker");
+                }
             }
         }
     }
@@ -735,19 +803,41 @@ async fn storm(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
     use futures::StreamExt;
     let start = Instant::now();
     let brokers = args.brokers.clone();
+    let connector = args.tls_ca.as_deref().map(tls_connector).transpose()?;
+    // The broker's resident memory, sampled while the clients connect: the peak of a
+    // connection storm.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = args.broker_pid.map(|pid| {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let before = rss_bytes(pid).unwrap_or(0);
+            let mut peak = before;
+            while sampling.load(Ordering::Relaxed) {
+                peak = peak.max(rss_bytes(pid).unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (before, peak)
+        })
+    });
     let attempts = futures::stream::iter(0..args.clients)
         .map(|i| {
             let addr = brokers[i % brokers.len()];
+            let connector = connector.clone();
             async move {
-                let mut conn = Conn::connect(addr, &format!("storm-{i}"), version).await?;
+                let id = format!("storm-{i}");
+                if let Some(connector) = connector {
+                    let tls = tls_connect(addr, &id, version, &connector).await?;
+                    return anyhow::Ok(Held::Tls(Box::new(tls)));
+                }
+                let mut conn = Conn::connect(addr, &id, version).await?;
                 // Held, never read again: its 64 KiB read buffer would make the
                 // generator, not the broker, the limit at 100,000 connections.
                 conn.rbuf = BytesMut::new();
-                anyhow::Ok(conn)
+                anyhow::Ok(Held::Plain(conn))
             }
         })
         .buffer_unordered(args.concurrency.max(1));
-    let results: Vec<anyhow::Result<Conn>> = attempts.collect().await;
+    let results: Vec<anyhow::Result<Held>> = attempts.collect().await;
     let mut conns = Vec::with_capacity(args.clients);
     let mut failed = 0u64;
     for r in results {
@@ -757,6 +847,13 @@ async fn storm(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
         }
     }
     let connect_secs = start.elapsed().as_secs_f64();
+    // A last look once every connection is up (a peak reached just then).
+    std::thread::sleep(Duration::from_millis(200));
+    sampling.store(false, Ordering::Relaxed);
+    let (rss_before, rss_peak) = match sampler.map(|s| s.join()) {
+        Some(Ok((before, peak))) => (Some(before), Some(peak)),
+        _ => (None, None),
+    };
     if let Some(path) = &args.ready_file {
         std::fs::write(path, conns.len().to_string())?;
     }
@@ -770,6 +867,9 @@ async fn storm(args: &Args, version: ProtocolVersion) -> anyhow::Result<()> {
         "connect_seconds": connect_secs,
         "connects_per_second": conns.len() as f64 / connect_secs,
         "held_seconds": args.duration.as_secs_f64(),
+        "tls": connector.is_some(),
+        "rss_before_bytes": rss_before,
+        "rss_peak_connecting_bytes": rss_peak,
     });
     println!("{out}");
     Ok(())

@@ -1,17 +1,20 @@
-//! The parking lot: idle plain-TCP connections held without a task.
+//! The parking lot: idle connections (plain TCP, and TLS over it) held without a task.
 //!
 //! A device that connects and then sends a PINGREQ a minute costs, as a task, its whole
 //! connection future (the session state and the select over socket, mailbox, timers
 //! and shutdown), tokio's task cell and its I/O registration: about 2 KiB. Once a
 //! connection has been idle for `mqtt.park_after`, with nothing in flight, nothing
 //! buffered and nothing waiting in its mailbox, its task hands a compact record of the
-//! session ([`connection::Parked`]) to the lot and ends. The lot keeps the socket in
+//! session ([`connection::Parked`]) to the lot and ends; a TLS connection hands over
+//! its rustls session too (its keys and sequence numbers), without the task, our
+//! buffers or the stream wrapper. The lot keeps the socket in
 //! an epoll set of its own (through `mio`, with no allocation per socket) and the
 //! record in a slab; one task drives them all.
 //!
 //! A parked connection wakes when
-//! - its socket has something to read (or is closed): a lone PINGREQ is answered here
-//!   without waking it, anything else resumes it;
+//! - its socket has something to read (or is closed): on a plain connection a lone
+//!   PINGREQ is answered here without waking it, anything else resumes it (on a TLS
+//!   connection, anything at all: the records are decrypted by the resumed task);
 //! - its mailbox receives something (a delivery, a take-over, an administrative
 //!   disconnect): the mailbox's waker names it to the lot;
 //! - its keep alive runs out (checked once a second): it resumes and closes as any
@@ -71,7 +74,13 @@ struct Slots {
 struct Slot {
     generation: u32,
     parked: Box<Parked>,
+    /// A TLS connection's session: here rather than in the record, which stays in
+    /// jemalloc's 128-byte class for plain connections.
+    tls: Option<Tls>,
 }
+
+/// A parked TLS connection's rustls session.
+pub type Tls = Box<rustls::ServerConnection>;
 
 /// The driver's half: the epoll set that waits on parked sockets.
 pub struct Driver {
@@ -158,16 +167,20 @@ impl Lot {
         self.len() == 0
     }
 
-    /// Park `parked`; gives it back if the lot is closed (the node is shutting down)
-    /// or its socket cannot be watched.
-    pub fn park(self: &Arc<Self>, parked: Box<Parked>) -> Result<(), Box<Parked>> {
+    /// Park `parked` (with its TLS session, if it has one); gives them back if the lot
+    /// is closed (the node is shutting down) or its socket cannot be watched.
+    pub fn park(
+        self: &Arc<Self>,
+        parked: Box<Parked>,
+        tls: Option<Tls>,
+    ) -> Result<(), (Box<Parked>, Option<Tls>)> {
         let mut slots = lock(&self.slots);
         if !slots.open {
-            return Err(parked);
+            return Err((parked, tls));
         }
         let key = slots.slab.vacant_key();
         if key >= u32::MAX as usize {
-            return Err(parked);
+            return Err((parked, tls));
         }
         let generation = slots.next_generation;
         slots.next_generation = generation.wrapping_add(1);
@@ -179,7 +192,7 @@ impl Lot {
             Interest::READABLE,
         ) {
             tracing::warn!(error = %e, "cannot park a connection");
-            return Err(parked);
+            return Err((parked, tls));
         }
         // May wake at once (something arrived while parking): the token is pushed to
         // `woken`, and the driver finds the slot once this lock is released.
@@ -187,14 +200,18 @@ impl Lot {
             lot: Arc::downgrade(self),
             token,
         })));
-        slots.slab.insert(Slot { generation, parked });
+        slots.slab.insert(Slot {
+            generation,
+            parked,
+            tls,
+        });
         self.parked_gauge.increment(1.0);
         Ok(())
     }
 
     /// Take the record behind `token` out of the lot, if it is still there, its socket
     /// no longer watched.
-    fn take(&self, slots: &mut Slots, token: u64) -> Option<Box<Parked>> {
+    fn take(&self, slots: &mut Slots, token: u64) -> Option<(Box<Parked>, Option<Tls>)> {
         let (key, generation) = split(token);
         if slots.slab.get(key)?.generation != generation {
             return None;
@@ -205,7 +222,7 @@ impl Lot {
             tracing::debug!(error = %e, "deregistering a parked socket");
         }
         self.parked_gauge.decrement(1.0);
-        Some(slot.parked)
+        Some((slot.parked, slot.tls))
     }
 
     /// Answer a lone PINGREQ on the parked connection behind `token` in place;
@@ -217,6 +234,10 @@ impl Lot {
         };
         if slot.generation != generation {
             return true;
+        }
+        if slot.tls.is_some() {
+            // Records to decrypt: the resumed connection reads them.
+            return false;
         }
         // `&TcpStream` reads and writes; the socket is in non-blocking mode.
         let mut socket: &std::net::TcpStream = slot.parked.socket();
@@ -295,8 +316,8 @@ impl Driver {
                     }
                     lot.take(&mut slots, token)
                 };
-                if let Some(parked) = parked {
-                    resume(&broker, &tracker, parked, why);
+                if let Some((parked, tls)) = parked {
+                    resume(&broker, &tracker, parked, tls, why);
                 }
             }
         }
@@ -305,7 +326,7 @@ impl Driver {
         }
         // Shutting down: nothing parks from now on, and everything parked resumes to
         // end its session as a connected one would.
-        let all: Vec<Box<Parked>> = {
+        let all: Vec<(Box<Parked>, Option<Tls>)> = {
             let mut slots = lock(&lot.slots);
             slots.open = false;
             let tokens: Vec<u64> = slots
@@ -319,8 +340,8 @@ impl Driver {
                 .collect()
         };
         tracing::debug!(parked = all.len(), "parking lot closed");
-        for parked in all {
-            resume(&broker, &tracker, parked, Why::Shutdown);
+        for (parked, tls) in all {
+            resume(&broker, &tracker, parked, tls, Why::Shutdown);
         }
     }
 
@@ -364,9 +385,15 @@ impl Driver {
     }
 }
 
-fn resume(broker: &Arc<Broker>, tracker: &TaskTracker, parked: Box<Parked>, why: Why) {
+fn resume(
+    broker: &Arc<Broker>,
+    tracker: &TaskTracker,
+    parked: Box<Parked>,
+    tls: Option<Tls>,
+    why: Why,
+) {
     metrics::counter!("flockmq_connections_unparked_total", "why" => why.label()).increment(1);
-    tracker.spawn(connection::resume(broker.clone(), parked));
+    tracker.spawn(connection::resume(broker.clone(), parked, tls));
 }
 
 #[cfg(test)]

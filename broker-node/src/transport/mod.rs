@@ -31,27 +31,36 @@ pub mod ws;
 /// 4 KiB buffer per sleeping device).
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + Sized {
     /// Resolves once a read is worth a buffer. Streams that cannot tell resolve at
-    /// once: TLS and WebSocket layers may already hold decoded bytes that the socket's
-    /// readiness would not show.
+    /// once: a WebSocket layer may already hold decoded bytes that the socket's
+    /// readiness would not show. (TLS can tell: [`tls::ServerStream`] asks rustls
+    /// first.)
     fn read_ready(&self) -> impl Future<Output = ()> + Send {
         std::future::ready(())
     }
 
-    /// Whether an idle connection on this stream can be parked (plain TCP only: the
-    /// other layers keep state above the socket).
+    /// Whether an idle connection on this stream can be parked (plain TCP, and TLS
+    /// over it: the other layers keep state above the socket).
     const PARKABLE: bool = false;
 
-    /// The bare socket, out of tokio's reactor, to be parked; streams that cannot be
-    /// parked give themselves back.
-    fn into_socket(self) -> Result<std::io::Result<std::net::TcpStream>, Self> {
+    /// The bare socket, out of tokio's reactor, and the TLS session above it, to be
+    /// parked; streams that cannot be parked (or not now) give themselves back.
+    fn into_socket(self) -> Result<std::io::Result<Bare>, Self> {
         Err(self)
     }
 
-    /// The stream again from a parked socket.
-    fn from_socket(socket: std::net::TcpStream) -> std::io::Result<Self> {
-        drop(socket);
+    /// The stream again from a parked socket (and session).
+    fn from_socket(bare: Bare) -> std::io::Result<Self> {
+        drop(bare);
         Err(std::io::Error::other("this kind of stream is never parked"))
     }
+}
+
+/// What a parked connection keeps of its stream.
+pub struct Bare {
+    /// The socket, in non-blocking mode.
+    pub socket: std::net::TcpStream,
+    /// The TLS session above it, for a TLS connection.
+    pub tls: Option<Box<rustls::ServerConnection>>,
 }
 
 impl ClientStream for TcpStream {
@@ -62,12 +71,13 @@ impl ClientStream for TcpStream {
 
     const PARKABLE: bool = true;
 
-    fn into_socket(self) -> Result<std::io::Result<std::net::TcpStream>, Self> {
-        Ok(self.into_std())
+    fn into_socket(self) -> Result<std::io::Result<Bare>, Self> {
+        Ok(self.into_std().map(|socket| Bare { socket, tls: None }))
     }
 
-    fn from_socket(socket: std::net::TcpStream) -> std::io::Result<Self> {
-        TcpStream::from_std(socket)
+    fn from_socket(bare: Bare) -> std::io::Result<Self> {
+        debug_assert!(bare.tls.is_none(), "a TLS session under a plain stream");
+        TcpStream::from_std(bare.socket)
     }
 }
 
@@ -152,8 +162,6 @@ impl Drop for Admitted {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
-
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for tokio_rustls::server::TlsStream<S> {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for ws::WsStream<S> {}
 
@@ -270,6 +278,9 @@ where
             let handshake = slot.acceptor().accept(stream);
             if let Some(tls) = upgrade("TLS", peer, timeout, handshake).await {
                 let vouched = vouched(tls.get_ref().1, identity);
+                // Taken apart and boxed: see `tls::ServerStream`.
+                let (io, session) = tls.into_inner();
+                let tls = tls::ServerStream::new(io, session);
                 listening
                     .handler
                     .serve(tls, peer, label, vouched, admitted)

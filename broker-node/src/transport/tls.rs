@@ -1,15 +1,21 @@
 //! The TLS side of the listeners: the rustls server configuration built from PEM
 //! files (certificate chain, private key, and optionally the CAs that client
 //! certificates must chain to), swapped on SIGHUP without touching established
-//! connections, and the identity a client certificate stands for.
+//! connections, the identity a client certificate stands for, and the stream of an
+//! established TLS connection ([`ServerStream`]), which can be parked.
 
-use std::io::BufReader;
+use std::io::{BufReader, Read, Write};
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 
-use anyhow::Context;
+use anyhow::Context as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::{Bare, ClientStream};
 
 use crate::config::{Config, TlsIdentity};
 
@@ -138,5 +144,220 @@ pub fn identity(certificates: Option<&[CertificateDer<'_>]>, mode: TlsIdentity) 
                 _ => None,
             })
         }
+    }
+}
+
+/// A client's MQTT byte stream once its TLS handshake is done: the socket and the
+/// rustls session above it, boxed (kept out of the connection task's future, and
+/// moved as one pointer when the connection parks).
+///
+/// Unlike `tokio_rustls`'s stream, it can be taken apart into the bare socket and the
+/// session and put together again, so that an idle TLS connection parks as a plain one
+/// does (see [`ClientStream::into_socket`]), and it tells when a read would find data
+/// (rustls holds no plaintext and no complete record: only the socket can bring more),
+/// so that an idle connection waits without a read buffer.
+pub struct ServerStream<S> {
+    io: S,
+    tls: Box<ServerConnection>,
+}
+
+impl<S> ServerStream<S> {
+    /// The stream of a finished handshake (`tokio_rustls`'s, taken apart).
+    pub fn new(io: S, tls: ServerConnection) -> Self {
+        ServerStream {
+            io,
+            tls: Box::new(tls),
+        }
+    }
+
+    /// The stream of a parked connection's socket and session.
+    fn from_parts(io: S, tls: Box<ServerConnection>) -> Self {
+        ServerStream { io, tls }
+    }
+
+    /// The rustls session (the client's certificates, its SNI).
+    pub fn session(&self) -> &ServerConnection {
+        &self.tls
+    }
+}
+
+/// `Read` and `Write` over an async stream within one poll: `Pending` is `WouldBlock`
+/// (and the waker is registered), as rustls's `read_tls`/`write_tls` expect.
+struct Polled<'a, 'b, S> {
+    io: &'a mut S,
+    cx: &'a mut Context<'b>,
+}
+
+impl<S: AsyncRead + Unpin> std::io::Read for Polled<'_, '_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut buf = ReadBuf::new(buf);
+        match Pin::new(&mut *self.io).poll_read(self.cx, &mut buf) {
+            Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> std::io::Write for Polled<'_, '_, S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match Pin::new(&mut *self.io).poll_write(self.cx, buf) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match Pin::new(&mut *self.io).poll_flush(self.cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ServerStream<S> {
+    /// Write out what rustls has to send; `Ready(Ok)` once nothing is left.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.tls.wants_write() {
+            let mut io = Polled {
+                io: &mut self.io,
+                cx,
+            };
+            match self.tls.write_tls(&mut io) {
+                Ok(0) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match this.tls.reader().read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    // 0: the client's close_notify, the end of the stream.
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // The socket closed without a close_notify.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Poll::Ready(Ok(()))
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            let mut io = Polled {
+                io: &mut this.io,
+                cx,
+            };
+            match this.tls.read_tls(&mut io) {
+                // End of stream: rustls's reader says so (cleanly or not) next round.
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            if let Err(e) = this.tls.process_new_packets() {
+                // Send the alert that says why, if it can go at once.
+                let _ = this.poll_send(cx);
+                return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)));
+            }
+            // Whatever the client's records asked to send (a key update's answer).
+            if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        // Encrypt only as much as there is room for in rustls's send buffer: what does
+        // not fit waits for the socket.
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let n = this.tls.writer().write(buf)?;
+        if n == 0 && !buf.is_empty() {
+            return match this.poll_send(cx) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(this.tls.writer().write(buf)?)),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+        // Start sending; a full socket is left to the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        // Idempotent within rustls: a second call queues nothing.
+        this.tls.send_close_notify();
+        std::task::ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+impl<S: ClientStream> ClientStream for ServerStream<S> {
+    fn read_ready(&self) -> impl std::future::Future<Output = ()> + Send {
+        // rustls wants to read only when it holds no plaintext, has seen no
+        // close_notify and has nothing to send; and after every read of ours it has
+        // processed each complete record: until the socket brings more, a read would
+        // find nothing.
+        let socket = self.tls.wants_read().then(|| self.io.read_ready());
+        async move {
+            if let Some(socket) = socket {
+                socket.await;
+            }
+        }
+    }
+
+    const PARKABLE: bool = S::PARKABLE;
+
+    fn into_socket(self) -> Result<std::io::Result<Bare>, Self> {
+        if self.tls.wants_write() || !self.tls.wants_read() {
+            // Bytes still to send, plaintext not yet read or the client's close_notify:
+            // not at rest (the socket's readiness would not show them).
+            return Err(self);
+        }
+        let ServerStream { io, tls } = self;
+        match io.into_socket() {
+            Err(io) => Err(ServerStream { io, tls }),
+            Ok(Err(e)) => Ok(Err(e)),
+            Ok(Ok(bare)) => Ok(Ok(Bare {
+                socket: bare.socket,
+                tls: Some(tls),
+            })),
+        }
+    }
+
+    fn from_socket(bare: Bare) -> std::io::Result<Self> {
+        let Bare { socket, tls } = bare;
+        let tls = tls
+            .ok_or_else(|| std::io::Error::other("a parked TLS connection without its session"))?;
+        let io = S::from_socket(Bare { socket, tls: None })?;
+        Ok(ServerStream::from_parts(io, tls))
     }
 }
