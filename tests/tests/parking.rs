@@ -298,15 +298,15 @@ fn parked_tls_subscribers_receive_publishes_and_keep_alive_with_pings() {
     let node = &tls.node;
     let mut sub = tls.connect("tls-sensor", 2);
     subscribe(&mut sub, "fleet/#", QoS::AtLeastOnce);
-    wait_parked(&node, 1);
+    wait_parked(node, 1);
 
     let (mut publisher, _) = RawClient::connect(node.mqtt_addr(), V5, "ops", true, 60);
     for round in 1..=2u16 {
         publish_round(&mut publisher, &mut sub, round);
         // It parks again once idle, with the publisher.
-        wait_parked(&node, 2);
+        wait_parked(node, 2);
     }
-    assert!(unparked(&node, "mailbox") >= 2.0);
+    assert!(unparked(node, "mailbox") >= 2.0);
     // Two keep-alive limits (3 s each) kept by PINGREQs alone: each wakes the parked
     // TLS connection, which answers and parks again.
     for _ in 0..5 {
@@ -314,7 +314,7 @@ fn parked_tls_subscribers_receive_publishes_and_keep_alive_with_pings() {
         sub.send(&Packet::PingReq);
         assert_eq!(sub.recv(T), Some(Packet::PingResp));
     }
-    wait_parked(&node, 2);
+    wait_parked(node, 2);
     publisher.send(&publish(
         "fleet/r1/cmd",
         "still there",
@@ -340,7 +340,7 @@ fn a_silent_parked_tls_client_is_closed_by_keep_alive_and_its_will_published() {
     let node = &tls.node;
     let mut watcher = watch_wills(node);
     let mut silent = tls.connect("silent-tls", 1);
-    wait_parked(&node, 2);
+    wait_parked(node, 2);
     assert_eq!(
         disconnect_reason(&mut silent, Duration::from_secs(6)),
         Some(ReasonCode::KeepAliveTimeout)
@@ -356,7 +356,7 @@ fn parked_tls_clients_that_send_garbage_are_closed_with_their_wills() {
     let mut watcher = watch_wills(node);
     let mut not_tls = tls.connect("not-tls", 60);
     let mut not_mqtt = tls.connect("not-mqtt", 60);
-    wait_parked(&node, 3);
+    wait_parked(node, 3);
 
     // Bytes that are no TLS record, straight on the socket.
     not_tls.send_raw_on_socket(b"GET / HTTP/1.1\r\n\r\n");
@@ -366,7 +366,7 @@ fn parked_tls_clients_that_send_garbage_are_closed_with_their_wills() {
     not_mqtt.send_raw(&[0x00, 0x00]);
     let will = next_publish(&mut watcher, T).expect("the will of a client sending garbage");
     assert_eq!(will.topic, "status/not-mqtt");
-    wait_parked(&node, 1);
+    wait_parked(node, 1);
 
     // The listener goes on serving TLS clients.
     let mut fresh = RawClient::open_tls(tls.tls, V5, &tls.dir.path().join("ca.pem"));
