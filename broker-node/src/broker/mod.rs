@@ -104,6 +104,19 @@ const REFUSED_OPEN_TTL: Duration = Duration::from_secs(20 * 60);
 /// At most this many refused connections are watched; the oldest is forgotten first.
 const REFUSED_OPENS_KEPT: usize = 10_000;
 
+/// Connection ids count in steps of this many, offset by the node id's residue (see
+/// [`Broker::next_connection_id`]).
+const CONNECTION_ID_NODES: u64 = 4096;
+/// A run's first connection id is its start (Unix ms) shifted by this: later runs of a
+/// node start above every id an earlier one handed out unless it made more than 1,024
+/// connections a millisecond, and ids stay below 2^64 until 2109.
+const CONNECTION_ID_SHIFT: u32 = 22;
+
+/// The `n`th connection id of node `node_id`'s run whose first id is `first`.
+fn connection_id(first: u64, n: u64, node_id: NodeId) -> u64 {
+    first + n * CONNECTION_ID_NODES + node_id % CONNECTION_ID_NODES
+}
+
 /// Everything a connection task needs from the node, shared by reference.
 pub struct Broker {
     /// The effective configuration.
@@ -183,7 +196,7 @@ impl Broker {
     ) -> Arc<Broker> {
         let strategy: crate::router::SharedStrategy =
             config.mqtt.shared_subscription_strategy.into();
-        let first_connection_id = unix_ms() << 16;
+        let first_connection_id = unix_ms() << CONNECTION_ID_SHIFT;
         Arc::new(Broker {
             node_id: config.node_id,
             config,
@@ -210,9 +223,17 @@ impl Broker {
         })
     }
 
-    /// A fresh connection identifier.
+    /// A fresh connection identifier, unique in the cluster: the replicated session
+    /// records compare them to tell whose session it is, so two nodes must never hand
+    /// out the same one. The start of this run (ms, shifted) makes them unique across
+    /// this node's restarts; counting in steps of [`CONNECTION_ID_NODES`] from the node
+    /// id's residue makes them unique across nodes (ids distinct modulo 4096). Before,
+    /// every node counted by one from its start time alone, and nodes started in the
+    /// same millisecond (every simulation run) handed out the same ids: a connection
+    /// on one node then passed for the session's new owner on another.
     pub fn next_connection_id(&self) -> u64 {
-        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+        let n = self.next_connection_id.fetch_add(1, Ordering::Relaxed) - self.first_connection_id;
+        connection_id(self.first_connection_id, n, self.node_id)
     }
 
     /// Remember that connection `connection_id` was refused while its OpenSession was
@@ -348,3 +369,30 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub use crate::clock::unix_ms;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_ids_of_nodes_started_in_the_same_millisecond_differ() {
+        let first = 1_765_000_000_000u64 << CONNECTION_ID_SHIFT;
+        let ids = |node| (0..10_000).map(move |n| connection_id(first, n, node));
+        let mut seen = std::collections::HashSet::new();
+        for node in [1, 2, 3, 4_097] {
+            for id in ids(node) {
+                assert!(
+                    seen.insert(id) || node == 4_097,
+                    "node {node} repeats id {id}"
+                );
+            }
+        }
+        // A later run of a node starts above every id of an earlier one that made
+        // fewer than 1,024 connections per millisecond of its life.
+        let later = (1_765_000_000_001u64) << CONNECTION_ID_SHIFT;
+        assert!(connection_id(first, 1_023, 3) < later);
+        // A release that counted from `ms << 16` handed out lower ids: its sessions
+        // are taken for the previous run's (orphans to close) after an upgrade.
+        assert!(1_765_000_000_000u64 << 16 < first);
+    }
+}
