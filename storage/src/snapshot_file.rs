@@ -163,14 +163,26 @@ impl SnapshotDir {
         })
     }
 
-    /// Remove every file but the complete snapshot `keep` (older snapshots, and partial
-    /// files a crash left). Open handles to removed files stay readable: a snapshot being
-    /// sent to a follower is not cut short.
+    /// Remove every file but the complete snapshot `keep`: older snapshots, and partial
+    /// files a crash left. Only at open, while no partial file is in use.
     pub(crate) fn remove_all_but(&self, keep: Option<&str>) -> io::Result<()> {
+        self.remove(keep, true)
+    }
+
+    /// Remove the complete snapshots but `keep`. Partial files are left alone: another
+    /// snapshot may be being built or received into one right now (each removes its own
+    /// when dropped). Open handles to removed files stay readable: a snapshot being
+    /// sent to a follower is not cut short.
+    pub(crate) fn remove_older_than(&self, keep: &str) -> io::Result<()> {
+        self.remove(Some(keep), false)
+    }
+
+    fn remove(&self, keep: Option<&str>, partial_too: bool) -> io::Result<()> {
         let keep = keep.map(|id| self.complete_path(id));
         for entry in fs::read_dir(&self.path)? {
             let path = entry?.path();
-            if Some(&path) != keep.as_ref() {
+            let complete = path.to_string_lossy().ends_with(COMPLETE);
+            if Some(&path) != keep.as_ref() && (complete || partial_too) {
                 if let Err(e) = fs::remove_file(&path) {
                     tracing::warn!(path = %path.display(), error = %e, "cannot remove an old snapshot file");
                 }
@@ -220,6 +232,35 @@ mod tests {
             .read_to_string(&mut again)
             .unwrap();
         assert_eq!(again, "state");
+    }
+
+    /// A snapshot kept while another is being received (or built) removes the older
+    /// complete snapshots, never the other's partial file.
+    #[test]
+    fn keeping_a_snapshot_leaves_a_partial_file_in_use_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshots = SnapshotDir::open(dir.path()).unwrap();
+        let mut old = snapshots.create(1).unwrap();
+        snapshots.keep(&mut old, "T1-N1-5-1").unwrap();
+        let mut receiving = snapshots.create(2).unwrap();
+        receiving.file().write_all(b"from the leader").unwrap();
+        let mut built = snapshots.create(3).unwrap();
+        snapshots.keep(&mut built, "T1-N1-9-3").unwrap();
+        snapshots.remove_older_than("T1-N1-9-3").unwrap();
+        assert!(
+            snapshots.read("T1-N1-5-1").is_err(),
+            "the older snapshot is removed"
+        );
+        snapshots.keep(&mut receiving, "T2-N2-12-4").unwrap();
+        snapshots.remove_older_than("T2-N2-12-4").unwrap();
+        let mut again = String::new();
+        snapshots
+            .read("T2-N2-12-4")
+            .unwrap()
+            .file()
+            .read_to_string(&mut again)
+            .unwrap();
+        assert_eq!(again, "from the leader");
     }
 
     #[test]

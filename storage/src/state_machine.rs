@@ -161,7 +161,7 @@ impl<C: RaftTypeConfig<SnapshotData = SnapshotFile>, M> Shared<C, M> {
         self.snapshots
             .insert(KEY_SNAPSHOT_META, codec::encode("snapshot meta", meta)?)?;
         self.snapshots.flush()?;
-        self.files.remove_all_but(Some(&meta.snapshot_id))?;
+        self.files.remove_older_than(&meta.snapshot_id)?;
         Ok(())
     }
 }
