@@ -1052,6 +1052,7 @@ where
     ) -> Option<End> {
         let broker = self.broker.clone();
         let outcome = broker.dispatch(&message);
+        let queued = outcome.queued();
         // Slow subscribers: wait for room (backpressure on this publisher), except for
         // this very client, whose channel only this task drains.
         let mut others = Vec::new();
@@ -1065,29 +1066,30 @@ where
         }
         super::dispatch::Blocked::wait_all(others, &broker.stats).await;
         let forwarded = broker.forward(outcome.forward, message.qos != 0).await;
-        let mut appends = outcome.enqueue;
-        let refused = if !appends.is_empty() && broker.node_queues_full() {
-            broker.refuse_queueing(appends.len());
-            std::mem::take(&mut appends).len()
+        let (mut appends, mut fan_out) = (outcome.enqueue, outcome.fan_out);
+        let refused = if queued > 0 && broker.node_queues_full() {
+            broker.refuse_queueing(queued);
+            appends = crate::cluster::command::Appends::default();
+            fan_out = None;
+            queued
         } else {
             0
         };
-        let queued = appends.len();
-        // The retained message is the one the queues get: named, not written again.
-        let retained = message.retain.then(|| appends.add_message(&message));
-        let replicated = if queued == 0 && inbound.is_none() && retained.is_none() {
-            None
-        } else {
-            let cmd = Command::Enqueue {
-                appends,
-                limits: broker.queue_limits(),
-                inbound,
-                retained,
-            };
-            match broker.proposer.submit(cmd).await {
+        let queued = queued - refused;
+        let command = super::dispatch::publish_command(
+            &message,
+            appends,
+            fan_out,
+            broker.queue_limits(),
+            inbound,
+            message.retain,
+        );
+        let replicated = match command {
+            None => None,
+            Some(cmd) => match broker.proposer.submit(cmd).await {
                 Ok(sub) => Some(sub),
                 Err(_) => return Some(End::Shutdown),
-            }
+            },
         };
         let (matched, delivered) = (outcome.matched, outcome.delivered);
         let Some(slot) = slot else {

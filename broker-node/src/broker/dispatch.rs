@@ -12,8 +12,8 @@ use std::sync::Arc;
 use super::{lock, Broker, ConnHandle, ConnMsg, Delivery, Stats};
 use crate::cluster::command::NodeId;
 use crate::cluster::command::{
-    Appends, Command, CommandResult, EnqueueEntry, Message, QueueFullPolicy, QueueLimits,
-    SubscriptionOptions,
+    Appends, Command, CommandResult, EnqueueEntry, InboundRecord, Message, QueueFullPolicy,
+    QueueLimits, SubscriptionOptions,
 };
 use crate::cluster::forward::{ForwardSink, ForwardTarget, Forwarded};
 use crate::cluster::frame::{FrameError, FrameReader};
@@ -21,6 +21,7 @@ use crate::cluster::proposer::ProposeError;
 use crate::config::QueueFullPolicyConfig;
 use crate::router::SelectContext;
 use futures::future::BoxFuture;
+use std::collections::HashSet;
 
 /// Which of a message's subscribers this node serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +65,65 @@ pub struct DispatchOutcome {
     /// The message once per peer node with clients connected there that get it
     /// directly (not through a replicated queue).
     pub forward: Vec<(NodeId, Forwarded)>,
+    /// The persistent subscribers whose queues the state machine finds as it applies
+    /// the publish's command, when there are any ([`Command::EnqueueMatching`]).
+    pub fan_out: Option<FanOut>,
+}
+
+impl DispatchOutcome {
+    /// Queue appends this node's view planned: named in `enqueue` or left to the
+    /// state machine.
+    pub fn queued(&self) -> usize {
+        self.enqueue.len() + self.fan_out.as_ref().map_or(0, |f| f.planned)
+    }
+}
+
+/// The queue appends of a dispatched message that are not named one by one: its
+/// command says "every persistent subscriber of the topic, but `except`", and each
+/// node finds them in its replicated subscriptions as it applies the command. A
+/// broadcast to a fleet is then an entry as large as its message.
+#[derive(Debug, Default)]
+pub struct FanOut {
+    /// How many queues this node's view found (the command may reach a few more or
+    /// fewer: subscriptions committed between the dispatch and the apply count).
+    pub planned: usize,
+    /// Persistent subscribers this node delivered the message to directly.
+    pub except: Vec<Arc<str>>,
+}
+
+/// The command that replicates what a publish of `message` changes: `appends` (whose
+/// last message is `message` if it has any for it), `fan_out`'s queues, `inbound`'s
+/// QoS 2 record, and with `retain` the topic's retained message. `None` when it
+/// changes nothing.
+pub fn publish_command(
+    message: &Arc<Message>,
+    mut appends: Appends,
+    fan_out: Option<FanOut>,
+    limits: QueueLimits,
+    inbound: Option<InboundRecord>,
+    retain: bool,
+) -> Option<Command> {
+    if appends.is_empty() && fan_out.is_none() && inbound.is_none() && !retain {
+        return None;
+    }
+    // The retained message is the one the queues get: named, not written again.
+    let retained = retain.then(|| appends.add_message(message));
+    Some(match fan_out {
+        None => Command::Enqueue {
+            appends,
+            limits,
+            inbound,
+            retained,
+        },
+        Some(FanOut { except, .. }) => Command::EnqueueMatching {
+            matching: appends.add_message(message),
+            appends,
+            limits,
+            inbound,
+            retained,
+            except,
+        },
+    })
 }
 
 /// A delivery waiting for room in a slow client's channel.
@@ -120,6 +180,11 @@ impl Broker {
         let mut targets: HashMap<Arc<str>, Target, crate::hash::State> = HashMap::default();
         let mut shared: Vec<(String, Members)> = Vec::new();
         let mut matched = 0usize;
+        // Clients whose delivery a shared group or a subscription not yet committed
+        // decided: their queue appends are named in the command. The state machine
+        // finds the others as it applies it (only what the committed subscriptions
+        // alone decide can be found there alike).
+        let mut named: HashSet<Arc<str>, crate::hash::State> = HashSet::default();
         let durable = self.config.mqtt.durable_sessions;
         // Phase 1, under the read lock: match and decide each target's mode.
         let plan = self.read_state(|state| {
@@ -154,6 +219,7 @@ impl Broker {
                     if options.no_local && publisher == Some(&**client) {
                         return;
                     }
+                    named.insert(client.clone());
                     merge_target(&mut targets, client, options, message, None);
                 });
             matched += shared.len();
@@ -186,6 +252,7 @@ impl Broker {
                     if let Some(chosen) = chosen {
                         if let Some((client, options)) = members.iter().find(|(c, _)| *c == chosen)
                         {
+                            named.insert(client.clone());
                             merge_target(
                                 &mut targets,
                                 client,
@@ -207,10 +274,13 @@ impl Broker {
                         && session.is_persistent()
                         && (durable || !session.connected || reach != Reach::All);
                     let node = session.connected.then_some(session.node);
-                    Some((client, t, queued, node))
+                    let persistent = session.is_persistent();
+                    Some((client, t, queued, node, persistent))
                 })
                 .collect::<Vec<_>>()
         });
+        // Only a publish this node dispatches in full leaves queues to be found.
+        let mut fan_out = (reach == Reach::All).then(FanOut::default);
         // Phase 2, lock released: hand over.
         let mut outcome = DispatchOutcome {
             matched,
@@ -218,14 +288,25 @@ impl Broker {
             enqueue: Appends::default(),
             blocked: Vec::new(),
             forward: Vec::new(),
+            fan_out: None,
         };
-        for (client, target, queued, node) in plan {
+        for (client, target, queued, node, persistent) in plan {
             let left_to_others = match reach {
                 Reach::All => false,
                 Reach::Local => queued || node != Some(self.node_id),
             };
             if left_to_others {
                 continue;
+            }
+            if let Some(f) = fan_out.as_mut() {
+                if queued && !named.contains(&client) {
+                    f.planned += 1;
+                    continue;
+                }
+                if !queued && persistent && target.qos > 0 {
+                    // Reached directly: the state machine must not queue it again.
+                    f.except.push(client.clone());
+                }
             }
             if queued {
                 outcome.enqueue.push(EnqueueEntry {
@@ -261,6 +342,7 @@ impl Broker {
                 }
             }
         }
+        outcome.fan_out = fan_out.filter(|f| f.planned > 0);
         outcome
     }
 
@@ -488,7 +570,7 @@ impl Broker {
             return Ok(());
         }
         let limits = self.queue_limits();
-        match self
+        let result = self
             .proposer
             .propose(Command::Enqueue {
                 appends,
@@ -496,16 +578,20 @@ impl Broker {
                 inbound: None,
                 retained: None,
             })
-            .await?
-        {
-            CommandResult::Enqueued { dropped, .. } if dropped > 0 => {
+            .await?;
+        self.count_queue_drops(&result);
+        Ok(())
+    }
+
+    /// Count the messages a committed `Enqueue` dropped at full queues.
+    fn count_queue_drops(&self, result: &CommandResult) {
+        if let CommandResult::Enqueued { dropped, .. } = *result {
+            if dropped > 0 {
                 Stats::add(&self.stats.messages_dropped, u64::from(dropped));
                 metrics::counter!("flockmq_messages_dropped_total", "reason" => "queue_full")
                     .increment(u64::from(dropped));
                 tracing::info!(dropped, "persistent session queue full, messages dropped");
-                Ok(())
             }
-            _ => Ok(()),
         }
     }
 
@@ -585,7 +671,18 @@ impl Broker {
         Stats::add(&self.stats.messages_received, 1);
         Blocked::wait_all(outcome.blocked, &self.stats).await;
         let acks = self.forward(outcome.forward, message.qos > 0).await;
-        self.commit_enqueue(outcome.enqueue).await?;
+        let queued = publish_command(
+            &message,
+            outcome.enqueue,
+            outcome.fan_out,
+            self.queue_limits(),
+            None,
+            false,
+        );
+        if let Some(command) = queued {
+            let result = self.proposer.propose(command).await?;
+            self.count_queue_drops(&result);
+        }
         wait_forwarded(acks).await;
         if let Some(retained) = retained {
             retained.wait().await?;

@@ -464,6 +464,31 @@ pub enum Command {
         /// Unix ms at the proposing node.
         now_ms: u64,
     },
+    /// An [`Command::Enqueue`] whose message `matching` also goes to the queue of
+    /// every persistent session that, when the command applies, has a subscription
+    /// outside shared groups matching its topic at QoS ≥ 1 (a no-local one not for
+    /// the session that published it), but the sessions in `except` and those the
+    /// appends already name (format 5). Found from the replicated subscriptions on
+    /// every node alike, so the entry is as large as its message however many
+    /// sessions it reaches: a broadcast to 100,000 offline robots named each of them,
+    /// 3.6 MB that a follower could not take within Raft's append timeout.
+    EnqueueMatching {
+        /// The messages, each once, and the queues named explicitly (shared-group
+        /// members, subscriptions not yet committed).
+        appends: Appends,
+        /// The limits to apply.
+        limits: QueueLimits,
+        /// As [`Command::Enqueue`]'s.
+        inbound: Option<InboundRecord>,
+        /// As [`Command::Enqueue`]'s.
+        retained: Option<u32>,
+        /// The message (its index in `appends`' messages) that goes to the matching
+        /// sessions.
+        matching: u32,
+        /// Sessions the publishing node delivered it to directly (connected ones, with
+        /// `mqtt.durable_sessions` off), in no particular order.
+        except: Vec<Arc<str>>,
+    },
 }
 
 /// The result of one command, in the order of the batch.
@@ -567,7 +592,7 @@ impl Request {
                 | Command::Expire { now_ms, .. }
                 | Command::Redistribute { now_ms, .. }
                 | Command::NodeLost { now_ms, .. } => shift(now_ms),
-                Command::Enqueue { appends, .. } => {
+                Command::Enqueue { appends, .. } | Command::EnqueueMatching { appends, .. } => {
                     for m in appends.messages_mut() {
                         restamp_message(m);
                     }

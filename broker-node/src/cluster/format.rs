@@ -26,6 +26,12 @@
 //! thousand payloads. They are read into the new command, equal messages of one
 //! command folded into one.
 //!
+//! Format 5 (entries): format 4's layout with [`Command::EnqueueMatching`] added at
+//! the end of the command enum (a publish names its message once and the state
+//! machine finds the persistent subscribers' queues it goes to). An entry is written
+//! in format 4 unless it holds one, so a node of the previous release reads
+//! everything but those.
+//!
 //! Snapshot format 3: the queued and retained messages once, in a table ahead of the
 //! sessions, whose queues name them by index (the layout is [`super::state`]'s).
 //!
@@ -47,8 +53,8 @@ use super::command::{
 pub const MARKER: u64 = 0xF10C_0000_0000_0000;
 const MARKER_MASK: u64 = 0xFFFF_FFFF_FFFF_0000;
 
-/// The entry format this release writes, and the newest it reads.
-pub const ENTRY_FORMAT: u16 = 4;
+/// The newest entry format this release writes and reads.
+pub const ENTRY_FORMAT: u16 = 5;
 /// The snapshot format this release writes, and the newest it reads.
 pub const SNAPSHOT_FORMAT: u16 = 3;
 /// The layout a state digest hashes: snapshot format 2's, every queued message written
@@ -96,15 +102,25 @@ impl<C: Into<Command>> RequestBody<C> {
         }
         let commands: Vec<Command> = self.commands.into_iter().map(Into::into).collect();
         for command in &commands {
-            if let Command::Enqueue {
-                appends,
-                retained: Some(index),
-                ..
-            } = command
-            {
-                if appends.message(*index).is_none() {
+            let (appends, named) = match command {
+                Command::Enqueue {
+                    appends, retained, ..
+                } => (appends, [("retains", *retained), ("queues", None)]),
+                Command::EnqueueMatching {
+                    appends,
+                    retained,
+                    matching,
+                    ..
+                } => (
+                    appends,
+                    [("retains", *retained), ("queues", Some(*matching))],
+                ),
+                _ => continue,
+            };
+            for (what, index) in named {
+                if let Some(index) = index.filter(|i| appends.message(*i).is_none()) {
                     return Err(E::custom(format!(
-                        "entry of format {v} retains message {index} of {}",
+                        "entry of format {v} {what} message {index} of {}",
                         appends.messages().len()
                     )));
                 }
@@ -121,8 +137,18 @@ impl<C: Into<Command>> RequestBody<C> {
 
 impl Serialize for Request {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The oldest format that holds the entry, so that a node of the previous
+        // release reads all but what it could not apply.
+        let version = match self
+            .commands
+            .iter()
+            .any(|c| matches!(c, Command::EnqueueMatching { .. }))
+        {
+            true => ENTRY_FORMAT,
+            false => 4,
+        };
         let mut t = serializer.serialize_tuple(2)?;
-        t.serialize_element(&marker(ENTRY_FORMAT))?;
+        t.serialize_element(&marker(version))?;
         t.serialize_element(&RequestBodyRef {
             origin: &self.origin,
             commands: &self.commands,
@@ -179,7 +205,9 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 })?;
                 body.into_request(v)
             }
-            Some(v @ ENTRY_FORMAT) => {
+            // Format 5 is format 4's layout with one more command
+            // ([`Command::EnqueueMatching`]), which format 4 never holds.
+            Some(v @ (4 | ENTRY_FORMAT)) => {
                 let body: RequestBody<Command> = seq.next_element()?.ok_or_else(|| {
                     de::Error::custom(format!("entry of format {v} without a body"))
                 })?;
@@ -712,6 +740,133 @@ mod tests {
         };
         let first = &state.session("device-0000").expect("session").queue[0].message;
         assert!(Arc::ptr_eq(first, &appends.messages()[0]));
+    }
+
+    /// `offline_sessions`, each subscribed to `filter` at QoS 1 (with No Local).
+    fn offline_subscribers(clients: &[String], filter: &str) -> BrokerState {
+        let mut state = BrokerState::new(None);
+        for (i, c) in clients.iter().enumerate() {
+            let client_id: Arc<str> = Arc::from(c.as_str());
+            let connection_id = i as u64 + 1;
+            state.apply_command(&Command::OpenSession {
+                client_id: client_id.clone(),
+                node: 1,
+                connection_id,
+                protocol: 5,
+                clean_start: false,
+                expiry_secs: u32::MAX,
+                will: None,
+                now_ms: 1_000,
+            });
+            let options = SubscriptionOptions {
+                qos: 1,
+                no_local: true,
+                retain_as_published: false,
+                retain_handling: 0,
+                subscription_id: None,
+            };
+            state.apply_command(&Command::Subscribe {
+                client_id: client_id.clone(),
+                connection_id,
+                entries: vec![(filter.to_string(), options)],
+            });
+            state.apply_command(&Command::CloseSession {
+                client_id,
+                connection_id,
+                graceful: true,
+                expiry_secs: None,
+                now_ms: 2_000,
+            });
+        }
+        state
+    }
+
+    #[test]
+    fn an_entry_of_format_5_is_as_large_as_its_message_however_many_subscribers_it_reaches() {
+        let mut clients: Vec<String> = (0..10_000).map(|i| format!("robot-{i:05}")).collect();
+        clients.push("commander".to_string());
+        let message = kilobyte(false);
+        let mut appends: Appends = entries_for(&clients[7..8], &message).into_iter().collect();
+        let request = Request {
+            origin: None,
+            commands: vec![Command::EnqueueMatching {
+                matching: appends.add_message(&message),
+                appends,
+                limits: limits(),
+                inbound: None,
+                retained: None,
+                except: vec![Arc::from("robot-00003")],
+            }],
+            seqs: vec![],
+            sent_at_ms: 0,
+        };
+        let bytes = bincode::serialize(&request).expect("encode");
+        assert_eq!(&bytes[..8], &marker(5).to_le_bytes());
+        // The message, one named queue, one exception: no word per subscriber.
+        assert!(
+            bytes.len() < message.payload.len() + 300,
+            "{} bytes",
+            bytes.len()
+        );
+        let decoded: Request = bincode::deserialize(&bytes).expect("decode");
+        assert_eq!(decoded, request);
+        let mut state = offline_subscribers(&clients, "fleet/all/#");
+        let results = state.apply_request(&decoded);
+        assert_eq!(
+            results,
+            vec![crate::cluster::command::CommandResult::Enqueued {
+                accepted: 9_999,
+                dropped: 0
+            }]
+        );
+        let queued = |c: &str| state.session(c).map(|s| s.queue.len());
+        // Found, once even where the appends named it too; not where excepted, nor
+        // for the publisher's own No Local subscription.
+        assert_eq!(queued("robot-09999"), Some(1));
+        assert_eq!(queued("robot-00007"), Some(1));
+        assert_eq!(queued("robot-00003"), Some(0));
+        assert_eq!(queued("commander"), Some(0));
+        assert!(state
+            .sessions()
+            .filter(|(c, _)| !["robot-00003", "commander"].contains(&&***c))
+            .all(|(_, s)| Arc::ptr_eq(&s.queue[0].message, &decoded_message(&decoded))));
+        // A subscriber's queue holds what the named append said, and the others what
+        // their subscription grants.
+        assert_eq!(
+            state.session("robot-00042").expect("session").queue[0].qos,
+            1
+        );
+    }
+
+    /// The message an `EnqueueMatching` sends to the matching sessions.
+    fn decoded_message(request: &Request) -> Arc<Message> {
+        let Command::EnqueueMatching {
+            appends, matching, ..
+        } = &request.commands[0]
+        else {
+            unreachable!()
+        };
+        appends.messages()[*matching as usize].clone()
+    }
+
+    #[test]
+    fn an_entry_whose_matching_message_is_not_there_is_refused() {
+        let request = Request {
+            origin: None,
+            commands: vec![Command::EnqueueMatching {
+                appends: Appends::default(),
+                limits: limits(),
+                inbound: None,
+                retained: None,
+                matching: 0,
+                except: vec![],
+            }],
+            seqs: vec![],
+            sent_at_ms: 0,
+        };
+        let bytes = bincode::serialize(&request).expect("encode");
+        let err = bincode::deserialize::<Request>(&bytes).expect_err("refused");
+        assert!(err.to_string().contains("queues message 0 of 0"), "{err}");
     }
 
     #[test]

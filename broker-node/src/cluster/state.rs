@@ -14,7 +14,7 @@
 //! (each queued message once, however many queues hold it) are written and read by
 //! the `snapshot` module.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 
@@ -485,33 +485,21 @@ impl BrokerState {
                 limits,
                 inbound,
                 retained,
-            } => {
-                if let Some(InboundRecord {
-                    client_id,
-                    connection_id,
-                    packet_id,
-                }) = inbound
-                {
-                    if !self.owned_by(client_id, *connection_id) {
-                        // The publisher's connection lost its session meanwhile: its
-                        // PUBREC is never sent, and the client resends to its successor.
-                        return CommandResult::NoSession;
-                    }
-                    let session = self.sessions.get_mut(client_id).expect("owned");
-                    if !session.inbound_qos2.make_mut().insert(*packet_id) {
-                        // A resend of a publish already queued: nothing again.
-                        return CommandResult::Enqueued {
-                            accepted: 0,
-                            dropped: 0,
-                        };
-                    }
-                }
-                if let Some(m) = retained.and_then(|i| appends.message(i)) {
-                    self.set_retained(&m.topic, Some(m));
-                }
-                self.queue_limits = *limits;
-                self.enqueue(appends, limits)
-            }
+            } => self.apply_enqueue(appends, limits, inbound.as_ref(), *retained, None),
+            Command::EnqueueMatching {
+                appends,
+                limits,
+                inbound,
+                retained,
+                matching,
+                except,
+            } => self.apply_enqueue(
+                appends,
+                limits,
+                inbound.as_ref(),
+                *retained,
+                Some((*matching, except)),
+            ),
             Command::Ack {
                 client_id,
                 connection_id,
@@ -728,38 +716,9 @@ impl BrokerState {
         if message.retain {
             self.set_retained(&message.topic, Some(&message));
         }
-        // Each persistent subscriber once, with everything its subscriptions decide,
-        // in client id order.
-        let mut targets: BTreeMap<Arc<str>, EnqueueEntry> = BTreeMap::new();
-        let origin = message.origin_client.as_deref();
-        self.routes
-            .for_each_match(&message.topic, |_, client, options| {
-                if options.no_local && origin == Some(&**client) {
-                    return;
-                }
-                let (qos, retain) = options.grant(&message);
-                let entry = targets
-                    .entry(client.clone())
-                    .or_insert_with(|| EnqueueEntry {
-                        client_id: client.clone(),
-                        message: message.clone(),
-                        qos: 0,
-                        retain: false,
-                        subscription_ids: Vec::new(),
-                    });
-                entry.qos = entry.qos.max(qos);
-                entry.retain |= retain;
-                entry.subscription_ids.extend(options.subscription_id);
-            });
-        let mut appends: Appends = targets
-            .into_values()
-            .filter(|e| {
-                e.qos > 0
-                    && self
-                        .sessions
-                        .get(&e.client_id)
-                        .is_some_and(|s| s.is_persistent())
-            })
+        let mut appends: Appends = self
+            .subscriber_appends(&message, |_| false)
+            .into_iter()
             .collect();
         // One member per shared group, from the committed state alone, so that every
         // node makes the same choice and none has to live on for it: among the members
@@ -885,10 +844,117 @@ impl BrokerState {
         CommandResult::Unsubscribed(removed)
     }
 
+    /// What a publish changes: its publisher's QoS 2 identifier, its topic's retained
+    /// message, and the queues of `appends` and (`matching`) of the persistent
+    /// sessions subscribed to the message that index names, but those excepted.
+    fn apply_enqueue(
+        &mut self,
+        appends: &Appends,
+        limits: &QueueLimits,
+        inbound: Option<&InboundRecord>,
+        retained: Option<u32>,
+        matching: Option<(u32, &[Arc<str>])>,
+    ) -> CommandResult {
+        if let Some(InboundRecord {
+            client_id,
+            connection_id,
+            packet_id,
+        }) = inbound
+        {
+            if !self.owned_by(client_id, *connection_id) {
+                // The publisher's connection lost its session meanwhile: its PUBREC is
+                // never sent, and the client resends to its successor.
+                return CommandResult::NoSession;
+            }
+            let session = self.sessions.get_mut(client_id).expect("owned");
+            if !session.inbound_qos2.make_mut().insert(*packet_id) {
+                // A resend of a publish already queued: nothing again.
+                return CommandResult::Enqueued {
+                    accepted: 0,
+                    dropped: 0,
+                };
+            }
+        }
+        if let Some(m) = retained.and_then(|i| appends.message(i)) {
+            self.set_retained(&m.topic, Some(m));
+        }
+        self.queue_limits = *limits;
+        let Some((index, except)) = matching else {
+            return self.enqueue(appends, limits);
+        };
+        let Some(message) = appends.message(index).cloned() else {
+            // Decoding refuses such an entry; nothing is queued for a message that is
+            // not there.
+            return self.enqueue(appends, limits);
+        };
+        let named: HashSet<&str> = appends
+            .iter()
+            .filter(|(_, m)| Arc::ptr_eq(m, &message))
+            .map(|(a, _)| &*a.client_id)
+            .chain(except.iter().map(|c| &**c))
+            .collect();
+        let found = self.subscriber_appends(&message, |client| named.contains(client));
+        if found.is_empty() {
+            return self.enqueue(appends, limits);
+        }
+        let mut all = appends.clone();
+        for entry in found {
+            all.push(entry);
+        }
+        self.enqueue(&all, limits)
+    }
+
+    /// An append of `message` for every persistent session with a subscription outside
+    /// shared groups matching its topic at QoS ≥ 1 (a no-local one not for the session
+    /// that published it), each session once with what all its matching
+    /// subscriptions decide, in client-id order (the trie's own order depends on the
+    /// order subscriptions were made in); `skip` leaves sessions out.
+    fn subscriber_appends(
+        &self,
+        message: &Arc<Message>,
+        skip: impl Fn(&str) -> bool,
+    ) -> Vec<EnqueueEntry> {
+        let mut targets: BTreeMap<Arc<str>, EnqueueEntry> = BTreeMap::new();
+        let origin = message.origin_client.as_deref();
+        self.routes
+            .for_each_match(&message.topic, |_, client, options| {
+                if options.no_local && origin == Some(&**client) {
+                    return;
+                }
+                if skip(client) {
+                    return;
+                }
+                let (qos, retain) = options.grant(message);
+                let entry = targets
+                    .entry(client.clone())
+                    .or_insert_with(|| EnqueueEntry {
+                        client_id: client.clone(),
+                        message: message.clone(),
+                        qos: 0,
+                        retain: false,
+                        subscription_ids: Vec::new(),
+                    });
+                entry.qos = entry.qos.max(qos);
+                entry.retain |= retain;
+                entry.subscription_ids.extend(options.subscription_id);
+            });
+        targets
+            .into_values()
+            .filter(|e| {
+                e.qos > 0
+                    && self
+                        .sessions
+                        .get(&e.client_id)
+                        .is_some_and(|s| s.is_persistent())
+            })
+            .collect()
+    }
+
     fn enqueue(&mut self, appends: &Appends, limits: &QueueLimits) -> CommandResult {
         let mut accepted = 0u32;
         let mut dropped = 0u32;
         let mut grew: Vec<(Arc<str>, NodeId)> = Vec::new();
+        let mut told: HashSet<Arc<str>> = HashSet::new();
         for (entry, message) in appends.iter() {
             let Some(session) = self.sessions.get_mut(&entry.client_id) else {
                 dropped += 1;
@@ -942,7 +1008,7 @@ impl BrokerState {
                 subscription_ids: Sparse::from(entry.subscription_ids.clone()),
             });
             accepted += 1;
-            if session.connected && !grew.iter().any(|(c, _)| c == &entry.client_id) {
+            if session.connected && told.insert(entry.client_id.clone()) {
                 grew.push((entry.client_id.clone(), session.node));
             }
         }

@@ -2649,6 +2649,76 @@ impl Model {
         self.enqueue(&queued, &limits);
     }
 
+    /// `Enqueue` (without `matching`) and `EnqueueMatching`.
+    fn publish(
+        &mut self,
+        appends: &Appends,
+        limits: &QueueLimits,
+        inbound: Option<&InboundRecord>,
+        retained: Option<u32>,
+        matching: Option<(u32, &[Arc<str>])>,
+    ) -> CommandResult {
+        // The publisher's QoS 2 id: only while its connection owns the session, and
+        // a publish whose id is still held is a resend.
+        if let Some(r) = inbound {
+            let Some(s) = self.owned(&r.client_id, r.connection_id) else {
+                return CommandResult::NoSession;
+            };
+            if !s.inbound.insert(r.packet_id) {
+                return CommandResult::Enqueued {
+                    accepted: 0,
+                    dropped: 0,
+                };
+            }
+        }
+        if let Some(m) = retained.and_then(|i| appends.message(i)) {
+            self.set_retained(&m.topic, Some(m));
+        }
+        self.limits = *limits;
+        let entry = |client: &str, m: &Message, qos: u8| {
+            (
+                client.to_string(),
+                m.topic.to_string(),
+                (m.topic.len() + m.payload.len()) as u64,
+                qos,
+                m.expires_at_ms(),
+            )
+        };
+        let mut queued: Vec<(String, String, u64, u8, Option<u64>)> = appends
+            .iter()
+            .map(|(e, m)| entry(&e.client_id, m, e.qos))
+            .collect();
+        if let Some((index, except)) = matching {
+            // Every persistent session subscribed outside shared groups, in client id
+            // order, at its best matching QoS, but those excepted or named.
+            let m = appends
+                .message(index)
+                .expect("decoded entries name their messages");
+            let named: Vec<&str> = appends
+                .iter()
+                .filter(|(_, n)| Arc::ptr_eq(n, m))
+                .map(|(e, _)| &*e.client_id)
+                .chain(except.iter().map(|c| &**c))
+                .collect();
+            for (client, s) in &self.sessions {
+                if s.expiry == 0 || named.contains(&client.as_str()) {
+                    continue;
+                }
+                let qos = s
+                    .subs
+                    .iter()
+                    .filter(|(f, _)| !f.starts_with("$share/") && model_matches(f, &m.topic))
+                    .map(|(_, o)| o.qos.min(m.qos))
+                    .max();
+                if let Some(qos @ 1..) = qos {
+                    queued.push(entry(client, m, qos));
+                }
+            }
+        }
+        let (accepted, dropped) = self.enqueue(&queued, limits);
+        CommandResult::Enqueued { accepted, dropped }
+    }
+
     /// Append (client, topic, weight, qos, expiry) entries under `limits`, as
     /// `Enqueue` does; the numbers accepted and dropped.
     fn enqueue(
@@ -2854,39 +2924,21 @@ impl Model {
                 limits,
                 inbound,
                 retained,
-            } => {
-                // The publisher's QoS 2 id: only while its connection owns the
-                // session, and a publish whose id is still held is a resend.
-                if let Some(r) = inbound {
-                    let Some(s) = self.owned(&r.client_id, r.connection_id) else {
-                        return CommandResult::NoSession;
-                    };
-                    if !s.inbound.insert(r.packet_id) {
-                        return CommandResult::Enqueued {
-                            accepted: 0,
-                            dropped: 0,
-                        };
-                    }
-                }
-                if let Some(m) = retained.and_then(|i| appends.message(i)) {
-                    self.set_retained(&m.topic, Some(m));
-                }
-                self.limits = *limits;
-                let queued: Vec<(String, String, u64, u8, Option<u64>)> = appends
-                    .iter()
-                    .map(|(e, m)| {
-                        (
-                            e.client_id.to_string(),
-                            m.topic.to_string(),
-                            (m.topic.len() + m.payload.len()) as u64,
-                            e.qos,
-                            m.expires_at_ms(),
-                        )
-                    })
-                    .collect();
-                let (accepted, dropped) = self.enqueue(&queued, limits);
-                CommandResult::Enqueued { accepted, dropped }
-            }
+            } => self.publish(appends, limits, inbound.as_ref(), *retained, None),
+            Command::EnqueueMatching {
+                appends,
+                limits,
+                inbound,
+                retained,
+                matching,
+                except,
+            } => self.publish(
+                appends,
+                limits,
+                inbound.as_ref(),
+                *retained,
+                Some((*matching, except)),
+            ),
             Command::Ack {
                 client_id,
                 connection_id,
@@ -3174,6 +3226,9 @@ enum Op {
         inbound: Option<(usize, Conn, u16)>,
         /// The publish's retained message: (topic, payload length; 0 clears).
         retained: Option<(usize, usize)>,
+        /// `EnqueueMatching`: (topic, QoS, clients excepted, clients the appends also
+        /// name for its message).
+        matching: Option<(usize, u8, Vec<usize>, Vec<usize>)>,
     },
     Ack {
         client: usize,
@@ -3250,9 +3305,18 @@ fn op() -> impl Strategy<Value = Op> {
             any::<bool>(),
             prop::option::weighted(0.4, (client(), conn(), 1u16..4)),
             prop::option::weighted(0.3, (0..TOPICS.len(), 0usize..3)),
+            prop::option::weighted(
+                0.5,
+                (
+                    0..TOPICS.len(),
+                    1u8..=2,
+                    prop::collection::vec(client(), 0..3),
+                    prop::collection::vec(client(), 0..3),
+                )
+            ),
         )
             .prop_map(
-                |(entries, max_messages, max_bytes, drop_oldest, inbound, retained)| {
+                |(entries, max_messages, max_bytes, drop_oldest, inbound, retained, matching)| {
                     Op::Enqueue {
                         entries,
                         max_messages,
@@ -3260,6 +3324,7 @@ fn op() -> impl Strategy<Value = Op> {
                         drop_oldest,
                         inbound,
                         retained,
+                        matching,
                     }
                 }
             ),
@@ -3390,6 +3455,7 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                 drop_oldest,
                 inbound,
                 retained,
+                matching,
             } => {
                 // Entries of one topic, size and expiry share one message, as a
                 // publish's queues do.
@@ -3413,23 +3479,49 @@ fn build_log(steps: &[(u64, Op)]) -> Vec<Command> {
                     m.retain = true;
                     appends.add_message(&Arc::new(m))
                 });
-                Command::Enqueue {
-                    appends,
-                    limits: QueueLimits {
-                        max_messages: *max_messages,
-                        max_bytes: *max_bytes,
-                        policy: if *drop_oldest {
-                            QueueFullPolicy::DropOldest
-                        } else {
-                            QueueFullPolicy::DropNewest
-                        },
+                let limits = QueueLimits {
+                    max_messages: *max_messages,
+                    max_bytes: *max_bytes,
+                    policy: if *drop_oldest {
+                        QueueFullPolicy::DropOldest
+                    } else {
+                        QueueFullPolicy::DropNewest
                     },
-                    inbound: inbound.map(|(c, conn, packet_id)| InboundRecord {
-                        client_id: client_id(&c),
-                        connection_id: connection(&c, &conn),
-                        packet_id,
-                    }),
-                    retained,
+                };
+                let inbound = inbound.map(|(c, conn, packet_id)| InboundRecord {
+                    client_id: client_id(&c),
+                    connection_id: connection(&c, &conn),
+                    packet_id,
+                });
+                match matching {
+                    None => Command::Enqueue {
+                        appends,
+                        limits,
+                        inbound,
+                        retained,
+                    },
+                    Some((t, qos, except, named)) => {
+                        let mut m = (*message(TOPICS[*t], b"fan", None, now)).clone();
+                        m.qos = *qos;
+                        let m = Arc::new(m);
+                        for c in named {
+                            appends.push(EnqueueEntry {
+                                client_id: client_id(c),
+                                message: m.clone(),
+                                qos: *qos,
+                                retain: false,
+                                subscription_ids: Vec::new(),
+                            });
+                        }
+                        Command::EnqueueMatching {
+                            matching: appends.add_message(&m),
+                            appends,
+                            limits,
+                            inbound,
+                            retained,
+                            except: except.iter().map(client_id).collect(),
+                        }
+                    }
                 }
             }
             Op::Ack {
