@@ -633,3 +633,89 @@ fn a_qos_1_message_reaches_a_peer_that_came_back_while_the_forward_stream_to_it_
         }
     }
 }
+
+/// CONNECT of a v5 client whose session outlives its connection by an hour.
+fn persistent(node: &Node, client_id: &str) -> RawClient {
+    let (client, ack) = RawClient::connect_with(
+        node.mqtt_addr(),
+        Connect {
+            protocol: V5,
+            clean_start: false,
+            keep_alive: 60,
+            client_id: client_id.to_owned(),
+            will: None,
+            username: None,
+            password: None,
+            properties: ConnectProperties {
+                session_expiry_interval: Some(3600),
+                ..Default::default()
+            },
+        },
+    );
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    client
+}
+
+#[test]
+fn without_durable_sessions_a_connected_persistent_subscriber_gets_each_message_once_and_an_offline_one_from_its_queue(
+) {
+    // With durable_sessions off, the publishing node hands messages straight to the
+    // connected persistent subscribers and the publish's command names them as
+    // exceptions; every node finds the offline ones in its subscriptions and queues
+    // the message for them. Neither kind may get a message twice or miss one.
+    let nodes = Node::cluster_with_env(3, &[("FLOCKMQ_MQTT__DURABLE_SESSIONS", "false")]);
+    let mut online: Vec<Receiver> = (0..6)
+        .map(|i| {
+            let mut c = persistent(&nodes[i % 3], &format!("panel-{i}"));
+            assert!(!subscribe(&mut c, "alerts/#", QoS::AtLeastOnce)[0].is_error());
+            Receiver::new(c)
+        })
+        .collect();
+    for i in 0..6 {
+        let mut c = persistent(&nodes[i % 3], &format!("robot-{i}"));
+        assert!(!subscribe(&mut c, "alerts/#", QoS::AtLeastOnce)[0].is_error());
+        drop(c);
+        nodes[i % 3].wait_connected(&format!("robot-{i}"), false);
+    }
+    converged(&running(&nodes));
+    let mut publisher = Publisher::connect(&nodes[1], "alerter");
+    for i in 0..20 {
+        publisher.send(
+            &format!("alerts/zone{}", i % 4),
+            format!("alert-{i}"),
+            QoS::AtLeastOnce,
+            PublishProperties::default(),
+        );
+    }
+    publisher.finish();
+    let expected: Vec<String> = (0..20).map(|i| format!("alert-{i}")).collect();
+    for (i, sub) in online.iter_mut().enumerate() {
+        // Read on a little after the twentieth: a copy from a queue would follow (the
+        // publish's command is committed, and applied everywhere within moments).
+        sub.collect(20, T);
+        sub.collect(21, Duration::from_millis(500));
+        assert_eq!(sub.payloads(), expected, "connected panel-{i}");
+    }
+    // Nor did their sessions queue a copy of what they were handed: back on another
+    // node, they get nothing more.
+    drop(online);
+    for i in 0..6 {
+        nodes[i % 3].wait_connected(&format!("panel-{i}"), false);
+        let client = persistent(&nodes[(i + 1) % 3], &format!("panel-{i}"));
+        let mut sub = Receiver::new(client);
+        sub.collect(1, Duration::from_millis(500));
+        assert_eq!(sub.payloads(), Vec::<String>::new(), "panel-{i} again");
+    }
+    for i in 0..6 {
+        // Back on another node than the one it left.
+        let client = persistent(&nodes[(i + 1) % 3], &format!("robot-{i}"));
+        let mut sub = Receiver::new(client);
+        sub.collect(20, T);
+        sub.collect(21, Duration::from_secs(2));
+        assert_eq!(
+            sub.payloads(),
+            expected,
+            "robot-{i}, offline while published"
+        );
+    }
+}
