@@ -124,7 +124,7 @@ mod test_hooks {
         request
             .commands
             .iter()
-            .any(|c| matches!(c, Command::Enqueue { .. }))
+            .any(|c| matches!(c, Command::Enqueue { .. } | Command::EnqueueMatching { .. }))
             .then_some(delay)
     }
 }
