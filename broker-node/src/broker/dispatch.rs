@@ -290,6 +290,8 @@ impl Broker {
             forward: Vec::new(),
             fan_out: None,
         };
+        // The appends the state machine can find for itself.
+        let mut findable: Vec<EnqueueEntry> = Vec::new();
         for (client, target, queued, node, persistent) in plan {
             let left_to_others = match reach {
                 Reach::All => false,
@@ -299,23 +301,23 @@ impl Broker {
                 continue;
             }
             if let Some(f) = fan_out.as_mut() {
-                if queued && !named.contains(&client) {
-                    f.planned += 1;
-                    continue;
-                }
                 if !queued && persistent && target.qos > 0 {
                     // Reached directly: the state machine must not queue it again.
                     f.except.push(client.clone());
                 }
             }
             if queued {
-                outcome.enqueue.push(EnqueueEntry {
+                let entry = EnqueueEntry {
                     client_id: client,
                     message: message.clone(),
                     qos: target.qos,
                     retain: target.retain,
                     subscription_ids: target.subscription_ids,
-                });
+                };
+                match fan_out.is_some() && !named.contains(&entry.client_id) {
+                    true => findable.push(entry),
+                    false => outcome.enqueue.push(entry),
+                }
             } else if node == Some(self.node_id) {
                 outcome.delivered += 1;
                 if let Some(b) = self.deliver_local(&client, message, target) {
@@ -342,7 +344,21 @@ impl Broker {
                 }
             }
         }
-        outcome.fan_out = fan_out.filter(|f| f.planned > 0);
+        // The command names either the findable queues or the exceptions to "every
+        // subscriber", whichever list is shorter (with durable_sessions on, nobody is
+        // excepted): a fleet mostly online, with durable_sessions off, is not named
+        // robot by robot either.
+        match fan_out {
+            Some(mut f) if !findable.is_empty() && f.except.len() < findable.len() => {
+                f.planned = findable.len();
+                outcome.fan_out = Some(f);
+            }
+            _ => {
+                for entry in findable {
+                    outcome.enqueue.push(entry);
+                }
+            }
+        }
         outcome
     }
 
