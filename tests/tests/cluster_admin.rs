@@ -401,3 +401,30 @@ fn the_api_takes_basic_auth_users_from_a_password_file() {
         "the removed user still gets in"
     );
 }
+
+#[test]
+fn a_snapshot_asked_for_covers_what_was_applied_and_a_restart_starts_from_it() {
+    let mut node = Node::start();
+    node.publish_retained("site/motd", "snapshotted");
+    let applied = node.applied_index();
+    let built = node
+        .api("POST", "/cluster/snapshot", Some(serde_json::json!({})))
+        .expect("snapshot built");
+    let at = built["snapshot_index"].as_u64().expect("snapshot_index");
+    assert!(at >= applied, "snapshot at {at}, applied {applied} before");
+    assert_eq!(node.status()["snapshot_index"].as_u64(), Some(at));
+    let files: Vec<String> = std::fs::read_dir(node.data_dir.join("raft/raft-snapshots"))
+        .expect("snapshot directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        files.len() == 1 && files[0].ends_with(&format!("-{at}-0.snap")),
+        "{files:?}"
+    );
+    // Started again, the node restores the snapshot: the retained message is there.
+    node.restart();
+    let retained = node
+        .api("GET", "/retained/site/motd", None)
+        .expect("retained message");
+    assert_eq!(retained["payload"], "snapshotted", "{retained}");
+}

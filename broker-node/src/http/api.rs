@@ -8,6 +8,7 @@
 //! | --- | --- |
 //! | `GET /cluster` | this node's Raft view: members and roles, leader, term, indexes, digest |
 //! | `POST /cluster/join`, `POST /cluster/leave`, `DELETE /cluster/members/{id}` | membership changes |
+//! | `POST /cluster/snapshot` | this node builds a Raft snapshot of its applied state now (and purges the log behind it); answered once it is built |
 //! | `GET /stats` | this node's figures: counters, rates of the last minutes, forwarding per peer |
 //! | `GET /cluster/stats` | the same of every member (asked over the cluster's Admin service) |
 //! | `GET /clients`, `GET /sessions` | connected clients, all sessions (`clientid`, `like`, `node`, `connected`, paged) |
@@ -213,6 +214,7 @@ pub fn router(slot: ApiSlot, access: ApiAccess) -> Router {
         .route("/cluster", get(cluster_status))
         .route("/cluster/join", post(cluster_join))
         .route("/cluster/leave", post(cluster_leave))
+        .route("/cluster/snapshot", post(cluster_snapshot))
         .route("/cluster/members/{id}", delete(cluster_remove))
         .route("/cluster/stats", get(cluster_stats))
         .route("/stats", get(node_stats))
@@ -409,6 +411,7 @@ async fn cluster_status(State(state): State<ApiState>) -> ApiResult {
         "term": metrics.current_term,
         "last_log_index": metrics.last_log_index,
         "last_applied_index": metrics.last_applied.map(|l| l.index),
+        "snapshot_index": metrics.snapshot.map(|l| l.index),
         "digest_index": digested.map(|(index, _)| index),
         "digest": digested.map(|(_, digest)| format!("{digest:016x}")),
         "members": nodes,
@@ -508,6 +511,55 @@ async fn cluster_leave(State(state): State<ApiState>) -> ApiResult {
     let api = api(&state)?;
     let id = api.broker.node_id;
     membership_outcome(membership::change(&api.raft, MembershipChange::Remove { id }).await)
+}
+
+/// How long `POST /cluster/snapshot` waits for the snapshot to be built.
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Build a snapshot of this node's applied state now, instead of after
+/// `cluster.snapshot_after_logs` more entries: before a node joins (it then installs
+/// the state as it is, not an older one and the log since), or to shorten the log on
+/// disk. Answered once the snapshot covers what was applied when it was asked for.
+async fn cluster_snapshot(State(state): State<ApiState>) -> ApiResult {
+    let api = api(&state)?;
+    let mut metrics = api.raft.metrics();
+    let Some(applied) = metrics.borrow().last_applied else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "nothing applied yet: no snapshot to build".into(),
+        ));
+    };
+    api.raft
+        .trigger()
+        .snapshot()
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let built = tokio::time::timeout(SNAPSHOT_WAIT, async {
+        loop {
+            if let Some(at) = metrics
+                .borrow()
+                .snapshot
+                .filter(|s| s.index >= applied.index)
+            {
+                return Ok(at);
+            }
+            if metrics.changed().await.is_err() {
+                return Err("raft stopped");
+            }
+        }
+    })
+    .await;
+    match built {
+        Ok(Ok(at)) => Ok(Json(json!({ "snapshot_index": at.index })).into_response()),
+        Ok(Err(why)) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, why.into())),
+        Err(_) => Err(ApiError(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the snapshot of index {} was not built within {SNAPSHOT_WAIT:?}",
+                applied.index
+            ),
+        )),
+    }
 }
 
 async fn cluster_remove(State(state): State<ApiState>, Path(id): Path<NodeId>) -> ApiResult {
