@@ -102,6 +102,9 @@ pub enum ClusterCmd {
         /// The node to remove.
         id: u64,
     },
+    /// Have the node answering at --url build a Raft snapshot of its state now (before
+    /// a node joins, or to shorten the log on disk); waits until it is built.
+    Snapshot,
 }
 
 /// `ctl log ...`
@@ -212,6 +215,10 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Cluster(ClusterCmd::Leave) => {
             (client.call("POST", "/cluster/leave", Some(json!({})))?, &[])
         }
+        CtlCommand::Cluster(ClusterCmd::Snapshot) => (
+            client.call("POST", "/cluster/snapshot", Some(json!({})))?,
+            &[],
+        ),
         CtlCommand::Cluster(ClusterCmd::Remove { id }) => (
             client.call("DELETE", &format!("/cluster/members/{id}"), None)?,
             &[],

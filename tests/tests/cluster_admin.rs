@@ -407,9 +407,7 @@ fn a_snapshot_asked_for_covers_what_was_applied_and_a_restart_starts_from_it() {
     let mut node = Node::start();
     node.publish_retained("site/motd", "snapshotted");
     let applied = node.applied_index();
-    let built = node
-        .api("POST", "/cluster/snapshot", Some(serde_json::json!({})))
-        .expect("snapshot built");
+    let built = ctl_json(&node, &["cluster", "snapshot"]);
     let at = built["snapshot_index"].as_u64().expect("snapshot_index");
     assert!(at >= applied, "snapshot at {at}, applied {applied} before");
     assert_eq!(node.status()["snapshot_index"].as_u64(), Some(at));

@@ -147,6 +147,22 @@ impl Publisher {
     }
 }
 
+/// Publish `count` QoS 1 alerts through `node`, over four topics under `alerts/`,
+/// each acknowledged; their payloads in order.
+fn publish_alerts(node: &Node, count: usize) -> Vec<String> {
+    let mut publisher = Publisher::connect(node, "alerter");
+    for i in 0..count {
+        publisher.send(
+            &format!("alerts/zone{}", i % 4),
+            format!("alert-{i}"),
+            QoS::AtLeastOnce,
+            PublishProperties::default(),
+        );
+    }
+    publisher.finish();
+    (0..count).map(|i| format!("alert-{i}")).collect()
+}
+
 fn subscriber(node: &Node, client_id: &str, filter: &str, qos: QoS) -> Receiver {
     let (mut c, _) = RawClient::connect(node.mqtt_addr(), V5, client_id, true, 60);
     assert!(!subscribe(&mut c, filter, qos)[0].is_error());
@@ -306,17 +322,7 @@ fn fan_out_reaches_subscribers_spread_over_every_node() {
     // Subscriptions made through one node reach the others' route tables
     // asynchronously: wait until every node applied them.
     converged(&running(&nodes));
-    let mut publisher = Publisher::connect(&nodes[1], "alerter");
-    for i in 0..20 {
-        publisher.send(
-            &format!("alerts/zone{}", i % 4),
-            format!("alert-{i}"),
-            QoS::AtLeastOnce,
-            PublishProperties::default(),
-        );
-    }
-    publisher.finish();
-    let expected: Vec<String> = (0..20).map(|i| format!("alert-{i}")).collect();
+    let expected = publish_alerts(&nodes[1], 20);
     for (i, sub) in subs.iter_mut().enumerate() {
         sub.collect(20, T);
         assert_eq!(
@@ -679,17 +685,7 @@ fn without_durable_sessions_a_connected_persistent_subscriber_gets_each_message_
         nodes[i % 3].wait_connected(&format!("robot-{i}"), false);
     }
     converged(&running(&nodes));
-    let mut publisher = Publisher::connect(&nodes[1], "alerter");
-    for i in 0..20 {
-        publisher.send(
-            &format!("alerts/zone{}", i % 4),
-            format!("alert-{i}"),
-            QoS::AtLeastOnce,
-            PublishProperties::default(),
-        );
-    }
-    publisher.finish();
-    let expected: Vec<String> = (0..20).map(|i| format!("alert-{i}")).collect();
+    let expected = publish_alerts(&nodes[1], 20);
     for (i, sub) in online.iter_mut().enumerate() {
         // Read on a little after the twentieth: a copy from a queue would follow (the
         // publish's command is committed, and applied everywhere within moments).
