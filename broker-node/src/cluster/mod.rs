@@ -246,6 +246,14 @@ pub struct Cluster {
     pub tls: Option<Arc<tls::ClusterTls>>,
 }
 
+/// How long the leader waits for the answer to one chunk of a snapshot it sends. The
+/// last chunk is answered once the follower has restored the whole state from it:
+/// openraft's 200 ms timed out on every sizeable state (45 times for one 250 MB
+/// snapshot, 10 M queued deliveries), and each timeout sent the snapshot again from
+/// its start. A follower that died meanwhile is noticed sooner anyway: its
+/// connection's HTTP/2 pings go unanswered within 10 s (see `network::alive`).
+const INSTALL_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Cluster {
     /// Open storage, start Raft and its gRPC server, form or join the cluster, and
     /// wait until a leader is known.
@@ -265,6 +273,7 @@ impl Cluster {
             // as many as between snapshots (a small snapshot interval, as in tests,
             // makes lagging followers catch up by snapshot sooner).
             max_in_snapshot_log_to_keep: c.snapshot_after_logs.min(1000),
+            install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT.as_millis() as u64,
             ..Default::default()
         }
         .validate()
