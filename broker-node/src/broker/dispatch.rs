@@ -290,8 +290,10 @@ impl Broker {
             forward: Vec::new(),
             fan_out: None,
         };
-        // The appends the state machine can find for itself.
-        let mut findable: Vec<EnqueueEntry> = Vec::new();
+        // The appends the state machine can find for itself: how many, and (only with
+        // durable_sessions off, where they may end up named after all) the appends.
+        let mut findable = 0usize;
+        let mut findable_kept: Vec<EnqueueEntry> = Vec::new();
         for (client, target, queued, node, persistent) in plan {
             let left_to_others = match reach {
                 Reach::All => false,
@@ -307,6 +309,14 @@ impl Broker {
                 }
             }
             if queued {
+                let found = fan_out.is_some() && !named.contains(&client);
+                if found {
+                    findable += 1;
+                    if durable {
+                        // Nobody is excepted: the command names none of them.
+                        continue;
+                    }
+                }
                 let entry = EnqueueEntry {
                     client_id: client,
                     message: message.clone(),
@@ -314,8 +324,8 @@ impl Broker {
                     retain: target.retain,
                     subscription_ids: target.subscription_ids,
                 };
-                match fan_out.is_some() && !named.contains(&entry.client_id) {
-                    true => findable.push(entry),
+                match found {
+                    true => findable_kept.push(entry),
                     false => outcome.enqueue.push(entry),
                 }
             } else if node == Some(self.node_id) {
@@ -349,12 +359,12 @@ impl Broker {
         // excepted): a fleet mostly online, with durable_sessions off, is not named
         // robot by robot either.
         match fan_out {
-            Some(mut f) if !findable.is_empty() && f.except.len() < findable.len() => {
-                f.planned = findable.len();
+            Some(mut f) if findable > 0 && f.except.len() < findable => {
+                f.planned = findable;
                 outcome.fan_out = Some(f);
             }
             _ => {
-                for entry in findable {
+                for entry in findable_kept {
                     outcome.enqueue.push(entry);
                 }
             }
