@@ -537,7 +537,8 @@ fn check_voters(v: &Value, n: usize) -> Result<(), String> {
 
 fn cluster_table(v: &Value) -> String {
     let mut out = format!(
-        "node {}  state {}  leader {}  term {}  applied {}  digest {} (at index {})\n\n",
+        "node {}  state {}  leader {}  term {}  applied {}  digest {} (at index {})  \
+         entry format {}\n\n",
         cell(&v["node_id"]),
         cell(&v["state"]),
         cell(&v["leader"]),
@@ -545,6 +546,7 @@ fn cluster_table(v: &Value) -> String {
         cell(&v["last_applied_index"]),
         cell(&v["digest"]),
         cell(&v["digest_index"]),
+        cell(&v["entry_format"]),
     );
     let members = v["members"].as_array().cloned().unwrap_or_default();
     out.push_str(&table(&["id", "addr", "role"], &members));

@@ -487,6 +487,12 @@ impl Node {
         false
     }
 
+    /// Leave out the environment variable `key` from the next start (an upgrade, when
+    /// it is a hook that plays an earlier release).
+    pub fn remove_env(&mut self, key: &str) {
+        self.extra_env.retain(|(k, _)| k != key);
+    }
+
     /// Start the same node again on the same ports and data directory.
     pub fn restart(&mut self) {
         self.kill();

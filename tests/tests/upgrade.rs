@@ -2,13 +2,16 @@
 //! (format 1: unversioned entries and snapshot, `tests/fixtures/format1`) and serves
 //! what it holds: persistent sessions with their queues and subscriptions, retained
 //! messages; then it writes format 2 on top and starts again on the mixed log.
+//!
+//! A rolling upgrade: while one member still runs the previous release, the others
+//! write nothing it cannot read, and once it is upgraded they write the newer format.
 
 use std::path::Path;
 use std::time::Duration;
 
 use broker_node::mqtt::{ProtocolVersion, QoS, ReasonCode};
 use flockmq_tests::mqtt::{next_publish, receive_acked, subscribe};
-use flockmq_tests::{run, Node, RawClient};
+use flockmq_tests::{converged, run, wait_until, Node, RawClient};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -97,4 +100,100 @@ fn a_node_reads_the_data_directory_of_the_previous_format_and_goes_on_writing() 
         .api("GET", "/subscriptions?clientid=fixture-sub", None)
         .expect("subscriptions");
     assert!(subs.to_string().contains("fleet/#"), "{subs}");
+}
+
+/// The hook by which a debug build plays a node of the previous release: it refuses
+/// Raft entries newer than this format and does not know the `Capabilities` call.
+const PLAY_RELEASE: &str = "TEST_FLOCKMQ_READ_ENTRY_FORMAT";
+
+/// A broadcast to `n` offline persistent sessions, QoS 1 (`tag` told apart), published
+/// through `node`.
+fn broadcast(node: &Node, tag: &str, n: usize) {
+    let (mut control, _) =
+        RawClient::connect(node.mqtt_addr(), ProtocolVersion::V5, "control", true, 60);
+    for i in 1..=n {
+        control.send(&flockmq_tests::mqtt::publish(
+            "fleet/all/cmd",
+            &format!("{tag}-{i}"),
+            QoS::AtLeastOnce,
+            false,
+            i as u16,
+        ));
+        let ack = control.recv(T);
+        assert!(
+            matches!(&ack, Some(broker_node::mqtt::Packet::PubAck(a)) if !a.reason_code.is_error()),
+            "{tag}-{i} acknowledged: {ack:?}"
+        );
+    }
+}
+
+#[test]
+fn a_member_of_the_previous_release_is_sent_only_entries_it_reads_until_it_is_upgraded() {
+    // Node 3 runs "the previous release": it reads entry formats up to 4. A broadcast
+    // to a fleet of offline persistent sessions is one `EnqueueMatching` (format 5) per
+    // message once every member reads it; with node 3 behind, the others name every
+    // queue (format 4), and node 3 applies everything. Were format 5 written, node 3
+    // would refuse each AppendEntries from then on and never converge.
+    let mut nodes = Node::cluster_with_node_env(3, &[], |id| match id {
+        3 => vec![(PLAY_RELEASE.into(), "4".into())],
+        _ => Vec::new(),
+    });
+    let robots: Vec<String> = (1..=20).map(|i| format!("robot-{i:02}")).collect();
+    for robot in &robots {
+        let (mut c, _) = RawClient::connect(
+            nodes[0].mqtt_addr(),
+            ProtocolVersion::V3_1_1,
+            robot,
+            false,
+            60,
+        );
+        assert_eq!(
+            subscribe(&mut c, "fleet/all/#", QoS::AtLeastOnce)[0],
+            ReasonCode::GrantedQoS1
+        );
+    }
+    for robot in &robots {
+        nodes[0].wait_connected(robot, false);
+    }
+    // Long enough for every node to have asked every member what it reads.
+    std::thread::sleep(Duration::from_secs(4));
+    for node in &nodes {
+        assert_eq!(node.status()["entry_format"], 4, "{}", node.status());
+    }
+    broadcast(&nodes[0], "before", 10);
+    broadcast(&nodes[1], "before-via-2", 5);
+    converged(&nodes.iter().collect::<Vec<_>>());
+    let expected_before: Vec<String> = (1..=10)
+        .map(|i| format!("fleet/all/cmd before-{i}"))
+        .chain((1..=5).map(|i| format!("fleet/all/cmd before-via-2-{i}")))
+        .collect();
+    assert_eq!(
+        resume_and_read(&nodes[2], ProtocolVersion::V3_1_1, "robot-01", 15),
+        expected_before,
+        "the old member serves the queues it was sent"
+    );
+
+    // Node 3 upgraded in place: the others find out and write format 5.
+    nodes[2].remove_env(PLAY_RELEASE);
+    nodes[2].restart();
+    wait_until(
+        "every node writes entry format 5",
+        Duration::from_secs(20),
+        || nodes.iter().all(|n| n.status()["entry_format"] == 5),
+    );
+    broadcast(&nodes[0], "after", 10);
+    converged(&nodes.iter().collect::<Vec<_>>());
+    let expected_after: Vec<String> = expected_before
+        .iter()
+        .cloned()
+        .chain((1..=10).map(|i| format!("fleet/all/cmd after-{i}")))
+        .collect();
+    assert_eq!(
+        resume_and_read(&nodes[1], ProtocolVersion::V3_1_1, "robot-02", 25),
+        expected_after
+    );
+    assert_eq!(
+        resume_and_read(&nodes[2], ProtocolVersion::V3_1_1, "robot-03", 25),
+        expected_after
+    );
 }

@@ -279,8 +279,12 @@ impl Broker {
                 })
                 .collect::<Vec<_>>()
         });
-        // Only a publish this node dispatches in full leaves queues to be found.
-        let mut fan_out = (reach == Reach::All).then(FanOut::default);
+        // Only a publish this node dispatches in full leaves queues to be found, and
+        // only once every member reads the command that says so (a rolling upgrade
+        // names every queue, as the previous release did).
+        let mut fan_out = (reach == Reach::All
+            && self.state.all_read(crate::cluster::format::MATCHING_FORMAT))
+        .then(FanOut::default);
         // Phase 2, lock released: hand over.
         let mut outcome = DispatchOutcome {
             matched,

@@ -55,6 +55,9 @@ const MARKER_MASK: u64 = 0xFFFF_FFFF_FFFF_0000;
 
 /// The newest entry format this release writes and reads.
 pub const ENTRY_FORMAT: u16 = 5;
+/// The entry format that added [`Command::EnqueueMatching`]: a node writes one only
+/// once every member reads it (see `compat`).
+pub const MATCHING_FORMAT: u16 = 5;
 /// The snapshot format this release writes, and the newest it reads.
 pub const SNAPSHOT_FORMAT: u16 = 3;
 /// The layout a state digest hashes: snapshot format 2's, every queued message written
@@ -207,15 +210,16 @@ impl<'de> Visitor<'de> for RequestVisitor {
             }
             // Format 5 is format 4's layout with one more command
             // ([`Command::EnqueueMatching`]), which format 4 never holds.
-            Some(v @ (4 | ENTRY_FORMAT)) => {
+            Some(v @ (4 | ENTRY_FORMAT)) if v <= super::compat::reads_entry_format() => {
                 let body: RequestBody<Command> = seq.next_element()?.ok_or_else(|| {
                     de::Error::custom(format!("entry of format {v} without a body"))
                 })?;
                 body.into_request(v)
             }
             Some(v) => Err(de::Error::custom(format!(
-                "Raft entry of format {v}: this release reads formats 1 to {ENTRY_FORMAT}; \
-                 upgrade this node to the release that wrote it"
+                "Raft entry of format {v}: this release reads formats 1 to {}; \
+                 upgrade this node to the release that wrote it",
+                super::compat::reads_entry_format()
             ))),
         }
     }

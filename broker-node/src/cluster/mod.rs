@@ -8,6 +8,7 @@
 
 pub mod certs;
 pub mod command;
+pub mod compat;
 pub mod format;
 pub mod forward;
 pub mod frame;
@@ -135,6 +136,8 @@ pub struct StateHandle {
     machine: storage::MachineHandle<TypeConfig, BrokerMachine>,
     metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
     node_id: NodeId,
+    /// The newest entry format every member reads.
+    formats: compat::Formats,
     /// The last digest computed and the applied index it is of: asked again at the
     /// same index (status polls), it is not computed again.
     digest_cache: Arc<std::sync::Mutex<Option<(u64, u64)>>>,
@@ -155,6 +158,17 @@ impl StateHandle {
     /// Whether this node is the Raft leader now.
     pub fn is_leader(&self) -> bool {
         self.metrics.borrow().current_leader == Some(self.node_id)
+    }
+
+    /// Whether every member of the cluster reads entries of `format` (a node writes
+    /// none it has not checked this for: a rolling upgrade, see `compat`).
+    pub fn all_read(&self, format: u16) -> bool {
+        self.formats.all_read(format)
+    }
+
+    /// The newest entry format every member reads, as far as this node knows.
+    pub fn readable_format(&self) -> u16 {
+        self.formats.readable()
     }
 
     /// Whether any leader is known.
@@ -462,9 +476,17 @@ impl Cluster {
                 // proposer's sequence afresh.
                 incarnation: crate::clock::unix_ms(),
             },
-            shutdown,
+            shutdown.clone(),
         );
+        let formats = compat::Formats::default();
+        tokio::spawn(compat::watch(
+            raft.clone(),
+            config.node_id,
+            formats.clone(),
+            shutdown,
+        ));
         let state = StateHandle {
+            formats,
             digest_cache: Arc::default(),
             machine,
             metrics: raft.metrics(),

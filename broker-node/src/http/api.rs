@@ -415,6 +415,9 @@ async fn cluster_status(State(state): State<ApiState>) -> ApiResult {
         "digest_index": digested.map(|(index, _)| index),
         "digest": digested.map(|(_, digest)| format!("{digest:016x}")),
         "members": nodes,
+        // The newest Raft entry format every member reads, as this node knows: lower
+        // than this release's while a member runs an earlier one.
+        "entry_format": api.broker.state.readable_format(),
         "sessions": api.broker.read_state(|s| s.sessions().count()),
         "connections_here": api.broker.local_client_count(),
     }))

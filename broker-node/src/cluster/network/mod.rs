@@ -359,17 +359,53 @@ impl AdminRpc for AdminService {
             None => Err(Status::unavailable("the node is starting")),
         }
     }
+
+    async fn capabilities(
+        &self,
+        _request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        match super::compat::own_capabilities() {
+            Some(c) => reply(&c),
+            // As a node of the release it plays answers (a test hook).
+            None => Err(Status::unimplemented("Capabilities")),
+        }
+    }
+}
+
+/// A client of the Admin service of the node at `addr`, connected within `connect`.
+async fn admin_client(addr: &str, connect: Duration) -> Result<AdminClient<Channel>, String> {
+    let endpoint = super::tls::endpoint(addr)?.connect_timeout(connect);
+    let channel = super::tls::dial(endpoint)
+        .await
+        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+    Ok(AdminClient::new(channel))
+}
+
+/// What the node at `addr` reads: `None` if its release predates the question (it
+/// answered UNIMPLEMENTED).
+pub async fn capabilities(
+    addr: &str,
+    timeout: Duration,
+) -> Result<Option<super::compat::Capabilities>, String> {
+    let mut request = Request::new(RaftPayload::default());
+    request.set_timeout(timeout);
+    match admin_client(addr, timeout)
+        .await?
+        .capabilities(request)
+        .await
+    {
+        Ok(reply) => decode(reply.get_ref()).map(Some).map_err(|e| e.to_string()),
+        Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+        Err(s) => Err(format!("{addr}: {}", s.message())),
+    }
 }
 
 /// Read the figures of the node at `addr`.
 pub async fn node_stats(addr: &str, timeout: Duration) -> Result<NodeStats, String> {
-    let endpoint = super::tls::endpoint(addr)?.connect_timeout(timeout);
-    let channel = super::tls::dial(endpoint)
-        .await
-        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
     let mut request = Request::new(RaftPayload::default());
     request.set_timeout(timeout);
-    let reply = AdminClient::new(channel)
+    let reply = admin_client(addr, timeout)
+        .await?
         .node_stats(request)
         .await
         .map_err(|s| format!("{addr}: {}", s.message()))?;
@@ -382,14 +418,11 @@ pub async fn change_membership(
     change: &MembershipChange,
     timeout: Duration,
 ) -> Result<String, String> {
-    let endpoint = super::tls::endpoint(addr)?.connect_timeout(Duration::from_secs(2));
-    let channel = super::tls::dial(endpoint)
-        .await
-        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
     let payload = encode(change).map_err(|e| e.to_string())?;
     let mut request = Request::new(payload);
     request.set_timeout(timeout);
-    let reply = AdminClient::new(channel)
+    let reply = admin_client(addr, Duration::from_secs(2))
+        .await?
         .change_membership(request)
         .await
         .map_err(|s| format!("{addr}: {}", s.message()))?;
