@@ -1152,6 +1152,107 @@ fn a_session_resumed_on_a_lagging_follower_knows_its_own_qos2_identifiers() {
 }
 
 #[test]
+fn a_subscription_raised_from_qos_0_while_a_message_is_dispatched_gets_it_once() {
+    // Node 3 applies every entry holding an Enqueue 5 s late (a test hook of debug
+    // builds): its view of the subscriptions lags behind the log. "watcher" holds a
+    // persistent session on node 1 subscribed to alerts/# at QoS 0; "robot", offline,
+    // at QoS 1, so that a QoS 1 alert leaves a queue for the state machine to find. A
+    // first alert through node 3 starts its lag; the watcher raises its subscription
+    // to QoS 1 (committed behind that alert); a second alert through node 3 is
+    // dispatched on the lagging view: the watcher gets it directly at QoS 0. The
+    // command applies after the raise: had the watcher not been excepted as reached
+    // directly, the state machine would find its QoS 1 subscription and queue it a
+    // second copy.
+    let nodes = Node::cluster_with_node_env(3, &[], |id| {
+        if id == 3 {
+            vec![("TEST_FLOCKMQ_DELAY_ENQUEUE_APPLY_MS".into(), "5000".into())]
+        } else {
+            Vec::new()
+        }
+    });
+    assert_ne!(nodes[2].status()["leader"], 3, "node 3 must be a follower");
+    let v3 = ProtocolVersion::V3_1_1;
+    let (mut robot, _) = RawClient::connect(nodes[0].mqtt_addr(), v3, "robot", false, 60);
+    let granted = flockmq_tests::mqtt::subscribe(&mut robot, "alerts/#", QoS::AtLeastOnce);
+    assert_eq!(granted, vec![ReasonCode::GrantedQoS1]);
+    drop(robot);
+    let (mut watcher, _) = RawClient::connect(nodes[0].mqtt_addr(), v3, "watcher", false, 60);
+    let granted = flockmq_tests::mqtt::subscribe(&mut watcher, "alerts/#", QoS::AtMostOnce);
+    assert_eq!(granted, vec![ReasonCode::GrantedQoS0]);
+    nodes[2].wait_connected("robot", false);
+    nodes[2].wait_subscribed("watcher", "alerts/#");
+    let (mut control, _) = RawClient::connect(nodes[2].mqtt_addr(), v3, "control", true, 60);
+    let alert = |n: u16| {
+        flockmq_tests::mqtt::publish(
+            "alerts/fire",
+            &format!("alert-{n}"),
+            QoS::AtLeastOnce,
+            false,
+            n,
+        )
+    };
+    control.send(&alert(1));
+    let first = flockmq_tests::mqtt::next_publish(&mut watcher, T).expect("the first alert");
+    assert_eq!(first.payload, Bytes::from_static(b"alert-1"));
+    // Committed (node 3 answers once the leader has applied it; node 3 itself holds
+    // it back).
+    assert!(matches!(control.recv(T), Some(Packet::PubAck(a)) if a.packet_id == 1));
+    let granted = flockmq_tests::mqtt::subscribe_with(
+        &mut watcher,
+        "alerts/#",
+        flockmq_tests::mqtt::opts(QoS::AtLeastOnce),
+        2,
+    );
+    assert_eq!(granted, vec![ReasonCode::GrantedQoS1]);
+    control.send(&alert(2));
+    // Node 3 has not applied the raise yet: the second alert went out on the old view.
+    let seen = nodes[2]
+        .api("GET", "/subscriptions?clientid=watcher", None)
+        .expect("the watcher's subscriptions");
+    assert!(
+        seen.to_string().contains("\"qos\":0"),
+        "node 3 no longer lags: {seen}"
+    );
+    // The second alert, then whatever else comes: a second copy would be queued once
+    // node 3's lag ends and the raise and the alert apply everywhere.
+    let mut got = vec![first];
+    got.extend(flockmq_tests::mqtt::receive_acked_until(
+        &mut watcher,
+        T,
+        "the second alert",
+        |g| {
+            g.iter()
+                .any(|p| p.payload == Bytes::from_static(b"alert-2"))
+        },
+    ));
+    converged(&nodes.iter().collect::<Vec<_>>());
+    while let Some(packet) = watcher.recv(Duration::from_secs(2)) {
+        if let Packet::Publish(p) = packet {
+            if let Some(id) = p.packet_id {
+                watcher.send(&Packet::PubAck(broker_node::mqtt::PubAck::new(
+                    id,
+                    ReasonCode::Success,
+                )));
+            }
+            got.push(p);
+        }
+    }
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    assert_eq!(payloads, vec!["alert-1", "alert-2"], "each alert once");
+    // And the offline robot has both in its queue.
+    let (mut robot, ack) = RawClient::connect(nodes[1].mqtt_addr(), v3, "robot", false, 60);
+    assert!(ack.session_present);
+    let queued: Vec<String> = flockmq_tests::mqtt::receive_acked(&mut robot, 2, T)
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    assert_eq!(queued, vec!["alert-1", "alert-2"]);
+}
+
+#[test]
 fn a_burst_of_large_messages_for_an_offline_session_replicates_and_converges() {
     // 24 QoS 1 messages of 2 MiB (48 MiB, within the default 64 MiB queue) for a
     // persistent session that is offline: each becomes an Enqueue, and a batch of them

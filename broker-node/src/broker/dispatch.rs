@@ -307,8 +307,10 @@ impl Broker {
                 continue;
             }
             if let Some(f) = fan_out.as_mut() {
-                if !queued && persistent && target.qos > 0 {
-                    // Reached directly: the state machine must not queue it again.
+                if !queued && persistent {
+                    // Reached directly: the state machine must not queue it again,
+                    // even at QoS 0 (its subscription may be raised to QoS 1 between
+                    // this dispatch and the command's apply, which would then find it).
                     f.except.push(client.clone());
                 }
             }
@@ -317,7 +319,7 @@ impl Broker {
                 if found {
                     findable += 1;
                     if durable {
-                        // Nobody is excepted: the command names none of them.
+                        // The command names none of them (below).
                         continue;
                     }
                 }
@@ -359,11 +361,13 @@ impl Broker {
             }
         }
         // The command names either the findable queues or the exceptions to "every
-        // subscriber", whichever list is shorter (with durable_sessions on, nobody is
-        // excepted): a fleet mostly online, with durable_sessions off, is not named
-        // robot by robot either.
+        // subscriber", whichever list is shorter: a fleet mostly online, with
+        // durable_sessions off, is not named robot by robot either. With
+        // durable_sessions on, it always names the exceptions (only persistent
+        // subscribers reached directly at QoS 0, usually none): the findable appends
+        // were not kept.
         match fan_out {
-            Some(mut f) if findable > 0 && f.except.len() < findable => {
+            Some(mut f) if findable > 0 && (durable || f.except.len() < findable) => {
                 f.planned = findable;
                 outcome.fan_out = Some(f);
             }
