@@ -11,10 +11,21 @@
 //! a simulation calls it; the work done is the same either way.
 
 use std::cell::Cell;
+use std::time::Duration;
 
 thread_local! {
     /// Whether blocking work started from this thread runs on it.
     static INLINE: Cell<bool> = const { Cell::new(false) };
+    /// How long each fsync started from this thread waits first (a slow disk), when
+    /// storage's work runs inline.
+    static SYNC_DELAY: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+}
+
+/// In a simulation (under [`run_inline_on_this_thread`]): every fsync started from
+/// this thread takes `delay` of the runtime's (simulated) time first, as on a slow
+/// disk; `Duration::ZERO` makes the disk fast again.
+pub fn set_sync_delay_on_this_thread(delay: Duration) {
+    SYNC_DELAY.with(|d| d.set(delay));
 }
 
 /// Run storage's blocking work (fsyncs, snapshots, and [`blocking`]) started from this
@@ -45,6 +56,10 @@ where
 /// [`run_inline_on_this_thread`].
 pub(crate) async fn flush(tree: &sled::Tree) -> sled::Result<usize> {
     if inline() {
+        let delay = SYNC_DELAY.with(Cell::get);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         tree.flush()
     } else {
         tree.flush_async().await
