@@ -1074,6 +1074,15 @@ fn a_node_whose_clock_is_ten_minutes_behind_expires_nothing_early() {
     assert_eq!(queued.payload, "queued");
 }
 
+/// Three nodes, node 3 applying every entry that holds an Enqueue `ms` late (a test
+/// hook of debug builds), its state readable meanwhile.
+fn lagging_node_3(ms: u64) -> Vec<Node> {
+    Node::cluster_with_node_env(3, &[], |id| match id {
+        3 => vec![("TEST_FLOCKMQ_DELAY_ENQUEUE_APPLY_MS".into(), ms.to_string())],
+        _ => Vec::new(),
+    })
+}
+
 #[test]
 fn a_session_resumed_on_a_lagging_follower_knows_its_own_qos2_identifiers() {
     // Node 3 applies every entry holding an Enqueue 1.5 s late (a test hook of debug
@@ -1084,13 +1093,7 @@ fn a_session_resumed_on_a_lagging_follower_knows_its_own_qos2_identifiers() {
     // that opened the session (and so the Enqueue before it), so it knows identifier 7
     // is held: the message is not delivered again. A clean subscriber shows it: live
     // deliveries do not pass the state machine's own deduplication.
-    let nodes = Node::cluster_with_node_env(3, &[], |id| {
-        if id == 3 {
-            vec![("TEST_FLOCKMQ_DELAY_ENQUEUE_APPLY_MS".into(), "1500".into())]
-        } else {
-            Vec::new()
-        }
-    });
+    let nodes = lagging_node_3(1500);
     let v5 = ProtocolVersion::V5;
     let (mut watcher, _) = RawClient::connect(nodes[0].mqtt_addr(), v5, "watcher", true, 60);
     watcher.send(&Packet::Subscribe(Subscribe {
@@ -1163,13 +1166,7 @@ fn a_subscription_raised_from_qos_0_while_a_message_is_dispatched_gets_it_once()
     // command applies after the raise: had the watcher not been excepted as reached
     // directly, the state machine would find its QoS 1 subscription and queue it a
     // second copy.
-    let nodes = Node::cluster_with_node_env(3, &[], |id| {
-        if id == 3 {
-            vec![("TEST_FLOCKMQ_DELAY_ENQUEUE_APPLY_MS".into(), "5000".into())]
-        } else {
-            Vec::new()
-        }
-    });
+    let nodes = lagging_node_3(5000);
     assert_ne!(nodes[2].status()["leader"], 3, "node 3 must be a follower");
     let v3 = ProtocolVersion::V3_1_1;
     let (mut robot, _) = RawClient::connect(nodes[0].mqtt_addr(), v3, "robot", false, 60);
