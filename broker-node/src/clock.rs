@@ -20,11 +20,33 @@ static WALL: OnceLock<fn() -> u64> = OnceLock::new();
 pub fn unix_ms() -> u64 {
     match WALL.get() {
         Some(wall) => wall(),
-        None => SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        None => {
+            let ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            ms.saturating_add_signed(offset_ms())
+        }
     }
+}
+
+/// `TEST_FLOCKMQ_CLOCK_OFFSET_MS` (debug builds, which the tests run): this process's
+/// time of day is off by that many milliseconds (negative: behind), as a machine's
+/// clock can be.
+#[cfg(debug_assertions)]
+fn offset_ms() -> i64 {
+    static OFFSET: OnceLock<i64> = OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        std::env::var("TEST_FLOCKMQ_CLOCK_OFFSET_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+#[cfg(not(debug_assertions))]
+fn offset_ms() -> i64 {
+    0
 }
 
 /// Read the time of day from `wall` (Unix milliseconds) instead of the system's

@@ -94,8 +94,12 @@ pub async fn run(
     );
     let (lot, parking) =
         crate::broker::park::Lot::new().context("cannot create the parking lot")?;
+    let first_connection_id = crate::broker::first_connection_id(&storage)
+        .await
+        .context("cannot reserve this run's connection ids")?;
     let broker = Broker::new(
         config.clone(),
+        first_connection_id,
         state,
         proposer,
         forwarder,

@@ -23,6 +23,9 @@ pub(crate) const KEY_VOTE: &[u8] = b"vote";
 pub(crate) const KEY_COMMITTED: &[u8] = b"committed";
 /// `meta` key: the id of the last purged log entry.
 pub(crate) const KEY_LAST_PURGED: &[u8] = b"last_purged";
+/// `meta` key prefix of the records the node keeps for itself beside Raft's
+/// ([`crate::LogStore::node_record`]).
+pub(crate) const NODE_RECORD_PREFIX: &str = "node/";
 /// `snapshot` key: the latest snapshot's `SnapshotMeta`.
 pub(crate) const KEY_SNAPSHOT_META: &[u8] = b"meta";
 /// `snapshot` key: the latest snapshot's bytes (the machine's own serialization).

@@ -88,6 +88,25 @@ where
         Ok(())
     }
 
+    /// A number the node keeps for itself under `key` across restarts (not
+    /// replicated): `None` if it never wrote one.
+    pub fn node_record(&self, key: &str) -> std::io::Result<Option<u64>> {
+        let key = format!("{}{key}", codec::NODE_RECORD_PREFIX);
+        self.read_meta(key.as_bytes(), "node record")
+            .map_err(std::io::Error::other)
+    }
+
+    /// Write the node's own record `key` and force it to disk.
+    pub async fn set_node_record(&self, key: &str, value: u64) -> std::io::Result<()> {
+        let key = format!("{}{key}", codec::NODE_RECORD_PREFIX);
+        self.write_meta(key.as_bytes(), "node record", &value)
+            .map_err(std::io::Error::other)?;
+        crate::io::flush(&self.meta)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(())
+    }
+
     /// Reads and decodes one `meta` record.
     fn read_meta<T: serde::de::DeserializeOwned>(
         &self,

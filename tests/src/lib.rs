@@ -487,6 +487,12 @@ impl Node {
         false
     }
 
+    /// Set the environment variable `key` to `value` for the next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.remove_env(key);
+        self.extra_env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Leave out the environment variable `key` from the next start (an upgrade, when
     /// it is a hook that plays an earlier release).
     pub fn remove_env(&mut self, key: &str) {

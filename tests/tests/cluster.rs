@@ -217,6 +217,53 @@ fn a_killed_nodes_clients_get_their_wills_and_their_sessions_end() {
 }
 
 #[test]
+fn a_node_restarted_with_its_clock_set_back_still_ends_the_sessions_its_last_run_left_open() {
+    // A node killed under a connected persistent session restarts with its clock ten
+    // minutes behind (a test hook of debug builds: an edge gateway that boots before
+    // NTP, a VM restored from a snapshot). The session its last run left open must
+    // still be ended (its will published, the session resumable): before, the new
+    // run's connection ids, taken from the clock, started below the last run's, so
+    // the session passed for one of this run's and stayed "connected" for good.
+    let mut node = Node::start();
+    let connect = broker_node::mqtt::Connect {
+        protocol: ProtocolVersion::V3_1_1,
+        clean_start: false,
+        keep_alive: 60,
+        client_id: "r9".into(),
+        will: Some(broker_node::mqtt::LastWill {
+            topic: "fleet/r9/status".into(),
+            payload: Bytes::from_static(b"offline"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Default::default(),
+        }),
+        username: None,
+        password: None,
+        properties: Default::default(),
+    };
+    let (robot, ack) = RawClient::connect_with(node.mqtt_addr(), connect);
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    node.wait_connected("r9", true);
+    node.kill();
+    drop(robot);
+    node.set_env("TEST_FLOCKMQ_CLOCK_OFFSET_MS", "-600000");
+    node.restart();
+    node.wait_connected("r9", false);
+    assert_eq!(
+        read_retained(&node, "fleet/+/status", 1),
+        vec!["fleet/r9/status offline"]
+    );
+    assert!(
+        node.log().contains("the clock is behind the last run's"),
+        "the node says why its connection ids do not follow its clock"
+    );
+    // The session is resumed by a new connection of this run.
+    let (_, ack) = RawClient::connect(node.mqtt_addr(), ProtocolVersion::V3_1_1, "r9", false, 60);
+    assert!(ack.session_present);
+    node.wait_connected("r9", true);
+}
+
+#[test]
 fn a_node_back_on_an_empty_disk_is_caught_up_and_the_leader_survives() {
     // A lost volume: node 2 returns under its id with nothing on disk. Raft would
     // call that a follower whose log went backwards; the leader must catch it up.

@@ -109,8 +109,45 @@ const REFUSED_OPENS_KEPT: usize = 10_000;
 const CONNECTION_ID_NODES: u64 = 4096;
 /// A run's first connection id is its start (Unix ms) shifted by this: later runs of a
 /// node start above every id an earlier one handed out unless it made more than 1,024
-/// connections a millisecond, and ids stay below 2^64 until 2109.
+/// connections a millisecond or the clock was set back ([`first_connection_id`]), and
+/// ids stay below 2^64 until 2109.
 const CONNECTION_ID_SHIFT: u32 = 22;
+
+/// The node record (`storage::LogStore::node_record`) below which no later run hands
+/// out connection ids.
+const CONNECTION_IDS_FROM: &str = "connection_ids_from";
+/// The ids a run reserves at its start: 2^30 connections' worth.
+const RUN_RESERVATION: u64 = (1 << 30) * CONNECTION_ID_NODES;
+
+/// The first connection id of this run: from the clock (its start, shifted), but
+/// never below the ids an earlier run of this node reserved, which this run reserves
+/// in turn before any connection. A clock set back between runs (an edge device that
+/// boots before NTP, a VM restored, a manual correction) otherwise started a run below
+/// the last one: sessions that run left open passed for this run's and were never
+/// closed (no will, no expiry), and once as many connections were made as the clock
+/// was behind (1,024 per millisecond), new ids repeated old ones. (A run that makes
+/// more than its 2^30 connections before a restart with the clock set back is not
+/// covered.)
+pub async fn first_connection_id(
+    storage: &storage::LogStore<crate::cluster::raft::TypeConfig>,
+) -> std::io::Result<u64> {
+    let from_clock = unix_ms() << CONNECTION_ID_SHIFT;
+    let reserved = storage
+        .node_record(CONNECTION_IDS_FROM)?
+        .unwrap_or(0)
+        .next_multiple_of(CONNECTION_ID_NODES);
+    if reserved > from_clock {
+        tracing::warn!(
+            behind_ms = (reserved - from_clock) >> CONNECTION_ID_SHIFT,
+            "the clock is behind the last run's: connection ids go on from that run's"
+        );
+    }
+    let first = from_clock.max(reserved);
+    storage
+        .set_node_record(CONNECTION_IDS_FROM, first.saturating_add(RUN_RESERVATION))
+        .await?;
+    Ok(first)
+}
 
 /// The `n`th connection id of node `node_id`'s run whose first id is `first`.
 fn connection_id(first: u64, n: u64, node_id: NodeId) -> u64 {
@@ -184,9 +221,12 @@ impl ConnectionHandler for Connections {
 const SELECTOR_SHARDS: usize = 16;
 
 impl Broker {
-    /// A broker context over an opened state and proposer.
+    /// A broker context over an opened state and proposer, handing out connection
+    /// ids from `first_connection_id` ([`first_connection_id`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
+        first_connection_id: u64,
         state: StateHandle,
         proposer: Proposer,
         forwarder: Forwarder,
@@ -196,7 +236,6 @@ impl Broker {
     ) -> Arc<Broker> {
         let strategy: crate::router::SharedStrategy =
             config.mqtt.shared_subscription_strategy.into();
-        let first_connection_id = unix_ms() << CONNECTION_ID_SHIFT;
         Arc::new(Broker {
             node_id: config.node_id,
             config,
