@@ -3,7 +3,7 @@
 //! Raft, forwarding and MQTT listener, and MQTT clients, all on turmoil's network.
 //! A seed picks the clients' choices and the faults (partitions, one-way cuts,
 //! crashes and restarts from the node's own storage, held links, latency, slow
-//! fsyncs); every
+//! fsyncs, a node's clock jumping forward or back); every
 //! client operation goes into a history that a checker reads at the end:
 //!
 //! - every QoS 1/2 message a publisher had acknowledged reaches every persistent
@@ -138,11 +138,78 @@ impl Network for SimNetwork {
     }
 }
 
-/// The simulation's time of day: a fixed epoch plus the simulated time elapsed.
+/// The simulation's time of day: a fixed epoch plus the simulated time elapsed, plus
+/// the offset of the node whose tasks run now ([`Fault::ClockJump`]).
 fn sim_wall_clock() -> u64 {
     const EPOCH_MS: u64 = 1_790_000_000_000;
-    EPOCH_MS + turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64)
+    let at = EPOCH_MS + turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64);
+    let offset = HOST_NODE.with(Cell::get).map_or(0, |n| {
+        CLOCK_OFFSETS.with(|o| o.borrow().get(n).copied().unwrap_or(0))
+    });
+    at.saturating_add_signed(offset)
 }
+
+/// Which node's tasks turmoil runs now. turmoil steps each host inside a span `node`
+/// with its name; this layer keeps the node's index in the span and, while the span
+/// is entered, in [`HOST_NODE`], for [`sim_wall_clock`]. Installed only for seeds
+/// whose faults move a clock (or with `SIM_LOG`/`SIM_TRACE`): the span costs a little
+/// at every step of every host.
+struct HostLayer;
+
+/// The node index a `node` span is of (`None` for a client host).
+struct HostNode(Option<usize>);
+
+impl<S> tracing_subscriber::Layer<S> for HostLayer
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Name(Option<usize>);
+        impl tracing::field::Visit for Name {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "name" {
+                    self.0 = (0..nodes()).find(|&i| node_name(i) == value);
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let mut name = Name(None);
+        attrs.record(&mut name);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(HostNode(name.0));
+        }
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let node = ctx
+            .span(id)
+            .and_then(|s| s.extensions().get::<HostNode>().and_then(|h| h.0));
+        HOST_NODE.with(|h| h.set(node));
+    }
+
+    fn on_exit(&self, _: &tracing::span::Id, _: tracing_subscriber::layer::Context<'_, S>) {
+        HOST_NODE.with(|h| h.set(None));
+    }
+}
+
+/// [`HostLayer`], seeing turmoil's `node` spans only.
+fn host_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer;
+    HostLayer.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+        m.is_span() && m.name() == "node" && m.target().starts_with("turmoil")
+    }))
+}
+
+/// Whether the process-wide subscriber tracks hosts ([`HostLayer`]).
+static GLOBAL_HOSTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn install_once() {
     use tracing_subscriber::layer::SubscriberExt;
@@ -164,7 +231,9 @@ fn install_once() {
             let _ = tracing_subscriber::registry()
                 .with(log)
                 .with(traced)
+                .with(host_layer())
                 .try_init();
+            GLOBAL_HOSTS.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     });
 }
@@ -179,6 +248,10 @@ thread_local! {
     /// dropping a crashed node's tasks), outside every host: `turmoil::sim_elapsed()`
     /// then measures from the last host's clock with the real one.
     static LOOP_AT: Cell<Option<Duration>> = const { Cell::new(None) };
+    /// The node whose tasks turmoil runs now, where [`HostLayer`] tracks it.
+    static HOST_NODE: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Each node's clock offset in milliseconds ([`Fault::ClockJump`]).
+    static CLOCK_OFFSETS: RefCell<Vec<i64>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Add a line to the trace being recorded, if one is, at the simulated time of the
@@ -1180,6 +1253,9 @@ enum Fault {
     Slow(u64),
     /// Every node's disk slow: each fsync takes this many milliseconds.
     SlowDisk(u64),
+    /// A node's time of day jumps by this many milliseconds (either way), and back
+    /// when the fault ends (NTP corrects it); its monotonic clock is untouched.
+    ClockJump(usize, i64),
     /// The majority (two nodes) cut off from each other: no quorum anywhere.
     SplitAll,
     /// A node cut off from every client, still talking to its peers.
@@ -1221,7 +1297,11 @@ fn schedule(rng: &mut Rng, faulty: Duration) -> Vec<Scheduled> {
     while t < FAULTS_FROM + faulty {
         let node = rng.below(nodes());
         let fault = match rng.below(14) {
-            0..=2 => Fault::Isolate(node),
+            0..=1 => Fault::Isolate(node),
+            2 => {
+                let ms = rng.range(1_000, 30_000) as i64;
+                Fault::ClockJump(node, if rng.chance(50) { -ms } else { ms })
+            }
             3 => Fault::MuteOutbound(node),
             4..=6 => Fault::Crash(node),
             7..=8 => Fault::Hold(node),
@@ -1268,6 +1348,7 @@ fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault) {
         Fault::SlowDisk(ms) => {
             storage::io::set_sync_delay_on_this_thread(Duration::from_millis(ms))
         }
+        Fault::ClockJump(n, ms) => CLOCK_OFFSETS.with(|o| o.borrow_mut()[n] += ms),
         Fault::SplitAll => {
             for a in 0..nodes() {
                 for b in a + 1..nodes() {
@@ -1303,6 +1384,7 @@ fn undo(sim: &mut turmoil::Sim<'_>, fault: &Fault) {
         }
         Fault::Slow(_) => sim.set_max_message_latency(Duration::from_millis(5)),
         Fault::SlowDisk(_) => storage::io::set_sync_delay_on_this_thread(Duration::ZERO),
+        Fault::ClockJump(n, ms) => CLOCK_OFFSETS.with(|o| o.borrow_mut()[n] -= ms),
         Fault::Stall(n) => {
             for o in others(n).into_iter().chain(clients()) {
                 sim.release(node_name(n), o);
@@ -1354,6 +1436,12 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize, record: bool) -> Outcome 
     let dir = data_dirs();
     let mut rng = Rng(seed);
     let plan = schedule(&mut rng, faulty);
+    CLOCK_OFFSETS.with(|o| *o.borrow_mut() = vec![0; nodes]);
+    let jumps = plan.iter().any(|s| matches!(s.fault, Fault::ClockJump(..)));
+    let _hosts = (jumps && !GLOBAL_HOSTS.load(std::sync::atomic::Ordering::Relaxed)).then(|| {
+        use tracing_subscriber::layer::SubscriberExt;
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(host_layer()))
+    });
     let faults_end = plan
         .iter()
         .map(|s| s.at + s.length)
