@@ -3,7 +3,8 @@
 //! Raft, forwarding and MQTT listener, and MQTT clients, all on turmoil's network.
 //! A seed picks the clients' choices and the faults (partitions, one-way cuts,
 //! crashes and restarts from the node's own storage, held links, latency, slow
-//! fsyncs, a node's clock jumping forward or back); every
+//! fsyncs, a node's clock jumping forward or back; in half the seeds the nodes cut off
+//! leave the cluster and join it again, `cluster.autoclean_after`); every
 //! client operation goes into a history that a checker reads at the end:
 //!
 //! - every QoS 1/2 message a publisher had acknowledged reaches every persistent
@@ -309,7 +310,17 @@ fn node_name(i: usize) -> String {
 /// Node `i`'s configuration. Its election timeout is fixed per seed (openraft draws
 /// one at random between the minimum and the maximum with a generator of its own):
 /// `election_ms` apart per node, so that elections still race, as the seed says.
-fn node_config(i: usize, dir: &std::path::Path, election_ms: u64, http_port: u16) -> Config {
+///
+/// With `autoclean`, the leader removes a node it has not reached for 2 s and a node
+/// left out asks to be added back (`cluster.autoclean_after`, the Helm chart's way):
+/// the faults then make nodes leave and join the cluster, as they would on Kubernetes.
+fn node_config(
+    i: usize,
+    dir: &std::path::Path,
+    election_ms: u64,
+    http_port: u16,
+    autoclean: bool,
+) -> Config {
     let members: Vec<String> = (0..nodes())
         .map(|j| format!("{}={}:7000", j + 1, node_name(j)))
         .collect();
@@ -330,7 +341,9 @@ shared_redistribute_after = "2s"
 allow_insecure = true
 election_timeout_min = "{election}ms"
 election_timeout_max = "{election_max}ms"
+autoclean_after = "{autoclean}"
 "#,
+        autoclean = if autoclean { "2s" } else { "0s" },
         election = election_ms,
         election_max = election_ms + 1,
         id = i + 1,
@@ -1453,6 +1466,8 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize, record: bool) -> Outcome 
     MEMBERS.with(|m| m.set(group));
     let takeover_at =
         FAULTS_FROM + Duration::from_millis(extra.range(0, faulty.as_millis() as u64 + 1));
+    // Half the seeds: nodes the faults cut off leave the cluster and join it again.
+    let autoclean = extra.chance(50);
     // The clients give up (and the checker reports what is missing) this long after
     // the faults stopped; a run ends as soon as every client is done.
     let total = faults_end + Duration::from_secs(90);
@@ -1467,7 +1482,7 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize, record: bool) -> Outcome 
     // The admin API listens on the real loopback (it is not simulated).
     let http_ports: Vec<u16> = (0..nodes).map(|_| flockmq_tests::free_port()).collect();
     for (i, &http_port) in http_ports.iter().enumerate() {
-        let config = node_config(i, dir.path(), rng.range(800, 1600), http_port);
+        let config = node_config(i, dir.path(), rng.range(800, 1600), http_port, autoclean);
         sim.host(node_name(i), move || {
             let config = config.clone();
             async move {
@@ -1587,10 +1602,11 @@ fn run_seed(seed: u64, faulty: Duration, nodes: usize, record: bool) -> Outcome 
     let delivered: usize = h.delivered.iter().map(Vec::len).sum();
     let shared_delivered: usize = h.shared_got.values().map(Vec::len).sum();
     let summary = format!(
-        "seed {seed}: {} faults, {} acknowledged, {delivered} delivered, shared {} acknowledged \
+        "seed {seed}: {} faults{}, {} acknowledged, {delivered} delivered, shared {} acknowledged \
          {shared_delivered} delivered to {group} members, twin (takeovers, alive) {:?}, \
          {} connections, {} drops, digest {:?}, {:?} simulated",
         h.faults.len(),
+        if autoclean { " (autoclean)" } else { "" },
         h.acknowledged.len(),
         h.shared_acked.len(),
         h.twin,
