@@ -1,9 +1,12 @@
 //! Faults on real processes, checked against the history of what clients saw:
 //! DESIGN.md's invariant 1 (an acknowledged QoS ≥ 1 publish is not lost while a
 //! majority is up) and exactly-once for QoS 2, with persistent sessions, while nodes
-//! are killed (kill -9), paused (SIGSTOP/SIGCONT) and restarted mid-stream.
+//! are killed (kill -9), paused (SIGSTOP/SIGCONT), restarted and cut off from their
+//! peers by the kernel mid-stream.
 //!
-//! Three nodes. Four subscribers with persistent sessions (two MQTT 5 with a session
+//! Three nodes, each in a network namespace of its own (`flockmq_tests::netns`: a cut
+//! is iptables dropping the node's packets to and from its peers, both ways, while
+//! its clients still reach it). Four subscribers with persistent sessions (two MQTT 5 with a session
 //! expiry of 600 s, two MQTT 3.1.1 with Clean Session 0), subscribed at QoS 2 to
 //! `faults/#`, spread over the nodes. Four publishers (persistent sessions too) send
 //! numbered messages (`<publisher>:<seq>:<qos>`, three in four at QoS 2, the rest at
@@ -18,8 +21,8 @@
 //! connection up and reconnects elsewhere.
 //!
 //! The fault schedule is derived from a seed printed at the start; at most one node
-//! is down (killed or paused) at a time, and the next fault waits until the previous
-//! node has caught up. After the faults stop, the publishers finish their flows, the
+//! is down (killed, paused or cut off) at a time, and the next fault waits until the
+//! previous node has caught up. After the faults stop, the publishers finish their flows, the
 //! subscribers drain their queues and the cluster converges; then the checker asserts,
 //! for every subscriber: every acknowledged message of every publisher was received
 //! (no loss), no QoS 2 message was handed over twice (by publisher and sequence
@@ -27,9 +30,10 @@
 //! increasing order. A summary line gives the figures.
 //!
 //! The CI version publishes for 20 s at 120 msg/s with one kill -9 (of a node that
-//! has a subscriber) and one pause (5 to 7 s, longer than the 4 s of silence after
-//! which a client gives its node up, so sessions are taken over from a live but
-//! frozen node). The long version:
+//! has a subscriber), one cut (3 to 5 s: the node's publishers are refused or wait,
+//! its subscribers get what was queued for them once it is back) and one pause (5 to
+//! 7 s, longer than the 4 s of silence after which a client gives its node up, so
+//! sessions are taken over from a live but frozen node). The long version:
 //!
 //! ```text
 //! FAULTS_SECONDS=300 FAULTS_RATE=200 FAULTS_SEED=12345 \
@@ -37,10 +41,10 @@
 //! ```
 //!
 //! `FAULTS_SECONDS` (publishing time; above the CI default the schedule injects a
-//! fault every 4 to 10 s, kills and pauses chosen by the seed), `FAULTS_RATE` (messages
+//! fault every 4 to 10 s, kills, pauses and cuts chosen by the seed), `FAULTS_RATE` (messages
 //! per second, all publishers together), `FAULTS_SEED` (the schedule; random when
 //! unset, and printed either way so that a failing run can be replayed).
-//! `long_run_of_kills_and_pauses` (ignored for its length; see its comment)
+//! `long_run_of_kills_pauses_and_cuts` (ignored for its length; see its comment)
 //! is the same with 180 s at 200 msg/s by default:
 //! `cargo test -p flockmq-tests --test faults -- --ignored --nocapture`.
 
@@ -58,6 +62,7 @@ use broker_node::mqtt::{
     SubscriptionOptions,
 };
 use bytes::{Bytes, BytesMut};
+use flockmq_tests::netns::Network;
 use flockmq_tests::{converged, running, Node, Rng};
 
 const NODES: usize = 3;
@@ -698,6 +703,8 @@ impl Subscriber {
 enum FaultKind {
     Kill,
     Pause,
+    /// Cut off from the other nodes (both ways); its clients still reach it.
+    Cut,
 }
 
 #[derive(Debug)]
@@ -711,20 +718,26 @@ struct Fault {
 
 fn schedule(rng: &mut Rng, run: Duration, long: bool) -> Vec<Fault> {
     if !long {
-        // One kill -9 and one pause; every node has a subscriber, so the kill takes
-        // a subscriber's node.
+        // One kill -9, one cut and one pause; every node has a subscriber, so the
+        // kill takes a subscriber's node.
         let first = rng.range(0, NODES as u64) as usize;
         let second = (first + 1 + rng.range(0, NODES as u64 - 1) as usize) % NODES;
         let frac = |f: f64| Duration::from_secs_f64(run.as_secs_f64() * f);
         return vec![
             Fault {
-                at: frac(0.2),
+                at: frac(0.15),
                 kind: FaultKind::Kill,
                 node: first,
                 down_for: Duration::from_millis(rng.range(2000, 4000)),
             },
             Fault {
-                at: frac(0.6),
+                at: frac(0.4),
+                kind: FaultKind::Cut,
+                node: second,
+                down_for: Duration::from_millis(rng.range(3000, 5000)),
+            },
+            Fault {
+                at: frac(0.65),
                 kind: FaultKind::Pause,
                 node: second,
                 // Longer than DEAD_AFTER: its clients give up and take their sessions
@@ -736,10 +749,10 @@ fn schedule(rng: &mut Rng, run: Duration, long: bool) -> Vec<Fault> {
     let mut faults = Vec::new();
     let mut at = Duration::from_secs(rng.range(3, 6));
     while at + Duration::from_secs(8) < run {
-        let kind = if rng.next() % 2 == 0 {
-            FaultKind::Kill
-        } else {
-            FaultKind::Pause
+        let kind = match rng.next() % 3 {
+            0 => FaultKind::Kill,
+            1 => FaultKind::Pause,
+            _ => FaultKind::Cut,
         };
         let down_for = Duration::from_millis(rng.range(1500, 8000));
         faults.push(Fault {
@@ -801,7 +814,7 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 #[test]
-fn acknowledged_messages_arrive_exactly_once_through_kills_and_pauses() {
+fn acknowledged_messages_arrive_exactly_once_through_kills_pauses_and_cuts() {
     run_faults(20, 120);
 }
 
@@ -814,7 +827,7 @@ fn acknowledged_messages_arrive_exactly_once_through_kills_and_pauses() {
 /// (`cluster/proposer.rs`, `forward`), and the same seed runs clean.
 #[test]
 #[ignore = "3 minutes: run by hand (see docs/reliability.md)"]
-fn long_run_of_kills_and_pauses() {
+fn long_run_of_kills_pauses_and_cuts() {
     run_faults(180, 200);
 }
 
@@ -839,11 +852,15 @@ fn run_faults(default_seconds: u64, default_rate: u64) {
     }
 
     // Queues must hold what piles up for a subscriber while its node is away.
-    let mut nodes = Node::cluster_with_env(
+    let net = Network::new(NODES);
+    let mut nodes = Node::cluster_in(
+        &net,
         NODES,
         &[
             ("FLOCKMQ_MQTT__MAX_QUEUED_MESSAGES", "1000000"),
             ("FLOCKMQ_MQTT__MAX_QUEUED_BYTES", "1000000000"),
+            // Off loopback, anonymous clients are refused unless allowed.
+            ("FLOCKMQ_MQTT__ALLOW_ANONYMOUS", "true"),
         ],
     );
     let addrs: Vec<SocketAddr> = nodes.iter().map(Node::mqtt_addr).collect();
@@ -921,6 +938,11 @@ fn run_faults(default_seconds: u64, default_rate: u64) {
                 signal(&nodes[f.node], "-STOP");
                 std::thread::sleep(f.down_for); // pacing the schedule
                 signal(&nodes[f.node], "-CONT");
+            }
+            FaultKind::Cut => {
+                net.cut(f.node + 1);
+                std::thread::sleep(f.down_for); // pacing the schedule
+                net.heal(f.node + 1);
             }
         }
         injected.push(format!("{:?} node {}", f.kind, f.node + 1));
