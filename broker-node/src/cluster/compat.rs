@@ -39,6 +39,8 @@ pub const PREVIOUS_RELEASE_READS: u16 = 4;
 
 /// How often the members are asked again.
 const ASK_EVERY: Duration = Duration::from_secs(3);
+/// How soon a node that knows no members yet looks again.
+const ASK_FIRST: Duration = Duration::from_millis(200);
 /// How long one member's answer is waited for.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -109,7 +111,7 @@ struct Answers(BTreeMap<NodeId, (String, u16)>);
 impl Answers {
     /// The newest format all of `members` read: the least of their answers, this
     /// node's own for itself, [`PREVIOUS_RELEASE_READS`] for one never heard from at
-    /// its current address.
+    /// its current address (and with no members known).
     fn readable(&self, members: &BTreeMap<NodeId, String>, me: NodeId) -> u16 {
         members
             .iter()
@@ -119,7 +121,7 @@ impl Answers {
                 _ => PREVIOUS_RELEASE_READS,
             })
             .min()
-            .unwrap_or_else(reads_entry_format)
+            .unwrap_or(PREVIOUS_RELEASE_READS)
             .min(reads_entry_format())
     }
 }
@@ -130,6 +132,14 @@ pub async fn watch(raft: Raft, me: NodeId, formats: Formats, shutdown: Cancellat
     let mut answers = Answers::default();
     loop {
         let members = membership::members(&raft).nodes;
+        if members.is_empty() {
+            // Not initialized, or not added yet: nothing is known of the members, and
+            // what this node writes meanwhile is the previous release's format.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(ASK_FIRST) => continue,
+            }
+        }
         let asks = members
             .iter()
             .filter(|(id, addr)| {
@@ -215,9 +225,5 @@ mod tests {
     fn a_single_node_reads_its_own_format() {
         let m = members(&[(1, "a:7000")]);
         assert_eq!(Answers::default().readable(&m, 1), ENTRY_FORMAT);
-        assert_eq!(
-            Answers::default().readable(&BTreeMap::new(), 1),
-            ENTRY_FORMAT
-        );
     }
 }
