@@ -147,6 +147,17 @@ impl Node {
         node
     }
 
+    /// Start a broker with `args` as extra flags and the environment variables `env`.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Node {
+        let mut node = Node::local(args);
+        node.extra_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        node.spawn();
+        node
+    }
+
     /// Start a single-node broker on a copy of the data directory `data` (a fixture an
     /// earlier release wrote).
     pub fn start_from(data: &Path) -> Node {

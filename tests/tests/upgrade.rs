@@ -197,3 +197,28 @@ fn a_member_of_the_previous_release_is_sent_only_entries_it_reads_until_it_is_up
         expected_after
     );
 }
+
+#[test]
+fn a_node_of_the_previous_release_may_not_join_a_cluster_that_writes_the_newer_format() {
+    // Every member reads format 5 and writes it; a node of the previous release asking
+    // to join (here one that stands alone) is refused with a sentence saying why,
+    // where it used to be added and then stop at the first entry it could not read.
+    let nodes = Node::cluster(3);
+    wait_until(
+        "every node writes entry format 5",
+        Duration::from_secs(20),
+        || nodes.iter().all(|n| n.status()["entry_format"] == 5),
+    );
+    let old = Node::start_with_env(&["--node-id", "4"], &[(PLAY_RELEASE, "4")]);
+    let addr = format!("127.0.0.1:{}", old.cluster_port);
+    let body = serde_json::json!({ "id": 4, "addr": addr });
+    let refused = nodes[1]
+        .api("POST", "/cluster/join", Some(body))
+        .expect_err("the join is refused");
+    assert!(
+        refused.contains("runs an earlier release") && refused.contains("up to 4"),
+        "{refused}"
+    );
+    let members = nodes[0].status()["members"].as_array().map(Vec::len);
+    assert_eq!(members, Some(3));
+}

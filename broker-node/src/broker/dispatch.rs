@@ -307,10 +307,11 @@ impl Broker {
                 continue;
             }
             if let Some(f) = fan_out.as_mut() {
-                if !queued && persistent {
+                if !queued && persistent && node.is_some() {
                     // Reached directly: the state machine must not queue it again,
                     // even at QoS 0 (its subscription may be raised to QoS 1 between
                     // this dispatch and the command's apply, which would then find it).
+                    // An offline one was not reached: not excepted.
                     f.except.push(client.clone());
                 }
             }

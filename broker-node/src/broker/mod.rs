@@ -116,7 +116,12 @@ const CONNECTION_ID_SHIFT: u32 = 22;
 /// The node record (`storage::LogStore::node_record`) below which no later run hands
 /// out connection ids.
 const CONNECTION_IDS_FROM: &str = "connection_ids_from";
-/// The ids a run reserves at its start: 2^30 connections' worth.
+/// The node record of the clock at the last run's start, as a connection id (a clock
+/// behind it is what the warning is about).
+const LAST_START_CLOCK: &str = "last_start_clock";
+/// The ids a run reserves at its start: 2^30 connections' worth (about 17.5 minutes of
+/// the clock's ids, so a node restarted sooner than that goes on above its last
+/// run's reservation instead of from its clock: unique all the same).
 const RUN_RESERVATION: u64 = (1 << 30) * CONNECTION_ID_NODES;
 
 /// The first connection id of this run: from the clock (its start, shifted), but
@@ -131,20 +136,30 @@ const RUN_RESERVATION: u64 = (1 << 30) * CONNECTION_ID_NODES;
 pub async fn first_connection_id(
     storage: &storage::LogStore<crate::cluster::raft::TypeConfig>,
 ) -> std::io::Result<u64> {
-    let from_clock = unix_ms() << CONNECTION_ID_SHIFT;
+    // Ids are multiples of CONNECTION_ID_NODES plus the node's residue: the highest
+    // such multiple, should the record ever be near the end of the range.
+    const TOP: u64 = u64::MAX - (CONNECTION_ID_NODES - 1) - RUN_RESERVATION;
+    let from_clock = (unix_ms() << CONNECTION_ID_SHIFT).min(TOP);
     let reserved = storage
         .node_record(CONNECTION_IDS_FROM)?
         .unwrap_or(0)
+        .min(TOP)
         .next_multiple_of(CONNECTION_ID_NODES);
-    if reserved > from_clock {
-        tracing::warn!(
-            behind_ms = (reserved - from_clock) >> CONNECTION_ID_SHIFT,
-            "the clock is behind the last run's: connection ids go on from that run's"
-        );
+    if let Some(last_start) = storage.node_record(LAST_START_CLOCK)? {
+        if last_start > from_clock {
+            tracing::warn!(
+                behind_ms = (last_start - from_clock) >> CONNECTION_ID_SHIFT,
+                "the clock is behind the last run's start: connection ids go on from that \
+                 run's"
+            );
+        }
     }
     let first = from_clock.max(reserved);
     storage
-        .set_node_record(CONNECTION_IDS_FROM, first.saturating_add(RUN_RESERVATION))
+        .set_node_record(LAST_START_CLOCK, from_clock)
+        .await?;
+    storage
+        .set_node_record(CONNECTION_IDS_FROM, first + RUN_RESERVATION)
         .await?;
     Ok(first)
 }

@@ -14,10 +14,14 @@
 //!
 //! A member that answered keeps its answer while it cannot be reached (a node down
 //! for an upgrade comes back newer, not older), and one that answered this release's
-//! format is not asked again at that address. Going back to an earlier release once
-//! the newer format is written, or joining a node of an earlier release to a cluster
-//! that writes it, is not supported: that node stops at the first entry it cannot
-//! read, with an error naming the format.
+//! format is not asked again at that address. The leader asks a node that joins
+//! ([`may_join`]): one of an earlier release is refused, with a sentence saying so,
+//! unless a member runs that release too (an upgrade under way, so nobody writes
+//! the newer format yet) — a node of the previous release that the leader removed
+//! (`cluster.autoclean_after`) while the others were upgraded cannot come back and
+//! stall. Going back to an earlier release in place once the newer format is written
+//! is not supported: that node stops at the first entry it cannot read, with an
+//! error naming the format.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -183,6 +187,35 @@ pub async fn watch(raft: Raft, me: NodeId, formats: Formats, shutdown: Cancellat
             _ = tokio::time::sleep(ASK_EVERY) => {}
         }
     }
+}
+
+/// Whether node `id` at `addr` may join a cluster whose members are `members`: not
+/// if it reads an older entry format than this node and no other member reads as
+/// old a one (the cluster may then write what it cannot read). A node that does not
+/// answer is let in: the catch-up tells soon enough.
+pub async fn may_join(
+    members: &BTreeMap<NodeId, String>,
+    id: NodeId,
+    addr: &str,
+) -> Result<(), String> {
+    let reads = |c: Option<Capabilities>| c.map_or(PREVIOUS_RELEASE_READS, |c| c.entry_format);
+    let Ok(joiner) = network::capabilities(addr, ASK_TIMEOUT).await.map(reads) else {
+        return Ok(());
+    };
+    if joiner >= reads_entry_format() {
+        return Ok(());
+    }
+    for (_, member) in members.iter().filter(|(m, _)| **m != id) {
+        let answer = network::capabilities(member, ASK_TIMEOUT).await;
+        if answer.is_ok_and(|c| reads(c) <= joiner) {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "node {id} ({addr}) runs an earlier release: it reads Raft entry formats up to \
+         {joiner}, and every member reads {}; upgrade it before it joins",
+        reads_entry_format()
+    ))
 }
 
 #[cfg(test)]

@@ -106,6 +106,7 @@ async fn apply_on_leader(raft: &Raft, change: MembershipChange) -> Result<String
                     current.nodes.get(&id).map(String::as_str).unwrap_or("?")
                 ));
             }
+            super::compat::may_join(&current.nodes, id, &addr).await?;
             tracing::info!(node = id, %addr, "adding a node: catching it up as a learner");
             raft.add_learner(id, BasicNode::new(addr.clone()), true)
                 .await
